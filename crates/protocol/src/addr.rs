@@ -1,0 +1,107 @@
+//! Addresses in dask's form: `tcp://host:port`, `host:port`, or `:port` / `port` for a local
+//! port. gRPC needs `http://host:port`; [`Address::endpoint`] gives it.
+use std::fmt;
+
+/// A parsed `tcp://host:port` address.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Address {
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("failed to parse address {input:?}: {why}; expected tcp://HOST:PORT, e.g. tcp://127.0.0.1:8786")]
+pub struct AddressError {
+    pub input: String,
+    pub why: &'static str,
+}
+
+impl Address {
+    /// Parses `tcp://host:port`, `host:port`, `[::1]:port`. `default_port` is used when the
+    /// address has no port (`tcp://host`).
+    pub fn parse(input: &str, default_port: Option<u16>) -> Result<Address, AddressError> {
+        let err = |why| AddressError { input: input.to_string(), why };
+        let s = input.trim();
+        let rest = match s.split_once("://") {
+            Some(("tcp", rest)) => rest,
+            Some((scheme, _)) if scheme == "tls" => {
+                return Err(err("tls:// is not supported yet"));
+            }
+            Some(_) => return Err(err("unknown scheme (only tcp:// is supported)")),
+            None => s,
+        };
+        let rest = rest.trim_end_matches('/');
+        if rest.is_empty() {
+            return Err(err("no host given"));
+        }
+        let (host, port) = if let Some(stripped) = rest.strip_prefix('[') {
+            let (h, after) = stripped.split_once(']').ok_or_else(|| err("unclosed '['"))?;
+            match after.strip_prefix(':') {
+                Some(p) => (h.to_string(), Some(p)),
+                None if after.is_empty() => (h.to_string(), None),
+                None => return Err(err("garbage after ']'")),
+            }
+        } else {
+            match rest.rsplit_once(':') {
+                Some((h, p)) if !h.contains(':') => (h.to_string(), Some(p)),
+                Some(_) => return Err(err("IPv6 hosts must be written in brackets: [::1]:8786")),
+                None => (rest.to_string(), None),
+            }
+        };
+        let port = match port {
+            Some(p) => p.parse::<u16>().map_err(|_| err("the port is not a number from 0 to 65535"))?,
+            None => default_port.ok_or_else(|| err("no port given"))?,
+        };
+        let host = if host.is_empty() { "127.0.0.1".to_string() } else { host };
+        Ok(Address { host, port })
+    }
+
+    /// `http://host:port`, what tonic's `Endpoint` takes.
+    pub fn endpoint(&self) -> String {
+        if self.host.contains(':') {
+            format!("http://[{}]:{}", self.host, self.port)
+        } else {
+            format!("http://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "tcp://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "tcp://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl From<std::net::SocketAddr> for Address {
+    fn from(a: std::net::SocketAddr) -> Self {
+        Address { host: a.ip().to_string(), port: a.port() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_dask_forms() {
+        let a = Address::parse("tcp://127.0.0.1:8786", None).unwrap();
+        assert_eq!((a.host.as_str(), a.port), ("127.0.0.1", 8786));
+        assert_eq!(a.to_string(), "tcp://127.0.0.1:8786");
+        assert_eq!(a.endpoint(), "http://127.0.0.1:8786");
+        assert_eq!(Address::parse("localhost:1", None).unwrap().host, "localhost");
+        assert_eq!(Address::parse("tcp://host", Some(8786)).unwrap().port, 8786);
+        assert_eq!(Address::parse("[::1]:5", None).unwrap().endpoint(), "http://[::1]:5");
+    }
+
+    #[test]
+    fn rejects_bad_addresses_with_a_reason() {
+        for bad in ["", "tcp://", "udp://x:1", "x:notaport", "x:99999", "::1:5", "tcp://h"] {
+            let e = Address::parse(bad, None).unwrap_err();
+            assert!(e.to_string().contains("expected tcp://HOST:PORT"), "{e}");
+        }
+    }
+}

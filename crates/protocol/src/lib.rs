@@ -1,0 +1,40 @@
+//! The dask-rs wire and the pieces every component shares.
+//!
+//! * [`pb`]: code generated from `proto/dask.proto` (the only definition of the wire).
+//! * [`task`]: the [`Task`](task::Task) trait, the function registry filled by `#[task]`, and
+//!   the argument tree that a worker turns into a function's typed arguments without copying
+//!   dependency values.
+//! * [`codec`]: how values are encoded (msgpack for Rust tasks); values are opaque to the
+//!   scheduler.
+//! * [`addr`]: `tcp://host:port` addresses, parsed with errors a user can act on.
+//! * [`tokenize`]: the stable hash behind `pure` keys (`inc-<32 hex digits>`).
+
+pub mod addr;
+pub mod codec;
+pub mod task;
+pub mod tokenize;
+
+/// Generated tonic/prost code (package `dask.v1`).
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("dask.v1");
+}
+
+/// Largest gRPC message any component accepts. Values are chunked far below this
+/// ([`DATA_CHUNK`]); the cap only bounds control batches (a graph of a million tasks is sent in
+/// several batches).
+pub const MAX_MESSAGE: usize = 256 * 1024 * 1024;
+
+/// Size of one chunk of a value on the data service.
+pub const DATA_CHUNK: usize = 1024 * 1024;
+
+/// The default scheduler port, as in dask.
+pub const DEFAULT_SCHEDULER_PORT: u16 = 8786;
+
+/// Re-exports used by code that `#[task]` generates. Not a stable API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::task::{Registration, Task};
+    pub use inventory;
+    pub use std::string::{String, ToString};
+}

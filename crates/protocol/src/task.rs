@@ -1,0 +1,465 @@
+//! Tasks: the [`Task`] trait that `#[task]` implements, the process-wide registry of task
+//! functions, and [`execute`], which runs a [`TaskSpec`](crate::pb::TaskSpec) on this thread.
+//!
+//! Arguments travel as a tree ([`crate::pb::Arg`]): literals (msgpack), references to other
+//! keys, lists and maps. [`ArgDeserializer`] reads that tree as the function's typed argument
+//! tuple directly, pulling each dependency's bytes from the worker's store, so assembling
+//! arguments copies nothing.
+use std::collections::HashMap;
+use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::OnceLock;
+
+use bytes::Bytes;
+use serde::de::{self, DeserializeOwned, DeserializeSeed, IntoDeserializer, Visitor};
+use serde::Serialize;
+
+use crate::codec::{Value, MSGPACK};
+use crate::pb::{self, arg::Kind};
+
+/// A function that can run on a worker. Implemented by `#[task]`; rarely by hand.
+pub trait Task: Send + Sync + 'static {
+    /// Registered name; also the prefix of the task's keys (`inc-<token>`).
+    const NAME: &'static str;
+    /// The function's arguments as a tuple.
+    type Args: DeserializeOwned;
+    /// What the function returns (the `T` of a `Result<T, E>`).
+    type Output: Serialize + DeserializeOwned;
+    /// Runs the function; `Err` carries the message of the function's error.
+    fn run(args: Self::Args) -> Result<Self::Output, String>;
+}
+
+/// One registered function: its name and a type-erased runner.
+pub struct Registration {
+    pub name: &'static str,
+    run: fn(ArgDeserializer<'_>) -> Result<Value, ExecErrorKind>,
+}
+
+inventory::collect!(Registration);
+
+impl Registration {
+    pub const fn new<T: Task>() -> Registration {
+        Registration { name: T::NAME, run: run_erased::<T> }
+    }
+}
+
+fn run_erased<T: Task>(args: ArgDeserializer<'_>) -> Result<Value, ExecErrorKind> {
+    let args = T::Args::deserialize(args).map_err(|e| {
+        ExecErrorKind::BadArguments(format!(
+            "{e} (the function takes {})",
+            std::any::type_name::<T::Args>()
+        ))
+    })?;
+    let out = T::run(args).map_err(ExecErrorKind::Error)?;
+    Value::encode(&out).map_err(|e| ExecErrorKind::Error(e.to_string()))
+}
+
+use serde::Deserialize as _;
+
+/// Why a task did not produce a value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExecErrorKind {
+    /// The function returned `Err`.
+    Error(String),
+    /// The function panicked.
+    Panic(String),
+    /// No function of that name is registered in this worker binary.
+    UnknownFunction(String),
+    /// The arguments could not be decoded as the function's parameter types.
+    BadArguments(String),
+    /// A dependency's value was not available to the executor.
+    MissingDependency(String),
+}
+
+impl ExecErrorKind {
+    /// The `kind` string of [`pb::TaskError`].
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ExecErrorKind::Error(_) => "error",
+            ExecErrorKind::Panic(_) => "panic",
+            ExecErrorKind::UnknownFunction(_) => "unknown-function",
+            ExecErrorKind::BadArguments(_) => "bad-arguments",
+            ExecErrorKind::MissingDependency(_) => "missing-dependency",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            ExecErrorKind::Error(m) | ExecErrorKind::Panic(m) => m.clone(),
+            ExecErrorKind::UnknownFunction(f) => format!(
+                "no task function named {f:?} is registered in this worker; build the worker from \
+                 the crate that defines it (its main calls dask::worker_main()) or register it with #[dask::task]"
+            ),
+            ExecErrorKind::BadArguments(m) => format!("wrong argument types: {m}"),
+            ExecErrorKind::MissingDependency(k) => format!("dependency {k:?} is not in memory here"),
+        }
+    }
+}
+
+/// Looks up registered functions. Built once per process from every `#[task]` linked in.
+pub fn registry() -> &'static HashMap<&'static str, &'static Registration> {
+    static REGISTRY: OnceLock<HashMap<&'static str, &'static Registration>> = OnceLock::new();
+    REGISTRY.get_or_init(|| {
+        let mut map = HashMap::new();
+        for reg in inventory::iter::<Registration> {
+            if map.insert(reg.name, reg).is_some() {
+                // Two functions with one name: which one runs would depend on link order.
+                eprintln!(
+                    "dask: two task functions are registered as {:?}; give one of them \
+                     #[task(name = \"...\")]. The first one found is used.",
+                    reg.name
+                );
+            }
+        }
+        map
+    })
+}
+
+/// Names of every registered function, sorted (for error messages and `--help`).
+pub fn registered_names() -> Vec<&'static str> {
+    let mut v: Vec<_> = registry().keys().copied().collect();
+    v.sort_unstable();
+    v
+}
+
+/// Runs `spec` on the calling thread. `deps` gives the value of each referenced key.
+/// A panic in the function is caught and returned as [`ExecErrorKind::Panic`].
+pub fn execute(spec: &pb::TaskSpec, deps: &dyn Fn(&str) -> Option<Value>) -> Result<Value, ExecErrorKind> {
+    let reg = registry()
+        .get(spec.function.as_str())
+        .ok_or_else(|| ExecErrorKind::UnknownFunction(spec.function.clone()))?;
+    // Resolve every referenced key up front so a missing one is reported as such.
+    let mut values = Vec::new();
+    if let Some(args) = &spec.args {
+        collect_refs(args, deps, &mut values)?;
+    }
+    let lookup = DepValues(values);
+    let empty = pb::Arg { kind: Some(Kind::List(pb::ArgList { items: Vec::new() })) };
+    let root = spec.args.as_ref().unwrap_or(&empty);
+    let de = ArgDeserializer { arg: root, deps: &lookup };
+    match catch_unwind(AssertUnwindSafe(|| (reg.run)(de))) {
+        Ok(r) => r,
+        Err(payload) => Err(ExecErrorKind::Panic(panic_message(&*payload))),
+    }
+}
+
+/// The message of a caught panic payload.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_string()
+    }
+}
+
+fn collect_refs(
+    arg: &pb::Arg,
+    deps: &dyn Fn(&str) -> Option<Value>,
+    out: &mut Vec<(String, Value)>,
+) -> Result<(), ExecErrorKind> {
+    match &arg.kind {
+        Some(Kind::Key(k)) => {
+            if !out.iter().any(|(have, _)| have == k) {
+                let v = deps(k).ok_or_else(|| ExecErrorKind::MissingDependency(k.clone()))?;
+                if v.codec != MSGPACK {
+                    return Err(ExecErrorKind::BadArguments(format!(
+                        "dependency {k:?} is encoded with {:?}, which Rust tasks cannot read",
+                        v.codec
+                    )));
+                }
+                out.push((k.clone(), v));
+            }
+        }
+        Some(Kind::List(l)) => {
+            for a in &l.items {
+                collect_refs(a, deps, out)?;
+            }
+        }
+        Some(Kind::Map(m)) => {
+            for e in &m.entries {
+                if let Some(v) = &e.value {
+                    collect_refs(v, deps, out)?;
+                }
+            }
+        }
+        Some(Kind::Literal(_)) | None => {}
+    }
+    Ok(())
+}
+
+/// Values of the keys a task references. A task has few dependencies, so a Vec scan is cheap.
+struct DepValues(Vec<(String, Value)>);
+
+impl DepValues {
+    fn get(&self, key: &str) -> Option<&Bytes> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| &v.data)
+    }
+}
+
+// ------------------------------------------------------------------ the argument deserializer
+
+/// Error of [`ArgDeserializer`].
+#[derive(Debug)]
+pub struct ArgError(String);
+
+impl fmt::Display for ArgError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for ArgError {}
+impl de::Error for ArgError {
+    fn custom<T: fmt::Display>(msg: T) -> Self {
+        ArgError(msg.to_string())
+    }
+}
+
+fn rmp_err(e: rmp_serde::decode::Error) -> ArgError {
+    ArgError(e.to_string())
+}
+
+/// Reads an argument tree as a serde value: literals and dependency values are read in place
+/// by msgpack's deserializer, lists and maps are walked.
+#[derive(Clone, Copy)]
+pub struct ArgDeserializer<'a> {
+    arg: &'a pb::Arg,
+    deps: &'a DepValues,
+}
+
+impl<'a> ArgDeserializer<'a> {
+    fn leaf(&self) -> Result<Option<&'a [u8]>, ArgError> {
+        match &self.arg.kind {
+            Some(Kind::Literal(b)) => Ok(Some(b)),
+            Some(Kind::Key(k)) => self
+                .deps
+                .get(k)
+                .map(|b| Some(&b[..]))
+                .ok_or_else(|| ArgError(format!("dependency {k:?} is not available"))),
+            _ => Ok(None),
+        }
+    }
+}
+
+macro_rules! forward_leaf {
+    ($($method:ident ( $($arg:ident : $ty:ty),* )),* $(,)?) => {$(
+        fn $method<V: Visitor<'a>>(self, $($arg: $ty,)* visitor: V) -> Result<V::Value, ArgError> {
+            match self.leaf()? {
+                Some(bytes) => {
+                    let mut d = rmp_serde::Deserializer::from_read_ref(bytes);
+                    serde::Deserializer::$method(&mut d, $($arg,)* visitor).map_err(rmp_err)
+                }
+                None => self.deserialize_any(visitor),
+            }
+        }
+    )*};
+}
+
+impl<'a> serde::Deserializer<'a> for ArgDeserializer<'a> {
+    type Error = ArgError;
+
+    fn deserialize_any<V: Visitor<'a>>(self, visitor: V) -> Result<V::Value, ArgError> {
+        match &self.arg.kind {
+            Some(Kind::List(l)) => visitor.visit_seq(ListAccess { items: l.items.iter(), deps: self.deps }),
+            Some(Kind::Map(m)) => visitor.visit_map(MapAccess { entries: m.entries.iter(), value: None, deps: self.deps }),
+            None => visitor.visit_unit(),
+            Some(Kind::Literal(_)) | Some(Kind::Key(_)) => {
+                let bytes = self.leaf()?.expect("leaf");
+                let mut d = rmp_serde::Deserializer::from_read_ref(bytes);
+                serde::Deserializer::deserialize_any(&mut d, visitor).map_err(rmp_err)
+            }
+        }
+    }
+
+    fn deserialize_unit<V: Visitor<'a>>(self, visitor: V) -> Result<V::Value, ArgError> {
+        match (&self.arg.kind, self.leaf()?) {
+            (_, Some(bytes)) => {
+                let mut d = rmp_serde::Deserializer::from_read_ref(bytes);
+                serde::Deserializer::deserialize_unit(&mut d, visitor).map_err(rmp_err)
+            }
+            // A function without parameters gets an empty argument list.
+            (Some(Kind::List(l)), None) if l.items.is_empty() => visitor.visit_unit(),
+            _ => self.deserialize_any(visitor),
+        }
+    }
+
+    forward_leaf! {
+        deserialize_bool(), deserialize_i8(), deserialize_i16(), deserialize_i32(), deserialize_i64(),
+        deserialize_i128(), deserialize_u8(), deserialize_u16(), deserialize_u32(), deserialize_u64(),
+        deserialize_u128(), deserialize_f32(), deserialize_f64(), deserialize_char(), deserialize_str(),
+        deserialize_string(), deserialize_bytes(), deserialize_byte_buf(), deserialize_option(),
+        deserialize_unit_struct(name: &'static str),
+        deserialize_newtype_struct(name: &'static str), deserialize_seq(),
+        deserialize_tuple(len: usize), deserialize_tuple_struct(name: &'static str, len: usize),
+        deserialize_map(), deserialize_struct(name: &'static str, fields: &'static [&'static str]),
+        deserialize_enum(name: &'static str, variants: &'static [&'static str]),
+        deserialize_identifier(), deserialize_ignored_any(),
+    }
+}
+
+struct ListAccess<'a> {
+    items: std::slice::Iter<'a, pb::Arg>,
+    deps: &'a DepValues,
+}
+
+impl<'a> de::SeqAccess<'a> for ListAccess<'a> {
+    type Error = ArgError;
+    fn next_element_seed<T: DeserializeSeed<'a>>(&mut self, seed: T) -> Result<Option<T::Value>, ArgError> {
+        match self.items.next() {
+            Some(arg) => seed.deserialize(ArgDeserializer { arg, deps: self.deps }).map(Some),
+            None => Ok(None),
+        }
+    }
+    fn size_hint(&self) -> Option<usize> {
+        Some(self.items.len())
+    }
+}
+
+struct MapAccess<'a> {
+    entries: std::slice::Iter<'a, pb::ArgMapEntry>,
+    value: Option<&'a pb::Arg>,
+    deps: &'a DepValues,
+}
+
+impl<'a> de::MapAccess<'a> for MapAccess<'a> {
+    type Error = ArgError;
+    fn next_key_seed<K: DeserializeSeed<'a>>(&mut self, seed: K) -> Result<Option<K::Value>, ArgError> {
+        match self.entries.next() {
+            Some(e) => {
+                self.value = e.value.as_ref();
+                let mut d = rmp_serde::Deserializer::from_read_ref(&e.key[..]);
+                seed.deserialize(&mut d).map(Some).map_err(rmp_err)
+            }
+            None => Ok(None),
+        }
+    }
+    fn next_value_seed<V: DeserializeSeed<'a>>(&mut self, seed: V) -> Result<V::Value, ArgError> {
+        match self.value.take() {
+            Some(arg) => seed.deserialize(ArgDeserializer { arg, deps: self.deps }),
+            None => seed.deserialize(().into_deserializer()),
+        }
+    }
+}
+
+// ------------------------------------------------------------------ building argument trees
+
+/// Builds argument trees on the client side.
+pub mod build {
+    use super::*;
+
+    pub fn literal<T: Serialize + ?Sized>(v: &T) -> Result<pb::Arg, crate::codec::CodecError> {
+        Ok(pb::Arg { kind: Some(Kind::Literal(Bytes::from(rmp_serde::to_vec(v)?))) })
+    }
+
+    pub fn key(k: impl Into<String>) -> pb::Arg {
+        pb::Arg { kind: Some(Kind::Key(k.into())) }
+    }
+
+    pub fn list(items: Vec<pb::Arg>) -> pb::Arg {
+        pb::Arg { kind: Some(Kind::List(pb::ArgList { items })) }
+    }
+
+    pub fn map(entries: Vec<(Bytes, pb::Arg)>) -> pb::Arg {
+        pb::Arg {
+            kind: Some(Kind::Map(pb::ArgMap {
+                entries: entries.into_iter().map(|(key, v)| pb::ArgMapEntry { key, value: Some(v) }).collect(),
+            })),
+        }
+    }
+
+    /// Every key the tree references, in order of first appearance, without repeats.
+    pub fn references(arg: &pb::Arg, out: &mut Vec<String>) {
+        match &arg.kind {
+            Some(Kind::Key(k)) => {
+                if !out.contains(k) {
+                    out.push(k.clone());
+                }
+            }
+            Some(Kind::List(l)) => l.items.iter().for_each(|a| references(a, out)),
+            Some(Kind::Map(m)) => m.entries.iter().filter_map(|e| e.value.as_ref()).for_each(|a| references(a, out)),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dask_macros::task;
+
+    #[task(crate = crate)]
+    fn add(x: i64, y: i64) -> i64 {
+        x + y
+    }
+
+    #[task(crate = crate)]
+    fn total(xs: Vec<i64>, scale: std::collections::BTreeMap<String, i64>) -> i64 {
+        xs.iter().sum::<i64>() * scale.get("k").copied().unwrap_or(1)
+    }
+
+    #[task(crate = crate, name = "checked-div")]
+    fn div(a: i64, b: i64) -> Result<i64, String> {
+        if b == 0 { Err("division by zero".into()) } else { Ok(a / b) }
+    }
+
+    #[task(crate = crate)]
+    fn boom() -> u8 {
+        panic!("kaboom")
+    }
+
+    fn spec(function: &str, args: Vec<pb::Arg>) -> pb::TaskSpec {
+        pb::TaskSpec { function: function.into(), args: Some(build::list(args)) }
+    }
+
+    fn dep(v: i64) -> Value {
+        Value::encode(&v).unwrap()
+    }
+
+    fn run(spec: &pb::TaskSpec) -> Result<Value, ExecErrorKind> {
+        execute(spec, &|k: &str| k.strip_prefix("v").map(|n| dep(n.parse().unwrap())))
+    }
+
+    fn as_i64(v: Value) -> i64 {
+        crate::codec::decode(v.codec, &v.data).unwrap()
+    }
+
+    #[test]
+    fn literals_and_references() {
+        let s = spec("add", vec![build::literal(&2i64).unwrap(), build::key("v40")]);
+        assert_eq!(as_i64(run(&s).unwrap()), 42);
+        assert_eq!(add::call(1, 2), 3);
+    }
+
+    #[test]
+    fn nested_lists_and_maps() {
+        let xs = build::list(vec![build::key("v1"), build::literal(&2i64).unwrap(), build::key("v3")]);
+        let m = build::map(vec![(Bytes::from(rmp_serde::to_vec("k").unwrap()), build::key("v10"))]);
+        assert_eq!(as_i64(run(&spec("total", vec![xs, m])).unwrap()), 60);
+    }
+
+    #[test]
+    fn errors_have_kinds() {
+        let e = run(&spec("checked-div", vec![build::literal(&1i64).unwrap(), build::literal(&0i64).unwrap()]));
+        assert_eq!(e, Err(ExecErrorKind::Error("division by zero".into())));
+        let e = run(&spec("boom", vec![])).unwrap_err();
+        assert_eq!(e, ExecErrorKind::Panic("kaboom".into()));
+        let e = run(&spec("nope", vec![])).unwrap_err();
+        assert_eq!(e.kind(), "unknown-function");
+        assert!(e.message().contains("\"nope\""));
+        let e = run(&spec("add", vec![build::literal("x").unwrap(), build::literal(&1i64).unwrap()])).unwrap_err();
+        assert_eq!(e.kind(), "bad-arguments", "{e:?}");
+        let e = run(&spec("add", vec![build::literal(&1i64).unwrap()])).unwrap_err();
+        assert_eq!(e.kind(), "bad-arguments", "{e:?}");
+        let e = run(&spec("add", vec![build::key("missing"), build::key("v1")])).unwrap_err();
+        assert_eq!(e.kind(), "missing-dependency");
+    }
+
+    #[test]
+    fn references_are_collected_once() {
+        let a = build::list(vec![build::key("a"), build::list(vec![build::key("b"), build::key("a")])]);
+        let mut out = Vec::new();
+        build::references(&a, &mut out);
+        assert_eq!(out, ["a", "b"]);
+    }
+}

@@ -1,0 +1,1456 @@
+//! The scheduler's state machine: plain synchronous Rust, no IO, no clock, no randomness.
+//!
+//! One entry point, [`SchedulerCore::handle`]: an [`Event`] and the current time go in,
+//! [`Command`]s come out (pushed into a `Vec` the caller owns and drains). The gRPC shell
+//! (`crate::server`) turns stream messages into events and commands into stream messages.
+//! See `docs/scheduler.md` for the state diagram.
+//!
+//! # Task states
+//! ```text
+//!             +-----------+  wanted / needed by an active dependent
+//!  (new) ---> | Released  | ------------------------------------+
+//!             +-----------+                                      v
+//!                 ^  ^                      deps not in memory +---------+
+//!   data freed /  |  |                  +--------------------- | Waiting |
+//!   cancelled     |  |                  |                      +---------+
+//!                 |  |                  v all deps in memory        |
+//!                 |  |   +--------+  no eligible worker  +----------+
+//!                 |  +-- | Queued | <------------------> | NoWorker |
+//!                 |      +--------+  (slots full)        +----------+
+//!                 |          | a worker has a free slot        |
+//!                 |          v                                 v
+//!                 |     +------------+   finished    +--------+
+//!                 +---- | Processing | ------------> | Memory | --- last replica lost --> Waiting
+//!                       +------------+               +--------+                         / Released
+//!                              | failed (no retries left), or a dependency erred
+//!                              v
+//!                          +--------+
+//!                          | Erred  |
+//!                          +--------+
+//! ```
+//! A task nobody wants and no task depends on is *forgotten* (removed).
+//!
+//! # Invariants (checked by [`SchedulerCore::validate`])
+//! * An *active* task (Waiting/Queued/NoWorker/Processing) has every dependency in Memory or
+//!   active; `Waiting.remaining` counts those not in Memory (> 0); Queued/NoWorker/Processing
+//!   tasks have all dependencies in Memory.
+//! * `active_dependents` of a task counts its active dependents.
+//! * A task in Memory is wanted by a client or has an active dependent; its replicas are
+//!   listed both in `who_has` and in each worker's `has_what`.
+//! * A wanted task is active, in Memory or Erred; an unwanted task without dependents does not
+//!   exist.
+//! * A worker's `processing` set holds exactly the tasks Processing on it.
+
+mod queue;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rustc_hash::{FxHashMap, FxHashSet};
+use smallvec::SmallVec;
+
+pub use queue::ReadyQueue;
+
+/// A worker, numbered by the shell in the order workers join. Never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkerId(pub u32);
+
+/// A connected client, numbered by the shell. Never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientId(pub u32);
+
+/// Index of a task in the core's slab. Reused after the task is forgotten, so it never leaves
+/// the core: events and commands name tasks by key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TaskId(u32);
+
+impl fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "worker#{}", self.0)
+    }
+}
+impl fmt::Display for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "client#{}", self.0)
+    }
+}
+
+/// Keys are strings, shared between the key index and the task.
+pub type Key = Arc<str>;
+
+/// A task error as the core passes it around: built once, shared by every dependent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskError {
+    pub message: String,
+    pub kind: String,
+    pub function: String,
+    /// The key whose failure caused this error.
+    pub key: String,
+    /// The worker the failing task ran on (empty if it never ran).
+    pub worker: String,
+}
+
+/// A task as a client submits it.
+#[derive(Clone, Debug, Default)]
+pub struct NewTask {
+    pub key: Key,
+    /// Encoded `TaskSpec`, forwarded to workers untouched.
+    pub spec: Bytes,
+    pub dependencies: Vec<Key>,
+    /// Higher runs first.
+    pub priority: i32,
+    pub retries: u32,
+    /// Worker addresses or names this task may run on.
+    pub workers: Vec<Arc<str>>,
+    pub allow_other_workers: bool,
+}
+
+/// What the shell knows of a worker when it registers.
+#[derive(Clone, Debug)]
+pub struct WorkerSpec {
+    pub address: Arc<str>,
+    pub name: Arc<str>,
+    pub nthreads: u32,
+    pub memory_limit: u64,
+}
+
+/// Everything that can happen to the scheduler.
+#[derive(Clone, Debug)]
+pub enum Event {
+    ClientConnected { client: ClientId },
+    ClientDisconnected { client: ClientId },
+    /// New tasks, and keys the client now holds futures for.
+    UpdateGraph { client: ClientId, tasks: Vec<NewTask>, wants: Vec<Key> },
+    /// The client holds futures for these keys again (e.g. a future was rebuilt from a key).
+    Want { client: ClientId, keys: Vec<Key> },
+    /// The client dropped its last future for these keys.
+    ReleaseKeys { client: ClientId, keys: Vec<Key> },
+    /// `Future::cancel`: release and report `cancelled` to this client.
+    CancelKeys { client: ClientId, keys: Vec<Key> },
+    /// The client put these values on workers (scatter) and holds futures for them.
+    Scattered { client: ClientId, keys: Vec<(Key, Vec<Arc<str>>, u64)> },
+    WorkerJoined { worker: WorkerId, spec: WorkerSpec },
+    WorkerLost { worker: WorkerId, reason: String },
+    TaskFinished { worker: WorkerId, key: Key, nbytes: u64, duration: Duration },
+    TaskFailed { worker: WorkerId, key: Key, error: TaskError, duration: Duration },
+    /// `worker` could not fetch `dependency` of `key` from `from`.
+    MissingData { worker: WorkerId, key: Key, dependency: Key, from: Vec<Arc<str>> },
+    Heartbeat { worker: WorkerId },
+    /// Periodic: removes workers that stopped heartbeating.
+    Tick,
+}
+
+impl Event {
+    /// Short name used as the cause of transitions in the story log.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::ClientConnected { .. } => "client-connected",
+            Event::ClientDisconnected { .. } => "client-disconnected",
+            Event::UpdateGraph { .. } => "update-graph",
+            Event::Want { .. } => "want",
+            Event::ReleaseKeys { .. } => "release-keys",
+            Event::CancelKeys { .. } => "cancel-keys",
+            Event::Scattered { .. } => "scattered",
+            Event::WorkerJoined { .. } => "worker-joined",
+            Event::WorkerLost { .. } => "worker-lost",
+            Event::TaskFinished { .. } => "task-finished",
+            Event::TaskFailed { .. } => "task-failed",
+            Event::MissingData { .. } => "missing-data",
+            Event::Heartbeat { .. } => "heartbeat",
+            Event::Tick => "tick",
+        }
+    }
+}
+
+/// Where a dependency can be fetched from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DepLocation {
+    pub key: Key,
+    pub workers: SmallVec<[Arc<str>; 2]>,
+    pub nbytes: u64,
+}
+
+/// What the client is told about a key it wants.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Report {
+    Memory { nbytes: u64, workers: SmallVec<[Arc<str>; 2]> },
+    Erred(Arc<TaskError>),
+    Cancelled,
+    Lost(String),
+}
+
+/// Everything the scheduler asks the outside world to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    Compute { worker: WorkerId, key: Key, spec: Bytes, deps: Vec<DepLocation>, priority: i32 },
+    /// Drop the value of `key`, or cancel its computation.
+    Free { worker: WorkerId, key: Key },
+    Report { client: ClientId, key: Key, report: Report },
+    /// Tell the worker to go away (rejected or timed out).
+    CloseWorker { worker: WorkerId, reason: String },
+}
+
+/// Tunables. Defaults follow dask where dask has one.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// A worker silent for this long is removed (dask: `scheduler.worker-ttl`, 5 minutes).
+    pub worker_ttl: Duration,
+    /// A task that was processing on this many workers that died is erred (dask:
+    /// `scheduler.allowed-failures`, 3).
+    pub allowed_failures: u32,
+    /// A worker is given at most as many queued tasks as it can start within this time, at
+    /// the measured duration of the task's kind.
+    pub soon: Duration,
+    /// Cap on queued tasks per thread, however short tasks are.
+    pub max_depth: u32,
+    /// Assumed duration of a task kind never seen finishing (dask: 500 ms).
+    pub unknown_duration: Duration,
+    /// Entries kept in the transition log (0 disables it).
+    pub log_len: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            worker_ttl: Duration::from_secs(300),
+            allowed_failures: 3,
+            soon: Duration::from_millis(10),
+            max_depth: 1024,
+            unknown_duration: Duration::from_millis(500),
+            log_len: 100_000,
+        }
+    }
+}
+
+/// A task's state; each variant carries what only that state has.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TaskState {
+    Released,
+    Waiting { remaining: u32 },
+    Queued,
+    NoWorker,
+    Processing { worker: WorkerId },
+    Memory { nbytes: u64, who_has: SmallVec<[WorkerId; 1]> },
+    Erred { error: Arc<TaskError> },
+}
+
+impl TaskState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            TaskState::Released => "released",
+            TaskState::Waiting { .. } => "waiting",
+            TaskState::Queued => "queued",
+            TaskState::NoWorker => "no-worker",
+            TaskState::Processing { .. } => "processing",
+            TaskState::Memory { .. } => "memory",
+            TaskState::Erred { .. } => "erred",
+        }
+    }
+
+    /// Active tasks are on their way to Memory and need their dependencies.
+    fn is_active(&self) -> bool {
+        matches!(
+            self,
+            TaskState::Waiting { .. } | TaskState::Queued | TaskState::NoWorker | TaskState::Processing { .. }
+        )
+    }
+}
+
+struct Task {
+    key: Key,
+    state: TaskState,
+    /// Encoded spec; empty for scattered data (which cannot be recomputed).
+    spec: Bytes,
+    dependencies: Box<[TaskId]>,
+    dependents: Vec<TaskId>,
+    /// Dependents in an active state: while > 0 the value must stay (or become) available.
+    active_dependents: u32,
+    who_wants: SmallVec<[ClientId; 1]>,
+    priority: i32,
+    /// Submission order, the tie-breaker of `priority`.
+    order: u64,
+    prefix: u32,
+    retries: u32,
+    /// Workers that died while this task ran on them.
+    suspicious: u32,
+    restrictions: Option<Box<Restrictions>>,
+}
+
+struct Restrictions {
+    workers: Box<[Arc<str>]>,
+    loose: bool,
+}
+
+struct Worker {
+    spec: WorkerSpec,
+    processing: FxHashSet<TaskId>,
+    has_what: FxHashSet<TaskId>,
+    nbytes: u64,
+    last_seen: Instant,
+    /// Being removed: gets no new work.
+    closing: bool,
+}
+
+#[derive(Default)]
+struct Client {
+    wants: FxHashSet<TaskId>,
+}
+
+/// Measured durations of one kind of task (keys share a prefix: `inc-<token>` -> `inc`).
+struct Prefix {
+    /// Exponential moving average in nanoseconds; `None` until one finished.
+    avg_ns: Option<f64>,
+}
+
+/// One line of a task's story.
+#[derive(Clone, Debug)]
+pub struct Transition {
+    pub key: Key,
+    pub from: &'static str,
+    pub to: &'static str,
+    pub cause: &'static str,
+    pub at: Instant,
+}
+
+/// The scheduler's whole state.
+pub struct SchedulerCore {
+    config: Config,
+    tasks: Vec<Option<Task>>,
+    free_ids: Vec<u32>,
+    keys: FxHashMap<Key, TaskId>,
+    workers: BTreeMap<WorkerId, Worker>,
+    clients: FxHashMap<ClientId, Client>,
+    queue: ReadyQueue,
+    no_worker: FxHashSet<TaskId>,
+    prefixes: Vec<Prefix>,
+    prefix_ids: FxHashMap<Arc<str>, u32>,
+    next_order: u64,
+    log: VecDeque<Transition>,
+    /// Tasks to re-check for release/forget at the end of the current event.
+    to_check: Vec<TaskId>,
+    cause: &'static str,
+    now: Instant,
+    /// Set while `set_state` marks dependents erred, so it does not recurse.
+    erred_propagating: bool,
+}
+
+/// An impossible transition: a bug in the core, never a user's mistake.
+#[derive(Debug, thiserror::Error)]
+#[error("impossible transition of {key:?} from {from} to {to}")]
+pub struct InvalidTransition {
+    pub key: String,
+    pub from: &'static str,
+    pub to: &'static str,
+}
+
+impl SchedulerCore {
+    pub fn new(config: Config, now: Instant) -> Self {
+        SchedulerCore {
+            config,
+            tasks: Vec::new(),
+            free_ids: Vec::new(),
+            keys: FxHashMap::default(),
+            workers: BTreeMap::new(),
+            clients: FxHashMap::default(),
+            queue: ReadyQueue::default(),
+            no_worker: FxHashSet::default(),
+            prefixes: Vec::new(),
+            prefix_ids: FxHashMap::default(),
+            next_order: 0,
+            log: VecDeque::new(),
+            to_check: Vec::new(),
+            cause: "",
+            now,
+            erred_propagating: false,
+        }
+    }
+
+    // ------------------------------------------------------------------ queries
+
+    pub fn n_tasks(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn task_state(&self, key: &str) -> Option<&TaskState> {
+        self.keys.get(key).map(|&id| &self.task(id).state)
+    }
+
+    /// Addresses holding each key (empty for keys not in memory or unknown).
+    pub fn who_has(&self, key: &str) -> Vec<Arc<str>> {
+        match self.task_state(key) {
+            Some(TaskState::Memory { who_has, .. }) => {
+                who_has.iter().map(|w| self.workers[w].spec.address.clone()).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// For each worker: its spec, keys held, tasks processing, bytes held.
+    pub fn workers(&self) -> impl Iterator<Item = (WorkerId, &WorkerSpec, Vec<Key>, usize, u64)> + '_ {
+        self.workers.iter().map(|(id, w)| {
+            let keys = w.has_what.iter().map(|t| self.task(*t).key.clone()).collect();
+            (*id, &w.spec, keys, w.processing.len(), w.nbytes)
+        })
+    }
+
+    pub fn n_workers(&self) -> usize {
+        self.workers.len()
+    }
+
+    pub fn worker_spec(&self, id: WorkerId) -> Option<&WorkerSpec> {
+        self.workers.get(&id).map(|w| &w.spec)
+    }
+
+    pub fn worker_last_seen(&self, id: WorkerId) -> Option<Instant> {
+        self.workers.get(&id).map(|w| w.last_seen)
+    }
+
+    /// The transitions of `key` still in the log, oldest first.
+    pub fn story(&self, key: &str) -> Vec<Transition> {
+        self.log.iter().filter(|t| &*t.key == key).cloned().collect()
+    }
+
+    // ------------------------------------------------------------------ the entry point
+
+    /// Applies one event. Commands are appended to `out`.
+    pub fn handle(&mut self, event: Event, now: Instant, out: &mut Vec<Command>) {
+        self.now = now;
+        self.cause = event.name();
+        match event {
+            Event::ClientConnected { client } => {
+                self.clients.entry(client).or_default();
+            }
+            Event::ClientDisconnected { client } => {
+                if let Some(c) = self.clients.remove(&client) {
+                    for t in c.wants {
+                        self.unwant(t, client);
+                    }
+                }
+            }
+            Event::UpdateGraph { client, tasks, wants } => self.update_graph(client, tasks, wants, out),
+            Event::Want { client, keys } => {
+                for key in keys {
+                    if let Some(&t) = self.keys.get(&key) {
+                        self.want(t, client, out);
+                    } else {
+                        out.push(Command::Report {
+                            client,
+                            key,
+                            report: Report::Lost("the scheduler does not know this key".into()),
+                        });
+                    }
+                }
+            }
+            Event::ReleaseKeys { client, keys } => {
+                for key in keys {
+                    if let Some(&t) = self.keys.get(&key) {
+                        self.client_release(client, t);
+                    }
+                }
+            }
+            Event::CancelKeys { client, keys } => {
+                for key in keys {
+                    if let Some(&t) = self.keys.get(&key) {
+                        if self.task(t).who_wants.contains(&client) {
+                            self.client_release(client, t);
+                        }
+                    }
+                    out.push(Command::Report { client, key, report: Report::Cancelled });
+                }
+            }
+            Event::Scattered { client, keys } => self.scattered(client, keys, out),
+            Event::WorkerJoined { worker, spec } => self.worker_joined(worker, spec, out),
+            Event::WorkerLost { worker, reason } => self.remove_worker(worker, &reason, out),
+            Event::TaskFinished { worker, key, nbytes, duration } => {
+                self.task_finished(worker, key, nbytes, duration, out)
+            }
+            Event::TaskFailed { worker, key, error, duration } => {
+                self.task_failed(worker, key, error, duration, out)
+            }
+            Event::MissingData { worker, key, dependency, from } => {
+                self.missing_data(worker, key, dependency, from, out)
+            }
+            Event::Heartbeat { worker } => {
+                if let Some(w) = self.workers.get_mut(&worker) {
+                    w.last_seen = now;
+                }
+            }
+            Event::Tick => {
+                let ttl = self.config.worker_ttl;
+                let dead: Vec<WorkerId> = self
+                    .workers
+                    .iter()
+                    .filter(|(_, w)| now.saturating_duration_since(w.last_seen) > ttl)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for w in dead {
+                    out.push(Command::CloseWorker {
+                        worker: w,
+                        reason: format!("no heartbeat for {}s (worker-ttl)", ttl.as_secs()),
+                    });
+                    self.remove_worker(w, "heartbeat timeout", out);
+                }
+            }
+        }
+        self.settle(out);
+    }
+
+    // ------------------------------------------------------------------ clients
+
+    fn update_graph(&mut self, client: ClientId, tasks: Vec<NewTask>, wants: Vec<Key>, out: &mut Vec<Command>) {
+        self.clients.entry(client).or_default();
+        // Pass 1: records for the keys we do not know yet.
+        let mut created: Vec<(TaskId, Vec<Key>)> = Vec::new();
+        for nt in tasks {
+            if self.keys.contains_key(&nt.key) {
+                continue; // same key: pure submissions share one task
+            }
+            let prefix = self.prefix_of(&nt.key);
+            let restrictions = (!nt.workers.is_empty()).then(|| {
+                Box::new(Restrictions { workers: nt.workers.into_boxed_slice(), loose: nt.allow_other_workers })
+            });
+            let order = self.next_order;
+            self.next_order += 1;
+            let id = self.insert(Task {
+                key: nt.key,
+                state: TaskState::Released,
+                spec: nt.spec,
+                dependencies: Box::new([]),
+                dependents: Vec::new(),
+                active_dependents: 0,
+                who_wants: SmallVec::new(),
+                priority: nt.priority,
+                order,
+                prefix,
+                retries: nt.retries,
+                suspicious: 0,
+                restrictions,
+            });
+            created.push((id, nt.dependencies));
+        }
+        // Pass 2: link dependencies (they may come later in the batch).
+        let mut bad: Vec<(TaskId, String)> = Vec::new();
+        for (id, deps) in &created {
+            let mut ids: Vec<TaskId> = Vec::with_capacity(deps.len());
+            for d in deps {
+                match self.keys.get(d) {
+                    Some(&dep) if dep != *id => {
+                        if !ids.contains(&dep) {
+                            ids.push(dep);
+                        }
+                    }
+                    Some(_) => bad.push((*id, format!("task depends on itself ({d:?})"))),
+                    None => bad.push((
+                        *id,
+                        format!("dependency {d:?} is not a known key: submit it in the same graph, or keep its future alive"),
+                    )),
+                }
+            }
+            for &dep in &ids {
+                self.task_mut(dep).dependents.push(*id);
+            }
+            self.task_mut(*id).dependencies = ids.into_boxed_slice();
+        }
+        // Cycles can only run through new tasks (old ones cannot depend on new ones).
+        for id in self.find_cycles(created.iter().map(|(id, _)| *id)) {
+            bad.push((id, "the graph has a cycle through this task".to_string()));
+        }
+        for (id, why) in bad {
+            let key = self.task(id).key.to_string();
+            let err = Arc::new(TaskError {
+                message: why,
+                kind: "invalid-graph".into(),
+                function: String::new(),
+                key,
+                worker: String::new(),
+            });
+            self.set_state(id, TaskState::Erred { error: err }, out);
+        }
+        for key in wants {
+            match self.keys.get(&key) {
+                Some(&t) => self.want(t, client, out),
+                None => out.push(Command::Report {
+                    client,
+                    key,
+                    report: Report::Lost("the scheduler does not know this key".into()),
+                }),
+            }
+        }
+        // Cull what nobody asked for.
+        for (id, _) in created {
+            if self.tasks[id.0 as usize].is_some() {
+                self.to_check.push(id);
+            }
+        }
+    }
+
+    /// Tasks among `new` that lie on a cycle (Kahn's algorithm over the new tasks only).
+    fn find_cycles(&self, new: impl Iterator<Item = TaskId>) -> Vec<TaskId> {
+        let new: Vec<TaskId> = new.collect();
+        let set: FxHashSet<TaskId> = new.iter().copied().collect();
+        let mut indeg: FxHashMap<TaskId, u32> = FxHashMap::default();
+        for &t in &new {
+            let n = self.task(t).dependencies.iter().filter(|d| set.contains(d)).count();
+            indeg.insert(t, n as u32);
+        }
+        let mut stack: Vec<TaskId> = indeg.iter().filter(|(_, n)| **n == 0).map(|(t, _)| *t).collect();
+        while let Some(t) = stack.pop() {
+            indeg.remove(&t);
+            for d in &self.task(t).dependents {
+                if let Some(n) = indeg.get_mut(d) {
+                    *n -= 1;
+                    if *n == 0 {
+                        stack.push(*d);
+                    }
+                }
+            }
+        }
+        indeg.into_keys().collect()
+    }
+
+    fn want(&mut self, t: TaskId, client: ClientId, out: &mut Vec<Command>) {
+        let c = self.clients.entry(client).or_default();
+        if !c.wants.insert(t) {
+            return;
+        }
+        self.task_mut(t).who_wants.push(client);
+        match &self.task(t).state {
+            TaskState::Memory { .. } | TaskState::Erred { .. } => {
+                if let Some(report) = self.report_of(t) {
+                    out.push(Command::Report { client, key: self.task(t).key.clone(), report });
+                }
+            }
+            TaskState::Released => self.compute(t, out),
+            _ => {}
+        }
+    }
+
+    fn client_release(&mut self, client: ClientId, t: TaskId) {
+        if let Some(c) = self.clients.get_mut(&client) {
+            if c.wants.remove(&t) {
+                self.unwant(t, client);
+            }
+        }
+    }
+
+    fn unwant(&mut self, t: TaskId, client: ClientId) {
+        let task = self.task_mut(t);
+        task.who_wants.retain(|c| *c != client);
+        if task.who_wants.is_empty() {
+            self.to_check.push(t);
+        }
+    }
+
+    fn scattered(&mut self, client: ClientId, keys: Vec<(Key, Vec<Arc<str>>, u64)>, out: &mut Vec<Command>) {
+        for (key, addrs, nbytes) in keys {
+            let holders: SmallVec<[WorkerId; 1]> = addrs
+                .iter()
+                .filter_map(|a| self.workers.iter().find(|(_, w)| w.spec.address == *a).map(|(id, _)| *id))
+                .collect();
+            let id = match self.keys.get(&key) {
+                Some(&id) => id,
+                None => {
+                    let prefix = self.prefix_of(&key);
+                    let order = self.next_order;
+                    self.next_order += 1;
+                    self.insert(Task {
+                        key: key.clone(),
+                        state: TaskState::Released,
+                        spec: Bytes::new(),
+                        dependencies: Box::new([]),
+                        dependents: Vec::new(),
+                        active_dependents: 0,
+                        who_wants: SmallVec::new(),
+                        priority: 0,
+                        order,
+                        prefix,
+                        retries: 0,
+                        suspicious: 0,
+                        restrictions: None,
+                    })
+                }
+            };
+            if holders.is_empty() {
+                let err = Arc::new(TaskError {
+                    message: format!("scattered to unknown workers {addrs:?}"),
+                    kind: "lost".into(),
+                    function: String::new(),
+                    key: key.to_string(),
+                    worker: String::new(),
+                });
+                if !matches!(self.task(id).state, TaskState::Memory { .. }) {
+                    self.set_state(id, TaskState::Erred { error: err }, out);
+                }
+            } else {
+                match &self.task(id).state {
+                    TaskState::Memory { .. } => {
+                        for w in holders {
+                            self.add_replica(id, w, nbytes);
+                        }
+                    }
+                    _ => {
+                        self.set_state(id, TaskState::Memory { nbytes, who_has: holders }, out);
+                    }
+                }
+            }
+            self.want(id, client, out);
+        }
+    }
+
+    // ------------------------------------------------------------------ workers
+
+    fn worker_joined(&mut self, worker: WorkerId, spec: WorkerSpec, out: &mut Vec<Command>) {
+        if let Some((_, other)) = self.workers.iter().find(|(_, w)| w.spec.name == spec.name || w.spec.address == spec.address) {
+            let why = if other.spec.name == spec.name { "name" } else { "address" };
+            out.push(Command::CloseWorker {
+                worker,
+                reason: format!("a worker with {why} {:?} is already connected", if why == "name" { &spec.name } else { &spec.address }),
+            });
+            return;
+        }
+        self.workers.insert(
+            worker,
+            Worker {
+                spec,
+                processing: FxHashSet::default(),
+                has_what: FxHashSet::default(),
+                nbytes: 0,
+                last_seen: self.now,
+                closing: false,
+            },
+        );
+        // Tasks that had nowhere to go may now run.
+        let stuck: Vec<TaskId> = self.no_worker.iter().copied().collect();
+        for t in stuck {
+            self.schedule(t, out);
+        }
+        self.fill(worker, out);
+    }
+
+    fn remove_worker(&mut self, worker: WorkerId, reason: &str, out: &mut Vec<Command>) {
+        let Some(w) = self.workers.get_mut(&worker) else { return };
+        w.closing = true;
+        let addr = w.spec.address.clone();
+        // Values only it held are lost (their processing dependents go back to waiting).
+        let mut held: Vec<TaskId> = w.has_what.drain().collect();
+        w.nbytes = 0;
+        held.sort_by_key(|t| self.task(*t).order);
+        for t in held {
+            let TaskState::Memory { who_has, .. } = &mut self.task_mut(t).state else {
+                unreachable!("has_what lists a task not in memory")
+            };
+            who_has.retain(|x| *x != worker);
+            if who_has.is_empty() {
+                self.data_lost(t, &format!("worker {addr} left ({reason})"), out);
+            }
+        }
+        // Tasks it was running go elsewhere, unless workers keep dying under them.
+        let mut processing: Vec<TaskId> = self.workers[&worker].processing.iter().copied().collect();
+        processing.sort_by_key(|t| self.task(*t).order);
+        for t in processing {
+            let allowed_failures = self.config.allowed_failures;
+            let task = self.task_mut(t);
+            task.suspicious += 1;
+            if task.suspicious > allowed_failures {
+                let err = Arc::new(TaskError {
+                    message: format!(
+                        "{} workers died while running this task (last: {addr}, {reason}); \
+                         it may be crashing them (KilledWorker)",
+                        task.suspicious
+                    ),
+                    kind: "killed-worker".into(),
+                    function: String::new(),
+                    key: task.key.to_string(),
+                    worker: addr.to_string(),
+                });
+                self.set_state(t, TaskState::Erred { error: err }, out);
+            } else {
+                self.schedule(t, out);
+            }
+        }
+        let w = self.workers.remove(&worker).expect("worker exists");
+        debug_assert!(w.processing.is_empty() && w.has_what.is_empty());
+        // The dead worker's commands are dropped by the shell; drop them here already.
+        out.retain(|c| !matches!(c, Command::Compute { worker: x, .. } | Command::Free { worker: x, .. } if *x == worker));
+        if self.workers.is_empty() {
+            while let Some(t) = self.queue.peek() {
+                self.set_state(t, TaskState::NoWorker, out);
+            }
+        } else {
+            let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
+            for w in ids {
+                self.fill(w, out);
+            }
+        }
+    }
+
+    /// The last replica of `t` is gone.
+    fn data_lost(&mut self, t: TaskId, why: &str, out: &mut Vec<Command>) {
+        let needed = !self.task(t).who_wants.is_empty() || self.task(t).active_dependents > 0;
+        if self.task(t).spec.is_empty() {
+            // Scattered data cannot be recomputed.
+            let err = Arc::new(TaskError {
+                message: format!("the only copy of this scattered value was lost: {why}"),
+                kind: "lost".into(),
+                function: String::new(),
+                key: self.task(t).key.to_string(),
+                worker: String::new(),
+            });
+            self.set_state(t, TaskState::Erred { error: err }, out);
+            return;
+        }
+        self.set_state(t, TaskState::Released, out);
+        if needed {
+            self.compute(t, out);
+        } else {
+            self.to_check.push(t);
+        }
+    }
+
+    fn task_finished(&mut self, worker: WorkerId, key: Key, nbytes: u64, duration: Duration, out: &mut Vec<Command>) {
+        let Some(&t) = self.keys.get(&key) else {
+            out.push(Command::Free { worker, key });
+            return;
+        };
+        match &self.task(t).state {
+            TaskState::Processing { worker: w } if *w == worker => {}
+            TaskState::Memory { who_has, .. } if who_has.contains(&worker) => return,
+            _ => {
+                // A stale result (the task was moved or released meanwhile).
+                if self.workers.contains_key(&worker) {
+                    out.push(Command::Free { worker, key });
+                }
+                return;
+            }
+        }
+        self.record_duration(t, duration);
+        self.set_state(t, TaskState::Memory { nbytes, who_has: SmallVec::from_elem(worker, 1) }, out);
+        self.fill(worker, out);
+    }
+
+    fn task_failed(&mut self, worker: WorkerId, key: Key, mut error: TaskError, duration: Duration, out: &mut Vec<Command>) {
+        let Some(&t) = self.keys.get(&key) else { return };
+        if !matches!(self.task(t).state, TaskState::Processing { worker: w } if w == worker) {
+            return;
+        }
+        self.record_duration(t, duration);
+        if self.task(t).retries > 0 {
+            self.task_mut(t).retries -= 1;
+            self.set_state(t, TaskState::Released, out);
+            self.compute(t, out);
+        } else {
+            if error.key.is_empty() {
+                error.key = key.to_string();
+            }
+            self.set_state(t, TaskState::Erred { error: Arc::new(error) }, out);
+        }
+        self.fill(worker, out);
+    }
+
+    fn missing_data(&mut self, worker: WorkerId, key: Key, dependency: Key, from: Vec<Arc<str>>, out: &mut Vec<Command>) {
+        if let Some(&d) = self.keys.get(&dependency) {
+            let gone: Vec<WorkerId> = self
+                .workers
+                .iter()
+                .filter(|(_, w)| from.contains(&w.spec.address))
+                .map(|(id, _)| *id)
+                .collect();
+            for w in gone {
+                if let TaskState::Memory { who_has, .. } = &mut self.task_mut(d).state {
+                    if who_has.contains(&w) {
+                        who_has.retain(|x| *x != w);
+                        let empty = who_has.is_empty();
+                        let worker = self.workers.get_mut(&w).expect("worker exists");
+                        worker.has_what.remove(&d);
+                        if empty {
+                            self.data_lost(d, "a worker reported it missing", out);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        // If the task still waits on this worker, try again (with fresh locations).
+        if let Some(&t) = self.keys.get(&key) {
+            if matches!(self.task(t).state, TaskState::Processing { worker: w } if w == worker) {
+                self.set_state(t, TaskState::Released, out);
+                self.compute(t, out);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ scheduling
+
+    /// Makes a Released task (and, recursively, its released dependencies) head for Memory.
+    fn compute(&mut self, root: TaskId, out: &mut Vec<Command>) {
+        let mut stack = vec![root];
+        while let Some(t) = stack.pop() {
+            if !matches!(self.task(t).state, TaskState::Released) {
+                continue;
+            }
+            if self.task(t).spec.is_empty() {
+                // A key without a spec (scattered, then lost) cannot be recomputed.
+                let err = Arc::new(TaskError {
+                    message: "this value was scattered and is lost; it cannot be recomputed".into(),
+                    kind: "lost".into(),
+                    function: String::new(),
+                    key: self.task(t).key.to_string(),
+                    worker: String::new(),
+                });
+                self.set_state(t, TaskState::Erred { error: err }, out);
+                continue;
+            }
+            let mut remaining = 0;
+            let mut erred = None;
+            let mut released: SmallVec<[TaskId; 8]> = SmallVec::new();
+            for &d in self.task(t).dependencies.iter() {
+                match &self.task(d).state {
+                    TaskState::Memory { .. } => {}
+                    TaskState::Erred { error } => erred = Some(error.clone()),
+                    TaskState::Released => {
+                        remaining += 1;
+                        released.push(d);
+                    }
+                    _ => remaining += 1,
+                }
+            }
+            if let Some(error) = erred {
+                self.set_state(t, TaskState::Erred { error }, out);
+            } else if remaining > 0 {
+                // Our released dependencies become active below, after we count on them.
+                self.set_state(t, TaskState::Waiting { remaining }, out);
+                stack.extend(released);
+            } else {
+                self.schedule(t, out);
+            }
+        }
+    }
+
+    /// Places a task whose dependencies are all in memory: on a worker with a free slot,
+    /// in the queue, or in no-worker.
+    fn schedule(&mut self, t: TaskId, out: &mut Vec<Command>) {
+        let placement = self.pick_worker(t);
+        match placement {
+            Placement::Worker(w) => self.set_state(t, TaskState::Processing { worker: w }, out),
+            Placement::Queue => {
+                if !matches!(self.task(t).state, TaskState::Queued) {
+                    self.set_state(t, TaskState::Queued, out);
+                }
+            }
+            Placement::NoWorker => {
+                if !matches!(self.task(t).state, TaskState::NoWorker) {
+                    self.set_state(t, TaskState::NoWorker, out);
+                }
+            }
+        }
+    }
+
+    fn pick_worker(&self, t: TaskId) -> Placement {
+        let task = self.task(t);
+        let eligible = |w: &Worker| !w.closing && match &task.restrictions {
+            None => true,
+            Some(r) => r.loose || r.workers.iter().any(|x| *x == w.spec.address || *x == w.spec.name),
+        };
+        if let Some(r) = &task.restrictions {
+            if !r.loose {
+                // Restricted tasks are not held back by the slot limit: only these workers may run them.
+                return self
+                    .workers
+                    .iter()
+                    .filter(|(_, w)| eligible(w))
+                    .min_by_key(|(id, w)| (occupancy(w), **id))
+                    .map_or(Placement::NoWorker, |(id, _)| Placement::Worker(*id));
+            }
+        }
+        if self.workers.values().all(|w| w.closing) {
+            return Placement::NoWorker;
+        }
+        let limit = self.depth(task.prefix);
+        let has_slot =
+            |w: &Worker| !w.closing && (w.processing.len() as u64) < w.spec.nthreads.max(1) as u64 * limit as u64;
+        // Prefer the worker holding most of the inputs' bytes.
+        if !task.dependencies.is_empty() {
+            let mut bytes: SmallVec<[(WorkerId, u64); 4]> = SmallVec::new();
+            for &d in task.dependencies.iter() {
+                if let TaskState::Memory { nbytes, who_has } = &self.task(d).state {
+                    for w in who_has {
+                        match bytes.iter_mut().find(|(x, _)| x == w) {
+                            Some((_, b)) => *b += nbytes,
+                            None => bytes.push((*w, *nbytes)),
+                        }
+                    }
+                }
+            }
+            let best = bytes
+                .iter()
+                .filter(|(w, _)| has_slot(&self.workers[w]))
+                .max_by_key(|(w, b)| (*b, std::cmp::Reverse(occupancy(&self.workers[w])), std::cmp::Reverse(*w)));
+            if let Some((w, _)) = best {
+                return Placement::Worker(*w);
+            }
+        }
+        self.workers
+            .iter()
+            .filter(|(_, w)| has_slot(w))
+            .min_by_key(|(id, w)| (occupancy(w), **id))
+            .map_or(Placement::Queue, |(id, _)| Placement::Worker(*id))
+    }
+
+    /// How many tasks of this kind a thread may have queued: as many as it can start "soon".
+    fn depth(&self, prefix: u32) -> u32 {
+        let avg = self.prefixes[prefix as usize].avg_ns.unwrap_or(self.config.unknown_duration.as_nanos() as f64);
+        let n = self.config.soon.as_nanos() as f64 / avg.max(1.0);
+        (n as u32).clamp(1, self.config.max_depth)
+    }
+
+    /// Gives `worker` queued tasks while it has free slots.
+    fn fill(&mut self, worker: WorkerId, out: &mut Vec<Command>) {
+        while let Some(t) = self.queue.peek() {
+            let limit = self.depth(self.task(t).prefix);
+            let Some(w) = self.workers.get(&worker) else { return };
+            if w.closing || w.processing.len() as u64 >= w.spec.nthreads.max(1) as u64 * limit as u64 {
+                return;
+            }
+            // Leaving Queued takes it out of the queue.
+            self.set_state(t, TaskState::Processing { worker }, out);
+        }
+    }
+
+    fn record_duration(&mut self, t: TaskId, d: Duration) {
+        let prefix = self.task(t).prefix as usize;
+        let p = &mut self.prefixes[prefix];
+        let ns = d.as_nanos() as f64;
+        p.avg_ns = Some(match p.avg_ns {
+            None => ns,
+            Some(avg) => 0.5 * avg + 0.5 * ns,
+        });
+    }
+
+    fn prefix_of(&mut self, key: &str) -> u32 {
+        let name = key_prefix(key);
+        if let Some(&p) = self.prefix_ids.get(name) {
+            return p;
+        }
+        let name: Arc<str> = Arc::from(name);
+        let id = self.prefixes.len() as u32;
+        self.prefixes.push(Prefix { avg_ns: None });
+        self.prefix_ids.insert(name, id);
+        id
+    }
+
+    // ------------------------------------------------------------------ transitions
+
+    /// The one place task states change (except the two direct writes for tasks whose worker
+    /// is already gone). Keeps every counter and index in step, and emits the commands.
+    fn set_state(&mut self, t: TaskId, new: TaskState, out: &mut Vec<Command>) {
+        let old = std::mem::replace(&mut self.task_mut(t).state, TaskState::Released);
+        let (from, to) = (old.name(), new.name());
+        if !allowed(&old, &new) {
+            // A bug in the core. Keep the old state rather than corrupt the counters.
+            self.task_mut(t).state = old;
+            let err = InvalidTransition { key: self.task(t).key.to_string(), from, to };
+            debug_assert!(false, "{err}");
+            tracing::error!("{err}");
+            return;
+        }
+        // Leave the old state.
+        match &old {
+            TaskState::Queued => {
+                self.queue.remove(self.queue_key(t));
+            }
+            TaskState::NoWorker => {
+                self.no_worker.remove(&t);
+            }
+            TaskState::Processing { worker } => {
+                if let Some(w) = self.workers.get_mut(worker) {
+                    w.processing.remove(&t);
+                    if !matches!(new, TaskState::Memory { .. }) {
+                        // Cancel the computation on the worker.
+                        out.push(Command::Free { worker: *worker, key: self.task(t).key.clone() });
+                    }
+                }
+            }
+            TaskState::Memory { who_has, nbytes } => {
+                for w in who_has {
+                    if let Some(worker) = self.workers.get_mut(w) {
+                        worker.has_what.remove(&t);
+                        worker.nbytes = worker.nbytes.saturating_sub(*nbytes);
+                        out.push(Command::Free { worker: *w, key: self.task(t).key.clone() });
+                    }
+                }
+                // Dependents that were counting on this value wait for it again.
+                let dependents = self.task(t).dependents.clone();
+                for d in dependents {
+                    match self.task(d).state {
+                        TaskState::Waiting { .. } => {
+                            if let TaskState::Waiting { remaining } = &mut self.task_mut(d).state {
+                                *remaining += 1;
+                            }
+                        }
+                        TaskState::Queued | TaskState::NoWorker | TaskState::Processing { .. } => {
+                            self.set_state(d, TaskState::Waiting { remaining: 1 }, out);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+        let was_active = old.is_active();
+        let is_active = new.is_active();
+        if was_active != is_active {
+            let deps = self.task(t).dependencies.clone();
+            for d in deps.iter() {
+                let dep = self.task_mut(*d);
+                if is_active {
+                    dep.active_dependents += 1;
+                } else {
+                    dep.active_dependents -= 1;
+                    if dep.active_dependents == 0 {
+                        self.to_check.push(*d);
+                    }
+                }
+            }
+        }
+        self.log_transition(t, from, to);
+        // Enter the new state.
+        match &new {
+            TaskState::Queued => self.queue.push(self.queue_key(t)),
+            TaskState::NoWorker => {
+                self.no_worker.insert(t);
+            }
+            TaskState::Processing { worker } => {
+                let w = self.workers.get_mut(worker).expect("processing on a known worker");
+                w.processing.insert(t);
+                let task = self.task(t);
+                let deps = task
+                    .dependencies
+                    .iter()
+                    .map(|d| {
+                        let dep = self.task(*d);
+                        let TaskState::Memory { nbytes, who_has } = &dep.state else {
+                            unreachable!("processing task with a dependency not in memory")
+                        };
+                        DepLocation {
+                            key: dep.key.clone(),
+                            workers: who_has.iter().map(|w| self.workers[w].spec.address.clone()).collect(),
+                            nbytes: *nbytes,
+                        }
+                    })
+                    .collect();
+                out.push(Command::Compute {
+                    worker: *worker,
+                    key: task.key.clone(),
+                    spec: task.spec.clone(),
+                    deps,
+                    priority: task.priority,
+                });
+            }
+            TaskState::Memory { nbytes, who_has } => {
+                for w in who_has {
+                    let worker = self.workers.get_mut(w).expect("memory on a known worker");
+                    worker.has_what.insert(t);
+                    worker.nbytes += nbytes;
+                }
+            }
+            _ => {}
+        }
+        self.task_mut(t).state = new;
+        // Tell the clients, then wake or fail the dependents.
+        match &self.task(t).state {
+            TaskState::Memory { .. } => {
+                self.report_to_wanters(t, out);
+                let dependents = self.task(t).dependents.clone();
+                for d in dependents {
+                    if let TaskState::Waiting { remaining } = &mut self.task_mut(d).state {
+                        *remaining -= 1;
+                        if *remaining == 0 {
+                            self.schedule(d, out);
+                        }
+                    }
+                }
+                if self.task(t).who_wants.is_empty() && self.task(t).active_dependents == 0 {
+                    self.to_check.push(t);
+                }
+            }
+            TaskState::Erred { error } if !self.erred_propagating => {
+                let error = error.clone();
+                self.report_to_wanters(t, out);
+                // Dependents fail with the same cause; iterative, as chains can be long.
+                let mut stack: Vec<TaskId> = self.task(t).dependents.clone();
+                while let Some(d) = stack.pop() {
+                    if self.task(d).state.is_active() {
+                        self.erred_propagating = true;
+                        self.set_state(d, TaskState::Erred { error: error.clone() }, out);
+                        self.erred_propagating = false;
+                        self.report_to_wanters(d, out);
+                        stack.extend(self.task(d).dependents.iter().copied());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn add_replica(&mut self, t: TaskId, w: WorkerId, nbytes: u64) {
+        let TaskState::Memory { who_has, .. } = &mut self.task_mut(t).state else { return };
+        if !who_has.contains(&w) {
+            who_has.push(w);
+            let worker = self.workers.get_mut(&w).expect("known worker");
+            worker.has_what.insert(t);
+            worker.nbytes += nbytes;
+        }
+    }
+
+    fn report_of(&self, t: TaskId) -> Option<Report> {
+        match &self.task(t).state {
+            TaskState::Memory { nbytes, who_has } => Some(Report::Memory {
+                nbytes: *nbytes,
+                workers: who_has.iter().map(|w| self.workers[w].spec.address.clone()).collect(),
+            }),
+            TaskState::Erred { error } if error.kind == "lost" => Some(Report::Lost(error.message.clone())),
+            TaskState::Erred { error } => Some(Report::Erred(error.clone())),
+            _ => None,
+        }
+    }
+
+    fn report_to_wanters(&self, t: TaskId, out: &mut Vec<Command>) {
+        let task = self.task(t);
+        if task.who_wants.is_empty() {
+            return;
+        }
+        if let Some(report) = self.report_of(t) {
+            for &client in &task.who_wants {
+                out.push(Command::Report { client, key: task.key.clone(), report: report.clone() });
+            }
+        }
+    }
+
+    /// Releases and forgets what is no longer needed, after an event's main work.
+    fn settle(&mut self, out: &mut Vec<Command>) {
+        while let Some(t) = self.to_check.pop() {
+            let Some(task) = self.tasks[t.0 as usize].as_ref() else { continue };
+            if !task.who_wants.is_empty() || task.active_dependents > 0 {
+                continue;
+            }
+            match task.state {
+                TaskState::Memory { .. } => self.set_state(t, TaskState::Released, out),
+                ref s if s.is_active() => self.set_state(t, TaskState::Released, out),
+                _ => {}
+            }
+            if self.task(t).dependents.is_empty() {
+                self.forget(t);
+            }
+        }
+    }
+
+    fn forget(&mut self, t: TaskId) {
+        let task = self.tasks[t.0 as usize].take().expect("forget a live task");
+        debug_assert!(!task.state.is_active() && !matches!(task.state, TaskState::Memory { .. }));
+        self.log.push_back(Transition {
+            key: task.key.clone(),
+            from: task.state.name(),
+            to: "forgotten",
+            cause: self.cause,
+            at: self.now,
+        });
+        self.trim_log();
+        self.keys.remove(&task.key);
+        self.free_ids.push(t.0);
+        for &d in task.dependencies.iter() {
+            let dep = self.task_mut(d);
+            if let Some(pos) = dep.dependents.iter().position(|x| *x == t) {
+                dep.dependents.swap_remove(pos);
+            }
+            if dep.dependents.is_empty() {
+                self.to_check.push(d);
+            }
+        }
+    }
+
+    fn log_transition(&mut self, t: TaskId, from: &'static str, to: &'static str) {
+        if self.config.log_len == 0 {
+            return;
+        }
+        self.log.push_back(Transition { key: self.task(t).key.clone(), from, to, cause: self.cause, at: self.now });
+        self.trim_log();
+    }
+
+    fn trim_log(&mut self) {
+        while self.log.len() > self.config.log_len {
+            self.log.pop_front();
+        }
+    }
+
+    // ------------------------------------------------------------------ storage
+
+    fn insert(&mut self, task: Task) -> TaskId {
+        let key = task.key.clone();
+        let id = match self.free_ids.pop() {
+            Some(i) => {
+                self.tasks[i as usize] = Some(task);
+                TaskId(i)
+            }
+            None => {
+                self.tasks.push(Some(task));
+                TaskId(self.tasks.len() as u32 - 1)
+            }
+        };
+        self.keys.insert(key, id);
+        id
+    }
+
+    fn task(&self, t: TaskId) -> &Task {
+        self.tasks[t.0 as usize].as_ref().expect("live task")
+    }
+
+    fn task_mut(&mut self, t: TaskId) -> &mut Task {
+        self.tasks[t.0 as usize].as_mut().expect("live task")
+    }
+
+    fn queue_key(&self, t: TaskId) -> queue::QueueKey {
+        let task = self.task(t);
+        queue::QueueKey::new(task.priority, task.order, t)
+    }
+
+    // ------------------------------------------------------------------ validation
+
+    /// Checks every invariant; panics with a description of the first one broken.
+    pub fn validate(&self) {
+        let mut n = 0;
+        for (i, slot) in self.tasks.iter().enumerate() {
+            let Some(task) = slot else { continue };
+            n += 1;
+            let t = TaskId(i as u32);
+            let key = &task.key;
+            assert_eq!(self.keys.get(key), Some(&t), "{key}: key index");
+            // Counters.
+            let active = task.dependents.iter().filter(|d| self.task(**d).state.is_active()).count() as u32;
+            assert_eq!(task.active_dependents, active, "{key}: active_dependents");
+            for d in task.dependencies.iter() {
+                assert!(self.task(*d).dependents.contains(&t), "{key}: dependency link");
+            }
+            for d in &task.dependents {
+                assert!(self.task(*d).dependencies.contains(&t), "{key}: dependent link");
+            }
+            for c in &task.who_wants {
+                assert!(self.clients.get(c).is_some_and(|cl| cl.wants.contains(&t)), "{key}: who_wants vs client");
+            }
+            let wanted = !task.who_wants.is_empty();
+            assert!(wanted || !task.dependents.is_empty(), "{key}: unwanted, no dependents, still here ({})", task.state.name());
+            let deps_in_memory =
+                task.dependencies.iter().filter(|d| matches!(self.task(**d).state, TaskState::Memory { .. })).count() as u32;
+            if task.state.is_active() {
+                assert!(wanted || task.active_dependents > 0, "{key}: {} but nobody needs it", task.state.name());
+                for d in task.dependencies.iter() {
+                    let s = &self.task(*d).state;
+                    assert!(
+                        matches!(s, TaskState::Memory { .. }) || s.is_active(),
+                        "{key}: active with dependency in {}",
+                        s.name()
+                    );
+                }
+            }
+            match &task.state {
+                TaskState::Released => {
+                    assert!(!wanted, "{key}: wanted but released");
+                }
+                TaskState::Waiting { remaining } => {
+                    assert!(*remaining > 0, "{key}: waiting on nothing");
+                    assert_eq!(*remaining, task.dependencies.len() as u32 - deps_in_memory, "{key}: remaining");
+                }
+                TaskState::Queued => {
+                    assert_eq!(deps_in_memory as usize, task.dependencies.len(), "{key}: queued with deps missing");
+                    assert!(self.queue.contains(self.queue_key(t)), "{key}: queued but not in queue");
+                }
+                TaskState::NoWorker => {
+                    assert_eq!(deps_in_memory as usize, task.dependencies.len(), "{key}: no-worker with deps missing");
+                    assert!(self.no_worker.contains(&t), "{key}: no-worker set");
+                }
+                TaskState::Processing { worker } => {
+                    assert_eq!(deps_in_memory as usize, task.dependencies.len(), "{key}: processing with deps missing");
+                    let w = self.workers.get(worker).unwrap_or_else(|| panic!("{key}: processing on unknown {worker}"));
+                    assert!(w.processing.contains(&t), "{key}: not in worker's processing");
+                }
+                TaskState::Memory { who_has, .. } => {
+                    assert!(!who_has.is_empty(), "{key}: memory without replicas");
+                    assert!(wanted || task.active_dependents > 0, "{key}: memory but not needed");
+                    for w in who_has {
+                        let worker = self.workers.get(w).unwrap_or_else(|| panic!("{key}: held by unknown {w}"));
+                        assert!(worker.has_what.contains(&t), "{key}: has_what");
+                    }
+                }
+                TaskState::Erred { .. } => {}
+            }
+            if !matches!(task.state, TaskState::Queued) {
+                assert!(!self.queue.contains(self.queue_key(t)), "{key}: in queue while {}", task.state.name());
+            }
+        }
+        assert_eq!(n, self.keys.len(), "key index size");
+        assert_eq!(self.queue.len(), self.tasks.iter().flatten().filter(|t| matches!(t.state, TaskState::Queued)).count(), "queue size");
+        for (id, w) in &self.workers {
+            for t in &w.processing {
+                assert_eq!(self.task(*t).state, TaskState::Processing { worker: *id }, "{id}: processing set");
+            }
+            let mut bytes = 0;
+            for t in &w.has_what {
+                match &self.task(*t).state {
+                    TaskState::Memory { who_has, nbytes } => {
+                        assert!(who_has.contains(id), "{id}: has_what");
+                        bytes += nbytes;
+                    }
+                    s => panic!("{id}: has_what lists a task in {}", s.name()),
+                }
+            }
+            assert_eq!(bytes, w.nbytes, "{id}: nbytes");
+        }
+        for (c, client) in &self.clients {
+            for t in &client.wants {
+                assert!(self.task(*t).who_wants.contains(c), "{c}: wants");
+            }
+        }
+        for t in &self.no_worker {
+            assert_eq!(self.task(*t).state, TaskState::NoWorker);
+        }
+        assert!(self.to_check.is_empty());
+    }
+}
+
+enum Placement {
+    Worker(WorkerId),
+    Queue,
+    NoWorker,
+}
+
+fn occupancy(w: &Worker) -> u64 {
+    // Tasks per thread, scaled so integer comparison keeps fractions.
+    (w.processing.len() as u64 * 1024) / w.spec.nthreads.max(1) as u64
+}
+
+/// Which state changes make sense. Anything else is a bug.
+fn allowed(old: &TaskState, new: &TaskState) -> bool {
+    use TaskState::*;
+    match (old, new) {
+        (Released, Waiting { .. } | Queued | NoWorker | Processing { .. } | Erred { .. } | Memory { .. }) => true,
+        (Waiting { .. }, Queued | NoWorker | Processing { .. } | Released | Erred { .. } | Memory { .. }) => true,
+        (Queued, Processing { .. } | NoWorker | Waiting { .. } | Released | Erred { .. } | Memory { .. }) => true,
+        (NoWorker, Processing { .. } | Queued | Waiting { .. } | Released | Erred { .. } | Memory { .. }) => true,
+        (Processing { .. }, Memory { .. } | Released | Waiting { .. } | Erred { .. } | Queued | NoWorker) => true,
+        (Processing { worker: a }, Processing { worker: b }) => a != b,
+        (Memory { .. }, Released | Erred { .. }) => true,
+        (Erred { .. }, Released | Memory { .. }) => true,
+        _ => false,
+    }
+}
+
+/// dask's `key_split`: `inc-1c8d...` -> `inc`, `x-1-2` -> `x`.
+pub fn key_prefix(key: &str) -> &str {
+    let key = key.trim_start_matches(['(', '\'', '"']);
+    let end = key.find(|c: char| c == '-' || c == ',' || c == '\'' || c == '"' || c == ')').unwrap_or(key.len());
+    if end == 0 { key } else { &key[..end] }
+}
