@@ -11,8 +11,6 @@ pub const MSGPACK: &str = "msgpack";
 pub struct Value {
     pub codec: &'static str,
     pub data: Bytes,
-    /// Rust type name of the value, for `type_name` in reports (may be empty).
-    pub type_name: &'static str,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +33,6 @@ impl Value {
         Ok(Value {
             codec: MSGPACK,
             data: Bytes::from(rmp_serde::to_vec(value)?),
-            type_name: std::any::type_name::<T>(),
         })
     }
 

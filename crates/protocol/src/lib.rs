@@ -11,6 +11,7 @@
 
 pub mod addr;
 pub mod codec;
+pub mod data;
 pub mod task;
 pub mod tokenize;
 

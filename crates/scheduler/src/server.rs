@@ -1,1 +1,563 @@
-pub fn placeholder() {}
+//! The scheduler's shell: tonic services for the worker and client streams and the queries,
+//! and one event loop task that owns the [`SchedulerCore`]. Stream handlers only decode
+//! batches into events and forward them; commands are grouped per worker and per client and
+//! sent as one batch per loop iteration.
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dask_protocol::addr::Address;
+use dask_protocol::pb::{self, scheduler_server::SchedulerServer};
+use futures_util::Stream;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::core::{self, ClientId, Command, Event, Key, NewTask, Report, SchedulerCore, TaskError, WorkerId, WorkerSpec};
+
+/// How to run a scheduler.
+#[derive(Clone, Debug, Default)]
+pub struct SchedulerConfig {
+    pub core: core::Config,
+    /// Where to write the scheduler file (dask's JSON), if anywhere.
+    pub scheduler_file: Option<std::path::PathBuf>,
+}
+
+/// A running scheduler.
+#[derive(Clone, Debug)]
+pub struct SchedulerHandle {
+    pub address: Address,
+    shutdown: CancellationToken,
+}
+
+impl SchedulerHandle {
+    pub fn close(&self) {
+        self.shutdown.cancel();
+    }
+}
+
+enum LoopMsg {
+    Events(Vec<Event>),
+    WorkerConnected { spec: WorkerSpec, tx: mpsc::UnboundedSender<Result<pb::SchedulerToWorker, Status>>, reply: oneshot::Sender<WorkerId> },
+    ClientConnected { tx: mpsc::UnboundedSender<Result<pb::SchedulerToClient, Status>>, reply: oneshot::Sender<ClientId> },
+    Query(Query),
+}
+
+enum Query {
+    WhoHas(Vec<String>, oneshot::Sender<pb::WhoHasReply>),
+    HasWhat(oneshot::Sender<pb::HasWhatReply>),
+    Info(oneshot::Sender<pb::SchedulerInfo>),
+    WaitForWorkers(usize, oneshot::Sender<pb::SchedulerInfo>),
+}
+
+/// Starts a scheduler on `listener`; it runs until `shutdown` is cancelled.
+/// Returns the handle and a future that runs the scheduler to the end.
+pub async fn run(
+    listener: TcpListener,
+    config: SchedulerConfig,
+    shutdown: CancellationToken,
+) -> std::io::Result<(SchedulerHandle, impl std::future::Future<Output = ()>)> {
+    let local = listener.local_addr()?;
+    // Listening on all interfaces: advertise loopback, which always reaches us here.
+    let address = if local.ip().is_unspecified() {
+        Address { host: "127.0.0.1".into(), port: local.port() }
+    } else {
+        Address::from(local)
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    let id = format!("Scheduler-{:x}", SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos());
+    if let Some(path) = &config.scheduler_file {
+        write_scheduler_file(path, &id, &address)?;
+    }
+    let started = SystemTime::now();
+    let service = Service { tx: tx.clone() };
+    let svc = SchedulerServer::new(service)
+        .max_decoding_message_size(dask_protocol::MAX_MESSAGE)
+        .max_encoding_message_size(dask_protocol::MAX_MESSAGE);
+    let handle = SchedulerHandle { address: address.clone(), shutdown: shutdown.clone() };
+    let core_config = config.core.clone();
+    let fut = async move {
+        let lp = EventLoop {
+            core: SchedulerCore::new(core_config, Instant::now()),
+            workers: HashMap::new(),
+            clients: HashMap::new(),
+            next_worker: 0,
+            next_client: 0,
+            commands: Vec::new(),
+            waiters: Vec::new(),
+            id,
+            address: address.clone(),
+            started,
+        };
+        let loop_task = tokio::spawn(lp.run(rx, shutdown.clone()));
+        let incoming = TcpListenerStream::new(listener);
+        let r = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "scheduler server stopped");
+        }
+        shutdown.cancel();
+        let _ = loop_task.await;
+        if let Some(path) = &config.scheduler_file {
+            let _ = std::fs::remove_file(path);
+        }
+        tracing::info!("scheduler closed");
+    };
+    Ok((handle, fut))
+}
+
+/// dask's scheduler file: JSON with at least `address`.
+pub fn write_scheduler_file(path: &std::path::Path, id: &str, address: &Address) -> std::io::Result<()> {
+    let json = serde_json::json!({
+        "type": "Scheduler",
+        "id": id,
+        "address": address.to_string(),
+        "services": {},
+        "started": SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64(),
+        "workers": {},
+    });
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&json)?)?;
+    std::fs::rename(&tmp, path)
+}
+
+struct EventLoop {
+    core: SchedulerCore,
+    workers: HashMap<WorkerId, mpsc::UnboundedSender<Result<pb::SchedulerToWorker, Status>>>,
+    clients: HashMap<ClientId, mpsc::UnboundedSender<Result<pb::SchedulerToClient, Status>>>,
+    next_worker: u32,
+    next_client: u32,
+    commands: Vec<Command>,
+    waiters: Vec<(usize, oneshot::Sender<pb::SchedulerInfo>)>,
+    id: String,
+    address: Address,
+    started: SystemTime,
+}
+
+impl EventLoop {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<LoopMsg>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                msg = rx.recv() => {
+                    let Some(msg) = msg else { break };
+                    self.on_msg(msg);
+                    // Drain what else is waiting: one batch per peer per wake-up.
+                    for _ in 0..1024 {
+                        match rx.try_recv() {
+                            Ok(msg) => self.on_msg(msg),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = tick.tick() => self.handle(Event::Tick),
+            }
+            self.flush();
+        }
+        // Tell workers to go only if asked to close; dropping the senders ends the streams.
+        for tx in self.workers.values() {
+            let _ = tx.send(Ok(pb::SchedulerToWorker {
+                commands: vec![pb::SchedulerCommand {
+                    kind: Some(pb::scheduler_command::Kind::Close(pb::CloseWorker { reason: "scheduler closing".into() })),
+                }],
+            }));
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        self.core.handle(event, Instant::now(), &mut self.commands);
+        #[cfg(debug_assertions)]
+        if std::env::var_os("DASK_VALIDATE").is_some() {
+            self.core.validate();
+        }
+    }
+
+    fn on_msg(&mut self, msg: LoopMsg) {
+        match msg {
+            LoopMsg::Events(events) => {
+                for e in events {
+                    self.handle(e);
+                }
+            }
+            LoopMsg::WorkerConnected { spec, tx, reply } => {
+                let id = WorkerId(self.next_worker);
+                self.next_worker += 1;
+                self.workers.insert(id, tx.clone());
+                let _ = tx.send(Ok(pb::SchedulerToWorker {
+                    commands: vec![pb::SchedulerCommand {
+                        kind: Some(pb::scheduler_command::Kind::Registered(pb::Registered {
+                            worker_id: id.0,
+                            heartbeat_interval_s: 1.0,
+                        })),
+                    }],
+                }));
+                let _ = reply.send(id);
+                tracing::info!(worker = %spec.address, name = %spec.name, nthreads = spec.nthreads, "worker joined");
+                self.handle(Event::WorkerJoined { worker: id, spec });
+                self.answer_waiters();
+            }
+            LoopMsg::ClientConnected { tx, reply } => {
+                let id = ClientId(self.next_client);
+                self.next_client += 1;
+                self.clients.insert(id, tx);
+                let _ = reply.send(id);
+                self.handle(Event::ClientConnected { client: id });
+            }
+            LoopMsg::Query(q) => self.query(q),
+        }
+    }
+
+    fn query(&mut self, q: Query) {
+        match q {
+            Query::WhoHas(keys, reply) => {
+                let entries = keys
+                    .into_iter()
+                    .map(|k| {
+                        let workers = self.core.who_has(&k).iter().map(|a| a.to_string()).collect();
+                        pb::KeyWorkers { key: k, workers }
+                    })
+                    .collect();
+                let _ = reply.send(pb::WhoHasReply { entries });
+            }
+            Query::HasWhat(reply) => {
+                let entries = self
+                    .core
+                    .workers()
+                    .map(|(_, spec, keys, _, _)| pb::WorkerKeys {
+                        worker: spec.address.to_string(),
+                        keys: keys.iter().map(|k| k.to_string()).collect(),
+                    })
+                    .collect();
+                let _ = reply.send(pb::HasWhatReply { entries });
+            }
+            Query::Info(reply) => {
+                let _ = reply.send(self.info());
+            }
+            Query::WaitForWorkers(n, reply) => {
+                if self.core.n_workers() >= n {
+                    let _ = reply.send(self.info());
+                } else {
+                    self.waiters.push((n, reply));
+                }
+            }
+        }
+    }
+
+    fn answer_waiters(&mut self) {
+        let n = self.core.n_workers();
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters).into_iter().partition(|(want, _)| *want <= n);
+        self.waiters = waiting;
+        for (_, reply) in ready {
+            let _ = reply.send(self.info());
+        }
+    }
+
+    fn info(&self) -> pb::SchedulerInfo {
+        let now = Instant::now();
+        let workers = self
+            .core
+            .workers()
+            .map(|(id, spec, keys, processing, nbytes)| pb::WorkerInfo {
+                address: spec.address.to_string(),
+                name: spec.name.to_string(),
+                nthreads: spec.nthreads,
+                memory_limit: spec.memory_limit,
+                id: id.0,
+                processing: processing as u32,
+                in_memory: keys.len() as u32,
+                memory: nbytes,
+                pid: 0,
+                local_directory: String::new(),
+                last_seen_s: self.core.worker_last_seen(id).map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64()),
+            })
+            .collect();
+        pb::SchedulerInfo {
+            id: self.id.clone(),
+            address: self.address.to_string(),
+            workers,
+            tasks: self.core.n_tasks() as u64,
+            started_s: self.started.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64(),
+        }
+    }
+
+    /// Sends the commands of this iteration: one message per worker and per client.
+    fn flush(&mut self) {
+        if self.commands.is_empty() {
+            return;
+        }
+        let mut to_workers: HashMap<WorkerId, Vec<pb::SchedulerCommand>> = HashMap::new();
+        let mut to_clients: HashMap<ClientId, Vec<pb::KeyReport>> = HashMap::new();
+        for cmd in self.commands.drain(..) {
+            match cmd {
+                Command::Compute { worker, key, spec, deps, priority } => {
+                    to_workers.entry(worker).or_default().push(pb::SchedulerCommand {
+                        kind: Some(pb::scheduler_command::Kind::Compute(pb::ComputeTask {
+                            key: key.to_string(),
+                            spec,
+                            dependencies: deps
+                                .into_iter()
+                                .map(|d| pb::DependencyLocation {
+                                    key: d.key.to_string(),
+                                    workers: d.workers.iter().map(|w| w.to_string()).collect(),
+                                    nbytes: d.nbytes,
+                                })
+                                .collect(),
+                            priority,
+                        })),
+                    });
+                }
+                Command::Free { worker, key } => {
+                    let batch = to_workers.entry(worker).or_default();
+                    // Consecutive frees share one message; order with computes is kept.
+                    if let Some(pb::SchedulerCommand { kind: Some(pb::scheduler_command::Kind::Free(f)) }) = batch.last_mut() {
+                        f.keys.push(key.to_string());
+                    } else {
+                        batch.push(pb::SchedulerCommand {
+                            kind: Some(pb::scheduler_command::Kind::Free(pb::FreeKeys { keys: vec![key.to_string()] })),
+                        });
+                    }
+                }
+                Command::Report { client, key, report } => {
+                    to_clients.entry(client).or_default().push(report_to_pb(key, report));
+                }
+                Command::CloseWorker { worker, reason } => {
+                    tracing::warn!(%worker, %reason, "closing worker");
+                    to_workers.entry(worker).or_default().push(pb::SchedulerCommand {
+                        kind: Some(pb::scheduler_command::Kind::Close(pb::CloseWorker { reason })),
+                    });
+                }
+            }
+        }
+        for (w, commands) in to_workers {
+            if let Some(tx) = self.workers.get(&w) {
+                let _ = tx.send(Ok(pb::SchedulerToWorker { commands }));
+            }
+        }
+        for (c, reports) in to_clients {
+            if let Some(tx) = self.clients.get(&c) {
+                let _ = tx.send(Ok(pb::SchedulerToClient { reports }));
+            }
+        }
+    }
+}
+
+fn report_to_pb(key: Key, report: Report) -> pb::KeyReport {
+    use pb::key_report::Kind;
+    let kind = match report {
+        Report::Memory { nbytes, workers } => Kind::Memory(pb::KeyInMemory {
+            nbytes,
+            workers: workers.iter().map(|w| w.to_string()).collect(),
+            type_name: String::new(),
+        }),
+        Report::Erred(e) => Kind::Erred(pb::TaskError {
+            message: e.message.clone(),
+            kind: e.kind.clone(),
+            function: e.function.clone(),
+            key: e.key.clone(),
+            worker: e.worker.clone(),
+        }),
+        Report::Cancelled => Kind::Cancelled(pb::KeyCancelled { reason: "cancelled".into() }),
+        Report::Lost(why) => Kind::Lost(pb::KeyLost { reason: why }),
+    };
+    pb::KeyReport { key: key.to_string(), kind: Some(kind) }
+}
+
+#[derive(Clone)]
+struct Service {
+    tx: mpsc::UnboundedSender<LoopMsg>,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn closed() -> Status {
+    Status::unavailable("the scheduler is shutting down")
+}
+
+#[tonic::async_trait]
+impl pb::scheduler_server::Scheduler for Service {
+    type WorkerStreamStream = BoxStream<pb::SchedulerToWorker>;
+    type ClientStreamStream = BoxStream<pb::SchedulerToClient>;
+
+    async fn worker_stream(
+        &self,
+        request: Request<Streaming<pb::WorkerToScheduler>>,
+    ) -> Result<Response<Self::WorkerStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("empty worker stream"))?;
+        let Some(pb::worker_event::Kind::Register(reg)) = first.events.into_iter().next().and_then(|e| e.kind) else {
+            return Err(Status::invalid_argument("the first message of a worker stream must be Register"));
+        };
+        let address = Address::parse(&reg.address, None).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let spec = WorkerSpec {
+            address: Arc::from(address.to_string()),
+            name: Arc::from(if reg.name.is_empty() { address.to_string() } else { reg.name }),
+            nthreads: reg.nthreads.max(1),
+            memory_limit: reg.memory_limit,
+        };
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let (reply_tx, reply_rx) = oneshot::channel();
+        self.tx.send(LoopMsg::WorkerConnected { spec, tx: out_tx, reply: reply_tx }).map_err(|_| closed())?;
+        let id = reply_rx.await.map_err(|_| closed())?;
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let reason = loop {
+                match inbound.message().await {
+                    Ok(Some(batch)) => {
+                        let events: Vec<Event> = batch.events.into_iter().filter_map(|e| worker_event(id, e)).collect();
+                        if !events.is_empty() && tx.send(LoopMsg::Events(events)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => break "stream closed".to_string(),
+                    Err(s) => break s.message().to_string(),
+                }
+            };
+            tracing::info!(worker = %id, %reason, "worker left");
+            let _ = tx.send(LoopMsg::Events(vec![Event::WorkerLost { worker: id, reason }]));
+        });
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(out_rx))))
+    }
+
+    async fn client_stream(
+        &self,
+        request: Request<Streaming<pb::ClientToScheduler>>,
+    ) -> Result<Response<Self::ClientStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let (reply_tx, reply_rx) = oneshot::channel();
+        self.tx.send(LoopMsg::ClientConnected { tx: out_tx, reply: reply_tx }).map_err(|_| closed())?;
+        let id = reply_rx.await.map_err(|_| closed())?;
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(batch)) => {
+                        let events: Vec<Event> = batch.ops.into_iter().filter_map(|op| client_event(id, op)).collect();
+                        if !events.is_empty() && tx.send(LoopMsg::Events(events)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            let _ = tx.send(LoopMsg::Events(vec![Event::ClientDisconnected { client: id }]));
+        });
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(out_rx))))
+    }
+
+    async fn who_has(&self, request: Request<pb::KeysRequest>) -> Result<Response<pb::WhoHasReply>, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(LoopMsg::Query(Query::WhoHas(request.into_inner().keys, tx))).map_err(|_| closed())?;
+        Ok(Response::new(rx.await.map_err(|_| closed())?))
+    }
+
+    async fn has_what(&self, _: Request<pb::Empty>) -> Result<Response<pb::HasWhatReply>, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(LoopMsg::Query(Query::HasWhat(tx))).map_err(|_| closed())?;
+        Ok(Response::new(rx.await.map_err(|_| closed())?))
+    }
+
+    async fn info(&self, _: Request<pb::Empty>) -> Result<Response<pb::SchedulerInfo>, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(LoopMsg::Query(Query::Info(tx))).map_err(|_| closed())?;
+        Ok(Response::new(rx.await.map_err(|_| closed())?))
+    }
+
+    async fn wait_for_workers(&self, request: Request<pb::WaitForWorkersRequest>) -> Result<Response<pb::SchedulerInfo>, Status> {
+        let req = request.into_inner();
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(LoopMsg::Query(Query::WaitForWorkers(req.n as usize, tx))).map_err(|_| closed())?;
+        let wait = async { rx.await.map_err(|_| closed()) };
+        if req.timeout_s > 0.0 {
+            match tokio::time::timeout(Duration::from_secs_f64(req.timeout_s), wait).await {
+                Ok(r) => Ok(Response::new(r?)),
+                Err(_) => Err(Status::deadline_exceeded(format!(
+                    "fewer than {} workers connected within {}s",
+                    req.n, req.timeout_s
+                ))),
+            }
+        } else {
+            Ok(Response::new(wait.await?))
+        }
+    }
+}
+
+fn worker_event(worker: WorkerId, e: pb::WorkerEvent) -> Option<Event> {
+    use pb::worker_event::Kind;
+    Some(match e.kind? {
+        Kind::Finished(f) => Event::TaskFinished {
+            worker,
+            key: Arc::from(f.key),
+            nbytes: f.nbytes,
+            duration: Duration::from_micros(f.duration_us),
+        },
+        Kind::Failed(f) => {
+            let e = f.error.unwrap_or_default();
+            Event::TaskFailed {
+                worker,
+                key: Arc::from(f.key),
+                error: TaskError { message: e.message, kind: e.kind, function: e.function, key: e.key, worker: e.worker },
+                duration: Duration::from_micros(f.duration_us),
+            }
+        }
+        Kind::Missing(m) => Event::MissingData {
+            worker,
+            key: Arc::from(m.key),
+            dependency: Arc::from(m.dependency),
+            from: m.workers.into_iter().map(Arc::from).collect(),
+        },
+        Kind::Heartbeat(_) => Event::Heartbeat { worker },
+        Kind::Released(_) | Kind::Register(_) => return None,
+    })
+}
+
+fn client_event(client: ClientId, op: pb::ClientOp) -> Option<Event> {
+    use pb::client_op::Kind;
+    let keys = |l: pb::KeyList| l.keys.into_iter().map(Arc::from).collect::<Vec<Key>>();
+    Some(match op.kind? {
+        Kind::Hello(_) => return None,
+        Kind::UpdateGraph(g) => Event::UpdateGraph {
+            client,
+            tasks: g
+                .tasks
+                .into_iter()
+                .map(|t| NewTask {
+                    key: Arc::from(t.key),
+                    spec: t.spec,
+                    dependencies: t.dependencies.into_iter().map(Arc::from).collect(),
+                    priority: t.priority,
+                    retries: t.retries,
+                    workers: t.workers.into_iter().map(|w| Arc::from(normalize_worker(w))).collect(),
+                    allow_other_workers: t.allow_other_workers,
+                })
+                .collect(),
+            wants: g.wants.into_iter().map(Arc::from).collect(),
+        },
+        Kind::Release(l) => Event::ReleaseKeys { client, keys: keys(l) },
+        Kind::Cancel(l) => Event::CancelKeys { client, keys: keys(l) },
+        Kind::Want(l) => Event::Want { client, keys: keys(l) },
+        Kind::Scattered(s) => Event::Scattered {
+            client,
+            keys: s.keys.into_iter().map(|k| (Arc::from(k.key), k.workers.into_iter().map(Arc::from).collect(), k.nbytes)).collect(),
+        },
+    })
+}
+
+/// Worker restrictions may name an address in any accepted spelling; names pass through.
+fn normalize_worker(w: String) -> String {
+    match Address::parse(&w, None) {
+        Ok(a) if w.contains(':') => a.to_string(),
+        _ => w,
+    }
+}

@@ -337,6 +337,9 @@ pub struct SchedulerCore {
     now: Instant,
     /// Set while `set_state` marks dependents erred, so it does not recurse.
     erred_propagating: bool,
+    /// Workers a task stopped processing on during the current event: at its end they take
+    /// queued tasks into the freed slots (a released or moved task frees one too).
+    freed: Vec<WorkerId>,
 }
 
 /// An impossible transition: a bug in the core, never a user's mistake.
@@ -367,6 +370,7 @@ impl SchedulerCore {
             cause: "",
             now,
             erred_propagating: false,
+            freed: Vec::new(),
         }
     }
 
@@ -498,6 +502,9 @@ impl SchedulerCore {
             }
         }
         self.settle(out);
+        while let Some(w) = self.freed.pop() {
+            self.fill(w, out);
+        }
     }
 
     // ------------------------------------------------------------------ clients
@@ -560,7 +567,25 @@ impl SchedulerCore {
         for id in self.find_cycles(created.iter().map(|(id, _)| *id)) {
             bad.push((id, "the graph has a cycle through this task".to_string()));
         }
+        // An invalid task errs once (it may both miss a dependency and lie on a cycle), and
+        // drops its dependency edges: otherwise the members of a cycle would keep each other
+        // alive (each has a dependent) after every client released them.
+        let mut seen: FxHashSet<TaskId> = FxHashSet::default();
         for (id, why) in bad {
+            if !seen.insert(id) {
+                continue;
+            }
+            // Still released, so no `active_dependents` counts change.
+            let deps = std::mem::take(&mut self.task_mut(id).dependencies);
+            for &d in deps.iter() {
+                let dep = self.task_mut(d);
+                if let Some(pos) = dep.dependents.iter().position(|x| *x == id) {
+                    dep.dependents.swap_remove(pos);
+                }
+                if dep.dependents.is_empty() {
+                    self.to_check.push(d);
+                }
+            }
             let key = self.task(id).key.to_string();
             let err = Arc::new(TaskError {
                 message: why,
@@ -683,14 +708,14 @@ impl SchedulerCore {
                     key: key.to_string(),
                     worker: String::new(),
                 });
-                if !matches!(self.task(id).state, TaskState::Memory { .. }) {
+                if !matches!(self.task(id).state, TaskState::Memory { .. } | TaskState::Erred { .. }) {
                     self.set_state(id, TaskState::Erred { error: err }, out);
                 }
             } else {
                 match &self.task(id).state {
                     TaskState::Memory { .. } => {
                         for w in holders {
-                            self.add_replica(id, w, nbytes);
+                            self.add_replica(id, w);
                         }
                     }
                     _ => {
@@ -861,12 +886,14 @@ impl SchedulerCore {
                 .map(|(id, _)| *id)
                 .collect();
             for w in gone {
-                if let TaskState::Memory { who_has, .. } = &mut self.task_mut(d).state {
+                if let TaskState::Memory { who_has, nbytes } = &mut self.task_mut(d).state {
                     if who_has.contains(&w) {
                         who_has.retain(|x| *x != w);
                         let empty = who_has.is_empty();
+                        let nbytes = *nbytes;
                         let worker = self.workers.get_mut(&w).expect("worker exists");
                         worker.has_what.remove(&d);
+                        worker.nbytes -= nbytes;
                         if empty {
                             self.data_lost(d, "a worker reported it missing", out);
                             break;
@@ -1069,6 +1096,7 @@ impl SchedulerCore {
             TaskState::Processing { worker } => {
                 if let Some(w) = self.workers.get_mut(worker) {
                     w.processing.remove(&t);
+                    self.freed.push(*worker);
                     if !matches!(new, TaskState::Memory { .. }) {
                         // Cancel the computation on the worker.
                         out.push(Command::Free { worker: *worker, key: self.task(t).key.clone() });
@@ -1197,8 +1225,11 @@ impl SchedulerCore {
         }
     }
 
-    fn add_replica(&mut self, t: TaskId, w: WorkerId, nbytes: u64) {
-        let TaskState::Memory { who_has, .. } = &mut self.task_mut(t).state else { return };
+    fn add_replica(&mut self, t: TaskId, w: WorkerId) {
+        // The task's recorded size, whatever the new holder measured: `set_state` subtracts
+        // this one when the value is released.
+        let TaskState::Memory { who_has, nbytes } = &mut self.task_mut(t).state else { return };
+        let nbytes = *nbytes;
         if !who_has.contains(&w) {
             who_has.push(w);
             let worker = self.workers.get_mut(&w).expect("known worker");

@@ -1,0 +1,1157 @@
+//! Tests of the core: events in, commands out, `validate()` after every event.
+//!
+//! Unit tests first (one behaviour each), then a property test that runs random graphs on a
+//! simulated cluster whose workers follow the commands faithfully.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use proptest::prelude::*;
+
+use super::*;
+
+// ---------------------------------------------------------------------------- harness
+
+const C1: ClientId = ClientId(1);
+const C2: ClientId = ClientId(2);
+
+fn k(s: &str) -> Key {
+    Arc::from(s)
+}
+
+fn addr(i: u32) -> Arc<str> {
+    Arc::from(format!("tcp://10.0.0.{i}:8786"))
+}
+
+fn spec(i: u32, nthreads: u32) -> WorkerSpec {
+    WorkerSpec { address: addr(i), name: Arc::from(format!("w{i}")), nthreads, memory_limit: 1 << 30 }
+}
+
+fn task(key: &str, deps: &[&str]) -> NewTask {
+    NewTask {
+        key: k(key),
+        spec: Bytes::from_static(b"spec"),
+        dependencies: deps.iter().map(|d| k(d)).collect(),
+        ..NewTask::default()
+    }
+}
+
+fn error(msg: &str) -> TaskError {
+    TaskError {
+        message: msg.into(),
+        kind: "ZeroDivisionError".into(),
+        function: "f".into(),
+        key: String::new(),
+        worker: String::new(),
+    }
+}
+
+/// The core plus a clock; every event goes through [`Harness::handle`], which validates.
+struct Harness {
+    core: SchedulerCore,
+    now: Instant,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self::with_config(Config::default())
+    }
+
+    fn with_config(config: Config) -> Self {
+        let now = Instant::now();
+        Harness { core: SchedulerCore::new(config, now), now }
+    }
+
+    fn handle(&mut self, event: Event) -> Vec<Command> {
+        let mut out = Vec::new();
+        self.core.handle(event, self.now, &mut out);
+        self.core.validate();
+        out
+    }
+
+    fn join(&mut self, i: u32, nthreads: u32) -> Vec<Command> {
+        self.handle(Event::WorkerJoined { worker: WorkerId(i), spec: spec(i, nthreads) })
+    }
+
+    fn submit(&mut self, client: ClientId, tasks: Vec<NewTask>, wants: &[&str]) -> Vec<Command> {
+        self.handle(Event::UpdateGraph { client, tasks, wants: wants.iter().map(|w| k(w)).collect() })
+    }
+
+    fn finish(&mut self, worker: u32, key: &str, nbytes: u64) -> Vec<Command> {
+        self.finish_in(worker, key, nbytes, Duration::from_millis(1))
+    }
+
+    fn finish_in(&mut self, worker: u32, key: &str, nbytes: u64, duration: Duration) -> Vec<Command> {
+        self.handle(Event::TaskFinished { worker: WorkerId(worker), key: k(key), nbytes, duration })
+    }
+
+    fn fail(&mut self, worker: u32, key: &str, error: TaskError) -> Vec<Command> {
+        self.handle(Event::TaskFailed { worker: WorkerId(worker), key: k(key), error, duration: Duration::from_millis(1) })
+    }
+
+    fn lose(&mut self, worker: u32) -> Vec<Command> {
+        self.handle(Event::WorkerLost { worker: WorkerId(worker), reason: "test".into() })
+    }
+
+    fn state(&self, key: &str) -> TaskState {
+        self.core.task_state(key).unwrap_or_else(|| panic!("{key} is unknown")).clone()
+    }
+
+    /// The worker `key` is processing on.
+    fn runs_on(&self, key: &str) -> u32 {
+        match self.state(key) {
+            TaskState::Processing { worker } => worker.0,
+            s => panic!("{key} is {}, not processing", s.name()),
+        }
+    }
+}
+
+/// `(worker, key)` of every Compute, in order.
+fn computes(cmds: &[Command]) -> Vec<(u32, String)> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::Compute { worker, key, .. } => Some((worker.0, key.to_string())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `(worker, key)` of every Free, in order.
+fn frees(cmds: &[Command]) -> Vec<(u32, String)> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::Free { worker, key } => Some((worker.0, key.to_string())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `(client, key, report)` of every Report, in order.
+fn reports(cmds: &[Command]) -> Vec<(ClientId, String, Report)> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::Report { client, key, report } => Some((*client, key.to_string(), report.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn compute_deps(cmds: &[Command], key: &str) -> Vec<DepLocation> {
+    cmds.iter()
+        .find_map(|c| match c {
+            Command::Compute { key: x, deps, .. } if &**x == key => Some(deps.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no Compute for {key} in {cmds:?}"))
+}
+
+fn s(x: &str) -> String {
+    x.to_string()
+}
+
+fn memory(nbytes: u64, workers: &[u32]) -> Report {
+    Report::Memory { nbytes, workers: workers.iter().map(|w| addr(*w)).collect() }
+}
+
+fn erred_with(state: &TaskState) -> Arc<TaskError> {
+    match state {
+        TaskState::Erred { error } => error.clone(),
+        s => panic!("expected erred, got {}", s.name()),
+    }
+}
+
+// ---------------------------------------------------------------------------- unit tests
+
+#[test]
+fn single_task_runs_and_is_reported() {
+    let mut h = Harness::new();
+    assert!(h.join(1, 1).is_empty());
+    let out = h.submit(C1, vec![task("x", &[])], &["x"]);
+    assert_eq!(out, vec![Command::Compute {
+        worker: WorkerId(1),
+        key: k("x"),
+        spec: Bytes::from_static(b"spec"),
+        deps: vec![],
+        priority: 0
+    }]);
+    assert_eq!(h.state("x"), TaskState::Processing { worker: WorkerId(1) });
+
+    let out = h.finish(1, "x", 10);
+    assert_eq!(reports(&out), vec![(C1, s("x"), memory(10, &[1]))]);
+    assert_eq!(out.len(), 1);
+    assert!(matches!(h.state("x"), TaskState::Memory { nbytes: 10, .. }));
+    assert_eq!(h.core.who_has("x"), vec![addr(1)]);
+
+    let out = h.handle(Event::ReleaseKeys { client: C1, keys: vec![k("x")] });
+    assert_eq!(frees(&out), vec![(1, s("x"))]);
+    assert_eq!(h.core.n_tasks(), 0);
+    assert_eq!(h.core.story("x").last().map(|t| t.to), Some("forgotten"));
+}
+
+#[test]
+fn chain_releases_intermediates_then_forgets_everything() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    let out = h.submit(C1, vec![task("a", &[]), task("b", &["a"]), task("c", &["b"])], &["c"]);
+    assert_eq!(computes(&out), vec![(1, s("a"))]);
+    assert_eq!(h.state("b"), TaskState::Waiting { remaining: 1 });
+    assert_eq!(h.state("c"), TaskState::Waiting { remaining: 1 });
+
+    let out = h.finish(1, "a", 10);
+    assert_eq!(computes(&out), vec![(1, s("b"))]);
+    assert_eq!(compute_deps(&out, "b"), vec![DepLocation { key: k("a"), workers: [addr(1)].into_iter().collect(), nbytes: 10 }]);
+    assert!(reports(&out).is_empty(), "nobody wants a");
+
+    // b done: a is no longer needed by anything active.
+    let out = h.finish(1, "b", 20);
+    assert_eq!(computes(&out), vec![(1, s("c"))]);
+    assert_eq!(frees(&out), vec![(1, s("a"))]);
+    assert_eq!(h.state("a"), TaskState::Released);
+
+    let out = h.finish(1, "c", 30);
+    assert_eq!(reports(&out), vec![(C1, s("c"), memory(30, &[1]))]);
+    assert_eq!(frees(&out), vec![(1, s("b"))]);
+    assert_eq!(h.state("a"), TaskState::Released);
+    assert_eq!(h.state("b"), TaskState::Released);
+    assert!(matches!(h.state("c"), TaskState::Memory { .. }));
+    assert_eq!(h.core.workers().next().unwrap().4, 30, "only c's bytes are held");
+
+    let out = h.handle(Event::ReleaseKeys { client: C1, keys: vec![k("c")] });
+    assert_eq!(frees(&out), vec![(1, s("c"))]);
+    assert_eq!(h.core.n_tasks(), 0);
+}
+
+#[test]
+fn same_key_submitted_twice_runs_once() {
+    let mut h = Harness::new();
+    h.join(1, 4);
+    // Twice in one graph.
+    let out = h.submit(C1, vec![task("x", &[]), task("x", &[])], &["x"]);
+    assert_eq!(computes(&out), vec![(1, s("x"))]);
+    // Again, by another client.
+    let out = h.submit(C2, vec![task("x", &[])], &["x"]);
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(h.core.n_tasks(), 1);
+
+    let out = h.finish(1, "x", 5);
+    let mut got = reports(&out);
+    got.sort_by_key(|r| r.0);
+    assert_eq!(got, vec![(C1, s("x"), memory(5, &[1])), (C2, s("x"), memory(5, &[1]))]);
+
+    // Submitted once more after it finished: reported at once, not recomputed.
+    let out = h.submit(ClientId(3), vec![task("x", &[])], &["x"]);
+    assert_eq!(out, vec![Command::Report { client: ClientId(3), key: k("x"), report: memory(5, &[1]) }]);
+}
+
+#[test]
+fn failure_propagates_the_same_error_to_dependents_and_their_clients() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    h.submit(C1, vec![task("a", &[]), task("b", &["a"]), task("c", &["b"])], &["c"]);
+    assert!(h.handle(Event::Want { client: C2, keys: vec![k("b")] }).is_empty());
+
+    let out = h.fail(1, "a", error("division by zero"));
+    assert!(computes(&out).is_empty());
+    let ea = erred_with(&h.state("a"));
+    assert_eq!(ea.key, "a", "the core fills in the failing key");
+    assert_eq!(ea.message, "division by zero");
+    let eb = erred_with(&h.state("b"));
+    let ec = erred_with(&h.state("c"));
+    assert!(Arc::ptr_eq(&ea, &eb) && Arc::ptr_eq(&ea, &ec), "one shared error");
+
+    let mut got = reports(&out);
+    got.sort_by_key(|r| r.0);
+    assert_eq!(got.len(), 2);
+    assert_eq!((got[0].0, got[0].1.as_str()), (C1, "c"));
+    assert_eq!((got[1].0, got[1].1.as_str()), (C2, "b"));
+    for (_, _, r) in &got {
+        let Report::Erred(e) = r else { panic!("{r:?}") };
+        assert!(Arc::ptr_eq(e, &ea));
+    }
+
+    // Releasing the failed keys forgets the whole chain.
+    h.handle(Event::ReleaseKeys { client: C1, keys: vec![k("c")] });
+    assert_eq!(h.core.n_tasks(), 2);
+    h.handle(Event::ReleaseKeys { client: C2, keys: vec![k("b")] });
+    assert_eq!(h.core.n_tasks(), 0);
+}
+
+#[test]
+fn a_failed_task_with_retries_is_recomputed() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    let mut t = task("x", &[]);
+    t.retries = 1;
+    h.submit(C1, vec![t], &["x"]);
+
+    let out = h.fail(1, "x", error("flaky"));
+    assert_eq!(computes(&out), vec![(1, s("x"))], "retried");
+    assert!(reports(&out).is_empty());
+    assert_eq!(h.state("x"), TaskState::Processing { worker: WorkerId(1) });
+
+    // No retries left: the second failure is final.
+    let out = h.fail(1, "x", error("flaky again"));
+    assert!(computes(&out).is_empty());
+    let e = erred_with(&h.state("x"));
+    assert_eq!(e.message, "flaky again");
+    assert_eq!(reports(&out), vec![(C1, s("x"), Report::Erred(e))]);
+}
+
+#[test]
+fn a_retried_task_can_succeed() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    let mut t = task("x", &[]);
+    t.retries = 3;
+    h.submit(C1, vec![t, task("y", &["x"])], &["y"]);
+    h.fail(1, "x", error("flaky"));
+    let out = h.finish(1, "x", 1);
+    assert_eq!(computes(&out), vec![(1, s("y"))]);
+    let out = h.finish(1, "y", 1);
+    assert_eq!(reports(&out), vec![(C1, s("y"), memory(1, &[1]))]);
+}
+
+#[test]
+fn a_task_processing_on_a_lost_worker_goes_to_another() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    h.join(2, 1);
+    h.submit(C1, vec![task("x", &[])], &["x"]);
+    assert_eq!(h.runs_on("x"), 1);
+
+    let out = h.lose(1);
+    assert_eq!(out.len(), 1, "nothing goes to the dead worker: {out:?}");
+    assert_eq!(computes(&out), vec![(2, s("x"))]);
+    assert_eq!(h.core.n_workers(), 1);
+
+    // A late result from the dead worker is ignored.
+    assert!(h.finish(1, "x", 1).is_empty());
+    assert_eq!(h.state("x"), TaskState::Processing { worker: WorkerId(2) });
+    let out = h.finish(2, "x", 1);
+    assert_eq!(reports(&out), vec![(C1, s("x"), memory(1, &[2]))]);
+}
+
+#[test]
+fn the_lost_only_replica_of_a_needed_input_is_recomputed() {
+    let mut h = Harness::new();
+    for i in 1..=3 {
+        h.join(i, 1);
+    }
+    // c needs b and x; x runs long.
+    h.submit(C1, vec![task("b", &[]), task("x", &[]), task("c", &["b", "x"])], &["c"]);
+    let wb = h.runs_on("b");
+    let wx = h.runs_on("x");
+    assert_ne!(wb, wx);
+    h.finish(wb, "b", 100);
+    assert_eq!(h.state("c"), TaskState::Waiting { remaining: 1 });
+
+    let out = h.lose(wb);
+    assert_eq!(h.state("c"), TaskState::Waiting { remaining: 2 });
+    let free = (1..=3).find(|w| *w != wb && *w != wx).unwrap();
+    assert_eq!(computes(&out), vec![(free, s("b"))], "b recomputed on the idle worker");
+
+    h.finish(free, "b", 100);
+    let out = h.finish(wx, "x", 1);
+    assert_eq!(computes(&out).len(), 1);
+    let wc = h.runs_on("c");
+    let out = h.finish(wc, "c", 1);
+    assert_eq!(reports(&out), vec![(C1, s("c"), memory(1, &[wc]))]);
+}
+
+#[test]
+fn recompute_is_recursive_through_released_inputs() {
+    let mut h = Harness::new();
+    for i in 1..=3 {
+        h.join(i, 1);
+    }
+    // a -> b -> c, and c also needs the slow x.
+    h.submit(C1, vec![task("a", &[]), task("b", &["a"]), task("x", &[]), task("c", &["b", "x"])], &["c"]);
+    let wa = h.runs_on("a");
+    let wx = h.runs_on("x");
+    let out = h.finish(wa, "a", 100);
+    assert_eq!(computes(&out), vec![(wa, s("b"))], "b goes where its input is");
+    let out = h.finish(wa, "b", 100);
+    assert_eq!(frees(&out), vec![(wa, s("a"))]);
+    assert_eq!(h.state("a"), TaskState::Released);
+
+    // b's only replica dies; c still needs it, and b needs a, which was released.
+    let out = h.lose(wa);
+    let other = (1..=3).find(|w| *w != wa && *w != wx).unwrap();
+    assert_eq!(computes(&out), vec![(other, s("a"))]);
+    assert_eq!(h.state("b"), TaskState::Waiting { remaining: 1 });
+    assert_eq!(h.state("c"), TaskState::Waiting { remaining: 2 });
+
+    let out = h.finish(other, "a", 100);
+    assert_eq!(computes(&out), vec![(other, s("b"))]);
+    h.finish(other, "b", 100);
+    h.finish(wx, "x", 1);
+    let wc = h.runs_on("c");
+    let out = h.finish(wc, "c", 7);
+    assert_eq!(reports(&out), vec![(C1, s("c"), memory(7, &[wc]))]);
+    assert_eq!(h.state("a"), TaskState::Released);
+    assert_eq!(h.state("b"), TaskState::Released);
+}
+
+#[test]
+fn a_task_that_kills_too_many_workers_errs() {
+    let mut h = Harness::new();
+    for i in 1..=5 {
+        h.join(i, 1);
+    }
+    h.submit(C1, vec![task("bomb", &[])], &["bomb"]);
+    for i in 1..=3 {
+        assert_eq!(h.runs_on("bomb"), i);
+        let out = h.lose(i);
+        assert_eq!(computes(&out), vec![(i + 1, s("bomb"))]);
+    }
+    // The fourth death is one more than allowed_failures (3).
+    let out = h.lose(4);
+    assert!(computes(&out).is_empty(), "not sent to worker 5: {out:?}");
+    let e = erred_with(&h.state("bomb"));
+    assert_eq!(e.kind, "killed-worker");
+    assert_eq!(reports(&out), vec![(C1, s("bomb"), Report::Erred(e))]);
+}
+
+#[test]
+fn placement_prefers_the_worker_holding_most_input_bytes() {
+    for (bytes_a, bytes_b) in [(10, 1000), (1000, 10)] {
+        let mut h = Harness::new();
+        h.join(1, 1);
+        h.join(2, 1);
+        h.submit(C1, vec![task("a", &[]), task("b", &[]), task("c", &["a", "b"])], &["c"]);
+        let (wa, wb) = (h.runs_on("a"), h.runs_on("b"));
+        assert_ne!(wa, wb);
+        h.finish(wa, "a", bytes_a);
+        let out = h.finish(wb, "b", bytes_b);
+        let expected = if bytes_a > bytes_b { wa } else { wb };
+        assert_eq!(computes(&out), vec![(expected, s("c"))]);
+    }
+}
+
+#[test]
+fn a_worker_gets_as_many_tasks_as_it_can_start_soon() {
+    let mut h = Harness::with_config(Config { unknown_duration: Duration::from_secs(3600), ..Config::default() });
+    h.join(1, 1);
+    let keys: Vec<String> = (0..5).map(|i| format!("inc-{i}")).collect();
+    let refs: Vec<&str> = keys.iter().map(|x| x.as_str()).collect();
+    let out = h.submit(C1, refs.iter().map(|x| task(x, &[])).collect(), &refs);
+    assert_eq!(computes(&out), vec![(1, s("inc-0"))], "one slot for a thread");
+    for key in &refs[1..] {
+        assert_eq!(h.state(key), TaskState::Queued);
+    }
+
+    // inc tasks turn out to take a microsecond: the worker can start many soon.
+    let out = h.finish_in(1, "inc-0", 1, Duration::from_micros(1));
+    assert_eq!(computes(&out), refs[1..].iter().map(|x| (1, s(x))).collect::<Vec<_>>(), "in submission order");
+}
+
+#[test]
+fn slow_tasks_are_handed_out_one_per_free_thread() {
+    let mut h = Harness::new();
+    h.join(1, 2);
+    let keys: Vec<String> = (0..5).map(|i| format!("slow-{i}")).collect();
+    let refs: Vec<&str> = keys.iter().map(|x| x.as_str()).collect();
+    let out = h.submit(C1, refs.iter().map(|x| task(x, &[])).collect(), &refs);
+    assert_eq!(computes(&out), vec![(1, s("slow-0")), (1, s("slow-1"))]);
+    let out = h.finish_in(1, "slow-0", 1, Duration::from_secs(5));
+    assert_eq!(computes(&out), vec![(1, s("slow-2"))]);
+}
+
+#[test]
+fn a_higher_priority_queued_task_goes_first() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    let mut hi = task("hi", &[]);
+    hi.priority = 10;
+    h.submit(C1, vec![task("first", &[]), task("lo", &[]), hi], &["first", "lo", "hi"]);
+    let out = h.finish(1, "first", 1);
+    assert_eq!(computes(&out), vec![(1, s("hi"))]);
+}
+
+#[test]
+fn restrictions_name_workers_by_address_or_name() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    h.join(2, 1);
+    let mut by_name = task("by-name", &[]);
+    by_name.workers = vec![Arc::from("w2")];
+    let mut by_addr = task("by-addr", &[]);
+    by_addr.workers = vec![addr(2)];
+    let out = h.submit(C1, vec![by_name, by_addr], &["by-name", "by-addr"]);
+    // Only worker 2 may run them, so they are not held back by its slot limit.
+    assert_eq!(computes(&out), vec![(2, s("by-name")), (2, s("by-addr"))]);
+
+    let mut elsewhere = task("elsewhere", &[]);
+    elsewhere.workers = vec![Arc::from("w3")];
+    let out = h.submit(C1, vec![elsewhere], &["elsewhere"]);
+    assert!(out.is_empty());
+    assert_eq!(h.state("elsewhere"), TaskState::NoWorker);
+
+    // Worker 3 joining is not enough for anyone else, but it is for this task.
+    let out = h.join(3, 1);
+    assert_eq!(computes(&out), vec![(3, s("elsewhere"))]);
+}
+
+#[test]
+fn a_restricted_task_waits_when_its_worker_dies() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    h.join(2, 1);
+    let mut t = task("pinned", &[]);
+    t.workers = vec![Arc::from("w1")];
+    h.submit(C1, vec![t], &["pinned"]);
+    let out = h.lose(1);
+    assert!(computes(&out).is_empty(), "worker 2 is not allowed: {out:?}");
+    assert_eq!(h.state("pinned"), TaskState::NoWorker);
+    let out = h.join(1, 1);
+    assert_eq!(computes(&out), vec![(1, s("pinned"))]);
+}
+
+#[test]
+fn a_disconnecting_client_releases_what_it_wanted() {
+    let mut h = Harness::new();
+    h.join(1, 2);
+    h.submit(C1, vec![task("x", &[]), task("y", &["x"]), task("z", &[])], &["y", "z"]);
+    h.handle(Event::Want { client: C2, keys: vec![k("z")] });
+    assert_eq!(h.runs_on("x"), 1);
+    assert_eq!(h.runs_on("z"), 1);
+
+    let out = h.handle(Event::ClientDisconnected { client: C1 });
+    assert_eq!(frees(&out), vec![(1, s("x"))], "x's computation is cancelled, z is still wanted");
+    assert!(h.core.task_state("x").is_none() && h.core.task_state("y").is_none());
+    assert_eq!(h.core.n_tasks(), 1);
+
+    let out = h.handle(Event::ClientDisconnected { client: C2 });
+    assert_eq!(frees(&out), vec![(1, s("z"))]);
+    assert_eq!(h.core.n_tasks(), 0);
+}
+
+#[test]
+fn cancel_reports_cancelled_and_stops_the_computation() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    h.submit(C1, vec![task("x", &[])], &["x"]);
+    let out = h.handle(Event::CancelKeys { client: C1, keys: vec![k("x"), k("unknown")] });
+    assert_eq!(frees(&out), vec![(1, s("x"))]);
+    assert_eq!(reports(&out), vec![(C1, s("x"), Report::Cancelled), (C1, s("unknown"), Report::Cancelled)]);
+    assert_eq!(h.core.n_tasks(), 0);
+}
+
+#[test]
+fn cancel_by_one_client_leaves_another_clients_future() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    h.submit(C1, vec![task("x", &[])], &["x"]);
+    h.handle(Event::Want { client: C2, keys: vec![k("x")] });
+    let out = h.handle(Event::CancelKeys { client: C1, keys: vec![k("x")] });
+    assert_eq!(out, vec![Command::Report { client: C1, key: k("x"), report: Report::Cancelled }]);
+    assert_eq!(h.runs_on("x"), 1);
+}
+
+#[test]
+fn releasing_a_processing_task_frees_its_slot_for_queued_work() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    h.submit(C1, vec![task("a", &[]), task("b", &[])], &["a", "b"]);
+    assert_eq!(h.runs_on("a"), 1);
+    assert_eq!(h.state("b"), TaskState::Queued);
+    let out = h.handle(Event::ReleaseKeys { client: C1, keys: vec![k("a")] });
+    assert_eq!(frees(&out), vec![(1, s("a"))]);
+    assert_eq!(computes(&out), vec![(1, s("b"))], "the freed thread takes the queued task");
+}
+
+#[test]
+fn scattered_data_is_in_memory_and_reported_lost_with_its_worker() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    let out = h.handle(Event::Scattered { client: C1, keys: vec![(k("s"), vec![addr(1)], 100)] });
+    assert_eq!(reports(&out), vec![(C1, s("s"), memory(100, &[1]))]);
+    assert!(matches!(h.state("s"), TaskState::Memory { nbytes: 100, .. }));
+
+    let out = h.submit(C1, vec![task("d", &["s"])], &["d"]);
+    assert_eq!(computes(&out), vec![(1, s("d"))]);
+
+    let out = h.lose(1);
+    let got = reports(&out);
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(got.iter().all(|(c, _, r)| *c == C1 && matches!(r, Report::Lost(_))), "{got:?}");
+    assert_eq!(erred_with(&h.state("s")).kind, "lost");
+    assert_eq!(erred_with(&h.state("d")).kind, "lost");
+
+    h.handle(Event::ReleaseKeys { client: C1, keys: vec![k("s"), k("d")] });
+    assert_eq!(h.core.n_tasks(), 0);
+}
+
+#[test]
+fn scattered_to_an_unknown_worker_is_lost() {
+    let mut h = Harness::new();
+    let out = h.handle(Event::Scattered { client: C1, keys: vec![(k("s"), vec![addr(9)], 1)] });
+    assert!(matches!(&reports(&out)[..], [(C1, _, Report::Lost(_))]), "{out:?}");
+    // Scattering it again (to a worker that is still unknown) stays lost.
+    let out = h.handle(Event::Scattered { client: C2, keys: vec![(k("s"), vec![addr(9)], 1)] });
+    assert!(matches!(&reports(&out)[..], [(C2, _, Report::Lost(_))]), "{out:?}");
+}
+
+#[test]
+fn scattering_a_key_again_adds_a_replica() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    h.join(2, 1);
+    h.handle(Event::Scattered { client: C1, keys: vec![(k("s"), vec![addr(1)], 100)] });
+    // Another client's measure of the size differs; the accounting must stay consistent.
+    let out = h.handle(Event::Scattered { client: C2, keys: vec![(k("s"), vec![addr(2)], 60)] });
+    assert_eq!(reports(&out), vec![(C2, s("s"), memory(100, &[1, 2]))]);
+    h.handle(Event::ReleaseKeys { client: C1, keys: vec![k("s")] });
+    let out = h.handle(Event::ReleaseKeys { client: C2, keys: vec![k("s")] });
+    let mut f = frees(&out);
+    f.sort();
+    assert_eq!(f, vec![(1, s("s")), (2, s("s"))]);
+    assert!(h.core.workers().all(|(_, _, keys, _, nbytes)| keys.is_empty() && nbytes == 0));
+}
+
+#[test]
+fn a_missing_dependency_key_errs_as_invalid_graph() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    let out = h.submit(C1, vec![task("b", &["nope"]), task("c", &["b"])], &["c"]);
+    assert!(computes(&out).is_empty());
+    let e = erred_with(&h.state("c"));
+    assert_eq!(e.kind, "invalid-graph");
+    assert_eq!(e.key, "b");
+    assert!(e.message.contains("nope"), "{}", e.message);
+    assert_eq!(reports(&out), vec![(C1, s("c"), Report::Erred(e))]);
+    h.handle(Event::ReleaseKeys { client: C1, keys: vec![k("c")] });
+    assert_eq!(h.core.n_tasks(), 0);
+}
+
+#[test]
+fn a_cycle_errs() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    let out = h.submit(
+        C1,
+        vec![task("a", &["b"]), task("b", &["a"]), task("self", &["self"]), task("ok", &[])],
+        &["a", "self", "ok"],
+    );
+    assert_eq!(computes(&out), vec![(1, s("ok"))], "the rest of the graph still runs");
+    let e = erred_with(&h.state("a"));
+    assert_eq!(e.kind, "invalid-graph");
+    assert!(e.message.contains("cycle"), "{}", e.message);
+    assert_eq!(erred_with(&h.state("self")).kind, "invalid-graph");
+    let mut erred: Vec<String> =
+        reports(&out).into_iter().filter(|(_, _, r)| matches!(r, Report::Erred(_))).map(|r| r.1).collect();
+    erred.sort();
+    assert_eq!(erred, vec![s("a"), s("self")]);
+    h.handle(Event::ClientDisconnected { client: C1 });
+    assert_eq!(h.core.n_tasks(), 0);
+}
+
+#[test]
+fn a_worker_with_a_taken_name_or_address_is_closed() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    let mut same_name = spec(2, 1);
+    same_name.name = Arc::from("w1");
+    let out = h.handle(Event::WorkerJoined { worker: WorkerId(2), spec: same_name });
+    assert!(matches!(&out[..], [Command::CloseWorker { worker: WorkerId(2), .. }]), "{out:?}");
+    let mut same_addr = spec(3, 1);
+    same_addr.address = addr(1);
+    let out = h.handle(Event::WorkerJoined { worker: WorkerId(3), spec: same_addr });
+    assert!(matches!(&out[..], [Command::CloseWorker { worker: WorkerId(3), .. }]), "{out:?}");
+    assert_eq!(h.core.n_workers(), 1);
+    assert!(h.core.worker_spec(WorkerId(2)).is_none());
+}
+
+#[test]
+fn tick_removes_a_worker_silent_for_longer_than_the_ttl() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    h.join(2, 1);
+    h.submit(C1, vec![task("x", &[])], &["x"]);
+    assert_eq!(h.runs_on("x"), 1);
+
+    h.now += Duration::from_secs(200);
+    h.handle(Event::Heartbeat { worker: WorkerId(2) });
+    assert!(h.handle(Event::Tick).is_empty(), "nobody is late yet");
+
+    h.now += Duration::from_secs(101);
+    let out = h.handle(Event::Tick);
+    assert!(matches!(&out[0], Command::CloseWorker { worker: WorkerId(1), .. }), "{out:?}");
+    assert_eq!(computes(&out), vec![(2, s("x"))]);
+    assert_eq!(h.core.n_workers(), 1);
+    assert!(h.handle(Event::Tick).is_empty());
+}
+
+#[test]
+fn a_stale_result_is_freed_on_the_worker_that_sent_it() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    h.join(2, 1);
+    h.submit(C1, vec![task("x", &[])], &["x"]);
+    assert_eq!(h.runs_on("x"), 1);
+    let out = h.finish(2, "x", 1);
+    assert_eq!(out, vec![Command::Free { worker: WorkerId(2), key: k("x") }]);
+    assert_eq!(h.state("x"), TaskState::Processing { worker: WorkerId(1) });
+
+    // A result for a key the scheduler forgot.
+    let out = h.finish(2, "gone", 1);
+    assert_eq!(out, vec![Command::Free { worker: WorkerId(2), key: k("gone") }]);
+    // A failure from the wrong worker changes nothing.
+    assert!(h.fail(2, "x", error("late")).is_empty());
+    assert_eq!(h.runs_on("x"), 1);
+}
+
+#[test]
+fn missing_data_drops_the_replica_and_retries_elsewhere() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    h.join(2, 1);
+    h.handle(Event::Scattered { client: C1, keys: vec![(k("s"), vec![addr(1), addr(2)], 100)] });
+    h.submit(C1, vec![task("d", &["s"])], &["d"]);
+    let wd = h.runs_on("d");
+    let other = 3 - wd;
+    let out = h.handle(Event::MissingData { worker: WorkerId(wd), key: k("d"), dependency: k("s"), from: vec![addr(other)] });
+    assert_eq!(h.core.who_has("s"), vec![addr(wd)]);
+    assert_eq!(frees(&out), vec![(wd, s("d"))]);
+    assert_eq!(computes(&out), vec![(wd, s("d"))]);
+    assert_eq!(compute_deps(&out, "d")[0].workers.to_vec(), vec![addr(wd)]);
+}
+
+#[test]
+fn missing_data_of_the_last_replica_recomputes_it() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    h.join(2, 1);
+    let mut x = task("x", &["a"]);
+    x.workers = vec![Arc::from("w2")];
+    let mut a = task("a", &[]);
+    a.workers = vec![Arc::from("w1")];
+    a.allow_other_workers = true;
+    h.submit(C1, vec![a, x], &["x"]);
+    assert_eq!(h.runs_on("a"), 1);
+    let out = h.finish(1, "a", 100);
+    assert_eq!(computes(&out), vec![(2, s("x"))]);
+
+    let out = h.handle(Event::MissingData { worker: WorkerId(2), key: k("x"), dependency: k("a"), from: vec![addr(1)] });
+    assert_eq!(frees(&out), vec![(2, s("x"))]);
+    assert_eq!(computes(&out).len(), 1, "{out:?}");
+    assert_eq!(computes(&out)[0].1, "a");
+    assert_eq!(h.state("x"), TaskState::Waiting { remaining: 1 });
+    assert!(h.core.workers().all(|(_, _, keys, _, nbytes)| keys.is_empty() && nbytes == 0));
+}
+
+#[test]
+fn want_of_an_unknown_key_reports_lost() {
+    let mut h = Harness::new();
+    let out = h.handle(Event::Want { client: C1, keys: vec![k("who")] });
+    assert!(matches!(&reports(&out)[..], [(C1, _, Report::Lost(_))]), "{out:?}");
+    assert_eq!(h.core.n_tasks(), 0);
+}
+
+#[test]
+fn tasks_wait_for_a_worker_and_run_when_one_joins() {
+    let mut h = Harness::new();
+    let out = h.submit(C1, vec![task("x", &[]), task("y", &["x"])], &["y"]);
+    assert!(out.is_empty());
+    assert_eq!(h.state("x"), TaskState::NoWorker);
+    let out = h.join(1, 1);
+    assert_eq!(computes(&out), vec![(1, s("x"))]);
+}
+
+#[test]
+fn key_prefix_follows_dask_key_split() {
+    assert_eq!(key_prefix("inc-1c8d"), "inc");
+    assert_eq!(key_prefix("('x-1-2', 0)"), "x");
+    assert_eq!(key_prefix("plain"), "plain");
+}
+
+// ---------------------------------------------------------------------------- property test
+
+/// splitmix64: the schedule's randomness, from one proptest-chosen seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    /// True with probability `percent`/100.
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+}
+
+/// One task of a random graph: its dependencies (earlier tasks), who wants it, retries.
+#[derive(Clone, Debug)]
+struct GenTask {
+    deps: Vec<usize>,
+    /// Bit 0: client 0 wants it, bit 1: client 1.
+    wanted_by: u8,
+    retries: u32,
+}
+
+fn dag() -> impl Strategy<Value = Vec<GenTask>> {
+    (1usize..150).prop_flat_map(|n| {
+        proptest::collection::vec(
+            (proptest::collection::vec(any::<prop::sample::Index>(), 0..4), 0u8..7, 0u32..3),
+            n,
+        )
+        .prop_map(|raw| {
+            raw.into_iter()
+                .enumerate()
+                .map(|(i, (deps, want, retries))| {
+                    let mut deps: Vec<usize> = if i == 0 { vec![] } else { deps.iter().map(|x| x.index(i)).collect() };
+                    deps.sort_unstable();
+                    deps.dedup();
+                    // 0..=3: nobody; 4: client 0; 5: client 1; 6: both.
+                    let wanted_by = match want {
+                        4 => 1,
+                        5 => 2,
+                        6 => 3,
+                        _ => 0,
+                    };
+                    GenTask { deps, wanted_by, retries: u32::from(retries == 2) }
+                })
+                .collect()
+        })
+    })
+}
+
+#[derive(Clone, Debug)]
+struct Scenario {
+    dag: Vec<GenTask>,
+    threads: Vec<u32>,
+    seed: u64,
+    errors: bool,
+    kills: bool,
+    releases: bool,
+    /// Small: workers dying under tasks may err them as killed-worker.
+    allowed_failures: u32,
+    /// Short: the slot limit opens up at once; long: one task per thread until measured.
+    unknown_duration: Duration,
+}
+
+fn scenario() -> impl Strategy<Value = Scenario> {
+    (
+        dag(),
+        proptest::collection::vec(1u32..=3, 1..=5),
+        any::<u64>(),
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        prop_oneof![Just(1u32), Just(1000)],
+        prop_oneof![Just(Duration::from_micros(1)), Just(Duration::from_millis(500))],
+    )
+        .prop_map(|(dag, threads, seed, errors, kills, releases, allowed_failures, unknown_duration)| Scenario {
+            dag,
+            threads,
+            seed,
+            errors,
+            kills,
+            releases,
+            allowed_failures,
+            unknown_duration,
+        })
+}
+
+fn sim_key(i: usize) -> Key {
+    let prefix = ["inc", "add", "sum"][i % 3];
+    Arc::from(format!("{prefix}-{i}"))
+}
+
+fn sim_client(c: usize) -> ClientId {
+    ClientId(c as u32 + 10)
+}
+
+/// A cluster that does what the scheduler says: workers run what they are sent until they
+/// finish, fail, are told to Free it, or die.
+struct Sim {
+    h: Harness,
+    rng: Rng,
+    keys: Vec<Key>,
+    index: HashMap<Key, usize>,
+    /// `(worker, key, deps)` sent and neither finished, cancelled nor lost, oldest first.
+    in_flight: Vec<(WorkerId, Key, Vec<DepLocation>)>,
+    /// Live workers and what each holds.
+    alive: BTreeMap<WorkerId, HashSet<Key>>,
+    next_worker: u32,
+    wants: [HashSet<Key>; 2],
+    /// Last report per (client, key).
+    last_report: HashMap<(ClientId, Key), Report>,
+    failures_injected: bool,
+    kills_done: u32,
+}
+
+impl Sim {
+    fn new(sc: &Scenario) -> Self {
+        let config = Config {
+            allowed_failures: sc.allowed_failures,
+            unknown_duration: sc.unknown_duration,
+            ..Config::default()
+        };
+        let keys: Vec<Key> = (0..sc.dag.len()).map(sim_key).collect();
+        let index = keys.iter().cloned().enumerate().map(|(i, k)| (k, i)).collect();
+        let mut sim = Sim {
+            h: Harness::with_config(config),
+            rng: Rng(sc.seed),
+            keys,
+            index,
+            in_flight: Vec::new(),
+            alive: BTreeMap::new(),
+            next_worker: 0,
+            wants: [HashSet::new(), HashSet::new()],
+            last_report: HashMap::new(),
+            failures_injected: false,
+            kills_done: 0,
+        };
+        for &n in &sc.threads {
+            sim.add_worker(n);
+        }
+        sim
+    }
+
+    fn add_worker(&mut self, nthreads: u32) {
+        let id = self.next_worker;
+        self.next_worker += 1;
+        self.alive.insert(WorkerId(id), HashSet::new());
+        self.step(Event::WorkerJoined { worker: WorkerId(id), spec: spec(id, nthreads) });
+    }
+
+    fn worker_of(&self, address: &str) -> Option<WorkerId> {
+        self.alive.keys().copied().find(|w| *addr(w.0) == *address)
+    }
+
+    /// Submits the whole graph for `client`, wanting the keys `wanted` selects.
+    fn submit(&mut self, sc: &Scenario, client: usize, wanted: impl Fn(usize, &GenTask) -> bool) {
+        let tasks = sc
+            .dag
+            .iter()
+            .enumerate()
+            .map(|(i, t)| NewTask {
+                key: self.keys[i].clone(),
+                spec: Bytes::from_static(b"spec"),
+                dependencies: t.deps.iter().map(|d| self.keys[*d].clone()).collect(),
+                priority: 0,
+                retries: t.retries,
+                workers: vec![],
+                allow_other_workers: false,
+            })
+            .collect();
+        let wants: Vec<Key> =
+            sc.dag.iter().enumerate().filter(|(i, t)| wanted(*i, t)).map(|(i, _)| self.keys[i].clone()).collect();
+        self.wants[client].extend(wants.iter().cloned());
+        self.step(Event::UpdateGraph { client: sim_client(client), tasks, wants });
+    }
+
+    /// One event in; the commands go to the simulated workers and clients.
+    fn step(&mut self, event: Event) {
+        for cmd in self.h.handle(event) {
+            match cmd {
+                Command::Compute { worker, key, deps, .. } => {
+                    assert!(self.alive.contains_key(&worker), "Compute {key} to dead {worker}");
+                    assert!(
+                        !self.in_flight.iter().any(|(w, k, _)| *w == worker && *k == key),
+                        "{key} sent twice to {worker}"
+                    );
+                    self.in_flight.push((worker, key, deps));
+                }
+                Command::Free { worker, key } => {
+                    let w = self.alive.get_mut(&worker).unwrap_or_else(|| panic!("Free {key} to dead {worker}"));
+                    w.remove(&key);
+                    self.in_flight.retain(|(x, k, _)| !(*x == worker && *k == key));
+                }
+                Command::Report { client, key, report } => {
+                    let c = (client.0 - 10) as usize;
+                    assert!(
+                        self.wants[c].contains(&key) || report == Report::Cancelled,
+                        "{client} told about {key} it does not want: {report:?}"
+                    );
+                    if let Report::Memory { workers, .. } = &report {
+                        for a in workers {
+                            let w = self.worker_of(a).unwrap_or_else(|| panic!("{key} reported on dead {a}"));
+                            assert!(self.alive[&w].contains(&key), "{key} reported on {a}, which does not hold it");
+                        }
+                    }
+                    self.last_report.insert((client, key), report);
+                }
+                Command::CloseWorker { worker, reason } => panic!("unexpected CloseWorker {worker}: {reason}"),
+            }
+        }
+    }
+
+    /// The worker finishes (or fails) the `i`th in-flight task.
+    fn complete(&mut self, i: usize, sc: &Scenario) {
+        let (worker, key, deps) = self.in_flight.remove(i);
+        // The worker fetches the inputs from where the scheduler said they are.
+        for d in &deps {
+            let found = d.workers.iter().any(|a| self.worker_of(a).is_some_and(|w| self.alive[&w].contains(&d.key)));
+            assert!(found, "{key} on {worker}: input {} is nowhere of {:?}", d.key, d.workers);
+        }
+        let expected: Vec<&Key> = sc.dag[self.index[&key]].deps.iter().map(|d| &self.keys[*d]).collect();
+        let sent: Vec<&Key> = deps.iter().map(|d| &d.key).collect();
+        assert_eq!(sent.len(), expected.len(), "{key}: deps sent");
+        assert!(expected.iter().all(|e| sent.contains(e)), "{key}: deps {sent:?} != {expected:?}");
+
+        let duration = Duration::from_micros(1 + self.rng.next() % 2_000_000);
+        self.h.now += Duration::from_millis(1);
+        if sc.errors && self.rng.chance(8) {
+            self.failures_injected = true;
+            self.step(Event::TaskFailed { worker, key, error: error("boom"), duration });
+        } else {
+            let nbytes = 1 + self.rng.next() % 1_000_000;
+            self.alive.get_mut(&worker).expect("live worker").insert(key.clone());
+            self.step(Event::TaskFinished { worker, key, nbytes, duration });
+        }
+    }
+
+    fn kill_one(&mut self) {
+        let ids: Vec<WorkerId> = self.alive.keys().copied().collect();
+        let victim = ids[self.rng.below(ids.len())];
+        self.alive.remove(&victim);
+        self.in_flight.retain(|(w, _, _)| *w != victim);
+        self.kills_done += 1;
+        self.step(Event::WorkerLost { worker: victim, reason: "killed by the simulation".into() });
+        let nthreads = 1 + self.rng.below(3) as u32;
+        self.add_worker(nthreads);
+    }
+
+    fn release_one(&mut self) {
+        let c = self.rng.below(2);
+        if self.wants[c].is_empty() {
+            return;
+        }
+        let mut keys: Vec<Key> = self.wants[c].iter().cloned().collect();
+        keys.sort();
+        let key = keys[self.rng.below(keys.len())].clone();
+        self.wants[c].remove(&key);
+        self.last_report.remove(&(sim_client(c), key.clone()));
+        self.step(Event::ReleaseKeys { client: sim_client(c), keys: vec![key] });
+    }
+
+    /// Checks that hold between any two events.
+    fn check_consistency(&self) {
+        // What the scheduler thinks a worker holds, the worker holds.
+        for (id, _, keys, _, _) in self.h.core.workers() {
+            let held = self.alive.get(&id).unwrap_or_else(|| panic!("scheduler knows dead {id}"));
+            for key in keys {
+                assert!(held.contains(&key), "scheduler thinks {id} holds {key}");
+            }
+        }
+        // Every task the scheduler has processing is in flight on that worker.
+        for (i, key) in self.keys.iter().enumerate() {
+            if let Some(TaskState::Processing { worker }) = self.h.core.task_state(key) {
+                assert!(
+                    self.in_flight.iter().any(|(w, k, _)| w == worker && k == key),
+                    "{key} (#{i}) processing on {worker} but not in flight there"
+                );
+            }
+        }
+    }
+}
+
+fn run_scenario(sc: Scenario) {
+    let mut sim = Sim::new(&sc);
+    // Client 0 submits at once; client 1 joins in later.
+    sim.submit(&sc, 0, |_, t| t.wanted_by & 1 != 0);
+    let mut client1_submitted = false;
+    let mut steps = 0;
+    loop {
+        sim.check_consistency();
+        steps += 1;
+        assert!(steps < 100_000, "the schedule does not end");
+        let roll = sim.rng.below(100);
+        if !client1_submitted && (roll < 5 || sim.in_flight.is_empty()) {
+            client1_submitted = true;
+            sim.submit(&sc, 1, |_, t| t.wanted_by & 2 != 0);
+        } else if sc.kills && roll < 8 && sim.kills_done < 8 {
+            sim.kill_one();
+        } else if sc.releases && roll < 12 {
+            sim.release_one();
+        } else if sc.releases && roll < 14 {
+            // A client asks again for one key of the graph (resubmitting it, as a client would).
+            let c = sim.rng.below(2);
+            let target = sim.rng.below(sc.dag.len());
+            sim.submit(&sc, c, |i, _| i == target);
+        } else if sim.in_flight.is_empty() {
+            break;
+        } else {
+            let i = sim.rng.below(sim.in_flight.len());
+            sim.complete(i, &sc);
+        }
+    }
+    sim.check_consistency();
+    {
+        let mut states: BTreeMap<&str, usize> = BTreeMap::new();
+        for key in &sim.keys { if let Some(s) = sim.h.core.task_state(key) { *states.entry(s.name()).or_default() += 1; } }
+        let nerr = sim.last_report.values().filter(|r| matches!(r, Report::Erred(_))).count();
+        let kw = sim.keys.iter().filter(|k| matches!(sim.h.core.task_state(k), Some(TaskState::Erred{error}) if error.kind == "killed-worker")).count();
+        let q = sim.keys.iter().filter(|k| sim.h.core.story(k).iter().any(|t| t.to == "queued")).count();
+        let nw = sim.keys.iter().filter(|k| sim.h.core.story(k).iter().any(|t| t.to == "no-worker")).count();
+        let rec = sim.keys.iter().filter(|k| sim.h.core.story(k).iter().filter(|t| t.to == "memory").count() > 1).count();
+        eprintln!("STAT n={} steps={steps} kills={} fail={} states={states:?} erred_reports={nerr} kw={kw} queued={q} noworker={nw} recomputed={rec}", sc.dag.len(), sim.kills_done, sim.failures_injected);
+    }
+
+    // Everything settled: nothing is on its way anywhere.
+    for key in &sim.keys {
+        if let Some(state) = sim.h.core.task_state(key) {
+            assert!(
+                matches!(state, TaskState::Memory { .. } | TaskState::Erred { .. } | TaskState::Released),
+                "{key} stuck in {}: {:?}\nworkers: {:?}",
+                state.name(),
+                sim.h.core.story(key),
+                sim.h.core.workers().map(|(id, s, _, p, _)| (id, s.nthreads, p)).collect::<Vec<_>>()
+            );
+        }
+    }
+    for (c, wants) in sim.wants.iter().enumerate() {
+        let client = sim_client(c);
+        for key in wants {
+            let report = sim.last_report.get(&(client, key.clone()));
+            let state = sim.h.core.task_state(key).unwrap_or_else(|| panic!("wanted {key} forgotten"));
+            match (state, report) {
+                (TaskState::Memory { nbytes, .. }, Some(Report::Memory { nbytes: n, .. })) => assert_eq!(nbytes, n),
+                (TaskState::Erred { error }, Some(Report::Erred(e))) => {
+                    assert!(Arc::ptr_eq(error, e));
+                    assert!(
+                        sim.failures_injected || error.kind == "killed-worker",
+                        "{key} erred with no failure injected: {error:?}"
+                    );
+                }
+                (s, r) => panic!("{client} wants {key} ({}), last report {r:?}: {:?}", s.name(), sim.h.core.story(key)),
+            }
+            if !sim.failures_injected && sc.allowed_failures > 8 {
+                assert!(matches!(state, TaskState::Memory { .. }), "{key} is {}", state.name());
+            }
+        }
+    }
+
+    // Both clients let go: the scheduler forgets everything and the workers hold nothing.
+    for c in 0..2 {
+        let mut keys: Vec<Key> = sim.wants[c].drain().collect();
+        keys.sort();
+        sim.step(Event::ReleaseKeys { client: sim_client(c), keys });
+        assert!(sim.in_flight.is_empty());
+    }
+    assert_eq!(sim.h.core.n_tasks(), 0);
+    for (w, held) in &sim.alive {
+        assert!(held.is_empty(), "{w} still holds {held:?}");
+    }
+    assert!(sim.h.core.workers().all(|(_, _, keys, processing, nbytes)| keys.is_empty() && processing == 0 && nbytes == 0));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_graphs_on_a_faulty_cluster_settle(sc in scenario()) {
+        run_scenario(sc);
+    }
+}

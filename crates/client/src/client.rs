@@ -1,0 +1,825 @@
+//! `Client`: the connection to a scheduler and the dask.distributed API.
+//!
+//! All network work runs on a tokio runtime: the caller's, when the client was made with
+//! [`Client::connect_async`], or one the client owns (one IO thread) when made from plain
+//! code. Blocking calls wait on condition variables or `block_on`; each has an `_async` twin.
+//! Messages to the scheduler go through one writer task that sends whatever has accumulated as
+//! one batch: no RPC per task.
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dask_protocol::addr::Address;
+use dask_protocol::codec::{decode, Value};
+use dask_protocol::pb::{self, scheduler_client::SchedulerClient, worker_data_client::WorkerDataClient};
+use dask_protocol::task::Task;
+use dask_protocol::tokenize::Tokenizer;
+use dask_protocol::{data, MAX_MESSAGE};
+use futures_util::future::join_all;
+use parking_lot::Mutex;
+use prost::Message;
+use rustc_hash::FxHashMap;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::args::{IntoArg, IntoArgs, OneArg};
+use crate::error::TaskFailure;
+use crate::future::{Done, Future, FutureRef, KeyState, Status};
+use crate::gather::{Errors, Gatherable, ValueMap};
+use crate::graph::Graph;
+use crate::{Error, LocalCluster, Result};
+
+/// Options of [`Client::submit_with`] (dask's keyword arguments).
+#[derive(Clone, Debug)]
+pub struct SubmitOptions {
+    /// Use this key instead of a generated one.
+    pub key: Option<String>,
+    /// Same function and arguments give the same key, and run once (default true).
+    pub pure: bool,
+    /// Worker addresses or names the task may run on.
+    pub workers: Vec<String>,
+    /// With `workers`: may run elsewhere if those are busy or gone.
+    pub allow_other_workers: bool,
+    /// Times to rerun the task if it fails.
+    pub retries: u32,
+    /// Higher runs first.
+    pub priority: i32,
+}
+
+impl Default for SubmitOptions {
+    fn default() -> Self {
+        SubmitOptions { key: None, pure: true, workers: Vec::new(), allow_other_workers: false, retries: 0, priority: 0 }
+    }
+}
+
+/// Options of [`Client::scatter_with`].
+#[derive(Clone, Debug, Default)]
+pub struct ScatterOptions {
+    /// Put the data on these workers (addresses or names); default: spread over all.
+    pub workers: Vec<String>,
+    /// Put every value on every (chosen) worker.
+    pub broadcast: bool,
+}
+
+/// The keys this client holds futures for: a count of handles and the shared state.
+#[derive(Default)]
+pub(crate) struct KeyTable {
+    keys: Mutex<FxHashMap<Arc<str>, (u32, Arc<KeyState>)>>,
+}
+
+impl KeyTable {
+    fn get(&self, key: &str) -> Option<Arc<KeyState>> {
+        self.keys.lock().get(key).map(|(_, s)| s.clone())
+    }
+
+    fn apply(&self, report: pb::KeyReport) {
+        use pb::key_report::Kind;
+        let Some(state) = self.get(&report.key) else { return };
+        let status = match report.kind {
+            Some(Kind::Memory(m)) => Status::Finished { workers: m.workers },
+            Some(Kind::Erred(e)) => Status::Error(Arc::new(TaskFailure::from(e))),
+            Some(Kind::Cancelled(_)) => Status::Cancelled,
+            Some(Kind::Lost(l)) => Status::Lost(l.reason),
+            None => return,
+        };
+        state.set(status);
+    }
+
+    fn disconnect_all(&self, why: &str) {
+        let states: Vec<_> = self.keys.lock().values().map(|(_, s)| s.clone()).collect();
+        for s in states {
+            s.set(Status::Disconnected(why.to_string()));
+        }
+    }
+}
+
+pub(crate) struct ClientInner {
+    address: Address,
+    /// The runtime this client owns, if it was created from blocking code.
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    handle: tokio::runtime::Handle,
+    ops: mpsc::UnboundedSender<pb::ClientOp>,
+    table: Arc<KeyTable>,
+    scheduler: SchedulerClient<Channel>,
+    peers: Mutex<FxHashMap<String, WorkerDataClient<Channel>>>,
+    disconnected: Arc<Mutex<Option<String>>>,
+    closed: AtomicBool,
+    shutdown: CancellationToken,
+    /// A cluster started for this client by `Client::new`, closed with it.
+    cluster: Mutex<Option<LocalCluster>>,
+    counter: AtomicU64,
+    random: std::collections::hash_map::RandomState,
+}
+
+impl ClientInner {
+    pub(crate) fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // Called from async code: allowed on a multi-thread runtime.
+            tokio::task::block_in_place(|| self.handle.block_on(f))
+        } else {
+            self.handle.block_on(f)
+        }
+    }
+
+    fn send(&self, kind: pb::client_op::Kind) {
+        let _ = self.ops.send(pb::ClientOp { kind: Some(kind) });
+    }
+
+    /// A new handle for `key`; `true` if this client did not hold the key before.
+    fn new_ref(self: &Arc<Self>, key: &str) -> (Arc<FutureRef>, bool) {
+        let mut keys = self.table.keys.lock();
+        let (state, fresh) = match keys.get_mut(key) {
+            Some((n, s)) => {
+                *n += 1;
+                (s.clone(), false)
+            }
+            None => {
+                let s = KeyState::new();
+                if let Some(why) = self.disconnected.lock().clone() {
+                    s.set(Status::Disconnected(why));
+                }
+                keys.insert(Arc::from(key), (1, s.clone()));
+                (s, true)
+            }
+        };
+        (Arc::new(FutureRef { key: Arc::from(key), state, client: self.clone() }), fresh)
+    }
+
+    pub(crate) fn release_ref(&self, key: &str) {
+        let mut keys = self.table.keys.lock();
+        if let Some((n, _)) = keys.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                keys.remove(key);
+                drop(keys);
+                self.send(pb::client_op::Kind::Release(pb::KeyList { keys: vec![key.to_string()] }));
+            }
+        }
+    }
+
+    pub(crate) fn cancel(&self, keys: &[Arc<str>]) {
+        for k in keys {
+            if let Some(s) = self.table.get(k) {
+                s.set(Status::Cancelled);
+            }
+        }
+        self.send(pb::client_op::Kind::Cancel(pb::KeyList { keys: keys.iter().map(|k| k.to_string()).collect() }));
+    }
+
+    fn data_client(&self, worker: &str) -> Result<WorkerDataClient<Channel>> {
+        let mut peers = self.peers.lock();
+        if let Some(c) = peers.get(worker) {
+            return Ok(c.clone());
+        }
+        let addr = Address::parse(worker, None)?;
+        let c = data::data_client(&addr).map_err(|e| Error::Fetch {
+            key: String::new(),
+            workers: vec![worker.to_string()],
+            why: e.to_string(),
+        })?;
+        peers.insert(worker.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Fetches the values of finished keys from the workers that hold them, one request per
+    /// worker, all workers at once.
+    pub(crate) async fn fetch(&self, wanted: Vec<(Arc<str>, Vec<String>)>) -> Result<FxHashMap<Arc<str>, Value>> {
+        let mut out: FxHashMap<Arc<str>, Value> = FxHashMap::default();
+        let mut pending = wanted;
+        let mut attempt = 0;
+        while !pending.is_empty() {
+            let mut by_worker: HashMap<String, Vec<Arc<str>>> = HashMap::new();
+            let mut exhausted = Vec::new();
+            for (key, workers) in &pending {
+                match workers.get(attempt) {
+                    Some(w) => by_worker.entry(w.clone()).or_default().push(key.clone()),
+                    None => exhausted.push((key.clone(), workers.clone())),
+                }
+            }
+            if let Some((key, workers)) = exhausted.into_iter().next() {
+                return Err(Error::Fetch {
+                    key: key.to_string(),
+                    workers,
+                    why: "no worker that held it could give it".into(),
+                });
+            }
+            let requests = by_worker.into_iter().map(|(worker, keys)| async move {
+                let r = match self.data_client(&worker) {
+                    Ok(mut c) => data::get_data(&mut c, keys.iter().map(|k| k.to_string()).collect()).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                (worker, keys, r)
+            });
+            for (worker, keys, r) in join_all(requests).await {
+                match r {
+                    Ok(values) => {
+                        for (k, v) in values {
+                            if let Some(v) = v {
+                                out.insert(Arc::from(k), v);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(%worker, error = %e, "fetching from a worker failed; trying other holders");
+                        self.peers.lock().remove(&worker);
+                        let _ = keys;
+                    }
+                }
+            }
+            pending.retain(|(k, _)| !out.contains_key(k));
+            attempt += 1;
+        }
+        Ok(out)
+    }
+
+    /// The value of a done key, or the error its status means.
+    pub(crate) async fn value_of<T: DeserializeOwned>(&self, key: &Arc<str>, status: Status) -> Result<T> {
+        let workers = status_to_result(key, status)?;
+        let mut values = self.fetch(vec![(key.clone(), workers)]).await?;
+        let v = values.remove(key).expect("fetch returns every key or fails");
+        Ok(decode(v.codec, &v.data)?)
+    }
+
+    fn unique_key(&self, prefix: &str) -> String {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let a = self.random.hash_one((n, std::process::id()));
+        let b = self.random.hash_one((a, n, "dask"));
+        format!("{prefix}-{a:016x}{b:016x}")
+    }
+}
+
+/// `Ok(holders)` for a finished key, else the error its status stands for.
+pub(crate) fn status_to_result(key: &str, status: Status) -> Result<Vec<String>> {
+    match status {
+        Status::Finished { workers } => Ok(workers),
+        Status::Error(e) => Err(Error::Task((*e).clone())),
+        Status::Cancelled => Err(Error::Cancelled { key: key.to_string() }),
+        Status::Lost(why) => Err(Error::Lost { key: key.to_string(), why }),
+        Status::Disconnected(why) => Err(Error::SchedulerLost(why)),
+        Status::Pending => unreachable!("value of a pending key"),
+    }
+}
+
+impl Drop for ClientInner {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(rt) = self.runtime.lock().take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// A connection to a dask-rs scheduler. Cheap to clone; the connection closes when the last
+/// clone is dropped (or on [`close`](Client::close)).
+#[derive(Clone)]
+pub struct Client {
+    pub(crate) inner: Arc<ClientInner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<Client: scheduler={}>", self.inner.address)
+    }
+}
+
+/// Default time allowed to reach a scheduler (dask: `distributed.comm.timeouts.connect`, 30 s).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Client {
+    /// Starts a [`LocalCluster`] with default settings and connects to it.
+    pub fn new() -> Result<Client> {
+        let cluster = LocalCluster::builder().build()?;
+        let client = Client::connect(&cluster.scheduler_address())?;
+        *client.inner.cluster.lock() = Some(cluster);
+        Ok(client)
+    }
+
+    /// Connects to the scheduler at `address` (`tcp://host:port`), blocking.
+    pub fn connect(address: &str) -> Result<Client> {
+        Client::connect_with_timeout(address, CONNECT_TIMEOUT)
+    }
+
+    /// Connects, giving up with a clear error after `timeout`.
+    pub fn connect_with_timeout(address: &str, timeout: Duration) -> Result<Client> {
+        let addr = Address::parse(address, Some(dask_protocol::DEFAULT_SCHEDULER_PORT))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("dask-client-io")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::InvalidArgument(format!("failed to start the client's runtime: {e}")))?;
+        let handle = rt.handle().clone();
+        let client = handle.block_on(connect_inner(addr, timeout, handle.clone()))?;
+        *client.inner.runtime.lock() = Some(rt);
+        Ok(client)
+    }
+
+    /// Connects to the scheduler named in a scheduler file (`dask-scheduler --scheduler-file`).
+    pub fn from_scheduler_file(path: impl AsRef<std::path::Path>) -> Result<Client> {
+        Client::connect(&read_scheduler_file(path.as_ref())?)
+    }
+
+    /// Connects from async code, on the current tokio runtime (multi-thread flavour).
+    pub async fn connect_async(address: &str) -> Result<Client> {
+        let addr = Address::parse(address, Some(dask_protocol::DEFAULT_SCHEDULER_PORT))?;
+        connect_inner(addr, CONNECT_TIMEOUT, tokio::runtime::Handle::current()).await
+    }
+
+    /// The scheduler's address.
+    pub fn scheduler_address(&self) -> String {
+        self.inner.address.to_string()
+    }
+
+    // ------------------------------------------------------------------ submitting work
+
+    /// Runs `f(args...)` on the cluster. Returns at once.
+    pub fn submit<T: Task, A: IntoArgs<T::Args>>(&self, f: T, args: A) -> Result<Future<T::Output>> {
+        self.submit_with(f, args, SubmitOptions::default())
+    }
+
+    /// [`submit`](Self::submit) with dask's options (key, pure, workers, retries, priority).
+    pub fn submit_with<T: Task, A: IntoArgs<T::Args>>(&self, _f: T, args: A, opts: SubmitOptions) -> Result<Future<T::Output>> {
+        self.check_open()?;
+        let mut deps = Vec::new();
+        let arg = args.into_args(&mut deps)?;
+        let def = self.task_def::<T>(arg, deps, opts.key.clone(), opts.pure, &opts)?;
+        let (r, _) = self.inner.new_ref(&def.key);
+        let key = def.key.clone();
+        self.inner.send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph { tasks: vec![def], wants: vec![key] }));
+        Ok(Future::from_ref(r))
+    }
+
+    fn task_def<T: Task>(&self, arg: pb::Arg, deps: Vec<String>, key: Option<String>, pure: bool, opts: &SubmitOptions) -> Result<pb::TaskDef> {
+        let spec = pb::TaskSpec { function: T::NAME.to_string(), args: Some(arg) }.encode_to_vec();
+        let key = match key {
+            Some(k) if k.is_empty() => return Err(Error::InvalidArgument("a key must not be empty".into())),
+            Some(k) => k,
+            None if pure => {
+                let mut t = Tokenizer::default();
+                t.field(&spec);
+                format!("{}-{}", T::NAME, t.hex())
+            }
+            None => self.inner.unique_key(T::NAME),
+        };
+        Ok(pb::TaskDef {
+            key,
+            spec: Bytes::from(spec),
+            dependencies: deps,
+            priority: opts.priority,
+            retries: opts.retries,
+            workers: opts.workers.clone(),
+            allow_other_workers: opts.allow_other_workers,
+        })
+    }
+
+    /// Runs a one-parameter function over each item: `client.map(inc, 0..100)`.
+    pub fn map<T, I, X>(&self, f: T, items: I) -> Result<Vec<Future<T::Output>>>
+    where
+        T: Task,
+        T::Args: OneArg,
+        (X,): IntoArgs<T::Args>,
+        I: IntoIterator<Item = X>,
+    {
+        self.map_args(f, items.into_iter().map(|x| (x,)))
+    }
+
+    /// Runs a function over each tuple of arguments: `client.map_args(add, xs.zip(ys))`
+    /// (dask's `map(add, xs, ys)`).
+    pub fn map_args<T, I, A>(&self, f: T, items: I) -> Result<Vec<Future<T::Output>>>
+    where
+        T: Task,
+        A: IntoArgs<T::Args>,
+        I: IntoIterator<Item = A>,
+    {
+        self.map_with(f, items, SubmitOptions::default(), None)
+    }
+
+    /// `map_args` with options; `keys` (when given) names each task; otherwise `opts.key`, if set,
+    /// is a prefix (`prefix-<token>`).
+    pub fn map_with<T, I, A>(&self, _f: T, items: I, opts: SubmitOptions, keys: Option<Vec<String>>) -> Result<Vec<Future<T::Output>>>
+    where
+        T: Task,
+        A: IntoArgs<T::Args>,
+        I: IntoIterator<Item = A>,
+    {
+        self.check_open()?;
+        const BATCH: usize = 10_000;
+        let mut futures = Vec::new();
+        let mut tasks = Vec::new();
+        let mut wants = Vec::new();
+        let mut keys = keys.map(|k| k.into_iter());
+        for args in items {
+            let mut deps = Vec::new();
+            let arg = args.into_args(&mut deps)?;
+            let key = match &mut keys {
+                Some(k) => Some(k.next().ok_or_else(|| Error::InvalidArgument("fewer keys than items".into()))?),
+                None => None,
+            };
+            let mut def = self.task_def::<T>(arg, deps, key.clone(), opts.pure, &opts)?;
+            if let (None, Some(prefix)) = (&key, &opts.key) {
+                let token = def.key.rsplit('-').next().unwrap_or_default().to_string();
+                def.key = format!("{prefix}-{token}");
+            }
+            let (r, fresh) = self.inner.new_ref(&def.key);
+            futures.push(Future::from_ref(r));
+            if fresh {
+                wants.push(def.key.clone());
+                tasks.push(def);
+            }
+            if tasks.len() >= BATCH {
+                self.inner.send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph {
+                    tasks: std::mem::take(&mut tasks),
+                    wants: std::mem::take(&mut wants),
+                }));
+            }
+        }
+        if !tasks.is_empty() {
+            self.inner.send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph { tasks, wants }));
+        }
+        Ok(futures)
+    }
+
+    /// Runs a whole graph and returns the value of `key`.
+    pub fn get<T: DeserializeOwned>(&self, graph: &Graph, key: &str) -> Result<T> {
+        let mut v = self.get_many::<T>(graph, &[key])?;
+        Ok(v.pop().expect("one key"))
+    }
+
+    /// Runs a whole graph and returns the values of `keys`, in order.
+    pub fn get_many<T: DeserializeOwned>(&self, graph: &Graph, keys: &[&str]) -> Result<Vec<T>> {
+        let futures = self.compute_graph::<T>(graph, keys)?;
+        self.gather(&futures)
+    }
+
+    /// Submits a graph and returns futures for `keys` (dask's `client.compute` of a graph).
+    pub fn compute_graph<T>(&self, graph: &Graph, keys: &[&str]) -> Result<Vec<Future<T>>> {
+        self.check_open()?;
+        for k in keys {
+            if !graph.contains(k) && self.inner.table.get(k).is_none() {
+                return Err(Error::InvalidArgument(format!("key {k:?} is not in the graph")));
+            }
+        }
+        let mut futures = Vec::with_capacity(keys.len());
+        let mut wants = Vec::new();
+        for k in keys {
+            let (r, _) = self.inner.new_ref(k);
+            futures.push(Future::from_ref(r));
+            wants.push(k.to_string());
+        }
+        let mut tasks = graph.task_defs();
+        // Send in batches; only the last carries the wants, so nothing is culled early.
+        while tasks.len() > 10_000 {
+            let rest = tasks.split_off(10_000);
+            let batch = std::mem::replace(&mut tasks, rest);
+            self.inner.send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph { tasks: batch, wants: wants.clone() }));
+        }
+        self.inner.send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph { tasks, wants }));
+        Ok(futures)
+    }
+
+    // ------------------------------------------------------------------ results
+
+    /// Waits for and returns the values: of a `Vec` of futures, of one future, or of nested
+    /// vectors and maps of futures. The first failed task's error is returned.
+    pub fn gather<G: Gatherable + ?Sized>(&self, what: &G) -> Result<G::Output> {
+        self.gather_with(what, Errors::Raise)
+    }
+
+    /// `gather` with `errors = skip`: failed, cancelled and lost futures are left out.
+    pub fn gather_with<G: Gatherable + ?Sized>(&self, what: &G, errors: Errors) -> Result<G::Output> {
+        self.inner.block_on(self.gather_async_with(what, errors))
+    }
+
+    pub async fn gather_async<G: Gatherable + ?Sized>(&self, what: &G) -> Result<G::Output> {
+        self.gather_async_with(what, Errors::Raise).await
+    }
+
+    pub async fn gather_async_with<G: Gatherable + ?Sized>(&self, what: &G, errors: Errors) -> Result<G::Output> {
+        let mut refs = Vec::new();
+        what.collect(&mut refs);
+        let mut wanted = Vec::new();
+        let mut failed = FxHashMap::default();
+        for r in &refs {
+            let status = Done(&r.state).await;
+            match status_to_result(&r.key, status) {
+                Ok(workers) => wanted.push((r.key.clone(), workers)),
+                Err(e) => {
+                    if errors == Errors::Raise {
+                        return Err(e);
+                    }
+                    failed.insert(r.key.clone(), ());
+                }
+            }
+        }
+        wanted.sort_by(|a, b| a.0.cmp(&b.0));
+        wanted.dedup_by(|a, b| a.0 == b.0);
+        let values = self.inner.fetch(wanted).await?;
+        let mut map = ValueMap { values, skip: errors == Errors::Skip };
+        what.build(&mut map)?.ok_or_else(|| Error::InvalidArgument("nothing to gather".into()))
+    }
+
+    /// Puts values on the workers and returns futures to them.
+    pub fn scatter<T: Serialize>(&self, values: Vec<T>) -> Result<Vec<Future<T>>> {
+        self.scatter_with(values, ScatterOptions::default())
+    }
+
+    /// Puts one value on the workers.
+    pub fn scatter_one<T: Serialize>(&self, value: T) -> Result<Future<T>> {
+        Ok(self.scatter(vec![value])?.pop().expect("one value"))
+    }
+
+    /// Puts each value of a map on the workers; the result maps the same keys to futures.
+    pub fn scatter_map<K: Eq + Hash + Clone, T: Serialize>(&self, values: HashMap<K, T>) -> Result<HashMap<K, Future<T>>> {
+        let (ks, vs): (Vec<K>, Vec<T>) = values.into_iter().unzip();
+        Ok(ks.into_iter().zip(self.scatter(vs)?).collect())
+    }
+
+    pub fn scatter_with<T: Serialize>(&self, values: Vec<T>, opts: ScatterOptions) -> Result<Vec<Future<T>>> {
+        self.inner.block_on(self.scatter_async_with(values, opts))
+    }
+
+    pub async fn scatter_async_with<T: Serialize>(&self, values: Vec<T>, opts: ScatterOptions) -> Result<Vec<Future<T>>> {
+        self.check_open()?;
+        let info = self.scheduler_info_async().await?;
+        let mut targets: Vec<String> = info
+            .workers
+            .iter()
+            .filter(|w| opts.workers.is_empty() || opts.workers.iter().any(|x| *x == w.address || *x == w.name))
+            .map(|w| w.address.clone())
+            .collect();
+        if targets.is_empty() {
+            return Err(Error::InvalidArgument(if opts.workers.is_empty() {
+                "no workers to scatter to: start some, or wait_for_workers first".into()
+            } else {
+                format!("none of the workers {:?} is connected", opts.workers)
+            }));
+        }
+        targets.sort();
+        let type_name = short_type_name::<T>();
+        let mut per_worker: HashMap<String, Vec<(String, Option<Value>)>> = HashMap::new();
+        let mut placed: Vec<pb::ScatteredKey> = Vec::with_capacity(values.len());
+        for (i, v) in values.iter().enumerate() {
+            let value = Value::encode(v)?;
+            let mut t = Tokenizer::default();
+            t.field(&value.data);
+            let key = format!("{type_name}-{}", t.hex());
+            let holders: Vec<String> = if opts.broadcast { targets.clone() } else { vec![targets[i % targets.len()].clone()] };
+            for w in &holders {
+                per_worker.entry(w.clone()).or_default().push((key.clone(), Some(value.clone())));
+            }
+            placed.push(pb::ScatteredKey { key, workers: holders, nbytes: value.data.len() as u64 });
+        }
+        let puts = per_worker.into_iter().map(|(worker, vals)| async move {
+            let mut c = self.inner.data_client(&worker)?;
+            let frames = data::frames(vals);
+            c.put_data(futures_util::stream::iter(frames)).await.map_err(|s| Error::Fetch {
+                key: String::new(),
+                workers: vec![worker.clone()],
+                why: format!("failed to put data: {}", s.message()),
+            })?;
+            Ok::<_, Error>(())
+        });
+        for r in join_all(puts).await {
+            r?;
+        }
+        let futures = placed.iter().map(|p| Future::from_ref(self.inner.new_ref(&p.key).0)).collect();
+        self.inner.send(pb::client_op::Kind::Scattered(pb::Scattered { keys: placed }));
+        Ok(futures)
+    }
+
+    /// Cancels these futures.
+    pub fn cancel<T>(&self, futures: &[Future<T>]) {
+        let keys: Vec<Arc<str>> = futures.iter().map(|f| f.inner.key.clone()).collect();
+        self.inner.cancel(&keys);
+    }
+
+    /// Lets the task run to completion even though nobody holds its future (dask's
+    /// `fire_and_forget`): the scheduler keeps wanting it on behalf of a detached holder.
+    pub fn fire_and_forget<T>(&self, future: Future<T>) {
+        // A detached reference: never dropped, so never released while the client lives.
+        std::mem::forget(future.inner.clone());
+        drop(future);
+    }
+
+    // ------------------------------------------------------------------ queries
+
+    pub fn scheduler_info(&self) -> Result<pb::SchedulerInfo> {
+        self.inner.block_on(self.scheduler_info_async())
+    }
+
+    pub async fn scheduler_info_async(&self) -> Result<pb::SchedulerInfo> {
+        Ok(self.inner.scheduler.clone().info(pb::Empty {}).await?.into_inner())
+    }
+
+    /// Worker addresses holding each future's key.
+    pub fn who_has<T>(&self, futures: &[Future<T>]) -> Result<HashMap<String, Vec<String>>> {
+        let keys = futures.iter().map(|f| f.key().to_string()).collect();
+        let reply = self.inner.block_on(self.inner.scheduler.clone().who_has(pb::KeysRequest { keys }))?.into_inner();
+        Ok(reply.entries.into_iter().map(|e| (e.key, e.workers)).collect())
+    }
+
+    /// Keys held by each worker.
+    pub fn has_what(&self) -> Result<HashMap<String, Vec<String>>> {
+        let reply = self.inner.block_on(self.inner.scheduler.clone().has_what(pb::Empty {}))?.into_inner();
+        Ok(reply.entries.into_iter().map(|e| (e.worker, e.keys)).collect())
+    }
+
+    /// Threads of each worker.
+    pub fn nthreads(&self) -> Result<HashMap<String, u32>> {
+        Ok(self.scheduler_info()?.workers.into_iter().map(|w| (w.address, w.nthreads)).collect())
+    }
+
+    /// Blocks until at least `n` workers are connected, or `timeout` passes.
+    pub fn wait_for_workers(&self, n: usize, timeout: Option<Duration>) -> Result<()> {
+        self.inner.block_on(self.wait_for_workers_async(n, timeout))
+    }
+
+    pub async fn wait_for_workers_async(&self, n: usize, timeout: Option<Duration>) -> Result<()> {
+        let req = pb::WaitForWorkersRequest { n: n as u32, timeout_s: timeout.map_or(0.0, |t| t.as_secs_f64()) };
+        match self.inner.scheduler.clone().wait_for_workers(req).await {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::DeadlineExceeded => {
+                Err(Error::Timeout { what: format!("{n} workers"), after: timeout.unwrap_or_default() })
+            }
+            Err(s) => Err(s.into()),
+        }
+    }
+
+    /// Writes dask's scheduler file (JSON with the scheduler's address) for other clients.
+    pub fn write_scheduler_file(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        let json = serde_json::json!({ "type": "Scheduler", "address": self.inner.address.to_string() });
+        std::fs::write(path.as_ref(), serde_json::to_vec_pretty(&json).expect("json"))
+            .map_err(|e| Error::InvalidArgument(format!("failed to write {}: {e}", path.as_ref().display())))
+    }
+
+    /// Closes the connection (the scheduler releases everything this client wanted) and the
+    /// local cluster it started, if any. Futures of a closed client fail with `SchedulerLost`.
+    pub fn close(&self) {
+        if self.inner.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.inner.shutdown.cancel();
+        self.inner.table.disconnect_all("the client was closed");
+        if let Some(cluster) = self.inner.cluster.lock().take() {
+            cluster.close();
+        }
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        if let Some(why) = self.inner.disconnected.lock().clone() {
+            return Err(Error::SchedulerLost(why));
+        }
+        Ok(())
+    }
+
+    /// A future for a key this or another client computed (dask's `Future(key)`).
+    pub fn future_of<T>(&self, key: &str) -> Future<T> {
+        let (r, fresh) = self.inner.new_ref(key);
+        if fresh {
+            self.inner.send(pb::client_op::Kind::Want(pb::KeyList { keys: vec![key.to_string()] }));
+        }
+        Future::from_ref(r)
+    }
+
+    /// Wraps a value usable as an argument, for generic code: `client.literal(5)`.
+    pub fn literal<T: Serialize>(value: T) -> impl IntoArg<T> {
+        value
+    }
+}
+
+fn short_type_name<T>() -> String {
+    let full = std::any::type_name::<T>();
+    let base = full.split('<').next().unwrap_or(full);
+    base.rsplit("::").next().unwrap_or(base).to_string()
+}
+
+pub(crate) fn read_scheduler_file(path: &std::path::Path) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::InvalidArgument(format!("failed to read scheduler file {}: {e}", path.display())))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::InvalidArgument(format!("failed to parse scheduler file {}: {e}", path.display())))?;
+    v["address"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| Error::InvalidArgument(format!("scheduler file {} has no \"address\"", path.display())))
+}
+
+async fn connect_inner(addr: Address, timeout: Duration, handle: tokio::runtime::Handle) -> Result<Client> {
+    let started = Instant::now();
+    let connect_err = |why: String| Error::Connect { address: addr.to_string(), timeout, why };
+    let endpoint = tonic::transport::Endpoint::from_shared(addr.endpoint())
+        .map_err(|e| connect_err(e.to_string()))?
+        .tcp_nodelay(true)
+        .connect_timeout(timeout)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let mut delay = Duration::from_millis(20);
+    let channel = loop {
+        match tokio::time::timeout(timeout.saturating_sub(started.elapsed()), endpoint.connect()).await {
+            Ok(Ok(ch)) => break ch,
+            Ok(Err(e)) if started.elapsed() + delay < timeout => {
+                tracing::debug!(error = %dask_worker::server::error_chain(&e), "scheduler not reachable yet");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_millis(500));
+            }
+            Ok(Err(e)) => return Err(connect_err(dask_worker::server::error_chain(&e))),
+            Err(_) => return Err(connect_err("timed out".into())),
+        }
+    };
+    let mut scheduler = SchedulerClient::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
+    let (stream_tx, stream_rx) = mpsc::unbounded_channel::<pb::ClientToScheduler>();
+    let client_id = format!("Client-{:x}", std::collections::hash_map::RandomState::new().hash_one(std::process::id()));
+    let _ = stream_tx.send(pb::ClientToScheduler {
+        ops: vec![pb::ClientOp { kind: Some(pb::client_op::Kind::Hello(pb::ClientHello { client_id })) }],
+    });
+    let remaining = timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(100));
+    let inbound = match tokio::time::timeout(remaining, scheduler.client_stream(UnboundedReceiverStream::new(stream_rx))).await {
+        Ok(Ok(r)) => r.into_inner(),
+        Ok(Err(s)) => return Err(connect_err(s.message().to_string())),
+        Err(_) => return Err(connect_err("the scheduler did not answer".into())),
+    };
+    let (ops_tx, ops_rx) = mpsc::unbounded_channel();
+    let shutdown = CancellationToken::new();
+    let table = Arc::new(KeyTable::default());
+    let disconnected = Arc::new(Mutex::new(None));
+    handle.spawn(writer(ops_rx, stream_tx, shutdown.clone()));
+    handle.spawn(reader(inbound, table.clone(), disconnected.clone(), shutdown.clone()));
+    let inner = Arc::new(ClientInner {
+        address: addr,
+        runtime: Mutex::new(None),
+        handle,
+        ops: ops_tx,
+        table,
+        scheduler,
+        peers: Mutex::new(FxHashMap::default()),
+        disconnected,
+        closed: AtomicBool::new(false),
+        shutdown,
+        cluster: Mutex::new(None),
+        counter: AtomicU64::new(0),
+        random: std::collections::hash_map::RandomState::new(),
+    });
+    Ok(Client { inner })
+}
+
+/// Sends everything queued as one message, as often as the stream takes it.
+async fn writer(
+    mut ops: mpsc::UnboundedReceiver<pb::ClientOp>,
+    stream: mpsc::UnboundedSender<pb::ClientToScheduler>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            op = ops.recv() => op,
+        };
+        let Some(first) = first else { break };
+        let mut batch = vec![first];
+        while batch.len() < 100_000 {
+            match ops.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        if stream.send(pb::ClientToScheduler { ops: batch }).is_err() {
+            break;
+        }
+    }
+    // Dropping `stream` ends the client stream: the scheduler releases our keys.
+}
+
+async fn reader(
+    mut inbound: tonic::Streaming<pb::SchedulerToClient>,
+    table: Arc<KeyTable>,
+    disconnected: Arc<Mutex<Option<String>>>,
+    shutdown: CancellationToken,
+) {
+    let why = loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            m = inbound.message() => m,
+        };
+        match msg {
+            Ok(Some(batch)) => {
+                for r in batch.reports {
+                    table.apply(r);
+                }
+            }
+            Ok(None) => break "the scheduler closed the connection".to_string(),
+            Err(s) => break format!("{} ({})", s.message(), s.code()),
+        }
+    };
+    tracing::warn!(reason = %why, "lost the scheduler");
+    *disconnected.lock() = Some(why.clone());
+    table.disconnect_all(&why);
+}

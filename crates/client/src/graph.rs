@@ -1,0 +1,79 @@
+//! Task graphs for `client.get`: a map from key to task, where arguments may reference other
+//! keys of the graph (or keys of futures the client holds).
+use std::marker::PhantomData;
+
+use bytes::Bytes;
+use dask_protocol::pb;
+use dask_protocol::task::Task;
+use prost::Message;
+
+use crate::args::IntoArgs;
+use crate::Result;
+
+/// A typed reference to a key, usable as an argument: `graph.add("y", inc, (Ref::<i64>::new("x"),))`.
+pub struct Ref<T> {
+    pub(crate) key: String,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T> Ref<T> {
+    pub fn new(key: impl Into<String>) -> Self {
+        Ref { key: key.into(), _t: PhantomData }
+    }
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+impl<T> Clone for Ref<T> {
+    fn clone(&self) -> Self {
+        Ref::new(self.key.clone())
+    }
+}
+
+/// A graph of tasks, in the order added.
+#[derive(Default, Clone)]
+pub struct Graph {
+    tasks: Vec<pb::TaskDef>,
+    index: rustc_hash::FxHashMap<String, usize>,
+}
+
+impl Graph {
+    pub fn new() -> Self {
+        Graph::default()
+    }
+
+    /// Adds `key = f(args...)` and returns a typed reference to it. Adding a key twice
+    /// replaces the first definition.
+    pub fn add<T: Task, A: IntoArgs<T::Args>>(&mut self, key: impl Into<String>, _f: T, args: A) -> Result<Ref<T::Output>> {
+        let key = key.into();
+        let mut deps = Vec::new();
+        let arg = args.into_args(&mut deps)?;
+        let spec = pb::TaskSpec { function: T::NAME.to_string(), args: Some(arg) }.encode_to_vec();
+        let def = pb::TaskDef { key: key.clone(), spec: Bytes::from(spec), dependencies: deps, ..Default::default() };
+        match self.index.get(&key) {
+            Some(&i) => self.tasks[i] = def,
+            None => {
+                self.index.insert(key.clone(), self.tasks.len());
+                self.tasks.push(def);
+            }
+        }
+        Ok(Ref::new(key))
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.index.contains_key(key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    pub(crate) fn task_defs(&self) -> Vec<pb::TaskDef> {
+        self.tasks.clone()
+    }
+}

@@ -1,0 +1,29 @@
+//! The dask-rs client: the dask.distributed API in Rust.
+//!
+//! * [`Client`]: connect (or start a [`LocalCluster`]), `submit`, `map`, `gather`, `scatter`,
+//!   `get` of a [`Graph`], queries.
+//! * [`Future`]: a remote result; `result()`, `.await`, `status()`, `cancel()`; dropping the
+//!   last handle releases the key on the cluster.
+//! * [`wait`], [`as_completed`]: waiting on many futures.
+//!
+//! See `docs/client.md`.
+mod args;
+mod client;
+mod cluster;
+mod error;
+mod future;
+mod gather;
+mod graph;
+mod wait;
+
+pub use args::{IntoArg, IntoArgs, OneArg};
+pub use client::{Client, ScatterOptions, SubmitOptions, CONNECT_TIMEOUT};
+pub use cluster::{LocalCluster, LocalClusterBuilder};
+pub use error::{Error, Result, TaskFailure};
+pub use future::{Future, FutureStatus};
+pub use gather::{Errors, Gatherable};
+pub use graph::{Graph, Ref};
+pub use wait::{as_completed, wait, AsCompleted, ReturnWhen, WaitResult};
+
+/// Scheduler and worker descriptions returned by `scheduler_info`.
+pub use dask_protocol::pb::{SchedulerInfo, WorkerInfo};

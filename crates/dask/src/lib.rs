@@ -1,0 +1,30 @@
+//! dask-rs: the dask.distributed model in Rust.
+//!
+//! ```no_run
+//! use dask::Client;
+//!
+//! #[dask::task]
+//! fn inc(x: i64) -> i64 { x + 1 }
+//!
+//! fn main() -> dask::Result<()> {
+//!     let client = Client::new()?;                 // a LocalCluster on this machine
+//!     let a = client.submit(inc, (1,))?;           // Future<i64>, returns at once
+//!     let many = client.map(inc, 0..100)?;        // Vec<Future<i64>>
+//!     assert_eq!(a.result()?, 2);
+//!     let all: Vec<i64> = client.gather(&many)?;
+//!     assert_eq!(all[99], 100);
+//!     Ok(())
+//! }
+//! ```
+//!
+//! A worker binary that knows your own functions is `fn main() -> ExitCode { dask::worker_main() }`
+//! in a crate that defines them.
+pub use dask_client::*;
+pub use dask_macros::task;
+pub use dask_worker::worker_main;
+
+/// Built-in task functions of the stock `dask-worker` (`inc`, `add`, `sum`, `slowinc`, ...).
+pub use dask_worker::builtins;
+
+#[doc(hidden)]
+pub use dask_protocol::__private;

@@ -1,0 +1,19 @@
+//! The dask-rs worker.
+//!
+//! * [`state`]: the pure state machine (events in, instructions out).
+//! * [`executor`]: the thread pool tasks run on.
+//! * [`server`]: the shell: scheduler stream, data service, fetches from peers.
+//! * [`builtins`]: task functions every stock `dask-worker` has.
+//! * [`cli`]: the `dask-worker` command line, as a library function so a user's own worker
+//!   binary (with their own `#[dask::task]` functions) is one line: `dask::worker_main()`.
+//!
+//! See `docs/worker.md`.
+pub mod builtins;
+pub mod cli;
+pub mod executor;
+pub mod memory;
+pub mod server;
+pub mod state;
+
+pub use cli::worker_main;
+pub use server::{start, WorkerConfig, WorkerError, WorkerHandle};

@@ -1,0 +1,390 @@
+//! The worker's shell: connects to the scheduler, serves its values to peers and clients,
+//! runs tasks on the thread pool, and feeds every outcome back into [`WorkerState`].
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use dask_protocol::addr::Address;
+use dask_protocol::codec::Value;
+use dask_protocol::data;
+use dask_protocol::pb::{self, scheduler_client::SchedulerClient, worker_data_server::WorkerDataServer};
+use parking_lot::Mutex;
+use rustc_hash::FxHashMap;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::executor::Executor;
+use crate::state::{ComputeRequest, Event, Instruction, Key, WorkerState};
+
+mod data_service;
+
+/// Values held by this worker, shared by the event loop, the executor threads and the data
+/// service.
+pub type Store = Arc<DashMap<Key, Value>>;
+
+/// How to run one worker.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub scheduler: Address,
+    pub nthreads: usize,
+    /// Unique name; defaults to the worker's address.
+    pub name: Option<String>,
+    /// Bytes; 0 = no limit. Reported now, enforced with the nanny.
+    pub memory_limit: u64,
+    /// Host the data service binds and advertises.
+    pub host: String,
+    /// 0 = any free port.
+    pub port: u16,
+    pub local_directory: String,
+    /// Give up if the scheduler cannot be reached for this long (None: keep trying).
+    pub death_timeout: Option<Duration>,
+    pub heartbeat: Duration,
+}
+
+impl WorkerConfig {
+    pub fn new(scheduler: Address) -> Self {
+        WorkerConfig {
+            scheduler,
+            nthreads: 1,
+            name: None,
+            memory_limit: 0,
+            host: "127.0.0.1".into(),
+            port: 0,
+            local_directory: std::env::temp_dir().display().to_string(),
+            death_timeout: None,
+            heartbeat: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("failed to bind the worker's data service on {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to reach the scheduler at {addr} within {waited:?}: {why}; is dask-scheduler running there?")]
+    SchedulerUnreachable { addr: String, waited: Duration, why: String },
+    #[error("the scheduler refused this worker: {0}")]
+    Refused(String),
+    #[error("the connection to the scheduler was lost: {0}")]
+    SchedulerLost(String),
+}
+
+/// A running worker, as seen by whoever started it.
+#[derive(Clone, Debug)]
+pub struct WorkerHandle {
+    pub address: Address,
+    pub name: String,
+    shutdown: CancellationToken,
+}
+
+impl WorkerHandle {
+    pub fn close(&self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Binds the data service and starts the worker; returns once it is registered with the
+/// scheduler, with a future that runs it to the end.
+pub async fn start(
+    config: WorkerConfig,
+    shutdown: CancellationToken,
+) -> Result<(WorkerHandle, impl std::future::Future<Output = Result<(), WorkerError>>), WorkerError> {
+    let bind = format!("{}:{}", config.host, config.port);
+    let listener = TcpListener::bind(&bind).await.map_err(|source| WorkerError::Bind { addr: bind.clone(), source })?;
+    let local = listener.local_addr().map_err(|source| WorkerError::Bind { addr: bind, source })?;
+    let address = Address { host: config.host.clone(), port: local.port() };
+    let name = config.name.clone().unwrap_or_else(|| address.to_string());
+    let store: Store = Arc::new(DashMap::new());
+    let (events_tx, events_rx) = mpsc::unbounded_channel::<Event>();
+
+    // The data service.
+    let service = data_service::DataService { store: store.clone(), events: events_tx.clone() };
+    let svc = WorkerDataServer::new(service)
+        .max_decoding_message_size(dask_protocol::MAX_MESSAGE)
+        .max_encoding_message_size(dask_protocol::MAX_MESSAGE);
+    let server_shutdown = shutdown.clone();
+    let incoming = TcpListenerStream::new(listener);
+    let server = tokio::spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming, server_shutdown.cancelled_owned())
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "data service stopped");
+        }
+    });
+
+    // Register with the scheduler.
+    let channel = connect_scheduler(&config).await?;
+    let mut client = SchedulerClient::new(channel)
+        .max_decoding_message_size(dask_protocol::MAX_MESSAGE)
+        .max_encoding_message_size(dask_protocol::MAX_MESSAGE);
+    let (out_tx, out_rx) = mpsc::unbounded_channel::<pb::WorkerToScheduler>();
+    let register = pb::WorkerRegister {
+        name: name.clone(),
+        address: address.to_string(),
+        nthreads: config.nthreads as u32,
+        memory_limit: config.memory_limit,
+        local_directory: config.local_directory.clone(),
+        pid: std::process::id(),
+        host: config.host.clone(),
+    };
+    let _ = out_tx.send(pb::WorkerToScheduler {
+        events: vec![pb::WorkerEvent { kind: Some(pb::worker_event::Kind::Register(register)) }],
+    });
+    let mut inbound = client
+        .worker_stream(UnboundedReceiverStream::new(out_rx))
+        .await
+        .map_err(|s| WorkerError::SchedulerUnreachable {
+            addr: config.scheduler.to_string(),
+            waited: Duration::ZERO,
+            why: s.message().to_string(),
+        })?
+        .into_inner();
+    let first = inbound.message().await.map_err(|s| WorkerError::SchedulerLost(s.message().to_string()))?;
+    let heartbeat = match first.and_then(|b| b.commands.into_iter().next()).and_then(|c| c.kind) {
+        Some(pb::scheduler_command::Kind::Registered(r)) => {
+            Duration::from_secs_f64(r.heartbeat_interval_s.max(0.05)).min(config.heartbeat)
+        }
+        Some(pb::scheduler_command::Kind::Close(c)) => return Err(WorkerError::Refused(c.reason)),
+        _ => return Err(WorkerError::Refused("no registration reply".into())),
+    };
+    tracing::info!(address = %address, name = %name, nthreads = config.nthreads, scheduler = %config.scheduler, "worker registered");
+
+    let handle = WorkerHandle { address: address.clone(), name, shutdown: shutdown.clone() };
+    let run = async move {
+        let executor = Executor::new(config.nthreads, store.clone(), events_tx.clone(), address.to_string());
+        let mut lp = Loop {
+            state: WorkerState::new(config.nthreads),
+            store,
+            executor,
+            events_tx,
+            out_tx,
+            peers: Arc::new(Mutex::new(FxHashMap::default())),
+            outgoing: Vec::new(),
+            instructions: Vec::new(),
+        };
+        let result = lp.run(&mut inbound, events_rx, heartbeat, shutdown.clone()).await;
+        shutdown.cancel();
+        lp.executor.shutdown();
+        let _ = server.await;
+        result
+    };
+    Ok((handle, run))
+}
+
+async fn connect_scheduler(config: &WorkerConfig) -> Result<Channel, WorkerError> {
+    let started = Instant::now();
+    let endpoint = tonic::transport::Endpoint::from_shared(config.scheduler.endpoint())
+        .map_err(|e| WorkerError::SchedulerUnreachable {
+            addr: config.scheduler.to_string(),
+            waited: Duration::ZERO,
+            why: e.to_string(),
+        })?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5));
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match endpoint.connect().await {
+            Ok(ch) => return Ok(ch),
+            Err(e) => {
+                let waited = started.elapsed();
+                if config.death_timeout.is_some_and(|t| waited >= t) {
+                    return Err(WorkerError::SchedulerUnreachable {
+                        addr: config.scheduler.to_string(),
+                        waited,
+                        why: error_chain(&e),
+                    });
+                }
+                tracing::warn!(scheduler = %config.scheduler, error = %error_chain(&e), "scheduler not reachable yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// `e` and its sources, joined: tonic's top-level transport errors say little.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+struct Loop {
+    state: WorkerState,
+    store: Store,
+    executor: Executor,
+    events_tx: mpsc::UnboundedSender<Event>,
+    out_tx: mpsc::UnboundedSender<pb::WorkerToScheduler>,
+    peers: Arc<Mutex<FxHashMap<Arc<str>, pb::worker_data_client::WorkerDataClient<Channel>>>>,
+    outgoing: Vec<pb::WorkerEvent>,
+    instructions: Vec<Instruction>,
+}
+
+impl Loop {
+    async fn run(
+        &mut self,
+        inbound: &mut tonic::Streaming<pb::SchedulerToWorker>,
+        mut events: mpsc::UnboundedReceiver<Event>,
+        heartbeat: Duration,
+        shutdown: CancellationToken,
+    ) -> Result<(), WorkerError> {
+        let mut ticker = tokio::time::interval(heartbeat);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(()),
+                msg = inbound.message() => match msg {
+                    Ok(Some(batch)) => {
+                        for cmd in batch.commands {
+                            if let Some(closed) = self.on_command(cmd) {
+                                tracing::info!(reason = %closed, "scheduler asked this worker to close");
+                                return Ok(());
+                            }
+                        }
+                    }
+                    Ok(None) => return Err(WorkerError::SchedulerLost("the scheduler closed the stream".into())),
+                    Err(s) => return Err(WorkerError::SchedulerLost(s.message().to_string())),
+                },
+                Some(ev) = events.recv() => {
+                    self.state.handle(ev, &mut self.instructions);
+                    // Take whatever else is ready: one batch out per wake-up.
+                    for _ in 0..4096 {
+                        match events.try_recv() {
+                            Ok(ev) => self.state.handle(ev, &mut self.instructions),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = ticker.tick() => {
+                    let memory: u64 = self.store.iter().map(|e| e.value().data.len() as u64).sum();
+                    self.outgoing.push(pb::WorkerEvent { kind: Some(pb::worker_event::Kind::Heartbeat(pb::Heartbeat {
+                        memory,
+                        executing: self.state.executing() as u32,
+                        in_memory: self.state.in_memory() as u32,
+                    }))});
+                }
+            }
+            self.apply();
+            if !self.outgoing.is_empty() {
+                let events = std::mem::take(&mut self.outgoing);
+                if self.out_tx.send(pb::WorkerToScheduler { events }).is_err() {
+                    return Err(WorkerError::SchedulerLost("the outgoing stream closed".into()));
+                }
+            }
+        }
+    }
+
+    /// Returns `Some(reason)` when the scheduler asks us to close.
+    fn on_command(&mut self, cmd: pb::SchedulerCommand) -> Option<String> {
+        match cmd.kind? {
+            pb::scheduler_command::Kind::Compute(c) => {
+                let req = ComputeRequest {
+                    key: Arc::from(c.key),
+                    spec: c.spec,
+                    deps: c
+                        .dependencies
+                        .into_iter()
+                        .map(|d| (Arc::from(d.key), d.workers.into_iter().map(Arc::from).collect()))
+                        .collect(),
+                    priority: c.priority,
+                };
+                self.state.handle(Event::Compute(req), &mut self.instructions);
+            }
+            pb::scheduler_command::Kind::Free(f) => {
+                for k in f.keys {
+                    self.state.handle(Event::Free(Arc::from(k)), &mut self.instructions);
+                }
+            }
+            pb::scheduler_command::Kind::Close(c) => return Some(c.reason),
+            pb::scheduler_command::Kind::Registered(_) => {}
+        }
+        None
+    }
+
+    fn apply(&mut self) {
+        for ins in self.instructions.drain(..) {
+            match ins {
+                Instruction::Execute { key, spec } => self.executor.submit(key, spec),
+                Instruction::Drop(key) => {
+                    self.store.remove(&key);
+                }
+                Instruction::Send(kind) => self.outgoing.push(pb::WorkerEvent { kind: Some(kind) }),
+                Instruction::Fetch { from, keys } => {
+                    let peers = self.peers.clone();
+                    let store = self.store.clone();
+                    let events = self.events_tx.clone();
+                    tokio::spawn(fetch(from, keys, peers, store, events));
+                }
+            }
+        }
+    }
+}
+
+async fn fetch(
+    from: Arc<str>,
+    keys: Vec<Key>,
+    peers: Arc<Mutex<FxHashMap<Arc<str>, pb::worker_data_client::WorkerDataClient<Channel>>>>,
+    store: Store,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    let client = {
+        let mut p = peers.lock();
+        match p.get(&from) {
+            Some(c) => Some(c.clone()),
+            None => Address::parse(&from, None)
+                .ok()
+                .and_then(|a| data::data_client(&a).ok())
+                .inspect(|c| {
+                    p.insert(from.clone(), c.clone());
+                }),
+        }
+    };
+    let result = match client {
+        Some(mut c) => data::get_data(&mut c, keys.iter().map(|k| k.to_string()).collect()).await.map_err(|e| e.to_string()),
+        None => Err(format!("bad peer address {from:?}")),
+    };
+    let (mut got, mut missing) = (Vec::new(), Vec::new());
+    match result {
+        Ok(values) => {
+            for (k, v) in values {
+                let key: Key = Arc::from(k);
+                match v {
+                    Some(v) => {
+                        let n = v.data.len() as u64;
+                        store.insert(key.clone(), v);
+                        got.push((key, n));
+                    }
+                    None => missing.push(key),
+                }
+            }
+            // Keys the peer did not mention at all count as missing.
+            for k in keys {
+                if !got.iter().any(|(g, _)| *g == k) && !missing.contains(&k) {
+                    missing.push(k);
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(peer = %from, error = %e, "fetching dependencies failed");
+            peers.lock().remove(&from);
+            missing = keys;
+        }
+    }
+    let _ = events.send(Event::FetchDone { from, got, missing });
+}

@@ -1,0 +1,415 @@
+//! The worker's state machine: plain synchronous Rust, no IO, no clock.
+//!
+//! One entry point, [`WorkerState::handle`]: an [`Event`] in, [`Instruction`]s out. The shell
+//! (`crate::server`) runs `Execute` on the thread pool, `Fetch` as a data-service request to a
+//! peer, `Send` on the scheduler stream, and `Drop` on the store; each finishes by feeding an
+//! event back in. See `docs/worker.md`.
+//!
+//! ```text
+//! compute tasks:  Waiting{missing} --deps fetched--> Ready --thread free--> Executing --> (done: reported, removed)
+//!                                                                          \-- freed --> Cancelled --> (result dropped)
+//! dependency data: Fetch{who_has} --> Flight{from} --> Memory (local copy, dropped when no local task needs it)
+//! own results:     Memory (kept until the scheduler frees the key)
+//! ```
+#[cfg(test)]
+mod tests;
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dask_protocol::pb;
+use rustc_hash::FxHashMap;
+
+pub type Key = Arc<str>;
+
+/// A task the scheduler asked this worker to run.
+#[derive(Clone, Debug)]
+pub struct ComputeRequest {
+    pub key: Key,
+    pub spec: Bytes,
+    /// Each dependency and the peers that hold it.
+    pub deps: Vec<(Key, Vec<Arc<str>>)>,
+    pub priority: i32,
+}
+
+/// Outcome of one execution.
+#[derive(Clone, Debug)]
+pub enum ExecOutcome {
+    Ok { nbytes: u64, type_name: String },
+    Err(pb::TaskError),
+}
+
+#[derive(Clone, Debug)]
+pub enum Event {
+    Compute(ComputeRequest),
+    /// The scheduler no longer needs this key here: drop its value or cancel its computation.
+    Free(Key),
+    ExecDone { key: Key, outcome: ExecOutcome, duration: Duration },
+    /// A fetch from `from` ended: `got` are now in the store, `missing` were not there (or the
+    /// peer could not be reached).
+    FetchDone { from: Arc<str>, got: Vec<(Key, u64)>, missing: Vec<Key> },
+    /// A client put these values into the store (scatter).
+    Put { keys: Vec<(Key, u64)> },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Instruction {
+    Execute { key: Key, spec: Bytes },
+    Fetch { from: Arc<str>, keys: Vec<Key> },
+    /// Remove the value from the store.
+    Drop(Key),
+    Send(pb::worker_event::Kind),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum ComputeState {
+    Waiting { missing: u32 },
+    Ready,
+    Executing,
+    /// Freed while executing: its result is dropped.
+    Cancelled,
+}
+
+struct ComputeTask {
+    state: ComputeState,
+    spec: Bytes,
+    deps: Vec<Key>,
+    priority: i32,
+    order: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum DataState {
+    /// Not here yet; these peers should have it.
+    Fetch { who_has: Vec<Arc<str>> },
+    Flight { from: Arc<str>, rest: Vec<Arc<str>> },
+    Memory { nbytes: u64 },
+}
+
+struct DataKey {
+    state: DataState,
+    /// Local compute tasks that need this value.
+    dependents: Vec<Key>,
+    /// Computed or put here: the scheduler knows this replica and decides when it goes.
+    own: bool,
+}
+
+/// The worker's whole state.
+pub struct WorkerState {
+    nthreads: usize,
+    executing: usize,
+    compute: FxHashMap<Key, ComputeTask>,
+    data: FxHashMap<Key, DataKey>,
+    ready: BinaryHeap<(i32, Reverse<u64>, Key)>,
+    next_order: u64,
+}
+
+impl WorkerState {
+    pub fn new(nthreads: usize) -> Self {
+        WorkerState {
+            nthreads: nthreads.max(1),
+            executing: 0,
+            compute: FxHashMap::default(),
+            data: FxHashMap::default(),
+            ready: BinaryHeap::new(),
+            next_order: 0,
+        }
+    }
+
+    pub fn executing(&self) -> usize {
+        self.executing
+    }
+
+    /// Keys whose values are in memory here.
+    pub fn in_memory(&self) -> usize {
+        self.data.values().filter(|d| matches!(d.state, DataState::Memory { .. })).count()
+    }
+
+    pub fn n_compute(&self) -> usize {
+        self.compute.len()
+    }
+
+    pub fn handle(&mut self, event: Event, out: &mut Vec<Instruction>) {
+        match event {
+            Event::Compute(req) => self.on_compute(req, out),
+            Event::Free(key) => self.on_free(key, out),
+            Event::ExecDone { key, outcome, duration } => self.on_exec_done(key, outcome, duration, out),
+            Event::FetchDone { from, got, missing } => self.on_fetch_done(from, got, missing, out),
+            Event::Put { keys } => {
+                for (key, nbytes) in keys {
+                    let d = self.data.entry(key).or_insert_with(|| DataKey {
+                        state: DataState::Memory { nbytes },
+                        dependents: Vec::new(),
+                        own: true,
+                    });
+                    d.own = true;
+                    d.state = DataState::Memory { nbytes };
+                }
+            }
+        }
+        self.start_ready(out);
+    }
+
+    fn on_compute(&mut self, req: ComputeRequest, out: &mut Vec<Instruction>) {
+        if self.compute.contains_key(&req.key) {
+            return; // already on it
+        }
+        if let Some(DataKey { state: DataState::Memory { nbytes }, .. }) = self.data.get(&req.key) {
+            // We hold the value already (fetched or put): it is ours now.
+            let nbytes = *nbytes;
+            self.data.get_mut(&req.key).expect("present").own = true;
+            out.push(Instruction::Send(pb::worker_event::Kind::Finished(pb::TaskFinished {
+                key: req.key.to_string(),
+                nbytes,
+                duration_us: 0,
+                type_name: String::new(),
+            })));
+            return;
+        }
+        let mut missing = 0;
+        let mut to_fetch: Vec<(Arc<str>, Key)> = Vec::new();
+        let mut deps = Vec::with_capacity(req.deps.len());
+        for (dep, who_has) in req.deps {
+            let d = self.data.entry(dep.clone()).or_insert_with(|| DataKey {
+                state: DataState::Fetch { who_has: Vec::new() },
+                dependents: Vec::new(),
+                own: false,
+            });
+            d.dependents.push(req.key.clone());
+            match &mut d.state {
+                DataState::Memory { .. } => {}
+                DataState::Flight { .. } => missing += 1,
+                DataState::Fetch { who_has: have } => {
+                    missing += 1;
+                    *have = who_has;
+                    if let Some(first) = have.first().cloned() {
+                        let rest = have[1..].to_vec();
+                        d.state = DataState::Flight { from: first.clone(), rest };
+                        to_fetch.push((first, dep.clone()));
+                    }
+                }
+            }
+            deps.push(dep);
+        }
+        let order = self.next_order;
+        self.next_order += 1;
+        let state = if missing == 0 { ComputeState::Ready } else { ComputeState::Waiting { missing } };
+        if state == ComputeState::Ready {
+            self.ready.push((req.priority, Reverse(order), req.key.clone()));
+        }
+        self.compute.insert(req.key.clone(), ComputeTask { state, spec: req.spec, deps, priority: req.priority, order });
+        // A dependency nobody can give us.
+        let unreachable: Vec<Key> = self
+            .compute
+            .get(&req.key)
+            .map(|t| t.deps.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|d| matches!(&self.data[d].state, DataState::Fetch { who_has } if who_has.is_empty()))
+            .collect();
+        for dep in unreachable {
+            self.dependency_missing(&dep, Vec::new(), out);
+        }
+        group_fetches(to_fetch, out);
+    }
+
+    fn on_free(&mut self, key: Key, out: &mut Vec<Instruction>) {
+        if let Some(task) = self.compute.get_mut(&key) {
+            match task.state {
+                ComputeState::Executing => task.state = ComputeState::Cancelled,
+                ComputeState::Cancelled => {}
+                ComputeState::Waiting { .. } | ComputeState::Ready => {
+                    let task = self.compute.remove(&key).expect("present");
+                    self.release_deps(&key, &task.deps, out);
+                    // Stale entries in `ready` are skipped when popped.
+                }
+            }
+        }
+        if let Some(d) = self.data.get_mut(&key) {
+            d.own = false;
+            if d.dependents.is_empty() {
+                self.drop_data(&key, out);
+            }
+        }
+    }
+
+    fn on_exec_done(&mut self, key: Key, outcome: ExecOutcome, duration: Duration, out: &mut Vec<Instruction>) {
+        self.executing = self.executing.saturating_sub(1);
+        let Some(task) = self.compute.remove(&key) else { return };
+        self.release_deps(&key, &task.deps, out);
+        let cancelled = task.state == ComputeState::Cancelled;
+        match outcome {
+            ExecOutcome::Ok { nbytes, type_name } => {
+                if cancelled {
+                    out.push(Instruction::Drop(key));
+                    return;
+                }
+                let d = self.data.entry(key.clone()).or_insert_with(|| DataKey {
+                    state: DataState::Memory { nbytes },
+                    dependents: Vec::new(),
+                    own: true,
+                });
+                d.state = DataState::Memory { nbytes };
+                d.own = true;
+                out.push(Instruction::Send(pb::worker_event::Kind::Finished(pb::TaskFinished {
+                    key: key.to_string(),
+                    nbytes,
+                    duration_us: duration.as_micros() as u64,
+                    type_name,
+                })));
+            }
+            ExecOutcome::Err(error) => {
+                if cancelled {
+                    return;
+                }
+                out.push(Instruction::Send(pb::worker_event::Kind::Failed(pb::TaskFailed {
+                    key: key.to_string(),
+                    error: Some(error),
+                    duration_us: duration.as_micros() as u64,
+                })));
+            }
+        }
+    }
+
+    fn on_fetch_done(&mut self, from: Arc<str>, got: Vec<(Key, u64)>, missing: Vec<Key>, out: &mut Vec<Instruction>) {
+        for (key, nbytes) in got {
+            let Some(d) = self.data.get_mut(&key) else {
+                out.push(Instruction::Drop(key));
+                continue;
+            };
+            if matches!(d.state, DataState::Memory { .. }) {
+                continue;
+            }
+            d.state = DataState::Memory { nbytes };
+            if d.dependents.is_empty() && !d.own {
+                self.drop_data(&key, out);
+                continue;
+            }
+            for t in d.dependents.clone() {
+                if let Some(task) = self.compute.get_mut(&t) {
+                    if let ComputeState::Waiting { missing } = &mut task.state {
+                        *missing -= 1;
+                        if *missing == 0 {
+                            task.state = ComputeState::Ready;
+                            self.ready.push((task.priority, Reverse(task.order), t.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        let mut retry: Vec<(Arc<str>, Key)> = Vec::new();
+        for key in missing {
+            let Some(d) = self.data.get_mut(&key) else { continue };
+            match &mut d.state {
+                DataState::Flight { from: f, rest } if *f == from => {
+                    if let Some(next) = (!rest.is_empty()).then(|| rest.remove(0)) {
+                        *f = next.clone();
+                        retry.push((next, key.clone()));
+                    } else {
+                        self.dependency_missing(&key, vec![from.clone()], out);
+                    }
+                }
+                _ => {}
+            }
+        }
+        group_fetches(retry, out);
+    }
+
+    /// No peer could give us `dep`: every local task needing it goes back to the scheduler.
+    fn dependency_missing(&mut self, dep: &Key, tried: Vec<Arc<str>>, out: &mut Vec<Instruction>) {
+        let Some(d) = self.data.get(dep) else { return };
+        let dependents = d.dependents.clone();
+        for t in dependents {
+            if let Some(task) = self.compute.remove(&t) {
+                out.push(Instruction::Send(pb::worker_event::Kind::Missing(pb::MissingData {
+                    key: t.to_string(),
+                    dependency: dep.to_string(),
+                    workers: tried.iter().map(|w| w.to_string()).collect(),
+                })));
+                self.release_deps(&t, &task.deps, out);
+            }
+        }
+    }
+
+    /// `task` no longer needs `deps`; fetched copies nobody needs are dropped.
+    fn release_deps(&mut self, task: &Key, deps: &[Key], out: &mut Vec<Instruction>) {
+        for dep in deps {
+            if let Some(d) = self.data.get_mut(dep) {
+                d.dependents.retain(|t| t != task);
+                if d.dependents.is_empty() && !d.own {
+                    self.drop_data(dep, out);
+                }
+            }
+        }
+    }
+
+    fn drop_data(&mut self, key: &Key, out: &mut Vec<Instruction>) {
+        if let Some(d) = self.data.remove(key) {
+            if matches!(d.state, DataState::Memory { .. } | DataState::Flight { .. }) {
+                out.push(Instruction::Drop(key.clone()));
+            }
+        }
+    }
+
+    fn start_ready(&mut self, out: &mut Vec<Instruction>) {
+        while self.executing < self.nthreads {
+            let Some((_, _, key)) = self.ready.pop() else { break };
+            let Some(task) = self.compute.get_mut(&key) else { continue };
+            if task.state != ComputeState::Ready {
+                continue;
+            }
+            task.state = ComputeState::Executing;
+            self.executing += 1;
+            out.push(Instruction::Execute { key, spec: task.spec.clone() });
+        }
+    }
+
+    /// Checks the invariants; panics on the first one broken.
+    pub fn validate(&self) {
+        let executing = self.compute.values().filter(|t| matches!(t.state, ComputeState::Executing | ComputeState::Cancelled)).count();
+        assert_eq!(executing, self.executing, "executing count");
+        assert!(self.executing <= self.nthreads, "more executing than threads");
+        for (key, t) in &self.compute {
+            let mut missing = 0;
+            for dep in &t.deps {
+                let d = self.data.get(dep).unwrap_or_else(|| panic!("{key}: dependency {dep} has no entry"));
+                assert!(d.dependents.contains(key), "{key}: not a dependent of {dep}");
+                if !matches!(d.state, DataState::Memory { .. }) {
+                    missing += 1;
+                }
+            }
+            match t.state {
+                ComputeState::Waiting { missing: m } => assert_eq!(m, missing, "{key}: missing count"),
+                ComputeState::Ready | ComputeState::Executing => assert_eq!(missing, 0, "{key}: runs without its inputs"),
+                ComputeState::Cancelled => {}
+            }
+        }
+        for (key, d) in &self.data {
+            assert!(d.own || !d.dependents.is_empty(), "{key}: unneeded entry kept");
+            if d.own {
+                assert!(matches!(d.state, DataState::Memory { .. }), "{key}: own but not in memory");
+            }
+            for t in &d.dependents {
+                assert!(self.compute.get(t).is_some_and(|c| c.deps.contains(key)), "{key}: dependent {t} gone");
+            }
+        }
+    }
+}
+
+/// One `Fetch` per peer, with every key wanted from it.
+fn group_fetches(mut wanted: Vec<(Arc<str>, Key)>, out: &mut Vec<Instruction>) {
+    wanted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut i = 0;
+    while i < wanted.len() {
+        let from = wanted[i].0.clone();
+        let mut keys = Vec::new();
+        while i < wanted.len() && wanted[i].0 == from {
+            keys.push(wanted[i].1.clone());
+            i += 1;
+        }
+        out.push(Instruction::Fetch { from, keys });
+    }
+}
