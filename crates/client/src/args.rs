@@ -28,6 +28,13 @@ impl<T: Serialize> IntoArg<T> for T {
     }
 }
 
+/// `&str` where a `String` is expected.
+impl IntoArg<String> for &str {
+    fn into_arg(self, _deps: &mut Vec<String>) -> Result<pb::Arg> {
+        build::literal(self).map_err(Error::from)
+    }
+}
+
 impl<T> IntoArg<T> for &Future<T> {
     fn into_arg(self, deps: &mut Vec<String>) -> Result<pb::Arg> {
         push_dep(deps, self.key());
