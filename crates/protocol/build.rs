@@ -13,7 +13,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-#[expect(unsafe_code, reason = "set_var is unsafe in edition 2024; build scripts are single threaded")]
+#[expect(
+    unsafe_code,
+    reason = "set_var is unsafe in edition 2024; build scripts are single threaded"
+)]
 fn unsafe_set_protoc(path: &std::path::Path) {
     unsafe { std::env::set_var("PROTOC", path) };
 }

@@ -7,23 +7,25 @@
 //! one batch: no RPC per task.
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dask_protocol::addr::Address;
-use dask_protocol::codec::{decode, Value};
-use dask_protocol::pb::{self, scheduler_client::SchedulerClient, worker_data_client::WorkerDataClient};
+use dask_protocol::codec::{Value, decode};
+use dask_protocol::pb::{
+    self, scheduler_client::SchedulerClient, worker_data_client::WorkerDataClient,
+};
 use dask_protocol::task::Task;
 use dask_protocol::tokenize::Tokenizer;
-use dask_protocol::{data, MAX_MESSAGE};
+use dask_protocol::{MAX_MESSAGE, data};
 use futures_util::future::join_all;
 use parking_lot::Mutex;
 use prost::Message;
 use rustc_hash::FxHashMap;
-use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -55,7 +57,14 @@ pub struct SubmitOptions {
 
 impl Default for SubmitOptions {
     fn default() -> Self {
-        SubmitOptions { key: None, pure: true, workers: Vec::new(), allow_other_workers: false, retries: 0, priority: 0 }
+        SubmitOptions {
+            key: None,
+            pure: true,
+            workers: Vec::new(),
+            allow_other_workers: false,
+            retries: 0,
+            priority: 0,
+        }
     }
 }
 
@@ -81,7 +90,9 @@ impl KeyTable {
 
     fn apply(&self, report: pb::KeyReport) {
         use pb::key_report::Kind;
-        let Some(state) = self.get(&report.key) else { return };
+        let Some(state) = self.get(&report.key) else {
+            return;
+        };
         let status = match report.kind {
             Some(Kind::Memory(m)) => Status::Finished { workers: m.workers },
             Some(Kind::Erred(e)) => Status::Error(Arc::new(TaskFailure::from(e))),
@@ -149,7 +160,14 @@ impl ClientInner {
                 (s, true)
             }
         };
-        (Arc::new(FutureRef { key: Arc::from(key), state, client: self.clone() }), fresh)
+        (
+            Arc::new(FutureRef {
+                key: Arc::from(key),
+                state,
+                client: self.clone(),
+            }),
+            fresh,
+        )
     }
 
     pub(crate) fn release_ref(&self, key: &str) {
@@ -159,7 +177,9 @@ impl ClientInner {
             if *n == 0 {
                 keys.remove(key);
                 drop(keys);
-                self.send(pb::client_op::Kind::Release(pb::KeyList { keys: vec![key.to_string()] }));
+                self.send(pb::client_op::Kind::Release(pb::KeyList {
+                    keys: vec![key.to_string()],
+                }));
             }
         }
     }
@@ -170,7 +190,9 @@ impl ClientInner {
                 s.set(Status::Cancelled);
             }
         }
-        self.send(pb::client_op::Kind::Cancel(pb::KeyList { keys: keys.iter().map(|k| k.to_string()).collect() }));
+        self.send(pb::client_op::Kind::Cancel(pb::KeyList {
+            keys: keys.iter().map(|k| k.to_string()).collect(),
+        }));
     }
 
     fn data_client(&self, worker: &str) -> Result<WorkerDataClient<Channel>> {
@@ -190,7 +212,10 @@ impl ClientInner {
 
     /// Fetches the values of finished keys from the workers that hold them, one request per
     /// worker, all workers at once.
-    pub(crate) async fn fetch(&self, wanted: Vec<(Arc<str>, Vec<String>)>) -> Result<FxHashMap<Arc<str>, Value>> {
+    pub(crate) async fn fetch(
+        &self,
+        wanted: Vec<(Arc<str>, Vec<String>)>,
+    ) -> Result<FxHashMap<Arc<str>, Value>> {
         let mut out: FxHashMap<Arc<str>, Value> = FxHashMap::default();
         let mut pending = wanted;
         let mut attempt = 0;
@@ -212,7 +237,11 @@ impl ClientInner {
             }
             let requests = by_worker.into_iter().map(|(worker, keys)| async move {
                 let r = match self.data_client(&worker) {
-                    Ok(mut c) => data::get_data(&mut c, keys.iter().map(|k| k.to_string()).collect()).await.map_err(|e| e.to_string()),
+                    Ok(mut c) => {
+                        data::get_data(&mut c, keys.iter().map(|k| k.to_string()).collect())
+                            .await
+                            .map_err(|e| e.to_string())
+                    }
                     Err(e) => Err(e.to_string()),
                 };
                 (worker, keys, r)
@@ -240,10 +269,16 @@ impl ClientInner {
     }
 
     /// The value of a done key, or the error its status means.
-    pub(crate) async fn value_of<T: DeserializeOwned>(&self, key: &Arc<str>, status: Status) -> Result<T> {
+    pub(crate) async fn value_of<T: DeserializeOwned>(
+        &self,
+        key: &Arc<str>,
+        status: Status,
+    ) -> Result<T> {
         let workers = status_to_result(key, status)?;
         let mut values = self.fetch(vec![(key.clone(), workers)]).await?;
-        let v = values.remove(key).expect("fetch returns every key or fails");
+        let v = values
+            .remove(key)
+            .expect("fetch returns every key or fails");
         Ok(decode(v.codec, &v.data)?)
     }
 
@@ -260,8 +295,13 @@ pub(crate) fn status_to_result(key: &str, status: Status) -> Result<Vec<String>>
     match status {
         Status::Finished { workers } => Ok(workers),
         Status::Error(e) => Err(Error::Task((*e).clone())),
-        Status::Cancelled => Err(Error::Cancelled { key: key.to_string() }),
-        Status::Lost(why) => Err(Error::Lost { key: key.to_string(), why }),
+        Status::Cancelled => Err(Error::Cancelled {
+            key: key.to_string(),
+        }),
+        Status::Lost(why) => Err(Error::Lost {
+            key: key.to_string(),
+            why,
+        }),
         Status::Disconnected(why) => Err(Error::SchedulerLost(why)),
         Status::Pending => unreachable!("value of a pending key"),
     }
@@ -314,7 +354,9 @@ impl Client {
             .thread_name("dask-client-io")
             .enable_all()
             .build()
-            .map_err(|e| Error::InvalidArgument(format!("failed to start the client's runtime: {e}")))?;
+            .map_err(|e| {
+                Error::InvalidArgument(format!("failed to start the client's runtime: {e}"))
+            })?;
         let handle = rt.handle().clone();
         let client = handle.block_on(connect_inner(addr, timeout, handle.clone()))?;
         *client.inner.runtime.lock() = Some(rt);
@@ -340,26 +382,52 @@ impl Client {
     // ------------------------------------------------------------------ submitting work
 
     /// Runs `f(args...)` on the cluster. Returns at once.
-    pub fn submit<T: Task, A: IntoArgs<T::Args>>(&self, f: T, args: A) -> Result<Future<T::Output>> {
+    pub fn submit<T: Task, A: IntoArgs<T::Args>>(
+        &self,
+        f: T,
+        args: A,
+    ) -> Result<Future<T::Output>> {
         self.submit_with(f, args, SubmitOptions::default())
     }
 
     /// [`submit`](Self::submit) with dask's options (key, pure, workers, retries, priority).
-    pub fn submit_with<T: Task, A: IntoArgs<T::Args>>(&self, _f: T, args: A, opts: SubmitOptions) -> Result<Future<T::Output>> {
+    pub fn submit_with<T: Task, A: IntoArgs<T::Args>>(
+        &self,
+        _f: T,
+        args: A,
+        opts: SubmitOptions,
+    ) -> Result<Future<T::Output>> {
         self.check_open()?;
         let mut deps = Vec::new();
         let arg = args.into_args(&mut deps)?;
         let def = self.task_def::<T>(arg, deps, opts.key.clone(), opts.pure, &opts)?;
         let (r, _) = self.inner.new_ref(&def.key);
         let key = def.key.clone();
-        self.inner.send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph { tasks: vec![def], wants: vec![key] }));
+        self.inner
+            .send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph {
+                tasks: vec![def],
+                wants: vec![key],
+            }));
         Ok(Future::from_ref(r))
     }
 
-    fn task_def<T: Task>(&self, arg: pb::Arg, deps: Vec<String>, key: Option<String>, pure: bool, opts: &SubmitOptions) -> Result<pb::TaskDef> {
-        let spec = pb::TaskSpec { function: T::NAME.to_string(), args: Some(arg) }.encode_to_vec();
+    fn task_def<T: Task>(
+        &self,
+        arg: pb::Arg,
+        deps: Vec<String>,
+        key: Option<String>,
+        pure: bool,
+        opts: &SubmitOptions,
+    ) -> Result<pb::TaskDef> {
+        let spec = pb::TaskSpec {
+            function: T::NAME.to_string(),
+            args: Some(arg),
+        }
+        .encode_to_vec();
         let key = match key {
-            Some(k) if k.is_empty() => return Err(Error::InvalidArgument("a key must not be empty".into())),
+            Some(k) if k.is_empty() => {
+                return Err(Error::InvalidArgument("a key must not be empty".into()));
+            }
             Some(k) => k,
             None if pure => {
                 let mut t = Tokenizer::default();
@@ -403,7 +471,13 @@ impl Client {
 
     /// `map_args` with options; `keys` (when given) names each task; otherwise `opts.key`, if set,
     /// is a prefix (`prefix-<token>`).
-    pub fn map_with<T, I, A>(&self, _f: T, items: I, opts: SubmitOptions, keys: Option<Vec<String>>) -> Result<Vec<Future<T::Output>>>
+    pub fn map_with<T, I, A>(
+        &self,
+        _f: T,
+        items: I,
+        opts: SubmitOptions,
+        keys: Option<Vec<String>>,
+    ) -> Result<Vec<Future<T::Output>>>
     where
         T: Task,
         A: IntoArgs<T::Args>,
@@ -419,7 +493,10 @@ impl Client {
             let mut deps = Vec::new();
             let arg = args.into_args(&mut deps)?;
             let key = match &mut keys {
-                Some(k) => Some(k.next().ok_or_else(|| Error::InvalidArgument("fewer keys than items".into()))?),
+                Some(k) => Some(
+                    k.next()
+                        .ok_or_else(|| Error::InvalidArgument("fewer keys than items".into()))?,
+                ),
                 None => None,
             };
             let mut def = self.task_def::<T>(arg, deps, key.clone(), opts.pure, &opts)?;
@@ -434,14 +511,19 @@ impl Client {
                 tasks.push(def);
             }
             if tasks.len() >= BATCH {
-                self.inner.send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph {
-                    tasks: std::mem::take(&mut tasks),
-                    wants: std::mem::take(&mut wants),
-                }));
+                self.inner
+                    .send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph {
+                        tasks: std::mem::take(&mut tasks),
+                        wants: std::mem::take(&mut wants),
+                    }));
             }
         }
         if !tasks.is_empty() {
-            self.inner.send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph { tasks, wants }));
+            self.inner
+                .send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph {
+                    tasks,
+                    wants,
+                }));
         }
         Ok(futures)
     }
@@ -463,7 +545,9 @@ impl Client {
         self.check_open()?;
         for k in keys {
             if !graph.contains(k) && self.inner.table.get(k).is_none() {
-                return Err(Error::InvalidArgument(format!("key {k:?} is not in the graph")));
+                return Err(Error::InvalidArgument(format!(
+                    "key {k:?} is not in the graph"
+                )));
             }
         }
         let mut futures = Vec::with_capacity(keys.len());
@@ -478,9 +562,17 @@ impl Client {
         while tasks.len() > 10_000 {
             let rest = tasks.split_off(10_000);
             let batch = std::mem::replace(&mut tasks, rest);
-            self.inner.send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph { tasks: batch, wants: wants.clone() }));
+            self.inner
+                .send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph {
+                    tasks: batch,
+                    wants: wants.clone(),
+                }));
         }
-        self.inner.send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph { tasks, wants }));
+        self.inner
+            .send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph {
+                tasks,
+                wants,
+            }));
         Ok(futures)
     }
 
@@ -493,7 +585,11 @@ impl Client {
     }
 
     /// `gather` with `errors = skip`: failed, cancelled and lost futures are left out.
-    pub fn gather_with<G: Gatherable + ?Sized>(&self, what: &G, errors: Errors) -> Result<G::Output> {
+    pub fn gather_with<G: Gatherable + ?Sized>(
+        &self,
+        what: &G,
+        errors: Errors,
+    ) -> Result<G::Output> {
         self.inner.block_on(self.gather_async_with(what, errors))
     }
 
@@ -501,7 +597,11 @@ impl Client {
         self.gather_async_with(what, Errors::Raise).await
     }
 
-    pub async fn gather_async_with<G: Gatherable + ?Sized>(&self, what: &G, errors: Errors) -> Result<G::Output> {
+    pub async fn gather_async_with<G: Gatherable + ?Sized>(
+        &self,
+        what: &G,
+        errors: Errors,
+    ) -> Result<G::Output> {
         let mut refs = Vec::new();
         what.collect(&mut refs);
         let mut wanted = Vec::new();
@@ -521,8 +621,12 @@ impl Client {
         wanted.sort_by(|a, b| a.0.cmp(&b.0));
         wanted.dedup_by(|a, b| a.0 == b.0);
         let values = self.inner.fetch(wanted).await?;
-        let mut map = ValueMap { values, skip: errors == Errors::Skip };
-        what.build(&mut map)?.ok_or_else(|| Error::InvalidArgument("nothing to gather".into()))
+        let mut map = ValueMap {
+            values,
+            skip: errors == Errors::Skip,
+        };
+        what.build(&mut map)?
+            .ok_or_else(|| Error::InvalidArgument("nothing to gather".into()))
     }
 
     /// Puts values on the workers and returns futures to them.
@@ -536,22 +640,36 @@ impl Client {
     }
 
     /// Puts each value of a map on the workers; the result maps the same keys to futures.
-    pub fn scatter_map<K: Eq + Hash + Clone, T: Serialize>(&self, values: HashMap<K, T>) -> Result<HashMap<K, Future<T>>> {
+    pub fn scatter_map<K: Eq + Hash + Clone, T: Serialize>(
+        &self,
+        values: HashMap<K, T>,
+    ) -> Result<HashMap<K, Future<T>>> {
         let (ks, vs): (Vec<K>, Vec<T>) = values.into_iter().unzip();
         Ok(ks.into_iter().zip(self.scatter(vs)?).collect())
     }
 
-    pub fn scatter_with<T: Serialize>(&self, values: Vec<T>, opts: ScatterOptions) -> Result<Vec<Future<T>>> {
+    pub fn scatter_with<T: Serialize>(
+        &self,
+        values: Vec<T>,
+        opts: ScatterOptions,
+    ) -> Result<Vec<Future<T>>> {
         self.inner.block_on(self.scatter_async_with(values, opts))
     }
 
-    pub async fn scatter_async_with<T: Serialize>(&self, values: Vec<T>, opts: ScatterOptions) -> Result<Vec<Future<T>>> {
+    pub async fn scatter_async_with<T: Serialize>(
+        &self,
+        values: Vec<T>,
+        opts: ScatterOptions,
+    ) -> Result<Vec<Future<T>>> {
         self.check_open()?;
         let info = self.scheduler_info_async().await?;
         let mut targets: Vec<String> = info
             .workers
             .iter()
-            .filter(|w| opts.workers.is_empty() || opts.workers.iter().any(|x| *x == w.address || *x == w.name))
+            .filter(|w| {
+                opts.workers.is_empty()
+                    || opts.workers.iter().any(|x| *x == w.address || *x == w.name)
+            })
             .map(|w| w.address.clone())
             .collect();
         if targets.is_empty() {
@@ -570,27 +688,46 @@ impl Client {
             let mut t = Tokenizer::default();
             t.field(&value.data);
             let key = format!("{type_name}-{}", t.hex());
-            let holders: Vec<String> = if opts.broadcast { targets.clone() } else { vec![targets[i % targets.len()].clone()] };
+            let holders: Vec<String> = if opts.broadcast {
+                targets.clone()
+            } else {
+                vec![targets[i % targets.len()].clone()]
+            };
             for w in &holders {
-                per_worker.entry(w.clone()).or_default().push((key.clone(), Some(value.clone())));
+                per_worker
+                    .entry(w.clone())
+                    .or_default()
+                    .push((key.clone(), Some(value.clone())));
             }
-            placed.push(pb::ScatteredKey { key, workers: holders, nbytes: value.data.len() as u64 });
+            placed.push(pb::ScatteredKey {
+                key,
+                workers: holders,
+                nbytes: value.data.len() as u64,
+            });
         }
         let puts = per_worker.into_iter().map(|(worker, vals)| async move {
             let mut c = self.inner.data_client(&worker)?;
             let frames = data::frames(vals);
-            c.put_data(futures_util::stream::iter(frames)).await.map_err(|s| Error::Fetch {
-                key: String::new(),
-                workers: vec![worker.clone()],
-                why: format!("failed to put data: {}", s.message()),
-            })?;
+            c.put_data(futures_util::stream::iter(frames))
+                .await
+                .map_err(|s| Error::Fetch {
+                    key: String::new(),
+                    workers: vec![worker.clone()],
+                    why: format!("failed to put data: {}", s.message()),
+                })?;
             Ok::<_, Error>(())
         });
         for r in join_all(puts).await {
             r?;
         }
-        let futures = placed.iter().map(|p| Future::from_ref(self.inner.new_ref(&p.key).0)).collect();
-        self.inner.send(pb::client_op::Kind::Scattered(pb::Scattered { keys: placed }));
+        let futures = placed
+            .iter()
+            .map(|p| Future::from_ref(self.inner.new_ref(&p.key).0))
+            .collect();
+        self.inner
+            .send(pb::client_op::Kind::Scattered(pb::Scattered {
+                keys: placed,
+            }));
         Ok(futures)
     }
 
@@ -615,25 +752,55 @@ impl Client {
     }
 
     pub async fn scheduler_info_async(&self) -> Result<pb::SchedulerInfo> {
-        Ok(self.inner.scheduler.clone().info(pb::Empty {}).await?.into_inner())
+        Ok(self
+            .inner
+            .scheduler
+            .clone()
+            .info(pb::Empty {})
+            .await?
+            .into_inner())
     }
 
     /// Worker addresses holding each future's key.
     pub fn who_has<T>(&self, futures: &[Future<T>]) -> Result<HashMap<String, Vec<String>>> {
         let keys = futures.iter().map(|f| f.key().to_string()).collect();
-        let reply = self.inner.block_on(self.inner.scheduler.clone().who_has(pb::KeysRequest { keys }))?.into_inner();
-        Ok(reply.entries.into_iter().map(|e| (e.key, e.workers)).collect())
+        let reply = self
+            .inner
+            .block_on(
+                self.inner
+                    .scheduler
+                    .clone()
+                    .who_has(pb::KeysRequest { keys }),
+            )?
+            .into_inner();
+        Ok(reply
+            .entries
+            .into_iter()
+            .map(|e| (e.key, e.workers))
+            .collect())
     }
 
     /// Keys held by each worker.
     pub fn has_what(&self) -> Result<HashMap<String, Vec<String>>> {
-        let reply = self.inner.block_on(self.inner.scheduler.clone().has_what(pb::Empty {}))?.into_inner();
-        Ok(reply.entries.into_iter().map(|e| (e.worker, e.keys)).collect())
+        let reply = self
+            .inner
+            .block_on(self.inner.scheduler.clone().has_what(pb::Empty {}))?
+            .into_inner();
+        Ok(reply
+            .entries
+            .into_iter()
+            .map(|e| (e.worker, e.keys))
+            .collect())
     }
 
     /// Threads of each worker.
     pub fn nthreads(&self) -> Result<HashMap<String, u32>> {
-        Ok(self.scheduler_info()?.workers.into_iter().map(|w| (w.address, w.nthreads)).collect())
+        Ok(self
+            .scheduler_info()?
+            .workers
+            .into_iter()
+            .map(|w| (w.address, w.nthreads))
+            .collect())
     }
 
     /// Blocks until at least `n` workers are connected, or `timeout` passes.
@@ -642,21 +809,31 @@ impl Client {
     }
 
     pub async fn wait_for_workers_async(&self, n: usize, timeout: Option<Duration>) -> Result<()> {
-        let req = pb::WaitForWorkersRequest { n: n as u32, timeout_s: timeout.map_or(0.0, |t| t.as_secs_f64()) };
+        let req = pb::WaitForWorkersRequest {
+            n: n as u32,
+            timeout_s: timeout.map_or(0.0, |t| t.as_secs_f64()),
+        };
         match self.inner.scheduler.clone().wait_for_workers(req).await {
             Ok(_) => Ok(()),
-            Err(s) if s.code() == tonic::Code::DeadlineExceeded => {
-                Err(Error::Timeout { what: format!("{n} workers"), after: timeout.unwrap_or_default() })
-            }
+            Err(s) if s.code() == tonic::Code::DeadlineExceeded => Err(Error::Timeout {
+                what: format!("{n} workers"),
+                after: timeout.unwrap_or_default(),
+            }),
             Err(s) => Err(s.into()),
         }
     }
 
     /// Writes dask's scheduler file (JSON with the scheduler's address) for other clients.
     pub fn write_scheduler_file(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
-        let json = serde_json::json!({ "type": "Scheduler", "address": self.inner.address.to_string() });
-        std::fs::write(path.as_ref(), serde_json::to_vec_pretty(&json).expect("json"))
-            .map_err(|e| Error::InvalidArgument(format!("failed to write {}: {e}", path.as_ref().display())))
+        let json =
+            serde_json::json!({ "type": "Scheduler", "address": self.inner.address.to_string() });
+        std::fs::write(
+            path.as_ref(),
+            serde_json::to_vec_pretty(&json).expect("json"),
+        )
+        .map_err(|e| {
+            Error::InvalidArgument(format!("failed to write {}: {e}", path.as_ref().display()))
+        })
     }
 
     /// Closes the connection (the scheduler releases everything this client wanted) and the
@@ -686,7 +863,9 @@ impl Client {
     pub fn future_of<T>(&self, key: &str) -> Future<T> {
         let (r, fresh) = self.inner.new_ref(key);
         if fresh {
-            self.inner.send(pb::client_op::Kind::Want(pb::KeyList { keys: vec![key.to_string()] }));
+            self.inner.send(pb::client_op::Kind::Want(pb::KeyList {
+                keys: vec![key.to_string()],
+            }));
         }
         Future::from_ref(r)
     }
@@ -704,19 +883,37 @@ fn short_type_name<T>() -> String {
 }
 
 pub(crate) fn read_scheduler_file(path: &std::path::Path) -> Result<String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::InvalidArgument(format!("failed to read scheduler file {}: {e}", path.display())))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::InvalidArgument(format!("failed to parse scheduler file {}: {e}", path.display())))?;
-    v["address"]
-        .as_str()
-        .map(str::to_string)
-        .ok_or_else(|| Error::InvalidArgument(format!("scheduler file {} has no \"address\"", path.display())))
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::InvalidArgument(format!(
+            "failed to read scheduler file {}: {e}",
+            path.display()
+        ))
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        Error::InvalidArgument(format!(
+            "failed to parse scheduler file {}: {e}",
+            path.display()
+        ))
+    })?;
+    v["address"].as_str().map(str::to_string).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "scheduler file {} has no \"address\"",
+            path.display()
+        ))
+    })
 }
 
-async fn connect_inner(addr: Address, timeout: Duration, handle: tokio::runtime::Handle) -> Result<Client> {
+async fn connect_inner(
+    addr: Address,
+    timeout: Duration,
+    handle: tokio::runtime::Handle,
+) -> Result<Client> {
     let started = Instant::now();
-    let connect_err = |why: String| Error::Connect { address: addr.to_string(), timeout, why };
+    let connect_err = |why: String| Error::Connect {
+        address: addr.to_string(),
+        timeout,
+        why,
+    };
     let endpoint = tonic::transport::Endpoint::from_shared(addr.endpoint())
         .map_err(|e| connect_err(e.to_string()))?
         .tcp_nodelay(true)
@@ -725,7 +922,12 @@ async fn connect_inner(addr: Address, timeout: Duration, handle: tokio::runtime:
         .keep_alive_timeout(Duration::from_secs(20));
     let mut delay = Duration::from_millis(20);
     let channel = loop {
-        match tokio::time::timeout(timeout.saturating_sub(started.elapsed()), endpoint.connect()).await {
+        match tokio::time::timeout(
+            timeout.saturating_sub(started.elapsed()),
+            endpoint.connect(),
+        )
+        .await
+        {
             Ok(Ok(ch)) => break ch,
             Ok(Err(e)) if started.elapsed() + delay < timeout => {
                 tracing::debug!(error = %dask_worker::server::error_chain(&e), "scheduler not reachable yet");
@@ -736,14 +938,28 @@ async fn connect_inner(addr: Address, timeout: Duration, handle: tokio::runtime:
             Err(_) => return Err(connect_err("timed out".into())),
         }
     };
-    let mut scheduler = SchedulerClient::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
+    let mut scheduler = SchedulerClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
     let (stream_tx, stream_rx) = mpsc::unbounded_channel::<pb::ClientToScheduler>();
-    let client_id = format!("Client-{:x}", std::collections::hash_map::RandomState::new().hash_one(std::process::id()));
+    let client_id = format!(
+        "Client-{:x}",
+        std::collections::hash_map::RandomState::new().hash_one(std::process::id())
+    );
     let _ = stream_tx.send(pb::ClientToScheduler {
-        ops: vec![pb::ClientOp { kind: Some(pb::client_op::Kind::Hello(pb::ClientHello { client_id })) }],
+        ops: vec![pb::ClientOp {
+            kind: Some(pb::client_op::Kind::Hello(pb::ClientHello { client_id })),
+        }],
     });
-    let remaining = timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(100));
-    let inbound = match tokio::time::timeout(remaining, scheduler.client_stream(UnboundedReceiverStream::new(stream_rx))).await {
+    let remaining = timeout
+        .saturating_sub(started.elapsed())
+        .max(Duration::from_millis(100));
+    let inbound = match tokio::time::timeout(
+        remaining,
+        scheduler.client_stream(UnboundedReceiverStream::new(stream_rx)),
+    )
+    .await
+    {
         Ok(Ok(r)) => r.into_inner(),
         Ok(Err(s)) => return Err(connect_err(s.message().to_string())),
         Err(_) => return Err(connect_err("the scheduler did not answer".into())),
@@ -753,7 +969,12 @@ async fn connect_inner(addr: Address, timeout: Duration, handle: tokio::runtime:
     let table = Arc::new(KeyTable::default());
     let disconnected = Arc::new(Mutex::new(None));
     handle.spawn(writer(ops_rx, stream_tx, shutdown.clone()));
-    handle.spawn(reader(inbound, table.clone(), disconnected.clone(), shutdown.clone()));
+    handle.spawn(reader(
+        inbound,
+        table.clone(),
+        disconnected.clone(),
+        shutdown.clone(),
+    ));
     let inner = Arc::new(ClientInner {
         address: addr,
         runtime: Mutex::new(None),

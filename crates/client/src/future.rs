@@ -38,7 +38,9 @@ impl std::fmt::Display for FutureStatus {
 #[derive(Clone, Debug)]
 pub(crate) enum Status {
     Pending,
-    Finished { workers: Vec<String> },
+    Finished {
+        workers: Vec<String>,
+    },
     Error(Arc<TaskFailure>),
     Cancelled,
     Lost(String),
@@ -75,7 +77,11 @@ struct KeyInner {
 impl KeyState {
     pub(crate) fn new() -> Arc<Self> {
         Arc::new(KeyState {
-            inner: Mutex::new(KeyInner { status: Status::Pending, wakers: Vec::new(), callbacks: Vec::new() }),
+            inner: Mutex::new(KeyInner {
+                status: Status::Pending,
+                wakers: Vec::new(),
+                callbacks: Vec::new(),
+            }),
             cond: Condvar::new(),
         })
     }
@@ -94,7 +100,11 @@ impl KeyState {
             g.status = status;
             let public = g.status.public();
             let done = public != FutureStatus::Pending;
-            let callbacks = if done { std::mem::take(&mut g.callbacks) } else { Vec::new() };
+            let callbacks = if done {
+                std::mem::take(&mut g.callbacks)
+            } else {
+                Vec::new()
+            };
             (std::mem::take(&mut g.wakers), callbacks, public)
         };
         self.cond.notify_all();
@@ -116,7 +126,9 @@ impl KeyState {
             match deadline {
                 None => self.cond.wait(&mut g),
                 Some(d) => {
-                    if self.cond.wait_until(&mut g, d).timed_out() && matches!(g.status, Status::Pending) {
+                    if self.cond.wait_until(&mut g, d).timed_out()
+                        && matches!(g.status, Status::Pending)
+                    {
                         return None;
                     }
                 }
@@ -180,7 +192,10 @@ pub struct Future<T> {
 
 impl<T> Clone for Future<T> {
     fn clone(&self) -> Self {
-        Future { inner: self.inner.clone(), _t: PhantomData }
+        Future {
+            inner: self.inner.clone(),
+            _t: PhantomData,
+        }
     }
 }
 
@@ -192,7 +207,10 @@ impl<T> std::fmt::Debug for Future<T> {
 
 impl<T> Future<T> {
     pub(crate) fn from_ref(inner: Arc<FutureRef>) -> Self {
-        Future { inner, _t: PhantomData }
+        Future {
+            inner,
+            _t: PhantomData,
+        }
     }
 
     /// The task's key.
@@ -252,10 +270,14 @@ impl<T: DeserializeOwned> Future<T> {
 
     fn result_inner(&self, timeout: Option<Duration>) -> Result<T> {
         let deadline = timeout.map(|t| Instant::now() + t);
-        let status = self.inner.state.wait(deadline).ok_or_else(|| Error::Timeout {
-            what: format!("the result of {}", self.key()),
-            after: timeout.unwrap_or_default(),
-        })?;
+        let status = self
+            .inner
+            .state
+            .wait(deadline)
+            .ok_or_else(|| Error::Timeout {
+                what: format!("the result of {}", self.key()),
+                after: timeout.unwrap_or_default(),
+            })?;
         let client = &self.inner.client;
         client.block_on(client.value_of::<T>(&self.inner.key, status))
     }
@@ -263,7 +285,10 @@ impl<T: DeserializeOwned> Future<T> {
     /// The value, awaited (also `future.await`).
     pub async fn result_async(&self) -> Result<T> {
         let status = Done(&self.inner.state).await;
-        self.inner.client.value_of::<T>(&self.inner.key, status).await
+        self.inner
+            .client
+            .value_of::<T>(&self.inner.key, status)
+            .await
     }
 }
 

@@ -3,7 +3,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
 use std::sync::Arc;
 
-use dask_protocol::codec::{decode, Value};
+use dask_protocol::codec::{Value, decode};
 use rustc_hash::FxHashMap;
 use serde::de::DeserializeOwned;
 
@@ -43,7 +43,10 @@ impl<T: DeserializeOwned> Gatherable for Future<T> {
         match values.values.get(&self.inner.key) {
             Some(v) => Ok(Some(decode(v.codec, &v.data)?)),
             None if values.skip => Ok(None),
-            None => Err(Error::Lost { key: self.key().to_string(), why: "no value was fetched".into() }),
+            None => Err(Error::Lost {
+                key: self.key().to_string(),
+                why: "no value was fetched".into(),
+            }),
         }
     }
 }

@@ -7,8 +7,8 @@ use dask_protocol::pb;
 use dask_protocol::task::Task;
 use prost::Message;
 
-use crate::args::IntoArgs;
 use crate::Result;
+use crate::args::IntoArgs;
 
 /// A typed reference to a key, usable as an argument: `graph.add("y", inc, (Ref::<i64>::new("x"),))`.
 pub struct Ref<T> {
@@ -18,7 +18,10 @@ pub struct Ref<T> {
 
 impl<T> Ref<T> {
     pub fn new(key: impl Into<String>) -> Self {
-        Ref { key: key.into(), _t: PhantomData }
+        Ref {
+            key: key.into(),
+            _t: PhantomData,
+        }
     }
     pub fn key(&self) -> &str {
         &self.key
@@ -45,12 +48,26 @@ impl Graph {
 
     /// Adds `key = f(args...)` and returns a typed reference to it. Adding a key twice
     /// replaces the first definition.
-    pub fn add<T: Task, A: IntoArgs<T::Args>>(&mut self, key: impl Into<String>, _f: T, args: A) -> Result<Ref<T::Output>> {
+    pub fn add<T: Task, A: IntoArgs<T::Args>>(
+        &mut self,
+        key: impl Into<String>,
+        _f: T,
+        args: A,
+    ) -> Result<Ref<T::Output>> {
         let key = key.into();
         let mut deps = Vec::new();
         let arg = args.into_args(&mut deps)?;
-        let spec = pb::TaskSpec { function: T::NAME.to_string(), args: Some(arg) }.encode_to_vec();
-        let def = pb::TaskDef { key: key.clone(), spec: Bytes::from(spec), dependencies: deps, ..Default::default() };
+        let spec = pb::TaskSpec {
+            function: T::NAME.to_string(),
+            args: Some(arg),
+        }
+        .encode_to_vec();
+        let def = pb::TaskDef {
+            key: key.clone(),
+            spec: Bytes::from(spec),
+            dependencies: deps,
+            ..Default::default()
+        };
         match self.index.get(&key) {
             Some(&i) => self.tasks[i] = def,
             None => {

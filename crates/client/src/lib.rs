@@ -17,13 +17,13 @@ mod graph;
 mod wait;
 
 pub use args::{IntoArg, IntoArgs, OneArg};
-pub use client::{Client, ScatterOptions, SubmitOptions, CONNECT_TIMEOUT};
+pub use client::{CONNECT_TIMEOUT, Client, ScatterOptions, SubmitOptions};
 pub use cluster::{LocalCluster, LocalClusterBuilder};
 pub use error::{Error, Result, TaskFailure};
 pub use future::{Future, FutureStatus};
 pub use gather::{Errors, Gatherable};
 pub use graph::{Graph, Ref};
-pub use wait::{as_completed, wait, AsCompleted, ReturnWhen, WaitResult};
+pub use wait::{AsCompleted, ReturnWhen, WaitResult, as_completed, wait};
 
 /// Scheduler and worker descriptions returned by `scheduler_info`.
 pub use dask_protocol::pb::{SchedulerInfo, WorkerInfo};

@@ -17,8 +17,8 @@ use proc_macro::TokenStream;
 use proc_macro2::Span;
 use quote::{format_ident, quote};
 use syn::{
-    parse::Parser, parse_macro_input, punctuated::Punctuated, spanned::Spanned, Expr, ExprLit,
-    FnArg, GenericArgument, ItemFn, Lit, Meta, Path, PathArguments, ReturnType, Token, Type,
+    Expr, ExprLit, FnArg, GenericArgument, ItemFn, Lit, Meta, Path, PathArguments, ReturnType,
+    Token, Type, parse::Parser, parse_macro_input, punctuated::Punctuated, spanned::Spanned,
 };
 
 #[proc_macro_attribute]
@@ -45,12 +45,16 @@ fn expand(
             Meta::NameValue(nv) if nv.path.is_ident("crate") => {
                 krate = match &nv.value {
                     Expr::Path(p) => p.path.clone(),
-                    Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => s.parse()?,
+                    Expr::Lit(ExprLit {
+                        lit: Lit::Str(s), ..
+                    }) => s.parse()?,
                     other => return Err(syn::Error::new(other.span(), "expected a path")),
                 };
             }
             Meta::NameValue(nv) if nv.path.is_ident("name") => match &nv.value {
-                Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => name = Some(s.value()),
+                Expr::Lit(ExprLit {
+                    lit: Lit::Str(s), ..
+                }) => name = Some(s.value()),
                 other => return Err(syn::Error::new(other.span(), "expected a string")),
             },
             other => {
@@ -63,7 +67,10 @@ fn expand(
     }
     let sig = &func.sig;
     if let Some(a) = &sig.asyncness {
-        return Err(syn::Error::new(a.span(), "a task function must not be async"));
+        return Err(syn::Error::new(
+            a.span(),
+            "a task function must not be async",
+        ));
     }
     if !sig.generics.params.is_empty() {
         return Err(syn::Error::new(
@@ -79,7 +86,10 @@ fn expand(
     for (i, input) in sig.inputs.iter().enumerate() {
         match input {
             FnArg::Receiver(r) => {
-                return Err(syn::Error::new(r.span(), "a task function cannot take self"));
+                return Err(syn::Error::new(
+                    r.span(),
+                    "a task function cannot take self",
+                ));
             }
             FnArg::Typed(pt) => {
                 if let Type::Reference(r) = &*pt.ty {
@@ -107,7 +117,9 @@ fn expand(
     let block = &func.block;
     let inputs = &sig.inputs;
     let ret = &sig.output;
-    let doc = format!("The `{name}` task. Submit it with `client.submit({ident}, (args...))`; run it in-process with `{ident}::call(...)`.");
+    let doc = format!(
+        "The `{name}` task. Submit it with `client.submit({ident}, (args...))`; run it in-process with `{ident}::call(...)`."
+    );
     let call_span = Span::call_site();
     let tuple_ty = quote_spanned_tuple(&arg_types, call_span);
     Ok(quote! {
@@ -149,7 +161,9 @@ fn result_ok_type(ty: &Type) -> Option<Type> {
     if last.ident != "Result" {
         return None;
     }
-    let PathArguments::AngleBracketed(args) = &last.arguments else { return None };
+    let PathArguments::AngleBracketed(args) = &last.arguments else {
+        return None;
+    };
     let mut types = args.args.iter().filter_map(|a| match a {
         GenericArgument::Type(t) => Some(t.clone()),
         _ => None,

@@ -1,7 +1,7 @@
 //! Value encoding. A value travels as `(codec, bytes)`; the scheduler never looks inside.
 //! Rust tasks use msgpack ([`MSGPACK`]) through `rmp-serde`, with structs as arrays.
 use bytes::Bytes;
-use serde::{de::DeserializeOwned, Serialize};
+use serde::{Serialize, de::DeserializeOwned};
 
 /// Codec name of msgpack-encoded values.
 pub const MSGPACK: &str = "msgpack";

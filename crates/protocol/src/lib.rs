@@ -12,6 +12,7 @@
 pub mod addr;
 pub mod codec;
 pub mod data;
+pub mod serve;
 pub mod task;
 pub mod tokenize;
 

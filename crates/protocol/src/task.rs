@@ -7,14 +7,14 @@
 //! arguments copies nothing.
 use std::collections::HashMap;
 use std::fmt;
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::OnceLock;
 
 use bytes::Bytes;
-use serde::de::{self, DeserializeOwned, DeserializeSeed, IntoDeserializer, Visitor};
 use serde::Serialize;
+use serde::de::{self, DeserializeOwned, DeserializeSeed, IntoDeserializer, Visitor};
 
-use crate::codec::{Value, MSGPACK};
+use crate::codec::{MSGPACK, Value};
 use crate::pb::{self, arg::Kind};
 
 /// A function that can run on a worker. Implemented by `#[task]`; rarely by hand.
@@ -39,7 +39,10 @@ inventory::collect!(Registration);
 
 impl Registration {
     pub const fn new<T: Task>() -> Registration {
-        Registration { name: T::NAME, run: run_erased::<T> }
+        Registration {
+            name: T::NAME,
+            run: run_erased::<T>,
+        }
     }
 }
 
@@ -91,7 +94,9 @@ impl ExecErrorKind {
                  the crate that defines it (its main calls dask::worker_main()) or register it with #[dask::task]"
             ),
             ExecErrorKind::BadArguments(m) => format!("wrong argument types: {m}"),
-            ExecErrorKind::MissingDependency(k) => format!("dependency {k:?} is not in memory here"),
+            ExecErrorKind::MissingDependency(k) => {
+                format!("dependency {k:?} is not in memory here")
+            }
         }
     }
 }
@@ -124,7 +129,10 @@ pub fn registered_names() -> Vec<&'static str> {
 
 /// Runs `spec` on the calling thread. `deps` gives the value of each referenced key.
 /// A panic in the function is caught and returned as [`ExecErrorKind::Panic`].
-pub fn execute(spec: &pb::TaskSpec, deps: &dyn Fn(&str) -> Option<Value>) -> Result<Value, ExecErrorKind> {
+pub fn execute(
+    spec: &pb::TaskSpec,
+    deps: &dyn Fn(&str) -> Option<Value>,
+) -> Result<Value, ExecErrorKind> {
     let reg = registry()
         .get(spec.function.as_str())
         .ok_or_else(|| ExecErrorKind::UnknownFunction(spec.function.clone()))?;
@@ -134,9 +142,14 @@ pub fn execute(spec: &pb::TaskSpec, deps: &dyn Fn(&str) -> Option<Value>) -> Res
         collect_refs(args, deps, &mut values)?;
     }
     let lookup = DepValues(values);
-    let empty = pb::Arg { kind: Some(Kind::List(pb::ArgList { items: Vec::new() })) };
+    let empty = pb::Arg {
+        kind: Some(Kind::List(pb::ArgList { items: Vec::new() })),
+    };
     let root = spec.args.as_ref().unwrap_or(&empty);
-    let de = ArgDeserializer { arg: root, deps: &lookup };
+    let de = ArgDeserializer {
+        arg: root,
+        deps: &lookup,
+    };
     match catch_unwind(AssertUnwindSafe(|| (reg.run)(de))) {
         Ok(r) => r,
         Err(payload) => Err(ExecErrorKind::Panic(panic_message(&*payload))),
@@ -261,8 +274,15 @@ impl<'a> serde::Deserializer<'a> for ArgDeserializer<'a> {
 
     fn deserialize_any<V: Visitor<'a>>(self, visitor: V) -> Result<V::Value, ArgError> {
         match &self.arg.kind {
-            Some(Kind::List(l)) => visitor.visit_seq(ListAccess { items: l.items.iter(), deps: self.deps }),
-            Some(Kind::Map(m)) => visitor.visit_map(MapAccess { entries: m.entries.iter(), value: None, deps: self.deps }),
+            Some(Kind::List(l)) => visitor.visit_seq(ListAccess {
+                items: l.items.iter(),
+                deps: self.deps,
+            }),
+            Some(Kind::Map(m)) => visitor.visit_map(MapAccess {
+                entries: m.entries.iter(),
+                value: None,
+                deps: self.deps,
+            }),
             None => visitor.visit_unit(),
             Some(Kind::Literal(_)) | Some(Kind::Key(_)) => {
                 let bytes = self.leaf()?.expect("leaf");
@@ -305,9 +325,17 @@ struct ListAccess<'a> {
 
 impl<'a> de::SeqAccess<'a> for ListAccess<'a> {
     type Error = ArgError;
-    fn next_element_seed<T: DeserializeSeed<'a>>(&mut self, seed: T) -> Result<Option<T::Value>, ArgError> {
+    fn next_element_seed<T: DeserializeSeed<'a>>(
+        &mut self,
+        seed: T,
+    ) -> Result<Option<T::Value>, ArgError> {
         match self.items.next() {
-            Some(arg) => seed.deserialize(ArgDeserializer { arg, deps: self.deps }).map(Some),
+            Some(arg) => seed
+                .deserialize(ArgDeserializer {
+                    arg,
+                    deps: self.deps,
+                })
+                .map(Some),
             None => Ok(None),
         }
     }
@@ -324,7 +352,10 @@ struct MapAccess<'a> {
 
 impl<'a> de::MapAccess<'a> for MapAccess<'a> {
     type Error = ArgError;
-    fn next_key_seed<K: DeserializeSeed<'a>>(&mut self, seed: K) -> Result<Option<K::Value>, ArgError> {
+    fn next_key_seed<K: DeserializeSeed<'a>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, ArgError> {
         match self.entries.next() {
             Some(e) => {
                 self.value = e.value.as_ref();
@@ -336,7 +367,10 @@ impl<'a> de::MapAccess<'a> for MapAccess<'a> {
     }
     fn next_value_seed<V: DeserializeSeed<'a>>(&mut self, seed: V) -> Result<V::Value, ArgError> {
         match self.value.take() {
-            Some(arg) => seed.deserialize(ArgDeserializer { arg, deps: self.deps }),
+            Some(arg) => seed.deserialize(ArgDeserializer {
+                arg,
+                deps: self.deps,
+            }),
             None => seed.deserialize(().into_deserializer()),
         }
     }
@@ -349,21 +383,33 @@ pub mod build {
     use super::*;
 
     pub fn literal<T: Serialize + ?Sized>(v: &T) -> Result<pb::Arg, crate::codec::CodecError> {
-        Ok(pb::Arg { kind: Some(Kind::Literal(Bytes::from(rmp_serde::to_vec(v)?))) })
+        Ok(pb::Arg {
+            kind: Some(Kind::Literal(Bytes::from(rmp_serde::to_vec(v)?))),
+        })
     }
 
     pub fn key(k: impl Into<String>) -> pb::Arg {
-        pb::Arg { kind: Some(Kind::Key(k.into())) }
+        pb::Arg {
+            kind: Some(Kind::Key(k.into())),
+        }
     }
 
     pub fn list(items: Vec<pb::Arg>) -> pb::Arg {
-        pb::Arg { kind: Some(Kind::List(pb::ArgList { items })) }
+        pb::Arg {
+            kind: Some(Kind::List(pb::ArgList { items })),
+        }
     }
 
     pub fn map(entries: Vec<(Bytes, pb::Arg)>) -> pb::Arg {
         pb::Arg {
             kind: Some(Kind::Map(pb::ArgMap {
-                entries: entries.into_iter().map(|(key, v)| pb::ArgMapEntry { key, value: Some(v) }).collect(),
+                entries: entries
+                    .into_iter()
+                    .map(|(key, v)| pb::ArgMapEntry {
+                        key,
+                        value: Some(v),
+                    })
+                    .collect(),
             })),
         }
     }
@@ -377,7 +423,11 @@ pub mod build {
                 }
             }
             Some(Kind::List(l)) => l.items.iter().for_each(|a| references(a, out)),
-            Some(Kind::Map(m)) => m.entries.iter().filter_map(|e| e.value.as_ref()).for_each(|a| references(a, out)),
+            Some(Kind::Map(m)) => m
+                .entries
+                .iter()
+                .filter_map(|e| e.value.as_ref())
+                .for_each(|a| references(a, out)),
             _ => {}
         }
     }
@@ -400,7 +450,11 @@ mod tests {
 
     #[task(crate = crate, name = "checked-div")]
     fn div(a: i64, b: i64) -> Result<i64, String> {
-        if b == 0 { Err("division by zero".into()) } else { Ok(a / b) }
+        if b == 0 {
+            Err("division by zero".into())
+        } else {
+            Ok(a / b)
+        }
     }
 
     #[task(crate = crate)]
@@ -409,7 +463,10 @@ mod tests {
     }
 
     fn spec(function: &str, args: Vec<pb::Arg>) -> pb::TaskSpec {
-        pb::TaskSpec { function: function.into(), args: Some(build::list(args)) }
+        pb::TaskSpec {
+            function: function.into(),
+            args: Some(build::list(args)),
+        }
     }
 
     fn dep(v: i64) -> Value {
@@ -417,7 +474,9 @@ mod tests {
     }
 
     fn run(spec: &pb::TaskSpec) -> Result<Value, ExecErrorKind> {
-        execute(spec, &|k: &str| k.strip_prefix("v").map(|n| dep(n.parse().unwrap())))
+        execute(spec, &|k: &str| {
+            k.strip_prefix("v").map(|n| dep(n.parse().unwrap()))
+        })
     }
 
     fn as_i64(v: Value) -> i64 {
@@ -426,28 +485,48 @@ mod tests {
 
     #[test]
     fn literals_and_references() {
-        let s = spec("add", vec![build::literal(&2i64).unwrap(), build::key("v40")]);
+        let s = spec(
+            "add",
+            vec![build::literal(&2i64).unwrap(), build::key("v40")],
+        );
         assert_eq!(as_i64(run(&s).unwrap()), 42);
         assert_eq!(add::call(1, 2), 3);
     }
 
     #[test]
     fn nested_lists_and_maps() {
-        let xs = build::list(vec![build::key("v1"), build::literal(&2i64).unwrap(), build::key("v3")]);
-        let m = build::map(vec![(Bytes::from(rmp_serde::to_vec("k").unwrap()), build::key("v10"))]);
+        let xs = build::list(vec![
+            build::key("v1"),
+            build::literal(&2i64).unwrap(),
+            build::key("v3"),
+        ]);
+        let m = build::map(vec![(
+            Bytes::from(rmp_serde::to_vec("k").unwrap()),
+            build::key("v10"),
+        )]);
         assert_eq!(as_i64(run(&spec("total", vec![xs, m])).unwrap()), 60);
     }
 
     #[test]
     fn errors_have_kinds() {
-        let e = run(&spec("checked-div", vec![build::literal(&1i64).unwrap(), build::literal(&0i64).unwrap()]));
+        let e = run(&spec(
+            "checked-div",
+            vec![
+                build::literal(&1i64).unwrap(),
+                build::literal(&0i64).unwrap(),
+            ],
+        ));
         assert_eq!(e, Err(ExecErrorKind::Error("division by zero".into())));
         let e = run(&spec("boom", vec![])).unwrap_err();
         assert_eq!(e, ExecErrorKind::Panic("kaboom".into()));
         let e = run(&spec("nope", vec![])).unwrap_err();
         assert_eq!(e.kind(), "unknown-function");
         assert!(e.message().contains("\"nope\""));
-        let e = run(&spec("add", vec![build::literal("x").unwrap(), build::literal(&1i64).unwrap()])).unwrap_err();
+        let e = run(&spec(
+            "add",
+            vec![build::literal("x").unwrap(), build::literal(&1i64).unwrap()],
+        ))
+        .unwrap_err();
         assert_eq!(e.kind(), "bad-arguments", "{e:?}");
         let e = run(&spec("add", vec![build::literal(&1i64).unwrap()])).unwrap_err();
         assert_eq!(e.kind(), "bad-arguments", "{e:?}");
@@ -457,7 +536,10 @@ mod tests {
 
     #[test]
     fn references_are_collected_once() {
-        let a = build::list(vec![build::key("a"), build::list(vec![build::key("b"), build::key("a")])]);
+        let a = build::list(vec![
+            build::key("a"),
+            build::list(vec![build::key("b"), build::key("a")]),
+        ]);
         let mut out = Vec::new();
         build::references(&a, &mut out);
         assert_eq!(out, ["a", "b"]);

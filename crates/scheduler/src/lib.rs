@@ -7,5 +7,3 @@
 //! See `docs/scheduler.md`.
 pub mod core;
 pub mod server;
-
-

@@ -44,13 +44,26 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
-        .map_err(|e| format!("bad --log-level {:?}: {e} (use error, warn, info, debug or trace)", args.log_level))?;
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level).map_err(|e| {
+        format!(
+            "bad --log-level {:?}: {e} (use error, warn, info, debug or trace)",
+            args.log_level
+        )
+    })?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     if !(args.worker_ttl.is_finite() && args.worker_ttl > 0.0) {
-        return Err(format!("--worker-ttl {} must be a positive number of seconds", args.worker_ttl));
+        return Err(format!(
+            "--worker-ttl {} must be a positive number of seconds",
+            args.worker_ttl
+        ));
     }
-    let mut config = SchedulerConfig { scheduler_file: args.scheduler_file.clone(), ..Default::default() };
+    let mut config = SchedulerConfig {
+        scheduler_file: args.scheduler_file.clone(),
+        ..Default::default()
+    };
     config.core.worker_ttl = Duration::from_secs_f64(args.worker_ttl);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -16,4 +16,4 @@ pub mod server;
 pub mod state;
 
 pub use cli::worker_main;
-pub use server::{start, WorkerConfig, WorkerError, WorkerHandle};
+pub use server::{WorkerConfig, WorkerError, WorkerHandle, start};

@@ -1029,7 +1029,7 @@ fn a_stale_result_is_freed_on_the_worker_that_sent_it() {
 }
 
 #[test]
-fn missing_data_drops_the_replica_and_retries_elsewhere() {
+fn missing_data_drops_the_replica_and_retries_with_fresh_locations() {
     let mut h = Harness::new();
     h.join(1, 1);
     h.join(2, 1);

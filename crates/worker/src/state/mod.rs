@@ -47,18 +47,34 @@ pub enum Event {
     Compute(ComputeRequest),
     /// The scheduler no longer needs this key here: drop its value or cancel its computation.
     Free(Key),
-    ExecDone { key: Key, outcome: ExecOutcome, duration: Duration },
+    ExecDone {
+        key: Key,
+        outcome: ExecOutcome,
+        duration: Duration,
+    },
     /// A fetch from `from` ended: `got` are now in the store, `missing` were not there (or the
     /// peer could not be reached).
-    FetchDone { from: Arc<str>, got: Vec<(Key, u64)>, missing: Vec<Key> },
+    FetchDone {
+        from: Arc<str>,
+        got: Vec<(Key, u64)>,
+        missing: Vec<Key>,
+    },
     /// A client put these values into the store (scatter).
-    Put { keys: Vec<(Key, u64)> },
+    Put {
+        keys: Vec<(Key, u64)>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Instruction {
-    Execute { key: Key, spec: Bytes },
-    Fetch { from: Arc<str>, keys: Vec<Key> },
+    Execute {
+        key: Key,
+        spec: Bytes,
+    },
+    Fetch {
+        from: Arc<str>,
+        keys: Vec<Key>,
+    },
     /// Remove the value from the store.
     Drop(Key),
     Send(pb::worker_event::Kind),
@@ -66,7 +82,9 @@ pub enum Instruction {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum ComputeState {
-    Waiting { missing: u32 },
+    Waiting {
+        missing: u32,
+    },
     Ready,
     Executing,
     /// Freed while executing: its result is dropped.
@@ -84,9 +102,16 @@ struct ComputeTask {
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum DataState {
     /// Not here yet; these peers should have it.
-    Fetch { who_has: Vec<Arc<str>> },
-    Flight { from: Arc<str>, rest: Vec<Arc<str>> },
-    Memory { nbytes: u64 },
+    Fetch {
+        who_has: Vec<Arc<str>>,
+    },
+    Flight {
+        from: Arc<str>,
+        rest: Vec<Arc<str>>,
+    },
+    Memory {
+        nbytes: u64,
+    },
 }
 
 struct DataKey {
@@ -125,7 +150,10 @@ impl WorkerState {
 
     /// Keys whose values are in memory here.
     pub fn in_memory(&self) -> usize {
-        self.data.values().filter(|d| matches!(d.state, DataState::Memory { .. })).count()
+        self.data
+            .values()
+            .filter(|d| matches!(d.state, DataState::Memory { .. }))
+            .count()
     }
 
     pub fn n_compute(&self) -> usize {
@@ -136,7 +164,11 @@ impl WorkerState {
         match event {
             Event::Compute(req) => self.on_compute(req, out),
             Event::Free(key) => self.on_free(key, out),
-            Event::ExecDone { key, outcome, duration } => self.on_exec_done(key, outcome, duration, out),
+            Event::ExecDone {
+                key,
+                outcome,
+                duration,
+            } => self.on_exec_done(key, outcome, duration, out),
             Event::FetchDone { from, got, missing } => self.on_fetch_done(from, got, missing, out),
             Event::Put { keys } => {
                 for (key, nbytes) in keys {
@@ -157,16 +189,22 @@ impl WorkerState {
         if self.compute.contains_key(&req.key) {
             return; // already on it
         }
-        if let Some(DataKey { state: DataState::Memory { nbytes }, .. }) = self.data.get(&req.key) {
+        if let Some(DataKey {
+            state: DataState::Memory { nbytes },
+            ..
+        }) = self.data.get(&req.key)
+        {
             // We hold the value already (fetched or put): it is ours now.
             let nbytes = *nbytes;
             self.data.get_mut(&req.key).expect("present").own = true;
-            out.push(Instruction::Send(pb::worker_event::Kind::Finished(pb::TaskFinished {
-                key: req.key.to_string(),
-                nbytes,
-                duration_us: 0,
-                type_name: String::new(),
-            })));
+            out.push(Instruction::Send(pb::worker_event::Kind::Finished(
+                pb::TaskFinished {
+                    key: req.key.to_string(),
+                    nbytes,
+                    duration_us: 0,
+                    type_name: String::new(),
+                },
+            )));
             return;
         }
         let mut missing = 0;
@@ -174,7 +212,9 @@ impl WorkerState {
         let mut deps = Vec::with_capacity(req.deps.len());
         for (dep, who_has) in req.deps {
             let d = self.data.entry(dep.clone()).or_insert_with(|| DataKey {
-                state: DataState::Fetch { who_has: Vec::new() },
+                state: DataState::Fetch {
+                    who_has: Vec::new(),
+                },
                 dependents: Vec::new(),
                 own: false,
             });
@@ -187,7 +227,10 @@ impl WorkerState {
                     *have = who_has;
                     if let Some(first) = have.first().cloned() {
                         let rest = have[1..].to_vec();
-                        d.state = DataState::Flight { from: first.clone(), rest };
+                        d.state = DataState::Flight {
+                            from: first.clone(),
+                            rest,
+                        };
                         to_fetch.push((first, dep.clone()));
                     }
                 }
@@ -196,11 +239,25 @@ impl WorkerState {
         }
         let order = self.next_order;
         self.next_order += 1;
-        let state = if missing == 0 { ComputeState::Ready } else { ComputeState::Waiting { missing } };
+        let state = if missing == 0 {
+            ComputeState::Ready
+        } else {
+            ComputeState::Waiting { missing }
+        };
         if state == ComputeState::Ready {
-            self.ready.push((req.priority, Reverse(order), req.key.clone()));
+            self.ready
+                .push((req.priority, Reverse(order), req.key.clone()));
         }
-        self.compute.insert(req.key.clone(), ComputeTask { state, spec: req.spec, deps, priority: req.priority, order });
+        self.compute.insert(
+            req.key.clone(),
+            ComputeTask {
+                state,
+                spec: req.spec,
+                deps,
+                priority: req.priority,
+                order,
+            },
+        );
         // A dependency nobody can give us.
         let unreachable: Vec<Key> = self
             .compute
@@ -236,9 +293,17 @@ impl WorkerState {
         }
     }
 
-    fn on_exec_done(&mut self, key: Key, outcome: ExecOutcome, duration: Duration, out: &mut Vec<Instruction>) {
+    fn on_exec_done(
+        &mut self,
+        key: Key,
+        outcome: ExecOutcome,
+        duration: Duration,
+        out: &mut Vec<Instruction>,
+    ) {
         self.executing = self.executing.saturating_sub(1);
-        let Some(task) = self.compute.remove(&key) else { return };
+        let Some(task) = self.compute.remove(&key) else {
+            return;
+        };
         self.release_deps(&key, &task.deps, out);
         let cancelled = task.state == ComputeState::Cancelled;
         match outcome {
@@ -254,27 +319,37 @@ impl WorkerState {
                 });
                 d.state = DataState::Memory { nbytes };
                 d.own = true;
-                out.push(Instruction::Send(pb::worker_event::Kind::Finished(pb::TaskFinished {
-                    key: key.to_string(),
-                    nbytes,
-                    duration_us: duration.as_micros() as u64,
-                    type_name,
-                })));
+                out.push(Instruction::Send(pb::worker_event::Kind::Finished(
+                    pb::TaskFinished {
+                        key: key.to_string(),
+                        nbytes,
+                        duration_us: duration.as_micros() as u64,
+                        type_name,
+                    },
+                )));
             }
             ExecOutcome::Err(error) => {
                 if cancelled {
                     return;
                 }
-                out.push(Instruction::Send(pb::worker_event::Kind::Failed(pb::TaskFailed {
-                    key: key.to_string(),
-                    error: Some(error),
-                    duration_us: duration.as_micros() as u64,
-                })));
+                out.push(Instruction::Send(pb::worker_event::Kind::Failed(
+                    pb::TaskFailed {
+                        key: key.to_string(),
+                        error: Some(error),
+                        duration_us: duration.as_micros() as u64,
+                    },
+                )));
             }
         }
     }
 
-    fn on_fetch_done(&mut self, from: Arc<str>, got: Vec<(Key, u64)>, missing: Vec<Key>, out: &mut Vec<Instruction>) {
+    fn on_fetch_done(
+        &mut self,
+        from: Arc<str>,
+        got: Vec<(Key, u64)>,
+        missing: Vec<Key>,
+        out: &mut Vec<Instruction>,
+    ) {
         for (key, nbytes) in got {
             let Some(d) = self.data.get_mut(&key) else {
                 out.push(Instruction::Drop(key));
@@ -294,7 +369,8 @@ impl WorkerState {
                         *missing -= 1;
                         if *missing == 0 {
                             task.state = ComputeState::Ready;
-                            self.ready.push((task.priority, Reverse(task.order), t.clone()));
+                            self.ready
+                                .push((task.priority, Reverse(task.order), t.clone()));
                         }
                     }
                 }
@@ -302,7 +378,9 @@ impl WorkerState {
         }
         let mut retry: Vec<(Arc<str>, Key)> = Vec::new();
         for key in missing {
-            let Some(d) = self.data.get_mut(&key) else { continue };
+            let Some(d) = self.data.get_mut(&key) else {
+                continue;
+            };
             match &mut d.state {
                 DataState::Flight { from: f, rest } if *f == from => {
                     if let Some(next) = (!rest.is_empty()).then(|| rest.remove(0)) {
@@ -324,11 +402,13 @@ impl WorkerState {
         let dependents = d.dependents.clone();
         for t in dependents {
             if let Some(task) = self.compute.remove(&t) {
-                out.push(Instruction::Send(pb::worker_event::Kind::Missing(pb::MissingData {
-                    key: t.to_string(),
-                    dependency: dep.to_string(),
-                    workers: tried.iter().map(|w| w.to_string()).collect(),
-                })));
+                out.push(Instruction::Send(pb::worker_event::Kind::Missing(
+                    pb::MissingData {
+                        key: t.to_string(),
+                        dependency: dep.to_string(),
+                        workers: tried.iter().map(|w| w.to_string()).collect(),
+                    },
+                )));
                 self.release_deps(&t, &task.deps, out);
             }
         }
@@ -356,44 +436,77 @@ impl WorkerState {
 
     fn start_ready(&mut self, out: &mut Vec<Instruction>) {
         while self.executing < self.nthreads {
-            let Some((_, _, key)) = self.ready.pop() else { break };
-            let Some(task) = self.compute.get_mut(&key) else { continue };
+            let Some((_, _, key)) = self.ready.pop() else {
+                break;
+            };
+            let Some(task) = self.compute.get_mut(&key) else {
+                continue;
+            };
             if task.state != ComputeState::Ready {
                 continue;
             }
             task.state = ComputeState::Executing;
             self.executing += 1;
-            out.push(Instruction::Execute { key, spec: task.spec.clone() });
+            out.push(Instruction::Execute {
+                key,
+                spec: task.spec.clone(),
+            });
         }
     }
 
     /// Checks the invariants; panics on the first one broken.
     pub fn validate(&self) {
-        let executing = self.compute.values().filter(|t| matches!(t.state, ComputeState::Executing | ComputeState::Cancelled)).count();
+        let executing = self
+            .compute
+            .values()
+            .filter(|t| matches!(t.state, ComputeState::Executing | ComputeState::Cancelled))
+            .count();
         assert_eq!(executing, self.executing, "executing count");
-        assert!(self.executing <= self.nthreads, "more executing than threads");
+        assert!(
+            self.executing <= self.nthreads,
+            "more executing than threads"
+        );
         for (key, t) in &self.compute {
             let mut missing = 0;
             for dep in &t.deps {
-                let d = self.data.get(dep).unwrap_or_else(|| panic!("{key}: dependency {dep} has no entry"));
-                assert!(d.dependents.contains(key), "{key}: not a dependent of {dep}");
+                let d = self
+                    .data
+                    .get(dep)
+                    .unwrap_or_else(|| panic!("{key}: dependency {dep} has no entry"));
+                assert!(
+                    d.dependents.contains(key),
+                    "{key}: not a dependent of {dep}"
+                );
                 if !matches!(d.state, DataState::Memory { .. }) {
                     missing += 1;
                 }
             }
             match t.state {
-                ComputeState::Waiting { missing: m } => assert_eq!(m, missing, "{key}: missing count"),
-                ComputeState::Ready | ComputeState::Executing => assert_eq!(missing, 0, "{key}: runs without its inputs"),
+                ComputeState::Waiting { missing: m } => {
+                    assert_eq!(m, missing, "{key}: missing count")
+                }
+                ComputeState::Ready | ComputeState::Executing => {
+                    assert_eq!(missing, 0, "{key}: runs without its inputs")
+                }
                 ComputeState::Cancelled => {}
             }
         }
         for (key, d) in &self.data {
-            assert!(d.own || !d.dependents.is_empty(), "{key}: unneeded entry kept");
+            assert!(
+                d.own || !d.dependents.is_empty(),
+                "{key}: unneeded entry kept"
+            );
             if d.own {
-                assert!(matches!(d.state, DataState::Memory { .. }), "{key}: own but not in memory");
+                assert!(
+                    matches!(d.state, DataState::Memory { .. }),
+                    "{key}: own but not in memory"
+                );
             }
             for t in &d.dependents {
-                assert!(self.compute.get(t).is_some_and(|c| c.deps.contains(key)), "{key}: dependent {t} gone");
+                assert!(
+                    self.compute.get(t).is_some_and(|c| c.deps.contains(key)),
+                    "{key}: dependent {t} gone"
+                );
             }
         }
     }
