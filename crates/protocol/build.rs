@@ -7,16 +7,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
     let file = proto_dir.join("dask.proto");
     println!("cargo:rerun-if-changed={}", file.display());
-    tonic_prost_build::configure()
-        .bytes(".")
-        .compile_protos(&[file], &[proto_dir])?;
+    tonic_prost_build::configure().bytes(".").compile_protos(&[file], &[proto_dir])?;
     Ok(())
 }
 
-#[expect(
-    unsafe_code,
-    reason = "set_var is unsafe in edition 2024; build scripts are single threaded"
-)]
+#[expect(unsafe_code, reason = "set_var is unsafe in edition 2024; build scripts are single threaded")]
 fn unsafe_set_protoc(path: &std::path::Path) {
     unsafe { std::env::set_var("PROTOC", path) };
 }

@@ -14,10 +14,7 @@ pub fn triple(x: i64) -> i64 {
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     // target/<profile>/deps/<test> -> target/<profile>
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf()
+    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
 }
 
 /// Path of a workspace binary. The first call builds the server binaries (a no-op when they
@@ -26,23 +23,13 @@ pub fn binary(name: &str) -> PathBuf {
     static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     BUILT.get_or_init(|| {
         let mut cmd = Command::new(env!("CARGO"));
-        cmd.args([
-            "build",
-            "-p",
-            "dask-scheduler",
-            "-p",
-            "dask-worker",
-            "--bins",
-        ]);
+        cmd.args(["build", "-p", "dask-scheduler", "-p", "dask-worker", "--bins"]);
         cmd.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
         if bin_dir().ends_with("release") {
             cmd.arg("--release");
         }
         let status = cmd.status().expect("run cargo build");
-        assert!(
-            status.success(),
-            "cargo build of the server binaries failed"
-        );
+        assert!(status.success(), "cargo build of the server binaries failed");
     });
     let path = bin_dir().join(name);
     assert!(path.exists(), "{} is missing", path.display());
@@ -54,10 +41,7 @@ pub struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
         let p = std::env::temp_dir().join(format!("dask-rs-{tag}-{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&p).unwrap();
         TempDir(p)
@@ -104,9 +88,7 @@ impl Proc {
 
     /// SIGTERM, as systemd would.
     pub fn terminate(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
     }
 
     /// Waits for the process to exit; `None` if it is still running after `timeout`.
@@ -134,18 +116,13 @@ impl Drop for Proc {
 pub fn wait_for_scheduler_file(path: &Path, timeout: Duration) -> String {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-                if let Some(a) = v["address"].as_str() {
-                    return a.to_string();
-                }
-            }
+        if let Ok(text) = std::fs::read_to_string(path)
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+            && let Some(a) = v["address"].as_str()
+        {
+            return a.to_string();
         }
-        assert!(
-            Instant::now() < deadline,
-            "no scheduler file at {}",
-            path.display()
-        );
+        assert!(Instant::now() < deadline, "no scheduler file at {}", path.display());
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -153,14 +130,7 @@ pub fn wait_for_scheduler_file(path: &Path, timeout: Duration) -> String {
 /// Starts `dask-scheduler --port 0 --scheduler-file DIR/scheduler.json`; returns it and its address.
 pub fn start_scheduler(dir: &TempDir, extra: &[&str]) -> (Proc, String) {
     let file = dir.path("scheduler.json");
-    let mut args = vec![
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--scheduler-file",
-        file.to_str().unwrap(),
-    ];
+    let mut args = vec!["--host", "127.0.0.1", "--port", "0", "--scheduler-file", file.to_str().unwrap()];
     args.extend_from_slice(extra);
     let p = Proc::start(&binary("dask-scheduler"), &args, dir.path("scheduler.log"));
     let address = wait_for_scheduler_file(&file, Duration::from_secs(30));

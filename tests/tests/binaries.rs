@@ -19,33 +19,16 @@ fn graph_survives_a_worker_killed_with_sigkill() {
     let (_sched, address) = start_scheduler(&dir, &[]);
     let file = dir.path("scheduler.json");
     let w = binary("dask-worker");
-    let mut w1 = worker(
-        &dir,
-        &w,
-        &[&address, "--nthreads", "2", "--name", "w1"],
-        "w1.log",
-    );
-    let _w2 = worker(
-        &dir,
-        &w,
-        &[
-            "--scheduler-file",
-            file.to_str().unwrap(),
-            "--nthreads",
-            "2",
-            "--name",
-            "w2",
-        ],
-        "w2.log",
-    );
+    let mut w1 = worker(&dir, &w, &[&address, "--nthreads", "2", "--name", "w1"], "w1.log");
+    let _w2 =
+        worker(&dir, &w, &["--scheduler-file", file.to_str().unwrap(), "--nthreads", "2", "--name", "w2"], "w2.log");
     let client = Client::connect(&address).unwrap();
     client.wait_for_workers(2, Some(LONG)).unwrap();
 
     // 64 slow leaves, then a binary tree of additions: results spread over both workers.
     let mut g = Graph::new();
     for i in 0..64 {
-        g.add(format!("leaf-{i}"), slowinc, (i as i64, 25u64))
-            .unwrap();
+        g.add(format!("leaf-{i}"), slowinc, (i as i64, 25u64)).unwrap();
     }
     let mut level: Vec<String> = (0..64).map(|i| format!("leaf-{i}")).collect();
     let mut depth = 0;
@@ -53,12 +36,7 @@ fn graph_survives_a_worker_killed_with_sigkill() {
         let mut next = Vec::new();
         for (j, pair) in level.chunks(2).enumerate() {
             let k = format!("sum-{depth}-{j}");
-            g.add(
-                k.clone(),
-                add,
-                (Ref::<i64>::new(&pair[0]), Ref::<i64>::new(&pair[1])),
-            )
-            .unwrap();
+            g.add(k.clone(), add, (Ref::<i64>::new(&pair[0]), Ref::<i64>::new(&pair[1]))).unwrap();
             next.push(k);
         }
         level = next;
@@ -72,14 +50,7 @@ fn graph_survives_a_worker_killed_with_sigkill() {
     let expected: i64 = (1..=64).sum();
     assert_eq!(futures[0].result_timeout(LONG).unwrap(), expected);
     // The surviving worker still serves new work; the dead one is gone from the scheduler.
-    assert_eq!(
-        client
-            .submit(inc, (1,))
-            .unwrap()
-            .result_timeout(LONG)
-            .unwrap(),
-        2
-    );
+    assert_eq!(client.submit(inc, (1,)).unwrap().result_timeout(LONG).unwrap(), 2);
     let info = client.scheduler_info().unwrap();
     assert_eq!(info.workers.len(), 1, "the killed worker was removed");
     assert_eq!(info.workers[0].name, "w2");
@@ -90,39 +61,12 @@ fn user_worker_binary_runs_user_functions_and_cli_flags_show() {
     let dir = TempDir::new("custom");
     let (_sched, address) = start_scheduler(&dir, &[]);
     let custom = Path::new(env!("CARGO_BIN_EXE_custom-worker"));
-    let _w = worker(
-        &dir,
-        custom,
-        &[
-            &address,
-            "--nthreads",
-            "1",
-            "--memory-limit",
-            "4GB",
-            "--name",
-            "mine",
-        ],
-        "w.log",
-    );
+    let _w = worker(&dir, custom, &[&address, "--nthreads", "1", "--memory-limit", "4GB", "--name", "mine"], "w.log");
     let client = Client::connect(&address).unwrap();
     client.wait_for_workers(1, Some(LONG)).unwrap();
-    assert_eq!(
-        client
-            .submit(triple, (14,))
-            .unwrap()
-            .result_timeout(LONG)
-            .unwrap(),
-        42
-    );
+    assert_eq!(client.submit(triple, (14,)).unwrap().result_timeout(LONG).unwrap(), 42);
     // The stock functions are there too.
-    assert_eq!(
-        client
-            .submit(inc, (1,))
-            .unwrap()
-            .result_timeout(LONG)
-            .unwrap(),
-        2
-    );
+    assert_eq!(client.submit(inc, (1,)).unwrap().result_timeout(LONG).unwrap(), 2);
     let info = client.scheduler_info().unwrap();
     assert_eq!(info.workers[0].memory_limit, 4_000_000_000);
     assert_eq!(info.workers[0].name, "mine");
@@ -133,24 +77,12 @@ fn user_worker_binary_runs_user_functions_and_cli_flags_show() {
 fn stock_worker_reports_unknown_user_function_clearly() {
     let dir = TempDir::new("unknown");
     let (_sched, address) = start_scheduler(&dir, &[]);
-    let _w = worker(
-        &dir,
-        &binary("dask-worker"),
-        &[&address, "--nthreads", "1"],
-        "w.log",
-    );
+    let _w = worker(&dir, &binary("dask-worker"), &[&address, "--nthreads", "1"], "w.log");
     let client = Client::connect(&address).unwrap();
     client.wait_for_workers(1, Some(LONG)).unwrap();
-    let err = client
-        .submit(triple, (1,))
-        .unwrap()
-        .result_timeout(LONG)
-        .unwrap_err();
+    let err = client.submit(triple, (1,)).unwrap().result_timeout(LONG).unwrap_err();
     let msg = err.to_string();
-    assert!(
-        msg.contains("unknown-function") && msg.contains("\"triple\""),
-        "{msg}"
-    );
+    assert!(msg.contains("unknown-function") && msg.contains("\"triple\""), "{msg}");
 }
 
 #[test]
@@ -161,31 +93,13 @@ fn bad_input_to_the_clis_gets_clear_errors() {
     assert_eq!(p.wait_exit(LONG).and_then(|s| s.code()), Some(1));
     assert!(p.log().contains("expected tcp://HOST:PORT"), "{}", p.log());
 
-    let mut p = worker(
-        &dir,
-        &w,
-        &["tcp://127.0.0.1:1", "--memory-limit", "4XB"],
-        "bad-mem.log",
-    );
+    let mut p = worker(&dir, &w, &["tcp://127.0.0.1:1", "--memory-limit", "4XB"], "bad-mem.log");
     assert_eq!(p.wait_exit(LONG).and_then(|s| s.code()), Some(1));
-    assert!(
-        p.log().contains("failed to parse memory limit"),
-        "{}",
-        p.log()
-    );
+    assert!(p.log().contains("failed to parse memory limit"), "{}", p.log());
 
-    let mut p = worker(
-        &dir,
-        &w,
-        &["tcp://127.0.0.1:1", "--death-timeout", "0.3"],
-        "dead.log",
-    );
+    let mut p = worker(&dir, &w, &["tcp://127.0.0.1:1", "--death-timeout", "0.3"], "dead.log");
     assert_eq!(p.wait_exit(LONG).and_then(|s| s.code()), Some(1));
-    assert!(
-        p.log().contains("is dask-scheduler running there?"),
-        "{}",
-        p.log()
-    );
+    assert!(p.log().contains("is dask-scheduler running there?"), "{}", p.log());
 
     let mut p = Proc::start(&w, &[], dir.path("none.log"));
     assert_eq!(p.wait_exit(LONG).and_then(|s| s.code()), Some(1));
@@ -194,11 +108,8 @@ fn bad_input_to_the_clis_gets_clear_errors() {
     // A port already in use.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port().to_string();
-    let mut s = Proc::start(
-        &binary("dask-scheduler"),
-        &["--host", "127.0.0.1", "--port", &port],
-        dir.path("taken.log"),
-    );
+    let mut s =
+        Proc::start(&binary("dask-scheduler"), &["--host", "127.0.0.1", "--port", &port], dir.path("taken.log"));
     assert_eq!(s.wait_exit(LONG).and_then(|s| s.code()), Some(1));
     assert!(s.log().contains("failed to listen"), "{}", s.log());
 }
@@ -207,33 +118,16 @@ fn bad_input_to_the_clis_gets_clear_errors() {
 fn sigterm_stops_the_scheduler_and_its_workers_cleanly() {
     let dir = TempDir::new("term");
     let (mut sched, address) = start_scheduler(&dir, &[]);
-    let mut w = worker(
-        &dir,
-        &binary("dask-worker"),
-        &[&address, "--nthreads", "1"],
-        "w.log",
-    );
+    let mut w = worker(&dir, &binary("dask-worker"), &[&address, "--nthreads", "1"], "w.log");
     let client = Client::connect(&address).unwrap();
     client.wait_for_workers(1, Some(LONG)).unwrap();
     let f = client.submit(slowinc, (1, 60_000)).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     sched.terminate();
-    assert_eq!(
-        sched.wait_exit(LONG).and_then(|s| s.code()),
-        Some(0),
-        "{}",
-        sched.log()
-    );
-    assert!(
-        !dir.path("scheduler.json").exists(),
-        "the scheduler file is removed on exit"
-    );
+    assert_eq!(sched.wait_exit(LONG).and_then(|s| s.code()), Some(0), "{}", sched.log());
+    assert!(!dir.path("scheduler.json").exists(), "the scheduler file is removed on exit");
     // The worker leaves when its scheduler is gone; the client gets an error, not a hang.
-    assert!(
-        w.wait_exit(LONG).is_some(),
-        "worker still running: {}",
-        w.log()
-    );
+    assert!(w.wait_exit(LONG).is_some(), "worker still running: {}", w.log());
     let err = f.result_timeout(LONG).unwrap_err();
     assert!(matches!(err, dask::Error::SchedulerLost(_)), "{err}");
 }

@@ -50,10 +50,7 @@ impl<T> IntoArg<T> for Future<T> {
 
 impl<T> IntoArg<Vec<T>> for &[Future<T>] {
     fn into_arg(self, deps: &mut Vec<String>) -> Result<pb::Arg> {
-        let items = self
-            .iter()
-            .map(|f| f.into_arg(deps))
-            .collect::<Result<_>>()?;
+        let items = self.iter().map(|f| f.into_arg(deps)).collect::<Result<_>>()?;
         Ok(build::list(items))
     }
 }
@@ -79,10 +76,7 @@ impl<T> IntoArg<T> for crate::graph::Ref<T> {
 
 impl<T> IntoArg<Vec<T>> for Vec<crate::graph::Ref<T>> {
     fn into_arg(self, deps: &mut Vec<String>) -> Result<pb::Arg> {
-        let items = self
-            .into_iter()
-            .map(|r| r.into_arg(deps))
-            .collect::<Result<_>>()?;
+        let items = self.into_iter().map(|r| r.into_arg(deps)).collect::<Result<_>>()?;
         Ok(build::list(items))
     }
 }

@@ -14,9 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use dask_protocol::addr::Address;
 use dask_protocol::codec::{Value, decode};
-use dask_protocol::pb::{
-    self, scheduler_client::SchedulerClient, worker_data_client::WorkerDataClient,
-};
+use dask_protocol::pb::{self, scheduler_client::SchedulerClient, worker_data_client::WorkerDataClient};
 use dask_protocol::task::Task;
 use dask_protocol::tokenize::Tokenizer;
 use dask_protocol::{MAX_MESSAGE, data};
@@ -80,8 +78,11 @@ pub struct ScatterOptions {
 /// The keys this client holds futures for: a count of handles and the shared state.
 #[derive(Default)]
 pub(crate) struct KeyTable {
-    keys: Mutex<FxHashMap<Arc<str>, (u32, Arc<KeyState>)>>,
+    keys: Mutex<FxHashMap<Arc<str>, Held>>,
 }
+
+/// Handles this client holds for one key, and the key's shared state.
+type Held = (u32, Arc<KeyState>);
 
 impl KeyTable {
     fn get(&self, key: &str) -> Option<Arc<KeyState>> {
@@ -160,14 +161,7 @@ impl ClientInner {
                 (s, true)
             }
         };
-        (
-            Arc::new(FutureRef {
-                key: Arc::from(key),
-                state,
-                client: self.clone(),
-            }),
-            fresh,
-        )
+        (Arc::new(FutureRef { key: Arc::from(key), state, client: self.clone() }), fresh)
     }
 
     pub(crate) fn release_ref(&self, key: &str) {
@@ -177,9 +171,7 @@ impl ClientInner {
             if *n == 0 {
                 keys.remove(key);
                 drop(keys);
-                self.send(pb::client_op::Kind::Release(pb::KeyList {
-                    keys: vec![key.to_string()],
-                }));
+                self.send(pb::client_op::Kind::Release(pb::KeyList { keys: vec![key.to_string()] }));
             }
         }
     }
@@ -190,9 +182,7 @@ impl ClientInner {
                 s.set(Status::Cancelled);
             }
         }
-        self.send(pb::client_op::Kind::Cancel(pb::KeyList {
-            keys: keys.iter().map(|k| k.to_string()).collect(),
-        }));
+        self.send(pb::client_op::Kind::Cancel(pb::KeyList { keys: keys.iter().map(|k| k.to_string()).collect() }));
     }
 
     fn data_client(&self, worker: &str) -> Result<WorkerDataClient<Channel>> {
@@ -212,10 +202,7 @@ impl ClientInner {
 
     /// Fetches the values of finished keys from the workers that hold them, one request per
     /// worker, all workers at once.
-    pub(crate) async fn fetch(
-        &self,
-        wanted: Vec<(Arc<str>, Vec<String>)>,
-    ) -> Result<FxHashMap<Arc<str>, Value>> {
+    pub(crate) async fn fetch(&self, wanted: Vec<(Arc<str>, Vec<String>)>) -> Result<FxHashMap<Arc<str>, Value>> {
         let mut out: FxHashMap<Arc<str>, Value> = FxHashMap::default();
         let mut pending = wanted;
         let mut attempt = 0;
@@ -237,11 +224,9 @@ impl ClientInner {
             }
             let requests = by_worker.into_iter().map(|(worker, keys)| async move {
                 let r = match self.data_client(&worker) {
-                    Ok(mut c) => {
-                        data::get_data(&mut c, keys.iter().map(|k| k.to_string()).collect())
-                            .await
-                            .map_err(|e| e.to_string())
-                    }
+                    Ok(mut c) => data::get_data(&mut c, keys.iter().map(|k| k.to_string()).collect())
+                        .await
+                        .map_err(|e| e.to_string()),
                     Err(e) => Err(e.to_string()),
                 };
                 (worker, keys, r)
@@ -269,16 +254,10 @@ impl ClientInner {
     }
 
     /// The value of a done key, or the error its status means.
-    pub(crate) async fn value_of<T: DeserializeOwned>(
-        &self,
-        key: &Arc<str>,
-        status: Status,
-    ) -> Result<T> {
+    pub(crate) async fn value_of<T: DeserializeOwned>(&self, key: &Arc<str>, status: Status) -> Result<T> {
         let workers = status_to_result(key, status)?;
         let mut values = self.fetch(vec![(key.clone(), workers)]).await?;
-        let v = values
-            .remove(key)
-            .expect("fetch returns every key or fails");
+        let v = values.remove(key).expect("fetch returns every key or fails");
         Ok(decode(v.codec, &v.data)?)
     }
 
@@ -295,13 +274,8 @@ pub(crate) fn status_to_result(key: &str, status: Status) -> Result<Vec<String>>
     match status {
         Status::Finished { workers } => Ok(workers),
         Status::Error(e) => Err(Error::Task((*e).clone())),
-        Status::Cancelled => Err(Error::Cancelled {
-            key: key.to_string(),
-        }),
-        Status::Lost(why) => Err(Error::Lost {
-            key: key.to_string(),
-            why,
-        }),
+        Status::Cancelled => Err(Error::Cancelled { key: key.to_string() }),
+        Status::Lost(why) => Err(Error::Lost { key: key.to_string(), why }),
         Status::Disconnected(why) => Err(Error::SchedulerLost(why)),
         Status::Pending => unreachable!("value of a pending key"),
     }
@@ -354,9 +328,7 @@ impl Client {
             .thread_name("dask-client-io")
             .enable_all()
             .build()
-            .map_err(|e| {
-                Error::InvalidArgument(format!("failed to start the client's runtime: {e}"))
-            })?;
+            .map_err(|e| Error::InvalidArgument(format!("failed to start the client's runtime: {e}")))?;
         let handle = rt.handle().clone();
         let client = handle.block_on(connect_inner(addr, timeout, handle.clone()))?;
         *client.inner.runtime.lock() = Some(rt);
@@ -382,11 +354,7 @@ impl Client {
     // ------------------------------------------------------------------ submitting work
 
     /// Runs `f(args...)` on the cluster. Returns at once.
-    pub fn submit<T: Task, A: IntoArgs<T::Args>>(
-        &self,
-        f: T,
-        args: A,
-    ) -> Result<Future<T::Output>> {
+    pub fn submit<T: Task, A: IntoArgs<T::Args>>(&self, f: T, args: A) -> Result<Future<T::Output>> {
         self.submit_with(f, args, SubmitOptions::default())
     }
 
@@ -403,11 +371,7 @@ impl Client {
         let def = self.task_def::<T>(arg, deps, opts.key.clone(), opts.pure, &opts)?;
         let (r, _) = self.inner.new_ref(&def.key);
         let key = def.key.clone();
-        self.inner
-            .send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph {
-                tasks: vec![def],
-                wants: vec![key],
-            }));
+        self.inner.send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph { tasks: vec![def], wants: vec![key] }));
         Ok(Future::from_ref(r))
     }
 
@@ -419,11 +383,7 @@ impl Client {
         pure: bool,
         opts: &SubmitOptions,
     ) -> Result<pb::TaskDef> {
-        let spec = pb::TaskSpec {
-            function: T::NAME.to_string(),
-            args: Some(arg),
-        }
-        .encode_to_vec();
+        let spec = pb::TaskSpec { function: T::NAME.to_string(), args: Some(arg) }.encode_to_vec();
         let key = match key {
             Some(k) if k.is_empty() => {
                 return Err(Error::InvalidArgument("a key must not be empty".into()));
@@ -493,10 +453,7 @@ impl Client {
             let mut deps = Vec::new();
             let arg = args.into_args(&mut deps)?;
             let key = match &mut keys {
-                Some(k) => Some(
-                    k.next()
-                        .ok_or_else(|| Error::InvalidArgument("fewer keys than items".into()))?,
-                ),
+                Some(k) => Some(k.next().ok_or_else(|| Error::InvalidArgument("fewer keys than items".into()))?),
                 None => None,
             };
             let mut def = self.task_def::<T>(arg, deps, key.clone(), opts.pure, &opts)?;
@@ -511,19 +468,14 @@ impl Client {
                 tasks.push(def);
             }
             if tasks.len() >= BATCH {
-                self.inner
-                    .send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph {
-                        tasks: std::mem::take(&mut tasks),
-                        wants: std::mem::take(&mut wants),
-                    }));
+                self.inner.send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph {
+                    tasks: std::mem::take(&mut tasks),
+                    wants: std::mem::take(&mut wants),
+                }));
             }
         }
         if !tasks.is_empty() {
-            self.inner
-                .send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph {
-                    tasks,
-                    wants,
-                }));
+            self.inner.send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph { tasks, wants }));
         }
         Ok(futures)
     }
@@ -545,9 +497,7 @@ impl Client {
         self.check_open()?;
         for k in keys {
             if !graph.contains(k) && self.inner.table.get(k).is_none() {
-                return Err(Error::InvalidArgument(format!(
-                    "key {k:?} is not in the graph"
-                )));
+                return Err(Error::InvalidArgument(format!("key {k:?} is not in the graph")));
             }
         }
         let mut futures = Vec::with_capacity(keys.len());
@@ -562,17 +512,9 @@ impl Client {
         while tasks.len() > 10_000 {
             let rest = tasks.split_off(10_000);
             let batch = std::mem::replace(&mut tasks, rest);
-            self.inner
-                .send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph {
-                    tasks: batch,
-                    wants: wants.clone(),
-                }));
+            self.inner.send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph { tasks: batch, wants: wants.clone() }));
         }
-        self.inner
-            .send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph {
-                tasks,
-                wants,
-            }));
+        self.inner.send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph { tasks, wants }));
         Ok(futures)
     }
 
@@ -585,11 +527,7 @@ impl Client {
     }
 
     /// `gather` with `errors = skip`: failed, cancelled and lost futures are left out.
-    pub fn gather_with<G: Gatherable + ?Sized>(
-        &self,
-        what: &G,
-        errors: Errors,
-    ) -> Result<G::Output> {
+    pub fn gather_with<G: Gatherable + ?Sized>(&self, what: &G, errors: Errors) -> Result<G::Output> {
         self.inner.block_on(self.gather_async_with(what, errors))
     }
 
@@ -597,11 +535,7 @@ impl Client {
         self.gather_async_with(what, Errors::Raise).await
     }
 
-    pub async fn gather_async_with<G: Gatherable + ?Sized>(
-        &self,
-        what: &G,
-        errors: Errors,
-    ) -> Result<G::Output> {
+    pub async fn gather_async_with<G: Gatherable + ?Sized>(&self, what: &G, errors: Errors) -> Result<G::Output> {
         let mut refs = Vec::new();
         what.collect(&mut refs);
         let mut wanted = Vec::new();
@@ -621,12 +555,8 @@ impl Client {
         wanted.sort_by(|a, b| a.0.cmp(&b.0));
         wanted.dedup_by(|a, b| a.0 == b.0);
         let values = self.inner.fetch(wanted).await?;
-        let mut map = ValueMap {
-            values,
-            skip: errors == Errors::Skip,
-        };
-        what.build(&mut map)?
-            .ok_or_else(|| Error::InvalidArgument("nothing to gather".into()))
+        let mut map = ValueMap { values, skip: errors == Errors::Skip };
+        what.build(&mut map)?.ok_or_else(|| Error::InvalidArgument("nothing to gather".into()))
     }
 
     /// Puts values on the workers and returns futures to them.
@@ -648,11 +578,7 @@ impl Client {
         Ok(ks.into_iter().zip(self.scatter(vs)?).collect())
     }
 
-    pub fn scatter_with<T: Serialize>(
-        &self,
-        values: Vec<T>,
-        opts: ScatterOptions,
-    ) -> Result<Vec<Future<T>>> {
+    pub fn scatter_with<T: Serialize>(&self, values: Vec<T>, opts: ScatterOptions) -> Result<Vec<Future<T>>> {
         self.inner.block_on(self.scatter_async_with(values, opts))
     }
 
@@ -666,10 +592,7 @@ impl Client {
         let mut targets: Vec<String> = info
             .workers
             .iter()
-            .filter(|w| {
-                opts.workers.is_empty()
-                    || opts.workers.iter().any(|x| *x == w.address || *x == w.name)
-            })
+            .filter(|w| opts.workers.is_empty() || opts.workers.iter().any(|x| *x == w.address || *x == w.name))
             .map(|w| w.address.clone())
             .collect();
         if targets.is_empty() {
@@ -688,46 +611,28 @@ impl Client {
             let mut t = Tokenizer::default();
             t.field(&value.data);
             let key = format!("{type_name}-{}", t.hex());
-            let holders: Vec<String> = if opts.broadcast {
-                targets.clone()
-            } else {
-                vec![targets[i % targets.len()].clone()]
-            };
+            let holders: Vec<String> =
+                if opts.broadcast { targets.clone() } else { vec![targets[i % targets.len()].clone()] };
             for w in &holders {
-                per_worker
-                    .entry(w.clone())
-                    .or_default()
-                    .push((key.clone(), Some(value.clone())));
+                per_worker.entry(w.clone()).or_default().push((key.clone(), Some(value.clone())));
             }
-            placed.push(pb::ScatteredKey {
-                key,
-                workers: holders,
-                nbytes: value.data.len() as u64,
-            });
+            placed.push(pb::ScatteredKey { key, workers: holders, nbytes: value.data.len() as u64 });
         }
         let puts = per_worker.into_iter().map(|(worker, vals)| async move {
             let mut c = self.inner.data_client(&worker)?;
             let frames = data::frames(vals);
-            c.put_data(futures_util::stream::iter(frames))
-                .await
-                .map_err(|s| Error::Fetch {
-                    key: String::new(),
-                    workers: vec![worker.clone()],
-                    why: format!("failed to put data: {}", s.message()),
-                })?;
+            c.put_data(futures_util::stream::iter(frames)).await.map_err(|s| Error::Fetch {
+                key: String::new(),
+                workers: vec![worker.clone()],
+                why: format!("failed to put data: {}", s.message()),
+            })?;
             Ok::<_, Error>(())
         });
         for r in join_all(puts).await {
             r?;
         }
-        let futures = placed
-            .iter()
-            .map(|p| Future::from_ref(self.inner.new_ref(&p.key).0))
-            .collect();
-        self.inner
-            .send(pb::client_op::Kind::Scattered(pb::Scattered {
-                keys: placed,
-            }));
+        let futures = placed.iter().map(|p| Future::from_ref(self.inner.new_ref(&p.key).0)).collect();
+        self.inner.send(pb::client_op::Kind::Scattered(pb::Scattered { keys: placed }));
         Ok(futures)
     }
 
@@ -752,55 +657,27 @@ impl Client {
     }
 
     pub async fn scheduler_info_async(&self) -> Result<pb::SchedulerInfo> {
-        Ok(self
-            .inner
-            .scheduler
-            .clone()
-            .info(pb::Empty {})
-            .await?
-            .into_inner())
+        Ok(self.inner.scheduler.clone().info(pb::Empty {}).await?.into_inner())
     }
 
     /// Worker addresses holding each future's key.
-    pub fn who_has<T>(&self, futures: &[Future<T>]) -> Result<HashMap<String, Vec<String>>> {
-        let keys = futures.iter().map(|f| f.key().to_string()).collect();
-        let reply = self
-            .inner
-            .block_on(
-                self.inner
-                    .scheduler
-                    .clone()
-                    .who_has(pb::KeysRequest { keys }),
-            )?
-            .into_inner();
-        Ok(reply
-            .entries
-            .into_iter()
-            .map(|e| (e.key, e.workers))
-            .collect())
+    pub fn who_has<G: Gatherable + ?Sized>(&self, futures: &G) -> Result<HashMap<String, Vec<String>>> {
+        let mut refs = Vec::new();
+        futures.collect(&mut refs);
+        let keys = refs.iter().map(|r| r.key.to_string()).collect();
+        let reply = self.inner.block_on(self.inner.scheduler.clone().who_has(pb::KeysRequest { keys }))?.into_inner();
+        Ok(reply.entries.into_iter().map(|e| (e.key, e.workers)).collect())
     }
 
     /// Keys held by each worker.
     pub fn has_what(&self) -> Result<HashMap<String, Vec<String>>> {
-        let reply = self
-            .inner
-            .block_on(self.inner.scheduler.clone().has_what(pb::Empty {}))?
-            .into_inner();
-        Ok(reply
-            .entries
-            .into_iter()
-            .map(|e| (e.worker, e.keys))
-            .collect())
+        let reply = self.inner.block_on(self.inner.scheduler.clone().has_what(pb::Empty {}))?.into_inner();
+        Ok(reply.entries.into_iter().map(|e| (e.worker, e.keys)).collect())
     }
 
     /// Threads of each worker.
     pub fn nthreads(&self) -> Result<HashMap<String, u32>> {
-        Ok(self
-            .scheduler_info()?
-            .workers
-            .into_iter()
-            .map(|w| (w.address, w.nthreads))
-            .collect())
+        Ok(self.scheduler_info()?.workers.into_iter().map(|w| (w.address, w.nthreads)).collect())
     }
 
     /// Blocks until at least `n` workers are connected, or `timeout` passes.
@@ -809,31 +686,21 @@ impl Client {
     }
 
     pub async fn wait_for_workers_async(&self, n: usize, timeout: Option<Duration>) -> Result<()> {
-        let req = pb::WaitForWorkersRequest {
-            n: n as u32,
-            timeout_s: timeout.map_or(0.0, |t| t.as_secs_f64()),
-        };
+        let req = pb::WaitForWorkersRequest { n: n as u32, timeout_s: timeout.map_or(0.0, |t| t.as_secs_f64()) };
         match self.inner.scheduler.clone().wait_for_workers(req).await {
             Ok(_) => Ok(()),
-            Err(s) if s.code() == tonic::Code::DeadlineExceeded => Err(Error::Timeout {
-                what: format!("{n} workers"),
-                after: timeout.unwrap_or_default(),
-            }),
+            Err(s) if s.code() == tonic::Code::DeadlineExceeded => {
+                Err(Error::Timeout { what: format!("{n} workers"), after: timeout.unwrap_or_default() })
+            }
             Err(s) => Err(s.into()),
         }
     }
 
     /// Writes dask's scheduler file (JSON with the scheduler's address) for other clients.
     pub fn write_scheduler_file(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
-        let json =
-            serde_json::json!({ "type": "Scheduler", "address": self.inner.address.to_string() });
-        std::fs::write(
-            path.as_ref(),
-            serde_json::to_vec_pretty(&json).expect("json"),
-        )
-        .map_err(|e| {
-            Error::InvalidArgument(format!("failed to write {}: {e}", path.as_ref().display()))
-        })
+        let json = serde_json::json!({ "type": "Scheduler", "address": self.inner.address.to_string() });
+        std::fs::write(path.as_ref(), serde_json::to_vec_pretty(&json).expect("json"))
+            .map_err(|e| Error::InvalidArgument(format!("failed to write {}: {e}", path.as_ref().display())))
     }
 
     /// Closes the connection (the scheduler releases everything this client wanted) and the
@@ -863,9 +730,7 @@ impl Client {
     pub fn future_of<T>(&self, key: &str) -> Future<T> {
         let (r, fresh) = self.inner.new_ref(key);
         if fresh {
-            self.inner.send(pb::client_op::Kind::Want(pb::KeyList {
-                keys: vec![key.to_string()],
-            }));
+            self.inner.send(pb::client_op::Kind::Want(pb::KeyList { keys: vec![key.to_string()] }));
         }
         Future::from_ref(r)
     }
@@ -883,37 +748,19 @@ fn short_type_name<T>() -> String {
 }
 
 pub(crate) fn read_scheduler_file(path: &std::path::Path) -> Result<String> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        Error::InvalidArgument(format!(
-            "failed to read scheduler file {}: {e}",
-            path.display()
-        ))
-    })?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-        Error::InvalidArgument(format!(
-            "failed to parse scheduler file {}: {e}",
-            path.display()
-        ))
-    })?;
-    v["address"].as_str().map(str::to_string).ok_or_else(|| {
-        Error::InvalidArgument(format!(
-            "scheduler file {} has no \"address\"",
-            path.display()
-        ))
-    })
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::InvalidArgument(format!("failed to read scheduler file {}: {e}", path.display())))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::InvalidArgument(format!("failed to parse scheduler file {}: {e}", path.display())))?;
+    v["address"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| Error::InvalidArgument(format!("scheduler file {} has no \"address\"", path.display())))
 }
 
-async fn connect_inner(
-    addr: Address,
-    timeout: Duration,
-    handle: tokio::runtime::Handle,
-) -> Result<Client> {
+async fn connect_inner(addr: Address, timeout: Duration, handle: tokio::runtime::Handle) -> Result<Client> {
     let started = Instant::now();
-    let connect_err = |why: String| Error::Connect {
-        address: addr.to_string(),
-        timeout,
-        why,
-    };
+    let connect_err = |why: String| Error::Connect { address: addr.to_string(), timeout, why };
     let endpoint = tonic::transport::Endpoint::from_shared(addr.endpoint())
         .map_err(|e| connect_err(e.to_string()))?
         .tcp_nodelay(true)
@@ -922,12 +769,7 @@ async fn connect_inner(
         .keep_alive_timeout(Duration::from_secs(20));
     let mut delay = Duration::from_millis(20);
     let channel = loop {
-        match tokio::time::timeout(
-            timeout.saturating_sub(started.elapsed()),
-            endpoint.connect(),
-        )
-        .await
-        {
+        match tokio::time::timeout(timeout.saturating_sub(started.elapsed()), endpoint.connect()).await {
             Ok(Ok(ch)) => break ch,
             Ok(Err(e)) if started.elapsed() + delay < timeout => {
                 tracing::debug!(error = %dask_worker::server::error_chain(&e), "scheduler not reachable yet");
@@ -938,43 +780,26 @@ async fn connect_inner(
             Err(_) => return Err(connect_err("timed out".into())),
         }
     };
-    let mut scheduler = SchedulerClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
+    let mut scheduler =
+        SchedulerClient::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
     let (stream_tx, stream_rx) = mpsc::unbounded_channel::<pb::ClientToScheduler>();
-    let client_id = format!(
-        "Client-{:x}",
-        std::collections::hash_map::RandomState::new().hash_one(std::process::id())
-    );
+    let client_id = format!("Client-{:x}", std::collections::hash_map::RandomState::new().hash_one(std::process::id()));
     let _ = stream_tx.send(pb::ClientToScheduler {
-        ops: vec![pb::ClientOp {
-            kind: Some(pb::client_op::Kind::Hello(pb::ClientHello { client_id })),
-        }],
+        ops: vec![pb::ClientOp { kind: Some(pb::client_op::Kind::Hello(pb::ClientHello { client_id })) }],
     });
-    let remaining = timeout
-        .saturating_sub(started.elapsed())
-        .max(Duration::from_millis(100));
-    let inbound = match tokio::time::timeout(
-        remaining,
-        scheduler.client_stream(UnboundedReceiverStream::new(stream_rx)),
-    )
-    .await
-    {
-        Ok(Ok(r)) => r.into_inner(),
-        Ok(Err(s)) => return Err(connect_err(s.message().to_string())),
-        Err(_) => return Err(connect_err("the scheduler did not answer".into())),
-    };
+    let remaining = timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(100));
+    let inbound =
+        match tokio::time::timeout(remaining, scheduler.client_stream(UnboundedReceiverStream::new(stream_rx))).await {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(s)) => return Err(connect_err(s.message().to_string())),
+            Err(_) => return Err(connect_err("the scheduler did not answer".into())),
+        };
     let (ops_tx, ops_rx) = mpsc::unbounded_channel();
     let shutdown = CancellationToken::new();
     let table = Arc::new(KeyTable::default());
     let disconnected = Arc::new(Mutex::new(None));
     handle.spawn(writer(ops_rx, stream_tx, shutdown.clone()));
-    handle.spawn(reader(
-        inbound,
-        table.clone(),
-        disconnected.clone(),
-        shutdown.clone(),
-    ));
+    handle.spawn(reader(inbound, table.clone(), disconnected.clone(), shutdown.clone()));
     let inner = Arc::new(ClientInner {
         address: addr,
         runtime: Mutex::new(None),

@@ -60,17 +60,11 @@ impl LocalClusterBuilder {
                     .into(),
             ));
         }
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let n_workers = self.n_workers.unwrap_or(cores);
-        let threads = self
-            .threads_per_worker
-            .unwrap_or_else(|| (cores / n_workers.max(1)).max(1));
+        let threads = self.threads_per_worker.unwrap_or_else(|| (cores / n_workers.max(1)).max(1));
         if threads == 0 {
-            return Err(Error::InvalidArgument(
-                "threads_per_worker must be at least 1".into(),
-            ));
+            return Err(Error::InvalidArgument("threads_per_worker must be at least 1".into()));
         }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -82,16 +76,10 @@ impl LocalClusterBuilder {
         let (sched, workers) = runtime.block_on(async {
             let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.scheduler_port))
                 .await
-                .map_err(|e| {
-                    Error::Cluster(format!(
-                        "failed to listen on 127.0.0.1:{}: {e}",
-                        self.scheduler_port
-                    ))
-                })?;
-            let (sched, run) =
-                scheduler::run(listener, SchedulerConfig::default(), shutdown.clone())
-                    .await
-                    .map_err(|e| Error::Cluster(e.to_string()))?;
+                .map_err(|e| Error::Cluster(format!("failed to listen on 127.0.0.1:{}: {e}", self.scheduler_port)))?;
+            let (sched, run) = scheduler::run(listener, SchedulerConfig::default(), shutdown.clone())
+                .await
+                .map_err(|e| Error::Cluster(e.to_string()))?;
             tokio::spawn(run);
             let mut workers = Vec::new();
             for i in 0..n_workers {
@@ -100,9 +88,8 @@ impl LocalClusterBuilder {
                 config.memory_limit = self.memory_limit;
                 config.name = Some(format!("local-{i}"));
                 config.death_timeout = Some(Duration::from_secs(10));
-                let (handle, run) = worker::start(config, shutdown.child_token())
-                    .await
-                    .map_err(|e| Error::Cluster(e.to_string()))?;
+                let (handle, run) =
+                    worker::start(config, shutdown.child_token()).await.map_err(|e| Error::Cluster(e.to_string()))?;
                 tokio::spawn(async move {
                     if let Err(e) = run.await {
                         tracing::warn!(error = %e, "local worker stopped");
@@ -112,12 +99,7 @@ impl LocalClusterBuilder {
             }
             Ok::<_, Error>((sched, workers))
         })?;
-        Ok(LocalCluster {
-            runtime: Some(runtime),
-            scheduler: sched,
-            workers,
-            shutdown,
-        })
+        Ok(LocalCluster { runtime: Some(runtime), scheduler: sched, workers, shutdown })
     }
 }
 
@@ -131,12 +113,7 @@ pub struct LocalCluster {
 
 impl std::fmt::Debug for LocalCluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "LocalCluster({}, workers={})",
-            self.scheduler.address,
-            self.workers.len()
-        )
+        write!(f, "LocalCluster({}, workers={})", self.scheduler.address, self.workers.len())
     }
 }
 

@@ -16,33 +16,15 @@ pub struct TaskFailure {
 
 impl fmt::Display for TaskFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let what = if self.function.is_empty() {
-            String::new()
-        } else {
-            format!(" in {}", self.function)
-        };
-        let where_ = if self.worker.is_empty() {
-            String::new()
-        } else {
-            format!(" on {}", self.worker)
-        };
-        write!(
-            f,
-            "task {}{what} failed{where_} ({}): {}",
-            self.key, self.kind, self.message
-        )
+        let what = if self.function.is_empty() { String::new() } else { format!(" in {}", self.function) };
+        let where_ = if self.worker.is_empty() { String::new() } else { format!(" on {}", self.worker) };
+        write!(f, "task {}{what} failed{where_} ({}): {}", self.key, self.kind, self.message)
     }
 }
 
 impl From<dask_protocol::pb::TaskError> for TaskFailure {
     fn from(e: dask_protocol::pb::TaskError) -> Self {
-        TaskFailure {
-            message: e.message,
-            kind: e.kind,
-            function: e.function,
-            key: e.key,
-            worker: e.worker,
-        }
+        TaskFailure { message: e.message, kind: e.kind, function: e.function, key: e.key, worker: e.worker }
     }
 }
 
@@ -53,11 +35,7 @@ pub enum Error {
     #[error(
         "failed to connect to the scheduler at {address} within {timeout:?}: {why}; is dask-scheduler running there?"
     )]
-    Connect {
-        address: String,
-        timeout: Duration,
-        why: String,
-    },
+    Connect { address: String, timeout: Duration, why: String },
     #[error(transparent)]
     BadAddress(#[from] dask_protocol::addr::AddressError),
     #[error("timed out after {after:?} waiting for {what}")]
@@ -73,11 +51,7 @@ pub enum Error {
     #[error(transparent)]
     Codec(#[from] dask_protocol::codec::CodecError),
     #[error("failed to fetch {key} from the workers {workers:?}: {why}")]
-    Fetch {
-        key: String,
-        workers: Vec<String>,
-        why: String,
-    },
+    Fetch { key: String, workers: Vec<String>, why: String },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("failed to start a local cluster: {0}")]

@@ -77,11 +77,7 @@ struct KeyInner {
 impl KeyState {
     pub(crate) fn new() -> Arc<Self> {
         Arc::new(KeyState {
-            inner: Mutex::new(KeyInner {
-                status: Status::Pending,
-                wakers: Vec::new(),
-                callbacks: Vec::new(),
-            }),
+            inner: Mutex::new(KeyInner { status: Status::Pending, wakers: Vec::new(), callbacks: Vec::new() }),
             cond: Condvar::new(),
         })
     }
@@ -100,11 +96,7 @@ impl KeyState {
             g.status = status;
             let public = g.status.public();
             let done = public != FutureStatus::Pending;
-            let callbacks = if done {
-                std::mem::take(&mut g.callbacks)
-            } else {
-                Vec::new()
-            };
+            let callbacks = if done { std::mem::take(&mut g.callbacks) } else { Vec::new() };
             (std::mem::take(&mut g.wakers), callbacks, public)
         };
         self.cond.notify_all();
@@ -126,9 +118,7 @@ impl KeyState {
             match deadline {
                 None => self.cond.wait(&mut g),
                 Some(d) => {
-                    if self.cond.wait_until(&mut g, d).timed_out()
-                        && matches!(g.status, Status::Pending)
-                    {
+                    if self.cond.wait_until(&mut g, d).timed_out() && matches!(g.status, Status::Pending) {
                         return None;
                     }
                 }
@@ -192,10 +182,7 @@ pub struct Future<T> {
 
 impl<T> Clone for Future<T> {
     fn clone(&self) -> Self {
-        Future {
-            inner: self.inner.clone(),
-            _t: PhantomData,
-        }
+        Future { inner: self.inner.clone(), _t: PhantomData }
     }
 }
 
@@ -207,10 +194,7 @@ impl<T> std::fmt::Debug for Future<T> {
 
 impl<T> Future<T> {
     pub(crate) fn from_ref(inner: Arc<FutureRef>) -> Self {
-        Future {
-            inner,
-            _t: PhantomData,
-        }
+        Future { inner, _t: PhantomData }
     }
 
     /// The task's key.
@@ -234,7 +218,7 @@ impl<T> Future<T> {
     /// Cancels the task for this client: the future turns `cancelled`; the cluster drops the
     /// work unless another client wants it.
     pub fn cancel(&self) {
-        self.inner.client.cancel(&[self.inner.key.clone()]);
+        self.inner.client.cancel(std::slice::from_ref(&self.inner.key));
     }
 
     /// The task's error, once it failed (blocks until the task is done).
@@ -270,14 +254,10 @@ impl<T: DeserializeOwned> Future<T> {
 
     fn result_inner(&self, timeout: Option<Duration>) -> Result<T> {
         let deadline = timeout.map(|t| Instant::now() + t);
-        let status = self
-            .inner
-            .state
-            .wait(deadline)
-            .ok_or_else(|| Error::Timeout {
-                what: format!("the result of {}", self.key()),
-                after: timeout.unwrap_or_default(),
-            })?;
+        let status = self.inner.state.wait(deadline).ok_or_else(|| Error::Timeout {
+            what: format!("the result of {}", self.key()),
+            after: timeout.unwrap_or_default(),
+        })?;
         let client = &self.inner.client;
         client.block_on(client.value_of::<T>(&self.inner.key, status))
     }
@@ -285,10 +265,7 @@ impl<T: DeserializeOwned> Future<T> {
     /// The value, awaited (also `future.await`).
     pub async fn result_async(&self) -> Result<T> {
         let status = Done(&self.inner.state).await;
-        self.inner
-            .client
-            .value_of::<T>(&self.inner.key, status)
-            .await
+        self.inner.client.value_of::<T>(&self.inner.key, status).await
     }
 }
 

@@ -43,10 +43,7 @@ impl<T: DeserializeOwned> Gatherable for Future<T> {
         match values.values.get(&self.inner.key) {
             Some(v) => Ok(Some(decode(v.codec, &v.data)?)),
             None if values.skip => Ok(None),
-            None => Err(Error::Lost {
-                key: self.key().to_string(),
-                why: "no value was fetched".into(),
-            }),
+            None => Err(Error::Lost { key: self.key().to_string(), why: "no value was fetched".into() }),
         }
     }
 }

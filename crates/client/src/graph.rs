@@ -18,10 +18,7 @@ pub struct Ref<T> {
 
 impl<T> Ref<T> {
     pub fn new(key: impl Into<String>) -> Self {
-        Ref {
-            key: key.into(),
-            _t: PhantomData,
-        }
+        Ref { key: key.into(), _t: PhantomData }
     }
     pub fn key(&self) -> &str {
         &self.key
@@ -57,17 +54,8 @@ impl Graph {
         let key = key.into();
         let mut deps = Vec::new();
         let arg = args.into_args(&mut deps)?;
-        let spec = pb::TaskSpec {
-            function: T::NAME.to_string(),
-            args: Some(arg),
-        }
-        .encode_to_vec();
-        let def = pb::TaskDef {
-            key: key.clone(),
-            spec: Bytes::from(spec),
-            dependencies: deps,
-            ..Default::default()
-        };
+        let spec = pb::TaskSpec { function: T::NAME.to_string(), args: Some(arg) }.encode_to_vec();
+        let def = pb::TaskDef { key: key.clone(), spec: Bytes::from(spec), dependencies: deps, ..Default::default() };
         match self.index.get(&key) {
             Some(&i) => self.tasks[i] = def,
             None => {

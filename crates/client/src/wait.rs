@@ -25,16 +25,9 @@ pub struct WaitResult<T> {
 
 /// Blocks until all (or the first) of `futures` are done. With a `timeout`, gives up with
 /// [`Error::Timeout`] (dask raises `TimeoutError` too). Erred futures count as done.
-pub fn wait<T>(
-    futures: &[Future<T>],
-    timeout: Option<Duration>,
-    return_when: ReturnWhen,
-) -> Result<WaitResult<T>> {
+pub fn wait<T>(futures: &[Future<T>], timeout: Option<Duration>, return_when: ReturnWhen) -> Result<WaitResult<T>> {
     let Some(first) = futures.first() else {
-        return Ok(WaitResult {
-            done: Vec::new(),
-            not_done: Vec::new(),
-        });
+        return Ok(WaitResult { done: Vec::new(), not_done: Vec::new() });
     };
     let client = first.inner.client.clone();
     client.block_on(wait_async(futures, timeout, return_when))
@@ -61,10 +54,7 @@ pub async fn wait_async<T>(
     match timeout {
         Some(t) => tokio::time::timeout(t, waiting)
             .await
-            .map_err(|_| Error::Timeout {
-                what: format!("{} futures", futures.len()),
-                after: t,
-            })?,
+            .map_err(|_| Error::Timeout { what: format!("{} futures", futures.len()), after: t })?,
         None => waiting.await,
     }
     let (done, not_done) = futures.iter().cloned().partition(|f| f.done());
@@ -83,12 +73,7 @@ pub struct AsCompleted<T> {
 /// Starts an [`AsCompleted`] over `futures`.
 pub fn as_completed<T: 'static>(futures: impl IntoIterator<Item = Future<T>>) -> AsCompleted<T> {
     let (tx, rx) = mpsc::unbounded_channel();
-    let mut ac = AsCompleted {
-        tx,
-        rx,
-        pending: 0,
-        client: None,
-    };
+    let mut ac = AsCompleted { tx, rx, pending: 0, client: None };
     for f in futures {
         ac.add(f);
     }
@@ -99,8 +84,7 @@ impl<T: 'static> AsCompleted<T> {
     /// Adds a future; it is yielded when done.
     pub fn add(&mut self, future: Future<T>) {
         self.pending += 1;
-        self.client
-            .get_or_insert_with(|| future.inner.client.clone());
+        self.client.get_or_insert_with(|| future.inner.client.clone());
         let tx = self.tx.clone();
         let f = future.clone();
         future.add_done_callback(move |_| {

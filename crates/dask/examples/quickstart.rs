@@ -16,25 +16,14 @@ fn total(xs: Vec<i64>) -> i64 {
 
 #[dask::task]
 fn checked_div(a: i64, b: i64) -> Result<i64, String> {
-    if b == 0 {
-        Err(format!("cannot divide {a} by zero"))
-    } else {
-        Ok(a / b)
-    }
+    if b == 0 { Err(format!("cannot divide {a} by zero")) } else { Ok(a / b) }
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let t0 = Instant::now();
-    let cluster = LocalCluster::builder()
-        .n_workers(2)
-        .threads_per_worker(1)
-        .build()?;
+    let cluster = LocalCluster::builder().n_workers(2).threads_per_worker(1).build()?;
     let client = Client::connect(&cluster.scheduler_address())?;
-    println!(
-        "cluster up at {} in {:?}",
-        cluster.scheduler_address(),
-        t0.elapsed()
-    );
+    println!("cluster up at {} in {:?}", cluster.scheduler_address(), t0.elapsed());
 
     // submit and result; futures as arguments make dependencies.
     let a = client.submit(square, (7,))?;
@@ -67,9 +56,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // as_completed.
     let some = client.map(square, 100..105)?;
-    let done: Vec<i64> = as_completed(some)
-        .map(|f| f.result())
-        .collect::<Result<_, _>>()?;
+    let done: Vec<i64> = as_completed(some).map(|f| f.result()).collect::<Result<_, _>>()?;
     println!("as_completed gave {} results", done.len());
 
     client.close();

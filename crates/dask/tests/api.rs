@@ -7,18 +7,14 @@ use std::time::Duration;
 
 use dask::builtins::{add, inc, slowinc, sum_list};
 use dask::{
-    Client, Error, Errors, FutureStatus, Graph, LocalCluster, Ref, ReturnWhen, ScatterOptions,
-    SubmitOptions, as_completed, wait,
+    Client, Error, Errors, FutureStatus, Graph, LocalCluster, Ref, ReturnWhen, ScatterOptions, SubmitOptions,
+    as_completed, wait,
 };
 
 const LONG: Duration = Duration::from_secs(60);
 
 fn cluster(n: usize, threads: usize) -> (LocalCluster, Client) {
-    let cluster = LocalCluster::builder()
-        .n_workers(n)
-        .threads_per_worker(threads)
-        .build()
-        .expect("cluster");
+    let cluster = LocalCluster::builder().n_workers(n).threads_per_worker(threads).build().expect("cluster");
     let client = Client::connect(&cluster.scheduler_address()).expect("connect");
     (cluster, client)
 }
@@ -27,10 +23,7 @@ fn cluster(n: usize, threads: usize) -> (LocalCluster, Client) {
 fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + LONG;
     while !f() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never happened: {what}"
-        );
+        assert!(std::time::Instant::now() < deadline, "never happened: {what}");
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -47,11 +40,7 @@ static FLAKY: AtomicUsize = AtomicUsize::new(0);
 
 #[dask::task]
 fn flaky(x: i64) -> Result<i64, String> {
-    if FLAKY.fetch_add(1, Ordering::SeqCst) == 0 {
-        Err("first try fails".into())
-    } else {
-        Ok(x)
-    }
+    if FLAKY.fetch_add(1, Ordering::SeqCst) == 0 { Err("first try fails".into()) } else { Ok(x) }
 }
 
 static ORDER: Mutex<Vec<i64>> = Mutex::new(Vec::new());
@@ -133,20 +122,14 @@ fn submit_result_and_dependencies() {
     assert_eq!(a.result().unwrap(), 2);
     assert!(a.done() && b.done());
     assert_eq!(b.status(), FutureStatus::Finished);
-    assert!(
-        a.key().starts_with("inc-") && a.key().len() == "inc-".len() + 32,
-        "{}",
-        a.key()
-    );
+    assert!(a.key().starts_with("inc-") && a.key().len() == "inc-".len() + 32, "{}", a.key());
     // Struct arguments and futures inside a Vec.
     let n = client.submit(norm, (Point { x: 3.0, y: 4.0 },)).unwrap();
     assert_eq!(n.result().unwrap(), 5.0);
     let xs = client.map(inc, 0..10).unwrap();
     let total = client.submit(sum_list, (&xs,)).unwrap();
     assert_eq!(total.result().unwrap(), 55);
-    let parts = client
-        .scatter(vec!["a".to_string(), "b".to_string()])
-        .unwrap();
+    let parts = client.scatter(vec!["a".to_string(), "b".to_string()]).unwrap();
     let joined = client.submit(concat, (parts.clone(), "-")).unwrap();
     assert_eq!(joined.result().unwrap(), "a-b");
 }
@@ -159,43 +142,12 @@ fn pure_keys_run_once_and_impure_keys_differ() {
     let b = client.submit(counted, (7,)).unwrap();
     assert_eq!(a.key(), b.key());
     assert_eq!((a.result().unwrap(), b.result().unwrap()), (70, 70));
-    assert_eq!(
-        RUNS.load(Ordering::SeqCst) - before,
-        1,
-        "identical pure submissions run once"
-    );
-    let c = client
-        .submit_with(
-            counted,
-            (7,),
-            SubmitOptions {
-                pure: false,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-    let d = client
-        .submit_with(
-            counted,
-            (7,),
-            SubmitOptions {
-                pure: false,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    assert_eq!(RUNS.load(Ordering::SeqCst) - before, 1, "identical pure submissions run once");
+    let c = client.submit_with(counted, (7,), SubmitOptions { pure: false, ..Default::default() }).unwrap();
+    let d = client.submit_with(counted, (7,), SubmitOptions { pure: false, ..Default::default() }).unwrap();
     assert_ne!(c.key(), d.key());
     assert_eq!(c.result().unwrap() + d.result().unwrap(), 140);
-    let e = client
-        .submit_with(
-            inc,
-            (1,),
-            SubmitOptions {
-                key: Some("my-key".into()),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let e = client.submit_with(inc, (1,), SubmitOptions { key: Some("my-key".into()), ..Default::default() }).unwrap();
     assert_eq!(e.key(), "my-key");
     assert_eq!(e.result().unwrap(), 2);
 }
@@ -204,76 +156,24 @@ fn pure_keys_run_once_and_impure_keys_differ() {
 fn workers_restrictions_retries_and_priority() {
     let (cluster, client) = cluster(2, 1);
     let target = cluster.worker_addresses()[1].clone();
-    let f = client
-        .submit_with(
-            inc,
-            (5,),
-            SubmitOptions {
-                workers: vec![target.clone()],
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let f =
+        client.submit_with(inc, (5,), SubmitOptions { workers: vec![target.clone()], ..Default::default() }).unwrap();
     assert_eq!(f.result().unwrap(), 6);
-    assert_eq!(
-        client.who_has(&[f.clone()]).unwrap()[f.key()],
-        vec![target.clone()]
-    );
+    assert_eq!(client.who_has(&f).unwrap()[f.key()], vec![target.clone()]);
     // By name too.
-    let g = client
-        .submit_with(
-            inc,
-            (6,),
-            SubmitOptions {
-                workers: vec!["local-0".into()],
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let g =
+        client.submit_with(inc, (6,), SubmitOptions { workers: vec!["local-0".into()], ..Default::default() }).unwrap();
     assert_eq!(g.result().unwrap(), 7);
-    assert_eq!(
-        client.who_has(&[g.clone()]).unwrap()[g.key()],
-        vec![cluster.worker_addresses()[0].clone()]
-    );
+    assert_eq!(client.who_has(&g).unwrap()[g.key()], vec![cluster.worker_addresses()[0].clone()]);
 
-    let r = client
-        .submit_with(
-            flaky,
-            (3,),
-            SubmitOptions {
-                retries: 1,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let r = client.submit_with(flaky, (3,), SubmitOptions { retries: 1, ..Default::default() }).unwrap();
     assert_eq!(r.result().unwrap(), 3);
 
     // One thread busy with a blocker; then low and high priority tasks queue behind it.
-    let only = SubmitOptions {
-        workers: vec![target.clone()],
-        ..Default::default()
-    };
+    let only = SubmitOptions { workers: vec![target.clone()], ..Default::default() };
     let blocker = client.submit_with(slowinc, (0, 300), only.clone()).unwrap();
-    let low = client
-        .submit_with(
-            record,
-            (1,),
-            SubmitOptions {
-                priority: -10,
-                ..only.clone()
-            },
-        )
-        .unwrap();
-    let high = client
-        .submit_with(
-            record,
-            (2,),
-            SubmitOptions {
-                priority: 10,
-                ..only.clone()
-            },
-        )
-        .unwrap();
+    let low = client.submit_with(record, (1,), SubmitOptions { priority: -10, ..only.clone() }).unwrap();
+    let high = client.submit_with(record, (2,), SubmitOptions { priority: 10, ..only.clone() }).unwrap();
     blocker.result().unwrap();
     low.result().unwrap();
     high.result().unwrap();
@@ -288,28 +188,10 @@ fn map_keys_and_prefix() {
     let v: Vec<i64> = client.gather(&fs).unwrap();
     assert_eq!(v, (1..=1000).collect::<Vec<_>>());
     let keys: Vec<String> = (0..3).map(|i| format!("x-{i}")).collect();
+    let fs = client.map_with(inc, (0..3).map(|i| (i,)), SubmitOptions::default(), Some(keys.clone())).unwrap();
+    assert_eq!(fs.iter().map(|f| f.key().to_string()).collect::<Vec<_>>(), keys);
     let fs = client
-        .map_with(
-            inc,
-            (0..3).map(|i| (i,)),
-            SubmitOptions::default(),
-            Some(keys.clone()),
-        )
-        .unwrap();
-    assert_eq!(
-        fs.iter().map(|f| f.key().to_string()).collect::<Vec<_>>(),
-        keys
-    );
-    let fs = client
-        .map_with(
-            inc,
-            (0..3).map(|i| (i,)),
-            SubmitOptions {
-                key: Some("plusone".into()),
-                ..Default::default()
-            },
-            None,
-        )
+        .map_with(inc, (0..3).map(|i| (i,)), SubmitOptions { key: Some("plusone".into()), ..Default::default() }, None)
         .unwrap();
     assert!(fs.iter().all(|f| f.key().starts_with("plusone-")));
     assert_eq!(client.gather(&fs).unwrap(), vec![1, 2, 3]);
@@ -335,10 +217,7 @@ fn gather_nested_and_skip() {
     ];
     let err = client.gather(&mixed).unwrap_err();
     assert!(matches!(&err, Error::Task(t) if t.message == "no"), "{err}");
-    assert_eq!(
-        client.gather_with(&mixed, Errors::Skip).unwrap(),
-        vec![2, 3]
-    );
+    assert_eq!(client.gather_with(&mixed, Errors::Skip).unwrap(), vec![2, 3]);
 }
 
 #[test]
@@ -346,12 +225,7 @@ fn scatter_forms_and_placement() {
     let (cluster, client) = cluster(2, 1);
     let fs = client.scatter(vec![1i64, 2, 3, 4]).unwrap();
     assert_eq!(client.gather(&fs).unwrap(), vec![1, 2, 3, 4]);
-    let holders: std::collections::HashSet<String> = client
-        .who_has(&fs)
-        .unwrap()
-        .into_values()
-        .flatten()
-        .collect();
+    let holders: std::collections::HashSet<String> = client.who_has(&fs).unwrap().into_values().flatten().collect();
     assert_eq!(holders.len(), 2, "spread over both workers");
     let one = client.scatter_one(Point { x: 1.0, y: 0.0 }).unwrap();
     assert_eq!(client.submit(norm, (&one,)).unwrap().result().unwrap(), 1.0);
@@ -361,44 +235,17 @@ fn scatter_forms_and_placement() {
     let fm = client.scatter_map(m).unwrap();
     assert_eq!(fm["k2"].result().unwrap(), 6);
     let target = cluster.worker_addresses()[0].clone();
-    let placed = client
-        .scatter_with(
-            vec![100i64],
-            ScatterOptions {
-                workers: vec![target.clone()],
-                broadcast: false,
-            },
-        )
-        .unwrap();
-    assert_eq!(
-        client.who_has(&placed).unwrap()[placed[0].key()],
-        vec![target]
-    );
-    let everywhere = client
-        .scatter_with(
-            vec![200i64],
-            ScatterOptions {
-                workers: vec![],
-                broadcast: true,
-            },
-        )
-        .unwrap();
-    assert_eq!(
-        client.who_has(&everywhere).unwrap()[everywhere[0].key()].len(),
-        2
-    );
+    let placed =
+        client.scatter_with(vec![100i64], ScatterOptions { workers: vec![target.clone()], broadcast: false }).unwrap();
+    assert_eq!(client.who_has(&placed).unwrap()[placed[0].key()], vec![target]);
+    let everywhere = client.scatter_with(vec![200i64], ScatterOptions { workers: vec![], broadcast: true }).unwrap();
+    assert_eq!(client.who_has(&everywhere).unwrap()[everywhere[0].key()].len(), 2);
     let mut bm = BTreeMap::new();
     bm.insert("a".to_string(), 1i64);
     bm.insert("b".to_string(), 2i64);
     assert_eq!(client.submit(sum_map, (bm,)).unwrap().result().unwrap(), 3);
     let err = client
-        .scatter_with(
-            vec![1i64],
-            ScatterOptions {
-                workers: vec!["nobody".into()],
-                broadcast: false,
-            },
-        )
+        .scatter_with(vec![1i64], ScatterOptions { workers: vec!["nobody".into()], broadcast: false })
         .unwrap_err();
     assert!(err.to_string().contains("nobody"), "{err}");
 }
@@ -409,24 +256,17 @@ fn get_runs_a_graph() {
     let mut g = Graph::new();
     g.add("a", inc, (1,)).unwrap();
     g.add("b", inc, (Ref::<i64>::new("a"),)).unwrap();
-    g.add("c", add, (Ref::<i64>::new("a"), Ref::<i64>::new("b")))
-        .unwrap();
+    g.add("c", add, (Ref::<i64>::new("a"), Ref::<i64>::new("b"))).unwrap();
     g.add("unused", inc, (100,)).unwrap();
     assert_eq!(client.get::<i64>(&g, "c").unwrap(), 5);
-    assert_eq!(
-        client.get_many::<i64>(&g, &["a", "b", "c"]).unwrap(),
-        vec![2, 3, 5]
-    );
+    assert_eq!(client.get_many::<i64>(&g, &["a", "b", "c"]).unwrap(), vec![2, 3, 5]);
     let err = client.get::<i64>(&g, "nope").unwrap_err();
     assert!(err.to_string().contains("not in the graph"), "{err}");
     // A reference to a key that is nowhere.
     let mut bad = Graph::new();
     bad.add("d", inc, (Ref::<i64>::new("missing"),)).unwrap();
     let err = client.get::<i64>(&bad, "d").unwrap_err();
-    assert!(
-        matches!(&err, Error::Task(t) if t.kind == "invalid-graph" && t.message.contains("missing")),
-        "{err}"
-    );
+    assert!(matches!(&err, Error::Task(t) if t.kind == "invalid-graph" && t.message.contains("missing")), "{err}");
     // A cycle.
     let mut cyc = Graph::new();
     cyc.add("p", inc, (Ref::<i64>::new("q"),)).unwrap();
@@ -438,25 +278,13 @@ fn get_runs_a_graph() {
 #[test]
 fn future_timeout_cancel_callbacks_and_release() {
     let (_c, client) = cluster(1, 1);
-    let slow = client
-        .submit_with(
-            slowinc,
-            (1, 2000),
-            SubmitOptions {
-                pure: false,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let slow = client.submit_with(slowinc, (1, 2000), SubmitOptions { pure: false, ..Default::default() }).unwrap();
     let err = slow.result_timeout(Duration::from_millis(50)).unwrap_err();
     assert!(matches!(err, Error::Timeout { .. }), "{err}");
     assert!(!slow.done());
     slow.cancel();
     assert!(slow.cancelled());
-    assert!(matches!(
-        slow.result().unwrap_err(),
-        Error::Cancelled { .. }
-    ));
+    assert!(matches!(slow.result().unwrap_err(), Error::Cancelled { .. }));
 
     let (tx, rx) = std::sync::mpsc::channel();
     let f = client.submit(inc, (41,)).unwrap();
@@ -475,37 +303,20 @@ fn future_timeout_cancel_callbacks_and_release() {
     assert!(client.scheduler_info().unwrap().tasks >= 100);
     drop(held);
     drop((f, e, slow));
-    eventually("every task released", || {
-        client.scheduler_info().unwrap().tasks == 0
-    });
-    eventually("every value freed on the worker", || {
-        client.has_what().unwrap().values().all(|k| k.is_empty())
-    });
+    eventually("every task released", || client.scheduler_info().unwrap().tasks == 0);
+    eventually("every value freed on the worker", || client.has_what().unwrap().values().all(|k| k.is_empty()));
 }
 
 #[test]
 fn wait_and_as_completed() {
     let (_c, client) = cluster(2, 1);
     let fast = client.submit(inc, (1,)).unwrap();
-    let slow = client
-        .submit_with(
-            slowinc,
-            (1, 1500),
-            SubmitOptions {
-                pure: false,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let slow = client.submit_with(slowinc, (1, 1500), SubmitOptions { pure: false, ..Default::default() }).unwrap();
     let both = vec![fast.clone(), slow.clone()];
     let r = wait(&both, None, ReturnWhen::FirstCompleted).unwrap();
     assert!(!r.done.is_empty());
     assert!(r.done.iter().any(|f| f.key() == fast.key()));
-    let err = wait(
-        &both,
-        Some(Duration::from_millis(10)),
-        ReturnWhen::AllCompleted,
-    );
+    let err = wait(&both, Some(Duration::from_millis(10)), ReturnWhen::AllCompleted);
     // The slow one may not be done yet: a timeout, not a hang.
     if let Err(e) = err {
         assert!(matches!(e, Error::Timeout { .. }));
@@ -525,15 +336,9 @@ fn wait_and_as_completed() {
     }
     seen.sort();
     assert_eq!(seen, vec![1, 2, 3, 4, 5, 101]);
-    let with: Vec<i64> = as_completed(client.map(inc, 0..3).unwrap())
-        .with_results()
-        .map(|(_, r)| r.unwrap())
-        .collect();
+    let with: Vec<i64> = as_completed(client.map(inc, 0..3).unwrap()).with_results().map(|(_, r)| r.unwrap()).collect();
     assert_eq!(with.len(), 3);
-    let n: usize = as_completed(client.map(inc, 10..20).unwrap())
-        .batches()
-        .map(|b| b.len())
-        .sum();
+    let n: usize = as_completed(client.map(inc, 10..20).unwrap()).batches().map(|b| b.len()).sum();
     assert_eq!(n, 10);
 }
 
@@ -541,9 +346,7 @@ fn wait_and_as_completed() {
 fn queries_and_scheduler_file() {
     let (cluster, client) = cluster(2, 3);
     client.wait_for_workers(2, Some(LONG)).unwrap();
-    let err = client
-        .wait_for_workers(5, Some(Duration::from_millis(100)))
-        .unwrap_err();
+    let err = client.wait_for_workers(5, Some(Duration::from_millis(100))).unwrap_err();
     assert!(matches!(err, Error::Timeout { .. }), "{err}");
     let nthreads = client.nthreads().unwrap();
     assert_eq!(nthreads.len(), 2);
@@ -555,7 +358,7 @@ fn queries_and_scheduler_file() {
     assert_eq!(names, ["local-0", "local-1"]);
     let f = client.submit(inc, (1,)).unwrap();
     f.result().unwrap();
-    let who = client.who_has(&[f.clone()]).unwrap();
+    let who = client.who_has(&f).unwrap();
     let holder = &who[f.key()][0];
     assert!(client.has_what().unwrap()[holder].contains(&f.key().to_string()));
     let dir = std::env::temp_dir().join(format!("dask-rs-test-{}", std::process::id()));
@@ -574,116 +377,64 @@ fn task_errors_carry_context_and_propagate() {
     let (_c, client) = cluster(1, 1);
     let bad = client.submit(fails, ("broken".to_string(),)).unwrap();
     let dependent = client.submit(inc, (&bad,)).unwrap();
-    let Error::Task(root) = bad.result().unwrap_err() else {
-        panic!("a task error")
-    };
-    assert_eq!(
-        (
-            root.message.as_str(),
-            root.kind.as_str(),
-            root.function.as_str()
-        ),
-        ("broken", "error", "fails")
-    );
+    let Error::Task(root) = bad.result().unwrap_err() else { panic!("a task error") };
+    assert_eq!((root.message.as_str(), root.kind.as_str(), root.function.as_str()), ("broken", "error", "fails"));
     assert_eq!(root.key, bad.key());
     assert!(root.worker.starts_with("tcp://"), "{}", root.worker);
-    let Error::Task(dep) = dependent.result().unwrap_err() else {
-        panic!("a task error")
-    };
+    let Error::Task(dep) = dependent.result().unwrap_err() else { panic!("a task error") };
     assert_eq!(dep, root, "a dependent fails with the same cause");
 
     let p = client.submit(boom, ("kaboom".to_string(),)).unwrap();
-    let Error::Task(t) = p.result().unwrap_err() else {
-        panic!("a task error")
-    };
+    let Error::Task(t) = p.result().unwrap_err() else { panic!("a task error") };
     assert_eq!((t.kind.as_str(), t.message.as_str()), ("panic", "kaboom"));
     // The worker survived its panic.
     assert_eq!(client.submit(inc, (1,)).unwrap().result().unwrap(), 2);
 
     let u = client.submit(Unregistered, (1,)).unwrap();
-    let Error::Task(t) = u.result().unwrap_err() else {
-        panic!("a task error")
-    };
+    let Error::Task(t) = u.result().unwrap_err() else { panic!("a task error") };
     assert_eq!(t.kind, "unknown-function");
     assert!(t.message.contains("no-such-function"), "{}", t.message);
 
     let w = client.submit(WrongInc, ("one".to_string(),)).unwrap();
-    let Error::Task(t) = w.result().unwrap_err() else {
-        panic!("a task error")
-    };
+    let Error::Task(t) = w.result().unwrap_err() else { panic!("a task error") };
     assert_eq!(t.kind, "bad-arguments", "{}", t.message);
 }
 
 #[test]
 fn connecting_to_nothing_fails_fast_with_a_clear_error() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let started = std::time::Instant::now();
-    let err = Client::connect_with_timeout(
-        &format!("tcp://127.0.0.1:{port}"),
-        Duration::from_millis(500),
-    )
-    .unwrap_err();
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "bounded by the timeout"
-    );
+    let err = Client::connect_with_timeout(&format!("tcp://127.0.0.1:{port}"), Duration::from_millis(500)).unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(10), "bounded by the timeout");
     let msg = err.to_string();
     assert!(matches!(err, Error::Connect { .. }), "{msg}");
     assert!(msg.contains("is dask-scheduler running there?"), "{msg}");
     let err = Client::connect("udp://nowhere").unwrap_err();
-    assert!(
-        err.to_string().contains("expected tcp://HOST:PORT"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("expected tcp://HOST:PORT"), "{err}");
 }
 
 #[test]
 fn scheduler_killed_while_waiting_is_an_error_not_a_hang() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let sched_token = shutdown.child_token();
     let address = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (h, run) =
-            dask_scheduler::server::run(listener, Default::default(), sched_token.clone())
-                .await
-                .unwrap();
+        let (h, run) = dask_scheduler::server::run(listener, Default::default(), sched_token.clone()).await.unwrap();
         tokio::spawn(run);
         let mut config = dask_worker::server::WorkerConfig::new(h.address.clone());
         config.nthreads = 1;
-        let (_w, run) = dask_worker::server::start(config, shutdown.child_token())
-            .await
-            .unwrap();
+        let (_w, run) = dask_worker::server::start(config, shutdown.child_token()).await.unwrap();
         tokio::spawn(run);
         h.address.to_string()
     });
     let client = Client::connect(&address).unwrap();
-    let f = client
-        .submit_with(
-            slowinc,
-            (1, 5000),
-            SubmitOptions {
-                pure: false,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let f = client.submit_with(slowinc, (1, 5000), SubmitOptions { pure: false, ..Default::default() }).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     sched_token.cancel();
     let err = f.result_timeout(LONG).unwrap_err();
     assert!(matches!(err, Error::SchedulerLost(_)), "{err}");
-    assert!(matches!(
-        client.submit(inc, (1,)),
-        Err(Error::SchedulerLost(_))
-    ));
+    assert!(matches!(client.submit(inc, (1,)), Err(Error::SchedulerLost(_))));
     shutdown.cancel();
     rt.shutdown_timeout(Duration::from_secs(1));
 }
@@ -692,14 +443,7 @@ fn scheduler_killed_while_waiting_is_an_error_not_a_hang() {
 fn worker_lost_mid_graph_results_still_right() {
     let (cluster, client) = cluster(3, 1);
     // A chain of slow tasks with a fan-in, so results live on every worker.
-    let leaves = client
-        .map_with(
-            slowinc,
-            (0..30).map(|i| (i, 20)),
-            SubmitOptions::default(),
-            None,
-        )
-        .unwrap();
+    let leaves = client.map_with(slowinc, (0..30).map(|i| (i, 20)), SubmitOptions::default(), None).unwrap();
     let total = client.submit(sum_list, (&leaves,)).unwrap();
     std::thread::sleep(Duration::from_millis(150));
     cluster.kill_worker(0);
@@ -710,18 +454,11 @@ fn worker_lost_mid_graph_results_still_right() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_api() {
-    let cluster = tokio::task::spawn_blocking(|| {
-        LocalCluster::builder()
-            .n_workers(1)
-            .threads_per_worker(1)
-            .build()
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    let client = Client::connect_async(&cluster.scheduler_address())
+    let cluster = tokio::task::spawn_blocking(|| LocalCluster::builder().n_workers(1).threads_per_worker(1).build())
         .await
+        .unwrap()
         .unwrap();
+    let client = Client::connect_async(&cluster.scheduler_address()).await.unwrap();
     let a = client.submit(inc, (1,)).unwrap();
     assert_eq!((&a).await.unwrap(), 2);
     assert_eq!(a.await.unwrap(), 2);
@@ -738,7 +475,5 @@ async fn async_api() {
     });
     f.await.unwrap();
     client.close();
-    tokio::task::spawn_blocking(move || cluster.close())
-        .await
-        .unwrap();
+    tokio::task::spawn_blocking(move || cluster.close()).await.unwrap();
 }

@@ -17,8 +17,8 @@ use proc_macro::TokenStream;
 use proc_macro2::Span;
 use quote::{format_ident, quote};
 use syn::{
-    Expr, ExprLit, FnArg, GenericArgument, ItemFn, Lit, Meta, Path, PathArguments, ReturnType,
-    Token, Type, parse::Parser, parse_macro_input, punctuated::Punctuated, spanned::Spanned,
+    Expr, ExprLit, FnArg, GenericArgument, ItemFn, Lit, Meta, Path, PathArguments, ReturnType, Token, Type,
+    parse::Parser, parse_macro_input, punctuated::Punctuated, spanned::Spanned,
 };
 
 #[proc_macro_attribute]
@@ -34,10 +34,7 @@ pub fn task(attr: TokenStream, item: TokenStream) -> TokenStream {
     }
 }
 
-fn expand(
-    metas: Punctuated<Meta, Token![,]>,
-    func: ItemFn,
-) -> syn::Result<proc_macro2::TokenStream> {
+fn expand(metas: Punctuated<Meta, Token![,]>, func: ItemFn) -> syn::Result<proc_macro2::TokenStream> {
     let mut krate: Path = syn::parse_quote!(::dask);
     let mut name: Option<String> = None;
     for meta in metas {
@@ -45,16 +42,12 @@ fn expand(
             Meta::NameValue(nv) if nv.path.is_ident("crate") => {
                 krate = match &nv.value {
                     Expr::Path(p) => p.path.clone(),
-                    Expr::Lit(ExprLit {
-                        lit: Lit::Str(s), ..
-                    }) => s.parse()?,
+                    Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => s.parse()?,
                     other => return Err(syn::Error::new(other.span(), "expected a path")),
                 };
             }
             Meta::NameValue(nv) if nv.path.is_ident("name") => match &nv.value {
-                Expr::Lit(ExprLit {
-                    lit: Lit::Str(s), ..
-                }) => name = Some(s.value()),
+                Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => name = Some(s.value()),
                 other => return Err(syn::Error::new(other.span(), "expected a string")),
             },
             other => {
@@ -67,10 +60,7 @@ fn expand(
     }
     let sig = &func.sig;
     if let Some(a) = &sig.asyncness {
-        return Err(syn::Error::new(
-            a.span(),
-            "a task function must not be async",
-        ));
+        return Err(syn::Error::new(a.span(), "a task function must not be async"));
     }
     if !sig.generics.params.is_empty() {
         return Err(syn::Error::new(
@@ -86,10 +76,7 @@ fn expand(
     for (i, input) in sig.inputs.iter().enumerate() {
         match input {
             FnArg::Receiver(r) => {
-                return Err(syn::Error::new(
-                    r.span(),
-                    "a task function cannot take self",
-                ));
+                return Err(syn::Error::new(r.span(), "a task function cannot take self"));
             }
             FnArg::Typed(pt) => {
                 if let Type::Reference(r) = &*pt.ty {

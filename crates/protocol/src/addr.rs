@@ -10,9 +10,7 @@ pub struct Address {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "failed to parse address {input:?}: {why}; expected tcp://HOST:PORT, e.g. tcp://127.0.0.1:8786"
-)]
+#[error("failed to parse address {input:?}: {why}; expected tcp://HOST:PORT, e.g. tcp://127.0.0.1:8786")]
 pub struct AddressError {
     pub input: String,
     pub why: &'static str,
@@ -22,14 +20,11 @@ impl Address {
     /// Parses `tcp://host:port`, `host:port`, `[::1]:port`. `default_port` is used when the
     /// address has no port (`tcp://host`).
     pub fn parse(input: &str, default_port: Option<u16>) -> Result<Address, AddressError> {
-        let err = |why| AddressError {
-            input: input.to_string(),
-            why,
-        };
+        let err = |why| AddressError { input: input.to_string(), why };
         let s = input.trim();
         let rest = match s.split_once("://") {
             Some(("tcp", rest)) => rest,
-            Some((scheme, _)) if scheme == "tls" => {
+            Some(("tls", _)) => {
                 return Err(err("tls:// is not supported yet"));
             }
             Some(_) => return Err(err("unknown scheme (only tcp:// is supported)")),
@@ -40,9 +35,7 @@ impl Address {
             return Err(err("no host given"));
         }
         let (host, port) = if let Some(stripped) = rest.strip_prefix('[') {
-            let (h, after) = stripped
-                .split_once(']')
-                .ok_or_else(|| err("unclosed '['"))?;
+            let (h, after) = stripped.split_once(']').ok_or_else(|| err("unclosed '['"))?;
             match after.strip_prefix(':') {
                 Some(p) => (h.to_string(), Some(p)),
                 None if after.is_empty() => (h.to_string(), None),
@@ -56,16 +49,10 @@ impl Address {
             }
         };
         let port = match port {
-            Some(p) => p
-                .parse::<u16>()
-                .map_err(|_| err("the port is not a number from 0 to 65535"))?,
+            Some(p) => p.parse::<u16>().map_err(|_| err("the port is not a number from 0 to 65535"))?,
             None => default_port.ok_or_else(|| err("no port given"))?,
         };
-        let host = if host.is_empty() {
-            "127.0.0.1".to_string()
-        } else {
-            host
-        };
+        let host = if host.is_empty() { "127.0.0.1".to_string() } else { host };
         Ok(Address { host, port })
     }
 
@@ -91,10 +78,7 @@ impl fmt::Display for Address {
 
 impl From<std::net::SocketAddr> for Address {
     fn from(a: std::net::SocketAddr) -> Self {
-        Address {
-            host: a.ip().to_string(),
-            port: a.port(),
-        }
+        Address { host: a.ip().to_string(), port: a.port() }
     }
 }
 
@@ -108,28 +92,14 @@ mod tests {
         assert_eq!((a.host.as_str(), a.port), ("127.0.0.1", 8786));
         assert_eq!(a.to_string(), "tcp://127.0.0.1:8786");
         assert_eq!(a.endpoint(), "http://127.0.0.1:8786");
-        assert_eq!(
-            Address::parse("localhost:1", None).unwrap().host,
-            "localhost"
-        );
+        assert_eq!(Address::parse("localhost:1", None).unwrap().host, "localhost");
         assert_eq!(Address::parse("tcp://host", Some(8786)).unwrap().port, 8786);
-        assert_eq!(
-            Address::parse("[::1]:5", None).unwrap().endpoint(),
-            "http://[::1]:5"
-        );
+        assert_eq!(Address::parse("[::1]:5", None).unwrap().endpoint(), "http://[::1]:5");
     }
 
     #[test]
     fn rejects_bad_addresses_with_a_reason() {
-        for bad in [
-            "",
-            "tcp://",
-            "udp://x:1",
-            "x:notaport",
-            "x:99999",
-            "::1:5",
-            "tcp://h",
-        ] {
+        for bad in ["", "tcp://", "udp://x:1", "x:notaport", "x:99999", "::1:5", "tcp://h"] {
             let e = Address::parse(bad, None).unwrap_err();
             assert!(e.to_string().contains("expected tcp://HOST:PORT"), "{e}");
         }

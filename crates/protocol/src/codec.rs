@@ -30,10 +30,7 @@ pub enum CodecError {
 
 impl Value {
     pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Value, CodecError> {
-        Ok(Value {
-            codec: MSGPACK,
-            data: Bytes::from(rmp_serde::to_vec(value)?),
-        })
+        Ok(Value { codec: MSGPACK, data: Bytes::from(rmp_serde::to_vec(value)?) })
     }
 
     pub fn len(&self) -> usize {

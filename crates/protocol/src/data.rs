@@ -16,11 +16,7 @@ pub fn frames(values: Vec<(String, Option<Value>)>) -> Vec<pb::DataFrame> {
     let mut size = 0usize;
     for (key, value) in values {
         match value {
-            None => parts.push(pb::DataPart {
-                key,
-                missing: true,
-                ..Default::default()
-            }),
+            None => parts.push(pb::DataPart { key, missing: true, ..Default::default() }),
             Some(v) => {
                 let total = v.data.len();
                 let mut offset = 0;
@@ -38,9 +34,7 @@ pub fn frames(values: Vec<(String, Option<Value>)>) -> Vec<pb::DataFrame> {
                     size += end - offset + key.len() + 16;
                     offset = end;
                     if size >= DATA_CHUNK {
-                        frames.push(pb::DataFrame {
-                            parts: std::mem::take(&mut parts),
-                        });
+                        frames.push(pb::DataFrame { parts: std::mem::take(&mut parts) });
                         size = 0;
                     }
                     if offset >= total {
@@ -91,12 +85,7 @@ impl Assembler {
             if !same {
                 self.finish_current()?;
                 let codec = codec_name(&part.codec)?;
-                self.current = Some((
-                    part.key.clone(),
-                    codec,
-                    part.total_len as usize,
-                    Partial::Empty,
-                ));
+                self.current = Some((part.key.clone(), codec, part.total_len as usize, Partial::Empty));
             }
             let (_, _, total, partial) = self.current.as_mut().expect("current");
             *partial = match std::mem::replace(partial, Partial::Empty) {
@@ -129,10 +118,7 @@ impl Assembler {
                 Partial::Many(b) => b.freeze(),
             };
             if data.len() != total {
-                return Err(DataError::Protocol(format!(
-                    "value {key:?} has {} of {total} bytes",
-                    data.len()
-                )));
+                return Err(DataError::Protocol(format!("value {key:?} has {} of {total} bytes", data.len())));
             }
             self.done.push((key, Some(Value { codec, data })));
         }
@@ -150,10 +136,7 @@ pub async fn get_data(
     client: &mut WorkerDataClient<Channel>,
     keys: Vec<String>,
 ) -> Result<Vec<(String, Option<Value>)>, DataError> {
-    let mut stream = client
-        .get_data(pb::DataRequest { keys })
-        .await?
-        .into_inner();
+    let mut stream = client.get_data(pb::DataRequest { keys }).await?.into_inner();
     let mut asm = Assembler::default();
     while let Some(frame) = stream.message().await? {
         asm.push(frame)?;
@@ -162,12 +145,8 @@ pub async fn get_data(
 }
 
 /// A lazily connecting data-service client with our message limits.
-pub fn data_client(
-    address: &crate::addr::Address,
-) -> Result<WorkerDataClient<Channel>, tonic::transport::Error> {
-    let channel = tonic::transport::Endpoint::from_shared(address.endpoint())?
-        .tcp_nodelay(true)
-        .connect_lazy();
+pub fn data_client(address: &crate::addr::Address) -> Result<WorkerDataClient<Channel>, tonic::transport::Error> {
+    let channel = tonic::transport::Endpoint::from_shared(address.endpoint())?.tcp_nodelay(true).connect_lazy();
     Ok(WorkerDataClient::new(channel)
         .max_decoding_message_size(crate::MAX_MESSAGE)
         .max_encoding_message_size(crate::MAX_MESSAGE))
@@ -181,28 +160,10 @@ mod tests {
     fn chunking_round_trips_small_big_and_missing() {
         let big: Vec<u8> = (0..(3 * DATA_CHUNK + 17)).map(|i| i as u8).collect();
         let values = vec![
-            (
-                "a".to_string(),
-                Some(Value {
-                    codec: "msgpack",
-                    data: Bytes::from_static(b"\x01"),
-                }),
-            ),
-            (
-                "big".to_string(),
-                Some(Value {
-                    codec: "msgpack",
-                    data: Bytes::from(big.clone()),
-                }),
-            ),
+            ("a".to_string(), Some(Value { codec: "msgpack", data: Bytes::from_static(b"\x01") })),
+            ("big".to_string(), Some(Value { codec: "msgpack", data: Bytes::from(big.clone()) })),
             ("gone".to_string(), None),
-            (
-                "empty".to_string(),
-                Some(Value {
-                    codec: "msgpack",
-                    data: Bytes::new(),
-                }),
-            ),
+            ("empty".to_string(), Some(Value { codec: "msgpack", data: Bytes::new() })),
         ];
         let frames = frames(values);
         assert!(frames.len() >= 4, "a 3 MiB value spans several frames");

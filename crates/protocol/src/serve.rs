@@ -22,10 +22,7 @@ pub async fn serve_until(
         _ = shutdown.cancelled() => {}
     }
     tracing::debug!("{what}: shutting down");
-    if tokio::time::timeout(Duration::from_millis(500), &mut task)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(Duration::from_millis(500), &mut task).await.is_err() {
         task.abort();
     }
 }

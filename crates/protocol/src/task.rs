@@ -39,19 +39,13 @@ inventory::collect!(Registration);
 
 impl Registration {
     pub const fn new<T: Task>() -> Registration {
-        Registration {
-            name: T::NAME,
-            run: run_erased::<T>,
-        }
+        Registration { name: T::NAME, run: run_erased::<T> }
     }
 }
 
 fn run_erased<T: Task>(args: ArgDeserializer<'_>) -> Result<Value, ExecErrorKind> {
     let args = T::Args::deserialize(args).map_err(|e| {
-        ExecErrorKind::BadArguments(format!(
-            "{e} (the function takes {})",
-            std::any::type_name::<T::Args>()
-        ))
+        ExecErrorKind::BadArguments(format!("{e} (the function takes {})", std::any::type_name::<T::Args>()))
     })?;
     let out = T::run(args).map_err(ExecErrorKind::Error)?;
     Value::encode(&out).map_err(|e| ExecErrorKind::Error(e.to_string()))
@@ -129,27 +123,18 @@ pub fn registered_names() -> Vec<&'static str> {
 
 /// Runs `spec` on the calling thread. `deps` gives the value of each referenced key.
 /// A panic in the function is caught and returned as [`ExecErrorKind::Panic`].
-pub fn execute(
-    spec: &pb::TaskSpec,
-    deps: &dyn Fn(&str) -> Option<Value>,
-) -> Result<Value, ExecErrorKind> {
-    let reg = registry()
-        .get(spec.function.as_str())
-        .ok_or_else(|| ExecErrorKind::UnknownFunction(spec.function.clone()))?;
+pub fn execute(spec: &pb::TaskSpec, deps: &dyn Fn(&str) -> Option<Value>) -> Result<Value, ExecErrorKind> {
+    let reg =
+        registry().get(spec.function.as_str()).ok_or_else(|| ExecErrorKind::UnknownFunction(spec.function.clone()))?;
     // Resolve every referenced key up front so a missing one is reported as such.
     let mut values = Vec::new();
     if let Some(args) = &spec.args {
         collect_refs(args, deps, &mut values)?;
     }
     let lookup = DepValues(values);
-    let empty = pb::Arg {
-        kind: Some(Kind::List(pb::ArgList { items: Vec::new() })),
-    };
+    let empty = pb::Arg { kind: Some(Kind::List(pb::ArgList { items: Vec::new() })) };
     let root = spec.args.as_ref().unwrap_or(&empty);
-    let de = ArgDeserializer {
-        arg: root,
-        deps: &lookup,
-    };
+    let de = ArgDeserializer { arg: root, deps: &lookup };
     match catch_unwind(AssertUnwindSafe(|| (reg.run)(de))) {
         Ok(r) => r,
         Err(payload) => Err(ExecErrorKind::Panic(panic_message(&*payload))),
@@ -274,15 +259,10 @@ impl<'a> serde::Deserializer<'a> for ArgDeserializer<'a> {
 
     fn deserialize_any<V: Visitor<'a>>(self, visitor: V) -> Result<V::Value, ArgError> {
         match &self.arg.kind {
-            Some(Kind::List(l)) => visitor.visit_seq(ListAccess {
-                items: l.items.iter(),
-                deps: self.deps,
-            }),
-            Some(Kind::Map(m)) => visitor.visit_map(MapAccess {
-                entries: m.entries.iter(),
-                value: None,
-                deps: self.deps,
-            }),
+            Some(Kind::List(l)) => visitor.visit_seq(ListAccess { items: l.items.iter(), deps: self.deps }),
+            Some(Kind::Map(m)) => {
+                visitor.visit_map(MapAccess { entries: m.entries.iter(), value: None, deps: self.deps })
+            }
             None => visitor.visit_unit(),
             Some(Kind::Literal(_)) | Some(Kind::Key(_)) => {
                 let bytes = self.leaf()?.expect("leaf");
@@ -325,17 +305,9 @@ struct ListAccess<'a> {
 
 impl<'a> de::SeqAccess<'a> for ListAccess<'a> {
     type Error = ArgError;
-    fn next_element_seed<T: DeserializeSeed<'a>>(
-        &mut self,
-        seed: T,
-    ) -> Result<Option<T::Value>, ArgError> {
+    fn next_element_seed<T: DeserializeSeed<'a>>(&mut self, seed: T) -> Result<Option<T::Value>, ArgError> {
         match self.items.next() {
-            Some(arg) => seed
-                .deserialize(ArgDeserializer {
-                    arg,
-                    deps: self.deps,
-                })
-                .map(Some),
+            Some(arg) => seed.deserialize(ArgDeserializer { arg, deps: self.deps }).map(Some),
             None => Ok(None),
         }
     }
@@ -352,10 +324,7 @@ struct MapAccess<'a> {
 
 impl<'a> de::MapAccess<'a> for MapAccess<'a> {
     type Error = ArgError;
-    fn next_key_seed<K: DeserializeSeed<'a>>(
-        &mut self,
-        seed: K,
-    ) -> Result<Option<K::Value>, ArgError> {
+    fn next_key_seed<K: DeserializeSeed<'a>>(&mut self, seed: K) -> Result<Option<K::Value>, ArgError> {
         match self.entries.next() {
             Some(e) => {
                 self.value = e.value.as_ref();
@@ -367,10 +336,7 @@ impl<'a> de::MapAccess<'a> for MapAccess<'a> {
     }
     fn next_value_seed<V: DeserializeSeed<'a>>(&mut self, seed: V) -> Result<V::Value, ArgError> {
         match self.value.take() {
-            Some(arg) => seed.deserialize(ArgDeserializer {
-                arg,
-                deps: self.deps,
-            }),
+            Some(arg) => seed.deserialize(ArgDeserializer { arg, deps: self.deps }),
             None => seed.deserialize(().into_deserializer()),
         }
     }
@@ -383,33 +349,21 @@ pub mod build {
     use super::*;
 
     pub fn literal<T: Serialize + ?Sized>(v: &T) -> Result<pb::Arg, crate::codec::CodecError> {
-        Ok(pb::Arg {
-            kind: Some(Kind::Literal(Bytes::from(rmp_serde::to_vec(v)?))),
-        })
+        Ok(pb::Arg { kind: Some(Kind::Literal(Bytes::from(rmp_serde::to_vec(v)?))) })
     }
 
     pub fn key(k: impl Into<String>) -> pb::Arg {
-        pb::Arg {
-            kind: Some(Kind::Key(k.into())),
-        }
+        pb::Arg { kind: Some(Kind::Key(k.into())) }
     }
 
     pub fn list(items: Vec<pb::Arg>) -> pb::Arg {
-        pb::Arg {
-            kind: Some(Kind::List(pb::ArgList { items })),
-        }
+        pb::Arg { kind: Some(Kind::List(pb::ArgList { items })) }
     }
 
     pub fn map(entries: Vec<(Bytes, pb::Arg)>) -> pb::Arg {
         pb::Arg {
             kind: Some(Kind::Map(pb::ArgMap {
-                entries: entries
-                    .into_iter()
-                    .map(|(key, v)| pb::ArgMapEntry {
-                        key,
-                        value: Some(v),
-                    })
-                    .collect(),
+                entries: entries.into_iter().map(|(key, v)| pb::ArgMapEntry { key, value: Some(v) }).collect(),
             })),
         }
     }
@@ -417,17 +371,11 @@ pub mod build {
     /// Every key the tree references, in order of first appearance, without repeats.
     pub fn references(arg: &pb::Arg, out: &mut Vec<String>) {
         match &arg.kind {
-            Some(Kind::Key(k)) => {
-                if !out.contains(k) {
-                    out.push(k.clone());
-                }
+            Some(Kind::Key(k)) if !out.contains(k) => {
+                out.push(k.clone());
             }
             Some(Kind::List(l)) => l.items.iter().for_each(|a| references(a, out)),
-            Some(Kind::Map(m)) => m
-                .entries
-                .iter()
-                .filter_map(|e| e.value.as_ref())
-                .for_each(|a| references(a, out)),
+            Some(Kind::Map(m)) => m.entries.iter().filter_map(|e| e.value.as_ref()).for_each(|a| references(a, out)),
             _ => {}
         }
     }
@@ -450,11 +398,7 @@ mod tests {
 
     #[task(crate = crate, name = "checked-div")]
     fn div(a: i64, b: i64) -> Result<i64, String> {
-        if b == 0 {
-            Err("division by zero".into())
-        } else {
-            Ok(a / b)
-        }
+        if b == 0 { Err("division by zero".into()) } else { Ok(a / b) }
     }
 
     #[task(crate = crate)]
@@ -463,10 +407,7 @@ mod tests {
     }
 
     fn spec(function: &str, args: Vec<pb::Arg>) -> pb::TaskSpec {
-        pb::TaskSpec {
-            function: function.into(),
-            args: Some(build::list(args)),
-        }
+        pb::TaskSpec { function: function.into(), args: Some(build::list(args)) }
     }
 
     fn dep(v: i64) -> Value {
@@ -474,9 +415,7 @@ mod tests {
     }
 
     fn run(spec: &pb::TaskSpec) -> Result<Value, ExecErrorKind> {
-        execute(spec, &|k: &str| {
-            k.strip_prefix("v").map(|n| dep(n.parse().unwrap()))
-        })
+        execute(spec, &|k: &str| k.strip_prefix("v").map(|n| dep(n.parse().unwrap())))
     }
 
     fn as_i64(v: Value) -> i64 {
@@ -485,48 +424,28 @@ mod tests {
 
     #[test]
     fn literals_and_references() {
-        let s = spec(
-            "add",
-            vec![build::literal(&2i64).unwrap(), build::key("v40")],
-        );
+        let s = spec("add", vec![build::literal(&2i64).unwrap(), build::key("v40")]);
         assert_eq!(as_i64(run(&s).unwrap()), 42);
         assert_eq!(add::call(1, 2), 3);
     }
 
     #[test]
     fn nested_lists_and_maps() {
-        let xs = build::list(vec![
-            build::key("v1"),
-            build::literal(&2i64).unwrap(),
-            build::key("v3"),
-        ]);
-        let m = build::map(vec![(
-            Bytes::from(rmp_serde::to_vec("k").unwrap()),
-            build::key("v10"),
-        )]);
+        let xs = build::list(vec![build::key("v1"), build::literal(&2i64).unwrap(), build::key("v3")]);
+        let m = build::map(vec![(Bytes::from(rmp_serde::to_vec("k").unwrap()), build::key("v10"))]);
         assert_eq!(as_i64(run(&spec("total", vec![xs, m])).unwrap()), 60);
     }
 
     #[test]
     fn errors_have_kinds() {
-        let e = run(&spec(
-            "checked-div",
-            vec![
-                build::literal(&1i64).unwrap(),
-                build::literal(&0i64).unwrap(),
-            ],
-        ));
+        let e = run(&spec("checked-div", vec![build::literal(&1i64).unwrap(), build::literal(&0i64).unwrap()]));
         assert_eq!(e, Err(ExecErrorKind::Error("division by zero".into())));
         let e = run(&spec("boom", vec![])).unwrap_err();
         assert_eq!(e, ExecErrorKind::Panic("kaboom".into()));
         let e = run(&spec("nope", vec![])).unwrap_err();
         assert_eq!(e.kind(), "unknown-function");
         assert!(e.message().contains("\"nope\""));
-        let e = run(&spec(
-            "add",
-            vec![build::literal("x").unwrap(), build::literal(&1i64).unwrap()],
-        ))
-        .unwrap_err();
+        let e = run(&spec("add", vec![build::literal("x").unwrap(), build::literal(&1i64).unwrap()])).unwrap_err();
         assert_eq!(e.kind(), "bad-arguments", "{e:?}");
         let e = run(&spec("add", vec![build::literal(&1i64).unwrap()])).unwrap_err();
         assert_eq!(e.kind(), "bad-arguments", "{e:?}");
@@ -536,10 +455,7 @@ mod tests {
 
     #[test]
     fn references_are_collected_once() {
-        let a = build::list(vec![
-            build::key("a"),
-            build::list(vec![build::key("b"), build::key("a")]),
-        ]);
+        let a = build::list(vec![build::key("a"), build::list(vec![build::key("b"), build::key("a")])]);
         let mut out = Vec::new();
         build::references(&a, &mut out);
         assert_eq!(out, ["a", "b"]);

@@ -44,26 +44,13 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level).map_err(|e| {
-        format!(
-            "bad --log-level {:?}: {e} (use error, warn, info, debug or trace)",
-            args.log_level
-        )
-    })?;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+        .map_err(|e| format!("bad --log-level {:?}: {e} (use error, warn, info, debug or trace)", args.log_level))?;
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     if !(args.worker_ttl.is_finite() && args.worker_ttl > 0.0) {
-        return Err(format!(
-            "--worker-ttl {} must be a positive number of seconds",
-            args.worker_ttl
-        ));
+        return Err(format!("--worker-ttl {} must be a positive number of seconds", args.worker_ttl));
     }
-    let mut config = SchedulerConfig {
-        scheduler_file: args.scheduler_file.clone(),
-        ..Default::default()
-    };
+    let mut config = SchedulerConfig { scheduler_file: args.scheduler_file.clone(), ..Default::default() };
     config.core.worker_ttl = Duration::from_secs_f64(args.worker_ttl);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -72,15 +59,18 @@ fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("failed to start the async runtime: {e}"))?;
     rt.block_on(async move {
         let bind = format!("{}:{}", args.host, args.port);
-        let listener = tokio::net::TcpListener::bind(&bind)
-            .await
-            .map_err(|e| format!("failed to listen on {bind}: {e}; is another scheduler running there? (try --port 0)"))?;
+        let listener = tokio::net::TcpListener::bind(&bind).await.map_err(|e| {
+            format!("failed to listen on {bind}: {e}; is another scheduler running there? (try --port 0)")
+        })?;
         let shutdown = CancellationToken::new();
-        let (handle, fut) = server::run(listener, config, shutdown.clone())
-            .await
-            .map_err(|e| format!("failed to start: {e}"))?;
+        let (handle, fut) =
+            server::run(listener, config, shutdown.clone()).await.map_err(|e| format!("failed to start: {e}"))?;
         // With --host 0.0.0.0, tell people the loopback address they can use.
-        let shown = if args.host == "0.0.0.0" { format!("tcp://127.0.0.1:{}", handle.address.port) } else { handle.address.to_string() };
+        let shown = if args.host == "0.0.0.0" {
+            format!("tcp://127.0.0.1:{}", handle.address.port)
+        } else {
+            handle.address.to_string()
+        };
         tracing::info!(address = %shown, "scheduler at {shown}");
         eprintln!("dask-scheduler: listening at {shown}");
         let signal = shutdown.clone();

@@ -18,8 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::core::{
-    self, ClientId, Command, Event, Key, NewTask, Report, SchedulerCore, TaskError, WorkerId,
-    WorkerSpec,
+    self, ClientId, Command, Event, Key, NewTask, Report, SchedulerCore, TaskError, WorkerId, WorkerSpec,
 };
 
 /// How to run a scheduler.
@@ -74,21 +73,12 @@ pub async fn run(
     let local = listener.local_addr()?;
     // Listening on all interfaces: advertise loopback, which always reaches us here.
     let address = if local.ip().is_unspecified() {
-        Address {
-            host: "127.0.0.1".into(),
-            port: local.port(),
-        }
+        Address { host: "127.0.0.1".into(), port: local.port() }
     } else {
         Address::from(local)
     };
     let (tx, rx) = mpsc::unbounded_channel();
-    let id = format!(
-        "Scheduler-{:x}",
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos()
-    );
+    let id = format!("Scheduler-{:x}", SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos());
     if let Some(path) = &config.scheduler_file {
         write_scheduler_file(path, &id, &address)?;
     }
@@ -97,10 +87,7 @@ pub async fn run(
     let svc = SchedulerServer::new(service)
         .max_decoding_message_size(dask_protocol::MAX_MESSAGE)
         .max_encoding_message_size(dask_protocol::MAX_MESSAGE);
-    let handle = SchedulerHandle {
-        address: address.clone(),
-        shutdown: shutdown.clone(),
-    };
+    let handle = SchedulerHandle { address: address.clone(), shutdown: shutdown.clone() };
     let core_config = config.core.clone();
     let fut = async move {
         let lp = EventLoop {
@@ -136,11 +123,7 @@ pub async fn run(
 }
 
 /// dask's scheduler file: JSON with at least `address`.
-pub fn write_scheduler_file(
-    path: &std::path::Path,
-    id: &str,
-    address: &Address,
-) -> std::io::Result<()> {
+pub fn write_scheduler_file(path: &std::path::Path, id: &str, address: &Address) -> std::io::Result<()> {
     let json = serde_json::json!({
         "type": "Scheduler",
         "id": id,
@@ -251,12 +234,7 @@ impl EventLoop {
                 let entries = keys
                     .into_iter()
                     .map(|k| {
-                        let workers = self
-                            .core
-                            .who_has(&k)
-                            .iter()
-                            .map(|a| a.to_string())
-                            .collect();
+                        let workers = self.core.who_has(&k).iter().map(|a| a.to_string()).collect();
                         pb::KeyWorkers { key: k, workers }
                     })
                     .collect();
@@ -288,9 +266,8 @@ impl EventLoop {
 
     fn answer_waiters(&mut self) {
         let n = self.core.n_workers();
-        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters)
-            .into_iter()
-            .partition(|(want, _)| *want <= n);
+        let (ready, waiting): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.waiters).into_iter().partition(|(want, _)| *want <= n);
         self.waiters = waiting;
         for (_, reply) in ready {
             let _ = reply.send(self.info());
@@ -324,11 +301,7 @@ impl EventLoop {
             address: self.address.to_string(),
             workers,
             tasks: self.core.n_tasks() as u64,
-            started_s: self
-                .started
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs_f64(),
+            started_s: self.started.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64(),
         }
     }
 
@@ -341,68 +314,44 @@ impl EventLoop {
         let mut to_clients: HashMap<ClientId, Vec<pb::KeyReport>> = HashMap::new();
         for cmd in self.commands.drain(..) {
             match cmd {
-                Command::Compute {
-                    worker,
-                    key,
-                    spec,
-                    deps,
-                    priority,
-                } => {
-                    to_workers
-                        .entry(worker)
-                        .or_default()
-                        .push(pb::SchedulerCommand {
-                            kind: Some(pb::scheduler_command::Kind::Compute(pb::ComputeTask {
-                                key: key.to_string(),
-                                spec,
-                                dependencies: deps
-                                    .into_iter()
-                                    .map(|d| pb::DependencyLocation {
-                                        key: d.key.to_string(),
-                                        workers: d.workers.iter().map(|w| w.to_string()).collect(),
-                                        nbytes: d.nbytes,
-                                    })
-                                    .collect(),
-                                priority,
-                            })),
-                        });
+                Command::Compute { worker, key, spec, deps, priority } => {
+                    to_workers.entry(worker).or_default().push(pb::SchedulerCommand {
+                        kind: Some(pb::scheduler_command::Kind::Compute(pb::ComputeTask {
+                            key: key.to_string(),
+                            spec,
+                            dependencies: deps
+                                .into_iter()
+                                .map(|d| pb::DependencyLocation {
+                                    key: d.key.to_string(),
+                                    workers: d.workers.iter().map(|w| w.to_string()).collect(),
+                                    nbytes: d.nbytes,
+                                })
+                                .collect(),
+                            priority,
+                        })),
+                    });
                 }
                 Command::Free { worker, key } => {
                     let batch = to_workers.entry(worker).or_default();
                     // Consecutive frees share one message; order with computes is kept.
-                    if let Some(pb::SchedulerCommand {
-                        kind: Some(pb::scheduler_command::Kind::Free(f)),
-                    }) = batch.last_mut()
+                    if let Some(pb::SchedulerCommand { kind: Some(pb::scheduler_command::Kind::Free(f)) }) =
+                        batch.last_mut()
                     {
                         f.keys.push(key.to_string());
                     } else {
                         batch.push(pb::SchedulerCommand {
-                            kind: Some(pb::scheduler_command::Kind::Free(pb::FreeKeys {
-                                keys: vec![key.to_string()],
-                            })),
+                            kind: Some(pb::scheduler_command::Kind::Free(pb::FreeKeys { keys: vec![key.to_string()] })),
                         });
                     }
                 }
-                Command::Report {
-                    client,
-                    key,
-                    report,
-                } => {
-                    to_clients
-                        .entry(client)
-                        .or_default()
-                        .push(report_to_pb(key, report));
+                Command::Report { client, key, report } => {
+                    to_clients.entry(client).or_default().push(report_to_pb(key, report));
                 }
                 Command::CloseWorker { worker, reason } => {
                     tracing::warn!(%worker, %reason, "closing worker");
-                    to_workers
-                        .entry(worker)
-                        .or_default()
-                        .push(pb::SchedulerCommand {
-                            kind: Some(pb::scheduler_command::Kind::Close(pb::CloseWorker {
-                                reason,
-                            })),
-                        });
+                    to_workers.entry(worker).or_default().push(pb::SchedulerCommand {
+                        kind: Some(pb::scheduler_command::Kind::Close(pb::CloseWorker { reason })),
+                    });
                 }
             }
         }
@@ -434,15 +383,10 @@ fn report_to_pb(key: Key, report: Report) -> pb::KeyReport {
             key: e.key.clone(),
             worker: e.worker.clone(),
         }),
-        Report::Cancelled => Kind::Cancelled(pb::KeyCancelled {
-            reason: "cancelled".into(),
-        }),
+        Report::Cancelled => Kind::Cancelled(pb::KeyCancelled { reason: "cancelled".into() }),
         Report::Lost(why) => Kind::Lost(pb::KeyLost { reason: why }),
     };
-    pb::KeyReport {
-        key: key.to_string(),
-        kind: Some(kind),
-    }
+    pb::KeyReport { key: key.to_string(), kind: Some(kind) }
 }
 
 #[derive(Clone)]
@@ -466,49 +410,27 @@ impl pb::scheduler_server::Scheduler for Service {
         request: Request<Streaming<pb::WorkerToScheduler>>,
     ) -> Result<Response<Self::WorkerStreamStream>, Status> {
         let mut inbound = request.into_inner();
-        let first = inbound
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("empty worker stream"))?;
-        let Some(pb::worker_event::Kind::Register(reg)) =
-            first.events.into_iter().next().and_then(|e| e.kind)
-        else {
-            return Err(Status::invalid_argument(
-                "the first message of a worker stream must be Register",
-            ));
+        let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("empty worker stream"))?;
+        let Some(pb::worker_event::Kind::Register(reg)) = first.events.into_iter().next().and_then(|e| e.kind) else {
+            return Err(Status::invalid_argument("the first message of a worker stream must be Register"));
         };
-        let address = Address::parse(&reg.address, None)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let address = Address::parse(&reg.address, None).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let spec = WorkerSpec {
             address: Arc::from(address.to_string()),
-            name: Arc::from(if reg.name.is_empty() {
-                address.to_string()
-            } else {
-                reg.name
-            }),
+            name: Arc::from(if reg.name.is_empty() { address.to_string() } else { reg.name }),
             nthreads: reg.nthreads.max(1),
             memory_limit: reg.memory_limit,
         };
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (reply_tx, reply_rx) = oneshot::channel();
-        self.tx
-            .send(LoopMsg::WorkerConnected {
-                spec,
-                tx: out_tx,
-                reply: reply_tx,
-            })
-            .map_err(|_| closed())?;
+        self.tx.send(LoopMsg::WorkerConnected { spec, tx: out_tx, reply: reply_tx }).map_err(|_| closed())?;
         let id = reply_rx.await.map_err(|_| closed())?;
         let tx = self.tx.clone();
         tokio::spawn(async move {
             let reason = loop {
                 match inbound.message().await {
                     Ok(Some(batch)) => {
-                        let events: Vec<Event> = batch
-                            .events
-                            .into_iter()
-                            .filter_map(|e| worker_event(id, e))
-                            .collect();
+                        let events: Vec<Event> = batch.events.into_iter().filter_map(|e| worker_event(id, e)).collect();
                         if !events.is_empty() && tx.send(LoopMsg::Events(events)).is_err() {
                             return;
                         }
@@ -518,14 +440,9 @@ impl pb::scheduler_server::Scheduler for Service {
                 }
             };
             tracing::info!(worker = %id, %reason, "worker left");
-            let _ = tx.send(LoopMsg::Events(vec![Event::WorkerLost {
-                worker: id,
-                reason,
-            }]));
+            let _ = tx.send(LoopMsg::Events(vec![Event::WorkerLost { worker: id, reason }]));
         });
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
-            out_rx,
-        ))))
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(out_rx))))
     }
 
     async fn client_stream(
@@ -535,63 +452,37 @@ impl pb::scheduler_server::Scheduler for Service {
         let mut inbound = request.into_inner();
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (reply_tx, reply_rx) = oneshot::channel();
-        self.tx
-            .send(LoopMsg::ClientConnected {
-                tx: out_tx,
-                reply: reply_tx,
-            })
-            .map_err(|_| closed())?;
+        self.tx.send(LoopMsg::ClientConnected { tx: out_tx, reply: reply_tx }).map_err(|_| closed())?;
         let id = reply_rx.await.map_err(|_| closed())?;
         let tx = self.tx.clone();
         tokio::spawn(async move {
-            loop {
-                match inbound.message().await {
-                    Ok(Some(batch)) => {
-                        let events: Vec<Event> = batch
-                            .ops
-                            .into_iter()
-                            .filter_map(|op| client_event(id, op))
-                            .collect();
-                        if !events.is_empty() && tx.send(LoopMsg::Events(events)).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(None) | Err(_) => break,
+            // A client that vanishes (stream end or error) has its wants released below.
+            while let Ok(Some(batch)) = inbound.message().await {
+                let events: Vec<Event> = batch.ops.into_iter().filter_map(|op| client_event(id, op)).collect();
+                if !events.is_empty() && tx.send(LoopMsg::Events(events)).is_err() {
+                    return;
                 }
             }
-            let _ = tx.send(LoopMsg::Events(vec![Event::ClientDisconnected {
-                client: id,
-            }]));
+            let _ = tx.send(LoopMsg::Events(vec![Event::ClientDisconnected { client: id }]));
         });
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
-            out_rx,
-        ))))
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(out_rx))))
     }
 
-    async fn who_has(
-        &self,
-        request: Request<pb::KeysRequest>,
-    ) -> Result<Response<pb::WhoHasReply>, Status> {
+    async fn who_has(&self, request: Request<pb::KeysRequest>) -> Result<Response<pb::WhoHasReply>, Status> {
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(LoopMsg::Query(Query::WhoHas(request.into_inner().keys, tx)))
-            .map_err(|_| closed())?;
+        self.tx.send(LoopMsg::Query(Query::WhoHas(request.into_inner().keys, tx))).map_err(|_| closed())?;
         Ok(Response::new(rx.await.map_err(|_| closed())?))
     }
 
     async fn has_what(&self, _: Request<pb::Empty>) -> Result<Response<pb::HasWhatReply>, Status> {
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(LoopMsg::Query(Query::HasWhat(tx)))
-            .map_err(|_| closed())?;
+        self.tx.send(LoopMsg::Query(Query::HasWhat(tx))).map_err(|_| closed())?;
         Ok(Response::new(rx.await.map_err(|_| closed())?))
     }
 
     async fn info(&self, _: Request<pb::Empty>) -> Result<Response<pb::SchedulerInfo>, Status> {
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(LoopMsg::Query(Query::Info(tx)))
-            .map_err(|_| closed())?;
+        self.tx.send(LoopMsg::Query(Query::Info(tx))).map_err(|_| closed())?;
         Ok(Response::new(rx.await.map_err(|_| closed())?))
     }
 
@@ -601,9 +492,7 @@ impl pb::scheduler_server::Scheduler for Service {
     ) -> Result<Response<pb::SchedulerInfo>, Status> {
         let req = request.into_inner();
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(LoopMsg::Query(Query::WaitForWorkers(req.n as usize, tx)))
-            .map_err(|_| closed())?;
+        self.tx.send(LoopMsg::Query(Query::WaitForWorkers(req.n as usize, tx))).map_err(|_| closed())?;
         let wait = async { rx.await.map_err(|_| closed()) };
         if req.timeout_s > 0.0 {
             match tokio::time::timeout(Duration::from_secs_f64(req.timeout_s), wait).await {
@@ -670,40 +559,21 @@ fn client_event(client: ClientId, op: pb::ClientOp) -> Option<Event> {
                     dependencies: t.dependencies.into_iter().map(Arc::from).collect(),
                     priority: t.priority,
                     retries: t.retries,
-                    workers: t
-                        .workers
-                        .into_iter()
-                        .map(|w| Arc::from(normalize_worker(w)))
-                        .collect(),
+                    workers: t.workers.into_iter().map(|w| Arc::from(normalize_worker(w))).collect(),
                     allow_other_workers: t.allow_other_workers,
                 })
                 .collect(),
             wants: g.wants.into_iter().map(Arc::from).collect(),
         },
-        Kind::Release(l) => Event::ReleaseKeys {
-            client,
-            keys: keys(l),
-        },
-        Kind::Cancel(l) => Event::CancelKeys {
-            client,
-            keys: keys(l),
-        },
-        Kind::Want(l) => Event::Want {
-            client,
-            keys: keys(l),
-        },
+        Kind::Release(l) => Event::ReleaseKeys { client, keys: keys(l) },
+        Kind::Cancel(l) => Event::CancelKeys { client, keys: keys(l) },
+        Kind::Want(l) => Event::Want { client, keys: keys(l) },
         Kind::Scattered(s) => Event::Scattered {
             client,
             keys: s
                 .keys
                 .into_iter()
-                .map(|k| {
-                    (
-                        Arc::from(k.key),
-                        k.workers.into_iter().map(Arc::from).collect(),
-                        k.nbytes,
-                    )
-                })
+                .map(|k| (Arc::from(k.key), k.workers.into_iter().map(Arc::from).collect(), k.nbytes))
                 .collect(),
         },
     })

@@ -10,11 +10,7 @@ use crate::memory::{parse_memory_limit, system_memory};
 use crate::server::{self, WorkerConfig};
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "dask-worker",
-    version,
-    about = "Start a dask-rs worker and connect it to a scheduler"
-)]
+#[command(name = "dask-worker", version, about = "Start a dask-rs worker and connect it to a scheduler")]
 pub struct Args {
     /// Scheduler address, e.g. tcp://127.0.0.1:8786 (else --scheduler-file, else $DASK_SCHEDULER_ADDRESS).
     pub scheduler: Option<String>,
@@ -67,12 +63,8 @@ pub fn parse_resources(s: &str) -> Result<Vec<(String, f64)>, String> {
     s.split([' ', ','])
         .filter(|p| !p.is_empty())
         .map(|p| {
-            let (k, v) = p
-                .split_once('=')
-                .ok_or_else(|| format!("resource {p:?} is not NAME=AMOUNT"))?;
-            let v: f64 = v
-                .parse()
-                .map_err(|_| format!("resource {k}: {v:?} is not a number"))?;
+            let (k, v) = p.split_once('=').ok_or_else(|| format!("resource {p:?} is not NAME=AMOUNT"))?;
+            let v: f64 = v.parse().map_err(|_| format!("resource {k}: {v:?} is not a number"))?;
             Ok((k.to_string(), v))
         })
         .collect()
@@ -81,34 +73,25 @@ pub fn parse_resources(s: &str) -> Result<Vec<(String, f64)>, String> {
 /// Finds the scheduler: the argument, then `--scheduler-file`, then `$DASK_SCHEDULER_ADDRESS`.
 pub fn scheduler_address(arg: Option<&str>, file: Option<&str>) -> Result<Address, String> {
     if let Some(a) = arg {
-        return Address::parse(a, Some(dask_protocol::DEFAULT_SCHEDULER_PORT))
-            .map_err(|e| e.to_string());
+        return Address::parse(a, Some(dask_protocol::DEFAULT_SCHEDULER_PORT)).map_err(|e| e.to_string());
     }
     if let Some(f) = file {
-        let text = std::fs::read_to_string(f)
-            .map_err(|e| format!("failed to read scheduler file {f}: {e}"))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| format!("failed to parse scheduler file {f}: {e}"))?;
-        let a = v["address"]
-            .as_str()
-            .ok_or_else(|| format!("scheduler file {f} has no \"address\""))?;
+        let text = std::fs::read_to_string(f).map_err(|e| format!("failed to read scheduler file {f}: {e}"))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("failed to parse scheduler file {f}: {e}"))?;
+        let a = v["address"].as_str().ok_or_else(|| format!("scheduler file {f} has no \"address\""))?;
         return Address::parse(a, None).map_err(|e| e.to_string());
     }
     if let Ok(a) = std::env::var("DASK_SCHEDULER_ADDRESS") {
-        return Address::parse(&a, Some(dask_protocol::DEFAULT_SCHEDULER_PORT))
-            .map_err(|e| e.to_string());
+        return Address::parse(&a, Some(dask_protocol::DEFAULT_SCHEDULER_PORT)).map_err(|e| e.to_string());
     }
     Err("no scheduler given: pass its address (dask-worker tcp://HOST:8786), --scheduler-file, or set DASK_SCHEDULER_ADDRESS".into())
 }
 
 fn init_logging(level: &str) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| {
-        format!("bad --log-level {level:?}: {e} (use error, warn, info, debug or trace)")
-    })?;
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .map_err(|e| format!("bad --log-level {level:?}: {e} (use error, warn, info, debug or trace)"))?;
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
     Ok(())
 }
 
@@ -129,22 +112,17 @@ fn run_cli(args: Args) -> Result<(), String> {
     init_logging(&args.log_level)?;
     let scheduler = scheduler_address(args.scheduler.as_deref(), args.scheduler_file.as_deref())?;
     let nworkers = args.nworkers.max(1);
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let nthreads = match args.nthreads {
         Some(0) => return Err("--nthreads must be at least 1".into()),
         Some(n) => n,
         None => (cores / nworkers).max(1),
     };
-    let memory_limit = parse_memory_limit(&args.memory_limit, system_memory(), nworkers as u64)
-        .map_err(|e| e.to_string())?;
+    let memory_limit =
+        parse_memory_limit(&args.memory_limit, system_memory(), nworkers as u64).map_err(|e| e.to_string())?;
     if let Some(r) = &args.resources {
         let parsed = parse_resources(r)?;
-        tracing::warn!(
-            ?parsed,
-            "--resources is accepted but not used for scheduling yet"
-        );
+        tracing::warn!(?parsed, "--resources is accepted but not used for scheduling yet");
     }
     if args.nanny && !args.no_nanny {
         tracing::warn!("the nanny is not implemented yet; running the worker without one");
@@ -173,9 +151,7 @@ fn run_cli(args: Args) -> Result<(), String> {
         {
             let signal = shutdown.clone();
             tokio::spawn(async move {
-                if let Ok(mut s) =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                {
+                if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
                     s.recv().await;
                     signal.cancel();
                 }
@@ -192,22 +168,13 @@ fn run_cli(args: Args) -> Result<(), String> {
             };
             config.memory_limit = memory_limit;
             config.host = args.host.clone();
-            config.port = if args.worker_port != 0 {
-                args.worker_port + i as u16
-            } else {
-                0
-            };
+            config.port = if args.worker_port != 0 { args.worker_port + i as u16 } else { 0 };
             if let Some(d) = &args.local_directory {
                 config.local_directory = d.clone();
             }
             config.death_timeout = death_timeout;
-            let (handle, run) = server::start(config, shutdown.child_token())
-                .await
-                .map_err(|e| e.to_string())?;
-            eprintln!(
-                "dask-worker: {} ({}) connected to {scheduler}",
-                handle.address, handle.name
-            );
+            let (handle, run) = server::start(config, shutdown.child_token()).await.map_err(|e| e.to_string())?;
+            eprintln!("dask-worker: {} ({}) connected to {scheduler}", handle.address, handle.name);
             runs.push(tokio::spawn(run));
         }
         let mut result = Ok(());

@@ -22,12 +22,7 @@ pub struct Executor {
 }
 
 impl Executor {
-    pub fn new(
-        nthreads: usize,
-        store: Store,
-        events: mpsc::UnboundedSender<Event>,
-        worker: String,
-    ) -> Self {
+    pub fn new(nthreads: usize, store: Store, events: mpsc::UnboundedSender<Event>, worker: String) -> Self {
         let (tx, rx) = std_mpsc::channel::<(Key, Bytes)>();
         let rx = Arc::new(Mutex::new(rx));
         let threads = (0..nthreads.max(1))
@@ -43,14 +38,7 @@ impl Executor {
                             let job = rx.lock().recv();
                             let Ok((key, spec)) = job else { return };
                             let (outcome, duration) = run_one(&key, &spec, &store, &worker);
-                            if events
-                                .send(Event::ExecDone {
-                                    key,
-                                    outcome,
-                                    duration,
-                                })
-                                .is_err()
-                            {
+                            if events.send(Event::ExecDone { key, outcome, duration }).is_err() {
                                 return;
                             }
                         }
@@ -58,10 +46,7 @@ impl Executor {
                     .expect("spawn executor thread")
             })
             .collect();
-        Executor {
-            jobs: Some(tx),
-            threads,
-        }
+        Executor { jobs: Some(tx), threads }
     }
 
     pub fn submit(&self, key: Key, spec: Bytes) {
@@ -77,34 +62,21 @@ impl Executor {
     }
 }
 
-fn run_one(
-    key: &Key,
-    spec: &Bytes,
-    store: &Store,
-    worker: &str,
-) -> (ExecOutcome, std::time::Duration) {
+fn run_one(key: &Key, spec: &Bytes, store: &Store, worker: &str) -> (ExecOutcome, std::time::Duration) {
     let start = Instant::now();
     let (function, result) = match pb::TaskSpec::decode(spec.clone()) {
         Ok(spec) => {
             let r = execute(&spec, &|k: &str| store.get(k).map(|v| v.value().clone()));
             (spec.function, r)
         }
-        Err(e) => (
-            String::new(),
-            Err(ExecErrorKind::BadArguments(format!(
-                "malformed task spec: {e}"
-            ))),
-        ),
+        Err(e) => (String::new(), Err(ExecErrorKind::BadArguments(format!("malformed task spec: {e}")))),
     };
     let duration = start.elapsed();
     let outcome = match result {
         Ok(value) => {
             let nbytes = value.data.len() as u64;
             store.insert(key.clone(), value);
-            ExecOutcome::Ok {
-                nbytes,
-                type_name: String::new(),
-            }
+            ExecOutcome::Ok { nbytes, type_name: String::new() }
         }
         Err(e) => ExecOutcome::Err(pb::TaskError {
             message: e.message(),

@@ -20,10 +20,7 @@ pub fn system_memory() -> u64 {
 
 /// Parses a memory limit. `total` is the system's memory, `nworkers` the processes sharing it.
 pub fn parse_memory_limit(input: &str, total: u64, nworkers: u64) -> Result<u64, MemoryLimitError> {
-    let err = |why: &str| MemoryLimitError {
-        input: input.to_string(),
-        why: why.to_string(),
-    };
+    let err = |why: &str| MemoryLimitError { input: input.to_string(), why: why.to_string() };
     let s = input.trim().to_ascii_lowercase();
     if s == "auto" {
         return Ok(total / nworkers.max(1));
@@ -31,14 +28,9 @@ pub fn parse_memory_limit(input: &str, total: u64, nworkers: u64) -> Result<u64,
     if s.is_empty() {
         return Err(err("it is empty"));
     }
-    let split = s
-        .find(|c: char| c.is_ascii_alphabetic() && c != 'e')
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| c.is_ascii_alphabetic() && c != 'e').unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let value: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| err("the number part is not a number"))?;
+    let value: f64 = num.trim().parse().map_err(|_| err("the number part is not a number"))?;
     if !value.is_finite() || value < 0.0 {
         return Err(err("it must not be negative"));
     }
@@ -72,10 +64,7 @@ mod tests {
     fn dask_spellings() {
         let total = 16_000_000_000;
         assert_eq!(parse_memory_limit("4GB", total, 1), Ok(4_000_000_000));
-        assert_eq!(
-            parse_memory_limit("4GiB", total, 1),
-            Ok(4 * 1024 * 1024 * 1024)
-        );
+        assert_eq!(parse_memory_limit("4GiB", total, 1), Ok(4 * 1024 * 1024 * 1024));
         assert_eq!(parse_memory_limit("500 MB", total, 1), Ok(500_000_000));
         assert_eq!(parse_memory_limit("10e9", total, 1), Ok(10_000_000_000));
         assert_eq!(parse_memory_limit("0", total, 1), Ok(0));

@@ -221,10 +221,7 @@ pub struct DepLocation {
 /// What the client is told about a key it wants.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Report {
-    Memory {
-        nbytes: u64,
-        workers: SmallVec<[Arc<str>; 2]>,
-    },
+    Memory { nbytes: u64, workers: SmallVec<[Arc<str>; 2]> },
     Erred(Arc<TaskError>),
     Cancelled,
     Lost(String),
@@ -241,14 +238,20 @@ pub enum Command {
         priority: i32,
     },
     /// Drop the value of `key`, or cancel its computation.
-    Free { worker: WorkerId, key: Key },
+    Free {
+        worker: WorkerId,
+        key: Key,
+    },
     Report {
         client: ClientId,
         key: Key,
         report: Report,
     },
     /// Tell the worker to go away (rejected or timed out).
-    CloseWorker { worker: WorkerId, reason: String },
+    CloseWorker {
+        worker: WorkerId,
+        reason: String,
+    },
 }
 
 /// Tunables. Defaults follow dask where dask has one.
@@ -287,21 +290,12 @@ impl Default for Config {
 #[derive(Clone, Debug, PartialEq)]
 pub enum TaskState {
     Released,
-    Waiting {
-        remaining: u32,
-    },
+    Waiting { remaining: u32 },
     Queued,
     NoWorker,
-    Processing {
-        worker: WorkerId,
-    },
-    Memory {
-        nbytes: u64,
-        who_has: SmallVec<[WorkerId; 1]>,
-    },
-    Erred {
-        error: Arc<TaskError>,
-    },
+    Processing { worker: WorkerId },
+    Memory { nbytes: u64, who_has: SmallVec<[WorkerId; 1]> },
+    Erred { error: Arc<TaskError> },
 }
 
 impl TaskState {
@@ -321,10 +315,7 @@ impl TaskState {
     fn is_active(&self) -> bool {
         matches!(
             self,
-            TaskState::Waiting { .. }
-                | TaskState::Queued
-                | TaskState::NoWorker
-                | TaskState::Processing { .. }
+            TaskState::Waiting { .. } | TaskState::Queued | TaskState::NoWorker | TaskState::Processing { .. }
         )
     }
 }
@@ -455,24 +446,17 @@ impl SchedulerCore {
     /// Addresses holding each key (empty for keys not in memory or unknown).
     pub fn who_has(&self, key: &str) -> Vec<Arc<str>> {
         match self.task_state(key) {
-            Some(TaskState::Memory { who_has, .. }) => who_has
-                .iter()
-                .map(|w| self.workers[w].spec.address.clone())
-                .collect(),
+            Some(TaskState::Memory { who_has, .. }) => {
+                who_has.iter().map(|w| self.workers[w].spec.address.clone()).collect()
+            }
             _ => Vec::new(),
         }
     }
 
     /// For each worker: its spec, keys held, tasks processing, bytes held.
-    pub fn workers(
-        &self,
-    ) -> impl Iterator<Item = (WorkerId, &WorkerSpec, Vec<Key>, usize, u64)> + '_ {
+    pub fn workers(&self) -> impl Iterator<Item = (WorkerId, &WorkerSpec, Vec<Key>, usize, u64)> + '_ {
         self.workers.iter().map(|(id, w)| {
-            let keys = w
-                .has_what
-                .iter()
-                .map(|t| self.task(*t).key.clone())
-                .collect();
+            let keys = w.has_what.iter().map(|t| self.task(*t).key.clone()).collect();
             (*id, &w.spec, keys, w.processing.len(), w.nbytes)
         })
     }
@@ -491,11 +475,7 @@ impl SchedulerCore {
 
     /// The transitions of `key` still in the log, oldest first.
     pub fn story(&self, key: &str) -> Vec<Transition> {
-        self.log
-            .iter()
-            .filter(|t| &*t.key == key)
-            .cloned()
-            .collect()
+        self.log.iter().filter(|t| &*t.key == key).cloned().collect()
     }
 
     // ------------------------------------------------------------------ the entry point
@@ -515,11 +495,7 @@ impl SchedulerCore {
                     }
                 }
             }
-            Event::UpdateGraph {
-                client,
-                tasks,
-                wants,
-            } => self.update_graph(client, tasks, wants, out),
+            Event::UpdateGraph { client, tasks, wants } => self.update_graph(client, tasks, wants, out),
             Event::Want { client, keys } => {
                 for key in keys {
                     if let Some(&t) = self.keys.get(&key) {
@@ -542,39 +518,24 @@ impl SchedulerCore {
             }
             Event::CancelKeys { client, keys } => {
                 for key in keys {
-                    if let Some(&t) = self.keys.get(&key) {
-                        if self.task(t).who_wants.contains(&client) {
-                            self.client_release(client, t);
-                        }
+                    if let Some(&t) = self.keys.get(&key)
+                        && self.task(t).who_wants.contains(&client)
+                    {
+                        self.client_release(client, t);
                     }
-                    out.push(Command::Report {
-                        client,
-                        key,
-                        report: Report::Cancelled,
-                    });
+                    out.push(Command::Report { client, key, report: Report::Cancelled });
                 }
             }
             Event::Scattered { client, keys } => self.scattered(client, keys, out),
             Event::WorkerJoined { worker, spec } => self.worker_joined(worker, spec, out),
             Event::WorkerLost { worker, reason } => self.remove_worker(worker, &reason, out),
-            Event::TaskFinished {
-                worker,
-                key,
-                nbytes,
-                duration,
-            } => self.task_finished(worker, key, nbytes, duration, out),
-            Event::TaskFailed {
-                worker,
-                key,
-                error,
-                duration,
-            } => self.task_failed(worker, key, error, duration, out),
-            Event::MissingData {
-                worker,
-                key,
-                dependency,
-                from,
-            } => self.missing_data(worker, key, dependency, from, out),
+            Event::TaskFinished { worker, key, nbytes, duration } => {
+                self.task_finished(worker, key, nbytes, duration, out)
+            }
+            Event::TaskFailed { worker, key, error, duration } => self.task_failed(worker, key, error, duration, out),
+            Event::MissingData { worker, key, dependency, from } => {
+                self.missing_data(worker, key, dependency, from, out)
+            }
             Event::Heartbeat { worker } => {
                 if let Some(w) = self.workers.get_mut(&worker) {
                     w.last_seen = now;
@@ -605,13 +566,7 @@ impl SchedulerCore {
 
     // ------------------------------------------------------------------ clients
 
-    fn update_graph(
-        &mut self,
-        client: ClientId,
-        tasks: Vec<NewTask>,
-        wants: Vec<Key>,
-        out: &mut Vec<Command>,
-    ) {
+    fn update_graph(&mut self, client: ClientId, tasks: Vec<NewTask>, wants: Vec<Key>, out: &mut Vec<Command>) {
         self.clients.entry(client).or_default();
         // Pass 1: records for the keys we do not know yet.
         let mut created: Vec<(TaskId, Vec<Key>)> = Vec::new();
@@ -621,10 +576,7 @@ impl SchedulerCore {
             }
             let prefix = self.prefix_of(&nt.key);
             let restrictions = (!nt.workers.is_empty()).then(|| {
-                Box::new(Restrictions {
-                    workers: nt.workers.into_boxed_slice(),
-                    loose: nt.allow_other_workers,
-                })
+                Box::new(Restrictions { workers: nt.workers.into_boxed_slice(), loose: nt.allow_other_workers })
             });
             let order = self.next_order;
             self.next_order += 1;
@@ -659,7 +611,9 @@ impl SchedulerCore {
                     Some(_) => bad.push((*id, format!("task depends on itself ({d:?})"))),
                     None => bad.push((
                         *id,
-                        format!("dependency {d:?} is not a known key: submit it in the same graph, or keep its future alive"),
+                        format!(
+                            "dependency {d:?} is not a known key: submit it in the same graph, or keep its future alive"
+                        ),
                     )),
                 }
             }
@@ -725,19 +679,10 @@ impl SchedulerCore {
         let set: FxHashSet<TaskId> = new.iter().copied().collect();
         let mut indeg: FxHashMap<TaskId, u32> = FxHashMap::default();
         for &t in &new {
-            let n = self
-                .task(t)
-                .dependencies
-                .iter()
-                .filter(|d| set.contains(d))
-                .count();
+            let n = self.task(t).dependencies.iter().filter(|d| set.contains(d)).count();
             indeg.insert(t, n as u32);
         }
-        let mut stack: Vec<TaskId> = indeg
-            .iter()
-            .filter(|(_, n)| **n == 0)
-            .map(|(t, _)| *t)
-            .collect();
+        let mut stack: Vec<TaskId> = indeg.iter().filter(|(_, n)| **n == 0).map(|(t, _)| *t).collect();
         while let Some(t) = stack.pop() {
             indeg.remove(&t);
             for d in &self.task(t).dependents {
@@ -761,11 +706,7 @@ impl SchedulerCore {
         match &self.task(t).state {
             TaskState::Memory { .. } | TaskState::Erred { .. } => {
                 if let Some(report) = self.report_of(t) {
-                    out.push(Command::Report {
-                        client,
-                        key: self.task(t).key.clone(),
-                        report,
-                    });
+                    out.push(Command::Report { client, key: self.task(t).key.clone(), report });
                 }
             }
             TaskState::Released => self.compute(t, out),
@@ -774,10 +715,10 @@ impl SchedulerCore {
     }
 
     fn client_release(&mut self, client: ClientId, t: TaskId) {
-        if let Some(c) = self.clients.get_mut(&client) {
-            if c.wants.remove(&t) {
-                self.unwant(t, client);
-            }
+        if let Some(c) = self.clients.get_mut(&client)
+            && c.wants.remove(&t)
+        {
+            self.unwant(t, client);
         }
     }
 
@@ -789,21 +730,11 @@ impl SchedulerCore {
         }
     }
 
-    fn scattered(
-        &mut self,
-        client: ClientId,
-        keys: Vec<(Key, Vec<Arc<str>>, u64)>,
-        out: &mut Vec<Command>,
-    ) {
+    fn scattered(&mut self, client: ClientId, keys: Vec<(Key, Vec<Arc<str>>, u64)>, out: &mut Vec<Command>) {
         for (key, addrs, nbytes) in keys {
             let holders: SmallVec<[WorkerId; 1]> = addrs
                 .iter()
-                .filter_map(|a| {
-                    self.workers
-                        .iter()
-                        .find(|(_, w)| w.spec.address == *a)
-                        .map(|(id, _)| *id)
-                })
+                .filter_map(|a| self.workers.iter().find(|(_, w)| w.spec.address == *a).map(|(id, _)| *id))
                 .collect();
             let id = match self.keys.get(&key) {
                 Some(&id) => id,
@@ -836,10 +767,7 @@ impl SchedulerCore {
                     key: key.to_string(),
                     worker: String::new(),
                 });
-                if !matches!(
-                    self.task(id).state,
-                    TaskState::Memory { .. } | TaskState::Erred { .. }
-                ) {
+                if !matches!(self.task(id).state, TaskState::Memory { .. } | TaskState::Erred { .. }) {
                     self.set_state(id, TaskState::Erred { error: err }, out);
                 }
             } else {
@@ -850,14 +778,7 @@ impl SchedulerCore {
                         }
                     }
                     _ => {
-                        self.set_state(
-                            id,
-                            TaskState::Memory {
-                                nbytes,
-                                who_has: holders,
-                            },
-                            out,
-                        );
+                        self.set_state(id, TaskState::Memory { nbytes, who_has: holders }, out);
                     }
                 }
             }
@@ -868,25 +789,15 @@ impl SchedulerCore {
     // ------------------------------------------------------------------ workers
 
     fn worker_joined(&mut self, worker: WorkerId, spec: WorkerSpec, out: &mut Vec<Command>) {
-        if let Some((_, other)) = self
-            .workers
-            .iter()
-            .find(|(_, w)| w.spec.name == spec.name || w.spec.address == spec.address)
+        if let Some((_, other)) =
+            self.workers.iter().find(|(_, w)| w.spec.name == spec.name || w.spec.address == spec.address)
         {
-            let why = if other.spec.name == spec.name {
-                "name"
-            } else {
-                "address"
-            };
+            let why = if other.spec.name == spec.name { "name" } else { "address" };
             out.push(Command::CloseWorker {
                 worker,
                 reason: format!(
                     "a worker with {why} {:?} is already connected",
-                    if why == "name" {
-                        &spec.name
-                    } else {
-                        &spec.address
-                    }
+                    if why == "name" { &spec.name } else { &spec.address }
                 ),
             });
             return;
@@ -930,8 +841,7 @@ impl SchedulerCore {
             }
         }
         // Tasks it was running go elsewhere, unless workers keep dying under them.
-        let mut processing: Vec<TaskId> =
-            self.workers[&worker].processing.iter().copied().collect();
+        let mut processing: Vec<TaskId> = self.workers[&worker].processing.iter().copied().collect();
         processing.sort_by_key(|t| self.task(*t).order);
         for t in processing {
             let allowed_failures = self.config.allowed_failures;
@@ -957,7 +867,9 @@ impl SchedulerCore {
         let w = self.workers.remove(&worker).expect("worker exists");
         debug_assert!(w.processing.is_empty() && w.has_what.is_empty());
         // The dead worker's commands are dropped by the shell; drop them here already.
-        out.retain(|c| !matches!(c, Command::Compute { worker: x, .. } | Command::Free { worker: x, .. } if *x == worker));
+        out.retain(
+            |c| !matches!(c, Command::Compute { worker: x, .. } | Command::Free { worker: x, .. } if *x == worker),
+        );
         if self.workers.is_empty() {
             while let Some(t) = self.queue.peek() {
                 self.set_state(t, TaskState::NoWorker, out);
@@ -993,14 +905,7 @@ impl SchedulerCore {
         }
     }
 
-    fn task_finished(
-        &mut self,
-        worker: WorkerId,
-        key: Key,
-        nbytes: u64,
-        duration: Duration,
-        out: &mut Vec<Command>,
-    ) {
+    fn task_finished(&mut self, worker: WorkerId, key: Key, nbytes: u64, duration: Duration, out: &mut Vec<Command>) {
         let Some(&t) = self.keys.get(&key) else {
             out.push(Command::Free { worker, key });
             return;
@@ -1017,14 +922,7 @@ impl SchedulerCore {
             }
         }
         self.record_duration(t, duration);
-        self.set_state(
-            t,
-            TaskState::Memory {
-                nbytes,
-                who_has: SmallVec::from_elem(worker, 1),
-            },
-            out,
-        );
+        self.set_state(t, TaskState::Memory { nbytes, who_has: SmallVec::from_elem(worker, 1) }, out);
         self.fill(worker, out);
     }
 
@@ -1051,13 +949,7 @@ impl SchedulerCore {
             if error.key.is_empty() {
                 error.key = key.to_string();
             }
-            self.set_state(
-                t,
-                TaskState::Erred {
-                    error: Arc::new(error),
-                },
-                out,
-            );
+            self.set_state(t, TaskState::Erred { error: Arc::new(error) }, out);
         }
         self.fill(worker, out);
     }
@@ -1071,35 +963,31 @@ impl SchedulerCore {
         out: &mut Vec<Command>,
     ) {
         if let Some(&d) = self.keys.get(&dependency) {
-            let gone: Vec<WorkerId> = self
-                .workers
-                .iter()
-                .filter(|(_, w)| from.contains(&w.spec.address))
-                .map(|(id, _)| *id)
-                .collect();
+            let gone: Vec<WorkerId> =
+                self.workers.iter().filter(|(_, w)| from.contains(&w.spec.address)).map(|(id, _)| *id).collect();
             for w in gone {
-                if let TaskState::Memory { who_has, nbytes } = &mut self.task_mut(d).state {
-                    if who_has.contains(&w) {
-                        who_has.retain(|x| *x != w);
-                        let empty = who_has.is_empty();
-                        let nbytes = *nbytes;
-                        let worker = self.workers.get_mut(&w).expect("worker exists");
-                        worker.has_what.remove(&d);
-                        worker.nbytes -= nbytes;
-                        if empty {
-                            self.data_lost(d, "a worker reported it missing", out);
-                            break;
-                        }
+                if let TaskState::Memory { who_has, nbytes } = &mut self.task_mut(d).state
+                    && who_has.contains(&w)
+                {
+                    who_has.retain(|x| *x != w);
+                    let empty = who_has.is_empty();
+                    let nbytes = *nbytes;
+                    let worker = self.workers.get_mut(&w).expect("worker exists");
+                    worker.has_what.remove(&d);
+                    worker.nbytes -= nbytes;
+                    if empty {
+                        self.data_lost(d, "a worker reported it missing", out);
+                        break;
                     }
                 }
             }
         }
         // If the task still waits on this worker, try again (with fresh locations).
-        if let Some(&t) = self.keys.get(&key) {
-            if matches!(self.task(t).state, TaskState::Processing { worker: w } if w == worker) {
-                self.set_state(t, TaskState::Released, out);
-                self.compute(t, out);
-            }
+        if let Some(&t) = self.keys.get(&key)
+            && matches!(self.task(t).state, TaskState::Processing { worker: w } if w == worker)
+        {
+            self.set_state(t, TaskState::Released, out);
+            self.compute(t, out);
         }
     }
 
@@ -1175,32 +1063,26 @@ impl SchedulerCore {
             !w.closing
                 && match &task.restrictions {
                     None => true,
-                    Some(r) => {
-                        r.loose
-                            || r.workers
-                                .iter()
-                                .any(|x| *x == w.spec.address || *x == w.spec.name)
-                    }
+                    Some(r) => r.loose || r.workers.iter().any(|x| *x == w.spec.address || *x == w.spec.name),
                 }
         };
-        if let Some(r) = &task.restrictions {
-            if !r.loose {
-                // Restricted tasks are not held back by the slot limit: only these workers may run them.
-                return self
-                    .workers
-                    .iter()
-                    .filter(|(_, w)| eligible(w))
-                    .min_by_key(|(id, w)| (occupancy(w), **id))
-                    .map_or(Placement::NoWorker, |(id, _)| Placement::Worker(*id));
-            }
+        if let Some(r) = &task.restrictions
+            && !r.loose
+        {
+            // Restricted tasks are not held back by the slot limit: only these workers may run them.
+            return self
+                .workers
+                .iter()
+                .filter(|(_, w)| eligible(w))
+                .min_by_key(|(id, w)| (occupancy(w), **id))
+                .map_or(Placement::NoWorker, |(id, _)| Placement::Worker(*id));
         }
         if self.workers.values().all(|w| w.closing) {
             return Placement::NoWorker;
         }
         let limit = self.depth(task.prefix);
-        let has_slot = |w: &Worker| {
-            !w.closing && (w.processing.len() as u64) < w.spec.nthreads.max(1) as u64 * limit as u64
-        };
+        let has_slot =
+            |w: &Worker| !w.closing && (w.processing.len() as u64) < w.spec.nthreads.max(1) as u64 * limit as u64;
         // Prefer the worker holding most of the inputs' bytes.
         if !task.dependencies.is_empty() {
             let mut bytes: SmallVec<[(WorkerId, u64); 4]> = SmallVec::new();
@@ -1217,13 +1099,7 @@ impl SchedulerCore {
             let best = bytes
                 .iter()
                 .filter(|(w, _)| has_slot(&self.workers[w]))
-                .max_by_key(|(w, b)| {
-                    (
-                        *b,
-                        std::cmp::Reverse(occupancy(&self.workers[w])),
-                        std::cmp::Reverse(*w),
-                    )
-                });
+                .max_by_key(|(w, b)| (*b, std::cmp::Reverse(occupancy(&self.workers[w])), std::cmp::Reverse(*w)));
             if let Some((w, _)) = best {
                 return Placement::Worker(*w);
             }
@@ -1237,9 +1113,7 @@ impl SchedulerCore {
 
     /// How many tasks of this kind a thread may have queued: as many as it can start "soon".
     fn depth(&self, prefix: u32) -> u32 {
-        let avg = self.prefixes[prefix as usize]
-            .avg_ns
-            .unwrap_or(self.config.unknown_duration.as_nanos() as f64);
+        let avg = self.prefixes[prefix as usize].avg_ns.unwrap_or(self.config.unknown_duration.as_nanos() as f64);
         let n = self.config.soon.as_nanos() as f64 / avg.max(1.0);
         (n as u32).clamp(1, self.config.max_depth)
     }
@@ -1251,9 +1125,7 @@ impl SchedulerCore {
             let Some(w) = self.workers.get(&worker) else {
                 return;
             };
-            if w.closing
-                || w.processing.len() as u64 >= w.spec.nthreads.max(1) as u64 * limit as u64
-            {
+            if w.closing || w.processing.len() as u64 >= w.spec.nthreads.max(1) as u64 * limit as u64 {
                 return;
             }
             // Leaving Queued takes it out of the queue.
@@ -1293,11 +1165,7 @@ impl SchedulerCore {
         if !allowed(&old, &new) {
             // A bug in the core. Keep the old state rather than corrupt the counters.
             self.task_mut(t).state = old;
-            let err = InvalidTransition {
-                key: self.task(t).key.to_string(),
-                from,
-                to,
-            };
+            let err = InvalidTransition { key: self.task(t).key.to_string(), from, to };
             debug_assert!(false, "{err}");
             tracing::error!("{err}");
             return;
@@ -1316,10 +1184,7 @@ impl SchedulerCore {
                     self.freed.push(*worker);
                     if !matches!(new, TaskState::Memory { .. }) {
                         // Cancel the computation on the worker.
-                        out.push(Command::Free {
-                            worker: *worker,
-                            key: self.task(t).key.clone(),
-                        });
+                        out.push(Command::Free { worker: *worker, key: self.task(t).key.clone() });
                     }
                 }
             }
@@ -1328,10 +1193,7 @@ impl SchedulerCore {
                     if let Some(worker) = self.workers.get_mut(w) {
                         worker.has_what.remove(&t);
                         worker.nbytes = worker.nbytes.saturating_sub(*nbytes);
-                        out.push(Command::Free {
-                            worker: *w,
-                            key: self.task(t).key.clone(),
-                        });
+                        out.push(Command::Free { worker: *w, key: self.task(t).key.clone() });
                     }
                 }
                 // Dependents that were counting on this value wait for it again.
@@ -1376,10 +1238,7 @@ impl SchedulerCore {
                 self.no_worker.insert(t);
             }
             TaskState::Processing { worker } => {
-                let w = self
-                    .workers
-                    .get_mut(worker)
-                    .expect("processing on a known worker");
+                let w = self.workers.get_mut(worker).expect("processing on a known worker");
                 w.processing.insert(t);
                 let task = self.task(t);
                 let deps = task
@@ -1392,10 +1251,7 @@ impl SchedulerCore {
                         };
                         DepLocation {
                             key: dep.key.clone(),
-                            workers: who_has
-                                .iter()
-                                .map(|w| self.workers[w].spec.address.clone())
-                                .collect(),
+                            workers: who_has.iter().map(|w| self.workers[w].spec.address.clone()).collect(),
                             nbytes: *nbytes,
                         }
                     })
@@ -1443,13 +1299,7 @@ impl SchedulerCore {
                 while let Some(d) = stack.pop() {
                     if self.task(d).state.is_active() {
                         self.erred_propagating = true;
-                        self.set_state(
-                            d,
-                            TaskState::Erred {
-                                error: error.clone(),
-                            },
-                            out,
-                        );
+                        self.set_state(d, TaskState::Erred { error: error.clone() }, out);
                         self.erred_propagating = false;
                         self.report_to_wanters(d, out);
                         stack.extend(self.task(d).dependents.iter().copied());
@@ -1479,14 +1329,9 @@ impl SchedulerCore {
         match &self.task(t).state {
             TaskState::Memory { nbytes, who_has } => Some(Report::Memory {
                 nbytes: *nbytes,
-                workers: who_has
-                    .iter()
-                    .map(|w| self.workers[w].spec.address.clone())
-                    .collect(),
+                workers: who_has.iter().map(|w| self.workers[w].spec.address.clone()).collect(),
             }),
-            TaskState::Erred { error } if error.kind == "lost" => {
-                Some(Report::Lost(error.message.clone()))
-            }
+            TaskState::Erred { error } if error.kind == "lost" => Some(Report::Lost(error.message.clone())),
             TaskState::Erred { error } => Some(Report::Erred(error.clone())),
             _ => None,
         }
@@ -1499,11 +1344,7 @@ impl SchedulerCore {
         }
         if let Some(report) = self.report_of(t) {
             for &client in &task.who_wants {
-                out.push(Command::Report {
-                    client,
-                    key: task.key.clone(),
-                    report: report.clone(),
-                });
+                out.push(Command::Report { client, key: task.key.clone(), report: report.clone() });
             }
         }
     }
@@ -1556,13 +1397,7 @@ impl SchedulerCore {
         if self.config.log_len == 0 {
             return;
         }
-        self.log.push_back(Transition {
-            key: self.task(t).key.clone(),
-            from,
-            to,
-            cause: self.cause,
-            at: self.now,
-        });
+        self.log.push_back(Transition { key: self.task(t).key.clone(), from, to, cause: self.cause, at: self.now });
         self.trim_log();
     }
 
@@ -1615,29 +1450,16 @@ impl SchedulerCore {
             let key = &task.key;
             assert_eq!(self.keys.get(key), Some(&t), "{key}: key index");
             // Counters.
-            let active = task
-                .dependents
-                .iter()
-                .filter(|d| self.task(**d).state.is_active())
-                .count() as u32;
+            let active = task.dependents.iter().filter(|d| self.task(**d).state.is_active()).count() as u32;
             assert_eq!(task.active_dependents, active, "{key}: active_dependents");
             for d in task.dependencies.iter() {
-                assert!(
-                    self.task(*d).dependents.contains(&t),
-                    "{key}: dependency link"
-                );
+                assert!(self.task(*d).dependents.contains(&t), "{key}: dependency link");
             }
             for d in &task.dependents {
-                assert!(
-                    self.task(*d).dependencies.contains(&t),
-                    "{key}: dependent link"
-                );
+                assert!(self.task(*d).dependencies.contains(&t), "{key}: dependent link");
             }
             for c in &task.who_wants {
-                assert!(
-                    self.clients.get(c).is_some_and(|cl| cl.wants.contains(&t)),
-                    "{key}: who_wants vs client"
-                );
+                assert!(self.clients.get(c).is_some_and(|cl| cl.wants.contains(&t)), "{key}: who_wants vs client");
             }
             let wanted = !task.who_wants.is_empty();
             assert!(
@@ -1645,17 +1467,11 @@ impl SchedulerCore {
                 "{key}: unwanted, no dependents, still here ({})",
                 task.state.name()
             );
-            let deps_in_memory = task
-                .dependencies
-                .iter()
-                .filter(|d| matches!(self.task(**d).state, TaskState::Memory { .. }))
-                .count() as u32;
+            let deps_in_memory =
+                task.dependencies.iter().filter(|d| matches!(self.task(**d).state, TaskState::Memory { .. })).count()
+                    as u32;
             if task.state.is_active() {
-                assert!(
-                    wanted || task.active_dependents > 0,
-                    "{key}: {} but nobody needs it",
-                    task.state.name()
-                );
+                assert!(wanted || task.active_dependents > 0, "{key}: {} but nobody needs it", task.state.name());
                 for d in task.dependencies.iter() {
                     let s = &self.task(*d).state;
                     assert!(
@@ -1671,87 +1487,44 @@ impl SchedulerCore {
                 }
                 TaskState::Waiting { remaining } => {
                     assert!(*remaining > 0, "{key}: waiting on nothing");
-                    assert_eq!(
-                        *remaining,
-                        task.dependencies.len() as u32 - deps_in_memory,
-                        "{key}: remaining"
-                    );
+                    assert_eq!(*remaining, task.dependencies.len() as u32 - deps_in_memory, "{key}: remaining");
                 }
                 TaskState::Queued => {
-                    assert_eq!(
-                        deps_in_memory as usize,
-                        task.dependencies.len(),
-                        "{key}: queued with deps missing"
-                    );
-                    assert!(
-                        self.queue.contains(self.queue_key(t)),
-                        "{key}: queued but not in queue"
-                    );
+                    assert_eq!(deps_in_memory as usize, task.dependencies.len(), "{key}: queued with deps missing");
+                    assert!(self.queue.contains(self.queue_key(t)), "{key}: queued but not in queue");
                 }
                 TaskState::NoWorker => {
-                    assert_eq!(
-                        deps_in_memory as usize,
-                        task.dependencies.len(),
-                        "{key}: no-worker with deps missing"
-                    );
+                    assert_eq!(deps_in_memory as usize, task.dependencies.len(), "{key}: no-worker with deps missing");
                     assert!(self.no_worker.contains(&t), "{key}: no-worker set");
                 }
                 TaskState::Processing { worker } => {
-                    assert_eq!(
-                        deps_in_memory as usize,
-                        task.dependencies.len(),
-                        "{key}: processing with deps missing"
-                    );
-                    let w = self
-                        .workers
-                        .get(worker)
-                        .unwrap_or_else(|| panic!("{key}: processing on unknown {worker}"));
-                    assert!(
-                        w.processing.contains(&t),
-                        "{key}: not in worker's processing"
-                    );
+                    assert_eq!(deps_in_memory as usize, task.dependencies.len(), "{key}: processing with deps missing");
+                    let w = self.workers.get(worker).unwrap_or_else(|| panic!("{key}: processing on unknown {worker}"));
+                    assert!(w.processing.contains(&t), "{key}: not in worker's processing");
                 }
                 TaskState::Memory { who_has, .. } => {
                     assert!(!who_has.is_empty(), "{key}: memory without replicas");
-                    assert!(
-                        wanted || task.active_dependents > 0,
-                        "{key}: memory but not needed"
-                    );
+                    assert!(wanted || task.active_dependents > 0, "{key}: memory but not needed");
                     for w in who_has {
-                        let worker = self
-                            .workers
-                            .get(w)
-                            .unwrap_or_else(|| panic!("{key}: held by unknown {w}"));
+                        let worker = self.workers.get(w).unwrap_or_else(|| panic!("{key}: held by unknown {w}"));
                         assert!(worker.has_what.contains(&t), "{key}: has_what");
                     }
                 }
                 TaskState::Erred { .. } => {}
             }
             if !matches!(task.state, TaskState::Queued) {
-                assert!(
-                    !self.queue.contains(self.queue_key(t)),
-                    "{key}: in queue while {}",
-                    task.state.name()
-                );
+                assert!(!self.queue.contains(self.queue_key(t)), "{key}: in queue while {}", task.state.name());
             }
         }
         assert_eq!(n, self.keys.len(), "key index size");
         assert_eq!(
             self.queue.len(),
-            self.tasks
-                .iter()
-                .flatten()
-                .filter(|t| matches!(t.state, TaskState::Queued))
-                .count(),
+            self.tasks.iter().flatten().filter(|t| matches!(t.state, TaskState::Queued)).count(),
             "queue size"
         );
         for (id, w) in &self.workers {
             for t in &w.processing {
-                assert_eq!(
-                    self.task(*t).state,
-                    TaskState::Processing { worker: *id },
-                    "{id}: processing set"
-                );
+                assert_eq!(self.task(*t).state, TaskState::Processing { worker: *id }, "{id}: processing set");
             }
             let mut bytes = 0;
             for t in &w.has_what {
@@ -1792,26 +1565,11 @@ fn occupancy(w: &Worker) -> u64 {
 fn allowed(old: &TaskState, new: &TaskState) -> bool {
     use TaskState::*;
     match (old, new) {
-        (
-            Released,
-            Waiting { .. } | Queued | NoWorker | Processing { .. } | Erred { .. } | Memory { .. },
-        ) => true,
-        (
-            Waiting { .. },
-            Queued | NoWorker | Processing { .. } | Released | Erred { .. } | Memory { .. },
-        ) => true,
-        (
-            Queued,
-            Processing { .. } | NoWorker | Waiting { .. } | Released | Erred { .. } | Memory { .. },
-        ) => true,
-        (
-            NoWorker,
-            Processing { .. } | Queued | Waiting { .. } | Released | Erred { .. } | Memory { .. },
-        ) => true,
-        (
-            Processing { .. },
-            Memory { .. } | Released | Waiting { .. } | Erred { .. } | Queued | NoWorker,
-        ) => true,
+        (Released, Waiting { .. } | Queued | NoWorker | Processing { .. } | Erred { .. } | Memory { .. }) => true,
+        (Waiting { .. }, Queued | NoWorker | Processing { .. } | Released | Erred { .. } | Memory { .. }) => true,
+        (Queued, Processing { .. } | NoWorker | Waiting { .. } | Released | Erred { .. } | Memory { .. }) => true,
+        (NoWorker, Processing { .. } | Queued | Waiting { .. } | Released | Erred { .. } | Memory { .. }) => true,
+        (Processing { .. }, Memory { .. } | Released | Waiting { .. } | Erred { .. } | Queued | NoWorker) => true,
         (Processing { worker: a }, Processing { worker: b }) => a != b,
         (Memory { .. }, Released | Erred { .. }) => true,
         (Erred { .. }, Released | Memory { .. }) => true,
@@ -1822,8 +1580,6 @@ fn allowed(old: &TaskState, new: &TaskState) -> bool {
 /// dask's `key_split`: `inc-1c8d...` -> `inc`, `x-1-2` -> `x`.
 pub fn key_prefix(key: &str) -> &str {
     let key = key.trim_start_matches(['(', '\'', '"']);
-    let end = key
-        .find(|c: char| c == '-' || c == ',' || c == '\'' || c == '"' || c == ')')
-        .unwrap_or(key.len());
+    let end = key.find(['-', ',', '\'', '"', ')']).unwrap_or(key.len());
     if end == 0 { key } else { &key[..end] }
 }

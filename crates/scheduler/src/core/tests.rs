@@ -26,12 +26,7 @@ fn addr(i: u32) -> Arc<str> {
 }
 
 fn spec(i: u32, nthreads: u32) -> WorkerSpec {
-    WorkerSpec {
-        address: addr(i),
-        name: Arc::from(format!("w{i}")),
-        nthreads,
-        memory_limit: 1 << 30,
-    }
+    WorkerSpec { address: addr(i), name: Arc::from(format!("w{i}")), nthreads, memory_limit: 1 << 30 }
 }
 
 fn task(key: &str, deps: &[&str]) -> NewTask {
@@ -66,10 +61,7 @@ impl Harness {
 
     fn with_config(config: Config) -> Self {
         let now = Instant::now();
-        Harness {
-            core: SchedulerCore::new(config, now),
-            now,
-        }
+        Harness { core: SchedulerCore::new(config, now), now }
     }
 
     fn handle(&mut self, event: Event) -> Vec<Command> {
@@ -80,37 +72,19 @@ impl Harness {
     }
 
     fn join(&mut self, i: u32, nthreads: u32) -> Vec<Command> {
-        self.handle(Event::WorkerJoined {
-            worker: WorkerId(i),
-            spec: spec(i, nthreads),
-        })
+        self.handle(Event::WorkerJoined { worker: WorkerId(i), spec: spec(i, nthreads) })
     }
 
     fn submit(&mut self, client: ClientId, tasks: Vec<NewTask>, wants: &[&str]) -> Vec<Command> {
-        self.handle(Event::UpdateGraph {
-            client,
-            tasks,
-            wants: wants.iter().map(|w| k(w)).collect(),
-        })
+        self.handle(Event::UpdateGraph { client, tasks, wants: wants.iter().map(|w| k(w)).collect() })
     }
 
     fn finish(&mut self, worker: u32, key: &str, nbytes: u64) -> Vec<Command> {
         self.finish_in(worker, key, nbytes, Duration::from_millis(1))
     }
 
-    fn finish_in(
-        &mut self,
-        worker: u32,
-        key: &str,
-        nbytes: u64,
-        duration: Duration,
-    ) -> Vec<Command> {
-        self.handle(Event::TaskFinished {
-            worker: WorkerId(worker),
-            key: k(key),
-            nbytes,
-            duration,
-        })
+    fn finish_in(&mut self, worker: u32, key: &str, nbytes: u64, duration: Duration) -> Vec<Command> {
+        self.handle(Event::TaskFinished { worker: WorkerId(worker), key: k(key), nbytes, duration })
     }
 
     fn fail(&mut self, worker: u32, key: &str, error: TaskError) -> Vec<Command> {
@@ -123,17 +97,11 @@ impl Harness {
     }
 
     fn lose(&mut self, worker: u32) -> Vec<Command> {
-        self.handle(Event::WorkerLost {
-            worker: WorkerId(worker),
-            reason: "test".into(),
-        })
+        self.handle(Event::WorkerLost { worker: WorkerId(worker), reason: "test".into() })
     }
 
     fn state(&self, key: &str) -> TaskState {
-        self.core
-            .task_state(key)
-            .unwrap_or_else(|| panic!("{key} is unknown"))
-            .clone()
+        self.core.task_state(key).unwrap_or_else(|| panic!("{key} is unknown")).clone()
     }
 
     /// The worker `key` is processing on.
@@ -169,11 +137,7 @@ fn frees(cmds: &[Command]) -> Vec<(u32, String)> {
 fn reports(cmds: &[Command]) -> Vec<(ClientId, String, Report)> {
     cmds.iter()
         .filter_map(|c| match c {
-            Command::Report {
-                client,
-                key,
-                report,
-            } => Some((*client, key.to_string(), report.clone())),
+            Command::Report { client, key, report } => Some((*client, key.to_string(), report.clone())),
             _ => None,
         })
         .collect()
@@ -193,10 +157,7 @@ fn s(x: &str) -> String {
 }
 
 fn memory(nbytes: u64, workers: &[u32]) -> Report {
-    Report::Memory {
-        nbytes,
-        workers: workers.iter().map(|w| addr(*w)).collect(),
-    }
+    Report::Memory { nbytes, workers: workers.iter().map(|w| addr(*w)).collect() }
 }
 
 fn erred_with(state: &TaskState) -> Arc<TaskError> {
@@ -223,12 +184,7 @@ fn single_task_runs_and_is_reported() {
             priority: 0
         }]
     );
-    assert_eq!(
-        h.state("x"),
-        TaskState::Processing {
-            worker: WorkerId(1)
-        }
-    );
+    assert_eq!(h.state("x"), TaskState::Processing { worker: WorkerId(1) });
 
     let out = h.finish(1, "x", 10);
     assert_eq!(reports(&out), vec![(C1, s("x"), memory(10, &[1]))]);
@@ -236,10 +192,7 @@ fn single_task_runs_and_is_reported() {
     assert!(matches!(h.state("x"), TaskState::Memory { nbytes: 10, .. }));
     assert_eq!(h.core.who_has("x"), vec![addr(1)]);
 
-    let out = h.handle(Event::ReleaseKeys {
-        client: C1,
-        keys: vec![k("x")],
-    });
+    let out = h.handle(Event::ReleaseKeys { client: C1, keys: vec![k("x")] });
     assert_eq!(frees(&out), vec![(1, s("x"))]);
     assert_eq!(h.core.n_tasks(), 0);
     assert_eq!(h.core.story("x").last().map(|t| t.to), Some("forgotten"));
@@ -249,11 +202,7 @@ fn single_task_runs_and_is_reported() {
 fn chain_releases_intermediates_then_forgets_everything() {
     let mut h = Harness::new();
     h.join(1, 1);
-    let out = h.submit(
-        C1,
-        vec![task("a", &[]), task("b", &["a"]), task("c", &["b"])],
-        &["c"],
-    );
+    let out = h.submit(C1, vec![task("a", &[]), task("b", &["a"]), task("c", &["b"])], &["c"]);
     assert_eq!(computes(&out), vec![(1, s("a"))]);
     assert_eq!(h.state("b"), TaskState::Waiting { remaining: 1 });
     assert_eq!(h.state("c"), TaskState::Waiting { remaining: 1 });
@@ -262,11 +211,7 @@ fn chain_releases_intermediates_then_forgets_everything() {
     assert_eq!(computes(&out), vec![(1, s("b"))]);
     assert_eq!(
         compute_deps(&out, "b"),
-        vec![DepLocation {
-            key: k("a"),
-            workers: [addr(1)].into_iter().collect(),
-            nbytes: 10
-        }]
+        vec![DepLocation { key: k("a"), workers: [addr(1)].into_iter().collect(), nbytes: 10 }]
     );
     assert!(reports(&out).is_empty(), "nobody wants a");
 
@@ -282,16 +227,9 @@ fn chain_releases_intermediates_then_forgets_everything() {
     assert_eq!(h.state("a"), TaskState::Released);
     assert_eq!(h.state("b"), TaskState::Released);
     assert!(matches!(h.state("c"), TaskState::Memory { .. }));
-    assert_eq!(
-        h.core.workers().next().unwrap().4,
-        30,
-        "only c's bytes are held"
-    );
+    assert_eq!(h.core.workers().next().unwrap().4, 30, "only c's bytes are held");
 
-    let out = h.handle(Event::ReleaseKeys {
-        client: C1,
-        keys: vec![k("c")],
-    });
+    let out = h.handle(Event::ReleaseKeys { client: C1, keys: vec![k("c")] });
     assert_eq!(frees(&out), vec![(1, s("c"))]);
     assert_eq!(h.core.n_tasks(), 0);
 }
@@ -311,39 +249,19 @@ fn same_key_submitted_twice_runs_once() {
     let out = h.finish(1, "x", 5);
     let mut got = reports(&out);
     got.sort_by_key(|r| r.0);
-    assert_eq!(
-        got,
-        vec![(C1, s("x"), memory(5, &[1])), (C2, s("x"), memory(5, &[1]))]
-    );
+    assert_eq!(got, vec![(C1, s("x"), memory(5, &[1])), (C2, s("x"), memory(5, &[1]))]);
 
     // Submitted once more after it finished: reported at once, not recomputed.
     let out = h.submit(ClientId(3), vec![task("x", &[])], &["x"]);
-    assert_eq!(
-        out,
-        vec![Command::Report {
-            client: ClientId(3),
-            key: k("x"),
-            report: memory(5, &[1])
-        }]
-    );
+    assert_eq!(out, vec![Command::Report { client: ClientId(3), key: k("x"), report: memory(5, &[1]) }]);
 }
 
 #[test]
 fn failure_propagates_the_same_error_to_dependents_and_their_clients() {
     let mut h = Harness::new();
     h.join(1, 1);
-    h.submit(
-        C1,
-        vec![task("a", &[]), task("b", &["a"]), task("c", &["b"])],
-        &["c"],
-    );
-    assert!(
-        h.handle(Event::Want {
-            client: C2,
-            keys: vec![k("b")]
-        })
-        .is_empty()
-    );
+    h.submit(C1, vec![task("a", &[]), task("b", &["a"]), task("c", &["b"])], &["c"]);
+    assert!(h.handle(Event::Want { client: C2, keys: vec![k("b")] }).is_empty());
 
     let out = h.fail(1, "a", error("division by zero"));
     assert!(computes(&out).is_empty());
@@ -352,10 +270,7 @@ fn failure_propagates_the_same_error_to_dependents_and_their_clients() {
     assert_eq!(ea.message, "division by zero");
     let eb = erred_with(&h.state("b"));
     let ec = erred_with(&h.state("c"));
-    assert!(
-        Arc::ptr_eq(&ea, &eb) && Arc::ptr_eq(&ea, &ec),
-        "one shared error"
-    );
+    assert!(Arc::ptr_eq(&ea, &eb) && Arc::ptr_eq(&ea, &ec), "one shared error");
 
     let mut got = reports(&out);
     got.sort_by_key(|r| r.0);
@@ -368,15 +283,9 @@ fn failure_propagates_the_same_error_to_dependents_and_their_clients() {
     }
 
     // Releasing the failed keys forgets the whole chain.
-    h.handle(Event::ReleaseKeys {
-        client: C1,
-        keys: vec![k("c")],
-    });
+    h.handle(Event::ReleaseKeys { client: C1, keys: vec![k("c")] });
     assert_eq!(h.core.n_tasks(), 2);
-    h.handle(Event::ReleaseKeys {
-        client: C2,
-        keys: vec![k("b")],
-    });
+    h.handle(Event::ReleaseKeys { client: C2, keys: vec![k("b")] });
     assert_eq!(h.core.n_tasks(), 0);
 }
 
@@ -391,12 +300,7 @@ fn a_failed_task_with_retries_is_recomputed() {
     let out = h.fail(1, "x", error("flaky"));
     assert_eq!(computes(&out), vec![(1, s("x"))], "retried");
     assert!(reports(&out).is_empty());
-    assert_eq!(
-        h.state("x"),
-        TaskState::Processing {
-            worker: WorkerId(1)
-        }
-    );
+    assert_eq!(h.state("x"), TaskState::Processing { worker: WorkerId(1) });
 
     // No retries left: the second failure is final.
     let out = h.fail(1, "x", error("flaky again"));
@@ -435,12 +339,7 @@ fn a_task_processing_on_a_lost_worker_goes_to_another() {
 
     // A late result from the dead worker is ignored.
     assert!(h.finish(1, "x", 1).is_empty());
-    assert_eq!(
-        h.state("x"),
-        TaskState::Processing {
-            worker: WorkerId(2)
-        }
-    );
+    assert_eq!(h.state("x"), TaskState::Processing { worker: WorkerId(2) });
     let out = h.finish(2, "x", 1);
     assert_eq!(reports(&out), vec![(C1, s("x"), memory(1, &[2]))]);
 }
@@ -452,11 +351,7 @@ fn the_lost_only_replica_of_a_needed_input_is_recomputed() {
         h.join(i, 1);
     }
     // c needs b and x; x runs long.
-    h.submit(
-        C1,
-        vec![task("b", &[]), task("x", &[]), task("c", &["b", "x"])],
-        &["c"],
-    );
+    h.submit(C1, vec![task("b", &[]), task("x", &[]), task("c", &["b", "x"])], &["c"]);
     let wb = h.runs_on("b");
     let wx = h.runs_on("x");
     assert_ne!(wb, wx);
@@ -466,11 +361,7 @@ fn the_lost_only_replica_of_a_needed_input_is_recomputed() {
     let out = h.lose(wb);
     assert_eq!(h.state("c"), TaskState::Waiting { remaining: 2 });
     let free = (1..=3).find(|w| *w != wb && *w != wx).unwrap();
-    assert_eq!(
-        computes(&out),
-        vec![(free, s("b"))],
-        "b recomputed on the idle worker"
-    );
+    assert_eq!(computes(&out), vec![(free, s("b"))], "b recomputed on the idle worker");
 
     h.finish(free, "b", 100);
     let out = h.finish(wx, "x", 1);
@@ -487,24 +378,11 @@ fn recompute_is_recursive_through_released_inputs() {
         h.join(i, 1);
     }
     // a -> b -> c, and c also needs the slow x.
-    h.submit(
-        C1,
-        vec![
-            task("a", &[]),
-            task("b", &["a"]),
-            task("x", &[]),
-            task("c", &["b", "x"]),
-        ],
-        &["c"],
-    );
+    h.submit(C1, vec![task("a", &[]), task("b", &["a"]), task("x", &[]), task("c", &["b", "x"])], &["c"]);
     let wa = h.runs_on("a");
     let wx = h.runs_on("x");
     let out = h.finish(wa, "a", 100);
-    assert_eq!(
-        computes(&out),
-        vec![(wa, s("b"))],
-        "b goes where its input is"
-    );
+    assert_eq!(computes(&out), vec![(wa, s("b"))], "b goes where its input is");
     let out = h.finish(wa, "b", 100);
     assert_eq!(frees(&out), vec![(wa, s("a"))]);
     assert_eq!(h.state("a"), TaskState::Released);
@@ -553,11 +431,7 @@ fn placement_prefers_the_worker_holding_most_input_bytes() {
         let mut h = Harness::new();
         h.join(1, 1);
         h.join(2, 1);
-        h.submit(
-            C1,
-            vec![task("a", &[]), task("b", &[]), task("c", &["a", "b"])],
-            &["c"],
-        );
+        h.submit(C1, vec![task("a", &[]), task("b", &[]), task("c", &["a", "b"])], &["c"]);
         let (wa, wb) = (h.runs_on("a"), h.runs_on("b"));
         assert_ne!(wa, wb);
         h.finish(wa, "a", bytes_a);
@@ -569,30 +443,19 @@ fn placement_prefers_the_worker_holding_most_input_bytes() {
 
 #[test]
 fn a_worker_gets_as_many_tasks_as_it_can_start_soon() {
-    let mut h = Harness::with_config(Config {
-        unknown_duration: Duration::from_secs(3600),
-        ..Config::default()
-    });
+    let mut h = Harness::with_config(Config { unknown_duration: Duration::from_secs(3600), ..Config::default() });
     h.join(1, 1);
     let keys: Vec<String> = (0..5).map(|i| format!("inc-{i}")).collect();
     let refs: Vec<&str> = keys.iter().map(|x| x.as_str()).collect();
     let out = h.submit(C1, refs.iter().map(|x| task(x, &[])).collect(), &refs);
-    assert_eq!(
-        computes(&out),
-        vec![(1, s("inc-0"))],
-        "one slot for a thread"
-    );
+    assert_eq!(computes(&out), vec![(1, s("inc-0"))], "one slot for a thread");
     for key in &refs[1..] {
         assert_eq!(h.state(key), TaskState::Queued);
     }
 
     // inc tasks turn out to take a microsecond: the worker can start many soon.
     let out = h.finish_in(1, "inc-0", 1, Duration::from_micros(1));
-    assert_eq!(
-        computes(&out),
-        refs[1..].iter().map(|x| (1, s(x))).collect::<Vec<_>>(),
-        "in submission order"
-    );
+    assert_eq!(computes(&out), refs[1..].iter().map(|x| (1, s(x))).collect::<Vec<_>>(), "in submission order");
 }
 
 #[test]
@@ -613,11 +476,7 @@ fn a_higher_priority_queued_task_goes_first() {
     h.join(1, 1);
     let mut hi = task("hi", &[]);
     hi.priority = 10;
-    h.submit(
-        C1,
-        vec![task("first", &[]), task("lo", &[]), hi],
-        &["first", "lo", "hi"],
-    );
+    h.submit(C1, vec![task("first", &[]), task("lo", &[]), hi], &["first", "lo", "hi"]);
     let out = h.finish(1, "first", 1);
     assert_eq!(computes(&out), vec![(1, s("hi"))]);
 }
@@ -655,10 +514,7 @@ fn a_restricted_task_waits_when_its_worker_dies() {
     t.workers = vec![Arc::from("w1")];
     h.submit(C1, vec![t], &["pinned"]);
     let out = h.lose(1);
-    assert!(
-        computes(&out).is_empty(),
-        "worker 2 is not allowed: {out:?}"
-    );
+    assert!(computes(&out).is_empty(), "worker 2 is not allowed: {out:?}");
     assert_eq!(h.state("pinned"), TaskState::NoWorker);
     let out = h.join(1, 1);
     assert_eq!(computes(&out), vec![(1, s("pinned"))]);
@@ -668,24 +524,13 @@ fn a_restricted_task_waits_when_its_worker_dies() {
 fn a_disconnecting_client_releases_what_it_wanted() {
     let mut h = Harness::new();
     h.join(1, 2);
-    h.submit(
-        C1,
-        vec![task("x", &[]), task("y", &["x"]), task("z", &[])],
-        &["y", "z"],
-    );
-    h.handle(Event::Want {
-        client: C2,
-        keys: vec![k("z")],
-    });
+    h.submit(C1, vec![task("x", &[]), task("y", &["x"]), task("z", &[])], &["y", "z"]);
+    h.handle(Event::Want { client: C2, keys: vec![k("z")] });
     assert_eq!(h.runs_on("x"), 1);
     assert_eq!(h.runs_on("z"), 1);
 
     let out = h.handle(Event::ClientDisconnected { client: C1 });
-    assert_eq!(
-        frees(&out),
-        vec![(1, s("x"))],
-        "x's computation is cancelled, z is still wanted"
-    );
+    assert_eq!(frees(&out), vec![(1, s("x"))], "x's computation is cancelled, z is still wanted");
     assert!(h.core.task_state("x").is_none() && h.core.task_state("y").is_none());
     assert_eq!(h.core.n_tasks(), 1);
 
@@ -699,18 +544,9 @@ fn cancel_reports_cancelled_and_stops_the_computation() {
     let mut h = Harness::new();
     h.join(1, 1);
     h.submit(C1, vec![task("x", &[])], &["x"]);
-    let out = h.handle(Event::CancelKeys {
-        client: C1,
-        keys: vec![k("x"), k("unknown")],
-    });
+    let out = h.handle(Event::CancelKeys { client: C1, keys: vec![k("x"), k("unknown")] });
     assert_eq!(frees(&out), vec![(1, s("x"))]);
-    assert_eq!(
-        reports(&out),
-        vec![
-            (C1, s("x"), Report::Cancelled),
-            (C1, s("unknown"), Report::Cancelled)
-        ]
-    );
+    assert_eq!(reports(&out), vec![(C1, s("x"), Report::Cancelled), (C1, s("unknown"), Report::Cancelled)]);
     assert_eq!(h.core.n_tasks(), 0);
 }
 
@@ -719,22 +555,9 @@ fn cancel_by_one_client_leaves_another_clients_future() {
     let mut h = Harness::new();
     h.join(1, 1);
     h.submit(C1, vec![task("x", &[])], &["x"]);
-    h.handle(Event::Want {
-        client: C2,
-        keys: vec![k("x")],
-    });
-    let out = h.handle(Event::CancelKeys {
-        client: C1,
-        keys: vec![k("x")],
-    });
-    assert_eq!(
-        out,
-        vec![Command::Report {
-            client: C1,
-            key: k("x"),
-            report: Report::Cancelled
-        }]
-    );
+    h.handle(Event::Want { client: C2, keys: vec![k("x")] });
+    let out = h.handle(Event::CancelKeys { client: C1, keys: vec![k("x")] });
+    assert_eq!(out, vec![Command::Report { client: C1, key: k("x"), report: Report::Cancelled }]);
     assert_eq!(h.runs_on("x"), 1);
 }
 
@@ -745,31 +568,18 @@ fn releasing_a_processing_task_frees_its_slot_for_queued_work() {
     h.submit(C1, vec![task("a", &[]), task("b", &[])], &["a", "b"]);
     assert_eq!(h.runs_on("a"), 1);
     assert_eq!(h.state("b"), TaskState::Queued);
-    let out = h.handle(Event::ReleaseKeys {
-        client: C1,
-        keys: vec![k("a")],
-    });
+    let out = h.handle(Event::ReleaseKeys { client: C1, keys: vec![k("a")] });
     assert_eq!(frees(&out), vec![(1, s("a"))]);
-    assert_eq!(
-        computes(&out),
-        vec![(1, s("b"))],
-        "the freed thread takes the queued task"
-    );
+    assert_eq!(computes(&out), vec![(1, s("b"))], "the freed thread takes the queued task");
 }
 
 #[test]
 fn scattered_data_is_in_memory_and_reported_lost_with_its_worker() {
     let mut h = Harness::new();
     h.join(1, 1);
-    let out = h.handle(Event::Scattered {
-        client: C1,
-        keys: vec![(k("s"), vec![addr(1)], 100)],
-    });
+    let out = h.handle(Event::Scattered { client: C1, keys: vec![(k("s"), vec![addr(1)], 100)] });
     assert_eq!(reports(&out), vec![(C1, s("s"), memory(100, &[1]))]);
-    assert!(matches!(
-        h.state("s"),
-        TaskState::Memory { nbytes: 100, .. }
-    ));
+    assert!(matches!(h.state("s"), TaskState::Memory { nbytes: 100, .. }));
 
     let out = h.submit(C1, vec![task("d", &["s"])], &["d"]);
     assert_eq!(computes(&out), vec![(1, s("d"))]);
@@ -777,41 +587,22 @@ fn scattered_data_is_in_memory_and_reported_lost_with_its_worker() {
     let out = h.lose(1);
     let got = reports(&out);
     assert_eq!(got.len(), 2, "{got:?}");
-    assert!(
-        got.iter()
-            .all(|(c, _, r)| *c == C1 && matches!(r, Report::Lost(_))),
-        "{got:?}"
-    );
+    assert!(got.iter().all(|(c, _, r)| *c == C1 && matches!(r, Report::Lost(_))), "{got:?}");
     assert_eq!(erred_with(&h.state("s")).kind, "lost");
     assert_eq!(erred_with(&h.state("d")).kind, "lost");
 
-    h.handle(Event::ReleaseKeys {
-        client: C1,
-        keys: vec![k("s"), k("d")],
-    });
+    h.handle(Event::ReleaseKeys { client: C1, keys: vec![k("s"), k("d")] });
     assert_eq!(h.core.n_tasks(), 0);
 }
 
 #[test]
 fn scattered_to_an_unknown_worker_is_lost() {
     let mut h = Harness::new();
-    let out = h.handle(Event::Scattered {
-        client: C1,
-        keys: vec![(k("s"), vec![addr(9)], 1)],
-    });
-    assert!(
-        matches!(&reports(&out)[..], [(C1, _, Report::Lost(_))]),
-        "{out:?}"
-    );
+    let out = h.handle(Event::Scattered { client: C1, keys: vec![(k("s"), vec![addr(9)], 1)] });
+    assert!(matches!(&reports(&out)[..], [(C1, _, Report::Lost(_))]), "{out:?}");
     // Scattering it again (to a worker that is still unknown) stays lost.
-    let out = h.handle(Event::Scattered {
-        client: C2,
-        keys: vec![(k("s"), vec![addr(9)], 1)],
-    });
-    assert!(
-        matches!(&reports(&out)[..], [(C2, _, Report::Lost(_))]),
-        "{out:?}"
-    );
+    let out = h.handle(Event::Scattered { client: C2, keys: vec![(k("s"), vec![addr(9)], 1)] });
+    assert!(matches!(&reports(&out)[..], [(C2, _, Report::Lost(_))]), "{out:?}");
 }
 
 #[test]
@@ -819,32 +610,16 @@ fn scattering_a_key_again_adds_a_replica() {
     let mut h = Harness::new();
     h.join(1, 1);
     h.join(2, 1);
-    h.handle(Event::Scattered {
-        client: C1,
-        keys: vec![(k("s"), vec![addr(1)], 100)],
-    });
+    h.handle(Event::Scattered { client: C1, keys: vec![(k("s"), vec![addr(1)], 100)] });
     // Another client's measure of the size differs; the accounting must stay consistent.
-    let out = h.handle(Event::Scattered {
-        client: C2,
-        keys: vec![(k("s"), vec![addr(2)], 60)],
-    });
+    let out = h.handle(Event::Scattered { client: C2, keys: vec![(k("s"), vec![addr(2)], 60)] });
     assert_eq!(reports(&out), vec![(C2, s("s"), memory(100, &[1, 2]))]);
-    h.handle(Event::ReleaseKeys {
-        client: C1,
-        keys: vec![k("s")],
-    });
-    let out = h.handle(Event::ReleaseKeys {
-        client: C2,
-        keys: vec![k("s")],
-    });
+    h.handle(Event::ReleaseKeys { client: C1, keys: vec![k("s")] });
+    let out = h.handle(Event::ReleaseKeys { client: C2, keys: vec![k("s")] });
     let mut f = frees(&out);
     f.sort();
     assert_eq!(f, vec![(1, s("s")), (2, s("s"))]);
-    assert!(
-        h.core
-            .workers()
-            .all(|(_, _, keys, _, nbytes)| keys.is_empty() && nbytes == 0)
-    );
+    assert!(h.core.workers().all(|(_, _, keys, _, nbytes)| keys.is_empty() && nbytes == 0));
 }
 
 #[test]
@@ -858,10 +633,7 @@ fn a_missing_dependency_key_errs_as_invalid_graph() {
     assert_eq!(e.key, "b");
     assert!(e.message.contains("nope"), "{}", e.message);
     assert_eq!(reports(&out), vec![(C1, s("c"), Report::Erred(e))]);
-    h.handle(Event::ReleaseKeys {
-        client: C1,
-        keys: vec![k("c")],
-    });
+    h.handle(Event::ReleaseKeys { client: C1, keys: vec![k("c")] });
     assert_eq!(h.core.n_tasks(), 0);
 }
 
@@ -871,28 +643,16 @@ fn a_cycle_errs() {
     h.join(1, 1);
     let out = h.submit(
         C1,
-        vec![
-            task("a", &["b"]),
-            task("b", &["a"]),
-            task("self", &["self"]),
-            task("ok", &[]),
-        ],
+        vec![task("a", &["b"]), task("b", &["a"]), task("self", &["self"]), task("ok", &[])],
         &["a", "self", "ok"],
     );
-    assert_eq!(
-        computes(&out),
-        vec![(1, s("ok"))],
-        "the rest of the graph still runs"
-    );
+    assert_eq!(computes(&out), vec![(1, s("ok"))], "the rest of the graph still runs");
     let e = erred_with(&h.state("a"));
     assert_eq!(e.kind, "invalid-graph");
     assert!(e.message.contains("cycle"), "{}", e.message);
     assert_eq!(erred_with(&h.state("self")).kind, "invalid-graph");
-    let mut erred: Vec<String> = reports(&out)
-        .into_iter()
-        .filter(|(_, _, r)| matches!(r, Report::Erred(_)))
-        .map(|r| r.1)
-        .collect();
+    let mut erred: Vec<String> =
+        reports(&out).into_iter().filter(|(_, _, r)| matches!(r, Report::Erred(_))).map(|r| r.1).collect();
     erred.sort();
     assert_eq!(erred, vec![s("a"), s("self")]);
     h.handle(Event::ClientDisconnected { client: C1 });
@@ -902,22 +662,11 @@ fn a_cycle_errs() {
 #[test]
 fn a_task_invalid_for_two_reasons_errs_once() {
     let mut h = Harness::new();
-    let out = h.submit(
-        C1,
-        vec![
-            task("a", &["a", "nope"]),
-            task("b", &["c"]),
-            task("c", &["b", "nope"]),
-        ],
-        &["a", "b"],
-    );
+    let out = h.submit(C1, vec![task("a", &["a", "nope"]), task("b", &["c"]), task("c", &["b", "nope"])], &["a", "b"]);
     assert_eq!(erred_with(&h.state("a")).kind, "invalid-graph");
     assert_eq!(erred_with(&h.state("b")).kind, "invalid-graph");
     assert_eq!(reports(&out).len(), 2, "{out:?}");
-    h.handle(Event::ReleaseKeys {
-        client: C1,
-        keys: vec![k("a"), k("b")],
-    });
+    h.handle(Event::ReleaseKeys { client: C1, keys: vec![k("a"), k("b")] });
     assert_eq!(h.core.n_tasks(), 0);
 }
 
@@ -927,36 +676,12 @@ fn a_worker_with_a_taken_name_or_address_is_closed() {
     h.join(1, 1);
     let mut same_name = spec(2, 1);
     same_name.name = Arc::from("w1");
-    let out = h.handle(Event::WorkerJoined {
-        worker: WorkerId(2),
-        spec: same_name,
-    });
-    assert!(
-        matches!(
-            &out[..],
-            [Command::CloseWorker {
-                worker: WorkerId(2),
-                ..
-            }]
-        ),
-        "{out:?}"
-    );
+    let out = h.handle(Event::WorkerJoined { worker: WorkerId(2), spec: same_name });
+    assert!(matches!(&out[..], [Command::CloseWorker { worker: WorkerId(2), .. }]), "{out:?}");
     let mut same_addr = spec(3, 1);
     same_addr.address = addr(1);
-    let out = h.handle(Event::WorkerJoined {
-        worker: WorkerId(3),
-        spec: same_addr,
-    });
-    assert!(
-        matches!(
-            &out[..],
-            [Command::CloseWorker {
-                worker: WorkerId(3),
-                ..
-            }]
-        ),
-        "{out:?}"
-    );
+    let out = h.handle(Event::WorkerJoined { worker: WorkerId(3), spec: same_addr });
+    assert!(matches!(&out[..], [Command::CloseWorker { worker: WorkerId(3), .. }]), "{out:?}");
     assert_eq!(h.core.n_workers(), 1);
     assert!(h.core.worker_spec(WorkerId(2)).is_none());
 }
@@ -970,23 +695,12 @@ fn tick_removes_a_worker_silent_for_longer_than_the_ttl() {
     assert_eq!(h.runs_on("x"), 1);
 
     h.now += Duration::from_secs(200);
-    h.handle(Event::Heartbeat {
-        worker: WorkerId(2),
-    });
+    h.handle(Event::Heartbeat { worker: WorkerId(2) });
     assert!(h.handle(Event::Tick).is_empty(), "nobody is late yet");
 
     h.now += Duration::from_secs(101);
     let out = h.handle(Event::Tick);
-    assert!(
-        matches!(
-            &out[0],
-            Command::CloseWorker {
-                worker: WorkerId(1),
-                ..
-            }
-        ),
-        "{out:?}"
-    );
+    assert!(matches!(&out[0], Command::CloseWorker { worker: WorkerId(1), .. }), "{out:?}");
     assert_eq!(computes(&out), vec![(2, s("x"))]);
     assert_eq!(h.core.n_workers(), 1);
     assert!(h.handle(Event::Tick).is_empty());
@@ -1000,29 +714,12 @@ fn a_stale_result_is_freed_on_the_worker_that_sent_it() {
     h.submit(C1, vec![task("x", &[])], &["x"]);
     assert_eq!(h.runs_on("x"), 1);
     let out = h.finish(2, "x", 1);
-    assert_eq!(
-        out,
-        vec![Command::Free {
-            worker: WorkerId(2),
-            key: k("x")
-        }]
-    );
-    assert_eq!(
-        h.state("x"),
-        TaskState::Processing {
-            worker: WorkerId(1)
-        }
-    );
+    assert_eq!(out, vec![Command::Free { worker: WorkerId(2), key: k("x") }]);
+    assert_eq!(h.state("x"), TaskState::Processing { worker: WorkerId(1) });
 
     // A result for a key the scheduler forgot.
     let out = h.finish(2, "gone", 1);
-    assert_eq!(
-        out,
-        vec![Command::Free {
-            worker: WorkerId(2),
-            key: k("gone")
-        }]
-    );
+    assert_eq!(out, vec![Command::Free { worker: WorkerId(2), key: k("gone") }]);
     // A failure from the wrong worker changes nothing.
     assert!(h.fail(2, "x", error("late")).is_empty());
     assert_eq!(h.runs_on("x"), 1);
@@ -1033,19 +730,12 @@ fn missing_data_drops_the_replica_and_retries_with_fresh_locations() {
     let mut h = Harness::new();
     h.join(1, 1);
     h.join(2, 1);
-    h.handle(Event::Scattered {
-        client: C1,
-        keys: vec![(k("s"), vec![addr(1), addr(2)], 100)],
-    });
+    h.handle(Event::Scattered { client: C1, keys: vec![(k("s"), vec![addr(1), addr(2)], 100)] });
     h.submit(C1, vec![task("d", &["s"])], &["d"]);
     let wd = h.runs_on("d");
     let other = 3 - wd;
-    let out = h.handle(Event::MissingData {
-        worker: WorkerId(wd),
-        key: k("d"),
-        dependency: k("s"),
-        from: vec![addr(other)],
-    });
+    let out =
+        h.handle(Event::MissingData { worker: WorkerId(wd), key: k("d"), dependency: k("s"), from: vec![addr(other)] });
     assert_eq!(h.core.who_has("s"), vec![addr(wd)]);
     assert_eq!(frees(&out), vec![(wd, s("d"))]);
     assert_eq!(computes(&out), vec![(wd, s("d"))]);
@@ -1064,34 +754,20 @@ fn missing_data_of_the_last_replica_recomputes_it() {
     let out = h.finish(1, "a", 100);
     assert_eq!(computes(&out), vec![(2, s("x"))]);
 
-    let out = h.handle(Event::MissingData {
-        worker: WorkerId(2),
-        key: k("x"),
-        dependency: k("a"),
-        from: vec![addr(1)],
-    });
+    let out =
+        h.handle(Event::MissingData { worker: WorkerId(2), key: k("x"), dependency: k("a"), from: vec![addr(1)] });
     assert_eq!(frees(&out), vec![(2, s("x"))]);
     assert_eq!(computes(&out).len(), 1, "{out:?}");
     assert_eq!(computes(&out)[0].1, "a");
     assert_eq!(h.state("x"), TaskState::Waiting { remaining: 1 });
-    assert!(
-        h.core
-            .workers()
-            .all(|(_, _, keys, _, nbytes)| keys.is_empty() && nbytes == 0)
-    );
+    assert!(h.core.workers().all(|(_, _, keys, _, nbytes)| keys.is_empty() && nbytes == 0));
 }
 
 #[test]
 fn want_of_an_unknown_key_reports_lost() {
     let mut h = Harness::new();
-    let out = h.handle(Event::Want {
-        client: C1,
-        keys: vec![k("who")],
-    });
-    assert!(
-        matches!(&reports(&out)[..], [(C1, _, Report::Lost(_))]),
-        "{out:?}"
-    );
+    let out = h.handle(Event::Want { client: C1, keys: vec![k("who")] });
+    assert!(matches!(&reports(&out)[..], [(C1, _, Report::Lost(_))]), "{out:?}");
     assert_eq!(h.core.n_tasks(), 0);
 }
 
@@ -1145,40 +821,26 @@ struct GenTask {
 
 fn dag() -> impl Strategy<Value = Vec<GenTask>> {
     (1usize..150).prop_flat_map(|n| {
-        proptest::collection::vec(
-            (
-                proptest::collection::vec(any::<prop::sample::Index>(), 0..4),
-                0u8..7,
-                0u32..3,
-            ),
-            n,
-        )
-        .prop_map(|raw| {
-            raw.into_iter()
-                .enumerate()
-                .map(|(i, (deps, want, retries))| {
-                    let mut deps: Vec<usize> = if i == 0 {
-                        vec![]
-                    } else {
-                        deps.iter().map(|x| x.index(i)).collect()
-                    };
-                    deps.sort_unstable();
-                    deps.dedup();
-                    // 0..=3: nobody; 4: client 0; 5: client 1; 6: both.
-                    let wanted_by = match want {
-                        4 => 1,
-                        5 => 2,
-                        6 => 3,
-                        _ => 0,
-                    };
-                    GenTask {
-                        deps,
-                        wanted_by,
-                        retries: u32::from(retries == 2),
-                    }
-                })
-                .collect()
-        })
+        proptest::collection::vec((proptest::collection::vec(any::<prop::sample::Index>(), 0..4), 0u8..7, 0u32..3), n)
+            .prop_map(|raw| {
+                raw.into_iter()
+                    .enumerate()
+                    .map(|(i, (deps, want, retries))| {
+                        let mut deps: Vec<usize> =
+                            if i == 0 { vec![] } else { deps.iter().map(|x| x.index(i)).collect() };
+                        deps.sort_unstable();
+                        deps.dedup();
+                        // 0..=3: nobody; 4: client 0; 5: client 1; 6: both.
+                        let wanted_by = match want {
+                            4 => 1,
+                            5 => 2,
+                            6 => 3,
+                            _ => 0,
+                        };
+                        GenTask { deps, wanted_by, retries: u32::from(retries == 2) }
+                    })
+                    .collect()
+            })
     })
 }
 
@@ -1205,25 +867,18 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         any::<bool>(),
         any::<bool>(),
         prop_oneof![Just(1u32), Just(1000)],
-        prop_oneof![
-            Just(Duration::from_micros(1)),
-            Just(Duration::from_millis(500))
-        ],
+        prop_oneof![Just(Duration::from_micros(1)), Just(Duration::from_millis(500))],
     )
-        .prop_map(
-            |(dag, threads, seed, errors, kills, releases, allowed_failures, unknown_duration)| {
-                Scenario {
-                    dag,
-                    threads,
-                    seed,
-                    errors,
-                    kills,
-                    releases,
-                    allowed_failures,
-                    unknown_duration,
-                }
-            },
-        )
+        .prop_map(|(dag, threads, seed, errors, kills, releases, allowed_failures, unknown_duration)| Scenario {
+            dag,
+            threads,
+            seed,
+            errors,
+            kills,
+            releases,
+            allowed_failures,
+            unknown_duration,
+        })
 }
 
 fn sim_key(i: usize) -> Key {
@@ -1262,12 +917,7 @@ impl Sim {
             ..Config::default()
         };
         let keys: Vec<Key> = (0..sc.dag.len()).map(sim_key).collect();
-        let index = keys
-            .iter()
-            .cloned()
-            .enumerate()
-            .map(|(i, k)| (k, i))
-            .collect();
+        let index = keys.iter().cloned().enumerate().map(|(i, k)| (k, i)).collect();
         let mut sim = Sim {
             h: Harness::with_config(config),
             rng: Rng(sc.seed),
@@ -1291,10 +941,7 @@ impl Sim {
         let id = self.next_worker;
         self.next_worker += 1;
         self.alive.insert(WorkerId(id), HashSet::new());
-        self.step(Event::WorkerJoined {
-            worker: WorkerId(id),
-            spec: spec(id, nthreads),
-        });
+        self.step(Event::WorkerJoined { worker: WorkerId(id), spec: spec(id, nthreads) });
     }
 
     fn worker_of(&self, address: &str) -> Option<WorkerId> {
@@ -1317,55 +964,30 @@ impl Sim {
                 allow_other_workers: false,
             })
             .collect();
-        let wants: Vec<Key> = sc
-            .dag
-            .iter()
-            .enumerate()
-            .filter(|(i, t)| wanted(*i, t))
-            .map(|(i, _)| self.keys[i].clone())
-            .collect();
+        let wants: Vec<Key> =
+            sc.dag.iter().enumerate().filter(|(i, t)| wanted(*i, t)).map(|(i, _)| self.keys[i].clone()).collect();
         self.wants[client].extend(wants.iter().cloned());
-        self.step(Event::UpdateGraph {
-            client: sim_client(client),
-            tasks,
-            wants,
-        });
+        self.step(Event::UpdateGraph { client: sim_client(client), tasks, wants });
     }
 
     /// One event in; the commands go to the simulated workers and clients.
     fn step(&mut self, event: Event) {
         for cmd in self.h.handle(event) {
             match cmd {
-                Command::Compute {
-                    worker, key, deps, ..
-                } => {
+                Command::Compute { worker, key, deps, .. } => {
+                    assert!(self.alive.contains_key(&worker), "Compute {key} to dead {worker}");
                     assert!(
-                        self.alive.contains_key(&worker),
-                        "Compute {key} to dead {worker}"
-                    );
-                    assert!(
-                        !self
-                            .in_flight
-                            .iter()
-                            .any(|(w, k, _)| *w == worker && *k == key),
+                        !self.in_flight.iter().any(|(w, k, _)| *w == worker && *k == key),
                         "{key} sent twice to {worker}"
                     );
                     self.in_flight.push((worker, key, deps));
                 }
                 Command::Free { worker, key } => {
-                    let w = self
-                        .alive
-                        .get_mut(&worker)
-                        .unwrap_or_else(|| panic!("Free {key} to dead {worker}"));
+                    let w = self.alive.get_mut(&worker).unwrap_or_else(|| panic!("Free {key} to dead {worker}"));
                     w.remove(&key);
-                    self.in_flight
-                        .retain(|(x, k, _)| !(*x == worker && *k == key));
+                    self.in_flight.retain(|(x, k, _)| !(*x == worker && *k == key));
                 }
-                Command::Report {
-                    client,
-                    key,
-                    report,
-                } => {
+                Command::Report { client, key, report } => {
                     let c = (client.0 - 10) as usize;
                     assert!(
                         self.wants[c].contains(&key) || report == Report::Cancelled,
@@ -1373,13 +995,8 @@ impl Sim {
                     );
                     if let Report::Memory { workers, .. } = &report {
                         for a in workers {
-                            let w = self
-                                .worker_of(a)
-                                .unwrap_or_else(|| panic!("{key} reported on dead {a}"));
-                            assert!(
-                                self.alive[&w].contains(&key),
-                                "{key} reported on {a}, which does not hold it"
-                            );
+                            let w = self.worker_of(a).unwrap_or_else(|| panic!("{key} reported on dead {a}"));
+                            assert!(self.alive[&w].contains(&key), "{key} reported on {a}, which does not hold it");
                         }
                     }
                     self.last_report.insert((client, key), report);
@@ -1396,50 +1013,23 @@ impl Sim {
         let (worker, key, deps) = self.in_flight.remove(i);
         // The worker fetches the inputs from where the scheduler said they are.
         for d in &deps {
-            let found = d.workers.iter().any(|a| {
-                self.worker_of(a)
-                    .is_some_and(|w| self.alive[&w].contains(&d.key))
-            });
-            assert!(
-                found,
-                "{key} on {worker}: input {} is nowhere of {:?}",
-                d.key, d.workers
-            );
+            let found = d.workers.iter().any(|a| self.worker_of(a).is_some_and(|w| self.alive[&w].contains(&d.key)));
+            assert!(found, "{key} on {worker}: input {} is nowhere of {:?}", d.key, d.workers);
         }
-        let expected: Vec<&Key> = sc.dag[self.index[&key]]
-            .deps
-            .iter()
-            .map(|d| &self.keys[*d])
-            .collect();
+        let expected: Vec<&Key> = sc.dag[self.index[&key]].deps.iter().map(|d| &self.keys[*d]).collect();
         let sent: Vec<&Key> = deps.iter().map(|d| &d.key).collect();
         assert_eq!(sent.len(), expected.len(), "{key}: deps sent");
-        assert!(
-            expected.iter().all(|e| sent.contains(e)),
-            "{key}: deps {sent:?} != {expected:?}"
-        );
+        assert!(expected.iter().all(|e| sent.contains(e)), "{key}: deps {sent:?} != {expected:?}");
 
         let duration = Duration::from_micros(1 + self.rng.next() % 2_000_000);
         self.h.now += Duration::from_millis(1);
         if sc.errors && self.rng.chance(8) {
             self.failures_injected = true;
-            self.step(Event::TaskFailed {
-                worker,
-                key,
-                error: error("boom"),
-                duration,
-            });
+            self.step(Event::TaskFailed { worker, key, error: error("boom"), duration });
         } else {
             let nbytes = 1 + self.rng.next() % 1_000_000;
-            self.alive
-                .get_mut(&worker)
-                .expect("live worker")
-                .insert(key.clone());
-            self.step(Event::TaskFinished {
-                worker,
-                key,
-                nbytes,
-                duration,
-            });
+            self.alive.get_mut(&worker).expect("live worker").insert(key.clone());
+            self.step(Event::TaskFinished { worker, key, nbytes, duration });
         }
     }
 
@@ -1449,10 +1039,7 @@ impl Sim {
         self.alive.remove(&victim);
         self.in_flight.retain(|(w, _, _)| *w != victim);
         self.kills_done += 1;
-        self.step(Event::WorkerLost {
-            worker: victim,
-            reason: "killed by the simulation".into(),
-        });
+        self.step(Event::WorkerLost { worker: victim, reason: "killed by the simulation".into() });
         let nthreads = 1 + self.rng.below(3) as u32;
         self.add_worker(nthreads);
     }
@@ -1467,20 +1054,14 @@ impl Sim {
         let key = keys[self.rng.below(keys.len())].clone();
         self.wants[c].remove(&key);
         self.last_report.remove(&(sim_client(c), key.clone()));
-        self.step(Event::ReleaseKeys {
-            client: sim_client(c),
-            keys: vec![key],
-        });
+        self.step(Event::ReleaseKeys { client: sim_client(c), keys: vec![key] });
     }
 
     /// Checks that hold between any two events.
     fn check_consistency(&self) {
         // What the scheduler thinks a worker holds, the worker holds.
         for (id, _, keys, _, _) in self.h.core.workers() {
-            let held = self
-                .alive
-                .get(&id)
-                .unwrap_or_else(|| panic!("scheduler knows dead {id}"));
+            let held = self.alive.get(&id).unwrap_or_else(|| panic!("scheduler knows dead {id}"));
             for key in keys {
                 assert!(held.contains(&key), "scheduler thinks {id} holds {key}");
             }
@@ -1489,9 +1070,7 @@ impl Sim {
         for (i, key) in self.keys.iter().enumerate() {
             if let Some(TaskState::Processing { worker }) = self.h.core.task_state(key) {
                 assert!(
-                    self.in_flight
-                        .iter()
-                        .any(|(w, k, _)| w == worker && k == key),
+                    self.in_flight.iter().any(|(w, k, _)| w == worker && k == key),
                     "{key} (#{i}) processing on {worker} but not in flight there"
                 );
             }
@@ -1535,18 +1114,11 @@ fn run_scenario(sc: Scenario) {
     for key in &sim.keys {
         if let Some(state) = sim.h.core.task_state(key) {
             assert!(
-                matches!(
-                    state,
-                    TaskState::Memory { .. } | TaskState::Erred { .. } | TaskState::Released
-                ),
+                matches!(state, TaskState::Memory { .. } | TaskState::Erred { .. } | TaskState::Released),
                 "{key} stuck in {}: {:?}\nworkers: {:?}",
                 state.name(),
                 sim.h.core.story(key),
-                sim.h
-                    .core
-                    .workers()
-                    .map(|(id, s, _, p, _)| (id, s.nthreads, p))
-                    .collect::<Vec<_>>()
+                sim.h.core.workers().map(|(id, s, _, p, _)| (id, s.nthreads, p)).collect::<Vec<_>>()
             );
         }
     }
@@ -1554,11 +1126,7 @@ fn run_scenario(sc: Scenario) {
         let client = sim_client(c);
         for key in wants {
             let report = sim.last_report.get(&(client, key.clone()));
-            let state = sim
-                .h
-                .core
-                .task_state(key)
-                .unwrap_or_else(|| panic!("wanted {key} forgotten"));
+            let state = sim.h.core.task_state(key).unwrap_or_else(|| panic!("wanted {key} forgotten"));
             match (state, report) {
                 (TaskState::Memory { nbytes, .. }, Some(Report::Memory { nbytes: n, .. })) => {
                     assert_eq!(nbytes, n)
@@ -1570,18 +1138,10 @@ fn run_scenario(sc: Scenario) {
                         "{key} erred with no failure injected: {error:?}"
                     );
                 }
-                (s, r) => panic!(
-                    "{client} wants {key} ({}), last report {r:?}: {:?}",
-                    s.name(),
-                    sim.h.core.story(key)
-                ),
+                (s, r) => panic!("{client} wants {key} ({}), last report {r:?}: {:?}", s.name(), sim.h.core.story(key)),
             }
             if !sim.failures_injected && sc.allowed_failures > 8 {
-                assert!(
-                    matches!(state, TaskState::Memory { .. }),
-                    "{key} is {}",
-                    state.name()
-                );
+                assert!(matches!(state, TaskState::Memory { .. }), "{key} is {}", state.name());
             }
         }
     }
@@ -1590,26 +1150,16 @@ fn run_scenario(sc: Scenario) {
     // and the workers hold nothing.
     let mut keys: Vec<Key> = sim.wants[0].drain().collect();
     keys.sort();
-    sim.step(Event::ReleaseKeys {
-        client: sim_client(0),
-        keys,
-    });
+    sim.step(Event::ReleaseKeys { client: sim_client(0), keys });
     sim.wants[1].clear();
-    sim.step(Event::ClientDisconnected {
-        client: sim_client(1),
-    });
+    sim.step(Event::ClientDisconnected { client: sim_client(1) });
     assert!(sim.in_flight.is_empty());
     assert_eq!(sim.h.core.n_tasks(), 0);
     for (w, held) in &sim.alive {
         assert!(held.is_empty(), "{w} still holds {held:?}");
     }
     assert!(
-        sim.h
-            .core
-            .workers()
-            .all(|(_, _, keys, processing, nbytes)| keys.is_empty()
-                && processing == 0
-                && nbytes == 0)
+        sim.h.core.workers().all(|(_, _, keys, processing, nbytes)| keys.is_empty() && processing == 0 && nbytes == 0)
     );
 }
 

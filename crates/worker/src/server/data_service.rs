@@ -23,10 +23,7 @@ type FrameStream = Pin<Box<dyn Stream<Item = Result<pb::DataFrame, Status>> + Se
 impl WorkerData for DataService {
     type GetDataStream = FrameStream;
 
-    async fn get_data(
-        &self,
-        request: Request<pb::DataRequest>,
-    ) -> Result<Response<FrameStream>, Status> {
+    async fn get_data(&self, request: Request<pb::DataRequest>) -> Result<Response<FrameStream>, Status> {
         let keys = request.into_inner().keys;
         let values = keys
             .into_iter()
@@ -39,19 +36,13 @@ impl WorkerData for DataService {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn put_data(
-        &self,
-        request: Request<Streaming<pb::DataFrame>>,
-    ) -> Result<Response<pb::PutReply>, Status> {
+    async fn put_data(&self, request: Request<Streaming<pb::DataFrame>>) -> Result<Response<pb::PutReply>, Status> {
         let mut stream = request.into_inner();
         let mut asm = Assembler::default();
         while let Some(frame) = stream.message().await? {
-            asm.push(frame)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            asm.push(frame).map_err(|e| Status::invalid_argument(e.to_string()))?;
         }
-        let values = asm
-            .finish()
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let values = asm.finish().map_err(|e| Status::invalid_argument(e.to_string()))?;
         let mut keys = Vec::with_capacity(values.len());
         let mut total = 0;
         for (k, v) in values {
@@ -63,12 +54,7 @@ impl WorkerData for DataService {
             keys.push((key, n));
         }
         let count = keys.len() as u32;
-        self.events
-            .send(Event::Put { keys })
-            .map_err(|_| Status::unavailable("the worker is shutting down"))?;
-        Ok(Response::new(pb::PutReply {
-            nbytes: total,
-            keys: count,
-        }))
+        self.events.send(Event::Put { keys }).map_err(|_| Status::unavailable("the worker is shutting down"))?;
+        Ok(Response::new(pb::PutReply { nbytes: total, keys: count }))
     }
 }

@@ -7,9 +7,7 @@ use dashmap::DashMap;
 use dask_protocol::addr::Address;
 use dask_protocol::codec::Value;
 use dask_protocol::data;
-use dask_protocol::pb::{
-    self, scheduler_client::SchedulerClient, worker_data_server::WorkerDataServer,
-};
+use dask_protocol::pb::{self, scheduler_client::SchedulerClient, worker_data_server::WorkerDataServer};
 use dask_protocol::serve::serve_until;
 use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
@@ -71,14 +69,8 @@ pub enum WorkerError {
         #[source]
         source: std::io::Error,
     },
-    #[error(
-        "failed to reach the scheduler at {addr} within {waited:?}: {why}; is dask-scheduler running there?"
-    )]
-    SchedulerUnreachable {
-        addr: String,
-        waited: Duration,
-        why: String,
-    },
+    #[error("failed to reach the scheduler at {addr} within {waited:?}: {why}; is dask-scheduler running there?")]
+    SchedulerUnreachable { addr: String, waited: Duration, why: String },
     #[error("the scheduler refused this worker: {0}")]
     Refused(String),
     #[error("the connection to the scheduler was lost: {0}")]
@@ -104,36 +96,17 @@ impl WorkerHandle {
 pub async fn start(
     config: WorkerConfig,
     shutdown: CancellationToken,
-) -> Result<
-    (
-        WorkerHandle,
-        impl std::future::Future<Output = Result<(), WorkerError>>,
-    ),
-    WorkerError,
-> {
+) -> Result<(WorkerHandle, impl std::future::Future<Output = Result<(), WorkerError>>), WorkerError> {
     let bind = format!("{}:{}", config.host, config.port);
-    let listener = TcpListener::bind(&bind)
-        .await
-        .map_err(|source| WorkerError::Bind {
-            addr: bind.clone(),
-            source,
-        })?;
-    let local = listener
-        .local_addr()
-        .map_err(|source| WorkerError::Bind { addr: bind, source })?;
-    let address = Address {
-        host: config.host.clone(),
-        port: local.port(),
-    };
+    let listener = TcpListener::bind(&bind).await.map_err(|source| WorkerError::Bind { addr: bind.clone(), source })?;
+    let local = listener.local_addr().map_err(|source| WorkerError::Bind { addr: bind, source })?;
+    let address = Address { host: config.host.clone(), port: local.port() };
     let name = config.name.clone().unwrap_or_else(|| address.to_string());
     let store: Store = Arc::new(DashMap::new());
     let (events_tx, events_rx) = mpsc::unbounded_channel::<Event>();
 
     // The data service.
-    let service = data_service::DataService {
-        store: store.clone(),
-        events: events_tx.clone(),
-    };
+    let service = data_service::DataService { store: store.clone(), events: events_tx.clone() };
     let svc = WorkerDataServer::new(service)
         .max_decoding_message_size(dask_protocol::MAX_MESSAGE)
         .max_encoding_message_size(dask_protocol::MAX_MESSAGE);
@@ -163,9 +136,7 @@ pub async fn start(
         host: config.host.clone(),
     };
     let _ = out_tx.send(pb::WorkerToScheduler {
-        events: vec![pb::WorkerEvent {
-            kind: Some(pb::worker_event::Kind::Register(register)),
-        }],
+        events: vec![pb::WorkerEvent { kind: Some(pb::worker_event::Kind::Register(register)) }],
     });
     let mut inbound = client
         .worker_stream(UnboundedReceiverStream::new(out_rx))
@@ -176,14 +147,8 @@ pub async fn start(
             why: s.message().to_string(),
         })?
         .into_inner();
-    let first = inbound
-        .message()
-        .await
-        .map_err(|s| WorkerError::SchedulerLost(s.message().to_string()))?;
-    let heartbeat = match first
-        .and_then(|b| b.commands.into_iter().next())
-        .and_then(|c| c.kind)
-    {
+    let first = inbound.message().await.map_err(|s| WorkerError::SchedulerLost(s.message().to_string()))?;
+    let heartbeat = match first.and_then(|b| b.commands.into_iter().next()).and_then(|c| c.kind) {
         Some(pb::scheduler_command::Kind::Registered(r)) => {
             Duration::from_secs_f64(r.heartbeat_interval_s.max(0.05)).min(config.heartbeat)
         }
@@ -192,18 +157,9 @@ pub async fn start(
     };
     tracing::info!(address = %address, name = %name, nthreads = config.nthreads, scheduler = %config.scheduler, "worker registered");
 
-    let handle = WorkerHandle {
-        address: address.clone(),
-        name,
-        shutdown: shutdown.clone(),
-    };
+    let handle = WorkerHandle { address: address.clone(), name, shutdown: shutdown.clone() };
     let run = async move {
-        let executor = Executor::new(
-            config.nthreads,
-            store.clone(),
-            events_tx.clone(),
-            address.to_string(),
-        );
+        let executor = Executor::new(config.nthreads, store.clone(), events_tx.clone(), address.to_string());
         let mut lp = Loop {
             state: WorkerState::new(config.nthreads),
             store,
@@ -214,9 +170,7 @@ pub async fn start(
             outgoing: Vec::new(),
             instructions: Vec::new(),
         };
-        let result = lp
-            .run(&mut inbound, events_rx, heartbeat, shutdown.clone())
-            .await;
+        let result = lp.run(&mut inbound, events_rx, heartbeat, shutdown.clone()).await;
         shutdown.cancel();
         lp.executor.shutdown();
         let _ = server.await;
@@ -328,9 +282,7 @@ impl Loop {
             if !self.outgoing.is_empty() {
                 let events = std::mem::take(&mut self.outgoing);
                 if self.out_tx.send(pb::WorkerToScheduler { events }).is_err() {
-                    return Err(WorkerError::SchedulerLost(
-                        "the outgoing stream closed".into(),
-                    ));
+                    return Err(WorkerError::SchedulerLost("the outgoing stream closed".into()));
                 }
             }
         }
@@ -346,22 +298,15 @@ impl Loop {
                     deps: c
                         .dependencies
                         .into_iter()
-                        .map(|d| {
-                            (
-                                Arc::from(d.key),
-                                d.workers.into_iter().map(Arc::from).collect(),
-                            )
-                        })
+                        .map(|d| (Arc::from(d.key), d.workers.into_iter().map(Arc::from).collect()))
                         .collect(),
                     priority: c.priority,
                 };
-                self.state
-                    .handle(Event::Compute(req), &mut self.instructions);
+                self.state.handle(Event::Compute(req), &mut self.instructions);
             }
             pb::scheduler_command::Kind::Free(f) => {
                 for k in f.keys {
-                    self.state
-                        .handle(Event::Free(Arc::from(k)), &mut self.instructions);
+                    self.state.handle(Event::Free(Arc::from(k)), &mut self.instructions);
                 }
             }
             pb::scheduler_command::Kind::Close(c) => return Some(c.reason),
@@ -400,18 +345,15 @@ async fn fetch(
         let mut p = peers.lock();
         match p.get(&from) {
             Some(c) => Some(c.clone()),
-            None => Address::parse(&from, None)
-                .ok()
-                .and_then(|a| data::data_client(&a).ok())
-                .inspect(|c| {
-                    p.insert(from.clone(), c.clone());
-                }),
+            None => Address::parse(&from, None).ok().and_then(|a| data::data_client(&a).ok()).inspect(|c| {
+                p.insert(from.clone(), c.clone());
+            }),
         }
     };
     let result = match client {
-        Some(mut c) => data::get_data(&mut c, keys.iter().map(|k| k.to_string()).collect())
-            .await
-            .map_err(|e| e.to_string()),
+        Some(mut c) => {
+            data::get_data(&mut c, keys.iter().map(|k| k.to_string()).collect()).await.map_err(|e| e.to_string())
+        }
         None => Err(format!("bad peer address {from:?}")),
     };
     let (mut got, mut missing) = (Vec::new(), Vec::new());

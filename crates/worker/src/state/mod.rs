@@ -150,10 +150,7 @@ impl WorkerState {
 
     /// Keys whose values are in memory here.
     pub fn in_memory(&self) -> usize {
-        self.data
-            .values()
-            .filter(|d| matches!(d.state, DataState::Memory { .. }))
-            .count()
+        self.data.values().filter(|d| matches!(d.state, DataState::Memory { .. })).count()
     }
 
     pub fn n_compute(&self) -> usize {
@@ -164,11 +161,7 @@ impl WorkerState {
         match event {
             Event::Compute(req) => self.on_compute(req, out),
             Event::Free(key) => self.on_free(key, out),
-            Event::ExecDone {
-                key,
-                outcome,
-                duration,
-            } => self.on_exec_done(key, outcome, duration, out),
+            Event::ExecDone { key, outcome, duration } => self.on_exec_done(key, outcome, duration, out),
             Event::FetchDone { from, got, missing } => self.on_fetch_done(from, got, missing, out),
             Event::Put { keys } => {
                 for (key, nbytes) in keys {
@@ -189,22 +182,16 @@ impl WorkerState {
         if self.compute.contains_key(&req.key) {
             return; // already on it
         }
-        if let Some(DataKey {
-            state: DataState::Memory { nbytes },
-            ..
-        }) = self.data.get(&req.key)
-        {
+        if let Some(DataKey { state: DataState::Memory { nbytes }, .. }) = self.data.get(&req.key) {
             // We hold the value already (fetched or put): it is ours now.
             let nbytes = *nbytes;
             self.data.get_mut(&req.key).expect("present").own = true;
-            out.push(Instruction::Send(pb::worker_event::Kind::Finished(
-                pb::TaskFinished {
-                    key: req.key.to_string(),
-                    nbytes,
-                    duration_us: 0,
-                    type_name: String::new(),
-                },
-            )));
+            out.push(Instruction::Send(pb::worker_event::Kind::Finished(pb::TaskFinished {
+                key: req.key.to_string(),
+                nbytes,
+                duration_us: 0,
+                type_name: String::new(),
+            })));
             return;
         }
         let mut missing = 0;
@@ -212,9 +199,7 @@ impl WorkerState {
         let mut deps = Vec::with_capacity(req.deps.len());
         for (dep, who_has) in req.deps {
             let d = self.data.entry(dep.clone()).or_insert_with(|| DataKey {
-                state: DataState::Fetch {
-                    who_has: Vec::new(),
-                },
+                state: DataState::Fetch { who_has: Vec::new() },
                 dependents: Vec::new(),
                 own: false,
             });
@@ -227,10 +212,7 @@ impl WorkerState {
                     *have = who_has;
                     if let Some(first) = have.first().cloned() {
                         let rest = have[1..].to_vec();
-                        d.state = DataState::Flight {
-                            from: first.clone(),
-                            rest,
-                        };
+                        d.state = DataState::Flight { from: first.clone(), rest };
                         to_fetch.push((first, dep.clone()));
                     }
                 }
@@ -239,25 +221,12 @@ impl WorkerState {
         }
         let order = self.next_order;
         self.next_order += 1;
-        let state = if missing == 0 {
-            ComputeState::Ready
-        } else {
-            ComputeState::Waiting { missing }
-        };
+        let state = if missing == 0 { ComputeState::Ready } else { ComputeState::Waiting { missing } };
         if state == ComputeState::Ready {
-            self.ready
-                .push((req.priority, Reverse(order), req.key.clone()));
+            self.ready.push((req.priority, Reverse(order), req.key.clone()));
         }
-        self.compute.insert(
-            req.key.clone(),
-            ComputeTask {
-                state,
-                spec: req.spec,
-                deps,
-                priority: req.priority,
-                order,
-            },
-        );
+        self.compute
+            .insert(req.key.clone(), ComputeTask { state, spec: req.spec, deps, priority: req.priority, order });
         // A dependency nobody can give us.
         let unreachable: Vec<Key> = self
             .compute
@@ -293,13 +262,7 @@ impl WorkerState {
         }
     }
 
-    fn on_exec_done(
-        &mut self,
-        key: Key,
-        outcome: ExecOutcome,
-        duration: Duration,
-        out: &mut Vec<Instruction>,
-    ) {
+    fn on_exec_done(&mut self, key: Key, outcome: ExecOutcome, duration: Duration, out: &mut Vec<Instruction>) {
         self.executing = self.executing.saturating_sub(1);
         let Some(task) = self.compute.remove(&key) else {
             return;
@@ -319,37 +282,27 @@ impl WorkerState {
                 });
                 d.state = DataState::Memory { nbytes };
                 d.own = true;
-                out.push(Instruction::Send(pb::worker_event::Kind::Finished(
-                    pb::TaskFinished {
-                        key: key.to_string(),
-                        nbytes,
-                        duration_us: duration.as_micros() as u64,
-                        type_name,
-                    },
-                )));
+                out.push(Instruction::Send(pb::worker_event::Kind::Finished(pb::TaskFinished {
+                    key: key.to_string(),
+                    nbytes,
+                    duration_us: duration.as_micros() as u64,
+                    type_name,
+                })));
             }
             ExecOutcome::Err(error) => {
                 if cancelled {
                     return;
                 }
-                out.push(Instruction::Send(pb::worker_event::Kind::Failed(
-                    pb::TaskFailed {
-                        key: key.to_string(),
-                        error: Some(error),
-                        duration_us: duration.as_micros() as u64,
-                    },
-                )));
+                out.push(Instruction::Send(pb::worker_event::Kind::Failed(pb::TaskFailed {
+                    key: key.to_string(),
+                    error: Some(error),
+                    duration_us: duration.as_micros() as u64,
+                })));
             }
         }
     }
 
-    fn on_fetch_done(
-        &mut self,
-        from: Arc<str>,
-        got: Vec<(Key, u64)>,
-        missing: Vec<Key>,
-        out: &mut Vec<Instruction>,
-    ) {
+    fn on_fetch_done(&mut self, from: Arc<str>, got: Vec<(Key, u64)>, missing: Vec<Key>, out: &mut Vec<Instruction>) {
         for (key, nbytes) in got {
             let Some(d) = self.data.get_mut(&key) else {
                 out.push(Instruction::Drop(key));
@@ -364,14 +317,13 @@ impl WorkerState {
                 continue;
             }
             for t in d.dependents.clone() {
-                if let Some(task) = self.compute.get_mut(&t) {
-                    if let ComputeState::Waiting { missing } = &mut task.state {
-                        *missing -= 1;
-                        if *missing == 0 {
-                            task.state = ComputeState::Ready;
-                            self.ready
-                                .push((task.priority, Reverse(task.order), t.clone()));
-                        }
+                if let Some(task) = self.compute.get_mut(&t)
+                    && let ComputeState::Waiting { missing } = &mut task.state
+                {
+                    *missing -= 1;
+                    if *missing == 0 {
+                        task.state = ComputeState::Ready;
+                        self.ready.push((task.priority, Reverse(task.order), t.clone()));
                     }
                 }
             }
@@ -402,13 +354,11 @@ impl WorkerState {
         let dependents = d.dependents.clone();
         for t in dependents {
             if let Some(task) = self.compute.remove(&t) {
-                out.push(Instruction::Send(pb::worker_event::Kind::Missing(
-                    pb::MissingData {
-                        key: t.to_string(),
-                        dependency: dep.to_string(),
-                        workers: tried.iter().map(|w| w.to_string()).collect(),
-                    },
-                )));
+                out.push(Instruction::Send(pb::worker_event::Kind::Missing(pb::MissingData {
+                    key: t.to_string(),
+                    dependency: dep.to_string(),
+                    workers: tried.iter().map(|w| w.to_string()).collect(),
+                })));
                 self.release_deps(&t, &task.deps, out);
             }
         }
@@ -427,10 +377,10 @@ impl WorkerState {
     }
 
     fn drop_data(&mut self, key: &Key, out: &mut Vec<Instruction>) {
-        if let Some(d) = self.data.remove(key) {
-            if matches!(d.state, DataState::Memory { .. } | DataState::Flight { .. }) {
-                out.push(Instruction::Drop(key.clone()));
-            }
+        if let Some(d) = self.data.remove(key)
+            && matches!(d.state, DataState::Memory { .. } | DataState::Flight { .. })
+        {
+            out.push(Instruction::Drop(key.clone()));
         }
     }
 
@@ -447,10 +397,7 @@ impl WorkerState {
             }
             task.state = ComputeState::Executing;
             self.executing += 1;
-            out.push(Instruction::Execute {
-                key,
-                spec: task.spec.clone(),
-            });
+            out.push(Instruction::Execute { key, spec: task.spec.clone() });
         }
     }
 
@@ -462,21 +409,12 @@ impl WorkerState {
             .filter(|t| matches!(t.state, ComputeState::Executing | ComputeState::Cancelled))
             .count();
         assert_eq!(executing, self.executing, "executing count");
-        assert!(
-            self.executing <= self.nthreads,
-            "more executing than threads"
-        );
+        assert!(self.executing <= self.nthreads, "more executing than threads");
         for (key, t) in &self.compute {
             let mut missing = 0;
             for dep in &t.deps {
-                let d = self
-                    .data
-                    .get(dep)
-                    .unwrap_or_else(|| panic!("{key}: dependency {dep} has no entry"));
-                assert!(
-                    d.dependents.contains(key),
-                    "{key}: not a dependent of {dep}"
-                );
+                let d = self.data.get(dep).unwrap_or_else(|| panic!("{key}: dependency {dep} has no entry"));
+                assert!(d.dependents.contains(key), "{key}: not a dependent of {dep}");
                 if !matches!(d.state, DataState::Memory { .. }) {
                     missing += 1;
                 }
@@ -492,21 +430,12 @@ impl WorkerState {
             }
         }
         for (key, d) in &self.data {
-            assert!(
-                d.own || !d.dependents.is_empty(),
-                "{key}: unneeded entry kept"
-            );
+            assert!(d.own || !d.dependents.is_empty(), "{key}: unneeded entry kept");
             if d.own {
-                assert!(
-                    matches!(d.state, DataState::Memory { .. }),
-                    "{key}: own but not in memory"
-                );
+                assert!(matches!(d.state, DataState::Memory { .. }), "{key}: own but not in memory");
             }
             for t in &d.dependents {
-                assert!(
-                    self.compute.get(t).is_some_and(|c| c.deps.contains(key)),
-                    "{key}: dependent {t} gone"
-                );
+                assert!(self.compute.get(t).is_some_and(|c| c.deps.contains(key)), "{key}: dependent {t} gone");
             }
         }
     }
