@@ -33,7 +33,7 @@ use crate::args::{IntoArg, IntoArgs, OneArg};
 use crate::error::TaskFailure;
 use crate::future::{Done, Future, FutureRef, KeyState, Status};
 use crate::gather::{Errors, Gatherable, ValueMap};
-use crate::graph::Graph;
+use crate::graph::{Graph, KeyTree, Nested};
 use crate::{Error, LocalCluster, Result};
 
 /// Options of [`Client::submit_with`] (dask's keyword arguments).
@@ -492,6 +492,15 @@ impl Client {
         self.gather(&futures)
     }
 
+    /// Runs a whole graph and returns the values of nested lists of keys, in the same shape:
+    /// `client.get_nested::<i64>(&g, vec![KeyTree::from(vec!["x", "y"]), "z".into()].into())`.
+    pub fn get_nested<T: DeserializeOwned>(&self, graph: &Graph, keys: KeyTree) -> Result<Nested<T>> {
+        let mut flat = Vec::new();
+        keys.flatten(&mut flat);
+        let values = self.get_many::<T>(graph, &flat)?;
+        Ok(keys.fill(&mut values.into_iter()))
+    }
+
     /// Submits a graph and returns futures for `keys` (dask's `client.compute` of a graph).
     pub fn compute_graph<T>(&self, graph: &Graph, keys: &[&str]) -> Result<Vec<Future<T>>> {
         self.check_open()?;
@@ -642,11 +651,10 @@ impl Client {
         self.inner.cancel(&keys);
     }
 
-    /// Lets the task run to completion even though nobody holds its future (dask's
-    /// `fire_and_forget`): the scheduler keeps wanting it on behalf of a detached holder.
+    /// Lets the task run to completion even though nobody holds its future, even after this
+    /// client disconnects (dask's `fire_and_forget`). Its result is dropped when done.
     pub fn fire_and_forget<T>(&self, future: Future<T>) {
-        // A detached reference: never dropped, so never released while the client lives.
-        std::mem::forget(future.inner.clone());
+        self.inner.send(pb::client_op::Kind::FireAndForget(pb::KeyList { keys: vec![future.key().to_string()] }));
         drop(future);
     }
 
@@ -660,19 +668,29 @@ impl Client {
         Ok(self.inner.scheduler.clone().info(pb::Empty {}).await?.into_inner())
     }
 
-    /// Worker addresses holding each future's key.
-    pub fn who_has<G: Gatherable + ?Sized>(&self, futures: &G) -> Result<HashMap<String, Vec<String>>> {
+    /// [`who_has`](Self::who_has) for async code.
+    pub async fn who_has_async<G: Gatherable + ?Sized>(&self, futures: &G) -> Result<HashMap<String, Vec<String>>> {
         let mut refs = Vec::new();
         futures.collect(&mut refs);
         let keys = refs.iter().map(|r| r.key.to_string()).collect();
-        let reply = self.inner.block_on(self.inner.scheduler.clone().who_has(pb::KeysRequest { keys }))?.into_inner();
+        let reply = self.inner.scheduler.clone().who_has(pb::KeysRequest { keys }).await?.into_inner();
         Ok(reply.entries.into_iter().map(|e| (e.key, e.workers)).collect())
+    }
+
+    /// [`has_what`](Self::has_what) for async code.
+    pub async fn has_what_async(&self) -> Result<HashMap<String, Vec<String>>> {
+        let reply = self.inner.scheduler.clone().has_what(pb::Empty {}).await?.into_inner();
+        Ok(reply.entries.into_iter().map(|e| (e.worker, e.keys)).collect())
+    }
+
+    /// Worker addresses holding each future's key.
+    pub fn who_has<G: Gatherable + ?Sized>(&self, futures: &G) -> Result<HashMap<String, Vec<String>>> {
+        self.inner.block_on(self.who_has_async(futures))
     }
 
     /// Keys held by each worker.
     pub fn has_what(&self) -> Result<HashMap<String, Vec<String>>> {
-        let reply = self.inner.block_on(self.inner.scheduler.clone().has_what(pb::Empty {}))?.into_inner();
-        Ok(reply.entries.into_iter().map(|e| (e.worker, e.keys)).collect())
+        self.inner.block_on(self.has_what_async())
     }
 
     /// Threads of each worker.
@@ -830,10 +848,15 @@ async fn writer(
             op = ops.recv() => op,
         };
         let Some(first) = first else { break };
+        // Everything queued, up to ~16 MiB per message (a graph is already split in batches).
+        let mut size = first.encoded_len();
         let mut batch = vec![first];
-        while batch.len() < 100_000 {
+        while size < 16 << 20 {
             match ops.try_recv() {
-                Ok(op) => batch.push(op),
+                Ok(op) => {
+                    size += op.encoded_len();
+                    batch.push(op);
+                }
                 Err(_) => break,
             }
         }

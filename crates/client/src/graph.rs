@@ -82,3 +82,51 @@ impl Graph {
         self.tasks.clone()
     }
 }
+
+/// Keys to fetch from a graph, nested like dask's `get(dsk, [["x", "y"], "z"])`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyTree {
+    Key(String),
+    List(Vec<KeyTree>),
+}
+
+impl KeyTree {
+    pub(crate) fn flatten<'a>(&'a self, out: &mut Vec<&'a str>) {
+        match self {
+            KeyTree::Key(k) => out.push(k),
+            KeyTree::List(items) => items.iter().for_each(|t| t.flatten(out)),
+        }
+    }
+
+    pub(crate) fn fill<T>(&self, values: &mut std::vec::IntoIter<T>) -> Nested<T> {
+        match self {
+            KeyTree::Key(_) => Nested::Value(values.next().expect("one value per key")),
+            KeyTree::List(items) => Nested::List(items.iter().map(|t| t.fill(values)).collect()),
+        }
+    }
+}
+
+impl From<&str> for KeyTree {
+    fn from(k: &str) -> Self {
+        KeyTree::Key(k.to_string())
+    }
+}
+
+impl From<String> for KeyTree {
+    fn from(k: String) -> Self {
+        KeyTree::Key(k)
+    }
+}
+
+impl<K: Into<KeyTree>> From<Vec<K>> for KeyTree {
+    fn from(items: Vec<K>) -> Self {
+        KeyTree::List(items.into_iter().map(Into::into).collect())
+    }
+}
+
+/// Values shaped like the [`KeyTree`] that asked for them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Nested<T> {
+    Value(T),
+    List(Vec<Nested<T>>),
+}

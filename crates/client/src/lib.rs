@@ -18,11 +18,11 @@ mod wait;
 
 pub use args::{IntoArg, IntoArgs, OneArg};
 pub use client::{CONNECT_TIMEOUT, Client, ScatterOptions, SubmitOptions};
-pub use cluster::{LocalCluster, LocalClusterBuilder};
+pub use cluster::{LocalCluster, LocalClusterBuilder, init};
 pub use error::{Error, Result, TaskFailure};
 pub use future::{Future, FutureStatus};
 pub use gather::{Errors, Gatherable};
-pub use graph::{Graph, Ref};
+pub use graph::{Graph, KeyTree, Nested, Ref};
 pub use wait::{AsCompleted, ReturnWhen, WaitResult, as_completed, wait};
 
 /// Scheduler and worker descriptions returned by `scheduler_info`.

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use dask::builtins::{add, inc, slowinc, sum_list};
 use dask::{
-    Client, Error, Errors, FutureStatus, Graph, LocalCluster, Ref, ReturnWhen, ScatterOptions, SubmitOptions,
-    as_completed, wait,
+    Client, Error, Errors, FutureStatus, Graph, KeyTree, LocalCluster, Nested, Ref, ReturnWhen, ScatterOptions,
+    SubmitOptions, as_completed, wait,
 };
 
 const LONG: Duration = Duration::from_secs(60);
@@ -260,6 +260,8 @@ fn get_runs_a_graph() {
     g.add("unused", inc, (100,)).unwrap();
     assert_eq!(client.get::<i64>(&g, "c").unwrap(), 5);
     assert_eq!(client.get_many::<i64>(&g, &["a", "b", "c"]).unwrap(), vec![2, 3, 5]);
+    let nested = client.get_nested::<i64>(&g, KeyTree::from(vec![KeyTree::from(vec!["a", "b"]), "c".into()])).unwrap();
+    assert_eq!(nested, Nested::List(vec![Nested::List(vec![Nested::Value(2), Nested::Value(3)]), Nested::Value(5)]));
     let err = client.get::<i64>(&g, "nope").unwrap_err();
     assert!(err.to_string().contains("not in the graph"), "{err}");
     // A reference to a key that is nowhere.
@@ -340,6 +342,19 @@ fn wait_and_as_completed() {
     assert_eq!(with.len(), 3);
     let n: usize = as_completed(client.map(inc, 10..20).unwrap()).batches().map(|b| b.len()).sum();
     assert_eq!(n, 10);
+}
+
+#[test]
+fn fire_and_forget_runs_after_the_future_is_dropped() {
+    let (_c, client) = cluster(1, 1);
+    let before = FORGOTTEN.load(Ordering::SeqCst);
+    let f = client.submit_with(side_effect, (200,), SubmitOptions { pure: false, ..Default::default() }).unwrap();
+    client.fire_and_forget(f);
+    // Another client disconnecting does not matter either.
+    let other = Client::connect(&client.scheduler_address()).unwrap();
+    other.close();
+    eventually("the forgotten task ran", || FORGOTTEN.load(Ordering::SeqCst) > before);
+    eventually("and was released", || client.scheduler_info().unwrap().tasks == 0);
 }
 
 #[test]
@@ -441,7 +456,7 @@ fn scheduler_killed_while_waiting_is_an_error_not_a_hang() {
 
 #[test]
 fn worker_lost_mid_graph_results_still_right() {
-    let (cluster, client) = cluster(3, 1);
+    let (mut cluster, client) = cluster(3, 1);
     // A chain of slow tasks with a fan-in, so results live on every worker.
     let leaves = client.map_with(slowinc, (0..30).map(|i| (i, 20)), SubmitOptions::default(), None).unwrap();
     let total = client.submit(sum_list, (&leaves,)).unwrap();

@@ -127,11 +127,10 @@ pub fn execute(spec: &pb::TaskSpec, deps: &dyn Fn(&str) -> Option<Value>) -> Res
     let reg =
         registry().get(spec.function.as_str()).ok_or_else(|| ExecErrorKind::UnknownFunction(spec.function.clone()))?;
     // Resolve every referenced key up front so a missing one is reported as such.
-    let mut values = Vec::new();
+    let mut lookup = DepValues(HashMap::new());
     if let Some(args) = &spec.args {
-        collect_refs(args, deps, &mut values)?;
+        collect_refs(args, deps, &mut lookup)?;
     }
-    let lookup = DepValues(values);
     let empty = pb::Arg { kind: Some(Kind::List(pb::ArgList { items: Vec::new() })) };
     let root = spec.args.as_ref().unwrap_or(&empty);
     let de = ArgDeserializer { arg: root, deps: &lookup };
@@ -152,14 +151,10 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-fn collect_refs(
-    arg: &pb::Arg,
-    deps: &dyn Fn(&str) -> Option<Value>,
-    out: &mut Vec<(String, Value)>,
-) -> Result<(), ExecErrorKind> {
+fn collect_refs(arg: &pb::Arg, deps: &dyn Fn(&str) -> Option<Value>, out: &mut DepValues) -> Result<(), ExecErrorKind> {
     match &arg.kind {
         Some(Kind::Key(k)) => {
-            if !out.iter().any(|(have, _)| have == k) {
+            if !out.0.contains_key(k.as_str()) {
                 let v = deps(k).ok_or_else(|| ExecErrorKind::MissingDependency(k.clone()))?;
                 if v.codec != MSGPACK {
                     return Err(ExecErrorKind::BadArguments(format!(
@@ -167,7 +162,7 @@ fn collect_refs(
                         v.codec
                     )));
                 }
-                out.push((k.clone(), v));
+                out.0.insert(k.clone(), v.data);
             }
         }
         Some(Kind::List(l)) => {
@@ -187,12 +182,12 @@ fn collect_refs(
     Ok(())
 }
 
-/// Values of the keys a task references. A task has few dependencies, so a Vec scan is cheap.
-struct DepValues(Vec<(String, Value)>);
+/// Values of the keys a task references (a reduction may reference many thousands).
+struct DepValues(HashMap<String, Bytes>);
 
 impl DepValues {
     fn get(&self, key: &str) -> Option<&Bytes> {
-        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| &v.data)
+        self.0.get(key)
     }
 }
 

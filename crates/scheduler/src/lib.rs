@@ -5,5 +5,6 @@
 //!   owns the core.
 //!
 //! See `docs/scheduler.md`.
+pub mod cli;
 pub mod core;
 pub mod server;

@@ -34,11 +34,26 @@ pub struct SchedulerConfig {
 pub struct SchedulerHandle {
     pub address: Address,
     shutdown: CancellationToken,
+    tx: mpsc::UnboundedSender<LoopMsg>,
 }
 
 impl SchedulerHandle {
     pub fn close(&self) {
         self.shutdown.cancel();
+    }
+
+    /// What `Client::scheduler_info` returns, for whoever started the scheduler in-process.
+    pub async fn info(&self) -> Option<pb::SchedulerInfo> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(LoopMsg::Query(Query::Info(tx))).ok()?;
+        rx.await.ok()
+    }
+
+    /// Waits until `n` workers are connected; `None` if the scheduler stopped first.
+    pub async fn wait_for_workers(&self, n: usize) -> Option<pb::SchedulerInfo> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(LoopMsg::Query(Query::WaitForWorkers(n, tx))).ok()?;
+        rx.await.ok()
     }
 }
 
@@ -87,7 +102,7 @@ pub async fn run(
     let svc = SchedulerServer::new(service)
         .max_decoding_message_size(dask_protocol::MAX_MESSAGE)
         .max_encoding_message_size(dask_protocol::MAX_MESSAGE);
-    let handle = SchedulerHandle { address: address.clone(), shutdown: shutdown.clone() };
+    let handle = SchedulerHandle { address: address.clone(), shutdown: shutdown.clone(), tx: tx.clone() };
     let core_config = config.core.clone();
     let fut = async move {
         let lp = EventLoop {
@@ -288,7 +303,7 @@ impl EventLoop {
                 processing: processing as u32,
                 in_memory: keys.len() as u32,
                 memory: nbytes,
-                pid: 0,
+                pid: spec.pid,
                 local_directory: String::new(),
                 last_seen_s: self
                     .core
@@ -420,6 +435,7 @@ impl pb::scheduler_server::Scheduler for Service {
             name: Arc::from(if reg.name.is_empty() { address.to_string() } else { reg.name }),
             nthreads: reg.nthreads.max(1),
             memory_limit: reg.memory_limit,
+            pid: reg.pid,
         };
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (reply_tx, reply_rx) = oneshot::channel();
@@ -568,6 +584,7 @@ fn client_event(client: ClientId, op: pb::ClientOp) -> Option<Event> {
         Kind::Release(l) => Event::ReleaseKeys { client, keys: keys(l) },
         Kind::Cancel(l) => Event::CancelKeys { client, keys: keys(l) },
         Kind::Want(l) => Event::Want { client, keys: keys(l) },
+        Kind::FireAndForget(l) => Event::Want { client: core::FIRE_AND_FORGET, keys: keys(l) },
         Kind::Scattered(s) => Event::Scattered {
             client,
             keys: s

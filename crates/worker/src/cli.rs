@@ -98,7 +98,12 @@ fn init_logging(level: &str) -> Result<(), String> {
 /// Runs the `dask-worker` command line. A user's own worker binary is:
 /// `fn main() -> std::process::ExitCode { dask::worker_main() }`.
 pub fn worker_main() -> ExitCode {
-    let args = Args::parse();
+    worker_main_from(std::env::args_os())
+}
+
+/// Runs `dask-worker` with these arguments (the first is the program name).
+pub fn worker_main_from(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
+    let args = Args::parse_from(args);
     match run_cli(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

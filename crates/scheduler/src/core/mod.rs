@@ -64,6 +64,9 @@ pub struct WorkerId(pub u32);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ClientId(pub u32);
 
+/// The holder of `fire_and_forget` keys: wants a key until it is done, then lets it go.
+pub const FIRE_AND_FORGET: ClientId = ClientId(u32::MAX);
+
 /// Index of a task in the core's slab. Reused after the task is forgotten, so it never leaves
 /// the core: events and commands name tasks by key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -117,6 +120,8 @@ pub struct WorkerSpec {
     pub name: Arc<str>,
     pub nthreads: u32,
     pub memory_limit: u64,
+    /// Process id, for `scheduler_info` (0 if unknown).
+    pub pid: u32,
 }
 
 /// Everything that can happen to the scheduler.
@@ -600,14 +605,13 @@ impl SchedulerCore {
         // Pass 2: link dependencies (they may come later in the batch).
         let mut bad: Vec<(TaskId, String)> = Vec::new();
         for (id, deps) in &created {
+            if self.task(*id).spec.is_empty() {
+                bad.push((*id, "the task has no function (empty spec); submit it with a registered function".into()));
+            }
             let mut ids: Vec<TaskId> = Vec::with_capacity(deps.len());
             for d in deps {
                 match self.keys.get(d) {
-                    Some(&dep) if dep != *id => {
-                        if !ids.contains(&dep) {
-                            ids.push(dep);
-                        }
-                    }
+                    Some(&dep) if dep != *id => ids.push(dep),
                     Some(_) => bad.push((*id, format!("task depends on itself ({d:?})"))),
                     None => bad.push((
                         *id,
@@ -617,6 +621,9 @@ impl SchedulerCore {
                     )),
                 }
             }
+            // A key listed twice is one dependency (sorting keeps this linear-ish for huge fan-ins).
+            ids.sort_unstable();
+            ids.dedup();
             for &dep in &ids {
                 self.task_mut(dep).dependents.push(*id);
             }
@@ -698,6 +705,10 @@ impl SchedulerCore {
     }
 
     fn want(&mut self, t: TaskId, client: ClientId, out: &mut Vec<Command>) {
+        if client == FIRE_AND_FORGET && matches!(self.task(t).state, TaskState::Memory { .. } | TaskState::Erred { .. })
+        {
+            return; // already done: nothing to keep alive
+        }
         let c = self.clients.entry(client).or_default();
         if !c.wants.insert(t) {
             return;
@@ -814,7 +825,8 @@ impl SchedulerCore {
             },
         );
         // Tasks that had nowhere to go may now run.
-        let stuck: Vec<TaskId> = self.no_worker.iter().copied().collect();
+        let mut stuck: Vec<TaskId> = self.no_worker.iter().copied().collect();
+        stuck.sort_by_key(|t| self.queue_key(*t));
         for t in stuck {
             self.schedule(t, out);
         }
@@ -831,15 +843,17 @@ impl SchedulerCore {
         let mut held: Vec<TaskId> = w.has_what.drain().collect();
         w.nbytes = 0;
         held.sort_by_key(|t| self.task(*t).order);
+        let mut lost = Vec::new();
         for t in held {
             let TaskState::Memory { who_has, .. } = &mut self.task_mut(t).state else {
                 unreachable!("has_what lists a task not in memory")
             };
             who_has.retain(|x| *x != worker);
             if who_has.is_empty() {
-                self.data_lost(t, &format!("worker {addr} left ({reason})"), out);
+                lost.push(t);
             }
         }
+        self.data_lost(&lost, &format!("worker {addr} left ({reason})"), out);
         // Tasks it was running go elsewhere, unless workers keep dying under them.
         let mut processing: Vec<TaskId> = self.workers[&worker].processing.iter().copied().collect();
         processing.sort_by_key(|t| self.task(*t).order);
@@ -883,25 +897,39 @@ impl SchedulerCore {
     }
 
     /// The last replica of `t` is gone.
-    fn data_lost(&mut self, t: TaskId, why: &str, out: &mut Vec<Command>) {
-        let needed = !self.task(t).who_wants.is_empty() || self.task(t).active_dependents > 0;
-        if self.task(t).spec.is_empty() {
-            // Scattered data cannot be recomputed.
-            let err = Arc::new(TaskError {
-                message: format!("the only copy of this scattered value was lost: {why}"),
-                kind: "lost".into(),
-                function: String::new(),
-                key: self.task(t).key.to_string(),
-                worker: String::new(),
-            });
-            self.set_state(t, TaskState::Erred { error: err }, out);
-            return;
+    /// The last replicas of `lost` are gone. All of them are released first, then the needed
+    /// ones recomputed, so no Compute names a holder that is gone.
+    fn data_lost(&mut self, lost: &[TaskId], why: &str, out: &mut Vec<Command>) {
+        let mut recompute = Vec::new();
+        for &t in lost {
+            let needed = !self.task(t).who_wants.is_empty() || self.task(t).active_dependents > 0;
+            if self.task(t).spec.is_empty() {
+                // Scattered data cannot be recomputed.
+                let err = Arc::new(TaskError {
+                    message: format!("the only copy of this scattered value was lost: {why}"),
+                    kind: "lost".into(),
+                    function: String::new(),
+                    key: self.task(t).key.to_string(),
+                    worker: String::new(),
+                });
+                self.set_state(t, TaskState::Erred { error: err }, out);
+                continue;
+            }
+            self.set_state(t, TaskState::Released, out);
+            if needed {
+                recompute.push(t);
+            } else {
+                self.to_check.push(t);
+            }
         }
-        self.set_state(t, TaskState::Released, out);
-        if needed {
-            self.compute(t, out);
-        } else {
-            self.to_check.push(t);
+        for t in recompute {
+            // Needed then; still needed unless an erred input failed its dependents meanwhile.
+            let task = self.task(t);
+            if !task.who_wants.is_empty() || task.active_dependents > 0 {
+                self.compute(t, out);
+            } else {
+                self.to_check.push(t);
+            }
         }
     }
 
@@ -976,7 +1004,7 @@ impl SchedulerCore {
                     worker.has_what.remove(&d);
                     worker.nbytes -= nbytes;
                     if empty {
-                        self.data_lost(d, "a worker reported it missing", out);
+                        self.data_lost(&[d], "a worker reported it missing", out);
                         break;
                     }
                 }
@@ -1083,6 +1111,15 @@ impl SchedulerCore {
         let limit = self.depth(task.prefix);
         let has_slot =
             |w: &Worker| !w.closing && (w.processing.len() as u64) < w.spec.nthreads.max(1) as u64 * limit as u64;
+        // Loose restrictions (`allow_other_workers`): the named workers first, if they have room.
+        if let Some(r) = &task.restrictions {
+            let named = |w: &Worker| r.workers.iter().any(|x| *x == w.spec.address || *x == w.spec.name);
+            if let Some((id, _)) =
+                self.workers.iter().filter(|(_, w)| named(w) && has_slot(w)).min_by_key(|(id, w)| (occupancy(w), **id))
+            {
+                return Placement::Worker(*id);
+            }
+        }
         // Prefer the worker holding most of the inputs' bytes.
         if !task.dependencies.is_empty() {
             let mut bytes: SmallVec<[(WorkerId, u64); 4]> = SmallVec::new();
@@ -1337,15 +1374,23 @@ impl SchedulerCore {
         }
     }
 
-    fn report_to_wanters(&self, t: TaskId, out: &mut Vec<Command>) {
+    fn report_to_wanters(&mut self, t: TaskId, out: &mut Vec<Command>) {
         let task = self.task(t);
         if task.who_wants.is_empty() {
             return;
         }
+        let mut forget = false;
         if let Some(report) = self.report_of(t) {
             for &client in &task.who_wants {
-                out.push(Command::Report { client, key: task.key.clone(), report: report.clone() });
+                if client == FIRE_AND_FORGET {
+                    forget = true;
+                } else {
+                    out.push(Command::Report { client, key: task.key.clone(), report: report.clone() });
+                }
             }
+        }
+        if forget {
+            self.client_release(FIRE_AND_FORGET, t);
         }
     }
 

@@ -26,7 +26,7 @@ fn addr(i: u32) -> Arc<str> {
 }
 
 fn spec(i: u32, nthreads: u32) -> WorkerSpec {
-    WorkerSpec { address: addr(i), name: Arc::from(format!("w{i}")), nthreads, memory_limit: 1 << 30 }
+    WorkerSpec { address: addr(i), name: Arc::from(format!("w{i}")), nthreads, memory_limit: 1 << 30, pid: 0 }
 }
 
 fn task(key: &str, deps: &[&str]) -> NewTask {

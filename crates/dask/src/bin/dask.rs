@@ -1,0 +1,36 @@
+//! `dask scheduler ...` and `dask worker ...`: current dask's spelling of `dask-scheduler` and
+//! `dask-worker`, with the same flags.
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let mut args: Vec<OsString> = std::env::args_os().collect();
+    let sub = args.get(1).and_then(|a| a.to_str()).map(str::to_string);
+    match sub.as_deref() {
+        Some("scheduler") => {
+            args.remove(0);
+            args[0] = "dask scheduler".into();
+            dask_scheduler::cli::scheduler_main_from(args)
+        }
+        Some("worker") => {
+            args.remove(0);
+            args[0] = "dask worker".into();
+            dask_worker::cli::worker_main_from(args)
+        }
+        Some("--version" | "-V") => {
+            println!("dask {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        other => {
+            let usage = "usage: dask scheduler [OPTIONS] | dask worker [SCHEDULER] [OPTIONS]\n\
+                         (the same as dask-scheduler and dask-worker; add --help for their options)";
+            if matches!(other, Some("--help" | "-h" | "help")) {
+                println!("{usage}");
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("dask: unknown command {:?}\n{usage}", other.unwrap_or(""));
+                ExitCode::FAILURE
+            }
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! `LocalCluster` with worker processes: this test binary is started again as each worker, so
+//! its own `#[dask::task]` functions run there. Like a user program, `main` calls
+//! `dask::init()` first (no test harness: a harness would run every test in each worker).
+use std::time::Duration;
+
+use dask::{Client, LocalCluster, SubmitOptions};
+
+#[dask::task]
+fn whoami(x: i64) -> (i64, u32) {
+    (x, std::process::id())
+}
+
+#[dask::task]
+fn slow_square(x: i64) -> i64 {
+    std::thread::sleep(Duration::from_millis(20));
+    x * x
+}
+
+#[dask::task]
+fn total(xs: Vec<i64>) -> i64 {
+    xs.iter().sum()
+}
+
+fn main() {
+    dask::init();
+    let mut cluster = LocalCluster::builder().n_workers(2).threads_per_worker(1).processes(true).build().unwrap();
+    let client = Client::connect(&cluster.scheduler_address()).unwrap();
+
+    // The user's functions run in two other processes.
+    let info = client.scheduler_info().unwrap();
+    assert_eq!(info.workers.len(), 2);
+    let me = std::process::id();
+    let pids: std::collections::HashSet<u32> = info.workers.iter().map(|w| w.pid).collect();
+    assert!(!pids.contains(&me) && pids.len() == 2, "worker pids {pids:?}, mine {me}");
+    let ran: Vec<(i64, u32)> = client.gather(&client.map(whoami, 0..20).unwrap()).unwrap();
+    assert!(ran.iter().all(|(_, pid)| pids.contains(pid)));
+    println!("processes: functions ran in worker processes {pids:?}");
+
+    // Kill a worker process mid-graph: every result is still right.
+    let squares = client
+        .map_with(slow_square, (0..60).map(|i| (i,)), SubmitOptions { pure: false, ..Default::default() }, None)
+        .unwrap();
+    let sum = client.submit(total, (&squares,)).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    cluster.kill_worker(0);
+    assert_eq!(sum.result_timeout(Duration::from_secs(60)).unwrap(), (0..60).map(|i| i * i).sum::<i64>());
+    println!("processes: a killed worker process lost nothing");
+
+    client.close();
+    cluster.close();
+    println!("processes: ok");
+}
