@@ -26,3 +26,16 @@ pub async fn serve_until(
         task.abort();
     }
 }
+
+/// Accepted connections with `TCP_NODELAY` set: tonic's `tcp_nodelay` applies only to sockets
+/// it binds itself, and Nagle's algorithm with delayed ACKs adds ~40 ms to small messages.
+pub fn incoming(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
+    })
+}

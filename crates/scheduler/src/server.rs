@@ -13,7 +13,7 @@ use dask_protocol::serve::serve_until;
 use futures_util::Stream;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -118,7 +118,7 @@ pub async fn run(
             started,
         };
         let loop_task = tokio::spawn(lp.run(rx, shutdown.clone()));
-        let incoming = TcpListenerStream::new(listener);
+        let incoming = dask_protocol::serve::incoming(listener);
         let server = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(10)))

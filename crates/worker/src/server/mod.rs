@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
@@ -111,7 +111,7 @@ pub async fn start(
         .max_decoding_message_size(dask_protocol::MAX_MESSAGE)
         .max_encoding_message_size(dask_protocol::MAX_MESSAGE);
     let server_shutdown = shutdown.clone();
-    let incoming = TcpListenerStream::new(listener);
+    let incoming = dask_protocol::serve::incoming(listener);
     let server = tokio::spawn(async move {
         let server = tonic::transport::Server::builder()
             .tcp_nodelay(true)
