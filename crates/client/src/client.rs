@@ -95,7 +95,13 @@ impl KeyTable {
             return;
         };
         let status = match report.kind {
-            Some(Kind::Memory(m)) => Status::Finished { workers: m.workers },
+            Some(Kind::Memory(m)) => {
+                let value = match (m.has_value, dask_protocol::codec::codec_name(&m.codec)) {
+                    (true, Ok(codec)) => Some(Value { codec, data: m.value }),
+                    _ => None,
+                };
+                Status::Finished { workers: m.workers, value }
+            }
             Some(Kind::Erred(e)) => Status::Error(Arc::new(TaskFailure::from(e))),
             Some(Kind::Cancelled(_)) => Status::Cancelled,
             Some(Kind::Lost(l)) => Status::Lost(l.reason),
@@ -255,9 +261,13 @@ impl ClientInner {
 
     /// The value of a done key, or the error its status means.
     pub(crate) async fn value_of<T: DeserializeOwned>(&self, key: &Arc<str>, status: Status) -> Result<T> {
-        let workers = status_to_result(key, status)?;
-        let mut values = self.fetch(vec![(key.clone(), workers)]).await?;
-        let v = values.remove(key).expect("fetch returns every key or fails");
+        let v = match status_to_result(key, status)? {
+            Located::Here(v) => v,
+            Located::On(workers) => {
+                let mut values = self.fetch(vec![(key.clone(), workers)]).await?;
+                values.remove(key).expect("fetch returns every key or fails")
+            }
+        };
         Ok(decode(v.codec, &v.data)?)
     }
 
@@ -269,10 +279,19 @@ impl ClientInner {
     }
 }
 
-/// `Ok(holders)` for a finished key, else the error its status stands for.
-pub(crate) fn status_to_result(key: &str, status: Status) -> Result<Vec<String>> {
+/// Where a finished key's value is.
+pub(crate) enum Located {
+    /// It came with the report.
+    Here(Value),
+    /// On these workers.
+    On(Vec<String>),
+}
+
+/// Where the value of a finished key is, else the error its status stands for.
+pub(crate) fn status_to_result(key: &str, status: Status) -> Result<Located> {
     match status {
-        Status::Finished { workers } => Ok(workers),
+        Status::Finished { value: Some(v), .. } => Ok(Located::Here(v)),
+        Status::Finished { workers, value: None } => Ok(Located::On(workers)),
         Status::Error(e) => Err(Error::Task((*e).clone())),
         Status::Cancelled => Err(Error::Cancelled { key: key.to_string() }),
         Status::Lost(why) => Err(Error::Lost { key: key.to_string(), why }),
@@ -548,11 +567,15 @@ impl Client {
         let mut refs = Vec::new();
         what.collect(&mut refs);
         let mut wanted = Vec::new();
+        let mut here: FxHashMap<Arc<str>, Value> = FxHashMap::default();
         let mut failed = FxHashMap::default();
         for r in &refs {
             let status = Done(&r.state).await;
             match status_to_result(&r.key, status) {
-                Ok(workers) => wanted.push((r.key.clone(), workers)),
+                Ok(Located::Here(v)) => {
+                    here.insert(r.key.clone(), v);
+                }
+                Ok(Located::On(workers)) => wanted.push((r.key.clone(), workers)),
                 Err(e) => {
                     if errors == Errors::Raise {
                         return Err(e);
@@ -563,7 +586,8 @@ impl Client {
         }
         wanted.sort_by(|a, b| a.0.cmp(&b.0));
         wanted.dedup_by(|a, b| a.0 == b.0);
-        let values = self.inner.fetch(wanted).await?;
+        let mut values = self.inner.fetch(wanted).await?;
+        values.extend(here);
         let mut map = ValueMap { values, skip: errors == Errors::Skip };
         what.build(&mut map)?.ok_or_else(|| Error::InvalidArgument("nothing to gather".into()))
     }

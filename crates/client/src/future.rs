@@ -38,8 +38,10 @@ impl std::fmt::Display for FutureStatus {
 #[derive(Clone, Debug)]
 pub(crate) enum Status {
     Pending,
+    /// In memory on `workers`; `value` when it came with the report (small values).
     Finished {
         workers: Vec<String>,
+        value: Option<dask_protocol::codec::Value>,
     },
     Error(Arc<TaskFailure>),
     Cancelled,

@@ -1,13 +1,15 @@
-use std::time::Instant;
-use dask::{Client, LocalCluster};
 use dask::builtins::inc;
+use dask::{Client, LocalCluster};
+use std::time::Instant;
 fn main() {
     dask::init();
     let procs = std::env::args().nth(1).as_deref() == Some("p");
     let n: usize = std::env::args().nth(2).and_then(|s| s.parse().ok()).unwrap_or(100_000);
     let cluster = LocalCluster::builder().n_workers(2).threads_per_worker(1).processes(procs).build().unwrap();
     let client = Client::connect(&cluster.scheduler_address()).unwrap();
-    let w = client.map(inc, 0..200).unwrap(); client.gather(&w).unwrap(); drop(w);
+    let w = client.map(inc, 0..200).unwrap();
+    client.gather(&w).unwrap();
+    drop(w);
     for _ in 0..3 {
         let t = Instant::now();
         let fs = client.map(inc, 0..n as i64).unwrap();

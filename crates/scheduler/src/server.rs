@@ -329,7 +329,7 @@ impl EventLoop {
         let mut to_clients: HashMap<ClientId, Vec<pb::KeyReport>> = HashMap::new();
         for cmd in self.commands.drain(..) {
             match cmd {
-                Command::Compute { worker, key, spec, deps, priority } => {
+                Command::Compute { worker, key, spec, deps, priority, inline } => {
                     to_workers.entry(worker).or_default().push(pb::SchedulerCommand {
                         kind: Some(pb::scheduler_command::Kind::Compute(pb::ComputeTask {
                             key: key.to_string(),
@@ -343,6 +343,7 @@ impl EventLoop {
                                 })
                                 .collect(),
                             priority,
+                            inline_result: inline,
                         })),
                     });
                 }
@@ -386,11 +387,21 @@ impl EventLoop {
 fn report_to_pb(key: Key, report: Report) -> pb::KeyReport {
     use pb::key_report::Kind;
     let kind = match report {
-        Report::Memory { nbytes, workers } => Kind::Memory(pb::KeyInMemory {
-            nbytes,
-            workers: workers.iter().map(|w| w.to_string()).collect(),
-            type_name: String::new(),
-        }),
+        Report::Memory { nbytes, workers, value } => {
+            let (has_value, (codec, value)) = match value {
+                Some(v) => (true, v),
+                None => (false, ("", bytes::Bytes::new())),
+            };
+            Kind::Memory(pb::KeyInMemory {
+                nbytes,
+                // With the value at hand the client never fetches: spare it the addresses.
+                workers: if has_value { Vec::new() } else { workers.iter().map(|w| w.to_string()).collect() },
+                type_name: String::new(),
+                has_value,
+                value,
+                codec: codec.to_string(),
+            })
+        }
         Report::Erred(e) => Kind::Erred(pb::TaskError {
             message: e.message.clone(),
             kind: e.kind.clone(),
@@ -532,6 +543,10 @@ fn worker_event(worker: WorkerId, e: pb::WorkerEvent) -> Option<Event> {
             key: Arc::from(f.key),
             nbytes: f.nbytes,
             duration: Duration::from_micros(f.duration_us),
+            value: match (f.has_value, dask_protocol::codec::codec_name(&f.codec)) {
+                (true, Ok(codec)) => Some((codec, f.value)),
+                _ => None,
+            },
         },
         Kind::Failed(f) => {
             let e = f.error.unwrap_or_default();

@@ -1,68 +1,166 @@
 //! The thread pool that runs tasks: `nthreads` OS threads, never the async runtime's.
-//! Each job decodes its spec, reads its inputs from the store in place, runs the function
-//! (panics are caught by `dask_protocol::task::execute`), stores the result and reports back.
+//!
+//! Tasks wait in one shared queue, highest priority first, then oldest. A thread takes the
+//! next task, decodes its spec, reads its inputs from the store in place, runs the function
+//! (panics are caught by `dask_protocol::task::execute`), stores the result, and reports it.
+//! Reports coalesce: they go into one shared buffer, and only the report that finds the buffer
+//! empty wakes the event loop, which then takes everything. A busy loop is never woken once
+//! per task, and an idle one is woken at once.
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::sync::Arc;
-use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dask_protocol::pb;
 use dask_protocol::task::{ExecErrorKind, execute};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use prost::Message;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 use crate::server::Store;
-use crate::state::{Event, ExecOutcome, Key};
+use crate::state::{ExecOutcome, Key};
+
+/// One finished (or skipped) task.
+pub type ExecResult = (Key, ExecOutcome, Duration);
+
+struct Job {
+    priority: i32,
+    order: u64,
+    key: Key,
+    spec: Bytes,
+}
+
+impl PartialEq for Job {
+    fn eq(&self, other: &Self) -> bool {
+        (self.priority, self.order) == (other.priority, other.order)
+    }
+}
+impl Eq for Job {}
+impl PartialOrd for Job {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Job {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.priority, Reverse(self.order)).cmp(&(other.priority, Reverse(other.order)))
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: BinaryHeap<Job>,
+    closed: bool,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    ready: Condvar,
+}
+
+/// Finished tasks waiting for the event loop.
+#[derive(Default)]
+pub struct Results {
+    done: Mutex<Vec<ExecResult>>,
+    pub wake: Notify,
+}
+
+impl Results {
+    fn push(&self, r: ExecResult) {
+        let first = {
+            let mut done = self.done.lock();
+            done.push(r);
+            done.len() == 1
+        };
+        if first {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Everything reported so far.
+    pub fn take(&self) -> Vec<ExecResult> {
+        std::mem::take(&mut *self.done.lock())
+    }
+}
 
 pub struct Executor {
-    jobs: Option<std_mpsc::Sender<(Key, Bytes)>>,
+    shared: Arc<Shared>,
+    results: Arc<Results>,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl Executor {
-    pub fn new(nthreads: usize, store: Store, events: mpsc::UnboundedSender<Event>, worker: String) -> Self {
-        let (tx, rx) = std_mpsc::channel::<(Key, Bytes)>();
-        let rx = Arc::new(Mutex::new(rx));
+    pub fn new(nthreads: usize, store: Store, worker: String) -> Self {
+        let shared = Arc::new(Shared { queue: Mutex::new(Queue::default()), ready: Condvar::new() });
+        let results = Arc::new(Results::default());
         let threads = (0..nthreads.max(1))
             .map(|i| {
-                let rx = rx.clone();
+                let shared = shared.clone();
                 let store = store.clone();
-                let events = events.clone();
+                let results = results.clone();
                 let worker = worker.clone();
                 std::thread::Builder::new()
                     .name(format!("dask-exec-{i}"))
-                    .spawn(move || {
-                        loop {
-                            let job = rx.lock().recv();
-                            let Ok((key, spec)) = job else { return };
-                            let (outcome, duration) = run_one(&key, &spec, &store, &worker);
-                            if events.send(Event::ExecDone { key, outcome, duration }).is_err() {
-                                return;
-                            }
-                        }
-                    })
+                    .spawn(move || thread_main(&shared, &store, &results, &worker))
                     .expect("spawn executor thread")
             })
             .collect();
-        Executor { jobs: Some(tx), threads }
+        Executor { shared, results, threads }
     }
 
-    pub fn submit(&self, key: Key, spec: Bytes) {
-        if let Some(tx) = &self.jobs {
-            let _ = tx.send((key, spec));
+    /// Where finished tasks are reported.
+    pub fn results(&self) -> Arc<Results> {
+        self.results.clone()
+    }
+
+    pub fn submit(&self, key: Key, spec: Bytes, priority: i32, order: u64) {
+        let mut q = self.shared.queue.lock();
+        q.jobs.push(Job { priority, order, key, spec });
+        drop(q);
+        self.shared.ready.notify_one();
+    }
+
+    /// Takes `key` off the queue if no thread has started it; it is reported as skipped.
+    pub fn cancel(&self, key: &Key) {
+        let mut q = self.shared.queue.lock();
+        let before = q.jobs.len();
+        q.jobs.retain(|j| j.key != *key);
+        if q.jobs.len() < before {
+            drop(q);
+            self.results.push((key.clone(), ExecOutcome::Skipped, Duration::ZERO));
         }
     }
 
     /// Stops taking jobs; running tasks finish on their own (threads are detached).
     pub fn shutdown(&mut self) {
-        self.jobs = None;
+        self.shared.queue.lock().closed = true;
+        self.shared.ready.notify_all();
         self.threads.clear();
     }
 }
 
-fn run_one(key: &Key, spec: &Bytes, store: &Store, worker: &str) -> (ExecOutcome, std::time::Duration) {
+fn thread_main(shared: &Shared, store: &Store, results: &Results, worker: &str) {
+    loop {
+        let job = {
+            let mut q = shared.queue.lock();
+            loop {
+                if q.closed {
+                    return;
+                }
+                if let Some(job) = q.jobs.pop() {
+                    break job;
+                }
+                shared.ready.wait(&mut q);
+            }
+        };
+        let (outcome, duration) = run_one(&job.key, &job.spec, store, worker);
+        results.push((job.key, outcome, duration));
+    }
+}
+
+fn run_one(key: &Key, spec: &Bytes, store: &Store, worker: &str) -> (ExecOutcome, Duration) {
     let start = Instant::now();
     let (function, result) = match pb::TaskSpec::decode(spec.clone()) {
         Ok(spec) => {

@@ -172,6 +172,8 @@ pub enum Event {
         key: Key,
         nbytes: u64,
         duration: Duration,
+        /// The value itself, when it is small and a client wants it (see `Command::Compute`).
+        value: Option<InlineValue>,
     },
     TaskFailed {
         worker: WorkerId,
@@ -223,10 +225,13 @@ pub struct DepLocation {
     pub nbytes: u64,
 }
 
+/// A small value travelling with its completion: the codec's name and the bytes (opaque here).
+pub type InlineValue = (&'static str, Bytes);
+
 /// What the client is told about a key it wants.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Report {
-    Memory { nbytes: u64, workers: SmallVec<[Arc<str>; 2]> },
+    Memory { nbytes: u64, workers: SmallVec<[Arc<str>; 2]>, value: Option<InlineValue> },
     Erred(Arc<TaskError>),
     Cancelled,
     Lost(String),
@@ -241,6 +246,8 @@ pub enum Command {
         spec: Bytes,
         deps: Vec<DepLocation>,
         priority: i32,
+        /// A client wants the result: send it back with the completion if it is small.
+        inline: bool,
     },
     /// Drop the value of `key`, or cancel its computation.
     Free {
@@ -399,6 +406,9 @@ pub struct SchedulerCore {
     to_check: Vec<TaskId>,
     cause: &'static str,
     now: Instant,
+    /// The value of the task finishing in the current event, if the worker sent it along:
+    /// forwarded to the clients that want it, never kept.
+    inline: Option<(Key, InlineValue)>,
     /// Set while `set_state` marks dependents erred, so it does not recurse.
     erred_propagating: bool,
     /// Workers a task stopped processing on during the current event: at its end they take
@@ -434,6 +444,7 @@ impl SchedulerCore {
             cause: "",
             now,
             erred_propagating: false,
+            inline: None,
             freed: Vec::new(),
         }
     }
@@ -534,8 +545,10 @@ impl SchedulerCore {
             Event::Scattered { client, keys } => self.scattered(client, keys, out),
             Event::WorkerJoined { worker, spec } => self.worker_joined(worker, spec, out),
             Event::WorkerLost { worker, reason } => self.remove_worker(worker, &reason, out),
-            Event::TaskFinished { worker, key, nbytes, duration } => {
-                self.task_finished(worker, key, nbytes, duration, out)
+            Event::TaskFinished { worker, key, nbytes, duration, value } => {
+                self.inline = value.map(|v| (key.clone(), v));
+                self.task_finished(worker, key, nbytes, duration, out);
+                self.inline = None;
             }
             Event::TaskFailed { worker, key, error, duration } => self.task_failed(worker, key, error, duration, out),
             Event::MissingData { worker, key, dependency, from } => {
@@ -1299,6 +1312,7 @@ impl SchedulerCore {
                     spec: task.spec.clone(),
                     deps,
                     priority: task.priority,
+                    inline: task.who_wants.iter().any(|c| *c != FIRE_AND_FORGET),
                 });
             }
             TaskState::Memory { nbytes, who_has } => {
@@ -1365,6 +1379,10 @@ impl SchedulerCore {
     fn report_of(&self, t: TaskId) -> Option<Report> {
         match &self.task(t).state {
             TaskState::Memory { nbytes, who_has } => Some(Report::Memory {
+                value: match &self.inline {
+                    Some((k, v)) if *k == self.task(t).key => Some(v.clone()),
+                    _ => None,
+                },
                 nbytes: *nbytes,
                 workers: who_has.iter().map(|w| self.workers[w].spec.address.clone()).collect(),
             }),

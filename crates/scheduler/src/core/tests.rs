@@ -84,7 +84,7 @@ impl Harness {
     }
 
     fn finish_in(&mut self, worker: u32, key: &str, nbytes: u64, duration: Duration) -> Vec<Command> {
-        self.handle(Event::TaskFinished { worker: WorkerId(worker), key: k(key), nbytes, duration })
+        self.handle(Event::TaskFinished { worker: WorkerId(worker), key: k(key), nbytes, duration, value: None })
     }
 
     fn fail(&mut self, worker: u32, key: &str, error: TaskError) -> Vec<Command> {
@@ -157,7 +157,7 @@ fn s(x: &str) -> String {
 }
 
 fn memory(nbytes: u64, workers: &[u32]) -> Report {
-    Report::Memory { nbytes, workers: workers.iter().map(|w| addr(*w)).collect() }
+    Report::Memory { nbytes, workers: workers.iter().map(|w| addr(*w)).collect(), value: None }
 }
 
 fn erred_with(state: &TaskState) -> Arc<TaskError> {
@@ -181,20 +181,40 @@ fn single_task_runs_and_is_reported() {
             key: k("x"),
             spec: Bytes::from_static(b"spec"),
             deps: vec![],
-            priority: 0
+            priority: 0,
+            inline: true,
         }]
     );
     assert_eq!(h.state("x"), TaskState::Processing { worker: WorkerId(1) });
 
     let out = h.finish(1, "x", 10);
     assert_eq!(reports(&out), vec![(C1, s("x"), memory(10, &[1]))]);
+    // A small value sent along with the completion is forwarded to the client, once.
+    h.submit(C1, vec![task("y", &[])], &["y"]);
+    let value: InlineValue = ("msgpack", Bytes::from_static(b"\x07"));
+    let out = h.handle(Event::TaskFinished {
+        worker: WorkerId(1),
+        key: k("y"),
+        nbytes: 1,
+        duration: Duration::from_micros(3),
+        value: Some(value.clone()),
+    });
+    let Some(Command::Report { report: Report::Memory { value: got, .. }, .. }) =
+        out.iter().find(|c| matches!(c, Command::Report { .. }))
+    else {
+        panic!("no report: {out:?}")
+    };
+    assert_eq!(got.as_ref(), Some(&value));
+    // Wanted again later: the scheduler kept no copy, the client fetches from the worker.
+    let out = h.handle(Event::Want { client: C2, keys: vec![k("y")] });
+    assert!(matches!(&out[..], [Command::Report { report: Report::Memory { value: None, .. }, .. }]), "{out:?}");
     assert_eq!(out.len(), 1);
     assert!(matches!(h.state("x"), TaskState::Memory { nbytes: 10, .. }));
     assert_eq!(h.core.who_has("x"), vec![addr(1)]);
 
     let out = h.handle(Event::ReleaseKeys { client: C1, keys: vec![k("x")] });
     assert_eq!(frees(&out), vec![(1, s("x"))]);
-    assert_eq!(h.core.n_tasks(), 0);
+    assert!(h.core.task_state("x").is_none());
     assert_eq!(h.core.story("x").last().map(|t| t.to), Some("forgotten"));
 }
 
@@ -1029,7 +1049,7 @@ impl Sim {
         } else {
             let nbytes = 1 + self.rng.next() % 1_000_000;
             self.alive.get_mut(&worker).expect("live worker").insert(key.clone());
-            self.step(Event::TaskFinished { worker, key, nbytes, duration });
+            self.step(Event::TaskFinished { worker, key, nbytes, duration, value: None });
         }
     }
 

@@ -159,7 +159,8 @@ pub async fn start(
 
     let handle = WorkerHandle { address: address.clone(), name, shutdown: shutdown.clone() };
     let run = async move {
-        let executor = Executor::new(config.nthreads, store.clone(), events_tx.clone(), address.to_string());
+        let executor = Executor::new(config.nthreads, store.clone(), address.to_string());
+        let results = executor.results();
         let mut lp = Loop {
             state: WorkerState::new(config.nthreads),
             store,
@@ -170,7 +171,7 @@ pub async fn start(
             outgoing: Vec::new(),
             instructions: Vec::new(),
         };
-        let result = lp.run(&mut inbound, events_rx, heartbeat, shutdown.clone()).await;
+        let result = lp.run(&mut inbound, events_rx, &results, heartbeat, shutdown.clone()).await;
         shutdown.cancel();
         lp.executor.shutdown();
         let _ = server.await;
@@ -238,6 +239,7 @@ impl Loop {
         &mut self,
         inbound: &mut tonic::Streaming<pb::SchedulerToWorker>,
         mut events: mpsc::UnboundedReceiver<Event>,
+        results: &crate::executor::Results,
         heartbeat: Duration,
         shutdown: CancellationToken,
     ) -> Result<(), WorkerError> {
@@ -259,6 +261,11 @@ impl Loop {
                     Ok(None) => return Err(WorkerError::SchedulerLost("the scheduler closed the stream".into())),
                     Err(s) => return Err(WorkerError::SchedulerLost(s.message().to_string())),
                 },
+                _ = results.wake.notified() => {
+                    for (key, outcome, duration) in results.take() {
+                        self.state.handle(Event::ExecDone { key, outcome, duration }, &mut self.instructions);
+                    }
+                }
                 Some(ev) = events.recv() => {
                     self.state.handle(ev, &mut self.instructions);
                     // Take whatever else is ready: one batch out per wake-up.
@@ -301,6 +308,7 @@ impl Loop {
                         .map(|d| (Arc::from(d.key), d.workers.into_iter().map(Arc::from).collect()))
                         .collect(),
                     priority: c.priority,
+                    inline: c.inline_result,
                 };
                 self.state.handle(Event::Compute(req), &mut self.instructions);
             }
@@ -318,11 +326,25 @@ impl Loop {
     fn apply(&mut self) {
         for ins in self.instructions.drain(..) {
             match ins {
-                Instruction::Execute { key, spec } => self.executor.submit(key, spec),
+                Instruction::Execute { key, spec, priority, order } => self.executor.submit(key, spec, priority, order),
+                Instruction::Cancel(key) => self.executor.cancel(&key),
                 Instruction::Drop(key) => {
                     self.store.remove(&key);
                 }
-                Instruction::Send(kind) => self.outgoing.push(pb::WorkerEvent { kind: Some(kind) }),
+                Instruction::Send(mut kind) => {
+                    if let pb::worker_event::Kind::Finished(f) = &mut kind
+                        && f.has_value
+                    {
+                        match self.store.get(f.key.as_str()) {
+                            Some(v) => {
+                                f.value = v.data.clone();
+                                f.codec = v.codec.to_string();
+                            }
+                            None => f.has_value = false,
+                        }
+                    }
+                    self.outgoing.push(pb::WorkerEvent { kind: Some(kind) })
+                }
                 Instruction::Fetch { from, keys } => {
                     let peers = self.peers.clone();
                     let store = self.store.clone();

@@ -6,8 +6,8 @@
 //! event back in. See `docs/worker.md`.
 //!
 //! ```text
-//! compute tasks:  Waiting{missing} --deps fetched--> Ready --thread free--> Executing --> (done: reported, removed)
-//!                                                                          \-- freed --> Cancelled --> (result dropped)
+//! compute tasks:  Waiting{missing} --deps fetched--> Ready --room in the executor--> Dispatched --> (done: reported, removed)
+//!                                                                                   \-- freed --> Cancelled --> (dropped)
 //! dependency data: Fetch{who_has} --> Flight{from} --> Memory (local copy, dropped when no local task needs it)
 //! own results:     Memory (kept until the scheduler frees the key)
 //! ```
@@ -33,13 +33,23 @@ pub struct ComputeRequest {
     /// Each dependency and the peers that hold it.
     pub deps: Vec<(Key, Vec<Arc<str>>)>,
     pub priority: i32,
+    /// A client wants the result: send small values back with the completion.
+    pub inline: bool,
 }
+
+/// Largest value sent back with its completion (through the scheduler) rather than fetched.
+pub const INLINE_MAX: u64 = 4096;
 
 /// Outcome of one execution.
 #[derive(Clone, Debug)]
 pub enum ExecOutcome {
-    Ok { nbytes: u64, type_name: String },
+    Ok {
+        nbytes: u64,
+        type_name: String,
+    },
     Err(pb::TaskError),
+    /// Cancelled before it started.
+    Skipped,
 }
 
 #[derive(Clone, Debug)]
@@ -67,10 +77,15 @@ pub enum Event {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Instruction {
+    /// Queue on the executor (highest priority first, then oldest).
     Execute {
         key: Key,
         spec: Bytes,
+        priority: i32,
+        order: u64,
     },
+    /// Skip this dispatched task if it has not started.
+    Cancel(Key),
     Fetch {
         from: Arc<str>,
         keys: Vec<Key>,
@@ -86,8 +101,10 @@ enum ComputeState {
         missing: u32,
     },
     Ready,
-    Executing,
-    /// Freed while executing: its result is dropped.
+    /// Handed to the executor: queued there (by priority) or running. Every dispatched task
+    /// comes back as exactly one `ExecDone`.
+    Dispatched,
+    /// Freed after it was dispatched: the executor is told to skip it; its result is dropped.
     Cancelled,
 }
 
@@ -97,6 +114,7 @@ struct ComputeTask {
     deps: Vec<Key>,
     priority: i32,
     order: u64,
+    inline: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -124,8 +142,10 @@ struct DataKey {
 
 /// The worker's whole state.
 pub struct WorkerState {
-    nthreads: usize,
-    executing: usize,
+    /// Tasks handed to the executor at once, at most: deep enough that threads never wait for
+    /// the event loop, shallow enough that priorities and cancellation stay cheap.
+    max_dispatched: usize,
+    dispatched: usize,
     compute: FxHashMap<Key, ComputeTask>,
     data: FxHashMap<Key, DataKey>,
     ready: BinaryHeap<(i32, Reverse<u64>, Key)>,
@@ -135,8 +155,8 @@ pub struct WorkerState {
 impl WorkerState {
     pub fn new(nthreads: usize) -> Self {
         WorkerState {
-            nthreads: nthreads.max(1),
-            executing: 0,
+            max_dispatched: nthreads.max(1) * 64,
+            dispatched: 0,
             compute: FxHashMap::default(),
             data: FxHashMap::default(),
             ready: BinaryHeap::new(),
@@ -144,8 +164,9 @@ impl WorkerState {
         }
     }
 
+    /// Tasks queued on or running in the executor.
     pub fn executing(&self) -> usize {
-        self.executing
+        self.dispatched
     }
 
     /// Keys whose values are in memory here.
@@ -189,8 +210,8 @@ impl WorkerState {
             out.push(Instruction::Send(pb::worker_event::Kind::Finished(pb::TaskFinished {
                 key: req.key.to_string(),
                 nbytes,
-                duration_us: 0,
-                type_name: String::new(),
+                has_value: req.inline && nbytes <= INLINE_MAX,
+                ..Default::default()
             })));
             return;
         }
@@ -225,8 +246,10 @@ impl WorkerState {
         if state == ComputeState::Ready {
             self.ready.push((req.priority, Reverse(order), req.key.clone()));
         }
-        self.compute
-            .insert(req.key.clone(), ComputeTask { state, spec: req.spec, deps, priority: req.priority, order });
+        self.compute.insert(
+            req.key.clone(),
+            ComputeTask { state, spec: req.spec, deps, priority: req.priority, order, inline: req.inline },
+        );
         // A dependency nobody can give us.
         let unreachable: Vec<Key> = self
             .compute
@@ -245,7 +268,10 @@ impl WorkerState {
     fn on_free(&mut self, key: Key, out: &mut Vec<Instruction>) {
         if let Some(task) = self.compute.get_mut(&key) {
             match task.state {
-                ComputeState::Executing => task.state = ComputeState::Cancelled,
+                ComputeState::Dispatched => {
+                    task.state = ComputeState::Cancelled;
+                    out.push(Instruction::Cancel(key.clone()));
+                }
                 ComputeState::Cancelled => {}
                 ComputeState::Waiting { .. } | ComputeState::Ready => {
                     let task = self.compute.remove(&key).expect("present");
@@ -263,7 +289,7 @@ impl WorkerState {
     }
 
     fn on_exec_done(&mut self, key: Key, outcome: ExecOutcome, duration: Duration, out: &mut Vec<Instruction>) {
-        self.executing = self.executing.saturating_sub(1);
+        self.dispatched = self.dispatched.saturating_sub(1);
         let Some(task) = self.compute.remove(&key) else {
             return;
         };
@@ -287,8 +313,12 @@ impl WorkerState {
                     nbytes,
                     duration_us: duration.as_micros() as u64,
                     type_name,
+                    // The shell attaches the value from the store.
+                    has_value: task.inline && nbytes <= INLINE_MAX,
+                    ..Default::default()
                 })));
             }
+            ExecOutcome::Skipped => {}
             ExecOutcome::Err(error) => {
                 if cancelled {
                     return;
@@ -385,7 +415,7 @@ impl WorkerState {
     }
 
     fn start_ready(&mut self, out: &mut Vec<Instruction>) {
-        while self.executing < self.nthreads {
+        while self.dispatched < self.max_dispatched {
             let Some((_, _, key)) = self.ready.pop() else {
                 break;
             };
@@ -395,9 +425,9 @@ impl WorkerState {
             if task.state != ComputeState::Ready {
                 continue;
             }
-            task.state = ComputeState::Executing;
-            self.executing += 1;
-            out.push(Instruction::Execute { key, spec: task.spec.clone() });
+            task.state = ComputeState::Dispatched;
+            self.dispatched += 1;
+            out.push(Instruction::Execute { key, spec: task.spec.clone(), priority: task.priority, order: task.order });
         }
     }
 
@@ -406,10 +436,10 @@ impl WorkerState {
         let executing = self
             .compute
             .values()
-            .filter(|t| matches!(t.state, ComputeState::Executing | ComputeState::Cancelled))
+            .filter(|t| matches!(t.state, ComputeState::Dispatched | ComputeState::Cancelled))
             .count();
-        assert_eq!(executing, self.executing, "executing count");
-        assert!(self.executing <= self.nthreads, "more executing than threads");
+        assert_eq!(executing, self.dispatched, "dispatched count");
+        assert!(self.dispatched <= self.max_dispatched, "more dispatched than allowed");
         for (key, t) in &self.compute {
             let mut missing = 0;
             for dep in &t.deps {
@@ -423,7 +453,7 @@ impl WorkerState {
                 ComputeState::Waiting { missing: m } => {
                     assert_eq!(m, missing, "{key}: missing count")
                 }
-                ComputeState::Ready | ComputeState::Executing => {
+                ComputeState::Ready | ComputeState::Dispatched => {
                     assert_eq!(missing, 0, "{key}: runs without its inputs")
                 }
                 ComputeState::Cancelled => {}

@@ -10,6 +10,7 @@ fn compute(k: &str, deps: &[(&str, &[&str])]) -> Event {
         spec: Bytes::from_static(b"spec"),
         deps: deps.iter().map(|(d, w)| (key(d), w.iter().map(|a| Arc::from(*a)).collect())).collect(),
         priority: 0,
+        inline: false,
     })
 }
 
@@ -29,15 +30,15 @@ fn ok(k: &str) -> Event {
 }
 
 #[test]
-fn runs_no_more_than_nthreads_and_reports() {
+fn dispatches_and_reports() {
     let mut s = WorkerState::new(1);
     let out = step(&mut s, compute("a", &[]));
-    assert_eq!(out, vec![Instruction::Execute { key: key("a"), spec: Bytes::from_static(b"spec") }]);
-    let out = step(&mut s, compute("b", &[]));
-    assert!(out.is_empty(), "one thread: b waits");
+    assert_eq!(
+        out,
+        vec![Instruction::Execute { key: key("a"), spec: Bytes::from_static(b"spec"), priority: 0, order: 0 }]
+    );
     let out = step(&mut s, ok("a"));
     assert!(matches!(&out[0], Instruction::Send(pb::worker_event::Kind::Finished(f)) if f.key == "a" && f.nbytes == 8));
-    assert!(matches!(&out[1], Instruction::Execute { key, .. } if &**key == "b"));
 }
 
 #[test]
@@ -72,15 +73,35 @@ fn missing_dependency_tries_next_peer_then_tells_scheduler() {
 }
 
 #[test]
-fn free_cancels_queued_and_drops_result_of_running() {
+fn dispatch_is_bounded_and_refilled() {
+    let mut s = WorkerState::new(1);
+    let mut dispatched = 0;
+    for i in 0..100 {
+        dispatched += step(&mut s, compute(&format!("t{i}"), &[])).len();
+    }
+    assert_eq!(dispatched, 64, "at most 64 per thread handed to the executor");
+    let out = step(&mut s, ok("t0"));
+    assert!(matches!(&out[1], Instruction::Execute { key, .. } if &**key == "t64"), "{out:?}");
+}
+
+#[test]
+fn free_cancels_waiting_and_dispatched_tasks() {
     let mut s = WorkerState::new(1);
     step(&mut s, compute("a", &[]));
-    step(&mut s, compute("b", &[]));
-    assert!(step(&mut s, Event::Free(key("b"))).is_empty());
-    step(&mut s, Event::Free(key("a")));
+    step(&mut s, compute("w", &[("x", &["tcp://p:1"])]));
+    assert!(step(&mut s, Event::Free(key("w"))).contains(&Instruction::Drop(key("x"))) || s.n_compute() == 1);
+    let out = step(&mut s, Event::Free(key("a")));
+    assert_eq!(out, vec![Instruction::Cancel(key("a"))]);
+    // Started already: its result is dropped, not reported.
     let out = step(&mut s, ok("a"));
-    assert_eq!(out, vec![Instruction::Drop(key("a"))], "a cancelled result is dropped, not reported");
+    assert_eq!(out, vec![Instruction::Drop(key("a"))]);
     assert_eq!(s.n_compute(), 0);
+    // Or skipped before it started: nothing to drop.
+    step(&mut s, compute("b", &[]));
+    step(&mut s, Event::Free(key("b")));
+    let out = step(&mut s, Event::ExecDone { key: key("b"), outcome: ExecOutcome::Skipped, duration: Duration::ZERO });
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(s.executing(), 0);
 }
 
 #[test]
