@@ -71,6 +71,11 @@ fn user_worker_binary_runs_user_functions_and_cli_flags_show() {
     assert_eq!(info.workers[0].memory_limit, 4_000_000_000);
     assert_eq!(info.workers[0].name, "mine");
     assert_eq!(info.workers[0].nthreads, 1);
+    // A second worker with the same name is refused, and says so.
+    let mut dup = worker(&dir, custom, &[&address, "--name", "mine"], "dup.log");
+    assert_eq!(dup.wait_exit(LONG).and_then(|s| s.code()), Some(1), "{}", dup.log());
+    assert!(dup.log().contains("already connected"), "{}", dup.log());
+    assert_eq!(client.scheduler_info().unwrap().workers.len(), 1);
 }
 
 #[test]

@@ -16,10 +16,10 @@ pub trait IntoArg<T> {
     fn into_arg(self, deps: &mut Vec<String>) -> Result<pb::Arg>;
 }
 
+/// Duplicates are fine: the scheduler merges them (checking here would be quadratic for a
+/// task over many futures).
 fn push_dep(deps: &mut Vec<String>, key: &str) {
-    if !deps.iter().any(|d| d == key) {
-        deps.push(key.to_string());
-    }
+    deps.push(key.to_string());
 }
 
 impl<T: Serialize> IntoArg<T> for T {

@@ -79,14 +79,20 @@ pub struct ScatterOptions {
 #[derive(Default)]
 pub(crate) struct KeyTable {
     keys: Mutex<FxHashMap<Arc<str>, Held>>,
+    /// Numbers each entry, so a handle from before a cancel cannot release its successor.
+    next_gen: AtomicU64,
 }
 
-/// Handles this client holds for one key, and the key's shared state.
-type Held = (u32, Arc<KeyState>);
+/// Handles this client holds for one key, the key's shared state, and the entry's number.
+struct Held {
+    count: u32,
+    state: Arc<KeyState>,
+    generation: u64,
+}
 
 impl KeyTable {
     fn get(&self, key: &str) -> Option<Arc<KeyState>> {
-        self.keys.lock().get(key).map(|(_, s)| s.clone())
+        self.keys.lock().get(key).map(|h| h.state.clone())
     }
 
     fn apply(&self, report: pb::KeyReport) {
@@ -103,20 +109,34 @@ impl KeyTable {
                 Status::Finished { workers: m.workers, value }
             }
             Some(Kind::Erred(e)) => Status::Error(Arc::new(TaskFailure::from(e))),
-            Some(Kind::Cancelled(_)) => Status::Cancelled,
-            Some(Kind::Lost(l)) => Status::Lost(l.reason),
+            // Only this client cancels its keys, and it marked them already; a late
+            // confirmation must not cancel a newer submission of the same key.
+            Some(Kind::Cancelled(_)) => return,
+            Some(Kind::Lost(l)) => {
+                // Gone for good: a later submission of the key starts afresh.
+                self.detach(&report.key);
+                Status::Lost(l.reason)
+            }
             None => return,
         };
         state.set(status);
     }
 
+    /// Forgets the entry of `key` (its handles keep their state and release nothing).
+    fn detach(&self, key: &str) {
+        self.keys.lock().remove(key);
+    }
+
     fn disconnect_all(&self, why: &str) {
-        let states: Vec<_> = self.keys.lock().values().map(|(_, s)| s.clone()).collect();
+        let states: Vec<_> = self.keys.lock().values().map(|h| h.state.clone()).collect();
         for s in states {
             s.set(Status::Disconnected(why.to_string()));
         }
     }
 }
+
+/// How many times a value whose holders failed to give it is asked for again.
+const FETCH_ROUNDS: usize = 4;
 
 pub(crate) struct ClientInner {
     address: Address,
@@ -129,20 +149,42 @@ pub(crate) struct ClientInner {
     peers: Mutex<FxHashMap<String, WorkerDataClient<Channel>>>,
     disconnected: Arc<Mutex<Option<String>>>,
     closed: AtomicBool,
+    /// Tells the writer to send what is queued and end the stream.
     shutdown: CancellationToken,
+    /// Cancelled when the scheduler has seen the end of our stream (or the connection is gone).
+    finished: CancellationToken,
     /// A cluster started for this client by `Client::new`, closed with it.
     cluster: Mutex<Option<LocalCluster>>,
     counter: AtomicU64,
     random: std::collections::hash_map::RandomState,
 }
 
+/// How long `close` waits for the scheduler to take everything queued.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl ClientInner {
-    pub(crate) fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
-        if tokio::runtime::Handle::try_current().is_ok() {
-            // Called from async code: allowed on a multi-thread runtime.
-            tokio::task::block_in_place(|| self.handle.block_on(f))
-        } else {
-            self.handle.block_on(f)
+    /// Runs `f` to completion from blocking code, also when called from async code on a
+    /// multi-thread runtime. On a current-thread runtime blocking would stop the very task
+    /// that has to answer, so it is refused.
+    pub(crate) fn block_on<F: std::future::Future<Output = Result<R>>, R>(&self, f: F) -> Result<R> {
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread => Err(Error::InvalidArgument(
+                "a blocking call on a current-thread tokio runtime would deadlock: use the .await / _async form".into(),
+            )),
+            Ok(_) => tokio::task::block_in_place(|| self.handle.block_on(f)),
+            Err(_) => self.handle.block_on(f),
+        }
+    }
+
+    /// Runs a blocking wait (a condition variable), telling tokio first when called from
+    /// async code so the runtime's other work goes on.
+    pub(crate) fn blocking<R>(&self, f: impl FnOnce() -> R) -> Result<R> {
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread => Err(Error::InvalidArgument(
+                "a blocking call on a current-thread tokio runtime would deadlock: use the .await / _async form".into(),
+            )),
+            Ok(_) => Ok(tokio::task::block_in_place(f)),
+            Err(_) => Ok(f()),
         }
     }
 
@@ -153,28 +195,34 @@ impl ClientInner {
     /// A new handle for `key`; `true` if this client did not hold the key before.
     fn new_ref(self: &Arc<Self>, key: &str) -> (Arc<FutureRef>, bool) {
         let mut keys = self.table.keys.lock();
-        let (state, fresh) = match keys.get_mut(key) {
-            Some((n, s)) => {
-                *n += 1;
-                (s.clone(), false)
+        let (key, state, generation, fresh) = match keys.get_key_value(key) {
+            Some((k, _)) => {
+                let k = k.clone();
+                let h = keys.get_mut(&k).expect("present");
+                h.count += 1;
+                (k, h.state.clone(), h.generation, false)
             }
             None => {
                 let s = KeyState::new();
                 if let Some(why) = self.disconnected.lock().clone() {
                     s.set(Status::Disconnected(why));
                 }
-                keys.insert(Arc::from(key), (1, s.clone()));
-                (s, true)
+                let k: Arc<str> = Arc::from(key);
+                let generation = self.table.next_gen.fetch_add(1, Ordering::Relaxed);
+                keys.insert(k.clone(), Held { count: 1, state: s.clone(), generation });
+                (k, s, generation, true)
             }
         };
-        (Arc::new(FutureRef { key: Arc::from(key), state, client: self.clone() }), fresh)
+        (Arc::new(FutureRef { key, state, generation, client: self.clone() }), fresh)
     }
 
-    pub(crate) fn release_ref(&self, key: &str) {
+    pub(crate) fn release_ref(&self, key: &str, generation: u64) {
         let mut keys = self.table.keys.lock();
-        if let Some((n, _)) = keys.get_mut(key) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(h) = keys.get_mut(key)
+            && h.generation == generation
+        {
+            h.count -= 1;
+            if h.count == 0 {
                 keys.remove(key);
                 drop(keys);
                 self.send(pb::client_op::Kind::Release(pb::KeyList { keys: vec![key.to_string()] }));
@@ -187,6 +235,8 @@ impl ClientInner {
             if let Some(s) = self.table.get(k) {
                 s.set(Status::Cancelled);
             }
+            // A later submission of the key is a new computation, not this cancelled one.
+            self.table.detach(k);
         }
         self.send(pb::client_op::Kind::Cancel(pb::KeyList { keys: keys.iter().map(|k| k.to_string()).collect() }));
     }
@@ -206,38 +256,31 @@ impl ClientInner {
         Ok(c)
     }
 
-    /// Fetches the values of finished keys from the workers that hold them, one request per
-    /// worker, all workers at once.
-    pub(crate) async fn fetch(&self, wanted: Vec<(Arc<str>, Vec<String>)>) -> Result<FxHashMap<Arc<str>, Value>> {
+    /// Fetches values from the workers that hold them: one request per worker, all at once,
+    /// then the next holder for whatever failed. Returns the values and the keys no holder gave.
+    async fn fetch(&self, wanted: Vec<(Arc<str>, Vec<String>)>) -> (FxHashMap<Arc<str>, Value>, Vec<Arc<str>>) {
         let mut out: FxHashMap<Arc<str>, Value> = FxHashMap::default();
         let mut pending = wanted;
+        let mut failed = Vec::new();
         let mut attempt = 0;
         while !pending.is_empty() {
-            let mut by_worker: HashMap<String, Vec<Arc<str>>> = HashMap::new();
-            let mut exhausted = Vec::new();
+            let mut by_worker: HashMap<&str, Vec<Arc<str>>> = HashMap::new();
             for (key, workers) in &pending {
                 match workers.get(attempt) {
-                    Some(w) => by_worker.entry(w.clone()).or_default().push(key.clone()),
-                    None => exhausted.push((key.clone(), workers.clone())),
+                    Some(w) => by_worker.entry(w.as_str()).or_default().push(key.clone()),
+                    None => failed.push(key.clone()),
                 }
             }
-            if let Some((key, workers)) = exhausted.into_iter().next() {
-                return Err(Error::Fetch {
-                    key: key.to_string(),
-                    workers,
-                    why: "no worker that held it could give it".into(),
-                });
-            }
             let requests = by_worker.into_iter().map(|(worker, keys)| async move {
-                let r = match self.data_client(&worker) {
+                let r = match self.data_client(worker) {
                     Ok(mut c) => data::get_data(&mut c, keys.iter().map(|k| k.to_string()).collect())
                         .await
                         .map_err(|e| e.to_string()),
                     Err(e) => Err(e.to_string()),
                 };
-                (worker, keys, r)
+                (worker.to_string(), r)
             });
-            for (worker, keys, r) in join_all(requests).await {
+            for (worker, r) in join_all(requests).await {
                 match r {
                     Ok(values) => {
                         for (k, v) in values {
@@ -249,25 +292,80 @@ impl ClientInner {
                     Err(e) => {
                         tracing::warn!(%worker, error = %e, "fetching from a worker failed; trying other holders");
                         self.peers.lock().remove(&worker);
-                        let _ = keys;
                     }
                 }
             }
-            pending.retain(|(k, _)| !out.contains_key(k));
+            pending.retain(|(k, w)| !out.contains_key(k) && w.len() > attempt);
             attempt += 1;
         }
-        Ok(out)
+        (out, failed)
     }
 
-    /// The value of a done key, or the error its status means.
-    pub(crate) async fn value_of<T: DeserializeOwned>(&self, key: &Arc<str>, status: Status) -> Result<T> {
-        let v = match status_to_result(key, status)? {
-            Located::Here(v) => v,
-            Located::On(workers) => {
-                let mut values = self.fetch(vec![(key.clone(), workers)]).await?;
-                values.remove(key).expect("fetch returns every key or fails")
+    /// The values of done keys: those that came with their reports, and those fetched from
+    /// workers. A value its holders cannot give (a worker died, a report was stale) is asked
+    /// of the scheduler again, which answers with where it is now, or once it is recomputed.
+    /// With `skip`, failed keys are left out; otherwise the first failure is returned.
+    pub(crate) async fn resolve(
+        &self,
+        refs: &[(Arc<str>, Arc<KeyState>)],
+        skip: bool,
+    ) -> Result<FxHashMap<Arc<str>, Value>> {
+        let mut values: FxHashMap<Arc<str>, Value> = FxHashMap::default();
+        let mut pending: Vec<&(Arc<str>, Arc<KeyState>)> = refs.iter().collect();
+        for round in 0..FETCH_ROUNDS {
+            let mut wanted = Vec::new();
+            let mut versions: FxHashMap<Arc<str>, (u64, &Arc<KeyState>)> = FxHashMap::default();
+            for (key, state) in pending.iter().copied() {
+                if values.contains_key(key) || versions.contains_key(key) {
+                    continue;
+                }
+                let (status, version) = Done(state).await;
+                match status_to_result(key, status) {
+                    Ok(Located::Here(v)) => {
+                        values.insert(key.clone(), v);
+                    }
+                    Ok(Located::On(workers)) => {
+                        versions.insert(key.clone(), (version, state));
+                        wanted.push((key.clone(), workers));
+                    }
+                    Err(_) if skip => {}
+                    Err(e) => return Err(e),
+                }
             }
-        };
+            if wanted.is_empty() {
+                break;
+            }
+            let (got, failed) = self.fetch(wanted).await;
+            values.extend(got);
+            if failed.is_empty() {
+                break;
+            }
+            if round + 1 == FETCH_ROUNDS {
+                if skip {
+                    break;
+                }
+                return Err(Error::Fetch {
+                    key: failed[0].to_string(),
+                    workers: Vec::new(),
+                    why: format!("no holder could give it after {FETCH_ROUNDS} attempts"),
+                });
+            }
+            // Ask the scheduler where these are now.
+            for k in &failed {
+                let (version, state) = versions[k];
+                state.reset_if(version);
+            }
+            self.send(pb::client_op::Kind::Want(pb::KeyList { keys: failed.iter().map(|k| k.to_string()).collect() }));
+            pending.retain(|(k, _)| failed.contains(k));
+        }
+        Ok(values)
+    }
+
+    /// The value of one key, once it is done.
+    pub(crate) async fn value_of<T: DeserializeOwned>(&self, key: &Arc<str>, state: &Arc<KeyState>) -> Result<T> {
+        let refs = [(key.clone(), state.clone())];
+        let mut values = self.resolve(&refs, false).await?;
+        let v = values.remove(key).expect("resolve returns every key or fails");
         Ok(decode(v.codec, &v.data)?)
     }
 
@@ -276,6 +374,13 @@ impl ClientInner {
         let a = self.random.hash_one((n, std::process::id()));
         let b = self.random.hash_one((a, n, "dask"));
         format!("{prefix}-{a:016x}{b:016x}")
+    }
+
+    /// Sends what is queued, ends the stream, and waits (bounded) for the scheduler to see
+    /// the end, so nothing submitted before `close` is lost.
+    async fn finish(&self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.finished.cancelled()).await;
     }
 }
 
@@ -302,9 +407,19 @@ pub(crate) fn status_to_result(key: &str, status: Status) -> Result<Located> {
 
 impl Drop for ClientInner {
     fn drop(&mut self) {
-        self.shutdown.cancel();
-        if let Some(rt) = self.runtime.lock().take() {
-            rt.shutdown_background();
+        let runtime = self.runtime.lock().take();
+        match runtime {
+            Some(rt) => {
+                // Our own runtime: let the writer send what is queued before it stops.
+                if tokio::runtime::Handle::try_current().is_err() {
+                    rt.block_on(self.finish());
+                } else {
+                    self.shutdown.cancel();
+                }
+                rt.shutdown_background();
+            }
+            // The caller's runtime: the writer drains and ends the stream on its own.
+            None => self.shutdown.cancel(),
         }
     }
 }
@@ -535,14 +650,8 @@ impl Client {
             futures.push(Future::from_ref(r));
             wants.push(k.to_string());
         }
-        let mut tasks = graph.task_defs();
-        // Send in batches; only the last carries the wants, so nothing is culled early.
-        while tasks.len() > 10_000 {
-            let rest = tasks.split_off(10_000);
-            let batch = std::mem::replace(&mut tasks, rest);
-            self.inner.send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph { tasks: batch, wants: wants.clone() }));
-        }
-        self.inner.send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph { tasks, wants }));
+        // One message, so every key of the graph is known when the wants are applied.
+        self.inner.send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph { tasks: graph.task_defs(), wants }));
         Ok(futures)
     }
 
@@ -564,30 +673,10 @@ impl Client {
     }
 
     pub async fn gather_async_with<G: Gatherable + ?Sized>(&self, what: &G, errors: Errors) -> Result<G::Output> {
-        let mut refs = Vec::new();
-        what.collect(&mut refs);
-        let mut wanted = Vec::new();
-        let mut here: FxHashMap<Arc<str>, Value> = FxHashMap::default();
-        let mut failed = FxHashMap::default();
-        for r in &refs {
-            let status = Done(&r.state).await;
-            match status_to_result(&r.key, status) {
-                Ok(Located::Here(v)) => {
-                    here.insert(r.key.clone(), v);
-                }
-                Ok(Located::On(workers)) => wanted.push((r.key.clone(), workers)),
-                Err(e) => {
-                    if errors == Errors::Raise {
-                        return Err(e);
-                    }
-                    failed.insert(r.key.clone(), ());
-                }
-            }
-        }
-        wanted.sort_by(|a, b| a.0.cmp(&b.0));
-        wanted.dedup_by(|a, b| a.0 == b.0);
-        let mut values = self.inner.fetch(wanted).await?;
-        values.extend(here);
+        let mut handles = Vec::new();
+        what.collect(&mut handles);
+        let refs: Vec<(Arc<str>, Arc<KeyState>)> = handles.iter().map(|r| (r.key.clone(), r.state.clone())).collect();
+        let values = self.inner.resolve(&refs, errors == Errors::Skip).await?;
         let mut map = ValueMap { values, skip: errors == Errors::Skip };
         what.build(&mut map)?.ok_or_else(|| Error::InvalidArgument("nothing to gather".into()))
     }
@@ -751,7 +840,25 @@ impl Client {
         if self.inner.closed.swap(true, Ordering::SeqCst) {
             return;
         }
-        self.inner.shutdown.cancel();
+        // Everything submitted so far reaches the scheduler first (bounded wait).
+        let _ = self.inner.block_on(async {
+            self.inner.finish().await;
+            Ok(())
+        });
+        self.mark_closed();
+    }
+
+    /// [`close`](Self::close) for async code.
+    pub async fn close_async(&self) {
+        if self.inner.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.inner.finish().await;
+        self.mark_closed();
+    }
+
+    fn mark_closed(&self) {
+        self.inner.disconnected.lock().get_or_insert_with(|| "the client was closed".into());
         self.inner.table.disconnect_all("the client was closed");
         if let Some(cluster) = self.inner.cluster.lock().take() {
             cluster.close();
@@ -838,10 +945,11 @@ async fn connect_inner(addr: Address, timeout: Duration, handle: tokio::runtime:
         };
     let (ops_tx, ops_rx) = mpsc::unbounded_channel();
     let shutdown = CancellationToken::new();
+    let finished = CancellationToken::new();
     let table = Arc::new(KeyTable::default());
     let disconnected = Arc::new(Mutex::new(None));
     handle.spawn(writer(ops_rx, stream_tx, shutdown.clone()));
-    handle.spawn(reader(inbound, table.clone(), disconnected.clone(), shutdown.clone()));
+    handle.spawn(reader(inbound, table.clone(), disconnected.clone(), finished.clone()));
     let inner = Arc::new(ClientInner {
         address: addr,
         runtime: Mutex::new(None),
@@ -853,6 +961,7 @@ async fn connect_inner(addr: Address, timeout: Duration, handle: tokio::runtime:
         disconnected,
         closed: AtomicBool::new(false),
         shutdown,
+        finished,
         cluster: Mutex::new(None),
         counter: AtomicU64::new(0),
         random: std::collections::hash_map::RandomState::new(),
@@ -867,14 +976,19 @@ async fn writer(
     shutdown: CancellationToken,
 ) {
     loop {
-        let first = tokio::select! {
-            _ = shutdown.cancelled() => None,
-            op = ops.recv() => op,
+        let (first, closing) = tokio::select! {
+            op = ops.recv() => (op, false),
+            _ = shutdown.cancelled() => (None, true),
         };
-        let Some(first) = first else { break };
-        // Everything queued, up to ~16 MiB per message (a graph is already split in batches).
-        let mut size = first.encoded_len();
-        let mut batch = vec![first];
+        let mut batch = Vec::new();
+        let mut size = 0;
+        if let Some(op) = first {
+            size += op.encoded_len();
+            batch.push(op);
+        } else if !closing {
+            break; // every sender is gone
+        }
+        // Everything queued, up to ~16 MiB per message.
         while size < 16 << 20 {
             match ops.try_recv() {
                 Ok(op) => {
@@ -884,25 +998,25 @@ async fn writer(
                 Err(_) => break,
             }
         }
-        if stream.send(pb::ClientToScheduler { ops: batch }).is_err() {
+        if !batch.is_empty() && stream.send(pb::ClientToScheduler { ops: batch }).is_err() {
+            break;
+        }
+        if closing && ops.is_empty() {
             break;
         }
     }
-    // Dropping `stream` ends the client stream: the scheduler releases our keys.
+    // Dropping `stream` ends the client stream: the scheduler releases our keys, then ends
+    // its side, which the reader sees.
 }
 
 async fn reader(
     mut inbound: tonic::Streaming<pb::SchedulerToClient>,
     table: Arc<KeyTable>,
     disconnected: Arc<Mutex<Option<String>>>,
-    shutdown: CancellationToken,
+    finished: CancellationToken,
 ) {
     let why = loop {
-        let msg = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            m = inbound.message() => m,
-        };
-        match msg {
+        match inbound.message().await {
             Ok(Some(batch)) => {
                 for r in batch.reports {
                     table.apply(r);
@@ -912,7 +1026,12 @@ async fn reader(
             Err(s) => break format!("{} ({})", s.message(), s.code()),
         }
     };
-    tracing::warn!(reason = %why, "lost the scheduler");
-    *disconnected.lock() = Some(why.clone());
-    table.disconnect_all(&why);
+    finished.cancel();
+    let mut d = disconnected.lock();
+    if d.is_none() {
+        tracing::warn!(reason = %why, "lost the scheduler");
+        *d = Some(why.clone());
+        drop(d);
+        table.disconnect_all(&why);
+    }
 }

@@ -72,6 +72,8 @@ pub(crate) struct KeyState {
 
 struct KeyInner {
     status: Status,
+    /// Counts status changes, so a stale status can be reset without losing a newer one.
+    version: u64,
     wakers: Vec<Waker>,
     callbacks: Vec<Callback>,
 }
@@ -79,7 +81,12 @@ struct KeyInner {
 impl KeyState {
     pub(crate) fn new() -> Arc<Self> {
         Arc::new(KeyState {
-            inner: Mutex::new(KeyInner { status: Status::Pending, wakers: Vec::new(), callbacks: Vec::new() }),
+            inner: Mutex::new(KeyInner {
+                status: Status::Pending,
+                version: 0,
+                wakers: Vec::new(),
+                callbacks: Vec::new(),
+            }),
             cond: Condvar::new(),
         })
     }
@@ -96,6 +103,7 @@ impl KeyState {
                 return; // a finished key stays finished
             }
             g.status = status;
+            g.version += 1;
             let public = g.status.public();
             let done = public != FutureStatus::Pending;
             let callbacks = if done { std::mem::take(&mut g.callbacks) } else { Vec::new() };
@@ -128,7 +136,16 @@ impl KeyState {
         }
     }
 
-    pub(crate) fn poll_done(&self, cx: &mut Context<'_>) -> Poll<Status> {
+    /// Back to pending, unless the status changed since `version` (a newer report won).
+    pub(crate) fn reset_if(&self, version: u64) {
+        let mut g = self.inner.lock();
+        if g.version == version {
+            g.status = Status::Pending;
+            g.version += 1;
+        }
+    }
+
+    pub(crate) fn poll_done(&self, cx: &mut Context<'_>) -> Poll<(Status, u64)> {
         let mut g = self.inner.lock();
         if matches!(g.status, Status::Pending) {
             if !g.wakers.iter().any(|w| w.will_wake(cx.waker())) {
@@ -136,7 +153,7 @@ impl KeyState {
             }
             Poll::Pending
         } else {
-            Poll::Ready(g.status.clone())
+            Poll::Ready((g.status.clone(), g.version))
         }
     }
 
@@ -156,8 +173,8 @@ impl KeyState {
 pub(crate) struct Done<'a>(pub(crate) &'a KeyState);
 
 impl std::future::Future for Done<'_> {
-    type Output = Status;
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Status> {
+    type Output = (Status, u64);
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<(Status, u64)> {
         self.0.poll_done(cx)
     }
 }
@@ -167,12 +184,14 @@ impl std::future::Future for Done<'_> {
 pub struct FutureRef {
     pub(crate) key: Arc<str>,
     pub(crate) state: Arc<KeyState>,
+    /// The client's table entry this handle counts in.
+    pub(crate) generation: u64,
     pub(crate) client: Arc<ClientInner>,
 }
 
 impl Drop for FutureRef {
     fn drop(&mut self) {
-        self.client.release_ref(&self.key);
+        self.client.release_ref(&self.key, self.generation);
     }
 }
 
@@ -225,8 +244,8 @@ impl<T> Future<T> {
 
     /// The task's error, once it failed (blocks until the task is done).
     pub fn exception(&self) -> Option<TaskFailure> {
-        match self.inner.state.wait(None) {
-            Some(Status::Error(e)) => Some((*e).clone()),
+        match self.inner.client.blocking(|| self.inner.state.wait(None)) {
+            Ok(Some(Status::Error(e))) => Some((*e).clone()),
             _ => None,
         }
     }
@@ -256,18 +275,24 @@ impl<T: DeserializeOwned> Future<T> {
 
     fn result_inner(&self, timeout: Option<Duration>) -> Result<T> {
         let deadline = timeout.map(|t| Instant::now() + t);
-        let status = self.inner.state.wait(deadline).ok_or_else(|| Error::Timeout {
-            what: format!("the result of {}", self.key()),
-            after: timeout.unwrap_or_default(),
-        })?;
         let client = &self.inner.client;
-        client.block_on(client.value_of::<T>(&self.inner.key, status))
+        let timed_out =
+            || Error::Timeout { what: format!("the result of {}", self.key()), after: timeout.unwrap_or_default() };
+        client.blocking(|| self.inner.state.wait(deadline))?.ok_or_else(timed_out)?;
+        let value = client.value_of::<T>(&self.inner.key, &self.inner.state);
+        match deadline {
+            None => client.block_on(value),
+            Some(d) => client.block_on(async move {
+                tokio::time::timeout(d.saturating_duration_since(Instant::now()), value)
+                    .await
+                    .map_err(|_| timed_out())?
+            }),
+        }
     }
 
     /// The value, awaited (also `future.await`).
     pub async fn result_async(&self) -> Result<T> {
-        let status = Done(&self.inner.state).await;
-        self.inner.client.value_of::<T>(&self.inner.key, status).await
+        self.inner.client.value_of::<T>(&self.inner.key, &self.inner.state).await
     }
 }
 

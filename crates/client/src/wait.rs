@@ -146,7 +146,7 @@ impl<T: 'static> Iterator for AsCompleted<T> {
             return None;
         }
         let client = self.client.clone()?;
-        let f = client.block_on(self.rx.recv())?;
+        let f = client.block_on(async { Ok(self.rx.recv().await) }).ok().flatten()?;
         self.pending -= 1;
         Some(f)
     }

@@ -492,3 +492,96 @@ async fn async_api() {
     client.close();
     tokio::task::spawn_blocking(move || cluster.close()).await.unwrap();
 }
+
+static TICKS: AtomicUsize = AtomicUsize::new(0);
+
+#[dask::task]
+fn tick(i: i64) -> i64 {
+    TICKS.fetch_add(1, Ordering::SeqCst);
+    i
+}
+
+#[test]
+fn a_graph_of_more_than_ten_thousand_tasks() {
+    let (_c, client) = cluster(2, 1);
+    let mut g = Graph::new();
+    let mut refs = Vec::new();
+    for i in 0..12_000i64 {
+        refs.push(g.add(format!("x-{i}"), inc, (i,)).unwrap());
+    }
+    g.add("total", sum_list, (refs,)).unwrap();
+    assert_eq!(client.get::<i64>(&g, "total").unwrap(), (1..=12_000).sum::<i64>());
+}
+
+#[test]
+fn a_finished_value_whose_holder_died_is_recomputed_for_result() {
+    let (mut cluster, client) = cluster(2, 1);
+    // Big enough not to travel with its report: the client must fetch it from the holder.
+    let x = client.submit(concat, (vec!["a".repeat(5000), "b".into()], "")).unwrap();
+    x.result().unwrap();
+    let x_holder = client.who_has(&x).unwrap()[x.key()][0].clone();
+    let i = cluster.worker_addresses().iter().position(|a| *a == x_holder).unwrap();
+    cluster.kill_worker(i);
+    // The client still believes the dead worker holds it; the fetch fails over to asking the
+    // scheduler, which recomputes it on the survivor.
+    let got = x.result_timeout(LONG).unwrap();
+    assert_eq!(got.len(), 5001);
+}
+
+#[test]
+fn close_sends_everything_submitted_first() {
+    let (_c, client) = cluster(1, 1);
+    let before = TICKS.load(Ordering::SeqCst);
+    let other = Client::connect(&client.scheduler_address()).unwrap();
+    for i in 0..10 {
+        let f = other.submit_with(tick, (i,), SubmitOptions { pure: false, ..Default::default() }).unwrap();
+        other.fire_and_forget(f);
+    }
+    other.close();
+    eventually("all ten ran", || TICKS.load(Ordering::SeqCst) - before == 10);
+    // Dropping instead of closing keeps them too.
+    let third = Client::connect(&client.scheduler_address()).unwrap();
+    for i in 0..10 {
+        let f = third.submit_with(tick, (i,), SubmitOptions { pure: false, ..Default::default() }).unwrap();
+        third.fire_and_forget(f);
+    }
+    drop(third);
+    eventually("all twenty ran", || TICKS.load(Ordering::SeqCst) - before == 20);
+}
+
+#[test]
+fn cancelled_then_resubmitted_runs_again() {
+    let (_c, client) = cluster(1, 1);
+    let f = client.submit(slowinc, (5, 300)).unwrap();
+    f.cancel();
+    assert!(matches!(f.result(), Err(Error::Cancelled { .. })));
+    let g = client.submit(slowinc, (5, 300)).unwrap();
+    assert_eq!(g.key(), f.key());
+    assert_eq!(g.result_timeout(LONG).unwrap(), 6);
+    assert!(f.cancelled(), "the old handle stays cancelled");
+    let again = client.map_args(slowinc, vec![(5i64, 300u64)]).unwrap();
+    assert_eq!(client.gather(&again).unwrap(), vec![6]);
+}
+
+#[test]
+fn closed_client_fails_fast_everywhere() {
+    let (_c, client) = cluster(1, 1);
+    client.close();
+    let f: dask::Future<i64> = client.future_of("anything");
+    assert!(matches!(f.result_timeout(LONG), Err(Error::SchedulerLost(_))));
+    assert!(matches!(client.submit(inc, (1,)), Err(Error::Closed)));
+}
+
+#[test]
+fn blocking_on_a_current_thread_runtime_is_refused_not_a_deadlock() {
+    let (c, _client) = cluster(1, 1);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let client = Client::connect_async(&c.scheduler_address()).await.unwrap();
+        let f = client.submit(inc, (1,)).unwrap();
+        let err = f.result().unwrap_err();
+        assert!(err.to_string().contains("current-thread"), "{err}");
+        assert_eq!(f.await.unwrap(), 2);
+        client.close_async().await;
+    });
+}

@@ -212,13 +212,49 @@ impl EventLoop {
         match msg {
             LoopMsg::Events(events) => {
                 for e in events {
+                    let gone = match &e {
+                        Event::ClientDisconnected { client } => Some((None, Some(*client))),
+                        Event::WorkerLost { worker, .. } => Some((Some(*worker), None)),
+                        _ => None,
+                    };
                     self.handle(e);
+                    // Forget its channel: for a client, that ends our side of its stream,
+                    // which tells it everything it sent was taken.
+                    match gone {
+                        Some((Some(w), _)) => {
+                            self.workers.remove(&w);
+                        }
+                        Some((_, Some(c))) => {
+                            self.clients.remove(&c);
+                        }
+                        _ => {}
+                    }
                 }
             }
             LoopMsg::WorkerConnected { spec, tx, reply } => {
                 let id = WorkerId(self.next_worker);
                 self.next_worker += 1;
-                self.workers.insert(id, tx.clone());
+                let _ = reply.send(id);
+                let (address, name, nthreads) = (spec.address.clone(), spec.name.clone(), spec.nthreads);
+                let before = self.commands.len();
+                self.handle(Event::WorkerJoined { worker: id, spec });
+                // Refused (a duplicate name or address): the first thing it hears is why.
+                if let Some(pos) = self.commands[before..]
+                    .iter()
+                    .position(|c| matches!(c, Command::CloseWorker { worker, .. } if *worker == id))
+                {
+                    let Command::CloseWorker { reason, .. } = self.commands.remove(before + pos) else {
+                        unreachable!()
+                    };
+                    tracing::warn!(worker = %address, %name, %reason, "worker refused");
+                    let _ = tx.send(Ok(pb::SchedulerToWorker {
+                        commands: vec![pb::SchedulerCommand {
+                            kind: Some(pb::scheduler_command::Kind::Close(pb::CloseWorker { reason })),
+                        }],
+                    }));
+                    return;
+                }
+                // Registered goes out before the work `handle` just gave it (sent at flush).
                 let _ = tx.send(Ok(pb::SchedulerToWorker {
                     commands: vec![pb::SchedulerCommand {
                         kind: Some(pb::scheduler_command::Kind::Registered(pb::Registered {
@@ -227,9 +263,8 @@ impl EventLoop {
                         })),
                     }],
                 }));
-                let _ = reply.send(id);
-                tracing::info!(worker = %spec.address, name = %spec.name, nthreads = spec.nthreads, "worker joined");
-                self.handle(Event::WorkerJoined { worker: id, spec });
+                self.workers.insert(id, tx);
+                tracing::info!(worker = %address, %name, nthreads, "worker joined");
                 self.answer_waiters();
             }
             LoopMsg::ClientConnected { tx, reply } => {

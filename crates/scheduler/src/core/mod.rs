@@ -723,10 +723,11 @@ impl SchedulerCore {
             return; // already done: nothing to keep alive
         }
         let c = self.clients.entry(client).or_default();
-        if !c.wants.insert(t) {
-            return;
+        // Wanting a key again is how a client asks where it is now (its holder may have gone):
+        // it gets the current report.
+        if c.wants.insert(t) {
+            self.task_mut(t).who_wants.push(client);
         }
-        self.task_mut(t).who_wants.push(client);
         match &self.task(t).state {
             TaskState::Memory { .. } | TaskState::Erred { .. } => {
                 if let Some(report) = self.report_of(t) {

@@ -123,9 +123,12 @@ enum DataState {
     Fetch {
         who_has: Vec<Arc<str>>,
     },
+    /// Being fetched from `from`; `rest` are the holders to try next, `tried` those that
+    /// failed.
     Flight {
         from: Arc<str>,
         rest: Vec<Arc<str>>,
+        tried: Vec<Arc<str>>,
     },
     Memory {
         nbytes: u64,
@@ -186,13 +189,14 @@ impl WorkerState {
             Event::FetchDone { from, got, missing } => self.on_fetch_done(from, got, missing, out),
             Event::Put { keys } => {
                 for (key, nbytes) in keys {
-                    let d = self.data.entry(key).or_insert_with(|| DataKey {
-                        state: DataState::Memory { nbytes },
+                    let d = self.data.entry(key.clone()).or_insert_with(|| DataKey {
+                        state: DataState::Fetch { who_has: Vec::new() },
                         dependents: Vec::new(),
                         own: true,
                     });
                     d.own = true;
-                    d.state = DataState::Memory { nbytes };
+                    // Possibly a value we were fetching: its waiting tasks count it as arrived.
+                    self.arrived(&key, nbytes, out);
                 }
             }
         }
@@ -200,7 +204,13 @@ impl WorkerState {
     }
 
     fn on_compute(&mut self, req: ComputeRequest, out: &mut Vec<Instruction>) {
-        if self.compute.contains_key(&req.key) {
+        if let Some(task) = self.compute.get_mut(&req.key) {
+            // Freed and asked again before the executor gave it back: resume it, and report
+            // its result after all (dask's "resumed").
+            if task.state == ComputeState::Cancelled {
+                task.state = ComputeState::Dispatched;
+            }
+            task.inline |= req.inline;
             return; // already on it
         }
         if let Some(DataKey { state: DataState::Memory { nbytes }, .. }) = self.data.get(&req.key) {
@@ -233,7 +243,7 @@ impl WorkerState {
                     *have = who_has;
                     if let Some(first) = have.first().cloned() {
                         let rest = have[1..].to_vec();
-                        d.state = DataState::Flight { from: first.clone(), rest };
+                        d.state = DataState::Flight { from: first.clone(), rest, tried: Vec::new() };
                         to_fetch.push((first, dep.clone()));
                     }
                 }
@@ -290,6 +300,14 @@ impl WorkerState {
 
     fn on_exec_done(&mut self, key: Key, outcome: ExecOutcome, duration: Duration, out: &mut Vec<Instruction>) {
         self.dispatched = self.dispatched.saturating_sub(1);
+        if let (ExecOutcome::Skipped, Some(task)) = (&outcome, self.compute.get_mut(&key))
+            && task.state == ComputeState::Dispatched
+        {
+            // Skipped on a cancel, then resumed: run it after all.
+            task.state = ComputeState::Ready;
+            self.ready.push((task.priority, Reverse(task.order), key));
+            return;
+        }
         let Some(task) = self.compute.remove(&key) else {
             return;
         };
@@ -334,28 +352,10 @@ impl WorkerState {
 
     fn on_fetch_done(&mut self, from: Arc<str>, got: Vec<(Key, u64)>, missing: Vec<Key>, out: &mut Vec<Instruction>) {
         for (key, nbytes) in got {
-            let Some(d) = self.data.get_mut(&key) else {
+            if self.data.contains_key(&key) {
+                self.arrived(&key, nbytes, out);
+            } else {
                 out.push(Instruction::Drop(key));
-                continue;
-            };
-            if matches!(d.state, DataState::Memory { .. }) {
-                continue;
-            }
-            d.state = DataState::Memory { nbytes };
-            if d.dependents.is_empty() && !d.own {
-                self.drop_data(&key, out);
-                continue;
-            }
-            for t in d.dependents.clone() {
-                if let Some(task) = self.compute.get_mut(&t)
-                    && let ComputeState::Waiting { missing } = &mut task.state
-                {
-                    *missing -= 1;
-                    if *missing == 0 {
-                        task.state = ComputeState::Ready;
-                        self.ready.push((task.priority, Reverse(task.order), t.clone()));
-                    }
-                }
             }
         }
         let mut retry: Vec<(Arc<str>, Key)> = Vec::new();
@@ -364,18 +364,44 @@ impl WorkerState {
                 continue;
             };
             match &mut d.state {
-                DataState::Flight { from: f, rest } if *f == from => {
+                DataState::Flight { from: f, rest, tried } if *f == from => {
+                    tried.push(from.clone());
                     if let Some(next) = (!rest.is_empty()).then(|| rest.remove(0)) {
                         *f = next.clone();
                         retry.push((next, key.clone()));
                     } else {
-                        self.dependency_missing(&key, vec![from.clone()], out);
+                        let tried = std::mem::take(tried);
+                        self.dependency_missing(&key, tried, out);
                     }
                 }
                 _ => {}
             }
         }
         group_fetches(retry, out);
+    }
+
+    /// The value of `key` is in the store now (fetched or put).
+    fn arrived(&mut self, key: &Key, nbytes: u64, out: &mut Vec<Instruction>) {
+        let Some(d) = self.data.get_mut(key) else { return };
+        if matches!(d.state, DataState::Memory { .. }) {
+            return;
+        }
+        d.state = DataState::Memory { nbytes };
+        if d.dependents.is_empty() && !d.own {
+            self.drop_data(key, out);
+            return;
+        }
+        for t in d.dependents.clone() {
+            if let Some(task) = self.compute.get_mut(&t)
+                && let ComputeState::Waiting { missing } = &mut task.state
+            {
+                *missing -= 1;
+                if *missing == 0 {
+                    task.state = ComputeState::Ready;
+                    self.ready.push((task.priority, Reverse(task.order), t.clone()));
+                }
+            }
+        }
     }
 
     /// No peer could give us `dep`: every local task needing it goes back to the scheduler.

@@ -111,3 +111,44 @@ fn compute_of_a_key_already_here_reports_at_once() {
     let out = step(&mut s, compute("x", &[]));
     assert!(matches!(&out[..], [Instruction::Send(pb::worker_event::Kind::Finished(f))] if f.nbytes == 3));
 }
+
+#[test]
+fn freed_then_asked_again_while_running_reports_after_all() {
+    let mut s = WorkerState::new(1);
+    step(&mut s, compute("k", &[]));
+    assert_eq!(step(&mut s, Event::Free(key("k"))), vec![Instruction::Cancel(key("k"))]);
+    assert!(step(&mut s, compute("k", &[])).is_empty());
+    // It was running: the result counts.
+    let out = step(&mut s, ok("k"));
+    assert!(matches!(&out[..], [Instruction::Send(pb::worker_event::Kind::Finished(f))] if f.key == "k"), "{out:?}");
+    // It had not started: skipped, then run again.
+    step(&mut s, compute("j", &[]));
+    step(&mut s, Event::Free(key("j")));
+    step(&mut s, compute("j", &[]));
+    let out = step(&mut s, Event::ExecDone { key: key("j"), outcome: ExecOutcome::Skipped, duration: Duration::ZERO });
+    assert!(matches!(&out[..], [Instruction::Execute { key, .. }] if &**key == "j"), "{out:?}");
+}
+
+#[test]
+fn a_value_put_while_being_fetched_counts_as_arrived() {
+    let mut s = WorkerState::new(1);
+    step(&mut s, compute("c", &[("x", &["tcp://p:1"])]));
+    let out = step(&mut s, Event::Put { keys: vec![(key("x"), 4)] });
+    assert!(matches!(&out[..], [Instruction::Execute { key, .. }] if &**key == "c"), "{out:?}");
+    // The fetch ending later changes nothing.
+    let out =
+        step(&mut s, Event::FetchDone { from: Arc::from("tcp://p:1"), got: vec![(key("x"), 4)], missing: vec![] });
+    assert!(out.is_empty(), "{out:?}");
+}
+
+#[test]
+fn missing_data_names_every_holder_tried() {
+    let mut s = WorkerState::new(1);
+    step(&mut s, compute("c", &[("a", &["tcp://p:1", "tcp://q:2"])]));
+    step(&mut s, Event::FetchDone { from: Arc::from("tcp://p:1"), got: vec![], missing: vec![key("a")] });
+    let out = step(&mut s, Event::FetchDone { from: Arc::from("tcp://q:2"), got: vec![], missing: vec![key("a")] });
+    assert!(
+        matches!(&out[0], Instruction::Send(pb::worker_event::Kind::Missing(m)) if m.workers == ["tcp://p:1", "tcp://q:2"]),
+        "{out:?}"
+    );
+}
