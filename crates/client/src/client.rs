@@ -16,7 +16,6 @@ use dask_protocol::addr::Address;
 use dask_protocol::codec::{Value, decode};
 use dask_protocol::pb::{self, scheduler_client::SchedulerClient, worker_data_client::WorkerDataClient};
 use dask_protocol::task::Task;
-use dask_protocol::tokenize::Tokenizer;
 use dask_protocol::{MAX_MESSAGE, data};
 use futures_util::future::join_all;
 use parking_lot::Mutex;
@@ -523,11 +522,7 @@ impl Client {
                 return Err(Error::InvalidArgument("a key must not be empty".into()));
             }
             Some(k) => k,
-            None if pure => {
-                let mut t = Tokenizer::default();
-                t.field(&spec);
-                format!("{}-{}", T::NAME, t.hex())
-            }
+            None if pure => dask_protocol::tokenize::key(T::NAME, &spec),
             None => self.inner.unique_key(T::NAME),
         };
         Ok(pb::TaskDef {
@@ -730,9 +725,7 @@ impl Client {
         let mut placed: Vec<pb::ScatteredKey> = Vec::with_capacity(values.len());
         for (i, v) in values.iter().enumerate() {
             let value = Value::encode(v)?;
-            let mut t = Tokenizer::default();
-            t.field(&value.data);
-            let key = format!("{type_name}-{}", t.hex());
+            let key = dask_protocol::tokenize::key(&type_name, &value.data);
             let holders: Vec<String> =
                 if opts.broadcast { targets.clone() } else { vec![targets[i % targets.len()].clone()] };
             for w in &holders {
@@ -910,12 +903,7 @@ pub(crate) fn read_scheduler_file(path: &std::path::Path) -> Result<String> {
 async fn connect_inner(addr: Address, timeout: Duration, handle: tokio::runtime::Handle) -> Result<Client> {
     let started = Instant::now();
     let connect_err = |why: String| Error::Connect { address: addr.to_string(), timeout, why };
-    let endpoint = tonic::transport::Endpoint::from_shared(addr.endpoint())
-        .map_err(|e| connect_err(e.to_string()))?
-        .tcp_nodelay(true)
-        .connect_timeout(timeout)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(20));
+    let endpoint = dask_protocol::serve::endpoint(&addr, timeout).map_err(|e| connect_err(e.to_string()))?;
     let mut delay = Duration::from_millis(20);
     let channel = loop {
         match tokio::time::timeout(timeout.saturating_sub(started.elapsed()), endpoint.connect()).await {

@@ -20,6 +20,7 @@ pub struct LocalClusterBuilder {
     worker_program: Option<std::path::PathBuf>,
     memory_limit: u64,
     scheduler_port: u16,
+    simulate: bool,
 }
 
 impl LocalClusterBuilder {
@@ -50,6 +51,13 @@ impl LocalClusterBuilder {
     /// `dask::worker_main()`, such as `dask-worker`) instead of this program.
     pub fn worker_program(mut self, path: impl Into<std::path::PathBuf>) -> Self {
         self.worker_program = Some(path.into());
+        self
+    }
+
+    /// Benchmarks only: workers report every task done at once without running it.
+    #[doc(hidden)]
+    pub fn simulate_tasks(mut self, yes: bool) -> Self {
+        self.simulate = yes;
         self
     }
 
@@ -110,6 +118,7 @@ impl LocalClusterBuilder {
                 config.memory_limit = self.memory_limit;
                 config.name = Some(name);
                 config.death_timeout = Some(Duration::from_secs(10));
+                config.simulate = self.simulate;
                 let (handle, run) =
                     worker::start(config, shutdown.child_token()).await.map_err(|e| Error::Cluster(e.to_string()))?;
                 tokio::spawn(async move {
@@ -154,6 +163,7 @@ pub(crate) const ENV_SCHEDULER: &str = "DASK_RS_LOCAL_WORKER_OF";
 const ENV_NAME: &str = "DASK_RS_LOCAL_WORKER_NAME";
 const ENV_NTHREADS: &str = "DASK_RS_LOCAL_WORKER_NTHREADS";
 const ENV_MEMORY: &str = "DASK_RS_LOCAL_WORKER_MEMORY_LIMIT";
+const ENV_SIMULATE: &str = "DASK_RS_LOCAL_WORKER_SIMULATE";
 
 fn spawn_worker(b: &LocalClusterBuilder, address: &Address, name: &str, threads: usize) -> Result<Child> {
     let mut cmd = match &b.worker_program {
@@ -175,6 +185,9 @@ fn spawn_worker(b: &LocalClusterBuilder, address: &Address, name: &str, threads:
                 .env(ENV_NAME, name)
                 .env(ENV_NTHREADS, threads.to_string())
                 .env(ENV_MEMORY, b.memory_limit.to_string());
+            if b.simulate {
+                cmd.env(ENV_SIMULATE, "1");
+            }
             cmd
         }
     };
@@ -204,6 +217,7 @@ fn run_local_worker(address: &str) -> Result<()> {
     config.nthreads = std::env::var(ENV_NTHREADS).ok().and_then(|n| n.parse().ok()).unwrap_or(1);
     config.memory_limit = std::env::var(ENV_MEMORY).ok().and_then(|n| n.parse().ok()).unwrap_or(0);
     config.death_timeout = Some(Duration::from_secs(10));
+    config.simulate = std::env::var_os(ENV_SIMULATE).is_some();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -242,6 +256,7 @@ impl LocalCluster {
             worker_program: None,
             memory_limit: 0,
             scheduler_port: 0,
+            simulate: false,
         }
     }
 

@@ -148,13 +148,7 @@ pub async fn get_data(
 pub fn data_client(address: &crate::addr::Address) -> Result<WorkerDataClient<Channel>, tonic::transport::Error> {
     // Keep-alives notice a peer that stopped answering (a hung or partitioned worker), so a
     // fetch fails over to another holder instead of waiting forever.
-    let channel = tonic::transport::Endpoint::from_shared(address.endpoint())?
-        .tcp_nodelay(true)
-        .connect_timeout(std::time::Duration::from_secs(10))
-        .http2_keep_alive_interval(std::time::Duration::from_secs(10))
-        .keep_alive_timeout(std::time::Duration::from_secs(20))
-        .keep_alive_while_idle(true)
-        .connect_lazy();
+    let channel = crate::serve::endpoint(address, std::time::Duration::from_secs(10))?.connect_lazy();
     Ok(WorkerDataClient::new(channel)
         .max_decoding_message_size(crate::MAX_MESSAGE)
         .max_encoding_message_size(crate::MAX_MESSAGE))

@@ -39,3 +39,37 @@ pub fn incoming(
         Ok(conn)
     })
 }
+
+/// HTTP/2 flow-control windows. The defaults (64 KiB) cap a stream at one window per round
+/// trip; values of hundreds of MB need far more in flight.
+const STREAM_WINDOW: u32 = 32 << 20;
+const CONNECTION_WINDOW: u32 = 64 << 20;
+/// Larger HTTP/2 frames: fewer headers and wake-ups per MiB of data.
+const FRAME_SIZE: u32 = 1 << 20;
+
+/// A tonic server with this project's transport settings.
+pub fn server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(STREAM_WINDOW))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
+        .max_frame_size(Some(FRAME_SIZE))
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+}
+
+/// A client endpoint with this project's transport settings: no Nagle delay, large windows,
+/// keep-alives that notice a peer that stopped answering, and a connect timeout.
+pub fn endpoint(
+    address: &crate::addr::Address,
+    connect_timeout: Duration,
+) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+    Ok(tonic::transport::Endpoint::from_shared(address.endpoint())?
+        .tcp_nodelay(true)
+        .connect_timeout(connect_timeout)
+        .initial_stream_window_size(Some(STREAM_WINDOW))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true))
+}

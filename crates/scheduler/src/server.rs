@@ -119,10 +119,7 @@ pub async fn run(
         };
         let loop_task = tokio::spawn(lp.run(rx, shutdown.clone()));
         let incoming = dask_protocol::serve::incoming(listener);
-        let server = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .http2_keepalive_interval(Some(Duration::from_secs(10)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        let server = dask_protocol::serve::server()
             .add_service(svc)
             .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
         serve_until(server, &shutdown, "scheduler").await;

@@ -1,0 +1,432 @@
+//! `dask-bench`: the workloads of `../shared/bench/peers/dask_bench.py` (and a few more) on
+//! dask-rs, so the figures sit beside dask.distributed's and Ray's measured on this machine.
+//!
+//! ```text
+//! cargo run --release -p dask-bench -- all                 # everything, 3 runs each
+//! cargo run --release -p dask-bench -- throughput latency  # some
+//! cargo run --release -p dask-bench -- all --quick         # tiny sizes (CI smoke test)
+//! ```
+//! Each run starts a fresh `LocalCluster` of 2 worker processes with 1 thread each (the
+//! scheduler in this process, as dask's `LocalCluster` does), runs one workload, and closes it.
+//! The table gives median (min–max) over the runs; `--out FILE` writes every figure as JSON.
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use dask::builtins::{add, inc, noop, sum_list};
+use dask::{Client, Graph, LocalCluster, Ref, ScatterOptions, SubmitOptions};
+use serde_bytes::ByteBuf;
+
+mod core_bench;
+mod memory;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[dask::task]
+fn make_part(i: i64) -> Vec<i64> {
+    (0..100).map(|j| i * 100 + j).collect()
+}
+
+#[dask::task]
+fn getitem(xs: Vec<i64>, j: usize) -> i64 {
+    xs[j]
+}
+
+#[dask::task]
+fn make_bytes(n: usize) -> ByteBuf {
+    let mut v = vec![0u8; n];
+    let mut x = 0x9e3779b97f4a7c15u64;
+    for chunk in v.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        chunk.copy_from_slice(&b[..chunk.len()]);
+    }
+    ByteBuf::from(v)
+}
+
+#[dask::task]
+fn consume(b: ByteBuf) -> u64 {
+    b.len() as u64
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "dask-bench", about = "dask-rs benchmarks (see docs/benchmarks.md)")]
+struct Args {
+    /// Workloads: all, throughput, latency, tree, shuffle, data, memory, startup, big, zero,
+    /// core, rsds, tcp.
+    #[arg(default_value = "all")]
+    workloads: Vec<String>,
+    /// Runs of each workload (each with a fresh cluster).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Tiny sizes, one run: a smoke test.
+    #[arg(long)]
+    quick: bool,
+    /// Write every figure to this JSON file.
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+}
+
+/// Figures of one workload: name -> one value per run.
+type Figures = BTreeMap<String, Vec<f64>>;
+
+fn main() -> ExitCode {
+    // This program is also each worker process of its clusters.
+    dask::init();
+    if let Some(code) = memory::maybe_child() {
+        return code;
+    }
+    let args = Args::parse();
+    let all = args.workloads.iter().any(|w| w == "all");
+    let want = |w: &str| all || args.workloads.iter().any(|x| x == w);
+    let runs = if args.quick { 1 } else { args.runs.max(1) };
+    let q = args.quick;
+    let mut figures = Figures::new();
+    let mut record = |name: String, v: f64| figures.entry(name).or_default().push(v);
+    let started = Instant::now();
+
+    if want("tcp") {
+        for _ in 0..runs {
+            let n = if q { 64 << 20 } else { 1 << 30 };
+            record("tcp loopback bandwidth (MB/s)".into(), tcp_probe(n));
+        }
+    }
+    if want("core") {
+        for _ in 0..runs {
+            let (n, w) = if q { (10_000, 10) } else { (1_000_000, 1000) };
+            let per_task = core_bench::run(n, w);
+            record(format!("scheduler core, {n} tasks on {w} simulated workers (us/task)"), per_task);
+        }
+    }
+    if want("startup") {
+        for _ in 0..runs {
+            let t = Instant::now();
+            let cluster = cluster(false);
+            let client = Client::connect(&cluster.scheduler_address()).unwrap();
+            client.wait_for_workers(2, None).unwrap();
+            record("LocalCluster start, 2 worker processes ready (s)".into(), t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            client.close();
+            cluster.close();
+            record("LocalCluster close (s)".into(), t.elapsed().as_secs_f64());
+        }
+    }
+    if want("throughput") {
+        let sizes: &[usize] = if q { &[1_000] } else { &[1_000, 10_000, 100_000, 1_000_000] };
+        for _ in 0..runs {
+            with_cluster(false, |client| {
+                for &n in sizes {
+                    let t = Instant::now();
+                    let fs = client.map(inc, 0..n as i64).unwrap();
+                    let submitted = t.elapsed();
+                    let v: Vec<i64> = client.gather(&fs).unwrap();
+                    let wall = t.elapsed().as_secs_f64();
+                    assert_eq!(v[n - 1], n as i64);
+                    record(format!("map+gather {n}: tasks/s"), n as f64 / wall);
+                    record(format!("map+gather {n}: map call (s)"), submitted.as_secs_f64());
+                    drop(fs);
+                    settle(client);
+                }
+            });
+        }
+    }
+    if want("latency") {
+        let iters = if q { 100 } else { 1000 };
+        for _ in 0..runs {
+            with_cluster(false, |client| {
+                let impure = SubmitOptions { pure: false, ..Default::default() };
+                let mut lat = Vec::with_capacity(iters);
+                for i in 0..iters {
+                    let t = Instant::now();
+                    let f = client.submit_with(inc, (i as i64,), impure.clone()).unwrap();
+                    assert_eq!(f.result().unwrap(), i as i64 + 1);
+                    lat.push(t.elapsed().as_secs_f64() * 1e6);
+                }
+                lat.sort_by(f64::total_cmp);
+                record("submit->result round trip, median (us)".into(), lat[iters / 2]);
+                record("submit->result round trip, p99 (us)".into(), lat[iters * 99 / 100]);
+            });
+        }
+    }
+    if want("tree") {
+        let leaves = if q { 1024 } else { 16_384 };
+        for _ in 0..runs {
+            with_cluster(false, |client| {
+                let (g, root, n) = tree_graph(leaves, "tree");
+                let t = Instant::now();
+                let v = client.get::<i64>(&g, &root).unwrap();
+                let wall = t.elapsed().as_secs_f64();
+                assert_eq!(v, (leaves * (leaves + 1) / 2) as i64);
+                record(format!("tree reduction, {leaves} leaves ({n} tasks): tasks/s"), n as f64 / wall);
+            });
+        }
+    }
+    if want("shuffle") {
+        let n = if q { 20 } else { 100 };
+        for _ in 0..runs {
+            with_cluster(false, |client| {
+                let mut g = Graph::new();
+                for i in 0..n {
+                    g.add(format!("in-{i}"), make_part, (i as i64,)).unwrap();
+                }
+                for i in 0..n {
+                    for j in 0..n {
+                        g.add(format!("split-{i}-{j}"), getitem, (Ref::<Vec<i64>>::new(format!("in-{i}")), j)).unwrap();
+                    }
+                }
+                let mut outs = Vec::new();
+                for j in 0..n {
+                    let parts: Vec<Ref<i64>> = (0..n).map(|i| Ref::new(format!("split-{i}-{j}"))).collect();
+                    g.add(format!("out-{j}"), sum_list, (parts,)).unwrap();
+                    outs.push(format!("out-{j}"));
+                }
+                let keys: Vec<&str> = outs.iter().map(String::as_str).collect();
+                let t = Instant::now();
+                let v = client.get_many::<i64>(&g, &keys).unwrap();
+                let wall = t.elapsed().as_secs_f64();
+                assert_eq!(v[0], (0..n as i64).map(|i| i * 100).sum::<i64>());
+                record(format!("{n}x{n} task shuffle ({} tasks), wall (s)", g.len()), wall);
+            });
+        }
+    }
+    if want("data") {
+        let sizes: &[usize] = if q { &[10_000_000] } else { &[100_000_000, 1_000_000_000] };
+        for _ in 0..runs {
+            with_cluster(false, |client| {
+                let workers = client.scheduler_info().unwrap().workers;
+                let (a, b) = (workers[0].address.clone(), workers[1].address.clone());
+                for &n in sizes {
+                    let value = ByteBuf::from(make_bytes::call(n).into_vec());
+                    let to_a = ScatterOptions { workers: vec![a.clone()], broadcast: false };
+                    let t = Instant::now();
+                    let f = client.scatter_with(vec![value], to_a).unwrap().pop().unwrap();
+                    let scatter = t.elapsed().as_secs_f64();
+                    let t = Instant::now();
+                    let back: ByteBuf = f.result().unwrap();
+                    let gather = t.elapsed().as_secs_f64();
+                    assert_eq!(back.len(), n);
+                    let mb = n as f64 / 1e6;
+                    record(format!("scatter {} MB (MB/s)", n / 1_000_000), mb / scatter);
+                    record(format!("gather {} MB (MB/s)", n / 1_000_000), mb / gather);
+                    drop((f, back));
+                    settle(client);
+                }
+                // worker -> worker: a value made on b, consumed on a.
+                let n = if q { 10_000_000 } else { 500_000_000 };
+                let on = |w: &str| SubmitOptions { workers: vec![w.to_string()], pure: false, ..Default::default() };
+                let src = client.submit_with(make_bytes, (n,), on(&b)).unwrap();
+                dask::wait(std::slice::from_ref(&src), None, dask::ReturnWhen::AllCompleted).unwrap();
+                let t = Instant::now();
+                let dst = client.submit_with(consume, (&src,), on(&a)).unwrap();
+                assert_eq!(dst.result().unwrap(), n as u64);
+                let wall = t.elapsed().as_secs_f64();
+                record(format!("worker->worker {} MB, end to end (MB/s)", n / 1_000_000), n as f64 / 1e6 / wall);
+            });
+        }
+    }
+    if want("big") {
+        let leaves = if q { 1 << 12 } else { 1 << 19 };
+        for _ in 0..runs {
+            with_cluster(false, |client| {
+                let (g, root, n) = tree_graph(leaves, "big");
+                let t = Instant::now();
+                let v = client.get::<i64>(&g, &root).unwrap();
+                let wall = t.elapsed().as_secs_f64();
+                assert_eq!(v, (leaves * (leaves + 1) / 2) as i64);
+                record(format!("{n}-task tree graph end to end (s)"), wall);
+            });
+        }
+    }
+    if want("rsds") {
+        let merges: &[usize] = if q { &[1_000] } else { &[10_000, 100_000] };
+        for _ in 0..runs {
+            with_cluster(false, |client| {
+                for &n in merges {
+                    let mut g = Graph::new();
+                    let leaves: Vec<Ref<i64>> =
+                        (0..n).map(|i| g.add(format!("m-{i}"), inc, (i as i64,)).unwrap()).collect();
+                    g.add("merge", sum_list, (leaves,)).unwrap();
+                    let t = Instant::now();
+                    let v = client.get::<i64>(&g, "merge").unwrap();
+                    assert_eq!(v, (1..=n as i64).sum::<i64>());
+                    record(format!("rsds merge-{}K (s)", n / 1000), t.elapsed().as_secs_f64());
+                    settle(client);
+                }
+                let depth = if q { 10 } else { 15 };
+                let (g, root, _) = tree_graph(1 << depth, "t15");
+                let t = Instant::now();
+                client.get::<i64>(&g, &root).unwrap();
+                record(format!("rsds tree-{depth} (s)"), t.elapsed().as_secs_f64());
+            });
+        }
+    }
+    if want("zero") {
+        let n = if q { 10_000 } else { 1_000_000 };
+        for _ in 0..runs {
+            with_cluster(true, |client| {
+                // noop() takes nothing, so pure keys would all be one: submit impure tasks.
+                let impure = SubmitOptions { pure: false, ..Default::default() };
+                let t = Instant::now();
+                let fs = client.map_with(noop, (0..n).map(|_| ()), impure, None).unwrap();
+                dask::wait(&fs, None, dask::ReturnWhen::AllCompleted).unwrap();
+                let wall = t.elapsed().as_secs_f64();
+                record(format!("zero-worker {n} tasks: tasks/s"), n as f64 / wall);
+            });
+        }
+    }
+    if want("memory") {
+        let sizes: &[usize] = if q { &[10_000] } else { &[100_000, 1_000_000] };
+        for _ in 0..runs {
+            for &n in sizes {
+                let (per_task, base) = memory::scheduler_bytes_per_task(n);
+                record(format!("scheduler RSS growth per held task, {n} futures (B)"), per_task);
+                record(format!("scheduler RSS before, {n} futures run (MB)"), base / 1e6);
+            }
+        }
+    }
+
+    let total = started.elapsed();
+    print_table(&figures);
+    println!("\n(total {:.1} s, {runs} run(s) each)", total.as_secs_f64());
+    if let Some(path) = &args.out {
+        let json = serde_json::json!({
+            "machine": machine(),
+            "runs": runs,
+            "quick": q,
+            "figures": figures.iter().map(|(k, v)| (k.clone(), serde_json::json!({
+                "values": v, "median": median(v), "min": min(v), "max": max(v),
+            }))).collect::<serde_json::Map<_, _>>(),
+        });
+        if let Err(e) = std::fs::write(path, serde_json::to_vec_pretty(&json).unwrap()) {
+            eprintln!("dask-bench: failed to write {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn cluster(simulate: bool) -> LocalCluster {
+    LocalCluster::builder()
+        .n_workers(2)
+        .threads_per_worker(1)
+        .processes(true)
+        .simulate_tasks(simulate)
+        .build()
+        .expect("start a local cluster")
+}
+
+/// A fresh cluster, a 200-task warm-up (as the peers do), the workload, then close.
+fn with_cluster(simulate: bool, f: impl FnOnce(&Client)) {
+    let cluster = cluster(simulate);
+    let client = Client::connect(&cluster.scheduler_address()).unwrap();
+    if !simulate {
+        let warm = client.map(inc, 0..200).unwrap();
+        client.gather(&warm).unwrap();
+    }
+    settle(&client);
+    f(&client);
+    client.close();
+    cluster.close();
+}
+
+/// Waits until the scheduler holds no task (released futures are forgotten).
+fn settle(client: &Client) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while client.scheduler_info().map(|i| i.tasks > 0).unwrap_or(false) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// dask_bench.py's tree: `nleaves` inc leaves, then pairwise adds up to one root.
+fn tree_graph(nleaves: usize, name: &str) -> (Graph, String, usize) {
+    let mut g = Graph::new();
+    for i in 0..nleaves {
+        g.add(format!("{name}-0-{i}"), inc, (i as i64,)).unwrap();
+    }
+    let (mut level, mut width) = (0, nleaves);
+    while width > 1 {
+        for i in 0..width / 2 {
+            let a = Ref::<i64>::new(format!("{name}-{level}-{}", 2 * i));
+            let b = Ref::<i64>::new(format!("{name}-{level}-{}", 2 * i + 1));
+            g.add(format!("{name}-{}-{i}", level + 1), add, (a, b)).unwrap();
+        }
+        level += 1;
+        width /= 2;
+    }
+    let n = g.len();
+    (g, format!("{name}-{level}-0"), n)
+}
+
+/// Raw loopback TCP: one thread writes `n` bytes in 1 MiB writes, another reads them.
+fn tcp_probe(n: usize) -> f64 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let reader = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0;
+        while got < n {
+            let k = s.read(&mut buf).unwrap();
+            assert!(k > 0);
+            got += k;
+        }
+    });
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let chunk = vec![7u8; 1 << 20];
+    let t = Instant::now();
+    let mut sent = 0;
+    while sent < n {
+        let k = chunk.len().min(n - sent);
+        s.write_all(&chunk[..k]).unwrap();
+        sent += k;
+    }
+    reader.join().unwrap();
+    n as f64 / 1e6 / t.elapsed().as_secs_f64()
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[s.len() / 2]
+}
+fn min(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::INFINITY, f64::min)
+}
+fn max(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+}
+
+fn fmt(x: f64) -> String {
+    if x >= 1000.0 {
+        format!("{:.0}", x)
+    } else if x >= 10.0 {
+        format!("{:.1}", x)
+    } else {
+        format!("{:.3}", x)
+    }
+}
+
+fn print_table(figures: &Figures) {
+    println!("\n| figure | median | min–max |\n|---|---:|---:|");
+    for (name, v) in figures {
+        println!("| {name} | {} | {}–{} |", fmt(median(v)), fmt(min(v)), fmt(max(v)));
+    }
+}
+
+fn machine() -> serde_json::Value {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    serde_json::json!({ "cpus": cpus, "cpu": model, "memory_bytes": dask_worker::memory::system_memory() })
+}
