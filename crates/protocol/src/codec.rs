@@ -30,7 +30,7 @@ pub enum CodecError {
 
 impl Value {
     pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Value, CodecError> {
-        Ok(Value { codec: MSGPACK, data: Bytes::from(rmp_serde::to_vec(value)?) })
+        Ok(Value { codec: MSGPACK, data: Bytes::from(to_msgpack(value)?) })
     }
 
     pub fn len(&self) -> usize {
@@ -39,6 +39,42 @@ impl Value {
 
     pub fn is_empty(&self) -> bool {
         self.data.is_empty()
+    }
+}
+
+/// Encodes `value` as msgpack into a buffer of exactly the right size. Large values (byte
+/// buffers of hundreds of MB) would otherwise grow the buffer by doubling: each step copies
+/// everything so far into fresh memory the kernel must zero first.
+pub fn to_msgpack<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
+    // Pass 1 counts the bytes, keeping the first 256: small values are done here.
+    let mut head = Vec::with_capacity(256);
+    let mut counter = Capped { buf: &mut head, total: 0 };
+    rmp_serde::encode::write(&mut counter, value)?;
+    let total = counter.total;
+    if total <= head.capacity() {
+        return Ok(head);
+    }
+    // Pass 2 writes into a buffer of the exact size (for bytes, counting cost nothing).
+    let mut exact = Vec::with_capacity(total);
+    rmp_serde::encode::write(&mut exact, value)?;
+    Ok(exact)
+}
+
+/// A writer that keeps the first 256 bytes and counts the rest.
+struct Capped<'a> {
+    buf: &'a mut Vec<u8>,
+    total: usize,
+}
+
+impl std::io::Write for Capped<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.total += data.len();
+        let room = 256usize.saturating_sub(self.buf.len()).min(data.len());
+        self.buf.extend_from_slice(&data[..room]);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -58,4 +94,23 @@ pub fn decode<T: DeserializeOwned>(codec: &str, data: &[u8]) -> Result<T, CodecE
         expected: std::any::type_name::<T>(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exact_size_encoding_matches_rmp() {
+        for v in [vec![1u8; 0], vec![7u8; 10], vec![9u8; 300], vec![3u8; 100_000]] {
+            let b = serde_bytes::ByteBuf::from(v.clone());
+            let ours = to_msgpack(&b).unwrap();
+            assert_eq!(ours, rmp_serde::to_vec(&b).unwrap());
+            assert_eq!(ours.capacity(), ours.len().max(256), "no over-allocation");
+            let back: serde_bytes::ByteBuf = decode(MSGPACK, &ours).unwrap();
+            assert_eq!(back.into_vec(), v);
+        }
+        let nested = (1i64, "text".to_string(), vec![0.5f64; 1000]);
+        assert_eq!(to_msgpack(&nested).unwrap(), rmp_serde::to_vec(&nested).unwrap());
+    }
 }

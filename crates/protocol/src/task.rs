@@ -344,7 +344,7 @@ pub mod build {
     use super::*;
 
     pub fn literal<T: Serialize + ?Sized>(v: &T) -> Result<pb::Arg, crate::codec::CodecError> {
-        Ok(pb::Arg { kind: Some(Kind::Literal(Bytes::from(rmp_serde::to_vec(v)?))) })
+        Ok(pb::Arg { kind: Some(Kind::Literal(Bytes::from(crate::codec::to_msgpack(v)?))) })
     }
 
     pub fn key(k: impl Into<String>) -> pb::Arg {
