@@ -10,6 +10,7 @@
 //! * [`tokenize`]: the stable hash behind `pure` keys (`inc-<32 hex digits>`).
 
 pub mod addr;
+pub mod cli;
 pub mod codec;
 pub mod data;
 pub mod serve;

@@ -53,9 +53,7 @@ pub fn scheduler_main_from(args: impl IntoIterator<Item = OsString>) -> ExitCode
 }
 
 fn run(args: Args) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
-        .map_err(|e| format!("bad --log-level {:?}: {e} (use error, warn, info, debug or trace)", args.log_level))?;
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    dask_protocol::cli::init_logging(&args.log_level)?;
     if !(args.worker_ttl.is_finite() && args.worker_ttl > 0.0) {
         return Err(format!("--worker-ttl {} must be a positive number of seconds", args.worker_ttl));
     }
@@ -82,22 +80,7 @@ fn run(args: Args) -> Result<(), String> {
         };
         tracing::info!(address = %shown, "scheduler at {shown}");
         eprintln!("dask-scheduler: listening at {shown}");
-        let signal = shutdown.clone();
-        tokio::spawn(async move {
-            let _ = tokio::signal::ctrl_c().await;
-            tracing::info!("interrupted: closing");
-            signal.cancel();
-        });
-        #[cfg(unix)]
-        {
-            let signal = shutdown.clone();
-            tokio::spawn(async move {
-                if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    s.recv().await;
-                    signal.cancel();
-                }
-            });
-        }
+        dask_protocol::cli::cancel_on_signals(&shutdown);
         fut.await;
         Ok(())
     })

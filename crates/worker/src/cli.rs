@@ -88,13 +88,6 @@ pub fn scheduler_address(arg: Option<&str>, file: Option<&str>) -> Result<Addres
     Err("no scheduler given: pass its address (dask-worker tcp://HOST:8786), --scheduler-file, or set DASK_SCHEDULER_ADDRESS".into())
 }
 
-fn init_logging(level: &str) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .map_err(|e| format!("bad --log-level {level:?}: {e} (use error, warn, info, debug or trace)"))?;
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
-    Ok(())
-}
-
 /// Runs the `dask-worker` command line. A user's own worker binary is:
 /// `fn main() -> std::process::ExitCode { dask::worker_main() }`.
 pub fn worker_main() -> ExitCode {
@@ -114,7 +107,7 @@ pub fn worker_main_from(args: impl IntoIterator<Item = std::ffi::OsString>) -> E
 }
 
 fn run_cli(args: Args) -> Result<(), String> {
-    init_logging(&args.log_level)?;
+    dask_protocol::cli::init_logging(&args.log_level)?;
     let scheduler = scheduler_address(args.scheduler.as_deref(), args.scheduler_file.as_deref())?;
     let nworkers = args.nworkers.max(1);
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
@@ -146,22 +139,7 @@ fn run_cli(args: Args) -> Result<(), String> {
         .map_err(|e| format!("failed to start the async runtime: {e}"))?;
     rt.block_on(async move {
         let shutdown = CancellationToken::new();
-        let signal = shutdown.clone();
-        tokio::spawn(async move {
-            let _ = tokio::signal::ctrl_c().await;
-            tracing::info!("interrupted: closing");
-            signal.cancel();
-        });
-        #[cfg(unix)]
-        {
-            let signal = shutdown.clone();
-            tokio::spawn(async move {
-                if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    s.recv().await;
-                    signal.cancel();
-                }
-            });
-        }
+        dask_protocol::cli::cancel_on_signals(&shutdown);
         let mut runs = Vec::new();
         for i in 0..nworkers {
             let mut config = WorkerConfig::new(scheduler.clone());

@@ -1,0 +1,32 @@
+//! What the command lines (`dask-scheduler`, `dask-worker`) share.
+use tokio_util::sync::CancellationToken;
+
+/// Sends logs to stderr through `tracing`, filtered by `--log-level` (a level or a filter such
+/// as `info,dask_scheduler=debug`).
+pub fn init_logging(level: &str) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .map_err(|e| format!("bad --log-level {level:?}: {e} (use error, warn, info, debug or trace)"))?;
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    Ok(())
+}
+
+/// Cancels `shutdown` on Ctrl-C (SIGINT) or SIGTERM. Call from inside a tokio runtime.
+pub fn cancel_on_signals(shutdown: &CancellationToken) {
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("interrupted: closing");
+        signal.cancel();
+    });
+    #[cfg(unix)]
+    {
+        let signal = shutdown.clone();
+        tokio::spawn(async move {
+            if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                s.recv().await;
+                tracing::info!("terminated: closing");
+                signal.cancel();
+            }
+        });
+    }
+}
