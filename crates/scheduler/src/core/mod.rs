@@ -45,7 +45,7 @@ mod queue;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -398,6 +398,9 @@ pub struct SchedulerCore {
     clients: FxHashMap<ClientId, Client>,
     queue: ReadyQueue,
     no_worker: FxHashSet<TaskId>,
+    /// Open (not closing) workers by occupancy, least busy first: placement of a task without
+    /// inputs is O(log workers), not a scan.
+    by_occupancy: BTreeSet<(u64, WorkerId)>,
     prefixes: Vec<Prefix>,
     prefix_ids: FxHashMap<Arc<str>, u32>,
     next_order: u64,
@@ -436,6 +439,7 @@ impl SchedulerCore {
             clients: FxHashMap::default(),
             queue: ReadyQueue::default(),
             no_worker: FxHashSet::default(),
+            by_occupancy: BTreeSet::new(),
             prefixes: Vec::new(),
             prefix_ids: FxHashMap::default(),
             next_order: 0,
@@ -838,6 +842,7 @@ impl SchedulerCore {
                 closing: false,
             },
         );
+        self.by_occupancy.insert((0, worker));
         // Tasks that had nowhere to go may now run.
         let mut stuck: Vec<TaskId> = self.no_worker.iter().copied().collect();
         stuck.sort_by_key(|t| self.queue_key(*t));
@@ -852,7 +857,9 @@ impl SchedulerCore {
             return;
         };
         w.closing = true;
+        let key = (occupancy(w), worker);
         let addr = w.spec.address.clone();
+        self.by_occupancy.remove(&key);
         // Values only it held are lost (their processing dependents go back to waiting).
         let mut held: Vec<TaskId> = w.has_what.drain().collect();
         w.nbytes = 0;
@@ -1155,11 +1162,12 @@ impl SchedulerCore {
                 return Placement::Worker(*w);
             }
         }
-        self.workers
-            .iter()
-            .filter(|(_, w)| has_slot(w))
-            .min_by_key(|(id, w)| (occupancy(w), **id))
-            .map_or(Placement::Queue, |(id, _)| Placement::Worker(*id))
+        // The least busy open worker has the most room per thread: if it has no free slot,
+        // none has.
+        match self.by_occupancy.first() {
+            Some((_, id)) if has_slot(&self.workers[id]) => Placement::Worker(*id),
+            _ => Placement::Queue,
+        }
     }
 
     /// How many tasks of this kind a thread may have queued: as many as it can start "soon".
@@ -1231,7 +1239,12 @@ impl SchedulerCore {
             }
             TaskState::Processing { worker } => {
                 if let Some(w) = self.workers.get_mut(worker) {
+                    let before = occupancy(w);
                     w.processing.remove(&t);
+                    if !w.closing {
+                        self.by_occupancy.remove(&(before, *worker));
+                        self.by_occupancy.insert((occupancy(w), *worker));
+                    }
                     self.freed.push(*worker);
                     if !matches!(new, TaskState::Memory { .. }) {
                         // Cancel the computation on the worker.
@@ -1290,7 +1303,12 @@ impl SchedulerCore {
             }
             TaskState::Processing { worker } => {
                 let w = self.workers.get_mut(worker).expect("processing on a known worker");
+                let before = occupancy(w);
                 w.processing.insert(t);
+                let after = occupancy(w);
+                if self.by_occupancy.remove(&(before, *worker)) {
+                    self.by_occupancy.insert((after, *worker));
+                }
                 let task = self.task(t);
                 let deps = task
                     .dependencies
@@ -1586,6 +1604,9 @@ impl SchedulerCore {
             self.tasks.iter().flatten().filter(|t| matches!(t.state, TaskState::Queued)).count(),
             "queue size"
         );
+        let expected: BTreeSet<(u64, WorkerId)> =
+            self.workers.iter().filter(|(_, w)| !w.closing).map(|(id, w)| (occupancy(w), *id)).collect();
+        assert_eq!(self.by_occupancy, expected, "workers by occupancy");
         for (id, w) in &self.workers {
             for t in &w.processing {
                 assert_eq!(self.task(*t).state, TaskState::Processing { worker: *id }, "{id}: processing set");
