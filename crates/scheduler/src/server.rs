@@ -618,7 +618,8 @@ fn client_event(client: ClientId, op: pb::ClientOp) -> Option<Event> {
                 .into_iter()
                 .map(|t| NewTask {
                     key: Arc::from(t.key),
-                    spec: t.spec,
+                    // Its own small buffer: a slice would keep the whole received batch alive.
+                    spec: bytes::Bytes::copy_from_slice(&t.spec),
                     dependencies: t.dependencies.into_iter().map(Arc::from).collect(),
                     priority: t.priority,
                     retries: t.retries,

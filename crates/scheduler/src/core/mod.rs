@@ -388,6 +388,16 @@ pub struct Transition {
     pub at: Instant,
 }
 
+/// A log entry as kept: 32 bytes (names interned, time as nanoseconds since the core began).
+#[derive(Clone)]
+struct LogEntry {
+    key: Key,
+    from: u8,
+    to: u8,
+    cause: u8,
+    at_ns: u64,
+}
+
 /// The scheduler's whole state.
 pub struct SchedulerCore {
     config: Config,
@@ -404,7 +414,10 @@ pub struct SchedulerCore {
     prefixes: Vec<Prefix>,
     prefix_ids: FxHashMap<Arc<str>, u32>,
     next_order: u64,
-    log: VecDeque<Transition>,
+    log: VecDeque<LogEntry>,
+    /// Names used in the log (states, events), interned to a byte.
+    log_names: Vec<&'static str>,
+    started: Instant,
     /// Tasks to re-check for release/forget at the end of the current event.
     to_check: Vec<TaskId>,
     cause: &'static str,
@@ -444,6 +457,8 @@ impl SchedulerCore {
             prefix_ids: FxHashMap::default(),
             next_order: 0,
             log: VecDeque::new(),
+            log_names: Vec::new(),
+            started: now,
             to_check: Vec::new(),
             cause: "",
             now,
@@ -495,7 +510,17 @@ impl SchedulerCore {
 
     /// The transitions of `key` still in the log, oldest first.
     pub fn story(&self, key: &str) -> Vec<Transition> {
-        self.log.iter().filter(|t| &*t.key == key).cloned().collect()
+        self.log
+            .iter()
+            .filter(|t| &*t.key == key)
+            .map(|t| Transition {
+                key: t.key.clone(),
+                from: self.log_names[t.from as usize],
+                to: self.log_names[t.to as usize],
+                cause: self.log_names[t.cause as usize],
+                at: self.started + Duration::from_nanos(t.at_ns),
+            })
+            .collect()
     }
 
     // ------------------------------------------------------------------ the entry point
@@ -1454,14 +1479,7 @@ impl SchedulerCore {
     fn forget(&mut self, t: TaskId) {
         let task = self.tasks[t.0 as usize].take().expect("forget a live task");
         debug_assert!(!task.state.is_active() && !matches!(task.state, TaskState::Memory { .. }));
-        self.log.push_back(Transition {
-            key: task.key.clone(),
-            from: task.state.name(),
-            to: "forgotten",
-            cause: self.cause,
-            at: self.now,
-        });
-        self.trim_log();
+        self.push_log(task.key.clone(), task.state.name(), "forgotten");
         self.keys.remove(&task.key);
         self.free_ids.push(t.0);
         for &d in task.dependencies.iter() {
@@ -1479,8 +1497,28 @@ impl SchedulerCore {
         if self.config.log_len == 0 {
             return;
         }
-        self.log.push_back(Transition { key: self.task(t).key.clone(), from, to, cause: self.cause, at: self.now });
+        self.push_log(self.task(t).key.clone(), from, to);
+    }
+
+    fn push_log(&mut self, key: Key, from: &'static str, to: &'static str) {
+        if self.config.log_len == 0 {
+            return;
+        }
+        let (from, to, cause) = (self.intern(from), self.intern(to), self.intern(self.cause));
+        let at_ns = self.now.saturating_duration_since(self.started).as_nanos() as u64;
+        self.log.push_back(LogEntry { key, from, to, cause, at_ns });
         self.trim_log();
+    }
+
+    /// A byte for one of the few names the log uses.
+    fn intern(&mut self, name: &'static str) -> u8 {
+        match self.log_names.iter().position(|n| std::ptr::eq(*n, name) || *n == name) {
+            Some(i) => i as u8,
+            None => {
+                self.log_names.push(name);
+                (self.log_names.len() - 1) as u8
+            }
+        }
     }
 
     fn trim_log(&mut self) {

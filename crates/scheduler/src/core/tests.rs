@@ -1191,3 +1191,11 @@ proptest! {
         run_scenario(sc);
     }
 }
+
+#[test]
+fn hot_structs_stay_small() {
+    // Memory per held task is a target (docs/benchmarks.md); these dominate it.
+    let task = std::mem::size_of::<Option<super::Task>>();
+    assert!(task <= 192, "Option<Task> grew to {task} bytes");
+    assert!(std::mem::size_of::<super::LogEntry>() <= 32);
+}
