@@ -10,6 +10,18 @@ pub fn init_logging(level: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The exit status of a command line whose work returned `result`; errors go to stderr as
+/// `program: error: ...`.
+pub fn exit_code(program: &str, result: Result<(), String>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{program}: error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Cancels `shutdown` on Ctrl-C (SIGINT) or SIGTERM. Call from inside a tokio runtime.
 pub fn cancel_on_signals(shutdown: &CancellationToken) {
     let signal = shutdown.clone();

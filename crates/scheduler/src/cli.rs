@@ -42,14 +42,7 @@ pub fn scheduler_main() -> ExitCode {
 
 /// Runs `dask-scheduler` with these arguments (the first is the program name).
 pub fn scheduler_main_from(args: impl IntoIterator<Item = OsString>) -> ExitCode {
-    let args = Args::parse_from(args);
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("dask-scheduler: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    dask_protocol::cli::exit_code("dask-scheduler", run(Args::parse_from(args)))
 }
 
 fn run(args: Args) -> Result<(), String> {

@@ -96,14 +96,7 @@ pub fn worker_main() -> ExitCode {
 
 /// Runs `dask-worker` with these arguments (the first is the program name).
 pub fn worker_main_from(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
-    let args = Args::parse_from(args);
-    match run_cli(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("dask-worker: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    dask_protocol::cli::exit_code("dask-worker", run_cli(Args::parse_from(args)))
 }
 
 fn run_cli(args: Args) -> Result<(), String> {

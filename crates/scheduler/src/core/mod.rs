@@ -98,6 +98,19 @@ pub struct TaskError {
     pub worker: String,
 }
 
+impl TaskError {
+    /// An error the scheduler itself gives a task (no function ran).
+    fn raised_here(key: &str, kind: &str, message: String, worker: &str) -> Arc<TaskError> {
+        Arc::new(TaskError {
+            message,
+            kind: kind.to_string(),
+            function: String::new(),
+            key: key.to_string(),
+            worker: worker.to_string(),
+        })
+    }
+}
+
 /// A task as a client submits it.
 #[derive(Clone, Debug, Default)]
 pub struct NewTask {
@@ -694,14 +707,7 @@ impl SchedulerCore {
                     self.to_check.push(d);
                 }
             }
-            let key = self.task(id).key.to_string();
-            let err = Arc::new(TaskError {
-                message: why,
-                kind: "invalid-graph".into(),
-                function: String::new(),
-                key,
-                worker: String::new(),
-            });
+            let err = TaskError::raised_here(&self.task(id).key, "invalid-graph", why, "");
             self.set_state(id, TaskState::Erred { error: err }, out);
         }
         for key in wants {
@@ -814,13 +820,7 @@ impl SchedulerCore {
                 }
             };
             if holders.is_empty() {
-                let err = Arc::new(TaskError {
-                    message: format!("scattered to unknown workers {addrs:?}"),
-                    kind: "lost".into(),
-                    function: String::new(),
-                    key: key.to_string(),
-                    worker: String::new(),
-                });
+                let err = TaskError::raised_here(&key, "lost", format!("scattered to unknown workers {addrs:?}"), "");
                 if !matches!(self.task(id).state, TaskState::Memory { .. } | TaskState::Erred { .. }) {
                     self.set_state(id, TaskState::Erred { error: err }, out);
                 }
@@ -908,17 +908,12 @@ impl SchedulerCore {
             let task = self.task_mut(t);
             task.suspicious += 1;
             if task.suspicious > allowed_failures {
-                let err = Arc::new(TaskError {
-                    message: format!(
-                        "{} workers died while running this task (last: {addr}, {reason}); \
-                         it may be crashing them (KilledWorker)",
-                        task.suspicious
-                    ),
-                    kind: "killed-worker".into(),
-                    function: String::new(),
-                    key: task.key.to_string(),
-                    worker: addr.to_string(),
-                });
+                let message = format!(
+                    "{} workers died while running this task (last: {addr}, {reason}); \
+                     it may be crashing them (KilledWorker)",
+                    task.suspicious
+                );
+                let err = TaskError::raised_here(&task.key, "killed-worker", message, &addr);
                 self.set_state(t, TaskState::Erred { error: err }, out);
             } else {
                 self.schedule(t, out);
@@ -951,13 +946,8 @@ impl SchedulerCore {
             let needed = !self.task(t).who_wants.is_empty() || self.task(t).active_dependents > 0;
             if self.task(t).spec.is_empty() {
                 // Scattered data cannot be recomputed.
-                let err = Arc::new(TaskError {
-                    message: format!("the only copy of this scattered value was lost: {why}"),
-                    kind: "lost".into(),
-                    function: String::new(),
-                    key: self.task(t).key.to_string(),
-                    worker: String::new(),
-                });
+                let message = format!("the only copy of this scattered value was lost: {why}");
+                let err = TaskError::raised_here(&self.task(t).key, "lost", message, "");
                 self.set_state(t, TaskState::Erred { error: err }, out);
                 continue;
             }
@@ -1076,13 +1066,8 @@ impl SchedulerCore {
             }
             if self.task(t).spec.is_empty() {
                 // A key without a spec (scattered, then lost) cannot be recomputed.
-                let err = Arc::new(TaskError {
-                    message: "this value was scattered and is lost; it cannot be recomputed".into(),
-                    kind: "lost".into(),
-                    function: String::new(),
-                    key: self.task(t).key.to_string(),
-                    worker: String::new(),
-                });
+                let message = "this value was scattered and is lost; it cannot be recomputed";
+                let err = TaskError::raised_here(&self.task(t).key, "lost", message.into(), "");
                 self.set_state(t, TaskState::Erred { error: err }, out);
                 continue;
             }
