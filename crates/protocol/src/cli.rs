@@ -10,6 +10,15 @@ pub fn init_logging(level: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The runtime a command line runs on: two IO threads (tasks run on their own threads).
+pub fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("failed to start the async runtime: {e}"))
+}
+
 /// The exit status of a command line whose work returned `result`; errors go to stderr as
 /// `program: error: ...`.
 pub fn exit_code(program: &str, result: Result<(), String>) -> std::process::ExitCode {

@@ -52,11 +52,7 @@ fn run(args: Args) -> Result<(), String> {
     }
     let mut config = SchedulerConfig { scheduler_file: args.scheduler_file.clone(), ..Default::default() };
     config.core.worker_ttl = Duration::from_secs_f64(args.worker_ttl);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("failed to start the async runtime: {e}"))?;
+    let rt = dask_protocol::cli::runtime()?;
     rt.block_on(async move {
         let bind = format!("{}:{}", args.host, args.port);
         let listener = tokio::net::TcpListener::bind(&bind).await.map_err(|e| {

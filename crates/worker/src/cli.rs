@@ -125,11 +125,7 @@ fn run_cli(args: Args) -> Result<(), String> {
         Some(s) => Some(Duration::from_secs_f64(s)),
         None => None,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("failed to start the async runtime: {e}"))?;
+    let rt = dask_protocol::cli::runtime()?;
     rt.block_on(async move {
         let shutdown = CancellationToken::new();
         dask_protocol::cli::cancel_on_signals(&shutdown);
