@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use dask::builtins::{add, inc, noop, sum_list};
-use dask::{Client, Graph, LocalCluster, Ref, ScatterOptions, SubmitOptions};
-use serde_bytes::ByteBuf;
+use dask::{Bytes, Client, Graph, LocalCluster, Ref, ScatterOptions, SubmitOptions};
 
 mod core_bench;
 mod memory;
@@ -36,7 +35,7 @@ fn getitem(xs: Vec<i64>, j: usize) -> i64 {
 }
 
 #[dask::task]
-fn make_bytes(n: usize) -> ByteBuf {
+fn make_bytes(n: usize) -> Bytes {
     let mut v = vec![0u8; n];
     let mut x = 0x9e3779b97f4a7c15u64;
     for chunk in v.chunks_mut(8) {
@@ -46,11 +45,11 @@ fn make_bytes(n: usize) -> ByteBuf {
         let b = x.to_le_bytes();
         chunk.copy_from_slice(&b[..chunk.len()]);
     }
-    ByteBuf::from(v)
+    Bytes::from(v)
 }
 
 #[dask::task]
-fn consume(b: ByteBuf) -> u64 {
+fn consume(b: Bytes) -> u64 {
     b.len() as u64
 }
 
@@ -93,7 +92,8 @@ fn main() -> ExitCode {
     if want("tcp") {
         for _ in 0..runs {
             let n = if q { 64 << 20 } else { 1 << 30 };
-            record("tcp loopback bandwidth (MB/s)".into(), tcp_probe(n));
+            record("tcp loopback bandwidth (MB/s)".into(), tcp_probe(n, false));
+            record("tcp loopback into fresh memory (MB/s)".into(), tcp_probe(n, true));
         }
     }
     if want("core") {
@@ -201,13 +201,15 @@ fn main() -> ExitCode {
                 let workers = client.scheduler_info().unwrap().workers;
                 let (a, b) = (workers[0].address.clone(), workers[1].address.clone());
                 for &n in sizes {
-                    let value = ByteBuf::from(make_bytes::call(n).into_vec());
-                    let to_a = ScatterOptions { workers: vec![a.clone()], broadcast: false };
+                    // As dask_bench.py: scatter(arr, workers=[a], hash=False), a buffer sent
+                    // without a copy (numpy there, Bytes here).
+                    let value = make_bytes::call(n);
+                    let to_a = ScatterOptions { workers: vec![a.clone()], hash: false, ..Default::default() };
                     let t = Instant::now();
                     let f = client.scatter_with(vec![value], to_a).unwrap().pop().unwrap();
                     let scatter = t.elapsed().as_secs_f64();
                     let t = Instant::now();
-                    let back: ByteBuf = f.result().unwrap();
+                    let back: Bytes = f.result().unwrap();
                     let gather = t.elapsed().as_secs_f64();
                     assert_eq!(back.len(), n);
                     let mb = n as f64 / 1e6;
@@ -362,12 +364,21 @@ fn tree_graph(nleaves: usize, name: &str) -> (Graph, String, usize) {
     (g, format!("{name}-{level}-0"), n)
 }
 
-/// Raw loopback TCP: one thread writes `n` bytes in 1 MiB writes, another reads them.
-fn tcp_probe(n: usize) -> f64 {
+/// Raw loopback TCP: one thread writes `n` bytes in 1 MiB writes, another reads them, into
+/// one reused 1 MiB buffer, or (`keep`) into a fresh buffer of `n` bytes, as any receiver that
+/// keeps the value must: then the kernel zeroes every page before the data is copied in.
+fn tcp_probe(n: usize, keep: bool) -> f64 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let reader = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
+        if keep {
+            let mut all: Vec<u8> = Vec::with_capacity(n);
+            (&mut s).take(n as u64).read_to_end(&mut all).unwrap();
+            assert_eq!(all.len(), n);
+            std::hint::black_box(all);
+            return;
+        }
         let mut buf = vec![0u8; 1 << 20];
         let mut got = 0;
         while got < n {

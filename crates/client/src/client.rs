@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dask_protocol::addr::Address;
-use dask_protocol::codec::{Value, decode};
-use dask_protocol::pb::{self, scheduler_client::SchedulerClient, worker_data_client::WorkerDataClient};
+use dask_protocol::codec::Value;
+use dask_protocol::pb::{self, scheduler_client::SchedulerClient};
 use dask_protocol::task::Task;
 use dask_protocol::{MAX_MESSAGE, data};
 use futures_util::future::join_all;
@@ -66,12 +66,22 @@ impl Default for SubmitOptions {
 }
 
 /// Options of [`Client::scatter_with`].
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ScatterOptions {
     /// Put the data on these workers (addresses or names); default: spread over all.
     pub workers: Vec<String>,
     /// Put every value on every (chosen) worker.
     pub broadcast: bool,
+    /// Name each value by a hash of its bytes (dask's `hash=True`, the default), so scattering
+    /// equal data twice gives one key; `false` gives each value a fresh random key and skips
+    /// hashing (worth it for values of hundreds of MB).
+    pub hash: bool,
+}
+
+impl Default for ScatterOptions {
+    fn default() -> Self {
+        ScatterOptions { workers: Vec::new(), broadcast: false, hash: true }
+    }
 }
 
 /// The keys this client holds futures for: a count of handles and the shared state.
@@ -145,7 +155,7 @@ pub(crate) struct ClientInner {
     ops: mpsc::UnboundedSender<pb::ClientOp>,
     table: Arc<KeyTable>,
     scheduler: SchedulerClient<Channel>,
-    peers: Mutex<FxHashMap<String, WorkerDataClient<Channel>>>,
+    peers: data::DataPool,
     disconnected: Arc<Mutex<Option<String>>>,
     closed: AtomicBool,
     /// Tells the writer to send what is queued and end the stream.
@@ -240,21 +250,6 @@ impl ClientInner {
         self.send(pb::client_op::Kind::Cancel(pb::KeyList { keys: keys.iter().map(|k| k.to_string()).collect() }));
     }
 
-    fn data_client(&self, worker: &str) -> Result<WorkerDataClient<Channel>> {
-        let mut peers = self.peers.lock();
-        if let Some(c) = peers.get(worker) {
-            return Ok(c.clone());
-        }
-        let addr = Address::parse(worker, None)?;
-        let c = data::data_client(&addr).map_err(|e| Error::Fetch {
-            key: String::new(),
-            workers: vec![worker.to_string()],
-            why: e.to_string(),
-        })?;
-        peers.insert(worker.to_string(), c.clone());
-        Ok(c)
-    }
-
     /// Fetches values from the workers that hold them: one request per worker, all at once,
     /// then the next holder for whatever failed. Returns the values and the keys no holder gave.
     async fn fetch(&self, wanted: Vec<(Arc<str>, Vec<String>)>) -> (FxHashMap<Arc<str>, Value>, Vec<Arc<str>>) {
@@ -271,12 +266,7 @@ impl ClientInner {
                 }
             }
             let requests = by_worker.into_iter().map(|(worker, keys)| async move {
-                let r = match self.data_client(worker) {
-                    Ok(mut c) => data::get_data(&mut c, keys.iter().map(|k| k.to_string()).collect())
-                        .await
-                        .map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
+                let r = self.peers.get_data(worker, keys.iter().map(|k| k.to_string()).collect()).await;
                 (worker.to_string(), r)
             });
             for (worker, r) in join_all(requests).await {
@@ -290,7 +280,7 @@ impl ClientInner {
                     }
                     Err(e) => {
                         tracing::warn!(%worker, error = %e, "fetching from a worker failed; trying other holders");
-                        self.peers.lock().remove(&worker);
+                        self.peers.forget(&worker);
                     }
                 }
             }
@@ -361,11 +351,15 @@ impl ClientInner {
     }
 
     /// The value of one key, once it is done.
-    pub(crate) async fn value_of<T: DeserializeOwned>(&self, key: &Arc<str>, state: &Arc<KeyState>) -> Result<T> {
+    pub(crate) async fn value_of<T: DeserializeOwned + 'static>(
+        &self,
+        key: &Arc<str>,
+        state: &Arc<KeyState>,
+    ) -> Result<T> {
         let refs = [(key.clone(), state.clone())];
         let mut values = self.resolve(&refs, false).await?;
         let v = values.remove(key).expect("resolve returns every key or fails");
-        Ok(decode(v.codec, &v.data)?)
+        Ok(v.decode()?)
     }
 
     fn unique_key(&self, prefix: &str) -> String {
@@ -610,20 +604,20 @@ impl Client {
     }
 
     /// Runs a whole graph and returns the value of `key`.
-    pub fn get<T: DeserializeOwned>(&self, graph: &Graph, key: &str) -> Result<T> {
+    pub fn get<T: DeserializeOwned + 'static>(&self, graph: &Graph, key: &str) -> Result<T> {
         let mut v = self.get_many::<T>(graph, &[key])?;
         Ok(v.pop().expect("one key"))
     }
 
     /// Runs a whole graph and returns the values of `keys`, in order.
-    pub fn get_many<T: DeserializeOwned>(&self, graph: &Graph, keys: &[&str]) -> Result<Vec<T>> {
+    pub fn get_many<T: DeserializeOwned + 'static>(&self, graph: &Graph, keys: &[&str]) -> Result<Vec<T>> {
         let futures = self.compute_graph::<T>(graph, keys)?;
         self.gather(&futures)
     }
 
     /// Runs a whole graph and returns the values of nested lists of keys, in the same shape:
     /// `client.get_nested::<i64>(&g, vec![KeyTree::from(vec!["x", "y"]), "z".into()].into())`.
-    pub fn get_nested<T: DeserializeOwned>(&self, graph: &Graph, keys: KeyTree) -> Result<Nested<T>> {
+    pub fn get_nested<T: DeserializeOwned + 'static>(&self, graph: &Graph, keys: KeyTree) -> Result<Nested<T>> {
         let mut flat = Vec::new();
         keys.flatten(&mut flat);
         let values = self.get_many::<T>(graph, &flat)?;
@@ -677,17 +671,17 @@ impl Client {
     }
 
     /// Puts values on the workers and returns futures to them.
-    pub fn scatter<T: Serialize>(&self, values: Vec<T>) -> Result<Vec<Future<T>>> {
+    pub fn scatter<T: Serialize + 'static>(&self, values: Vec<T>) -> Result<Vec<Future<T>>> {
         self.scatter_with(values, ScatterOptions::default())
     }
 
     /// Puts one value on the workers.
-    pub fn scatter_one<T: Serialize>(&self, value: T) -> Result<Future<T>> {
+    pub fn scatter_one<T: Serialize + 'static>(&self, value: T) -> Result<Future<T>> {
         Ok(self.scatter(vec![value])?.pop().expect("one value"))
     }
 
     /// Puts each value of a map on the workers; the result maps the same keys to futures.
-    pub fn scatter_map<K: Eq + Hash + Clone, T: Serialize>(
+    pub fn scatter_map<K: Eq + Hash + Clone, T: Serialize + 'static>(
         &self,
         values: HashMap<K, T>,
     ) -> Result<HashMap<K, Future<T>>> {
@@ -695,11 +689,11 @@ impl Client {
         Ok(ks.into_iter().zip(self.scatter(vs)?).collect())
     }
 
-    pub fn scatter_with<T: Serialize>(&self, values: Vec<T>, opts: ScatterOptions) -> Result<Vec<Future<T>>> {
+    pub fn scatter_with<T: Serialize + 'static>(&self, values: Vec<T>, opts: ScatterOptions) -> Result<Vec<Future<T>>> {
         self.inner.block_on(self.scatter_async_with(values, opts))
     }
 
-    pub async fn scatter_async_with<T: Serialize>(
+    pub async fn scatter_async_with<T: Serialize + 'static>(
         &self,
         values: Vec<T>,
         opts: ScatterOptions,
@@ -721,33 +715,40 @@ impl Client {
         }
         targets.sort();
         let type_name = short_type_name::<T>();
-        let mut per_worker: HashMap<String, Vec<(String, Option<Value>)>> = HashMap::new();
+        let mut per_worker: HashMap<String, Vec<(String, Value)>> = HashMap::new();
         let mut placed: Vec<pb::ScatteredKey> = Vec::with_capacity(values.len());
-        for (i, v) in values.iter().enumerate() {
-            let value = Value::encode(v)?;
-            let key = dask_protocol::tokenize::key(&type_name, &value.data);
+        for (i, v) in values.into_iter().enumerate() {
+            let value = Value::from_owned(v)?;
+            let key = if opts.hash {
+                dask_protocol::tokenize::key(&type_name, &value.data)
+            } else {
+                self.inner.unique_key(&type_name)
+            };
             let holders: Vec<String> =
                 if opts.broadcast { targets.clone() } else { vec![targets[i % targets.len()].clone()] };
             for w in &holders {
-                per_worker.entry(w.clone()).or_default().push((key.clone(), Some(value.clone())));
+                per_worker.entry(w.clone()).or_default().push((key.clone(), value.clone()));
             }
             placed.push(pb::ScatteredKey { key, workers: holders, nbytes: value.data.len() as u64 });
         }
         let puts = per_worker.into_iter().map(|(worker, vals)| async move {
-            let mut c = self.inner.data_client(&worker)?;
-            let frames = data::frames(vals);
-            c.put_data(futures_util::stream::iter(frames)).await.map_err(|s| Error::Fetch {
+            self.inner.peers.put_data(&worker, vals).await.map_err(|e| Error::Fetch {
                 key: String::new(),
                 workers: vec![worker.clone()],
-                why: format!("failed to put data: {}", s.message()),
+                why: format!("failed to put data: {e}"),
             })?;
             Ok::<_, Error>(())
         });
         for r in join_all(puts).await {
             r?;
         }
-        let futures = placed.iter().map(|p| Future::from_ref(self.inner.new_ref(&p.key).0)).collect();
+        let futures: Vec<Future<T>> = placed.iter().map(|p| Future::from_ref(self.inner.new_ref(&p.key).0)).collect();
         self.inner.send(pb::client_op::Kind::Scattered(pb::Scattered { keys: placed }));
+        // As in dask, scatter returns once the scheduler knows the keys (its report that they
+        // are in memory), so who_has and the like see them at once.
+        for f in &futures {
+            crate::future::Done(&f.inner.state).await;
+        }
         Ok(futures)
     }
 
@@ -945,7 +946,7 @@ async fn connect_inner(addr: Address, timeout: Duration, handle: tokio::runtime:
         ops: ops_tx,
         table,
         scheduler,
-        peers: Mutex::new(FxHashMap::default()),
+        peers: data::DataPool::default(),
         disconnected,
         closed: AtomicBool::new(false),
         shutdown,

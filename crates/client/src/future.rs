@@ -262,7 +262,7 @@ impl<T> Future<T> {
     }
 }
 
-impl<T: DeserializeOwned> Future<T> {
+impl<T: DeserializeOwned + 'static> Future<T> {
     /// Blocks until the task is done and returns its value (or its error).
     pub fn result(&self) -> Result<T> {
         self.result_inner(None)

@@ -3,7 +3,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
 use std::sync::Arc;
 
-use dask_protocol::codec::{Value, decode};
+use dask_protocol::codec::Value;
 use rustc_hash::FxHashMap;
 use serde::de::DeserializeOwned;
 
@@ -34,14 +34,14 @@ pub trait Gatherable {
     fn build(&self, values: &mut ValueMap) -> Result<Option<Self::Output>>;
 }
 
-impl<T: DeserializeOwned> Gatherable for Future<T> {
+impl<T: DeserializeOwned + 'static> Gatherable for Future<T> {
     type Output = T;
     fn collect(&self, out: &mut Vec<Arc<FutureRef>>) {
         out.push(self.inner.clone());
     }
     fn build(&self, values: &mut ValueMap) -> Result<Option<T>> {
         match values.values.get(&self.inner.key) {
-            Some(v) => Ok(Some(decode(v.codec, &v.data)?)),
+            Some(v) => Ok(Some(v.decode()?)),
             None if values.skip => Ok(None),
             None => Err(Error::Lost { key: self.key().to_string(), why: "no value was fetched".into() }),
         }

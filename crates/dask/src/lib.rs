@@ -19,6 +19,11 @@
 //!
 //! A worker binary that knows your own functions is `fn main() -> ExitCode { dask::worker_main() }`
 //! in a crate that defines them.
+/// Byte buffers that move without copies: a task that returns `Bytes`, a `Bytes` parameter fed
+/// by another task, `scatter` of a `Bytes` and a `Future<Bytes>`'s result all share one buffer
+/// in each process (values are stored raw, with codec `"bytes"`). `Vec<u8>` and
+/// `serde_bytes::ByteBuf` are stored raw too, but are copied when read.
+pub use bytes::Bytes;
 pub use dask_client::*;
 pub use dask_macros::task;
 pub use dask_worker::worker_main;

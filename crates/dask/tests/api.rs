@@ -235,17 +235,19 @@ fn scatter_forms_and_placement() {
     let fm = client.scatter_map(m).unwrap();
     assert_eq!(fm["k2"].result().unwrap(), 6);
     let target = cluster.worker_addresses()[0].clone();
-    let placed =
-        client.scatter_with(vec![100i64], ScatterOptions { workers: vec![target.clone()], broadcast: false }).unwrap();
+    let placed = client
+        .scatter_with(vec![100i64], ScatterOptions { workers: vec![target.clone()], ..Default::default() })
+        .unwrap();
     assert_eq!(client.who_has(&placed).unwrap()[placed[0].key()], vec![target]);
-    let everywhere = client.scatter_with(vec![200i64], ScatterOptions { workers: vec![], broadcast: true }).unwrap();
+    let everywhere =
+        client.scatter_with(vec![200i64], ScatterOptions { broadcast: true, ..Default::default() }).unwrap();
     assert_eq!(client.who_has(&everywhere).unwrap()[everywhere[0].key()].len(), 2);
     let mut bm = BTreeMap::new();
     bm.insert("a".to_string(), 1i64);
     bm.insert("b".to_string(), 2i64);
     assert_eq!(client.submit(sum_map, (bm,)).unwrap().result().unwrap(), 3);
     let err = client
-        .scatter_with(vec![1i64], ScatterOptions { workers: vec!["nobody".into()], broadcast: false })
+        .scatter_with(vec![1i64], ScatterOptions { workers: vec!["nobody".into()], ..Default::default() })
         .unwrap_err();
     assert!(err.to_string().contains("nobody"), "{err}");
 }
@@ -584,4 +586,58 @@ fn blocking_on_a_current_thread_runtime_is_refused_not_a_deadlock() {
         assert_eq!(f.await.unwrap(), 2);
         client.close_async().await;
     });
+}
+
+#[dask::task]
+fn make_blob(n: usize, seed: u8) -> dask::Bytes {
+    (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<u8>>().into()
+}
+
+#[dask::task]
+fn blob_sum(parts: Vec<dask::Bytes>, whole: dask::Bytes) -> u64 {
+    parts.iter().chain([&whole]).flat_map(|p| p.iter()).map(|&b| b as u64).sum()
+}
+
+#[dask::task]
+fn vec_sum(v: Vec<u8>) -> u64 {
+    v.iter().map(|&b| b as u64).sum()
+}
+
+fn checksum(b: &[u8]) -> u64 {
+    b.iter().map(|&x| x as u64).sum()
+}
+
+#[test]
+fn byte_buffers_move_raw_between_workers_and_the_client() {
+    let (cluster, client) = cluster(2, 1);
+    let (a, b) = (cluster.worker_addresses()[0].clone(), cluster.worker_addresses()[1].clone());
+    let on = |w: &str| SubmitOptions { workers: vec![w.to_string()], ..Default::default() };
+    // One large value and many small ones made on b, consumed on a: one fetch of many keys.
+    let big = client.submit_with(make_blob, (3usize << 20, 1u8), on(&b)).unwrap();
+    let small: Vec<_> = (0..300).map(|i| client.submit_with(make_blob, (i as usize, 2u8), on(&b)).unwrap()).collect();
+    let total = client.submit_with(blob_sum, (&small, &big), on(&a)).unwrap();
+    let mut expected = checksum(&make_blob::call(3 << 20, 1));
+    expected += (0..300).map(|i| checksum(&make_blob::call(i, 2))).sum::<u64>();
+    assert_eq!(total.result().unwrap(), expected);
+    assert_eq!(big.result().unwrap(), make_blob::call(3 << 20, 1));
+    let smalls: Vec<dask::Bytes> = client.gather(&small).unwrap();
+    assert_eq!(smalls[299], make_blob::call(299, 2));
+    // A Vec<u8> is stored raw as well, and read back by tasks and the client.
+    let v = client.scatter_one(vec![7u8; 1000]).unwrap();
+    assert_eq!(client.submit(vec_sum, (&v,)).unwrap().result().unwrap(), 7000);
+    assert_eq!(v.result().unwrap(), vec![7u8; 1000]);
+
+    // Scatter: hashed keys name equal data once; hash: false gives fresh keys.
+    let data = make_blob::call(100_000, 3);
+    let h1 = client.scatter_one(data.clone()).unwrap();
+    let h2 = client.scatter_one(data.clone()).unwrap();
+    assert_eq!(h1.key(), h2.key());
+    let opts = ScatterOptions { workers: vec![a.clone()], hash: false, ..Default::default() };
+    let u = client.scatter_with(vec![data.clone(), data.clone()], opts).unwrap();
+    assert_ne!(u[0].key(), u[1].key());
+    assert_eq!(client.who_has(&u).unwrap()[u[0].key()], vec![a.clone()]);
+    let back: Vec<dask::Bytes> = client.gather(&u).unwrap();
+    assert_eq!(back, vec![data.clone(), data.clone()]);
+    let on_b = client.submit_with(blob_sum, (Vec::<dask::Bytes>::new(), &u[1]), on(&b)).unwrap();
+    assert_eq!(on_b.result().unwrap(), checksum(&data));
 }

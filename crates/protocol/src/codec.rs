@@ -1,10 +1,22 @@
 //! Value encoding. A value travels as `(codec, bytes)`; the scheduler never looks inside.
-//! Rust tasks use msgpack ([`MSGPACK`]) through `rmp-serde`, with structs as arrays.
+//!
+//! * [`MSGPACK`]: values of Rust tasks in general, through `rmp-serde`, with structs as arrays.
+//! * [`RAW`]: byte buffers (`bytes::Bytes`, `serde_bytes::ByteBuf`, `Vec<u8>`) as they are,
+//!   with no header, so a buffer of hundreds of MB is never copied to be encoded or decoded:
+//!   a `Bytes` result, stored, sent and received, is the same allocation until the kernel
+//!   copies it into a socket. Any type that serde can read from bytes or a sequence of `u8`
+//!   reads a raw value; a `Bytes` also reads a msgpack `bin` value without a copy.
+use std::any::{Any, TypeId};
+
 use bytes::Bytes;
-use serde::{Serialize, de::DeserializeOwned};
+use serde::Serialize;
+use serde::de::{self, DeserializeOwned, IntoDeserializer, Visitor};
+use serde_bytes::ByteBuf;
 
 /// Codec name of msgpack-encoded values.
 pub const MSGPACK: &str = "msgpack";
+/// Codec name of raw byte buffers.
+pub const RAW: &str = "bytes";
 
 /// An encoded value: the bytes and the name of the codec that made them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -17,20 +29,68 @@ pub struct Value {
 pub enum CodecError {
     #[error("failed to encode a value as msgpack: {0}")]
     Encode(#[from] rmp_serde::encode::Error),
-    #[error("failed to decode a {codec} value as {expected}: {source}")]
-    Decode {
-        codec: String,
-        expected: &'static str,
-        #[source]
-        source: rmp_serde::decode::Error,
-    },
-    #[error("failed to decode a value: codec {0:?} is not known here (expected \"msgpack\")")]
+    #[error("failed to decode a {codec} value as {expected}: {why}")]
+    Decode { codec: &'static str, expected: &'static str, why: String },
+    #[error("failed to decode a value: codec {0:?} is not known here (expected \"msgpack\" or \"bytes\")")]
     UnknownCodec(String),
 }
 
 impl Value {
+    /// Encodes `value` as msgpack.
     pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Value, CodecError> {
         Ok(Value { codec: MSGPACK, data: Bytes::from(to_msgpack(value)?) })
+    }
+
+    /// Encodes an owned value: byte buffers become [`RAW`] values without a copy, anything
+    /// else is msgpack.
+    pub fn from_owned<T: Serialize + 'static>(value: T) -> Result<Value, CodecError> {
+        let value = match cast::<T, Bytes>(value) {
+            Ok(b) => return Ok(Value::raw(b)),
+            Err(v) => v,
+        };
+        let value = match cast::<T, ByteBuf>(value) {
+            Ok(b) => return Ok(Value::raw(Bytes::from(b.into_vec()))),
+            Err(v) => v,
+        };
+        match cast::<T, Vec<u8>>(value) {
+            Ok(b) => Ok(Value::raw(Bytes::from(b))),
+            Err(v) => Value::encode(&v),
+        }
+    }
+
+    /// A raw byte buffer.
+    pub fn raw(data: Bytes) -> Value {
+        Value { codec: RAW, data }
+    }
+
+    /// Decodes this value as a `T`. A `Bytes` is a view of this value's buffer (no copy).
+    pub fn decode<T: DeserializeOwned + 'static>(&self) -> Result<T, CodecError> {
+        if TypeId::of::<T>() == TypeId::of::<Bytes>()
+            && let Some(b) = self.as_bytes()
+        {
+            return Ok(cast::<Bytes, T>(b).unwrap_or_else(|_| unreachable!("T is Bytes")));
+        }
+        if TypeId::of::<T>() == TypeId::of::<Vec<u8>>() && self.codec == RAW {
+            return Ok(cast::<Vec<u8>, T>(self.data.to_vec()).unwrap_or_else(|_| unreachable!("T is Vec<u8>")));
+        }
+        decode(self.codec, &self.data)
+    }
+
+    /// The value as a byte buffer without copying: a raw value, or a msgpack `bin`.
+    pub fn as_bytes(&self) -> Option<Bytes> {
+        match self.codec {
+            RAW => Some(self.data.clone()),
+            _ => {
+                let d = &self.data;
+                let (head, len) = match d.first()? {
+                    0xc4 => (2, *d.get(1)? as usize),
+                    0xc5 => (3, u16::from_be_bytes(d.get(1..3)?.try_into().ok()?) as usize),
+                    0xc6 => (5, u32::from_be_bytes(d.get(1..5)?.try_into().ok()?) as usize),
+                    _ => return None,
+                };
+                (d.len() == head + len).then(|| d.slice(head..))
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -39,6 +99,15 @@ impl Value {
 
     pub fn is_empty(&self) -> bool {
         self.data.is_empty()
+    }
+}
+
+/// `t` as a `U` if `T` is `U`; `t` back otherwise. (A type test without `unsafe`.)
+pub fn cast<T: 'static, U: 'static>(t: T) -> Result<U, T> {
+    let mut slot = Some(t);
+    match (&mut slot as &mut dyn Any).downcast_mut::<Option<U>>() {
+        Some(u) => Ok(u.take().expect("just filled")),
+        None => Err(slot.take().expect("just filled")),
     }
 }
 
@@ -82,18 +151,68 @@ impl std::io::Write for Capped<'_> {
 pub fn codec_name(name: &str) -> Result<&'static str, CodecError> {
     match name {
         MSGPACK | "" => Ok(MSGPACK),
+        RAW => Ok(RAW),
         other => Err(CodecError::UnknownCodec(other.to_string())),
     }
 }
 
 /// Decodes `data` (made by codec `codec`) as a `T`.
 pub fn decode<T: DeserializeOwned>(codec: &str, data: &[u8]) -> Result<T, CodecError> {
-    codec_name(codec)?;
-    rmp_serde::from_slice(data).map_err(|source| CodecError::Decode {
-        codec: codec.to_string(),
-        expected: std::any::type_name::<T>(),
-        source,
-    })
+    let codec = codec_name(codec)?;
+    let expected = std::any::type_name::<T>();
+    match codec {
+        RAW => T::deserialize(RawDeserializer(data)).map_err(|e| CodecError::Decode { codec, expected, why: e.0 }),
+        _ => rmp_serde::from_slice(data).map_err(|e| CodecError::Decode { codec, expected, why: e.to_string() }),
+    }
+}
+
+/// Error of [`RawDeserializer`].
+#[derive(Debug)]
+pub struct RawError(String);
+
+impl std::fmt::Display for RawError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for RawError {}
+impl de::Error for RawError {
+    fn custom<T: std::fmt::Display>(msg: T) -> Self {
+        RawError(msg.to_string())
+    }
+}
+
+/// Reads a raw byte buffer as bytes, or as a sequence of `u8`.
+#[derive(Clone, Copy)]
+pub struct RawDeserializer<'a>(pub &'a [u8]);
+
+impl<'de> serde::Deserializer<'de> for RawDeserializer<'_> {
+    type Error = RawError;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, RawError> {
+        visitor.visit_bytes(self.0)
+    }
+    fn deserialize_byte_buf<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, RawError> {
+        visitor.visit_byte_buf(self.0.to_vec())
+    }
+    fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, RawError> {
+        visitor.visit_seq(de::value::SeqDeserializer::new(
+            self.0.iter().map(|b| IntoDeserializer::<RawError>::into_deserializer(*b)),
+        ))
+    }
+    fn deserialize_tuple<V: Visitor<'de>>(self, _len: usize, visitor: V) -> Result<V::Value, RawError> {
+        self.deserialize_seq(visitor)
+    }
+    fn deserialize_newtype_struct<V: Visitor<'de>>(self, _: &'static str, visitor: V) -> Result<V::Value, RawError> {
+        visitor.visit_newtype_struct(self)
+    }
+    fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, RawError> {
+        visitor.visit_some(self)
+    }
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes unit unit_struct
+        tuple_struct map struct enum identifier ignored_any
+    }
 }
 
 #[cfg(test)]
@@ -112,5 +231,48 @@ mod tests {
         }
         let nested = (1i64, "text".to_string(), vec![0.5f64; 1000]);
         assert_eq!(to_msgpack(&nested).unwrap(), rmp_serde::to_vec(&nested).unwrap());
+    }
+
+    #[test]
+    fn byte_buffers_are_raw_and_not_copied() {
+        let b = Bytes::from(vec![5u8; 1000]);
+        let v = Value::from_owned(b.clone()).unwrap();
+        assert_eq!(v.codec, RAW);
+        assert_eq!(v.data.as_ptr(), b.as_ptr(), "encoding a Bytes shares its buffer");
+        let back: Bytes = v.decode().unwrap();
+        assert_eq!(back.as_ptr(), b.as_ptr(), "decoding as Bytes shares the buffer");
+        // Other byte types read raw values, by serde.
+        assert_eq!(v.decode::<ByteBuf>().unwrap().into_vec(), vec![5u8; 1000]);
+        assert_eq!(v.decode::<Vec<u8>>().unwrap(), vec![5u8; 1000]);
+        assert_eq!(v.decode::<Vec<u16>>().unwrap(), vec![5u16; 1000]);
+        assert_eq!(v.decode::<Option<Vec<u8>>>().unwrap(), Some(vec![5u8; 1000]));
+        let e = v.decode::<i64>().unwrap_err().to_string();
+        assert!(e.contains("bytes value as i64"), "{e}");
+        // ByteBuf and Vec<u8> are raw too; other types stay msgpack.
+        let v = Value::from_owned(ByteBuf::from(vec![1, 2, 3])).unwrap();
+        assert_eq!((v.codec, &v.data[..]), (RAW, &[1u8, 2, 3][..]));
+        let v = Value::from_owned(vec![1u8, 2]).unwrap();
+        assert_eq!((v.codec, &v.data[..]), (RAW, &[1u8, 2][..]));
+        assert_eq!(Value::from_owned(7i64).unwrap(), Value::encode(&7i64).unwrap());
+    }
+
+    #[test]
+    fn msgpack_bin_reads_as_bytes_without_copy() {
+        for n in [0usize, 3, 300, 70_000] {
+            let v = Value::encode(&ByteBuf::from(vec![9u8; n])).unwrap();
+            let b: Bytes = v.decode().unwrap();
+            assert_eq!(b.len(), n);
+            assert_eq!(b.as_ptr(), v.data[v.data.len() - n..].as_ptr());
+        }
+        // Not a bin: serde decides (a msgpack array of small ints reads as bytes).
+        let v = Value::encode(&vec![1u8, 2, 3]).unwrap();
+        assert_eq!(&v.decode::<Bytes>().unwrap()[..], &[1, 2, 3]);
+        assert!(Value::encode(&"text").unwrap().as_bytes().is_none());
+    }
+
+    #[test]
+    fn unknown_codecs_are_named() {
+        let e = decode::<i64>("pickle", b"").unwrap_err().to_string();
+        assert!(e.contains("\"pickle\""), "{e}");
     }
 }

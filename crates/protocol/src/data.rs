@@ -1,187 +1,508 @@
-//! Moving values over the data service in chunks, so no value is limited by a gRPC message
-//! size, and no byte is copied that need not be: outgoing chunks are slices of the stored
-//! `Bytes`; an incoming value that arrives in one part is kept as that part's `Bytes`.
+//! Moving values between processes: data connections on a worker's port.
+//!
+//! A data connection starts with [`MAGIC`] (a worker tells it from an HTTP/2 connection by its
+//! first bytes, see [`crate::serve::split_incoming`]) and then carries requests one at a time:
+//! a length-prefixed [`pb::DataMessage`] header, followed by the values' bytes, raw. The bytes
+//! of a value go from its `Bytes` to the socket, and from the socket into the one buffer that
+//! becomes the received `Bytes`: the kernel's copies are the only ones. (Over gRPC, tonic
+//! copies each message into its encode buffer and again out of its decode buffer, and a value
+//! spanning many messages had to be reassembled: 3 copies more of every byte.)
+//!
+//! Small values are read together into one shared buffer; a value of [`SMALL`] bytes or more
+//! gets its own, so keeping it does not keep its neighbours alive.
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
 use bytes::{Bytes, BytesMut};
-use tonic::transport::Channel;
+use prost::Message;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 
-use crate::DATA_CHUNK;
 use crate::codec::{Value, codec_name};
-use crate::pb::{self, worker_data_client::WorkerDataClient};
+use crate::pb::{self, data_message::Kind};
 
-/// Splits values into frames of about [`DATA_CHUNK`] bytes; small values share a frame.
-/// `None` values are sent as `missing`.
-pub fn frames(values: Vec<(String, Option<Value>)>) -> Vec<pb::DataFrame> {
-    let mut frames = Vec::new();
-    let mut parts = Vec::new();
-    let mut size = 0usize;
-    for (key, value) in values {
-        match value {
-            None => parts.push(pb::DataPart { key, missing: true, ..Default::default() }),
-            Some(v) => {
-                let total = v.data.len();
-                let mut offset = 0;
-                loop {
-                    let room = DATA_CHUNK.saturating_sub(size).max(1);
-                    let end = (offset + room).min(total);
-                    parts.push(pb::DataPart {
-                        key: key.clone(),
-                        total_len: total as u64,
-                        codec: v.codec.to_string(),
-                        data: v.data.slice(offset..end),
-                        missing: false,
-                        type_name: String::new(),
-                    });
-                    size += end - offset + key.len() + 16;
-                    offset = end;
-                    if size >= DATA_CHUNK {
-                        frames.push(pb::DataFrame { parts: std::mem::take(&mut parts) });
-                        size = 0;
-                    }
-                    if offset >= total {
-                        break;
-                    }
-                }
-            }
-        }
-    }
-    if !parts.is_empty() {
-        frames.push(pb::DataFrame { parts });
-    }
-    frames
-}
+/// The first bytes of a data connection. (HTTP/2 connections start with `PRI * HTTP/2.0`.)
+pub const MAGIC: &[u8; 8] = b"DASKDATA";
+/// A header longer than this is refused as malformed.
+pub const MAX_HEADER: usize = crate::MAX_MESSAGE;
+/// A peer that sends nothing for this long in the middle of a message is given up on.
+pub const IDLE: Duration = Duration::from_secs(30);
+/// How long connecting to a peer may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Values smaller than this share a receive buffer with their neighbours.
+pub const SMALL: usize = 64 * 1024;
+/// Size of one shared receive buffer of small values, and of one write of small values.
+const BATCH: usize = 1 << 20;
+/// Idle connections kept per peer.
+const POOL_PER_PEER: usize = 4;
 
-/// Reassembles values from frames, in arrival order.
-#[derive(Default)]
-pub struct Assembler {
-    current: Option<(String, &'static str, usize, Partial)>,
-    done: Vec<(String, Option<Value>)>,
-}
-
-enum Partial {
-    Empty,
-    One(Bytes),
-    Many(BytesMut),
-}
+/// A value received, or `None` when the peer does not hold the key.
+pub type Received = (String, Option<Value>);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("failed to read data from a peer: {0}")]
-    Transport(#[from] tonic::Status),
-    #[error("failed to reassemble a value: {0}")]
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("no data came from the peer for {0:?}; it is hung or unreachable")]
+    Timeout(Duration),
+    #[error("malformed data message: {0}")]
     Protocol(String),
+    #[error("the peer refused the request: {0}")]
+    Remote(String),
+    #[error("value {key:?} of {len} bytes does not fit in memory here")]
+    TooBig { key: String, len: u64 },
     #[error(transparent)]
     Codec(#[from] crate::codec::CodecError),
+    #[error("bad peer address: {0}")]
+    Address(String),
 }
 
-impl Assembler {
-    pub fn push(&mut self, frame: pb::DataFrame) -> Result<(), DataError> {
-        for part in frame.parts {
-            if part.missing {
-                self.finish_current()?;
-                self.done.push((part.key, None));
-                continue;
-            }
-            let same = matches!(&self.current, Some((k, ..)) if *k == part.key);
-            if !same {
-                self.finish_current()?;
-                let codec = codec_name(&part.codec)?;
-                self.current = Some((part.key.clone(), codec, part.total_len as usize, Partial::Empty));
-            }
-            let (_, _, total, partial) = self.current.as_mut().expect("current");
-            *partial = match std::mem::replace(partial, Partial::Empty) {
-                Partial::Empty if part.data.len() == *total => Partial::One(part.data),
-                Partial::Empty => {
-                    let mut buf = BytesMut::with_capacity(*total);
-                    buf.extend_from_slice(&part.data);
-                    Partial::Many(buf)
-                }
-                Partial::One(b) => {
-                    let mut buf = BytesMut::with_capacity(*total);
-                    buf.extend_from_slice(&b);
-                    buf.extend_from_slice(&part.data);
-                    Partial::Many(buf)
-                }
-                Partial::Many(mut buf) => {
-                    buf.extend_from_slice(&part.data);
-                    Partial::Many(buf)
-                }
-            };
+// ------------------------------------------------------------------ framing
+
+async fn idle<T>(
+    f: impl std::future::Future<Output = std::io::Result<T>>,
+    limit: Option<Duration>,
+) -> Result<T, DataError> {
+    match limit {
+        None => Ok(f.await?),
+        Some(d) => tokio::time::timeout(d, f).await.map_err(|_| DataError::Timeout(d))?.map_err(DataError::Io),
+    }
+}
+
+/// Reads into `buf` until it holds `n` bytes, straight into its spare capacity.
+async fn fill<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, n: usize) -> Result<(), DataError> {
+    while buf.len() < n {
+        let before = buf.len();
+        let want = n - before;
+        let mut limited = (&mut *r).take(want as u64);
+        let got = idle(limited.read_buf(buf), Some(IDLE)).await?;
+        if got == 0 {
+            return Err(DataError::Io(std::io::ErrorKind::UnexpectedEof.into()));
         }
-        Ok(())
     }
+    Ok(())
+}
 
-    fn finish_current(&mut self) -> Result<(), DataError> {
-        if let Some((key, codec, total, partial)) = self.current.take() {
-            let data = match partial {
-                Partial::Empty => Bytes::new(),
-                Partial::One(b) => b,
-                Partial::Many(b) => b.freeze(),
-            };
-            if data.len() != total {
-                return Err(DataError::Protocol(format!("value {key:?} has {} of {total} bytes", data.len())));
-            }
-            self.done.push((key, Some(Value { codec, data })));
+/// Reads one header. `Ok(None)` at a clean end of the connection (before a header). With
+/// `wait`, the first byte may take any time (an idle connection waiting for its next request).
+pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R, wait: bool) -> Result<Option<pb::DataMessage>, DataError> {
+    let mut len = [0u8; 4];
+    let first = idle(r.read(&mut len), if wait { None } else { Some(IDLE) }).await?;
+    if first == 0 {
+        return Ok(None);
+    }
+    if first < 4 {
+        idle(r.read_exact(&mut len[first..]), Some(IDLE)).await?;
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_HEADER {
+        return Err(DataError::Protocol(format!("a header of {len} bytes (at most {MAX_HEADER})")));
+    }
+    let mut buf = Vec::with_capacity(len);
+    fill(r, &mut buf, len).await?;
+    let msg = pb::DataMessage::decode(&buf[..]).map_err(|e| DataError::Protocol(e.to_string()))?;
+    Ok(Some(msg))
+}
+
+fn frame(msg: &pb::DataMessage) -> Vec<u8> {
+    let len = msg.encoded_len();
+    let mut out = Vec::with_capacity(4 + len);
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+    msg.encode(&mut out).expect("a Vec grows");
+    out
+}
+
+/// Writes one header.
+pub async fn write_message<W: AsyncWrite + Unpin>(w: &mut W, msg: &pb::DataMessage) -> Result<(), DataError> {
+    w.write_all(&frame(msg)).await?;
+    Ok(())
+}
+
+/// The header describing `values`.
+fn headers(values: &[Received]) -> pb::ValueList {
+    pb::ValueList {
+        values: values
+            .iter()
+            .map(|(key, v)| match v {
+                Some(v) => pb::ValueHeader {
+                    key: key.clone(),
+                    codec: v.codec.to_string(),
+                    len: v.len() as u64,
+                    missing: false,
+                },
+                None => pb::ValueHeader { key: key.clone(), missing: true, ..Default::default() },
+            })
+            .collect(),
+    }
+}
+
+/// Writes `header` and then the bytes of `values`: small ones copied together into batches,
+/// large ones straight from their buffers.
+async fn write_with_values<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    header: &pb::DataMessage,
+    values: &[Received],
+) -> Result<(), DataError> {
+    let mut batch = frame(header);
+    for (_, v) in values {
+        let Some(v) = v else { continue };
+        if v.len() < SMALL && batch.len() + v.len() <= BATCH {
+            batch.extend_from_slice(&v.data);
+            continue;
         }
-        Ok(())
+        if !batch.is_empty() {
+            w.write_all(&batch).await?;
+            batch.clear();
+        }
+        if v.len() < SMALL {
+            batch.extend_from_slice(&v.data);
+        } else {
+            w.write_all(&v.data).await?;
+        }
     }
+    if !batch.is_empty() {
+        w.write_all(&batch).await?;
+    }
+    w.flush().await?;
+    Ok(())
+}
 
-    pub fn finish(mut self) -> Result<Vec<(String, Option<Value>)>, DataError> {
-        self.finish_current()?;
-        Ok(self.done)
+/// Allocates a receive buffer, refusing sizes this process cannot hold instead of aborting.
+fn buffer(key: &str, len: u64) -> Result<Vec<u8>, DataError> {
+    let too_big = || DataError::TooBig { key: key.to_string(), len };
+    let n = usize::try_from(len).map_err(|_| too_big())?;
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| too_big())?;
+    Ok(v)
+}
+
+/// Reads the bytes of the values `list` announces.
+async fn read_values<R: AsyncRead + Unpin>(r: &mut R, list: pb::ValueList) -> Result<Vec<Received>, DataError> {
+    let mut out: Vec<Received> = Vec::with_capacity(list.values.len());
+    let headers = list.values;
+    let mut i = 0;
+    while i < headers.len() {
+        let h = &headers[i];
+        if h.missing {
+            out.push((h.key.clone(), None));
+            i += 1;
+            continue;
+        }
+        if h.len as usize >= SMALL || h.len >= BATCH as u64 {
+            let mut buf = buffer(&h.key, h.len)?;
+            fill(r, &mut buf, h.len as usize).await?;
+            out.push((h.key.clone(), Some(Value { codec: codec_name(&h.codec)?, data: Bytes::from(buf) })));
+            i += 1;
+            continue;
+        }
+        // A run of small values, read into one buffer and shared.
+        let start = i;
+        let mut total = 0usize;
+        while i < headers.len() && !headers[i].missing && (headers[i].len as usize) < SMALL && total < BATCH {
+            total += headers[i].len as usize;
+            i += 1;
+        }
+        let mut buf = Vec::with_capacity(total);
+        fill(r, &mut buf, total).await?;
+        let mut shared = BytesMut::from(Bytes::from(buf));
+        for h in &headers[start..i] {
+            let data = shared.split_to(h.len as usize).freeze();
+            out.push((h.key.clone(), Some(Value { codec: codec_name(&h.codec)?, data })));
+        }
+    }
+    Ok(out)
+}
+
+// ------------------------------------------------------------------ the serving side
+
+/// What a data connection serves: a worker's store.
+pub trait DataStore: Send + Sync {
+    /// The values of `keys`; `None` for keys not held.
+    fn get(&self, keys: Vec<String>) -> Vec<Received>;
+    /// Stores put values; `Err` says why they cannot be taken.
+    fn put(&self, values: Vec<(String, Value)>) -> Result<(), String>;
+}
+
+/// Accepts data connections on `listener` and serves each from `store`, until `shutdown`.
+pub async fn serve<D: DataStore + 'static>(
+    listener: tokio::net::TcpListener,
+    store: std::sync::Arc<D>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let conn = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((conn, _)) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait rather than spin.
+                    tracing::warn!(error = %e, "accepting a data connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (store, shutdown) = (store.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+            if conn.set_nodelay(true).is_err() {
+                return;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                r = serve_connection(conn, &*store) => if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "data connection closed");
+                }
+            }
+        });
     }
 }
 
-/// Fetches `keys` from a worker's data service. Keys the worker lacks come back as `None`.
-pub async fn get_data(
-    client: &mut WorkerDataClient<Channel>,
-    keys: Vec<String>,
-) -> Result<Vec<(String, Option<Value>)>, DataError> {
-    let mut stream = client.get_data(pb::DataRequest { keys }).await?.into_inner();
-    let mut asm = Assembler::default();
-    while let Some(frame) = stream.message().await? {
-        asm.push(frame)?;
+/// Serves one data connection until the peer closes it.
+pub async fn serve_connection<S, D>(mut stream: S, store: &D) -> Result<(), DataError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    D: DataStore + ?Sized,
+{
+    let mut magic = [0u8; 8];
+    idle(stream.read_exact(&mut magic), Some(IDLE)).await?;
+    if &magic != MAGIC {
+        return Err(DataError::Protocol("the connection does not start with DASKDATA".into()));
     }
-    asm.finish()
+    while let Some(msg) = read_message(&mut stream, true).await? {
+        match msg.kind {
+            Some(Kind::Get(req)) => {
+                let values = store.get(req.keys);
+                let header = pb::DataMessage { kind: Some(Kind::Values(headers(&values))) };
+                write_with_values(&mut stream, &header, &values).await?;
+            }
+            Some(Kind::Put(list)) => {
+                let values = match read_values(&mut stream, list).await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        // Say why before hanging up, if the peer still listens.
+                        let why = pb::DataMessage { kind: Some(Kind::Error(e.to_string())) };
+                        let _ = write_message(&mut stream, &why).await;
+                        return Err(e);
+                    }
+                };
+                let nbytes = values.iter().filter_map(|(_, v)| v.as_ref()).map(|v| v.len() as u64).sum();
+                let values: Vec<(String, Value)> = values.into_iter().filter_map(|(k, v)| Some((k, v?))).collect();
+                let keys = values.len() as u32;
+                let reply = match store.put(values) {
+                    Ok(()) => Kind::PutReply(pb::PutReply { nbytes, keys }),
+                    Err(why) => Kind::Error(why),
+                };
+                write_message(&mut stream, &pb::DataMessage { kind: Some(reply) }).await?;
+            }
+            other => {
+                let why = format!("expected a get or put request, got {other:?}");
+                write_message(&mut stream, &pb::DataMessage { kind: Some(Kind::Error(why.clone())) }).await?;
+                return Err(DataError::Protocol(why));
+            }
+        }
+    }
+    Ok(())
 }
 
-/// A lazily connecting data-service client with our message limits.
-pub fn data_client(address: &crate::addr::Address) -> Result<WorkerDataClient<Channel>, tonic::transport::Error> {
-    // Keep-alives notice a peer that stopped answering (a hung or partitioned worker), so a
-    // fetch fails over to another holder instead of waiting forever.
-    let channel = crate::serve::endpoint(address, std::time::Duration::from_secs(10))?.connect_lazy();
-    Ok(WorkerDataClient::new(channel)
-        .max_decoding_message_size(crate::MAX_MESSAGE)
-        .max_encoding_message_size(crate::MAX_MESSAGE))
+// ------------------------------------------------------------------ the requesting side
+
+/// Data connections to peers, reused between requests. Shared by a worker's fetches and by a
+/// client's gathers and scatters.
+#[derive(Default)]
+pub struct DataPool {
+    idle: Mutex<HashMap<String, Vec<TcpStream>>>,
+}
+
+impl std::fmt::Debug for DataPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataPool").finish_non_exhaustive()
+    }
+}
+
+impl DataPool {
+    /// Fetches `keys` from the worker at `address`. Keys it lacks come back as `None`.
+    pub async fn get_data(&self, address: &str, keys: Vec<String>) -> Result<Vec<Received>, DataError> {
+        let request = pb::DataMessage { kind: Some(Kind::Get(pb::DataRequest { keys })) };
+        let (mut conn, reply) = self.exchange(address, &request, &[]).await?;
+        match reply.kind {
+            Some(Kind::Values(list)) => {
+                let values = read_values(&mut conn, list).await?;
+                self.give_back(address, conn);
+                Ok(values)
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Puts `values` on the worker at `address`.
+    pub async fn put_data(&self, address: &str, values: Vec<(String, Value)>) -> Result<pb::PutReply, DataError> {
+        let values: Vec<Received> = values.into_iter().map(|(k, v)| (k, Some(v))).collect();
+        let request = pb::DataMessage { kind: Some(Kind::Put(headers(&values))) };
+        let (conn, reply) = self.exchange(address, &request, &values).await?;
+        match reply.kind {
+            Some(Kind::PutReply(r)) => {
+                self.give_back(address, conn);
+                Ok(r)
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Closes the idle connections to a peer (after it failed).
+    pub fn forget(&self, address: &str) {
+        self.idle.lock().expect("pool lock").remove(address);
+    }
+
+    /// Sends a request and reads the reply's header; an idle connection that turns out to be
+    /// closed (the peer restarted) is replaced by a fresh one, once.
+    async fn exchange(
+        &self,
+        address: &str,
+        request: &pb::DataMessage,
+        values: &[Received],
+    ) -> Result<(TcpStream, pb::DataMessage), DataError> {
+        let pooled = self.idle.lock().expect("pool lock").get_mut(address).and_then(Vec::pop);
+        if let Some(mut conn) = pooled
+            && let Ok(Some(reply)) = send_and_read(&mut conn, request, values).await
+        {
+            return Ok((conn, reply));
+        }
+        let mut conn = connect(address).await?;
+        match send_and_read(&mut conn, request, values).await? {
+            Some(reply) => Ok((conn, reply)),
+            None => Err(DataError::Io(std::io::ErrorKind::UnexpectedEof.into())),
+        }
+    }
+
+    fn give_back(&self, address: &str, conn: TcpStream) {
+        let mut idle = self.idle.lock().expect("pool lock");
+        let conns = idle.entry(address.to_string()).or_default();
+        if conns.len() < POOL_PER_PEER {
+            conns.push(conn);
+        }
+    }
+}
+
+fn unexpected(kind: Option<Kind>) -> DataError {
+    match kind {
+        Some(Kind::Error(why)) => DataError::Remote(why),
+        other => DataError::Protocol(format!("unexpected reply {other:?}")),
+    }
+}
+
+async fn send_and_read(
+    conn: &mut TcpStream,
+    request: &pb::DataMessage,
+    values: &[Received],
+) -> Result<Option<pb::DataMessage>, DataError> {
+    write_with_values(conn, request, values).await?;
+    read_message(conn, false).await
+}
+
+/// Opens a data connection to `address` (`tcp://host:port` or `host:port`).
+pub async fn connect(address: &str) -> Result<TcpStream, DataError> {
+    let addr = crate::addr::Address::parse(address, None).map_err(|e| DataError::Address(e.to_string()))?;
+    let target = format!("{}:{}", addr.host, addr.port);
+    let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&target))
+        .await
+        .map_err(|_| DataError::Timeout(CONNECT_TIMEOUT))??;
+    conn.set_nodelay(true)?;
+    conn.write_all(MAGIC).await?;
+    Ok(conn)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn chunking_round_trips_small_big_and_missing() {
-        let big: Vec<u8> = (0..(3 * DATA_CHUNK + 17)).map(|i| i as u8).collect();
-        let values = vec![
-            ("a".to_string(), Some(Value { codec: "msgpack", data: Bytes::from_static(b"\x01") })),
-            ("big".to_string(), Some(Value { codec: "msgpack", data: Bytes::from(big.clone()) })),
-            ("gone".to_string(), None),
-            ("empty".to_string(), Some(Value { codec: "msgpack", data: Bytes::new() })),
+    /// A store in a map, for tests.
+    #[derive(Default)]
+    struct MapStore(Mutex<HashMap<String, Value>>);
+
+    impl DataStore for MapStore {
+        fn get(&self, keys: Vec<String>) -> Vec<Received> {
+            let m = self.0.lock().unwrap();
+            keys.into_iter().map(|k| (k.clone(), m.get(&k).cloned())).collect()
+        }
+        fn put(&self, values: Vec<(String, Value)>) -> Result<(), String> {
+            if values.iter().any(|(k, _)| k == "refused") {
+                return Err("no room for refused".into());
+            }
+            self.0.lock().unwrap().extend(values);
+            Ok(())
+        }
+    }
+
+    async fn server() -> (String, std::sync::Arc<MapStore>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = format!("tcp://{}", listener.local_addr().unwrap());
+        let store = std::sync::Arc::new(MapStore::default());
+        tokio::spawn(serve(listener, store.clone(), Default::default()));
+        (addr, store)
+    }
+
+    #[tokio::test]
+    async fn values_of_every_size_round_trip_and_connections_are_reused() {
+        let (addr, store) = server().await;
+        let pool = DataPool::default();
+        let big: Bytes = (0..(3 * BATCH + 17)).map(|i| i as u8).collect::<Vec<_>>().into();
+        let mut values = vec![
+            ("a".to_string(), Value::raw(Bytes::from_static(b"\x01"))),
+            ("big".to_string(), Value::raw(big.clone())),
+            ("empty".to_string(), Value::encode(&()).unwrap()),
+            ("mid".to_string(), Value::raw(Bytes::from(vec![3u8; SMALL]))),
         ];
-        let frames = frames(values);
-        assert!(frames.len() >= 4, "a 3 MiB value spans several frames");
-        for f in &frames {
-            let n: usize = f.parts.iter().map(|p| p.data.len()).sum();
-            assert!(n <= DATA_CHUNK);
+        for i in 0..3000 {
+            values.push((format!("s{i}"), Value::encode(&i).unwrap()));
         }
-        let mut asm = Assembler::default();
-        for f in frames {
-            asm.push(f).unwrap();
+        let reply = pool.put_data(&addr, values.clone()).await.unwrap();
+        assert_eq!(reply.keys as usize, values.len());
+        assert_eq!(store.0.lock().unwrap().len(), values.len());
+        let mut keys: Vec<String> = values.iter().map(|(k, _)| k.clone()).collect();
+        keys.push("gone".into());
+        let got = pool.get_data(&addr, keys).await.unwrap();
+        assert_eq!(got.len(), values.len() + 1);
+        for ((k, v), (gk, gv)) in values.iter().zip(&got) {
+            assert_eq!((k, Some(v)), (gk, gv.as_ref()));
         }
-        let out = asm.finish().unwrap();
-        assert_eq!(out.len(), 4);
-        assert_eq!(&out[0].1.as_ref().unwrap().data[..], b"\x01");
-        assert_eq!(out[1].1.as_ref().unwrap().data, Bytes::from(big));
-        assert!(out[2].1.is_none());
-        assert!(out[3].1.as_ref().unwrap().data.is_empty());
+        assert_eq!(got.last().unwrap(), &("gone".to_string(), None));
+        assert_eq!(pool.idle.lock().unwrap()[&addr].len(), 1, "one connection, reused");
+        // Refusals come back as errors with the worker's reason; the connection stays usable.
+        let e = pool.put_data(&addr, vec![("refused".into(), Value::raw(Bytes::new()))]).await.unwrap_err();
+        assert!(e.to_string().contains("no room for refused"), "{e}");
+        assert_eq!(pool.get_data(&addr, vec!["a".into()]).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn malformed_input_is_refused() {
+        let (addr, _) = server().await;
+        let target = addr.trim_start_matches("tcp://").to_string();
+        // A header longer than allowed.
+        let mut c = TcpStream::connect(&target).await.unwrap();
+        c.write_all(MAGIC).await.unwrap();
+        c.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
+        let mut rest = Vec::new();
+        assert_eq!(c.read_to_end(&mut rest).await.unwrap(), 0, "the worker hangs up");
+        // A reply where a request belongs gets an error message.
+        let mut c = connect(&addr).await.unwrap();
+        let msg = pb::DataMessage { kind: Some(Kind::PutReply(pb::PutReply::default())) };
+        write_message(&mut c, &msg).await.unwrap();
+        let reply = read_message(&mut c, false).await.unwrap().unwrap();
+        assert!(matches!(reply.kind, Some(Kind::Error(ref e)) if e.contains("expected a get or put")), "{reply:?}");
+        // An unknown codec.
+        let mut c = connect(&addr).await.unwrap();
+        let list = pb::ValueList {
+            values: vec![pb::ValueHeader { key: "k".into(), codec: "pickle".into(), len: 1, missing: false }],
+        };
+        let one = [("k".to_string(), Some(Value::raw(Bytes::from_static(b"x"))))];
+        let reply = send_and_read(&mut c, &pb::DataMessage { kind: Some(Kind::Put(list)) }, &one).await.unwrap();
+        assert!(matches!(reply.unwrap().kind, Some(Kind::Error(ref e)) if e.contains("\"pickle\"")));
+        // Nothing listening.
+        let e = DataPool::default().get_data("tcp://127.0.0.1:1", vec!["k".into()]).await.unwrap_err();
+        assert!(matches!(e, DataError::Io(_)), "{e:?}");
+        let e = DataPool::default().get_data("nonsense:::", vec![]).await.unwrap_err();
+        assert!(matches!(e, DataError::Address(_)), "{e:?}");
     }
 }

@@ -5,6 +5,7 @@
 //! keys, lists and maps. [`ArgDeserializer`] reads that tree as the function's typed argument
 //! tuple directly, pulling each dependency's bytes from the worker's store, so assembling
 //! arguments copies nothing.
+use std::any::TypeId;
 use std::collections::HashMap;
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -14,7 +15,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde::de::{self, DeserializeOwned, DeserializeSeed, IntoDeserializer, Visitor};
 
-use crate::codec::{MSGPACK, Value};
+use crate::codec::{RAW, RawDeserializer, Value, cast};
 use crate::pb::{self, arg::Kind};
 
 /// A function that can run on a worker. Implemented by `#[task]`; rarely by hand.
@@ -22,9 +23,9 @@ pub trait Task: Send + Sync + 'static {
     /// Registered name; also the prefix of the task's keys (`inc-<token>`).
     const NAME: &'static str;
     /// The function's arguments as a tuple.
-    type Args: DeserializeOwned;
+    type Args: DecodeArgs;
     /// What the function returns (the `T` of a `Result<T, E>`).
-    type Output: Serialize + DeserializeOwned;
+    type Output: Serialize + DeserializeOwned + 'static;
     /// Runs the function; `Err` carries the message of the function's error.
     fn run(args: Self::Args) -> Result<Self::Output, String>;
 }
@@ -44,14 +45,74 @@ impl Registration {
 }
 
 fn run_erased<T: Task>(args: ArgDeserializer<'_>) -> Result<Value, ExecErrorKind> {
-    let args = T::Args::deserialize(args).map_err(|e| {
+    let args = T::Args::decode(args).map_err(|e| {
         ExecErrorKind::BadArguments(format!("{e} (the function takes {})", std::any::type_name::<T::Args>()))
     })?;
     let out = T::run(args).map_err(ExecErrorKind::Error)?;
-    Value::encode(&out).map_err(|e| ExecErrorKind::Error(e.to_string()))
+    Value::from_owned(out).map_err(|e| ExecErrorKind::Error(e.to_string()))
 }
 
-use serde::Deserialize as _;
+/// A function's argument tuple, read from an argument tree one parameter at a time, so that a
+/// `bytes::Bytes` parameter fed by a dependency is a view of the stored value, not a copy.
+pub trait DecodeArgs: Sized {
+    fn decode(args: ArgDeserializer<'_>) -> Result<Self, ArgError>;
+}
+
+/// One parameter: a `Bytes` from a dependency shares the dependency's buffer; anything else
+/// is read by serde.
+fn decode_arg<T: DeserializeOwned + 'static>(arg: ArgDeserializer<'_>) -> Result<T, ArgError> {
+    if TypeId::of::<T>() == TypeId::of::<Bytes>()
+        && let Some(Kind::Key(k)) = &arg.arg.kind
+        && let Some(b) = arg.deps.get(k).and_then(Value::as_bytes)
+    {
+        return Ok(cast::<Bytes, T>(b).unwrap_or_else(|_| unreachable!("T is Bytes")));
+    }
+    T::deserialize(arg)
+}
+
+macro_rules! one {
+    ($x:ident) => {
+        1
+    };
+}
+
+macro_rules! decode_args_for_tuples {
+    ($( ($($name:ident),*) ),* $(,)?) => {$(
+        impl<$($name: DeserializeOwned + 'static),*> DecodeArgs for ($($name,)*) {
+            #[allow(non_snake_case, unused_mut, unused_variables)]
+            fn decode(args: ArgDeserializer<'_>) -> Result<Self, ArgError> {
+                const COUNT: usize = 0 $(+ one!($name))*;
+                match &args.arg.kind {
+                    Some(Kind::List(l)) => {
+                        if l.items.len() != COUNT {
+                            return Err(ArgError(format!(
+                                "the function takes {COUNT} argument{}, {} were given",
+                                if COUNT == 1 { "" } else { "s" },
+                                l.items.len()
+                            )));
+                        }
+                        let mut items = l.items.iter();
+                        $(let $name = decode_arg::<$name>(ArgDeserializer {
+                            arg: items.next().expect("length checked"),
+                            deps: args.deps,
+                        })?;)*
+                        Ok(($($name,)*))
+                    }
+                    // A whole argument tuple as one literal or one dependency.
+                    _ => <Self as serde::Deserialize>::deserialize(args),
+                }
+            }
+        }
+    )*};
+}
+
+decode_args_for_tuples! {
+    (), (A), (A, B), (A, B, C), (A, B, C, D), (A, B, C, D, E), (A, B, C, D, E, F), (A, B, C, D, E, F, G),
+    (A, B, C, D, E, F, G, H), (A, B, C, D, E, F, G, H, I), (A, B, C, D, E, F, G, H, I, J),
+    (A, B, C, D, E, F, G, H, I, J, K), (A, B, C, D, E, F, G, H, I, J, K, L),
+    (A, B, C, D, E, F, G, H, I, J, K, L, M), (A, B, C, D, E, F, G, H, I, J, K, L, M, N),
+    (A, B, C, D, E, F, G, H, I, J, K, L, M, N, O), (A, B, C, D, E, F, G, H, I, J, K, L, M, N, O, P),
+}
 
 /// Why a task did not produce a value.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -156,13 +217,7 @@ fn collect_refs(arg: &pb::Arg, deps: &dyn Fn(&str) -> Option<Value>, out: &mut D
         Some(Kind::Key(k)) => {
             if !out.0.contains_key(k.as_str()) {
                 let v = deps(k).ok_or_else(|| ExecErrorKind::MissingDependency(k.clone()))?;
-                if v.codec != MSGPACK {
-                    return Err(ExecErrorKind::BadArguments(format!(
-                        "dependency {k:?} is encoded with {:?}, which Rust tasks cannot read",
-                        v.codec
-                    )));
-                }
-                out.0.insert(k.clone(), v.data);
+                out.0.insert(k.clone(), v);
             }
         }
         Some(Kind::List(l)) => {
@@ -183,10 +238,10 @@ fn collect_refs(arg: &pb::Arg, deps: &dyn Fn(&str) -> Option<Value>, out: &mut D
 }
 
 /// Values of the keys a task references (a reduction may reference many thousands).
-struct DepValues(HashMap<String, Bytes>);
+pub struct DepValues(HashMap<String, Value>);
 
 impl DepValues {
-    fn get(&self, key: &str) -> Option<&Bytes> {
+    fn get(&self, key: &str) -> Option<&Value> {
         self.0.get(key)
     }
 }
@@ -195,7 +250,7 @@ impl DepValues {
 
 /// Error of [`ArgDeserializer`].
 #[derive(Debug)]
-pub struct ArgError(String);
+pub struct ArgError(pub String);
 
 impl fmt::Display for ArgError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -221,15 +276,21 @@ pub struct ArgDeserializer<'a> {
     deps: &'a DepValues,
 }
 
+/// A literal or a dependency's value: msgpack, or a raw byte buffer.
+enum Leaf<'a> {
+    Msgpack(&'a [u8]),
+    Raw(&'a [u8]),
+}
+
 impl<'a> ArgDeserializer<'a> {
-    fn leaf(&self) -> Result<Option<&'a [u8]>, ArgError> {
+    fn leaf(&self) -> Result<Option<Leaf<'a>>, ArgError> {
         match &self.arg.kind {
-            Some(Kind::Literal(b)) => Ok(Some(b)),
-            Some(Kind::Key(k)) => self
-                .deps
-                .get(k)
-                .map(|b| Some(&b[..]))
-                .ok_or_else(|| ArgError(format!("dependency {k:?} is not available"))),
+            Some(Kind::Literal(b)) => Ok(Some(Leaf::Msgpack(b))),
+            Some(Kind::Key(k)) => match self.deps.get(k) {
+                Some(v) if v.codec == RAW => Ok(Some(Leaf::Raw(&v.data))),
+                Some(v) => Ok(Some(Leaf::Msgpack(&v.data))),
+                None => Err(ArgError(format!("dependency {k:?} is not available"))),
+            },
             _ => Ok(None),
         }
     }
@@ -239,9 +300,12 @@ macro_rules! forward_leaf {
     ($($method:ident ( $($arg:ident : $ty:ty),* )),* $(,)?) => {$(
         fn $method<V: Visitor<'a>>(self, $($arg: $ty,)* visitor: V) -> Result<V::Value, ArgError> {
             match self.leaf()? {
-                Some(bytes) => {
+                Some(Leaf::Msgpack(bytes)) => {
                     let mut d = rmp_serde::Deserializer::from_read_ref(bytes);
                     serde::Deserializer::$method(&mut d, $($arg,)* visitor).map_err(rmp_err)
+                }
+                Some(Leaf::Raw(bytes)) => {
+                    serde::Deserializer::$method(RawDeserializer(bytes), $($arg,)* visitor).map_err(|e| ArgError(e.to_string()))
                 }
                 None => self.deserialize_any(visitor),
             }
@@ -259,20 +323,23 @@ impl<'a> serde::Deserializer<'a> for ArgDeserializer<'a> {
                 visitor.visit_map(MapAccess { entries: m.entries.iter(), value: None, deps: self.deps })
             }
             None => visitor.visit_unit(),
-            Some(Kind::Literal(_)) | Some(Kind::Key(_)) => {
-                let bytes = self.leaf()?.expect("leaf");
-                let mut d = rmp_serde::Deserializer::from_read_ref(bytes);
-                serde::Deserializer::deserialize_any(&mut d, visitor).map_err(rmp_err)
-            }
+            Some(Kind::Literal(_)) | Some(Kind::Key(_)) => match self.leaf()?.expect("leaf") {
+                Leaf::Msgpack(bytes) => {
+                    let mut d = rmp_serde::Deserializer::from_read_ref(bytes);
+                    serde::Deserializer::deserialize_any(&mut d, visitor).map_err(rmp_err)
+                }
+                Leaf::Raw(bytes) => visitor.visit_bytes(bytes),
+            },
         }
     }
 
     fn deserialize_unit<V: Visitor<'a>>(self, visitor: V) -> Result<V::Value, ArgError> {
         match (&self.arg.kind, self.leaf()?) {
-            (_, Some(bytes)) => {
+            (_, Some(Leaf::Msgpack(bytes))) => {
                 let mut d = rmp_serde::Deserializer::from_read_ref(bytes);
                 serde::Deserializer::deserialize_unit(&mut d, visitor).map_err(rmp_err)
             }
+            (_, Some(Leaf::Raw(_))) => Err(ArgError("a bytes value cannot be read as ()".into())),
             // A function without parameters gets an empty argument list.
             (Some(Kind::List(l)), None) if l.items.is_empty() => visitor.visit_unit(),
             _ => self.deserialize_any(visitor),
@@ -414,7 +481,7 @@ mod tests {
     }
 
     fn as_i64(v: Value) -> i64 {
-        crate::codec::decode(v.codec, &v.data).unwrap()
+        v.decode().unwrap()
     }
 
     #[test]
@@ -446,6 +513,45 @@ mod tests {
         assert_eq!(e.kind(), "bad-arguments", "{e:?}");
         let e = run(&spec("add", vec![build::key("missing"), build::key("v1")])).unwrap_err();
         assert_eq!(e.kind(), "missing-dependency");
+    }
+
+    #[task(crate = crate)]
+    fn blob_addr(b: Bytes, copy: serde_bytes::ByteBuf, n: Vec<u8>) -> (u64, usize, usize) {
+        (b.as_ptr() as usize as u64, copy.len(), n.len())
+    }
+
+    #[task(crate = crate)]
+    fn make_blob(n: usize) -> Bytes {
+        Bytes::from(vec![1u8; n])
+    }
+
+    #[test]
+    fn bytes_arguments_share_the_dependency_buffer() {
+        let blob = Value::raw(Bytes::from(vec![7u8; 10_000]));
+        let packed = Value::encode(&serde_bytes::ByteBuf::from(vec![8u8; 300])).unwrap();
+        let deps = |k: &str| match k {
+            "raw" => Some(blob.clone()),
+            "packed" => Some(packed.clone()),
+            _ => Some(dep(1)),
+        };
+        let s = spec("blob_addr", vec![build::key("raw"), build::key("raw"), build::key("raw")]);
+        let (addr, a, b): (u64, usize, usize) = execute(&s, &deps).unwrap().decode().unwrap();
+        assert_eq!(addr, blob.data.as_ptr() as usize as u64, "a Bytes parameter is not a copy");
+        assert_eq!((a, b), (10_000, 10_000));
+        // A msgpack bin dependency is a Bytes too; a literal is decoded.
+        let s =
+            spec("blob_addr", vec![build::key("packed"), build::key("packed"), build::literal(&vec![1u8, 2]).unwrap()]);
+        let (addr, a, b): (u64, usize, usize) = execute(&s, &deps).unwrap().decode().unwrap();
+        assert_eq!(addr, packed.data[packed.len() - 300..].as_ptr() as usize as u64);
+        assert_eq!((a, b), (300, 2));
+        let s = spec("blob_addr", vec![build::key("v1"), build::key("raw"), build::key("raw")]);
+        let e = execute(&s, &deps).unwrap_err();
+        assert_eq!(e.kind(), "bad-arguments", "{e:?}");
+        // A Bytes result is stored raw.
+        let v = run(&spec("make_blob", vec![build::literal(&5usize).unwrap()])).unwrap();
+        assert_eq!((v.codec, &v.data[..]), (crate::codec::RAW, &[1u8; 5][..]));
+        let e = run(&spec("make_blob", vec![])).unwrap_err();
+        assert!(e.message().contains("takes 1 argument, 0 were given"), "{e:?}");
     }
 
     #[test]

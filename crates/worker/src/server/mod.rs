@@ -7,10 +7,7 @@ use dashmap::DashMap;
 use dask_protocol::addr::Address;
 use dask_protocol::codec::Value;
 use dask_protocol::data;
-use dask_protocol::pb::{self, scheduler_client::SchedulerClient, worker_data_server::WorkerDataServer};
-use dask_protocol::serve::serve_until;
-use parking_lot::Mutex;
-use rustc_hash::FxHashMap;
+use dask_protocol::pb::{self, scheduler_client::SchedulerClient};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -110,18 +107,8 @@ pub async fn start(
     let (events_tx, events_rx) = mpsc::unbounded_channel::<Event>();
 
     // The data service.
-    let service = data_service::DataService { store: store.clone(), events: events_tx.clone() };
-    let svc = WorkerDataServer::new(service)
-        .max_decoding_message_size(dask_protocol::MAX_MESSAGE)
-        .max_encoding_message_size(dask_protocol::MAX_MESSAGE);
-    let server_shutdown = shutdown.clone();
-    let incoming = dask_protocol::serve::incoming(listener);
-    let server = tokio::spawn(async move {
-        let server = dask_protocol::serve::server()
-            .add_service(svc)
-            .serve_with_incoming_shutdown(incoming, server_shutdown.clone().cancelled_owned());
-        serve_until(server, &server_shutdown, "data service").await;
-    });
+    let service = Arc::new(data_service::DataService { store: store.clone(), events: events_tx.clone() });
+    let server = tokio::spawn(data::serve(listener, service, shutdown.clone()));
 
     // Register with the scheduler.
     let channel = connect_scheduler(&config).await?;
@@ -170,7 +157,7 @@ pub async fn start(
             executor,
             events_tx,
             out_tx,
-            peers: Arc::new(Mutex::new(FxHashMap::default())),
+            peers: Arc::new(data::DataPool::default()),
             outgoing: Vec::new(),
             instructions: Vec::new(),
             simulate: config.simulate,
@@ -232,7 +219,7 @@ struct Loop {
     executor: Executor,
     events_tx: mpsc::UnboundedSender<Event>,
     out_tx: mpsc::UnboundedSender<pb::WorkerToScheduler>,
-    peers: Arc<Mutex<FxHashMap<Arc<str>, pb::worker_data_client::WorkerDataClient<Channel>>>>,
+    peers: Arc<data::DataPool>,
     outgoing: Vec<pb::WorkerEvent>,
     instructions: Vec<Instruction>,
     simulate: bool,
@@ -391,25 +378,11 @@ impl Loop {
 async fn fetch(
     from: Arc<str>,
     keys: Vec<Key>,
-    peers: Arc<Mutex<FxHashMap<Arc<str>, pb::worker_data_client::WorkerDataClient<Channel>>>>,
+    peers: Arc<data::DataPool>,
     store: Store,
     events: mpsc::UnboundedSender<Event>,
 ) {
-    let client = {
-        let mut p = peers.lock();
-        match p.get(&from) {
-            Some(c) => Some(c.clone()),
-            None => Address::parse(&from, None).ok().and_then(|a| data::data_client(&a).ok()).inspect(|c| {
-                p.insert(from.clone(), c.clone());
-            }),
-        }
-    };
-    let result = match client {
-        Some(mut c) => {
-            data::get_data(&mut c, keys.iter().map(|k| k.to_string()).collect()).await.map_err(|e| e.to_string())
-        }
-        None => Err(format!("bad peer address {from:?}")),
-    };
+    let result = peers.get_data(&from, keys.iter().map(|k| k.to_string()).collect()).await;
     let (mut got, mut missing) = (Vec::new(), Vec::new());
     match result {
         Ok(values) => {
@@ -433,7 +406,7 @@ async fn fetch(
         }
         Err(e) => {
             tracing::warn!(peer = %from, error = %e, "fetching dependencies failed");
-            peers.lock().remove(&from);
+            peers.forget(&from);
             missing = keys;
         }
     }
