@@ -42,6 +42,7 @@
 //! * A worker's `processing` set holds exactly the tasks Processing on it.
 
 mod queue;
+mod slab;
 #[cfg(test)]
 mod tests;
 
@@ -414,7 +415,7 @@ struct LogEntry {
 /// The scheduler's whole state.
 pub struct SchedulerCore {
     config: Config,
-    tasks: Vec<Option<Task>>,
+    tasks: slab::Slab<Task>,
     free_ids: Vec<u32>,
     keys: FxHashMap<Key, TaskId>,
     workers: BTreeMap<WorkerId, Worker>,
@@ -458,7 +459,7 @@ impl SchedulerCore {
     pub fn new(config: Config, now: Instant) -> Self {
         SchedulerCore {
             config,
-            tasks: Vec::new(),
+            tasks: slab::Slab::default(),
             free_ids: Vec::new(),
             keys: FxHashMap::default(),
             workers: BTreeMap::new(),
@@ -722,7 +723,7 @@ impl SchedulerCore {
         }
         // Cull what nobody asked for.
         for (id, _) in created {
-            if self.tasks[id.0 as usize].is_some() {
+            if self.tasks.slot(id.0).is_some() {
                 self.to_check.push(id);
             }
         }
@@ -1444,7 +1445,7 @@ impl SchedulerCore {
     /// Releases and forgets what is no longer needed, after an event's main work.
     fn settle(&mut self, out: &mut Vec<Command>) {
         while let Some(t) = self.to_check.pop() {
-            let Some(task) = self.tasks[t.0 as usize].as_ref() else {
+            let Some(task) = self.tasks.slot(t.0).as_ref() else {
                 continue;
             };
             if !task.who_wants.is_empty() || task.active_dependents > 0 {
@@ -1462,7 +1463,7 @@ impl SchedulerCore {
     }
 
     fn forget(&mut self, t: TaskId) {
-        let task = self.tasks[t.0 as usize].take().expect("forget a live task");
+        let task = self.tasks.slot_mut(t.0).take().expect("forget a live task");
         debug_assert!(!task.state.is_active() && !matches!(task.state, TaskState::Memory { .. }));
         self.push_log(task.key.clone(), task.state.name(), "forgotten");
         self.keys.remove(&task.key);
@@ -1518,24 +1519,21 @@ impl SchedulerCore {
         let key = task.key.clone();
         let id = match self.free_ids.pop() {
             Some(i) => {
-                self.tasks[i as usize] = Some(task);
+                *self.tasks.slot_mut(i) = Some(task);
                 TaskId(i)
             }
-            None => {
-                self.tasks.push(Some(task));
-                TaskId(self.tasks.len() as u32 - 1)
-            }
+            None => TaskId(self.tasks.push(task)),
         };
         self.keys.insert(key, id);
         id
     }
 
     fn task(&self, t: TaskId) -> &Task {
-        self.tasks[t.0 as usize].as_ref().expect("live task")
+        self.tasks.slot(t.0).as_ref().expect("live task")
     }
 
     fn task_mut(&mut self, t: TaskId) -> &mut Task {
-        self.tasks[t.0 as usize].as_mut().expect("live task")
+        self.tasks.slot_mut(t.0).as_mut().expect("live task")
     }
 
     fn queue_key(&self, t: TaskId) -> queue::QueueKey {
