@@ -27,7 +27,7 @@ impl<T> Slab<T> {
     /// Appends a slot and returns its index.
     pub(crate) fn push(&mut self, value: T) -> u32 {
         let i = self.len;
-        if i % CHUNK == 0 {
+        if i.is_multiple_of(CHUNK) {
             self.chunks.push((0..CHUNK).map(|_| None).collect());
         }
         self.chunks[i >> CHUNK_BITS][i % CHUNK] = Some(value);
