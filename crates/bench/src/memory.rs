@@ -36,21 +36,9 @@ pub fn scheduler_bytes_per_task(n: usize) -> (f64, f64) {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("scheduler.json");
     let _ = std::fs::remove_file(&file);
-    // Profiling aid: DASK_BENCH_SCHEDULER_WRAP="heaptrack -o /tmp/sched" runs the scheduler
-    // under that command (the RSS figures are then the wrapper's).
-    let wrap: Vec<String> = std::env::var("DASK_BENCH_SCHEDULER_WRAP")
-        .map(|w| w.split_whitespace().map(String::from).collect())
-        .unwrap_or_default();
     let spawn = |role: &str, args: &[&str]| {
-        let mut cmd = match (role, wrap.split_first()) {
-            ("scheduler", Some((first, rest))) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(&exe);
-                c
-            }
-            _ => Command::new(&exe),
-        };
-        cmd.env(ENV_ROLE, role)
+        Command::new(&exe)
+            .env(ENV_ROLE, role)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -85,12 +73,7 @@ pub fn scheduler_bytes_per_task(n: usize) -> (f64, f64) {
         let _ = w.kill();
         let _ = w.wait();
     }
-    if wrap.is_empty() {
-        let _ = sched.kill();
-    } else {
-        // Let the wrapped scheduler end cleanly (SIGTERM), so the wrapper writes its output.
-        let _ = Command::new("pkill").args(["-TERM", "-f", f]).status();
-    }
+    let _ = sched.kill();
     let _ = sched.wait();
     let _ = std::fs::remove_dir_all(&dir);
     ((after - before) / n as f64, before)
