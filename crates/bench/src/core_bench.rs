@@ -4,7 +4,6 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use dask_scheduler::core::{ClientId, Command, Config, Event, Key, NewTask, SchedulerCore, WorkerId, WorkerSpec};
 
 /// Microseconds per task to submit `n` independent tasks (in batches of 10,000, all wanted by
@@ -27,7 +26,7 @@ pub fn run(n: usize, workers: usize) -> f64 {
     let client = ClientId(1);
     core.handle(Event::ClientConnected { client }, now, &mut out);
     out.clear();
-    let spec = Bytes::from_static(b"spec");
+    let spec: Box<[u8]> = Box::from(&b"spec"[..]);
     let keys: Vec<Key> = (0..n).map(|i| Arc::from(format!("inc-{i:032x}"))).collect();
     let mut in_flight: VecDeque<(WorkerId, Key)> = VecDeque::new();
     let mut done = 0usize;

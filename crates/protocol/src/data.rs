@@ -1,8 +1,7 @@
 //! Moving values between processes: data connections on a worker's port.
 //!
-//! A data connection starts with [`MAGIC`] (a worker tells it from an HTTP/2 connection by its
-//! first bytes, see [`crate::serve::split_incoming`]) and then carries requests one at a time:
-//! a length-prefixed [`pb::DataMessage`] header, followed by the values' bytes, raw. The bytes
+//! A data connection starts with [`MAGIC`] and then carries requests one at a time: a
+//! length-prefixed [`pb::DataMessage`] header, followed by the values' bytes, raw. The bytes
 //! of a value go from its `Bytes` to the socket, and from the socket into the one buffer that
 //! becomes the received `Bytes`: the kernel's copies are the only ones. (Over gRPC, tonic
 //! copies each message into its encode buffer and again out of its decode buffer, and a value
@@ -189,7 +188,7 @@ async fn read_values<R: AsyncRead + Unpin>(r: &mut R, list: pb::ValueList) -> Re
             i += 1;
             continue;
         }
-        if h.len as usize >= SMALL || h.len >= BATCH as u64 {
+        if h.len >= SMALL as u64 {
             let mut buf = buffer(&h.key, h.len)?;
             fill(r, &mut buf, h.len as usize).await?;
             out.push((h.key.clone(), Some(Value { codec: codec_name(&h.codec)?, data: Bytes::from(buf) })));

@@ -4,8 +4,9 @@
 //! * [`task`]: the [`Task`](task::Task) trait, the function registry filled by `#[task]`, and
 //!   the argument tree that a worker turns into a function's typed arguments without copying
 //!   dependency values.
-//! * [`codec`]: how values are encoded (msgpack for Rust tasks); values are opaque to the
-//!   scheduler.
+//! * [`codec`]: how values are encoded (msgpack for Rust tasks, raw for byte buffers); values
+//!   are opaque to the scheduler.
+//! * [`data`]: data connections, on which values move between workers and clients.
 //! * [`addr`]: `tcp://host:port` addresses, parsed with errors a user can act on.
 //! * [`tokenize`]: the stable hash behind `pure` keys (`inc-<32 hex digits>`).
 
@@ -23,13 +24,10 @@ pub mod pb {
     tonic::include_proto!("dask.v1");
 }
 
-/// Largest gRPC message any component accepts. Values are chunked far below this
-/// ([`DATA_CHUNK`]); the cap only bounds control batches (a graph of a million tasks is sent in
-/// several batches).
+/// Largest gRPC message any component accepts, and the largest header on a data connection.
+/// Values never travel in gRPC messages (see [`data`]); the cap only bounds control batches (a
+/// graph of a million tasks is sent in several batches).
 pub const MAX_MESSAGE: usize = 256 * 1024 * 1024;
-
-/// Size of one chunk of a value on the data service.
-pub const DATA_CHUNK: usize = 1024 * 1024;
 
 /// The default scheduler port, as in dask.
 pub const DEFAULT_SCHEDULER_PORT: u16 = 8786;

@@ -619,7 +619,7 @@ fn client_event(client: ClientId, op: pb::ClientOp) -> Option<Event> {
                 .map(|t| NewTask {
                     key: Arc::from(t.key),
                     // Its own small buffer: a slice would keep the whole received batch alive.
-                    spec: bytes::Bytes::copy_from_slice(&t.spec),
+                    spec: Box::from(&t.spec[..]),
                     dependencies: t.dependencies.into_iter().map(Arc::from).collect(),
                     priority: t.priority,
                     retries: t.retries,

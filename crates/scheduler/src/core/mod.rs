@@ -54,6 +54,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rustc_hash::{FxHashMap, FxHashSet};
 use smallvec::SmallVec;
+use thin_vec::ThinVec;
 
 pub use queue::ReadyQueue;
 
@@ -117,7 +118,7 @@ impl TaskError {
 pub struct NewTask {
     pub key: Key,
     /// Encoded `TaskSpec`, forwarded to workers untouched.
-    pub spec: Bytes,
+    pub spec: Box<[u8]>,
     pub dependencies: Vec<Key>,
     /// Higher runs first.
     pub priority: i32,
@@ -350,9 +351,10 @@ struct Task {
     key: Key,
     state: TaskState,
     /// Encoded spec; empty for scattered data (which cannot be recomputed).
-    spec: Bytes,
+    spec: Box<[u8]>,
     dependencies: Box<[TaskId]>,
-    dependents: Vec<TaskId>,
+    /// Most tasks have none or few: a thin vector is one pointer (its length lives on the heap).
+    dependents: ThinVec<TaskId>,
     /// Dependents in an active state: while > 0 the value must stay (or become) available.
     active_dependents: u32,
     who_wants: SmallVec<[ClientId; 1]>,
@@ -646,7 +648,7 @@ impl SchedulerCore {
                 state: TaskState::Released,
                 spec: nt.spec,
                 dependencies: Box::new([]),
-                dependents: Vec::new(),
+                dependents: ThinVec::new(),
                 active_dependents: 0,
                 who_wants: SmallVec::new(),
                 priority: nt.priority,
@@ -806,9 +808,9 @@ impl SchedulerCore {
                     self.insert(Task {
                         key: key.clone(),
                         state: TaskState::Released,
-                        spec: Bytes::new(),
+                        spec: Box::new([]),
                         dependencies: Box::new([]),
-                        dependents: Vec::new(),
+                        dependents: ThinVec::new(),
                         active_dependents: 0,
                         who_wants: SmallVec::new(),
                         priority: 0,
@@ -1339,7 +1341,7 @@ impl SchedulerCore {
                 out.push(Command::Compute {
                     worker: *worker,
                     key: task.key.clone(),
-                    spec: task.spec.clone(),
+                    spec: Bytes::copy_from_slice(&task.spec),
                     deps,
                     priority: task.priority,
                     inline: task.who_wants.iter().any(|c| *c != FIRE_AND_FORGET),
@@ -1376,7 +1378,7 @@ impl SchedulerCore {
                 let error = error.clone();
                 self.report_to_wanters(t, out);
                 // Dependents fail with the same cause; iterative, as chains can be long.
-                let mut stack: Vec<TaskId> = self.task(t).dependents.clone();
+                let mut stack: Vec<TaskId> = self.task(t).dependents.to_vec();
                 while let Some(d) = stack.pop() {
                     if self.task(d).state.is_active() {
                         self.erred_propagating = true;
