@@ -267,14 +267,16 @@ impl ClientInner {
             }
             let requests = by_worker.into_iter().map(|(worker, keys)| async move {
                 let r = self.peers.get_data(worker, keys.iter().map(|k| k.to_string()).collect()).await;
-                (worker.to_string(), r)
+                (worker.to_string(), keys, r)
             });
-            for (worker, r) in join_all(requests).await {
+            for (worker, keys, r) in join_all(requests).await {
                 match r {
                     Ok(values) => {
+                        // Only what was asked of this worker (a peer cannot add keys).
+                        let asked: FxHashMap<&str, &Arc<str>> = keys.iter().map(|k| (&**k, k)).collect();
                         for (k, v) in values {
-                            if let Some(v) = v {
-                                out.insert(Arc::from(k), v);
+                            if let (Some(v), Some(key)) = (v, asked.get(k.as_str())) {
+                                out.insert((*key).clone(), v);
                             }
                         }
                     }

@@ -209,6 +209,9 @@ impl<'de> serde::Deserializer<'de> for RawDeserializer<'_> {
     fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, RawError> {
         visitor.visit_some(self)
     }
+    fn is_human_readable(&self) -> bool {
+        false
+    }
     serde::forward_to_deserialize_any! {
         bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes unit unit_struct
         tuple_struct map struct enum identifier ignored_any

@@ -7,13 +7,14 @@
 //! copies each message into its encode buffer and again out of its decode buffer, and a value
 //! spanning many messages had to be reassembled: 3 copies more of every byte.)
 //!
-//! Small values are read together into one shared buffer; a value of [`SMALL`] bytes or more
-//! gets its own, so keeping it does not keep its neighbours alive.
+//! A value of [`SMALL`] bytes or more is read into a buffer of its own size; smaller ones are
+//! read together into a scratch buffer and copied out, each into its own allocation, so that
+//! keeping one small value never keeps its neighbours' memory alive.
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -29,10 +30,12 @@ pub const MAX_HEADER: usize = crate::MAX_MESSAGE;
 pub const IDLE: Duration = Duration::from_secs(30);
 /// How long connecting to a peer may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Values smaller than this share a receive buffer with their neighbours.
+/// Values smaller than this are read in batches and copied out.
 pub const SMALL: usize = 64 * 1024;
-/// Size of one shared receive buffer of small values, and of one write of small values.
+/// Size of one read (and one write) of a batch of small values.
 const BATCH: usize = 1 << 20;
+/// Large values are written in pieces of this size, each under the [`IDLE`] limit.
+const WRITE_PIECE: usize = 4 << 20;
 /// Idle connections kept per peer.
 const POOL_PER_PEER: usize = 4;
 
@@ -112,10 +115,17 @@ fn frame(msg: &pb::DataMessage) -> Vec<u8> {
     out
 }
 
+/// Writes `data`; a peer that takes nothing for [`IDLE`] is given up on.
+async fn write<W: AsyncWrite + Unpin>(w: &mut W, data: &[u8]) -> Result<(), DataError> {
+    for piece in data.chunks(WRITE_PIECE) {
+        idle(w.write_all(piece), Some(IDLE)).await?;
+    }
+    Ok(())
+}
+
 /// Writes one header.
 pub async fn write_message<W: AsyncWrite + Unpin>(w: &mut W, msg: &pb::DataMessage) -> Result<(), DataError> {
-    w.write_all(&frame(msg)).await?;
-    Ok(())
+    write(w, &frame(msg)).await
 }
 
 /// The header describing `values`.
@@ -151,19 +161,28 @@ async fn write_with_values<W: AsyncWrite + Unpin>(
             continue;
         }
         if !batch.is_empty() {
-            w.write_all(&batch).await?;
+            write(w, &batch).await?;
             batch.clear();
         }
         if v.len() < SMALL {
             batch.extend_from_slice(&v.data);
         } else {
-            w.write_all(&v.data).await?;
+            write(w, &v.data).await?;
         }
     }
     if !batch.is_empty() {
-        w.write_all(&batch).await?;
+        write(w, &batch).await?;
     }
-    w.flush().await?;
+    idle(w.flush(), Some(IDLE)).await
+}
+
+/// Reads and drops `n` bytes.
+async fn discard<R: AsyncRead + Unpin>(r: &mut R, n: u64) -> Result<(), DataError> {
+    let mut sink = (&mut *r).take(n);
+    let got = idle(tokio::io::copy(&mut sink, &mut tokio::io::sink()), Some(IDLE)).await?;
+    if got < n {
+        return Err(DataError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+    }
     Ok(())
 }
 
@@ -202,11 +221,12 @@ async fn read_values<R: AsyncRead + Unpin>(r: &mut R, list: pb::ValueList) -> Re
             total += headers[i].len as usize;
             i += 1;
         }
-        let mut buf = Vec::with_capacity(total);
-        fill(r, &mut buf, total).await?;
-        let mut shared = BytesMut::from(Bytes::from(buf));
+        let mut scratch = Vec::with_capacity(total);
+        fill(r, &mut scratch, total).await?;
+        let mut at = 0;
         for h in &headers[start..i] {
-            let data = shared.split_to(h.len as usize).freeze();
+            let data = Bytes::copy_from_slice(&scratch[at..at + h.len as usize]);
+            at += h.len as usize;
             out.push((h.key.clone(), Some(Value { codec: codec_name(&h.codec)?, data })));
         }
     }
@@ -277,6 +297,15 @@ where
                 write_with_values(&mut stream, &header, &values).await?;
             }
             Some(Kind::Put(list)) => {
+                // Refuse what cannot be stored before reading any of it, and read the announced
+                // bytes anyway, so the peer gets the reason rather than a reset connection.
+                let announced: u64 = list.values.iter().map(|h| h.len).sum();
+                if let Some(bad) = list.values.iter().find(|h| !h.missing && codec_name(&h.codec).is_err()) {
+                    let why = format!("value {:?}: {}", bad.key, codec_name(&bad.codec).unwrap_err());
+                    discard(&mut stream, announced).await?;
+                    write_message(&mut stream, &pb::DataMessage { kind: Some(Kind::Error(why.clone())) }).await?;
+                    continue;
+                }
                 let values = match read_values(&mut stream, list).await {
                     Ok(v) => v,
                     Err(e) => {
@@ -363,10 +392,14 @@ impl DataPool {
         values: &[Received],
     ) -> Result<(TcpStream, pb::DataMessage), DataError> {
         let pooled = self.idle.lock().expect("pool lock").get_mut(address).and_then(Vec::pop);
-        if let Some(mut conn) = pooled
-            && let Ok(Some(reply)) = send_and_read(&mut conn, request, values).await
-        {
-            return Ok((conn, reply));
+        if let Some(mut conn) = pooled {
+            match send_and_read(&mut conn, request, values).await {
+                Ok(Some(reply)) => return Ok((conn, reply)),
+                // Closed while idle (the peer restarted or dropped it): try a fresh one.
+                Ok(None) => {}
+                Err(DataError::Io(e)) if is_stale(&e) => {}
+                Err(e) => return Err(e),
+            }
         }
         let mut conn = connect(address).await?;
         match send_and_read(&mut conn, request, values).await? {
@@ -382,6 +415,12 @@ impl DataPool {
             conns.push(conn);
         }
     }
+}
+
+/// Errors of an idle connection the peer has closed.
+fn is_stale(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), ConnectionReset | BrokenPipe | UnexpectedEof | ConnectionAborted | NotConnected)
 }
 
 fn unexpected(kind: Option<Kind>) -> DataError {
@@ -493,11 +532,15 @@ mod tests {
         // An unknown codec.
         let mut c = connect(&addr).await.unwrap();
         let list = pb::ValueList {
-            values: vec![pb::ValueHeader { key: "k".into(), codec: "pickle".into(), len: 1, missing: false }],
+            values: vec![pb::ValueHeader { key: "k".into(), codec: "pickle".into(), len: 3 << 20, missing: false }],
         };
-        let one = [("k".to_string(), Some(Value::raw(Bytes::from_static(b"x"))))];
-        let reply = send_and_read(&mut c, &pb::DataMessage { kind: Some(Kind::Put(list)) }, &one).await.unwrap();
+        let big = [("k".to_string(), Some(Value::raw(Bytes::from(vec![1u8; 3 << 20]))))];
+        let reply = send_and_read(&mut c, &pb::DataMessage { kind: Some(Kind::Put(list)) }, &big).await.unwrap();
         assert!(matches!(reply.unwrap().kind, Some(Kind::Error(ref e)) if e.contains("\"pickle\"")));
+        // ... and the connection still serves the next request.
+        let get = pb::DataMessage { kind: Some(Kind::Get(pb::DataRequest { keys: vec!["k".into()] })) };
+        let reply = send_and_read(&mut c, &get, &[]).await.unwrap().unwrap();
+        assert!(matches!(reply.kind, Some(Kind::Values(ref l)) if l.values[0].missing), "{reply:?}");
         // Nothing listening.
         let e = DataPool::default().get_data("tcp://127.0.0.1:1", vec!["k".into()]).await.unwrap_err();
         assert!(matches!(e, DataError::Io(_)), "{e:?}");

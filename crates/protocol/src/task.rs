@@ -58,14 +58,26 @@ pub trait DecodeArgs: Sized {
     fn decode(args: ArgDeserializer<'_>) -> Result<Self, ArgError>;
 }
 
-/// One parameter: a `Bytes` from a dependency shares the dependency's buffer; anything else
-/// is read by serde.
+/// One parameter: a `Bytes` from a dependency shares the dependency's buffer; a `Vec<u8>` or
+/// `ByteBuf` from a raw dependency is one copy (serde would go byte by byte); anything else is
+/// read by serde.
 fn decode_arg<T: DeserializeOwned + 'static>(arg: ArgDeserializer<'_>) -> Result<T, ArgError> {
-    if TypeId::of::<T>() == TypeId::of::<Bytes>()
-        && let Some(Kind::Key(k)) = &arg.arg.kind
-        && let Some(b) = arg.deps.get(k).and_then(Value::as_bytes)
+    if let Some(Kind::Key(k)) = &arg.arg.kind
+        && let Some(v) = arg.deps.get(k)
     {
-        return Ok(cast::<Bytes, T>(b).unwrap_or_else(|_| unreachable!("T is Bytes")));
+        let t = TypeId::of::<T>();
+        if t == TypeId::of::<Bytes>()
+            && let Some(b) = v.as_bytes()
+        {
+            return Ok(cast::<Bytes, T>(b).unwrap_or_else(|_| unreachable!("T is Bytes")));
+        }
+        if v.codec == RAW && t == TypeId::of::<Vec<u8>>() {
+            return Ok(cast::<Vec<u8>, T>(v.data.to_vec()).unwrap_or_else(|_| unreachable!("T is Vec<u8>")));
+        }
+        if v.codec == RAW && t == TypeId::of::<serde_bytes::ByteBuf>() {
+            let b = serde_bytes::ByteBuf::from(v.data.to_vec());
+            return Ok(cast::<serde_bytes::ByteBuf, T>(b).unwrap_or_else(|_| unreachable!("T is ByteBuf")));
+        }
     }
     T::deserialize(arg)
 }
@@ -86,9 +98,10 @@ macro_rules! decode_args_for_tuples {
                     Some(Kind::List(l)) => {
                         if l.items.len() != COUNT {
                             return Err(ArgError(format!(
-                                "the function takes {COUNT} argument{}, {} were given",
+                                "the function takes {COUNT} argument{}, {} {} given",
                                 if COUNT == 1 { "" } else { "s" },
-                                l.items.len()
+                                l.items.len(),
+                                if l.items.len() == 1 { "was" } else { "were" }
                             )));
                         }
                         let mut items = l.items.iter();

@@ -161,6 +161,7 @@ pub async fn start(
             outgoing: Vec::new(),
             instructions: Vec::new(),
             simulate: config.simulate,
+            shutdown: shutdown.clone(),
         };
         let result = lp.run(&mut inbound, events_rx, &results, heartbeat, shutdown.clone()).await;
         shutdown.cancel();
@@ -223,6 +224,8 @@ struct Loop {
     outgoing: Vec<pb::WorkerEvent>,
     instructions: Vec<Instruction>,
     simulate: bool,
+    /// Ends fetches in flight when the worker stops.
+    shutdown: CancellationToken,
 }
 
 /// msgpack's nil: the value of `()`, stored for simulated tasks.
@@ -368,7 +371,13 @@ impl Loop {
                     let peers = self.peers.clone();
                     let store = self.store.clone();
                     let events = self.events_tx.clone();
-                    tokio::spawn(fetch(from, keys, peers, store, events));
+                    let shutdown = self.shutdown.clone();
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => {}
+                            _ = fetch(from, keys, peers, store, events) => {}
+                        }
+                    });
                 }
             }
         }
