@@ -65,7 +65,8 @@ pub fn scheduler_bytes_per_task(n: usize) -> (f64, f64) {
     let before = rss_bytes(sched.id());
     let futures = client.map(dask::builtins::inc, 0..n as i64).unwrap();
     dask::wait(&futures, None, dask::ReturnWhen::AllCompleted).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // Settled: past the scheduler's next 1 s tick, when it gives freed memory back.
+    std::thread::sleep(Duration::from_millis(1300));
     let after = rss_bytes(sched.id());
     drop(futures);
     client.close();
