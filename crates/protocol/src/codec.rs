@@ -65,15 +65,30 @@ impl Value {
 
     /// Decodes this value as a `T`. A `Bytes` is a view of this value's buffer (no copy).
     pub fn decode<T: DeserializeOwned + 'static>(&self) -> Result<T, CodecError> {
-        if TypeId::of::<T>() == TypeId::of::<Bytes>()
-            && let Some(b) = self.as_bytes()
-        {
-            return Ok(cast::<Bytes, T>(b).unwrap_or_else(|_| unreachable!("T is Bytes")));
+        match self.as_byte_type() {
+            Some(t) => Ok(t),
+            None => decode(self.codec, &self.data),
         }
-        if TypeId::of::<T>() == TypeId::of::<Vec<u8>>() && self.codec == RAW {
-            return Ok(cast::<Vec<u8>, T>(self.data.to_vec()).unwrap_or_else(|_| unreachable!("T is Vec<u8>")));
+    }
+
+    /// The value as `T` without serde when `T` is a byte type: a `Bytes` view (of a raw value or
+    /// a msgpack `bin`), or one copy into a `Vec<u8>` or `ByteBuf` (of a raw value; serde would
+    /// go byte by byte). `None` for any other type or encoding.
+    pub fn as_byte_type<T: 'static>(&self) -> Option<T> {
+        let t = TypeId::of::<T>();
+        if t == TypeId::of::<Bytes>() {
+            return cast(self.as_bytes()?).ok();
         }
-        decode(self.codec, &self.data)
+        if self.codec != RAW {
+            return None;
+        }
+        if t == TypeId::of::<Vec<u8>>() {
+            return cast(self.data.to_vec()).ok();
+        }
+        if t == TypeId::of::<ByteBuf>() {
+            return cast(ByteBuf::from(self.data.to_vec())).ok();
+        }
+        None
     }
 
     /// The value as a byte buffer without copying: a raw value, or a msgpack `bin`.

@@ -75,9 +75,7 @@ async fn idle<T>(
 /// Reads into `buf` until it holds `n` bytes, straight into its spare capacity.
 async fn fill<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, n: usize) -> Result<(), DataError> {
     while buf.len() < n {
-        let before = buf.len();
-        let want = n - before;
-        let mut limited = (&mut *r).take(want as u64);
+        let mut limited = (&mut *r).take((n - buf.len()) as u64);
         let got = idle(limited.read_buf(buf), Some(IDLE)).await?;
         if got == 0 {
             return Err(DataError::Io(std::io::ErrorKind::UnexpectedEof.into()));

@@ -5,7 +5,6 @@
 //! keys, lists and maps. [`ArgDeserializer`] reads that tree as the function's typed argument
 //! tuple directly, pulling each dependency's bytes from the worker's store, so assembling
 //! arguments copies nothing.
-use std::any::TypeId;
 use std::collections::HashMap;
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -15,7 +14,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde::de::{self, DeserializeOwned, DeserializeSeed, IntoDeserializer, Visitor};
 
-use crate::codec::{RAW, RawDeserializer, Value, cast};
+use crate::codec::{RAW, RawDeserializer, Value};
 use crate::pb::{self, arg::Kind};
 
 /// A function that can run on a worker. Implemented by `#[task]`; rarely by hand.
@@ -63,21 +62,9 @@ pub trait DecodeArgs: Sized {
 /// read by serde.
 fn decode_arg<T: DeserializeOwned + 'static>(arg: ArgDeserializer<'_>) -> Result<T, ArgError> {
     if let Some(Kind::Key(k)) = &arg.arg.kind
-        && let Some(v) = arg.deps.get(k)
+        && let Some(t) = arg.deps.get(k).and_then(Value::as_byte_type)
     {
-        let t = TypeId::of::<T>();
-        if t == TypeId::of::<Bytes>()
-            && let Some(b) = v.as_bytes()
-        {
-            return Ok(cast::<Bytes, T>(b).unwrap_or_else(|_| unreachable!("T is Bytes")));
-        }
-        if v.codec == RAW && t == TypeId::of::<Vec<u8>>() {
-            return Ok(cast::<Vec<u8>, T>(v.data.to_vec()).unwrap_or_else(|_| unreachable!("T is Vec<u8>")));
-        }
-        if v.codec == RAW && t == TypeId::of::<serde_bytes::ByteBuf>() {
-            let b = serde_bytes::ByteBuf::from(v.data.to_vec());
-            return Ok(cast::<serde_bytes::ByteBuf, T>(b).unwrap_or_else(|_| unreachable!("T is ByteBuf")));
-        }
+        return Ok(t);
     }
     T::deserialize(arg)
 }
