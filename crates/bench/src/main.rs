@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use dask::builtins::{add, inc, noop, sum_list};
 use dask::{Bytes, Client, Graph, LocalCluster, Ref, ScatterOptions, SubmitOptions};
+use dask_protocol::data::READ_PIECE;
 
 mod core_bench;
 mod memory;
@@ -92,8 +93,9 @@ fn main() -> ExitCode {
     if want("tcp") {
         for _ in 0..runs {
             let n = if q { 64 << 20 } else { 1 << 30 };
-            record("tcp loopback bandwidth (MB/s)".into(), tcp_probe(n, false));
-            record("tcp loopback into fresh memory (MB/s)".into(), tcp_probe(n, true));
+            record("tcp loopback bandwidth (MB/s)".into(), tcp_probe(n, Probe::Socket));
+            record("tcp loopback into warm memory (MB/s)".into(), tcp_probe(n, Probe::Warm));
+            record("tcp loopback into fresh memory (MB/s)".into(), tcp_probe(n, Probe::Fresh));
         }
     }
     if want("core") {
@@ -202,32 +204,40 @@ fn main() -> ExitCode {
                 let (a, b) = (workers[0].address.clone(), workers[1].address.clone());
                 for &n in sizes {
                     // As dask_bench.py: scatter(arr, workers=[a], hash=False), a buffer sent
-                    // without a copy (numpy there, Bytes here).
+                    // without a copy (numpy there, Bytes here), twice on one cluster (dask's
+                    // script scatters via the scheduler and then direct). The second pass finds
+                    // the first one's memory warm in the receive pools.
                     let value = make_bytes::call(n);
-                    let to_a = ScatterOptions { workers: vec![a.clone()], hash: false, ..Default::default() };
-                    let t = Instant::now();
-                    let f = client.scatter_with(vec![value], to_a).unwrap().pop().unwrap();
-                    let scatter = t.elapsed().as_secs_f64();
-                    let t = Instant::now();
-                    let back: Bytes = f.result().unwrap();
-                    let gather = t.elapsed().as_secs_f64();
-                    assert_eq!(back.len(), n);
-                    let mb = n as f64 / 1e6;
-                    record(format!("scatter {} MB (MB/s)", n / 1_000_000), mb / scatter);
-                    record(format!("gather {} MB (MB/s)", n / 1_000_000), mb / gather);
-                    drop((f, back));
-                    settle(client);
+                    for pass in ["first", "again"] {
+                        let to_a = ScatterOptions { workers: vec![a.clone()], hash: false, ..Default::default() };
+                        let t = Instant::now();
+                        let f = client.scatter_with(vec![value.clone()], to_a).unwrap().pop().unwrap();
+                        let scatter = t.elapsed().as_secs_f64();
+                        let t = Instant::now();
+                        let back: Bytes = f.result().unwrap();
+                        let gather = t.elapsed().as_secs_f64();
+                        assert!(back.len() == n && back[n / 2] == value[n / 2]);
+                        let mb = n as f64 / 1e6;
+                        record(format!("scatter {} MB, {pass} (MB/s)", n / 1_000_000), mb / scatter);
+                        record(format!("gather {} MB, {pass} (MB/s)", n / 1_000_000), mb / gather);
+                        drop((f, back));
+                        settle(client);
+                    }
                 }
-                // worker -> worker: a value made on b, consumed on a.
+                // worker -> worker: a value made on b, consumed on a; twice, as above.
                 let n = if q { 10_000_000 } else { 500_000_000 };
                 let on = |w: &str| SubmitOptions { workers: vec![w.to_string()], pure: false, ..Default::default() };
-                let src = client.submit_with(make_bytes, (n,), on(&b)).unwrap();
-                dask::wait(std::slice::from_ref(&src), None, dask::ReturnWhen::AllCompleted).unwrap();
-                let t = Instant::now();
-                let dst = client.submit_with(consume, (&src,), on(&a)).unwrap();
-                assert_eq!(dst.result().unwrap(), n as u64);
-                let wall = t.elapsed().as_secs_f64();
-                record(format!("worker->worker {} MB, end to end (MB/s)", n / 1_000_000), n as f64 / 1e6 / wall);
+                for pass in ["first", "again"] {
+                    let src = client.submit_with(make_bytes, (n,), on(&b)).unwrap();
+                    dask::wait(std::slice::from_ref(&src), None, dask::ReturnWhen::AllCompleted).unwrap();
+                    let t = Instant::now();
+                    let dst = client.submit_with(consume, (&src,), on(&a)).unwrap();
+                    assert_eq!(dst.result().unwrap(), n as u64);
+                    let wall = t.elapsed().as_secs_f64();
+                    record(format!("worker->worker {} MB, {pass} (MB/s)", n / 1_000_000), n as f64 / 1e6 / wall);
+                    drop((src, dst));
+                    settle(client);
+                }
             });
         }
     }
@@ -294,12 +304,22 @@ fn main() -> ExitCode {
 
     let total = started.elapsed();
     print_table(&figures);
+    let ratios = data_ratios(&figures);
+    if !ratios.is_empty() {
+        println!("\n| data plane, median over median | × socket probe | × warm-memory probe |\n|---|---:|---:|");
+        for (name, socket, warm) in &ratios {
+            println!("| {name} | {socket:.2} | {warm:.2} |");
+        }
+    }
     println!("\n(total {:.1} s, {runs} run(s) each)", total.as_secs_f64());
     if let Some(path) = &args.out {
         let json = serde_json::json!({
             "machine": machine(),
             "runs": runs,
             "quick": q,
+            "data_plane_ratios": ratios.iter().map(|(k, socket, warm)| (k.clone(), serde_json::json!({
+                "to_socket_probe": socket, "to_warm_memory_probe": warm,
+            }))).collect::<serde_json::Map<_, _>>(),
             "figures": figures.iter().map(|(k, v)| (k.clone(), serde_json::json!({
                 "values": v, "median": median(v), "min": min(v), "max": max(v),
             }))).collect::<serde_json::Map<_, _>>(),
@@ -364,40 +384,85 @@ fn tree_graph(nleaves: usize, name: &str) -> (Graph, String, usize) {
     (g, format!("{name}-{level}-0"), n)
 }
 
-/// Raw loopback TCP: one thread writes `n` bytes in 1 MiB writes, another reads them, into
-/// one reused 1 MiB buffer, or (`keep`) into a fresh buffer of `n` bytes, as any receiver that
-/// keeps the value must: then the kernel zeroes every page before the data is copied in.
-fn tcp_probe(n: usize, keep: bool) -> f64 {
+/// Where the raw loopback TCP probe's bytes come from and go to. One thread writes `n` bytes,
+/// another reads them.
+#[derive(Clone, Copy, PartialEq)]
+enum Probe {
+    /// From one 1 MiB buffer into one of `READ_PIECE` bytes, over and over: the socket's own
+    /// limit. Both buffers stay in the CPU cache, which no transfer of a value held in memory can.
+    Socket,
+    /// From an `n`-byte value into an `n`-byte buffer touched before the clock starts: memory
+    /// the receiver already has, as one that reused freed buffers would.
+    Warm,
+    /// From an `n`-byte value into new memory (the allocator first gives back all it holds), as
+    /// the first value of its size a process receives.
+    Fresh,
+}
+
+fn tcp_probe(n: usize, mode: Probe) -> f64 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
+    let warm = (mode == Probe::Warm).then(|| vec![1u8; n]);
+    if mode == Probe::Fresh {
+        dask_scheduler::server::release_free_memory();
+    }
     let reader = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
-        if keep {
-            let mut all: Vec<u8> = Vec::with_capacity(n);
-            (&mut s).take(n as u64).read_to_end(&mut all).unwrap();
-            assert_eq!(all.len(), n);
-            std::hint::black_box(all);
+        if mode == Probe::Socket {
+            let mut buf = vec![0u8; READ_PIECE];
+            let mut got = 0;
+            while got < n {
+                let k = s.read(&mut buf).unwrap();
+                assert!(k > 0);
+                got += k;
+            }
             return;
         }
-        let mut buf = vec![0u8; 1 << 20];
-        let mut got = 0;
-        while got < n {
-            let k = s.read(&mut buf).unwrap();
+        let mut all = warm.unwrap_or_else(|| Vec::with_capacity(n));
+        all.clear();
+        // In reads of at most READ_PIECE, as data connections read (see its comment).
+        while all.len() < n {
+            let k = (&mut s).take((n - all.len()).min(READ_PIECE) as u64).read_to_end(&mut all).unwrap();
             assert!(k > 0);
-            got += k;
         }
+        std::hint::black_box(all);
     });
     let mut s = std::net::TcpStream::connect(addr).unwrap();
+    // The socket probe writes one 1 MiB chunk over and over; the others write from a buffer as
+    // large as the value, as a process sending one does.
     let chunk = vec![7u8; 1 << 20];
+    let value = if mode == Probe::Socket { Vec::new() } else { vec![7u8; n] };
     let t = Instant::now();
-    let mut sent = 0;
-    while sent < n {
-        let k = chunk.len().min(n - sent);
-        s.write_all(&chunk[..k]).unwrap();
-        sent += k;
+    if mode == Probe::Socket {
+        let mut sent = 0;
+        while sent < n {
+            let k = chunk.len().min(n - sent);
+            s.write_all(&chunk[..k]).unwrap();
+            sent += k;
+        }
+    } else {
+        for piece in value.chunks(4 << 20) {
+            s.write_all(piece).unwrap();
+        }
     }
     reader.join().unwrap();
     n as f64 / 1e6 / t.elapsed().as_secs_f64()
+}
+
+/// Each data-plane figure's median as a ratio to the medians of the socket and warm-memory TCP
+/// probes of the same run (empty when the run had no probe or no data workload).
+fn data_ratios(figures: &Figures) -> Vec<(String, f64, f64)> {
+    let probe = |name: &str| figures.get(name).map(|v| median(v));
+    let (Some(socket), Some(warm)) =
+        (probe("tcp loopback bandwidth (MB/s)"), probe("tcp loopback into warm memory (MB/s)"))
+    else {
+        return Vec::new();
+    };
+    figures
+        .iter()
+        .filter(|(k, _)| !k.starts_with("tcp ") && k.ends_with("(MB/s)"))
+        .map(|(k, v)| (k.clone(), median(v) / socket, median(v) / warm))
+        .collect()
 }
 
 fn median(v: &[f64]) -> f64 {

@@ -36,6 +36,10 @@ pub const SMALL: usize = 64 * 1024;
 const BATCH: usize = 1 << 20;
 /// Large values are written in pieces of this size, each under the [`IDLE`] limit.
 const WRITE_PIECE: usize = 4 << 20;
+/// The most one read asks of the socket. A read of many megabytes keeps the receive window from
+/// reopening until it returns, and the sender stalls meanwhile: reads of 128 KiB move a 1 GB
+/// value over loopback about a quarter faster than reads of all of it (docs/benchmarks.md).
+pub const READ_PIECE: usize = 128 << 10;
 /// Idle connections kept per peer.
 const POOL_PER_PEER: usize = 4;
 
@@ -75,7 +79,7 @@ async fn idle<T>(
 /// Reads into `buf` until it holds `n` bytes, straight into its spare capacity.
 async fn fill<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, n: usize) -> Result<(), DataError> {
     while buf.len() < n {
-        let mut limited = (&mut *r).take((n - buf.len()) as u64);
+        let mut limited = (&mut *r).take((n - buf.len()).min(READ_PIECE) as u64);
         let got = idle(limited.read_buf(buf), Some(IDLE)).await?;
         if got == 0 {
             return Err(DataError::Io(std::io::ErrorKind::UnexpectedEof.into()));
@@ -509,6 +513,44 @@ mod tests {
         let e = pool.put_data(&addr, vec![("refused".into(), Value::raw(Bytes::new()))]).await.unwrap_err();
         assert!(e.to_string().contains("no room for refused"), "{e}");
         assert_eq!(pool.get_data(&addr, vec!["a".into()]).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn values_too_big_to_hold_are_refused_with_the_reason() {
+        // More than any allocation can be: the receiver says so instead of aborting.
+        let huge = u64::MAX / 2;
+        let list = move || pb::ValueList {
+            values: vec![pb::ValueHeader { key: "huge".into(), codec: "bytes".into(), len: huge, missing: false }],
+        };
+        // A put of it: the worker replies why and hangs up, and goes on serving others.
+        let (addr, store) = server().await;
+        let mut c = connect(&addr).await.unwrap();
+        write_message(&mut c, &pb::DataMessage { kind: Some(Kind::Put(list())) }).await.unwrap();
+        let reply = read_message(&mut c, false).await.unwrap().unwrap();
+        assert!(
+            matches!(reply.kind, Some(Kind::Error(ref e)) if e.contains("\"huge\"") && e.contains("does not fit in memory")),
+            "{reply:?}"
+        );
+        assert!(read_message(&mut c, false).await.unwrap().is_none(), "the worker hangs up");
+        assert!(store.0.lock().unwrap().is_empty());
+        let got = DataPool::default().get_data(&addr, vec!["huge".into()]).await.unwrap();
+        assert_eq!(got, vec![("huge".to_string(), None)]);
+
+        // A peer answering a get with it: the fetch fails with TooBig, naming the key.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = format!("tcp://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut magic = [0u8; 8];
+            conn.read_exact(&mut magic).await.unwrap();
+            read_message(&mut conn, true).await.unwrap().unwrap();
+            write_message(&mut conn, &pb::DataMessage { kind: Some(Kind::Values(list())) }).await.unwrap();
+            let mut rest = Vec::new();
+            let _ = conn.read_to_end(&mut rest).await;
+        });
+        let e = DataPool::default().get_data(&peer, vec!["huge".into()]).await.unwrap_err();
+        assert!(matches!(e, DataError::TooBig { ref key, len } if key == "huge" && len == huge), "{e:?}");
+        assert!(e.to_string().contains("does not fit in memory here"), "{e}");
     }
 
     #[tokio::test]

@@ -116,7 +116,7 @@ pub async fn run(
             id,
             address: address.clone(),
             started,
-            since_release: 0,
+            release: Release::default(),
         };
         let loop_task = tokio::spawn(lp.run(rx, shutdown.clone()));
         let incoming = dask_protocol::serve::incoming(listener);
@@ -161,11 +161,12 @@ struct EventLoop {
     id: String,
     address: Address,
     started: SystemTime,
-    /// Events handled since memory was last given back to the system.
-    since_release: usize,
+    /// Events handled since memory was last given back to the system (on a tick, once a burst
+    /// is over).
+    release: Release,
 }
 
-/// After this many events, the next tick gives freed memory back to the system.
+/// Items handled on a thread between two gives-back of its freed memory (see [`Release`]).
 const RELEASE_AFTER_EVENTS: usize = 10_000;
 
 /// Returns memory that mimalloc (the allocator of our binaries) holds freed but mapped, as it
@@ -173,20 +174,25 @@ const RELEASE_AFTER_EVENTS: usize = 10_000;
 /// batches of a 100k-task graph stayed in the scheduler's RSS. A no-op cost of a few µs when
 /// mimalloc is not the global allocator (its heaps are then empty).
 #[allow(unsafe_code)]
-fn release_free_memory() {
+pub fn release_free_memory() {
     // SAFETY: `mi_collect` takes no pointers and may be called from any thread at any time.
     unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
-/// Counts what a stream's reader decoded and gives freed memory back every
-/// [`RELEASE_AFTER_EVENTS`]: memory freed by other threads returns to the heap of the thread
-/// that allocated it, which only a call on that thread gives back.
+/// Counts items handled on one thread and gives freed memory back after every
+/// [`RELEASE_AFTER_EVENTS`]. Each thread that allocates much keeps one (the event loop, each
+/// stream's reader): memory freed by other threads returns to the heap of the thread that
+/// allocated it, which only a call on that thread gives back.
 #[derive(Default)]
 struct Release(usize);
 
 impl Release {
-    fn after(&mut self, n: usize) {
+    fn count(&mut self, n: usize) {
         self.0 += n;
+    }
+
+    /// Gives freed memory back if enough was handled since the last time.
+    fn if_due(&mut self) {
         if self.0 >= RELEASE_AFTER_EVENTS {
             self.0 = 0;
             release_free_memory();
@@ -223,10 +229,7 @@ impl EventLoop {
                 }
                 _ = tick.tick() => {
                     self.handle(Event::Tick);
-                    if self.since_release >= RELEASE_AFTER_EVENTS {
-                        self.since_release = 0;
-                        release_free_memory();
-                    }
+                    self.release.if_due();
                 }
             }
             self.flush();
@@ -254,7 +257,7 @@ impl EventLoop {
     fn on_msg(&mut self, msg: LoopMsg) {
         match msg {
             LoopMsg::Events(events) => {
-                self.since_release += events.len();
+                self.release.count(events.len());
                 for e in events {
                     let gone = match &e {
                         Event::ClientDisconnected { client } => Some((None, Some(*client))),
@@ -537,7 +540,8 @@ impl pb::scheduler_server::Scheduler for Service {
             let reason = loop {
                 match inbound.message().await {
                     Ok(Some(batch)) => {
-                        release.after(batch.events.len());
+                        release.count(batch.events.len());
+                        release.if_due();
                         let events: Vec<Event> = batch.events.into_iter().filter_map(|e| worker_event(id, e)).collect();
                         if !events.is_empty() && tx.send(LoopMsg::Events(events)).is_err() {
                             return;
@@ -567,7 +571,8 @@ impl pb::scheduler_server::Scheduler for Service {
             // A client that vanishes (stream end or error) has its wants released below.
             let mut release = Release::default();
             while let Ok(Some(batch)) = inbound.message().await {
-                release.after(batch.ops.iter().map(client_op_size).sum());
+                release.count(batch.ops.iter().map(client_op_size).sum());
+                release.if_due();
                 let events: Vec<Event> = batch.ops.into_iter().filter_map(|op| client_event(id, op)).collect();
                 if !events.is_empty() && tx.send(LoopMsg::Events(events)).is_err() {
                     return;
