@@ -100,6 +100,11 @@ struct Held {
 }
 
 impl KeyTable {
+    /// Makes room for `n` more keys.
+    fn reserve(&self, n: usize) {
+        self.keys.lock().reserve(n);
+    }
+
     fn get(&self, key: &str) -> Option<Arc<KeyState>> {
         self.keys.lock().get(key).map(|h| h.state.clone())
     }
@@ -570,9 +575,13 @@ impl Client {
     {
         self.check_open()?;
         const BATCH: usize = 10_000;
-        let mut futures = Vec::new();
-        let mut tasks = Vec::new();
-        let mut wants = Vec::new();
+        let items = items.into_iter();
+        // Sized once for the whole map rather than grown (and rehashed) on the way.
+        let expected = items.size_hint().0;
+        self.inner.table.reserve(expected);
+        let mut futures = Vec::with_capacity(expected);
+        let mut tasks = Vec::with_capacity(expected.min(BATCH));
+        let mut wants = Vec::with_capacity(expected.min(BATCH));
         let mut keys = keys.map(|k| k.into_iter());
         for args in items {
             let mut deps = Vec::new();

@@ -21,7 +21,7 @@ mod data_service;
 
 /// Values held by this worker, shared by the event loop, the executor threads and the data
 /// service.
-pub type Store = Arc<DashMap<Key, Value>>;
+pub type Store = Arc<DashMap<Key, Value, rustc_hash::FxBuildHasher>>;
 
 /// How to run one worker.
 #[derive(Clone, Debug)]
@@ -103,7 +103,7 @@ pub async fn start(
     let local = listener.local_addr().map_err(|source| WorkerError::Bind { addr: bind, source })?;
     let address = Address { host: config.host.clone(), port: local.port() };
     let name = config.name.clone().unwrap_or_else(|| address.to_string());
-    let store: Store = Arc::new(DashMap::new());
+    let store: Store = Arc::new(DashMap::with_hasher(rustc_hash::FxBuildHasher));
     let (events_tx, events_rx) = mpsc::unbounded_channel::<Event>();
 
     // The data service.
