@@ -417,6 +417,10 @@ struct LogEntry {
     at_ns: u64,
 }
 
+/// A task with more dependents than this keeps an index of where each sits in its list:
+/// forgetting the 100k dependents of one task searched the list for each (3 s, quadratic).
+const INDEX_OVER: usize = 64;
+
 /// How the log names a key (a collision would only add another key's lines to a story).
 fn log_key(key: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64(key.as_bytes())
@@ -444,6 +448,9 @@ pub struct SchedulerCore {
     started: Instant,
     /// Tasks to re-check for release/forget at the end of the current event.
     to_check: Vec<TaskId>,
+    /// For tasks with more than [`INDEX_OVER`] dependents: each dependent's position in the
+    /// task's `dependents`.
+    positions: FxHashMap<TaskId, FxHashMap<TaskId, u32>>,
     cause: &'static str,
     now: Instant,
     /// The value of the task finishing in the current event, if the worker sent it along:
@@ -484,6 +491,7 @@ impl SchedulerCore {
             log_names: Vec::new(),
             started: now,
             to_check: Vec::new(),
+            positions: FxHashMap::default(),
             cause: "",
             now,
             erred_propagating: false,
@@ -693,7 +701,7 @@ impl SchedulerCore {
             ids.sort_unstable();
             ids.dedup();
             for &dep in &ids {
-                self.task_mut(dep).dependents.push(*id);
+                self.add_dependent(dep, *id);
             }
             self.task_mut(*id).dependencies = ids.into_boxed_slice();
         }
@@ -712,11 +720,7 @@ impl SchedulerCore {
             // Still released, so no `active_dependents` counts change.
             let deps = std::mem::take(&mut self.task_mut(id).dependencies);
             for &d in deps.iter() {
-                let dep = self.task_mut(d);
-                if let Some(pos) = dep.dependents.iter().position(|x| *x == id) {
-                    dep.dependents.swap_remove(pos);
-                }
-                if dep.dependents.is_empty() {
+                if self.remove_dependent(d, id) {
                     self.to_check.push(d);
                 }
             }
@@ -1480,15 +1484,50 @@ impl SchedulerCore {
         self.push_log(log_key(&task.key), task.state.name(), "forgotten");
         self.keys.remove(&task.key);
         self.free_ids.push(t.0);
+        self.positions.remove(&t);
         for &d in task.dependencies.iter() {
-            let dep = self.task_mut(d);
-            if let Some(pos) = dep.dependents.iter().position(|x| *x == t) {
-                dep.dependents.swap_remove(pos);
-            }
-            if dep.dependents.is_empty() {
+            if self.remove_dependent(d, t) {
                 self.to_check.push(d);
             }
         }
+    }
+
+    /// Adds `t` to `dep`'s dependents (indexed once the list is long).
+    fn add_dependent(&mut self, dep: TaskId, t: TaskId) {
+        let list = &mut self.tasks.slot_mut(dep.0).as_mut().expect("live task").dependents;
+        list.push(t);
+        if list.len() > INDEX_OVER {
+            let index = self
+                .positions
+                .entry(dep)
+                .or_insert_with(|| list.iter().enumerate().map(|(i, d)| (*d, i as u32)).collect());
+            index.insert(t, (list.len() - 1) as u32);
+        }
+    }
+
+    /// Takes `t` out of `dep`'s dependents; returns whether none are left.
+    fn remove_dependent(&mut self, dep: TaskId, t: TaskId) -> bool {
+        let list = &mut self.tasks.slot_mut(dep.0).as_mut().expect("live task").dependents;
+        let index = self.positions.get_mut(&dep);
+        let pos = match &index {
+            Some(index) => index.get(&t).map(|p| *p as usize),
+            None => list.iter().position(|x| *x == t),
+        };
+        if let Some(pos) = pos {
+            list.swap_remove(pos);
+            if let Some(index) = index {
+                index.remove(&t);
+                if let Some(moved) = list.get(pos) {
+                    index.insert(*moved, pos as u32);
+                }
+            }
+        }
+        // Dropped well below the threshold only, so a list hovering at it is not re-indexed
+        // on every change.
+        if list.len() <= INDEX_OVER / 2 {
+            self.positions.remove(&dep);
+        }
+        list.is_empty()
     }
 
     fn log_transition(&mut self, t: TaskId, from: &'static str, to: &'static str) {
@@ -1575,6 +1614,16 @@ impl SchedulerCore {
             }
             for d in &task.dependents {
                 assert!(self.task(*d).dependencies.contains(&t), "{key}: dependent link");
+            }
+            match self.positions.get(&t) {
+                Some(index) => {
+                    assert!(task.dependents.len() > INDEX_OVER / 2, "{key}: an index for a short list");
+                    assert_eq!(index.len(), task.dependents.len(), "{key}: index size");
+                    for (d, p) in index {
+                        assert_eq!(task.dependents.get(*p as usize), Some(d), "{key}: index position");
+                    }
+                }
+                None => assert!(task.dependents.len() <= INDEX_OVER, "{key}: a long list without an index"),
             }
             for c in &task.who_wants {
                 assert!(self.clients.get(c).is_some_and(|cl| cl.wants.contains(&t)), "{key}: who_wants vs client");

@@ -1199,3 +1199,34 @@ fn hot_structs_stay_small() {
     assert!(task <= 160, "Option<Task> grew to {task} bytes");
     assert!(std::mem::size_of::<super::LogEntry>() <= 24);
 }
+
+#[test]
+fn forgetting_many_dependents_of_one_task_unlinks_them_all() {
+    // Enough dependents for the root to index them, released in bulk, one by one, and until
+    // the list is short again (validate() checks the index after every event).
+    let n = 4 * INDEX_OVER;
+    let mut h = Harness::new();
+    h.join(1, 2);
+    let names: Vec<String> = (0..n).map(|i| format!("use-{i}")).collect();
+    let mut tasks = vec![task("root", &[])];
+    tasks.extend(names.iter().map(|name| task(name, &["root"])));
+    let wants: Vec<&str> = names.iter().map(String::as_str).collect();
+    h.submit(C1, tasks, &wants);
+    h.finish(1, "root", 8);
+    assert_eq!(h.core.n_tasks(), n + 1);
+
+    // Half in one event, then one per event, then the rest: validate() runs after each.
+    let (half, rest) = names.split_at(n / 2);
+    h.handle(Event::ReleaseKeys { client: C1, keys: half.iter().map(|k| Arc::from(k.as_str())).collect() });
+    assert_eq!(h.core.n_tasks(), n / 2 + 1);
+    let (single, rest) = rest.split_at(INDEX_OVER + INDEX_OVER / 2);
+    for name in single {
+        h.handle(Event::ReleaseKeys { client: C1, keys: vec![k(name)] });
+    }
+    assert_eq!(h.core.n_tasks(), rest.len() + 1);
+    assert!(matches!(h.state("root"), TaskState::Memory { .. }), "still needed by the rest");
+    let out = h.handle(Event::ReleaseKeys { client: C1, keys: rest.iter().map(|k| Arc::from(k.as_str())).collect() });
+    // The last dependent gone, the root goes too, and its worker is told to drop it.
+    assert!(frees(&out).contains(&(1, s("root"))), "{out:?}");
+    assert_eq!(h.core.n_tasks(), 0);
+}
