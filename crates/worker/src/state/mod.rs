@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dask_protocol::pb;
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 pub type Key = Arc<str>;
 
@@ -137,8 +137,9 @@ enum DataState {
 
 struct DataKey {
     state: DataState,
-    /// Local compute tasks that need this value.
-    dependents: Vec<Key>,
+    /// Local compute tasks that need this value (a set: a shared input of a whole `map` has
+    /// thousands, and each finishing task takes itself out).
+    dependents: FxHashSet<Key>,
     /// Computed or put here: the scheduler knows this replica and decides when it goes.
     own: bool,
 }
@@ -191,7 +192,7 @@ impl WorkerState {
                 for (key, nbytes) in keys {
                     let d = self.data.entry(key.clone()).or_insert_with(|| DataKey {
                         state: DataState::Fetch { who_has: Vec::new() },
-                        dependents: Vec::new(),
+                        dependents: FxHashSet::default(),
                         own: true,
                     });
                     d.own = true;
@@ -231,10 +232,10 @@ impl WorkerState {
         for (dep, who_has) in req.deps {
             let d = self.data.entry(dep.clone()).or_insert_with(|| DataKey {
                 state: DataState::Fetch { who_has: Vec::new() },
-                dependents: Vec::new(),
+                dependents: FxHashSet::default(),
                 own: false,
             });
-            d.dependents.push(req.key.clone());
+            d.dependents.insert(req.key.clone());
             match &mut d.state {
                 DataState::Memory { .. } => {}
                 DataState::Flight { .. } => missing += 1,
@@ -321,7 +322,7 @@ impl WorkerState {
                 }
                 let d = self.data.entry(key.clone()).or_insert_with(|| DataKey {
                     state: DataState::Memory { nbytes },
-                    dependents: Vec::new(),
+                    dependents: FxHashSet::default(),
                     own: true,
                 });
                 d.state = DataState::Memory { nbytes };
@@ -424,7 +425,7 @@ impl WorkerState {
     fn release_deps(&mut self, task: &Key, deps: &[Key], out: &mut Vec<Instruction>) {
         for dep in deps {
             if let Some(d) = self.data.get_mut(dep) {
-                d.dependents.retain(|t| t != task);
+                d.dependents.remove(task);
                 if d.dependents.is_empty() && !d.own {
                     self.drop_data(dep, out);
                 }
