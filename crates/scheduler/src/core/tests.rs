@@ -526,6 +526,33 @@ fn restrictions_name_workers_by_address_or_name() {
 }
 
 #[test]
+fn loose_restrictions_prefer_the_named_workers_and_fall_back_to_any() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    h.join(2, 1);
+    let loose = |key: &str, on: &str| {
+        let mut t = task(key, &[]);
+        t.workers = vec![Arc::from(on)];
+        t.allow_other_workers = true;
+        t
+    };
+    // Worker 2 is named and has room: it gets the task though worker 1 is as free.
+    let out = h.submit(C1, vec![loose("a", "w2")], &["a"]);
+    assert_eq!(computes(&out), vec![(2, s("a"))]);
+    // A named worker that does not exist does not hold the task back.
+    let out = h.submit(C1, vec![loose("b", "w9")], &["b"]);
+    assert_eq!(computes(&out), vec![(1, s("b"))]);
+    // Nor does its named worker being full: worker 2 still runs "a", worker 1 is free again.
+    h.finish(1, "b", 1);
+    let out = h.submit(C1, vec![loose("c", "w2")], &["c"]);
+    assert_eq!(computes(&out), vec![(1, s("c"))]);
+    // With room on both, the named one again.
+    h.finish(2, "a", 1);
+    let out = h.submit(C1, vec![loose("d", "w2")], &["d"]);
+    assert_eq!(computes(&out), vec![(2, s("d"))]);
+}
+
+#[test]
 fn a_restricted_task_waits_when_its_worker_dies() {
     let mut h = Harness::new();
     h.join(1, 1);
