@@ -270,6 +270,7 @@ pub async fn serve<D: DataStore + 'static>(
             if conn.set_nodelay(true).is_err() {
                 return;
             }
+            keepalive(&conn);
             tokio::select! {
                 _ = shutdown.cancelled() => {}
                 r = serve_connection(conn, &*store) => if let Err(e) = r {
@@ -449,8 +450,24 @@ pub async fn connect(address: &str) -> Result<TcpStream, DataError> {
         .await
         .map_err(|_| DataError::Timeout(CONNECT_TIMEOUT))??;
     conn.set_nodelay(true)?;
+    keepalive(&conn);
     conn.write_all(MAGIC).await?;
     Ok(conn)
+}
+
+/// Idle time before the kernel probes a data connection's peer, and between probes.
+const KEEPALIVE: (Duration, Duration, u32) = (Duration::from_secs(30), Duration::from_secs(10), 3);
+
+/// Lets the kernel find a peer that vanished without closing (power loss, a partition): a
+/// connection idle for 30 s is probed, and reset after 3 probes 10 s apart go unanswered.
+/// Without it, a worker would keep a task and a socket waiting for each such peer's next
+/// request forever.
+fn keepalive(conn: &TcpStream) {
+    let (time, interval, retries) = KEEPALIVE;
+    let ka = socket2::TcpKeepalive::new().with_time(time).with_interval(interval).with_retries(retries);
+    if let Err(e) = socket2::SockRef::from(conn).set_tcp_keepalive(&ka) {
+        tracing::debug!(error = %e, "could not set TCP keepalive on a data connection");
+    }
 }
 
 #[cfg(test)]
@@ -551,6 +568,22 @@ mod tests {
         let e = DataPool::default().get_data(&peer, vec!["huge".into()]).await.unwrap_err();
         assert!(matches!(e, DataError::TooBig { ref key, len } if key == "huge" && len == huge), "{e:?}");
         assert!(e.to_string().contains("does not fit in memory here"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn data_connections_probe_a_silent_peer() {
+        let (addr, _) = server().await;
+        let conn = connect(&addr).await.unwrap();
+        let s = socket2::SockRef::from(&conn);
+        assert!(s.keepalive().unwrap());
+        assert_eq!(s.tcp_keepalive_time().unwrap(), KEEPALIVE.0);
+        assert_eq!(s.tcp_keepalive_interval().unwrap(), KEEPALIVE.1);
+        assert_eq!(s.tcp_keepalive_retries().unwrap(), KEEPALIVE.2);
+        // The connection works as before.
+        let mut conn = conn;
+        let get = pb::DataMessage { kind: Some(Kind::Get(pb::DataRequest { keys: vec!["k".into()] })) };
+        let reply = send_and_read(&mut conn, &get, &[]).await.unwrap().unwrap();
+        assert!(matches!(reply.kind, Some(Kind::Values(ref l)) if l.values[0].missing), "{reply:?}");
     }
 
     #[tokio::test]
