@@ -1481,7 +1481,9 @@ impl SchedulerCore {
     fn forget(&mut self, t: TaskId) {
         let task = self.tasks.slot_mut(t.0).take().expect("forget a live task");
         debug_assert!(!task.state.is_active() && !matches!(task.state, TaskState::Memory { .. }));
-        self.push_log(log_key(&task.key), task.state.name(), "forgotten");
+        if self.config.log_len > 0 {
+            self.push_log(log_key(&task.key), task.state.name(), "forgotten");
+        }
         self.keys.remove(&task.key);
         self.free_ids.push(t.0);
         self.positions.remove(&t);
@@ -1496,12 +1498,12 @@ impl SchedulerCore {
     fn add_dependent(&mut self, dep: TaskId, t: TaskId) {
         let list = &mut self.tasks.slot_mut(dep.0).as_mut().expect("live task").dependents;
         list.push(t);
-        if list.len() > INDEX_OVER {
-            let index = self
-                .positions
-                .entry(dep)
-                .or_insert_with(|| list.iter().enumerate().map(|(i, d)| (*d, i as u32)).collect());
+        // A list that shrank to 33..=64 keeps its index (see `remove_dependent`): it must learn
+        // of every new dependent too, not only of those past the threshold.
+        if let Some(index) = self.positions.get_mut(&dep) {
             index.insert(t, (list.len() - 1) as u32);
+        } else if list.len() > INDEX_OVER {
+            self.positions.insert(dep, list.iter().enumerate().map(|(i, d)| (*d, i as u32)).collect());
         }
     }
 
@@ -1513,6 +1515,7 @@ impl SchedulerCore {
             Some(index) => index.get(&t).map(|p| *p as usize),
             None => list.iter().position(|x| *x == t),
         };
+        debug_assert!(pos.is_some(), "removing a dependent that is not in the list");
         if let Some(pos) = pos {
             list.swap_remove(pos);
             if let Some(index) = index {

@@ -1257,3 +1257,24 @@ fn forgetting_many_dependents_of_one_task_unlinks_them_all() {
     assert!(frees(&out).contains(&(1, s("root"))), "{out:?}");
     assert_eq!(h.core.n_tasks(), 0);
 }
+
+#[test]
+fn a_shrunk_list_that_grows_again_keeps_its_index_exact() {
+    // Past the threshold (indexed), down into 33..=64 (index kept), then a new dependent:
+    // it must be indexed too, or forgetting it later would leave a dead id in the list.
+    let mut h = Harness::new();
+    h.join(1, 2);
+    let names: Vec<String> = (0..=INDEX_OVER).map(|i| format!("use-{i}")).collect();
+    let mut tasks = vec![task("root", &[])];
+    tasks.extend(names.iter().map(|name| task(name, &["root"])));
+    let wants: Vec<&str> = names.iter().map(String::as_str).collect();
+    h.submit(C1, tasks, &wants);
+    h.finish(1, "root", 8);
+    let (gone, kept) = names.split_at(15);
+    h.handle(Event::ReleaseKeys { client: C1, keys: gone.iter().map(|k| Arc::from(k.as_str())).collect() });
+    h.submit(C1, vec![task("late", &["root"])], &["late"]);
+    h.handle(Event::ReleaseKeys { client: C1, keys: vec![k("late")] });
+    let out = h.handle(Event::ReleaseKeys { client: C1, keys: kept.iter().map(|k| Arc::from(k.as_str())).collect() });
+    assert!(frees(&out).contains(&(1, s("root"))), "{out:?}");
+    assert_eq!(h.core.n_tasks(), 0);
+}
