@@ -866,15 +866,20 @@ struct GenTask {
     retries: u32,
 }
 
+/// Random DAGs of up to 149 tasks; in some, every task also uses task 0 (a shared input with
+/// more dependents than `INDEX_OVER`, so its list is indexed).
 fn dag() -> impl Strategy<Value = Vec<GenTask>> {
-    (1usize..150).prop_flat_map(|n| {
+    (1usize..150, any::<bool>()).prop_flat_map(|(n, hub)| {
         proptest::collection::vec((proptest::collection::vec(any::<prop::sample::Index>(), 0..4), 0u8..7, 0u32..3), n)
-            .prop_map(|raw| {
+            .prop_map(move |raw| {
                 raw.into_iter()
                     .enumerate()
                     .map(|(i, (deps, want, retries))| {
-                        let mut deps: Vec<usize> =
-                            if i == 0 { vec![] } else { deps.iter().map(|x| x.index(i)).collect() };
+                        let mut deps: Vec<usize> = match i {
+                            0 => vec![],
+                            _ if hub => deps.iter().map(|x| x.index(i)).chain([0]).collect(),
+                            _ => deps.iter().map(|x| x.index(i)).collect(),
+                        };
                         deps.sort_unstable();
                         deps.dedup();
                         // 0..=3: nobody; 4: client 0; 5: client 1; 6: both.
