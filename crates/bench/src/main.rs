@@ -428,22 +428,16 @@ fn tcp_probe(n: usize, mode: Probe) -> f64 {
         std::hint::black_box(all);
     });
     let mut s = std::net::TcpStream::connect(addr).unwrap();
-    // The socket probe writes one 1 MiB chunk over and over; the others write from a buffer as
-    // large as the value, as a process sending one does.
-    let chunk = vec![7u8; 1 << 20];
-    let value = if mode == Probe::Socket { Vec::new() } else { vec![7u8; n] };
+    // The socket probe writes one 1 MiB buffer over and over; the others write a value of `n`
+    // bytes in 4 MiB pieces, as a process sending one does.
+    let (src, piece) = if mode == Probe::Socket { (vec![7u8; 1 << 20], 1 << 20) } else { (vec![7u8; n], 4 << 20) };
     let t = Instant::now();
-    if mode == Probe::Socket {
-        let mut sent = 0;
-        while sent < n {
-            let k = chunk.len().min(n - sent);
-            s.write_all(&chunk[..k]).unwrap();
-            sent += k;
-        }
-    } else {
-        for piece in value.chunks(4 << 20) {
-            s.write_all(piece).unwrap();
-        }
+    let mut sent = 0;
+    while sent < n {
+        let at = sent % src.len();
+        let k = piece.min(n - sent).min(src.len() - at);
+        s.write_all(&src[at..at + k]).unwrap();
+        sent += k;
     }
     reader.join().unwrap();
     n as f64 / 1e6 / t.elapsed().as_secs_f64()

@@ -277,11 +277,10 @@ impl ClientInner {
             for (worker, keys, r) in join_all(requests).await {
                 match r {
                     Ok(values) => {
-                        // Only what was asked of this worker (a peer cannot add keys).
-                        let asked: FxHashMap<&str, &Arc<str>> = keys.iter().map(|k| (&**k, k)).collect();
-                        for (k, v) in values {
-                            if let (Some(v), Some(key)) = (v, asked.get(k.as_str())) {
-                                out.insert((*key).clone(), v);
+                        // One entry per key asked, in order (`get_data`).
+                        for (key, (_, v)) in keys.into_iter().zip(values) {
+                            if let Some(v) = v {
+                                out.insert(key, v);
                             }
                         }
                     }

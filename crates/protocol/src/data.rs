@@ -353,7 +353,9 @@ impl std::fmt::Debug for DataPool {
 }
 
 impl DataPool {
-    /// Fetches `keys` from the worker at `address`. Keys it lacks come back as `None`.
+    /// Fetches `keys` from the worker at `address`: one entry per key, in the order asked, with
+    /// `None` for keys it lacks. Keys a peer sends unasked are dropped (a peer cannot plant
+    /// values), and keys it leaves out count as lacking.
     pub async fn get_data(&self, address: &str, keys: Vec<String>) -> Result<Vec<Received>, DataError> {
         let request = pb::DataMessage { kind: Some(Kind::Get(pb::DataRequest { keys })) };
         let (mut conn, reply) = self.exchange(address, &request, &[]).await?;
@@ -361,7 +363,8 @@ impl DataPool {
             Some(Kind::Values(list)) => {
                 let values = read_values(&mut conn, list).await?;
                 self.give_back(address, conn);
-                Ok(values)
+                let Some(Kind::Get(pb::DataRequest { keys })) = request.kind else { unreachable!("a get") };
+                Ok(as_asked(keys, values))
             }
             other => Err(unexpected(other)),
         }
@@ -418,6 +421,21 @@ impl DataPool {
             conns.push(conn);
         }
     }
+}
+
+/// `values` lined up with `keys` (see [`DataPool::get_data`]). A peer answers in the order
+/// asked, so matching by name is only the fallback.
+fn as_asked(keys: Vec<String>, values: Vec<Received>) -> Vec<Received> {
+    if keys.len() == values.len() && keys.iter().zip(&values).all(|(k, (v, _))| k == v) {
+        return values;
+    }
+    let mut by_key: HashMap<String, Value> = values.into_iter().filter_map(|(k, v)| Some((k, v?))).collect();
+    keys.into_iter()
+        .map(|k| {
+            let v = by_key.remove(&k);
+            (k, v)
+        })
+        .collect()
 }
 
 /// Errors of an idle connection the peer has closed.
@@ -568,6 +586,19 @@ mod tests {
         let e = DataPool::default().get_data(&peer, vec!["huge".into()]).await.unwrap_err();
         assert!(matches!(e, DataError::TooBig { ref key, len } if key == "huge" && len == huge), "{e:?}");
         assert!(e.to_string().contains("does not fit in memory here"), "{e}");
+    }
+
+    #[test]
+    fn a_reply_is_lined_up_with_the_keys_asked() {
+        let v = |b: &'static [u8]| Some(Value::raw(Bytes::from_static(b)));
+        let keys = || vec!["a".to_string(), "b".to_string(), "c".to_string()];
+        // In order: kept as is.
+        let sent = vec![("a".to_string(), v(b"1")), ("b".to_string(), None), ("c".to_string(), v(b"3"))];
+        assert_eq!(as_asked(keys(), sent.clone()), sent);
+        // Out of order, one left out, one never asked: by name, the missing one None.
+        let sent = vec![("c".to_string(), v(b"3")), ("x".to_string(), v(b"planted")), ("a".to_string(), v(b"1"))];
+        let want = vec![("a".to_string(), v(b"1")), ("b".to_string(), None), ("c".to_string(), v(b"3"))];
+        assert_eq!(as_asked(keys(), sent), want);
     }
 
     #[tokio::test]

@@ -1540,10 +1540,8 @@ impl SchedulerCore {
         self.push_log(log_key(&self.task(t).key), from, to);
     }
 
+    /// Callers check that the log is on first, so that no key is hashed for nothing.
     fn push_log(&mut self, key: u64, from: &'static str, to: &'static str) {
-        if self.config.log_len == 0 {
-            return;
-        }
         let (from, to, cause) = (self.intern(from), self.intern(to), self.intern(self.cause));
         let at_ns = self.now.saturating_duration_since(self.started).as_nanos() as u64;
         self.log.push_back(LogEntry { key, from, to, cause, at_ns });

@@ -395,22 +395,17 @@ async fn fetch(
     let (mut got, mut missing) = (Vec::new(), Vec::new());
     match result {
         Ok(values) => {
-            // By name, so that a fetch of 100k keys is not quadratic; keys the peer sent but
-            // nobody asked for are ignored.
-            let mut asked: rustc_hash::FxHashMap<&str, &Key> = keys.iter().map(|k| (&**k, k)).collect();
-            for (k, v) in values {
-                let Some(key) = asked.remove(k.as_str()) else { continue };
+            // One entry per key asked, in order (`get_data`).
+            for (key, (_, v)) in keys.into_iter().zip(values) {
                 match v {
                     Some(v) => {
                         let n = v.data.len() as u64;
                         store.insert(key.clone(), v);
-                        got.push((key.clone(), n));
+                        got.push((key, n));
                     }
-                    None => missing.push(key.clone()),
+                    None => missing.push(key),
                 }
             }
-            // Keys the peer did not mention at all count as missing.
-            missing.extend(asked.into_values().cloned());
         }
         Err(e) => {
             tracing::warn!(peer = %from, error = %e, "fetching dependencies failed");
