@@ -136,3 +136,66 @@ fn sigterm_stops_the_scheduler_and_its_workers_cleanly() {
     let err = f.result_timeout(LONG).unwrap_err();
     assert!(matches!(err, dask::Error::SchedulerLost(_)), "{err}");
 }
+
+#[test]
+fn a_worker_still_looking_for_its_scheduler_stops_at_once_on_sigterm() {
+    let dir = TempDir::new("term-retry");
+    // Nothing listens there: the worker keeps retrying (no --death-timeout).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = format!("tcp://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let mut w = worker(&dir, &binary("dask-worker"), &[&address, "--no-nanny"], "w.log");
+    let deadline = std::time::Instant::now() + LONG;
+    while !w.log().contains("retrying") {
+        assert!(std::time::Instant::now() < deadline, "{}", w.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    w.terminate();
+    let status = w.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "SIGTERM must stop a retrying worker: {}", w.log());
+}
+
+#[test]
+fn idle_sockets_cannot_starve_the_scheduler() {
+    use std::io::Read;
+    let dir = TempDir::new("idle-sockets");
+    let file = dir.path("scheduler.json");
+    let mut cmd = std::process::Command::new(binary("dask-scheduler"));
+    cmd.args(["--host", "127.0.0.1", "--port", "0", "--max-connections", "20", "--scheduler-file"])
+        .arg(&file)
+        .env("DASK_DISTRIBUTED__SCHEDULER__HANDSHAKE_TIMEOUT", "1s")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path("scheduler.log")).unwrap());
+    let mut sched = Proc { child: cmd.spawn().unwrap(), log: dir.path("scheduler.log") };
+    let address = dask_system_tests::wait_for_scheduler_file(&file, LONG);
+    let target = address.trim_start_matches("tcp://").to_string();
+    // Many sockets that never say anything.
+    let mut idle: Vec<std::net::TcpStream> =
+        (0..200).filter_map(|_| std::net::TcpStream::connect(&target).ok()).collect();
+    assert!(idle.len() > 20, "connected {} idle sockets", idle.len());
+    // A real client still gets in (the idle ones are closed after the handshake timeout, the
+    // ones past the cap at once), and the cluster works.
+    let client = Client::connect(&address).unwrap();
+    let _w = worker(&dir, &binary("dask-worker"), &[&address, "--no-nanny", "--nthreads", "1"], "w.log");
+    client.wait_for_workers(1, Some(LONG)).unwrap();
+    assert_eq!(client.submit(inc, (1,)).unwrap().result_timeout(LONG).unwrap(), 2);
+    // Every idle socket was closed by the scheduler.
+    for s in &mut idle {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 64];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => continue, // an HTTP/2 server preface or GOAWAY before the close
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    panic!("an idle socket was left open")
+                }
+                Err(_) => break, // reset
+            }
+        }
+    }
+    let log = sched.log();
+    assert!(log.contains("too many connections"), "the cap is logged: {log}");
+    sched.terminate();
+    assert_eq!(sched.wait_exit(LONG).and_then(|s| s.code()), Some(0), "{}", sched.log());
+}

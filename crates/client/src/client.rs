@@ -911,37 +911,55 @@ pub(crate) fn read_scheduler_file(path: &std::path::Path) -> Result<String> {
         .ok_or_else(|| Error::InvalidArgument(format!("scheduler file {} has no \"address\"", path.display())))
 }
 
-async fn connect_inner(addr: Address, timeout: Duration, handle: tokio::runtime::Handle) -> Result<Client> {
+/// A client stream to the scheduler: the gRPC client, the sender of our side, the scheduler's
+/// side.
+type Opened =
+    (SchedulerClient<Channel>, mpsc::UnboundedSender<pb::ClientToScheduler>, tonic::Streaming<pb::SchedulerToClient>);
+
+/// Connects and opens the client stream, retrying (with backoff) until `timeout`: a scheduler
+/// that is starting, restarting or turning connections away for a moment is waited for, as dask
+/// waits for `distributed.comm.timeouts.connect`.
+async fn open_stream(addr: &Address, timeout: Duration) -> Result<Opened> {
     let started = Instant::now();
     let connect_err = |why: String| Error::Connect { address: addr.to_string(), timeout, why };
-    let endpoint = dask_protocol::serve::endpoint(&addr, timeout).map_err(|e| connect_err(e.to_string()))?;
+    let endpoint = dask_protocol::serve::endpoint(addr, timeout).map_err(|e| connect_err(e.to_string()))?;
     let mut delay = Duration::from_millis(20);
-    let channel = loop {
-        match tokio::time::timeout(timeout.saturating_sub(started.elapsed()), endpoint.connect()).await {
-            Ok(Ok(ch)) => break ch,
-            Ok(Err(e)) if started.elapsed() + delay < timeout => {
-                tracing::debug!(error = %dask_worker::server::error_chain(&e), "scheduler not reachable yet");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_millis(500));
-            }
-            Ok(Err(e)) => return Err(connect_err(dask_worker::server::error_chain(&e))),
-            Err(_) => return Err(connect_err("timed out".into())),
-        }
-    };
-    let mut scheduler =
-        SchedulerClient::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE);
-    let (stream_tx, stream_rx) = mpsc::unbounded_channel::<pb::ClientToScheduler>();
-    let client_id = format!("Client-{:x}", std::collections::hash_map::RandomState::new().hash_one(std::process::id()));
-    let _ = stream_tx.send(pb::ClientToScheduler {
-        ops: vec![pb::ClientOp { kind: Some(pb::client_op::Kind::Hello(pb::ClientHello { client_id })) }],
-    });
-    let remaining = timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(100));
-    let inbound =
-        match tokio::time::timeout(remaining, scheduler.client_stream(UnboundedReceiverStream::new(stream_rx))).await {
-            Ok(Ok(r)) => r.into_inner(),
-            Ok(Err(s)) => return Err(connect_err(s.message().to_string())),
-            Err(_) => return Err(connect_err("the scheduler did not answer".into())),
+    loop {
+        let left = timeout.saturating_sub(started.elapsed());
+        let attempt = async {
+            let channel = endpoint.connect().await.map_err(|e| dask_protocol::error_chain(&e))?;
+            let mut scheduler = SchedulerClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE);
+            let (stream_tx, stream_rx) = mpsc::unbounded_channel::<pb::ClientToScheduler>();
+            let client_id =
+                format!("Client-{:x}", std::collections::hash_map::RandomState::new().hash_one(std::process::id()));
+            let _ = stream_tx.send(pb::ClientToScheduler {
+                ops: vec![pb::ClientOp { kind: Some(pb::client_op::Kind::Hello(pb::ClientHello { client_id })) }],
+            });
+            let inbound = scheduler
+                .client_stream(UnboundedReceiverStream::new(stream_rx))
+                .await
+                .map_err(|s| format!("{} ({})", s.message(), s.code()))?
+                .into_inner();
+            Ok::<_, String>((scheduler, stream_tx, inbound))
         };
+        let why = match tokio::time::timeout(left, attempt).await {
+            Ok(Ok(opened)) => return Ok(opened),
+            Ok(Err(why)) => why,
+            Err(_) => "timed out".to_string(),
+        };
+        if started.elapsed() + delay >= timeout {
+            return Err(connect_err(why));
+        }
+        tracing::debug!(error = %why, "scheduler not reachable yet");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(500));
+    }
+}
+
+async fn connect_inner(addr: Address, timeout: Duration, handle: tokio::runtime::Handle) -> Result<Client> {
+    let (scheduler, stream_tx, inbound) = open_stream(&addr, timeout).await?;
     let (ops_tx, ops_rx) = mpsc::unbounded_channel();
     let shutdown = CancellationToken::new();
     let finished = CancellationToken::new();

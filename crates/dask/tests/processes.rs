@@ -1,6 +1,8 @@
 //! `LocalCluster` with worker processes: this test binary is started again as each worker, so
 //! its own `#[dask::task]` functions run there. Like a user program, `main` calls
-//! `dask::init()` first (no test harness: a harness would run every test in each worker).
+//! `dask::init()` first; the tests then run under libtest-mimic, which speaks libtest's command
+//! line (`--list`, `--exact`, filters), so `cargo test` and `cargo nextest run` both list and run
+//! them (the default harness would start every test again in each worker).
 use std::time::Duration;
 
 use dask::{Client, LocalCluster, SubmitOptions};
@@ -23,6 +25,15 @@ fn total(xs: Vec<i64>) -> i64 {
 
 fn main() {
     dask::init();
+    let args = libtest_mimic::Arguments::from_args();
+    let tests = vec![libtest_mimic::Trial::test("user_functions_run_in_worker_processes_that_may_die", || {
+        worker_processes();
+        Ok(())
+    })];
+    libtest_mimic::run(&args, tests).exit();
+}
+
+fn worker_processes() {
     let mut cluster = LocalCluster::builder().n_workers(2).threads_per_worker(1).processes(true).build().unwrap();
     let client = Client::connect(&cluster.scheduler_address()).unwrap();
 

@@ -7,12 +7,14 @@
 //! * [`codec`]: how values are encoded (msgpack for Rust tasks, raw for byte buffers); values
 //!   are opaque to the scheduler.
 //! * [`data`]: data connections, on which values move between workers and clients.
+//! * [`config`]: dask's configuration (YAML files, `DASK_*` variables, dask's key names).
 //! * [`addr`]: `tcp://host:port` addresses, parsed with errors a user can act on.
 //! * [`tokenize`]: the stable hash behind `pure` keys (`inc-<32 hex digits>`).
 
 pub mod addr;
 pub mod cli;
 pub mod codec;
+pub mod config;
 pub mod data;
 pub mod serve;
 pub mod task;
@@ -28,6 +30,21 @@ pub mod pb {
 /// Values never travel in gRPC messages (see [`data`]); the cap only bounds control batches (a
 /// graph of a million tasks is sent in several batches).
 pub const MAX_MESSAGE: usize = 256 * 1024 * 1024;
+
+/// `e` and its sources, joined: tonic's top-level transport errors say little.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let next = c.to_string();
+        if !s.ends_with(&next) {
+            s.push_str(": ");
+            s.push_str(&next);
+        }
+        cur = c.source();
+    }
+    s
+}
 
 /// The default scheduler port, as in dask.
 pub const DEFAULT_SCHEDULER_PORT: u16 = 8786;

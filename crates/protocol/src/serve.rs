@@ -1,6 +1,11 @@
 //! Running tonic servers with a shutdown that cannot hang.
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
 /// Runs a tonic server until `shutdown`; then gives open streams (clients that are still
@@ -27,17 +32,198 @@ pub async fn serve_until(
     }
 }
 
-/// Accepted connections with `TCP_NODELAY` set: tonic's `tcp_nodelay` applies only to sockets
-/// it binds itself, and Nagle's algorithm with delayed ACKs adds ~40 ms to small messages.
+/// What a server accepts: how many connections at once, and how long a new connection may take
+/// to send its first bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections open at once, at most; beyond it new ones are closed at once (and logged).
+    pub max_connections: usize,
+    /// A connection that has not sent its HTTP/2 preface by then is closed.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_connections: 10_000, handshake_timeout: Duration::from_secs(10) }
+    }
+}
+
+/// File descriptors kept for everything but accepted connections (files, peers, the runtime).
+const RESERVED_FDS: u64 = 256;
+
+/// Raises this process's soft limit on open files to its hard limit, and returns how many
+/// connections fit under it (after [`RESERVED_FDS`]). `None` where there is no such limit.
+pub fn raise_fd_limit() -> Option<usize> {
+    #[cfg(unix)]
+    {
+        let limit = rlimit::increase_nofile_limit(u64::MAX).ok()?;
+        Some(limit.saturating_sub(RESERVED_FDS).max(16) as usize)
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
+/// Logs at most one line per interval, counting what it held back.
+struct Throttle {
+    last: Option<Instant>,
+    held: u64,
+}
+
+impl Throttle {
+    const EVERY: Duration = Duration::from_secs(5);
+
+    fn new() -> Self {
+        Throttle { last: None, held: 0 }
+    }
+
+    /// `Some(n)` when a line is due: `n` similar events were not logged since the last one.
+    fn due(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self.last.is_some_and(|t| now.duration_since(t) < Self::EVERY) {
+            self.held += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.held))
+    }
+}
+
+/// Accepted connections, with `TCP_NODELAY` set (tonic's `tcp_nodelay` applies only to sockets
+/// it binds itself, and Nagle's algorithm with delayed ACKs adds ~40 ms to small messages).
+///
+/// Accept errors (out of file descriptors, mostly) are logged and followed by a pause that
+/// doubles up to a second: retrying at once spun a core while 20,000 idle sockets held every
+/// descriptor. Connections past `limits.max_connections` are closed at once, and so is one that
+/// sends nothing for `limits.handshake_timeout`.
 pub fn incoming(
     listener: tokio::net::TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static {
-    use tokio_stream::StreamExt;
-    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
-        let conn = conn?;
-        conn.set_nodelay(true)?;
-        Ok(conn)
+    limits: Limits,
+    what: &'static str,
+) -> impl tokio_stream::Stream<Item = std::io::Result<Conn>> + Send + 'static {
+    let live = Arc::new(AtomicUsize::new(0));
+    let state = (listener, live, Throttle::new(), Throttle::new());
+    futures_util::stream::unfold(state, move |(listener, live, mut errors, mut refused)| async move {
+        let mut pause = Duration::from_millis(10);
+        loop {
+            match listener.accept().await {
+                Ok((conn, peer)) => {
+                    pause = Duration::from_millis(10);
+                    if live.load(Ordering::Relaxed) >= limits.max_connections {
+                        if let Some(held) = refused.due() {
+                            tracing::warn!(
+                                %peer,
+                                open = limits.max_connections,
+                                refused_since_last_line = held,
+                                "{what}: too many connections; closing new ones (raise \
+                                 distributed.scheduler.max-connections or --max-connections)"
+                            );
+                        }
+                        drop(conn);
+                        continue;
+                    }
+                    if let Err(e) = conn.set_nodelay(true) {
+                        tracing::debug!(%peer, error = %e, "{what}: a connection failed at once");
+                        continue;
+                    }
+                    live.fetch_add(1, Ordering::Relaxed);
+                    let conn = Conn {
+                        inner: conn,
+                        _open: Open(live.clone()),
+                        handshake: Some(Box::pin(tokio::time::sleep(limits.handshake_timeout))),
+                        seen: 0,
+                    };
+                    return Some((Ok(conn), (listener, live, errors, refused)));
+                }
+                Err(e) => {
+                    if let Some(held) = errors.due() {
+                        tracing::error!(
+                            error = %e,
+                            open = live.load(Ordering::Relaxed),
+                            failures_since_last_line = held,
+                            "{what}: accepting a connection failed; pausing {pause:?} (out of file \
+                             descriptors? raise `ulimit -n` or lower max-connections)"
+                        );
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
     })
+}
+
+/// Counts an open connection until dropped.
+struct Open(Arc<AtomicUsize>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An accepted connection: counted while open, and closed if it sends no HTTP/2 preface in
+/// time.
+pub struct Conn {
+    inner: tokio::net::TcpStream,
+    _open: Open,
+    /// Until the preface has arrived.
+    handshake: Option<Pin<Box<tokio::time::Sleep>>>,
+    seen: usize,
+}
+
+/// Bytes of HTTP/2's client preface (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`).
+const PREFACE: usize = 24;
+
+impl AsyncRead for Conn {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if self.handshake.is_some() {
+            self.seen += buf.filled().len() - before;
+            if self.seen >= PREFACE {
+                self.handshake = None;
+            } else if let Some(deadline) = &mut self.handshake
+                && deadline.as_mut().poll(cx).is_ready()
+            {
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the peer sent no HTTP/2 preface in time",
+                )));
+            }
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
 }
 
 /// HTTP/2 flow-control windows. The defaults (64 KiB) cap a stream at one window per round

@@ -8,6 +8,7 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 use crate::server::{self, SchedulerConfig};
+use dask_protocol::config::{Config, parse_duration};
 
 #[derive(Parser, Debug)]
 #[command(name = "dask-scheduler", version, about = "Start a dask-rs scheduler")]
@@ -27,9 +28,18 @@ pub struct Args {
     /// Accepted for compatibility; the dashboard is not implemented yet.
     #[arg(long)]
     no_dashboard: bool,
-    /// Seconds of silence after which a worker is removed (dask: distributed.scheduler.worker-ttl).
-    #[arg(long, default_value_t = 300.0)]
-    worker_ttl: f64,
+    /// Silence after which a worker is removed, e.g. 300s or "5 minutes" (default: config
+    /// distributed.scheduler.worker-ttl, 5 minutes).
+    #[arg(long)]
+    worker_ttl: Option<String>,
+    /// A task that was running on more than this many workers that died is erred as
+    /// killed-worker (default: config distributed.scheduler.allowed-failures, 3).
+    #[arg(long)]
+    allowed_failures: Option<u32>,
+    /// Connections open at once, at most (default: config distributed.scheduler.max-connections,
+    /// 10000, lowered to what the open-files limit allows).
+    #[arg(long)]
+    max_connections: Option<usize>,
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -45,13 +55,54 @@ pub fn scheduler_main_from(args: impl IntoIterator<Item = OsString>) -> ExitCode
     dask_protocol::cli::exit_code("dask-scheduler", run(Args::parse_from(args)))
 }
 
+/// The scheduler's settings: flags over configuration (files, `DASK_*`) over defaults.
+fn scheduler_config(args: &Args, settings: &Config) -> Result<SchedulerConfig, String> {
+    let mut config = SchedulerConfig { scheduler_file: args.scheduler_file.clone(), ..Default::default() };
+    let ttl = match &args.worker_ttl {
+        Some(t) => parse_duration(t).map_err(|why| format!("--worker-ttl {t:?} {why}"))?,
+        None => settings
+            .duration("distributed.scheduler.worker-ttl")
+            .map_err(|e| e.to_string())?
+            .unwrap_or(config.core.worker_ttl),
+    };
+    if ttl.is_zero() {
+        return Err("the worker TTL must be more than zero (e.g. --worker-ttl 300s)".into());
+    }
+    config.core.worker_ttl = ttl;
+    config.core.allowed_failures = match args.allowed_failures {
+        Some(n) => n,
+        None => settings
+            .uint("distributed.scheduler.allowed-failures")
+            .map_err(|e| e.to_string())?
+            .map_or(config.core.allowed_failures, |n| n.min(u32::MAX as u64) as u32),
+    };
+    let wanted = match args.max_connections {
+        Some(n) => n,
+        None => settings.uint("distributed.scheduler.max-connections").map_err(|e| e.to_string())?.unwrap_or(10_000)
+            as usize,
+    };
+    if wanted == 0 {
+        return Err("max-connections must be at least 1".into());
+    }
+    let fits = dask_protocol::serve::raise_fd_limit().unwrap_or(usize::MAX);
+    if wanted > fits {
+        tracing::warn!(
+            wanted,
+            fits,
+            "max-connections is more than the open-files limit allows; using {fits} (raise `ulimit -n` / LimitNOFILE)"
+        );
+    }
+    config.limits.max_connections = wanted.min(fits);
+    if let Some(t) = settings.duration("distributed.scheduler.handshake-timeout").map_err(|e| e.to_string())? {
+        config.limits.handshake_timeout = t.max(Duration::from_millis(100));
+    }
+    Ok(config)
+}
+
 fn run(args: Args) -> Result<(), String> {
     dask_protocol::cli::init_logging(&args.log_level)?;
-    if !(args.worker_ttl.is_finite() && args.worker_ttl > 0.0) {
-        return Err(format!("--worker-ttl {} must be a positive number of seconds", args.worker_ttl));
-    }
-    let mut config = SchedulerConfig { scheduler_file: args.scheduler_file.clone(), ..Default::default() };
-    config.core.worker_ttl = Duration::from_secs_f64(args.worker_ttl);
+    let settings = Config::load().map_err(|e| e.to_string())?;
+    let config = scheduler_config(&args, &settings)?;
     let rt = dask_protocol::cli::runtime()?;
     rt.block_on(async move {
         let bind = format!("{}:{}", args.host, args.port);

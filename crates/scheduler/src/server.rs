@@ -27,6 +27,8 @@ pub struct SchedulerConfig {
     pub core: core::Config,
     /// Where to write the scheduler file (dask's JSON), if anywhere.
     pub scheduler_file: Option<std::path::PathBuf>,
+    /// Connections accepted at once, and the handshake deadline.
+    pub limits: dask_protocol::serve::Limits,
 }
 
 /// A running scheduler.
@@ -119,7 +121,7 @@ pub async fn run(
             release: Release::default(),
         };
         let loop_task = tokio::spawn(lp.run(rx, shutdown.clone()));
-        let incoming = dask_protocol::serve::incoming(listener);
+        let incoming = dask_protocol::serve::incoming(listener, config.limits, "scheduler");
         let server = dask_protocol::serve::server()
             .add_service(svc)
             .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
@@ -411,7 +413,7 @@ impl EventLoop {
         let mut to_clients: HashMap<ClientId, Vec<pb::KeyReport>> = HashMap::new();
         for cmd in self.commands.drain(..) {
             match cmd {
-                Command::Compute { worker, key, spec, deps, priority, inline } => {
+                Command::Compute { worker, key, spec, deps, priority, inline, announce } => {
                     to_workers.entry(worker).or_default().push(pb::SchedulerCommand {
                         kind: Some(pb::scheduler_command::Kind::Compute(pb::ComputeTask {
                             key: key.to_string(),
@@ -426,6 +428,7 @@ impl EventLoop {
                                 .collect(),
                             priority,
                             inline_result: inline,
+                            announce,
                         })),
                     });
                 }
@@ -445,6 +448,11 @@ impl EventLoop {
                 Command::Report { client, key, report } => {
                     to_clients.entry(client).or_default().push(report_to_pb(key, report));
                 }
+                Command::Notice { level, message } => match level {
+                    core::NoticeLevel::Info => tracing::info!("{message}"),
+                    core::NoticeLevel::Warn => tracing::warn!("{message}"),
+                    core::NoticeLevel::Error => tracing::error!("{message}"),
+                },
                 Command::CloseWorker { worker, reason } => {
                     tracing::warn!(%worker, %reason, "closing worker");
                     to_workers.entry(worker).or_default().push(pb::SchedulerCommand {
@@ -517,6 +525,7 @@ impl pb::scheduler_server::Scheduler for Service {
         &self,
         request: Request<Streaming<pb::WorkerToScheduler>>,
     ) -> Result<Response<Self::WorkerStreamStream>, Status> {
+        let peer = request.remote_addr().map_or_else(|| "unknown".to_string(), |a| a.to_string());
         let mut inbound = request.into_inner();
         let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("empty worker stream"))?;
         let Some(pb::worker_event::Kind::Register(reg)) = first.events.into_iter().next().and_then(|e| e.kind) else {
@@ -532,6 +541,7 @@ impl pb::scheduler_server::Scheduler for Service {
         };
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (reply_tx, reply_rx) = oneshot::channel();
+        let (address, name) = (spec.address.clone(), spec.name.clone());
         self.tx.send(LoopMsg::WorkerConnected { spec, tx: out_tx, reply: reply_tx }).map_err(|_| closed())?;
         let id = reply_rx.await.map_err(|_| closed())?;
         let tx = self.tx.clone();
@@ -547,11 +557,11 @@ impl pb::scheduler_server::Scheduler for Service {
                             return;
                         }
                     }
-                    Ok(None) => break "stream closed".to_string(),
-                    Err(s) => break s.message().to_string(),
+                    Ok(None) => break "the worker closed its stream (it exited or was closed)".to_string(),
+                    Err(s) => break stream_error(&s),
                 }
             };
-            tracing::info!(worker = %id, %reason, "worker left");
+            tracing::info!(worker = %address, %name, %peer, %reason, "worker connection ended");
             let _ = tx.send(LoopMsg::Events(vec![Event::WorkerLost { worker: id, reason }]));
         });
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(out_rx))))
@@ -561,6 +571,7 @@ impl pb::scheduler_server::Scheduler for Service {
         &self,
         request: Request<Streaming<pb::ClientToScheduler>>,
     ) -> Result<Response<Self::ClientStreamStream>, Status> {
+        let peer = request.remote_addr().map_or_else(|| "unknown".to_string(), |a| a.to_string());
         let mut inbound = request.into_inner();
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (reply_tx, reply_rx) = oneshot::channel();
@@ -570,14 +581,28 @@ impl pb::scheduler_server::Scheduler for Service {
         tokio::spawn(async move {
             // A client that vanishes (stream end or error) has its wants released below.
             let mut release = Release::default();
-            while let Ok(Some(batch)) = inbound.message().await {
-                release.count(batch.ops.iter().map(client_op_size).sum());
-                release.if_due();
-                let events: Vec<Event> = batch.ops.into_iter().filter_map(|op| client_event(id, op)).collect();
-                if !events.is_empty() && tx.send(LoopMsg::Events(events)).is_err() {
-                    return;
+            let mut name = String::new();
+            let reason = loop {
+                match inbound.message().await {
+                    Ok(Some(batch)) => {
+                        release.count(batch.ops.iter().map(client_op_size).sum());
+                        release.if_due();
+                        for op in &batch.ops {
+                            if let Some(pb::client_op::Kind::Hello(h)) = &op.kind {
+                                name = h.client_id.clone();
+                                tracing::info!(client = %name, %peer, "client connected");
+                            }
+                        }
+                        let events: Vec<Event> = batch.ops.into_iter().filter_map(|op| client_event(id, op)).collect();
+                        if !events.is_empty() && tx.send(LoopMsg::Events(events)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => break "it closed the connection".to_string(),
+                    Err(s) => break stream_error(&s),
                 }
-            }
+            };
+            tracing::info!(client = %name, %peer, %reason, "client disconnected");
             let _ = tx.send(LoopMsg::Events(vec![Event::ClientDisconnected { client: id }]));
         });
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(out_rx))))
@@ -623,6 +648,16 @@ impl pb::scheduler_server::Scheduler for Service {
     }
 }
 
+/// Why a stream ended, in words: h2's keep-alive timeout and resets say little on their own.
+fn stream_error(s: &Status) -> String {
+    let chain = dask_protocol::error_chain(s);
+    if chain.contains("keep-alive") || chain.contains("keepalive") {
+        format!("the connection stopped answering keep-alive pings (hung, stopped or partitioned): {chain}")
+    } else {
+        format!("the connection failed: {chain}")
+    }
+}
+
 fn worker_event(worker: WorkerId, e: pb::WorkerEvent) -> Option<Event> {
     use pb::worker_event::Kind;
     Some(match e.kind? {
@@ -658,6 +693,7 @@ fn worker_event(worker: WorkerId, e: pb::WorkerEvent) -> Option<Event> {
             from: m.workers.into_iter().map(Arc::from).collect(),
         },
         Kind::Heartbeat(_) => Event::Heartbeat { worker },
+        Kind::Started(s) => Event::TasksStarted { worker, keys: s.keys.into_iter().map(Arc::from).collect() },
         Kind::Released(_) | Kind::Register(_) => return None,
     })
 }

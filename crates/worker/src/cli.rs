@@ -145,7 +145,11 @@ fn run_cli(args: Args) -> Result<(), String> {
                 config.local_directory = d.clone();
             }
             config.death_timeout = death_timeout;
-            let (handle, run) = server::start(config, shutdown.child_token()).await.map_err(|e| e.to_string())?;
+            let (handle, run) = match server::start(config, shutdown.child_token()).await {
+                Ok(started) => started,
+                Err(server::WorkerError::Stopped) => return Ok(()),
+                Err(e) => return Err(e.to_string()),
+            };
             eprintln!("dask-worker: {} ({}) connected to {scheduler}", handle.address, handle.name);
             runs.push(tokio::spawn(run));
         }

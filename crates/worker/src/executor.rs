@@ -30,6 +30,8 @@ struct Job {
     order: u64,
     key: Key,
     spec: Bytes,
+    /// Wait until the event loop has sent this task's start before running it.
+    announce: bool,
 }
 
 impl PartialEq for Job {
@@ -60,28 +62,85 @@ struct Shared {
     ready: Condvar,
 }
 
-/// Finished tasks waiting for the event loop.
+/// Started and finished tasks waiting for the event loop.
 #[derive(Default)]
 pub struct Results {
-    done: Mutex<Vec<ExecResult>>,
+    batch: Mutex<Batch>,
     pub wake: Notify,
+    /// How many announced starts the event loop has sent on (see [`Results::sent`]).
+    announced: Mutex<u64>,
+    announced_cv: Condvar,
 }
+
+/// What the executor threads reported since the event loop last looked.
+#[derive(Default)]
+pub struct Batch {
+    pub done: Vec<ExecResult>,
+    /// Tasks that started running (most finish before the loop sends anything: those are
+    /// reported finished only).
+    pub started: Vec<Key>,
+    /// Announced starts pushed so far, in all (a ticket number for [`Results::sent`]).
+    pub announces: u64,
+}
+
+/// How long a thread waits for its announced start to be sent before running the task anyway
+/// (the event loop is stuck or gone).
+const ANNOUNCE_WAIT: Duration = Duration::from_secs(2);
 
 impl Results {
     fn push(&self, r: ExecResult) {
         let first = {
-            let mut done = self.done.lock();
-            done.push(r);
-            done.len() == 1
+            let mut b = self.batch.lock();
+            b.done.push(r);
+            b.done.len() + b.started.len() == 1
         };
         if first {
             self.wake.notify_one();
         }
     }
 
+    /// Records a start; returns the announce ticket when `announce`.
+    fn started(&self, key: Key, announce: bool) -> Option<u64> {
+        let (first, ticket) = {
+            let mut b = self.batch.lock();
+            b.started.push(key);
+            if announce {
+                b.announces += 1;
+            }
+            (b.done.len() + b.started.len() == 1, announce.then_some(b.announces))
+        };
+        // A lazy start report can wait for the next wake-up; an announced one cannot.
+        if first || ticket.is_some() {
+            self.wake.notify_one();
+        }
+        ticket
+    }
+
+    /// Blocks until the event loop has sent the start with this ticket (bounded).
+    fn wait_sent(&self, ticket: u64) {
+        let deadline = Instant::now() + ANNOUNCE_WAIT;
+        let mut sent = self.announced.lock();
+        while *sent < ticket {
+            if self.announced_cv.wait_until(&mut sent, deadline).timed_out() {
+                return;
+            }
+        }
+    }
+
     /// Everything reported so far.
-    pub fn take(&self) -> Vec<ExecResult> {
-        std::mem::take(&mut *self.done.lock())
+    pub fn take(&self) -> Batch {
+        let mut b = self.batch.lock();
+        let announces = b.announces;
+        Batch { done: std::mem::take(&mut b.done), started: std::mem::take(&mut b.started), announces }
+    }
+
+    /// The event loop sent the starts of every announce up to `announces`.
+    pub fn sent(&self, announces: u64) {
+        let mut sent = self.announced.lock();
+        if *sent < announces {
+            *sent = announces;
+            self.announced_cv.notify_all();
+        }
     }
 }
 
@@ -115,9 +174,9 @@ impl Executor {
         self.results.clone()
     }
 
-    pub fn submit(&self, key: Key, spec: Bytes, priority: i32, order: u64) {
+    pub fn submit(&self, key: Key, spec: Bytes, priority: i32, order: u64, announce: bool) {
         let mut q = self.shared.queue.lock();
-        q.jobs.push(Job { priority, order, key, spec });
+        q.jobs.push(Job { priority, order, key, spec, announce });
         drop(q);
         self.shared.ready.notify_one();
     }
@@ -155,6 +214,9 @@ fn thread_main(shared: &Shared, store: &Store, results: &Results, worker: &str) 
                 shared.ready.wait(&mut q);
             }
         };
+        if let Some(ticket) = results.started(job.key.clone(), job.announce) {
+            results.wait_sent(ticket);
+        }
         let (outcome, duration) = run_one(&job.key, &job.spec, store, worker);
         results.push((job.key, outcome, duration));
     }

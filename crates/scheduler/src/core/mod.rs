@@ -206,6 +206,12 @@ pub enum Event {
     Heartbeat {
         worker: WorkerId,
     },
+    /// These tasks started running on `worker` (it reports only those still running when its
+    /// batch goes out).
+    TasksStarted {
+        worker: WorkerId,
+        keys: Vec<Key>,
+    },
     /// Periodic: removes workers that stopped heartbeating.
     Tick,
 }
@@ -227,6 +233,7 @@ impl Event {
             Event::TaskFailed { .. } => "task-failed",
             Event::MissingData { .. } => "missing-data",
             Event::Heartbeat { .. } => "heartbeat",
+            Event::TasksStarted { .. } => "tasks-started",
             Event::Tick => "tick",
         }
     }
@@ -263,6 +270,9 @@ pub enum Command {
         priority: i32,
         /// A client wants the result: send it back with the completion if it is small.
         inline: bool,
+        /// A worker died while this task was assigned to it: the worker must report the start
+        /// before running it (see `remove_worker`).
+        announce: bool,
     },
     /// Drop the value of `key`, or cancel its computation.
     Free {
@@ -279,6 +289,19 @@ pub enum Command {
         worker: WorkerId,
         reason: String,
     },
+    /// Something the scheduler's log should say (the core does no IO).
+    Notice {
+        level: NoticeLevel,
+        message: String,
+    },
+}
+
+/// How loud a [`Command::Notice`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoticeLevel {
+    Info,
+    Warn,
+    Error,
 }
 
 /// Tunables. Defaults follow dask where dask has one.
@@ -365,6 +388,11 @@ struct Task {
     retries: u32,
     /// Workers that died while this task ran on them.
     suspicious: u32,
+    /// Its worker reported that it started (reset when it leaves Processing).
+    started: bool,
+    /// A worker died while this task was assigned to it but not known to be running: its next
+    /// worker reports its start before running it.
+    orphaned: bool,
     restrictions: Option<Box<Restrictions>>,
 }
 
@@ -607,7 +635,7 @@ impl SchedulerCore {
             }
             Event::Scattered { client, keys } => self.scattered(client, keys, out),
             Event::WorkerJoined { worker, spec } => self.worker_joined(worker, spec, out),
-            Event::WorkerLost { worker, reason } => self.remove_worker(worker, &reason, out),
+            Event::WorkerLost { worker, reason } => self.remove_worker(worker, &reason, false, out),
             Event::TaskFinished { worker, key, nbytes, duration, value } => {
                 self.inline = value.map(|v| (key.clone(), v));
                 self.task_finished(worker, key, nbytes, duration, out);
@@ -622,6 +650,15 @@ impl SchedulerCore {
                     w.last_seen = now;
                 }
             }
+            Event::TasksStarted { worker, keys } => {
+                for key in keys {
+                    if let Some(&t) = self.keys.get(&key)
+                        && matches!(self.task(t).state, TaskState::Processing { worker: w } if w == worker)
+                    {
+                        self.task_mut(t).started = true;
+                    }
+                }
+            }
             Event::Tick => {
                 let ttl = self.config.worker_ttl;
                 let dead: Vec<WorkerId> = self
@@ -631,11 +668,9 @@ impl SchedulerCore {
                     .map(|(id, _)| *id)
                     .collect();
                 for w in dead {
-                    out.push(Command::CloseWorker {
-                        worker: w,
-                        reason: format!("no heartbeat for {}s (worker-ttl)", ttl.as_secs()),
-                    });
-                    self.remove_worker(w, "heartbeat timeout", out);
+                    let reason = format!("no heartbeat for {:?} (worker-ttl)", ttl);
+                    out.push(Command::CloseWorker { worker: w, reason: reason.clone() });
+                    self.remove_worker(w, &reason, false, out);
                 }
             }
         }
@@ -674,6 +709,8 @@ impl SchedulerCore {
                 prefix,
                 retries: nt.retries,
                 suspicious: 0,
+                started: false,
+                orphaned: false,
                 restrictions,
             });
             created.push((id, nt.dependencies));
@@ -832,6 +869,8 @@ impl SchedulerCore {
                         prefix,
                         retries: 0,
                         suspicious: 0,
+                        started: false,
+                        orphaned: false,
                         restrictions: None,
                     })
                 }
@@ -894,7 +933,15 @@ impl SchedulerCore {
         self.fill(worker, out);
     }
 
-    fn remove_worker(&mut self, worker: WorkerId, reason: &str, out: &mut Vec<Command>) {
+    /// Removes a worker. Unless its leaving was `expected` (retired, restarted), each task
+    /// it was running counts it as a worker that died under it: a task that was running on more
+    /// than `allowed_failures` workers that died is erred as killed-worker. Tasks only queued
+    /// there count nothing (our queues are deep; a task waiting its turn did not kill anyone);
+    /// they are marked `orphaned` so their next worker reports their start before running them,
+    /// and a task that kills its worker at once is still caught the next time. If the worker
+    /// reported nothing running, every task assigned there counts (as in dask): one of them
+    /// may have killed it before its start could be reported.
+    fn remove_worker(&mut self, worker: WorkerId, reason: &str, expected: bool, out: &mut Vec<Command>) {
         let Some(w) = self.workers.get_mut(&worker) else {
             return;
         };
@@ -920,16 +967,28 @@ impl SchedulerCore {
         // Tasks it was running go elsewhere, unless workers keep dying under them.
         let mut processing: Vec<TaskId> = self.workers[&worker].processing.iter().copied().collect();
         processing.sort_by_key(|t| self.task(*t).order);
+        let any_started = processing.iter().any(|t| self.task(*t).started);
+        let allowed_failures = self.config.allowed_failures;
         for t in processing {
-            let allowed_failures = self.config.allowed_failures;
             let task = self.task_mut(t);
-            task.suspicious += 1;
+            if !expected && (task.started || !any_started) {
+                task.suspicious += 1;
+            } else if !expected {
+                task.orphaned = true;
+            }
             if task.suspicious > allowed_failures {
+                let n = task.suspicious;
                 let message = format!(
-                    "{} workers died while running this task (last: {addr}, {reason}); \
-                     it may be crashing them (KilledWorker)",
-                    task.suspicious
+                    "Attempted to run task {:?} on {n} different workers, but all those workers died while \
+                     running it (running on {n} workers that died; allowed-failures is {allowed_failures}). \
+                     The last worker was {addr}: {reason}. The task may be crashing its workers or using \
+                     too much memory: check that worker's log (dask's KilledWorker).",
+                    &*task.key
                 );
+                out.push(Command::Notice {
+                    level: NoticeLevel::Error,
+                    message: format!("task {} marked as failed because {n} workers died while running it", task.key),
+                });
                 let err = TaskError::raised_here(&task.key, "killed-worker", message, &addr);
                 self.set_state(t, TaskState::Erred { error: err }, out);
             } else {
@@ -1265,6 +1324,7 @@ impl SchedulerCore {
                 self.no_worker.remove(&t);
             }
             TaskState::Processing { worker } => {
+                self.task_mut(t).started = false;
                 if let Some(w) = self.workers.get_mut(worker) {
                     let before = occupancy(w);
                     w.processing.remove(&t);
@@ -1359,6 +1419,7 @@ impl SchedulerCore {
                     deps,
                     priority: task.priority,
                     inline: task.who_wants.iter().any(|c| *c != FIRE_AND_FORGET),
+                    announce: task.orphaned || task.suspicious > 0,
                 });
             }
             TaskState::Memory { nbytes, who_has } => {

@@ -183,6 +183,7 @@ fn single_task_runs_and_is_reported() {
             deps: vec![],
             priority: 0,
             inline: true,
+            announce: false,
         }]
     );
     assert_eq!(h.state("x"), TaskState::Processing { worker: WorkerId(1) });
@@ -443,6 +444,94 @@ fn a_task_that_kills_too_many_workers_errs() {
     let e = erred_with(&h.state("bomb"));
     assert_eq!(e.kind, "killed-worker");
     assert_eq!(reports(&out), vec![(C1, s("bomb"), Report::Erred(e))]);
+}
+
+#[test]
+fn a_worker_death_counts_against_running_tasks_not_queued_ones() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    h.join(2, 1);
+    // Short tasks, so that many queue on each worker.
+    for i in 0..4 {
+        let key = format!("warm-{i}");
+        h.submit(C1, vec![task(&key, &[])], &[&key]);
+        let w = h.runs_on(&key);
+        h.finish_in(w, &key, 1, Duration::from_micros(50));
+    }
+    let keys: Vec<String> = (0..20).map(|i| format!("warm-x{i}")).collect();
+    let tasks: Vec<NewTask> = keys.iter().map(|k| task(k, &[])).collect();
+    let wanted: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
+    h.submit(C1, tasks, &wanted);
+    let on1: Vec<String> = keys.iter().filter(|k| h.runs_on(k) == 1).cloned().collect();
+    assert!(on1.len() > 2, "several tasks queue on worker 1: {on1:?}");
+    // Worker 1 reports one task running; it dies four times over (each time coming back).
+    let running = on1[0].clone();
+    for round in 0..4 {
+        let w = h.runs_on(&running);
+        h.handle(Event::TasksStarted { worker: WorkerId(w), keys: vec![k(&running)] });
+        let out = h.lose(w);
+        if round < 3 {
+            assert!(computes(&out).iter().any(|(_, key)| *key == running), "rescheduled: {out:?}");
+            let announced =
+                out.iter().any(|c| matches!(c, Command::Compute { key, announce: true, .. } if **key == *running));
+            assert!(announced, "a task that was running when its worker died announces its next start");
+        }
+        h.join(10 + round, 1);
+    }
+    let e = erred_with(&h.state(&running));
+    assert_eq!(e.kind, "killed-worker");
+    assert!(e.message.contains("running on 4 workers that died"), "{}", e.message);
+    // Everything that was only queued where those workers died is still on its way.
+    for key in &keys {
+        if *key != running {
+            assert!(!matches!(h.state(key), TaskState::Erred { .. }), "{key} erred");
+        }
+    }
+}
+
+#[test]
+fn a_task_that_kills_its_worker_before_reporting_its_start_is_still_caught() {
+    let mut h = Harness::new();
+    h.join(1, 2);
+    for i in 0..4 {
+        let key = format!("quick-{i}");
+        h.submit(C1, vec![task(&key, &[])], &[&key]);
+        let w = h.runs_on(&key);
+        h.finish_in(w, &key, 1, Duration::from_micros(50));
+    }
+    h.submit(C1, vec![task("quick-innocent", &[]), task("quick-bomb", &[])], &["quick-innocent", "quick-bomb"]);
+    let mut bomb_announced = false;
+    for next in 2..10 {
+        if matches!(h.state("quick-bomb"), TaskState::Erred { .. }) {
+            break;
+        }
+        let w = h.runs_on("quick-bomb");
+        // Whatever else runs there reports its start; the bomb reports its start only when
+        // asked to announce it (it kills the worker before a lazy report could go out).
+        let mut started = Vec::new();
+        if let TaskState::Processing { worker } = h.state("quick-innocent") {
+            if worker.0 == w && next == 2 {
+                // Running beside the bomb when the first worker dies.
+                started.push(k("quick-innocent"));
+            } else {
+                h.finish(worker.0, "quick-innocent", 1);
+            }
+        }
+        if bomb_announced {
+            started.push(k("quick-bomb"));
+        }
+        h.handle(Event::TasksStarted { worker: WorkerId(w), keys: started });
+        h.join(next, 2);
+        let out = h.lose(w);
+        bomb_announced =
+            out.iter().any(|c| matches!(c, Command::Compute { key, announce: true, .. } if &**key == "quick-bomb"));
+    }
+    let e = erred_with(&h.state("quick-bomb"));
+    assert_eq!(e.kind, "killed-worker", "{}", e.message);
+    if let TaskState::Processing { worker } = h.state("quick-innocent") {
+        h.finish(worker.0, "quick-innocent", 1);
+    }
+    assert!(matches!(h.state("quick-innocent"), TaskState::Memory { .. }), "{:?}", h.state("quick-innocent"));
 }
 
 #[test]
@@ -1056,6 +1145,7 @@ impl Sim {
                 Command::CloseWorker { worker, reason } => {
                     panic!("unexpected CloseWorker {worker}: {reason}")
                 }
+                Command::Notice { .. } => {}
             }
         }
     }
@@ -1153,6 +1243,10 @@ fn run_scenario(sc: Scenario) {
             let c = sim.rng.below(2);
             let target = sim.rng.below(sc.dag.len());
             sim.submit(&sc, c, |i, _| i == target);
+        } else if roll < 20 && !sim.in_flight.is_empty() {
+            // A worker reports that a task started running there.
+            let (worker, key, _) = sim.in_flight[sim.rng.below(sim.in_flight.len())].clone();
+            sim.step(Event::TasksStarted { worker, keys: vec![key] });
         } else if sim.in_flight.is_empty() {
             break;
         } else {

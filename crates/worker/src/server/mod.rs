@@ -76,6 +76,9 @@ pub enum WorkerError {
     Refused(String),
     #[error("the connection to the scheduler was lost: {0}")]
     SchedulerLost(String),
+    /// Stopped (a signal, or its owner closed it) before it registered.
+    #[error("stopped before it registered with the scheduler")]
+    Stopped,
 }
 
 /// A running worker, as seen by whoever started it.
@@ -111,7 +114,11 @@ pub async fn start(
     let server = tokio::spawn(data::serve(listener, service, shutdown.clone()));
 
     // Register with the scheduler.
-    let channel = connect_scheduler(&config).await?;
+    let channel = tokio::select! {
+        r = connect_scheduler(&config) => r?,
+        // Retrying forever must not make SIGTERM or Ctrl-C wait (systemd stop would hang).
+        _ = shutdown.cancelled() => return Err(WorkerError::Stopped),
+    };
     let mut client = SchedulerClient::new(channel)
         .max_decoding_message_size(dask_protocol::MAX_MESSAGE)
         .max_encoding_message_size(dask_protocol::MAX_MESSAGE);
@@ -202,17 +209,7 @@ async fn connect_scheduler(config: &WorkerConfig) -> Result<Channel, WorkerError
     }
 }
 
-/// `e` and its sources, joined: tonic's top-level transport errors say little.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use dask_protocol::error_chain;
 
 struct Loop {
     state: WorkerState,
@@ -241,6 +238,7 @@ impl Loop {
         shutdown: CancellationToken,
     ) -> Result<(), WorkerError> {
         let mut ticker = tokio::time::interval(heartbeat);
+        let mut announced = 0;
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -259,9 +257,14 @@ impl Loop {
                     Err(s) => return Err(WorkerError::SchedulerLost(s.message().to_string())),
                 },
                 _ = results.wake.notified() => {
-                    for (key, outcome, duration) in results.take() {
+                    let batch = results.take();
+                    for (key, outcome, duration) in batch.done {
                         self.state.handle(Event::ExecDone { key, outcome, duration }, &mut self.instructions);
                     }
+                    if !batch.started.is_empty() {
+                        self.state.handle(Event::Started(batch.started), &mut self.instructions);
+                    }
+                    announced = batch.announces;
                 }
                 Some(ev) = events.recv() => {
                     self.state.handle(ev, &mut self.instructions);
@@ -289,6 +292,8 @@ impl Loop {
                     return Err(WorkerError::SchedulerLost("the outgoing stream closed".into()));
                 }
             }
+            // Threads waiting to run an announced task may go: its start is on its way.
+            results.sent(announced);
         }
     }
 
@@ -306,6 +311,7 @@ impl Loop {
                         .collect(),
                     priority: c.priority,
                     inline: c.inline_result,
+                    announce: c.announce,
                 };
                 self.state.handle(Event::Compute(req), &mut self.instructions);
             }
@@ -336,7 +342,7 @@ impl Loop {
     fn apply_once(&mut self, simulated: &mut Vec<Event>) {
         for ins in std::mem::take(&mut self.instructions) {
             match ins {
-                Instruction::Execute { key, spec, priority, order } => {
+                Instruction::Execute { key, spec, priority, order, announce } => {
                     if self.simulate {
                         self.store
                             .insert(key.clone(), Value { codec: dask_protocol::codec::MSGPACK, data: NIL.clone() });
@@ -346,7 +352,7 @@ impl Loop {
                             duration: Duration::ZERO,
                         });
                     } else {
-                        self.executor.submit(key, spec, priority, order)
+                        self.executor.submit(key, spec, priority, order, announce)
                     }
                 }
                 Instruction::Cancel(key) => self.executor.cancel(&key),

@@ -35,6 +35,8 @@ pub struct ComputeRequest {
     pub priority: i32,
     /// A client wants the result: send small values back with the completion.
     pub inline: bool,
+    /// Report the start before running it (a worker died while it was assigned there).
+    pub announce: bool,
 }
 
 /// Largest value sent back with its completion (through the scheduler) rather than fetched.
@@ -73,6 +75,8 @@ pub enum Event {
     Put {
         keys: Vec<(Key, u64)>,
     },
+    /// These dispatched tasks started running.
+    Started(Vec<Key>),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -83,6 +87,8 @@ pub enum Instruction {
         spec: Bytes,
         priority: i32,
         order: u64,
+        /// Wait until the start is reported before running it.
+        announce: bool,
     },
     /// Skip this dispatched task if it has not started.
     Cancel(Key),
@@ -115,6 +121,7 @@ struct ComputeTask {
     priority: i32,
     order: u64,
     inline: bool,
+    announce: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -188,6 +195,17 @@ impl WorkerState {
             Event::Free(key) => self.on_free(key, out),
             Event::ExecDone { key, outcome, duration } => self.on_exec_done(key, outcome, duration, out),
             Event::FetchDone { from, got, missing } => self.on_fetch_done(from, got, missing, out),
+            Event::Started(keys) => {
+                // Those that finished (or were cancelled) meanwhile need no report.
+                let running: Vec<String> = keys
+                    .into_iter()
+                    .filter(|k| self.compute.get(k).is_some_and(|t| t.state == ComputeState::Dispatched))
+                    .map(|k| k.to_string())
+                    .collect();
+                if !running.is_empty() {
+                    out.push(Instruction::Send(pb::worker_event::Kind::Started(pb::TasksStarted { keys: running })));
+                }
+            }
             Event::Put { keys } => {
                 for (key, nbytes) in keys {
                     let d = self.data.entry(key.clone()).or_insert_with(|| DataKey {
@@ -212,6 +230,7 @@ impl WorkerState {
                 task.state = ComputeState::Dispatched;
             }
             task.inline |= req.inline;
+            task.announce |= req.announce;
             return; // already on it
         }
         if let Some(DataKey { state: DataState::Memory { nbytes }, .. }) = self.data.get(&req.key) {
@@ -259,7 +278,15 @@ impl WorkerState {
         }
         self.compute.insert(
             req.key.clone(),
-            ComputeTask { state, spec: req.spec, deps, priority: req.priority, order, inline: req.inline },
+            ComputeTask {
+                state,
+                spec: req.spec,
+                deps,
+                priority: req.priority,
+                order,
+                inline: req.inline,
+                announce: req.announce,
+            },
         );
         // A dependency nobody can give us.
         let unreachable: Vec<Key> = self
@@ -454,7 +481,13 @@ impl WorkerState {
             }
             task.state = ComputeState::Dispatched;
             self.dispatched += 1;
-            out.push(Instruction::Execute { key, spec: task.spec.clone(), priority: task.priority, order: task.order });
+            out.push(Instruction::Execute {
+                key,
+                spec: task.spec.clone(),
+                priority: task.priority,
+                order: task.order,
+                announce: task.announce,
+            });
         }
     }
 

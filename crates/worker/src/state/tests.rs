@@ -11,6 +11,7 @@ fn compute(k: &str, deps: &[(&str, &[&str])]) -> Event {
         deps: deps.iter().map(|(d, w)| (key(d), w.iter().map(|a| Arc::from(*a)).collect())).collect(),
         priority: 0,
         inline: false,
+        announce: false,
     })
 }
 
@@ -35,7 +36,13 @@ fn dispatches_and_reports() {
     let out = step(&mut s, compute("a", &[]));
     assert_eq!(
         out,
-        vec![Instruction::Execute { key: key("a"), spec: Bytes::from_static(b"spec"), priority: 0, order: 0 }]
+        vec![Instruction::Execute {
+            key: key("a"),
+            spec: Bytes::from_static(b"spec"),
+            priority: 0,
+            order: 0,
+            announce: false
+        }]
     );
     let out = step(&mut s, ok("a"));
     assert!(matches!(&out[0], Instruction::Send(pb::worker_event::Kind::Finished(f)) if f.key == "a" && f.nbytes == 8));
@@ -151,4 +158,27 @@ fn missing_data_names_every_holder_tried() {
         matches!(&out[0], Instruction::Send(pb::worker_event::Kind::Missing(m)) if m.workers == ["tcp://p:1", "tcp://q:2"]),
         "{out:?}"
     );
+}
+
+#[test]
+fn started_reports_only_tasks_still_running() {
+    let mut w = WorkerState::new(2);
+    let mut out = Vec::new();
+    w.handle(compute("a", &[]), &mut out);
+    w.handle(compute("b", &[]), &mut out);
+    w.validate();
+    out.clear();
+    // `a` finished before the batch went out; `b` still runs; `zzz` is unknown.
+    w.handle(ok("a"), &mut out);
+    out.clear();
+    w.handle(Event::Started(vec![key("a"), key("b"), key("zzz")]), &mut out);
+    w.validate();
+    assert_eq!(
+        out,
+        vec![Instruction::Send(pb::worker_event::Kind::Started(pb::TasksStarted { keys: vec!["b".into()] }))]
+    );
+    // Nothing running: nothing to say.
+    out.clear();
+    w.handle(Event::Started(vec![key("a")]), &mut out);
+    assert!(out.is_empty());
 }
