@@ -10,6 +10,72 @@ pub fn triple(x: i64) -> i64 {
     x * 3
 }
 
+/// `n` bytes that do not compress, the same for the same `seed` (xorshift).
+#[dask::task]
+pub fn noise(seed: u64, n: u64) -> dask::Bytes {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(n as usize);
+    while (out.len() as u64) < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(n as usize);
+    dask::Bytes::from(out)
+}
+
+/// A checksum of a buffer: the sum of every 4096th byte (as dask's spill benchmark reads its
+/// arrays), plus the length.
+#[dask::task]
+pub fn checksum(b: dask::Bytes) -> u64 {
+    b.iter().step_by(4096).map(|x| *x as u64).sum::<u64>() + b.len() as u64
+}
+
+/// [`checksum`] of [`noise`], computed here (to check results against).
+pub fn expected_checksum(seed: u64, n: u64) -> u64 {
+    checksum::call(noise::call(seed, n))
+}
+
+/// Allocates `mb` MB, touches every page, holds it for `ms` milliseconds, returns the size.
+#[dask::task]
+pub fn hog(mb: u64, ms: u64) -> u64 {
+    let v = vec![1u8; (mb << 20) as usize];
+    std::thread::sleep(std::time::Duration::from_millis(ms));
+    std::hint::black_box(&v);
+    v.len() as u64
+}
+
+/// Exits the worker process at once, as a crash would.
+#[dask::task]
+pub fn die(code: i32) -> i64 {
+    std::process::exit(code)
+}
+
+/// Panics while holding `mb` MB (a task error; the memory is freed and the worker lives on).
+#[dask::task]
+pub fn panic_holding(mb: u64) -> i64 {
+    let v = vec![1u8; (mb << 20) as usize];
+    std::hint::black_box(&v);
+    panic!("gave up holding {mb} MB")
+}
+
+/// Appends one line to `path` each time it runs (to count executions across processes), sleeps
+/// `ms`, and returns `x`.
+#[dask::task]
+pub fn counted(path: String, x: i64, ms: u64) -> i64 {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).expect("open the count file");
+    f.write_all(format!("{x}\n").as_bytes()).expect("count a run");
+    std::thread::sleep(std::time::Duration::from_millis(ms));
+    x
+}
+
+/// Lines in a file written by [`counted`].
+pub fn runs_counted(path: &Path) -> usize {
+    std::fs::read_to_string(path).map_or(0, |s| s.lines().count())
+}
+
 /// The directory holding the workspace's binaries (next to the test executable).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");

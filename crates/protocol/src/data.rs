@@ -199,12 +199,56 @@ fn buffer(key: &str, len: u64) -> Result<Vec<u8>, DataError> {
 
 /// Reads the bytes of the values `list` announces.
 async fn read_values<R: AsyncRead + Unpin>(r: &mut R, list: pb::ValueList) -> Result<Vec<Received>, DataError> {
+    read_values_to(r, list, &[], &mut Vec::new()).await
+}
+
+/// Reads one value's bytes straight into a file, a piece at a time.
+async fn read_to_file<R: AsyncRead + Unpin>(r: &mut R, path: &std::path::Path, len: u64) -> Result<(), DataError> {
+    let mut file = tokio::fs::File::create(path).await?;
+    let mut buf = Vec::with_capacity(1 << 20);
+    let mut left = len;
+    while left > 0 {
+        buf.clear();
+        let n = left.min(1 << 20) as usize;
+        fill(r, &mut buf, n).await?;
+        file.write_all(&buf).await?;
+        left -= n as u64;
+    }
+    file.flush().await?;
+    Ok(())
+}
+
+/// Reads the bytes of the values `list` announces; those whose place (by index) is a file are
+/// read into it and listed in `files` instead (with `None` in the result).
+async fn read_values_to<R: AsyncRead + Unpin>(
+    r: &mut R,
+    list: pb::ValueList,
+    places: &[Admit],
+    files: &mut Vec<(pb::ValueHeader, std::path::PathBuf)>,
+) -> Result<Vec<Received>, DataError> {
     let mut out: Vec<Received> = Vec::with_capacity(list.values.len());
     let headers = list.values;
+    let to_file = |i: usize| match places.get(i) {
+        Some(Admit::File(p)) => Some(p.clone()),
+        _ => None,
+    };
     let mut i = 0;
     while i < headers.len() {
         let h = &headers[i];
         if h.missing {
+            out.push((h.key.clone(), None));
+            i += 1;
+            continue;
+        }
+        if let Some(path) = to_file(i) {
+            if let Err(e) = read_to_file(r, &path, h.len).await {
+                let _ = std::fs::remove_file(&path);
+                for (_, p) in files.drain(..) {
+                    let _ = std::fs::remove_file(p);
+                }
+                return Err(e);
+            }
+            files.push((h.clone(), path));
             out.push((h.key.clone(), None));
             i += 1;
             continue;
@@ -219,7 +263,12 @@ async fn read_values<R: AsyncRead + Unpin>(r: &mut R, list: pb::ValueList) -> Re
         // A run of small values, read into one buffer and shared.
         let start = i;
         let mut total = 0usize;
-        while i < headers.len() && !headers[i].missing && (headers[i].len as usize) < SMALL && total < BATCH {
+        while i < headers.len()
+            && !headers[i].missing
+            && (headers[i].len as usize) < SMALL
+            && total < BATCH
+            && to_file(i).is_none()
+        {
             total += headers[i].len as usize;
             i += 1;
         }
@@ -237,13 +286,35 @@ async fn read_values<R: AsyncRead + Unpin>(r: &mut R, list: pb::ValueList) -> Re
 
 // ------------------------------------------------------------------ the serving side
 
+/// Where an announced value of a put is read to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Admit {
+    Memory,
+    /// Straight into this file (a value too large for memory, spilled as it arrives).
+    File(std::path::PathBuf),
+}
+
 /// What a data connection serves: a worker's store.
 pub trait DataStore: Send + Sync {
     /// The values of `keys`; `None` for keys not held.
     fn get(&self, keys: Vec<String>) -> Vec<Received>;
+    /// Decides, before a byte of it is read, where each value a put announces goes (one entry
+    /// per header); `Err` refuses the whole put and says why.
+    fn admit(&self, headers: &[pb::ValueHeader]) -> Result<Vec<Admit>, String> {
+        Ok(vec![Admit::Memory; headers.len()])
+    }
     /// Stores put values; `Err` says why they cannot be taken.
     fn put(&self, values: Vec<(String, Value)>) -> Result<(), String>;
+    /// Stores a value that was read into the file [`admit`](Self::admit) named.
+    fn put_file(&self, key: String, codec: &'static str, file: std::path::PathBuf, len: u64) -> Result<(), String> {
+        let _ = (codec, len, std::fs::remove_file(&file));
+        Err(format!("value {key:?}: this store takes no values on disk"))
+    }
 }
+
+/// A refused put announcing more than this is not read and thrown away: the connection is
+/// closed after the reason (the sender reads it while it writes, see `send_and_read`).
+const DISCARD_AT_MOST: u64 = 64 << 20;
 
 /// Accepts data connections on `listener` and serves each from `store`, until `shutdown`.
 pub async fn serve<D: DataStore + 'static>(
@@ -300,16 +371,29 @@ where
                 write_with_values(&mut stream, &header, &values).await?;
             }
             Some(Kind::Put(list)) => {
-                // Refuse what cannot be stored before reading any of it, and read the announced
-                // bytes anyway, so the peer gets the reason rather than a reset connection.
-                let announced: u64 = list.values.iter().map(|h| h.len).sum();
-                if let Some(bad) = list.values.iter().find(|h| !h.missing && codec_name(&h.codec).is_err()) {
-                    let why = format!("value {:?}: {}", bad.key, codec_name(&bad.codec).unwrap_err());
-                    discard(&mut stream, announced).await?;
-                    write_message(&mut stream, &pb::DataMessage { kind: Some(Kind::Error(why.clone())) }).await?;
-                    continue;
-                }
-                let values = match read_values(&mut stream, list).await {
+                // Refuse what cannot be stored before reading (or allocating for) any of it.
+                // A small refused put is read and thrown away so the connection stays usable;
+                // a large one is not read at all: the reason goes out and the connection closes.
+                let announced = list.values.iter().fold(0u64, |a, h| a.saturating_add(h.len));
+                let refused = match list.values.iter().find(|h| !h.missing && codec_name(&h.codec).is_err()) {
+                    Some(bad) => Err(format!("value {:?}: {}", bad.key, codec_name(&bad.codec).unwrap_err())),
+                    None => store.admit(&list.values),
+                };
+                let places = match refused {
+                    Ok(places) => places,
+                    Err(why) => {
+                        let reply = pb::DataMessage { kind: Some(Kind::Error(why.clone())) };
+                        if announced <= DISCARD_AT_MOST {
+                            discard(&mut stream, announced).await?;
+                            write_message(&mut stream, &reply).await?;
+                            continue;
+                        }
+                        write_message(&mut stream, &reply).await?;
+                        return Err(DataError::Remote(why));
+                    }
+                };
+                let mut stored_files = Vec::new();
+                let values = match read_values_to(&mut stream, list, &places, &mut stored_files).await {
                     Ok(v) => v,
                     Err(e) => {
                         // Say why before hanging up, if the peer still listens.
@@ -318,10 +402,19 @@ where
                         return Err(e);
                     }
                 };
-                let nbytes = values.iter().filter_map(|(_, v)| v.as_ref()).map(|v| v.len() as u64).sum();
+                let mut nbytes: u64 = values.iter().filter_map(|(_, v)| v.as_ref()).map(|v| v.len() as u64).sum();
                 let values: Vec<(String, Value)> = values.into_iter().filter_map(|(k, v)| Some((k, v?))).collect();
-                let keys = values.len() as u32;
-                let reply = match store.put(values) {
+                let mut keys = values.len() as u32;
+                let mut result = store.put(values);
+                for (h, path) in stored_files {
+                    nbytes += h.len;
+                    keys += 1;
+                    let codec = codec_name(&h.codec).expect("checked above");
+                    if let Err(why) = store.put_file(h.key, codec, path, h.len) {
+                        result = Err(why);
+                    }
+                }
+                let reply = match result {
                     Ok(()) => Kind::PutReply(pb::PutReply { nbytes, keys }),
                     Err(why) => Kind::Error(why),
                 };
@@ -451,13 +544,41 @@ fn unexpected(kind: Option<Kind>) -> DataError {
     }
 }
 
+/// Sends a request and reads the reply's header. The reply is listened for while the values
+/// are still being written: a peer that refuses a put says why at once and hangs up, and that
+/// reason (not a broken pipe) is what the caller gets.
 async fn send_and_read(
     conn: &mut TcpStream,
     request: &pb::DataMessage,
     values: &[Received],
 ) -> Result<Option<pb::DataMessage>, DataError> {
-    write_with_values(conn, request, values).await?;
-    read_message(conn, false).await
+    let (mut rd, mut wr) = conn.split();
+    let write = write_with_values(&mut wr, request, values);
+    let reply = read_message(&mut rd, true);
+    tokio::pin!(write, reply);
+    tokio::select! {
+        biased;
+        written = &mut write => {
+            match written {
+                Ok(()) => {}
+                // Hung up on: if it said why first, that is the error.
+                Err(e) => return match tokio::time::timeout(Duration::from_secs(1), &mut reply).await {
+                    Ok(Ok(Some(msg @ pb::DataMessage { kind: Some(Kind::Error(_)) }))) => Ok(Some(msg)),
+                    _ => Err(e),
+                },
+            }
+            match tokio::time::timeout(IDLE, reply).await {
+                Ok(r) => r,
+                Err(_) => Err(DataError::Timeout(IDLE)),
+            }
+        }
+        early = &mut reply => match early? {
+            // Answered before it had everything: only a refusal can be.
+            Some(msg @ pb::DataMessage { kind: Some(Kind::Error(_)) }) => Ok(Some(msg)),
+            Some(other) => Err(DataError::Protocol(format!("a reply before the request was sent: {other:?}"))),
+            None => Err(DataError::Io(std::io::ErrorKind::UnexpectedEof.into())),
+        },
+    }
 }
 
 /// Opens a data connection to `address` (`tcp://host:port` or `host:port`).

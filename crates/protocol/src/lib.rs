@@ -17,6 +17,7 @@ pub mod codec;
 pub mod config;
 pub mod data;
 pub mod serve;
+pub mod sys;
 pub mod task;
 pub mod tokenize;
 

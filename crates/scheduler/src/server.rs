@@ -171,15 +171,7 @@ struct EventLoop {
 /// Items handled on a thread between two gives-back of its freed memory (see [`Release`]).
 const RELEASE_AFTER_EVENTS: usize = 10_000;
 
-/// Returns memory that mimalloc (the allocator of our binaries) holds freed but mapped, as it
-/// does after a burst of work until the threads that freed it allocate again: the decoded
-/// batches of a 100k-task graph stayed in the scheduler's RSS. A no-op cost of a few µs when
-/// mimalloc is not the global allocator (its heaps are then empty).
-#[allow(unsafe_code)]
-pub fn release_free_memory() {
-    // SAFETY: `mi_collect` takes no pointers and may be called from any thread at any time.
-    unsafe { libmimalloc_sys::mi_collect(true) }
-}
+pub use dask_protocol::sys::release_free_memory;
 
 /// Counts items handled on one thread and gives freed memory back after every
 /// [`RELEASE_AFTER_EVENTS`]. Each thread that allocates much keeps one (the event loop, each
@@ -393,6 +385,7 @@ impl EventLoop {
                     .core
                     .worker_last_seen(id)
                     .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64()),
+                ..worker_memory_info(self.core.worker_memory(id).unwrap_or_default())
             })
             .collect();
         pb::SchedulerInfo {
@@ -648,6 +641,19 @@ impl pb::scheduler_server::Scheduler for Service {
     }
 }
 
+/// The memory fields of `WorkerInfo`.
+fn worker_memory_info(m: core::WorkerMemory) -> pb::WorkerInfo {
+    pb::WorkerInfo {
+        memory_process: m.process,
+        memory_managed: m.managed,
+        memory_unmanaged: m.unmanaged(),
+        memory_spilled: m.spilled,
+        spilled_total: m.spilled_total,
+        status: if m.paused { "paused" } else { "running" }.to_string(),
+        ..Default::default()
+    }
+}
+
 /// Why a stream ended, in words: h2's keep-alive timeout and resets say little on their own.
 fn stream_error(s: &Status) -> String {
     let chain = dask_protocol::error_chain(s);
@@ -692,7 +698,16 @@ fn worker_event(worker: WorkerId, e: pb::WorkerEvent) -> Option<Event> {
             dependency: Arc::from(m.dependency),
             from: m.workers.into_iter().map(Arc::from).collect(),
         },
-        Kind::Heartbeat(_) => Event::Heartbeat { worker },
+        Kind::Heartbeat(h) => Event::Heartbeat {
+            worker,
+            memory: Some(core::WorkerMemory {
+                process: h.memory,
+                managed: h.managed,
+                spilled: h.spilled,
+                spilled_total: h.spilled_total,
+                paused: h.paused,
+            }),
+        },
         Kind::Started(s) => Event::TasksStarted { worker, keys: s.keys.into_iter().map(Arc::from).collect() },
         Kind::Released(_) | Kind::Register(_) => return None,
     })

@@ -111,6 +111,7 @@ fn run_cli(args: Args) -> Result<(), String> {
     };
     let memory_limit =
         parse_memory_limit(&args.memory_limit, system_memory(), nworkers as u64).map_err(|e| e.to_string())?;
+    let settings = dask_protocol::config::Config::load().map_err(|e| e.to_string())?;
     if let Some(r) = &args.resources {
         let parsed = parse_resources(r)?;
         tracing::warn!(?parsed, "--resources is accepted but not used for scheduling yet");
@@ -132,6 +133,7 @@ fn run_cli(args: Args) -> Result<(), String> {
         let mut runs = Vec::new();
         for i in 0..nworkers {
             let mut config = WorkerConfig::new(scheduler.clone());
+            config.apply_config(&settings)?;
             config.nthreads = nthreads;
             config.name = match (&args.name, nworkers) {
                 (Some(n), 1) => Some(n.clone()),

@@ -19,8 +19,8 @@ use parking_lot::{Condvar, Mutex};
 use prost::Message;
 use tokio::sync::Notify;
 
-use crate::server::Store;
 use crate::state::{ExecOutcome, Key};
+use crate::store::Store;
 
 /// One finished (or skipped) task.
 pub type ExecResult = (Key, ExecOutcome, Duration);
@@ -55,6 +55,8 @@ impl Ord for Job {
 struct Queue {
     jobs: BinaryHeap<Job>,
     closed: bool,
+    /// Over the memory's pause threshold: no job starts (running ones finish).
+    paused: bool,
 }
 
 struct Shared {
@@ -151,7 +153,7 @@ pub struct Executor {
 }
 
 impl Executor {
-    pub fn new(nthreads: usize, store: Store, worker: String) -> Self {
+    pub fn new(nthreads: usize, store: Arc<Store>, worker: String) -> Self {
         let shared = Arc::new(Shared { queue: Mutex::new(Queue::default()), ready: Condvar::new() });
         let results = Arc::new(Results::default());
         let threads = (0..nthreads.max(1))
@@ -192,6 +194,14 @@ impl Executor {
         }
     }
 
+    /// Pauses (no job starts) or resumes.
+    pub fn pause(&self, paused: bool) {
+        self.shared.queue.lock().paused = paused;
+        if !paused {
+            self.shared.ready.notify_all();
+        }
+    }
+
     /// Stops taking jobs; running tasks finish on their own (threads are detached).
     pub fn shutdown(&mut self) {
         self.shared.queue.lock().closed = true;
@@ -208,7 +218,9 @@ fn thread_main(shared: &Shared, store: &Store, results: &Results, worker: &str) 
                 if q.closed {
                     return;
                 }
-                if let Some(job) = q.jobs.pop() {
+                if !q.paused
+                    && let Some(job) = q.jobs.pop()
+                {
                     break job;
                 }
                 shared.ready.wait(&mut q);
@@ -226,7 +238,7 @@ fn run_one(key: &Key, spec: &Bytes, store: &Store, worker: &str) -> (ExecOutcome
     let start = Instant::now();
     let (function, result) = match pb::TaskSpec::decode(spec.clone()) {
         Ok(spec) => {
-            let r = execute(&spec, &|k: &str| store.get(k).map(|v| v.value().clone()));
+            let r = execute(&spec, &|k: &str| store.get(k));
             (spec.function, r)
         }
         Err(e) => (String::new(), Err(ExecErrorKind::BadArguments(format!("malformed task spec: {e}")))),

@@ -2,6 +2,8 @@
 //!
 //! * [`state`]: the pure state machine (events in, instructions out).
 //! * [`executor`]: the thread pool tasks run on.
+//! * [`store`]: the values held here, in memory or spilled to disk.
+//! * [`memory`]: the memory limit and the memory policy (pure).
 //! * [`server`]: the shell: scheduler stream, data service, fetches from peers.
 //! * [`builtins`]: task functions every stock `dask-worker` has.
 //! * [`cli`]: the `dask-worker` command line, as a library function so a user's own worker
@@ -14,6 +16,7 @@ pub mod executor;
 pub mod memory;
 pub mod server;
 pub mod state;
+pub mod store;
 
 pub use cli::worker_main;
 pub use server::{WorkerConfig, WorkerError, WorkerHandle, start};

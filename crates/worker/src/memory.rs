@@ -1,6 +1,19 @@
-//! `--memory-limit` as dask reads it: bytes, `0` (no limit), a fraction of system memory
-//! (`0.5`), a size with a unit (`4GB`, `4GiB`, `500MB`, `10e9`), or `auto` (system memory
-//! divided among the worker processes).
+//! Memory: `--memory-limit` as dask reads it, and the memory policy (pure: samples in,
+//! decisions out).
+//!
+//! The limit: bytes, `0` (no limit), a fraction of system memory (`0.5`), a size with a unit
+//! (`4GB`, `4GiB`, `500MB`, `10e9`), or `auto` (system memory divided among the worker
+//! processes).
+//!
+//! The thresholds are dask's, as fractions of the limit (`distributed.worker.memory.*`):
+//! * `target` (0.6): managed memory (the values in the store) above it spills least recently
+//!   used values to disk, at once, in the thread that stored a value;
+//! * `spill` (0.7): process memory above it spills until process memory is below `target`;
+//! * `pause` (0.8): process memory above it pauses the worker (no task starts, no fetches)
+//!   until it is below again;
+//! * `terminate` (0.95): the nanny restarts the worker (see `dask-nanny`).
+//!
+//! Each may be turned off (`false`); a limit of 0 turns them all off.
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 #[error(
@@ -11,11 +24,118 @@ pub struct MemoryLimitError {
     pub why: String,
 }
 
-/// Total system memory in bytes.
-pub fn system_memory() -> u64 {
-    let mut sys = sysinfo::System::new();
-    sys.refresh_memory();
-    sys.total_memory()
+pub use dask_protocol::sys::system_memory;
+
+/// dask's memory thresholds, as fractions of the limit; `None` turns one off.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Thresholds {
+    pub target: Option<f64>,
+    pub spill: Option<f64>,
+    pub pause: Option<f64>,
+    pub terminate: Option<f64>,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds { target: Some(0.6), spill: Some(0.7), pause: Some(0.8), terminate: Some(0.95) }
+    }
+}
+
+impl Thresholds {
+    /// From `distributed.worker.memory.*`.
+    pub fn from_config(c: &dask_protocol::config::Config) -> Result<Thresholds, String> {
+        let get = |k: &str| {
+            let key = format!("distributed.worker.memory.{k}");
+            match c.fraction(&key).map_err(|e| e.to_string())? {
+                Some(x) if !(0.0..=1.0).contains(&x) => Err(format!("{key} = {x} must be a fraction from 0 to 1")),
+                x => Ok(x),
+            }
+        };
+        Ok(Thresholds {
+            target: get("target")?,
+            spill: get("spill")?,
+            pause: get("pause")?,
+            terminate: get("terminate")?,
+        })
+    }
+}
+
+/// What the memory monitor should do after a sample.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MonitorDecision {
+    /// The worker pauses (`Some(true)`) or resumes (`Some(false)`).
+    pub pause: Option<bool>,
+    /// Spill least recently used values until process memory is below this many bytes.
+    pub spill_until: Option<u64>,
+}
+
+/// The worker's memory policy: process memory samples in, spill and pause decisions out.
+#[derive(Clone, Debug)]
+pub struct MemoryPolicy {
+    limit: u64,
+    thresholds: Thresholds,
+    paused: bool,
+}
+
+impl MemoryPolicy {
+    /// `limit` 0: no limit, no decisions.
+    pub fn new(limit: u64, thresholds: Thresholds) -> Self {
+        MemoryPolicy { limit, thresholds, paused: false }
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    pub fn paused(&self) -> bool {
+        self.paused
+    }
+
+    fn bytes(&self, fraction: Option<f64>) -> Option<u64> {
+        (self.limit > 0).then_some(())?;
+        fraction.map(|f| (f * self.limit as f64) as u64)
+    }
+
+    /// Managed bytes above which stored values spill at once (`target`).
+    pub fn target_bytes(&self) -> Option<u64> {
+        self.bytes(self.thresholds.target)
+    }
+
+    /// Process bytes at which the nanny restarts the worker (`terminate`).
+    pub fn terminate_bytes(&self) -> Option<u64> {
+        self.bytes(self.thresholds.terminate)
+    }
+
+    /// Whether values may spill at all (any spilling threshold on, and a limit).
+    pub fn spills(&self) -> bool {
+        self.limit > 0 && (self.thresholds.target.is_some() || self.thresholds.spill.is_some())
+    }
+
+    /// One sample of the process's resident memory. Pauses above `pause` and resumes below it
+    /// (as dask: no band between); above `spill`, asks to spill down to `target` (or to `spill`
+    /// when `target` is off).
+    pub fn on_sample(&mut self, process: u64) -> MonitorDecision {
+        let mut d = MonitorDecision::default();
+        if self.limit == 0 {
+            return d;
+        }
+        if let Some(pause) = self.bytes(self.thresholds.pause) {
+            let over = process > pause;
+            if over != self.paused {
+                self.paused = over;
+                d.pause = Some(over);
+            }
+        } else if self.paused {
+            self.paused = false;
+            d.pause = Some(false);
+        }
+        if let Some(spill) = self.bytes(self.thresholds.spill)
+            && process > spill
+        {
+            d.spill_until = self.bytes(self.thresholds.target.or(self.thresholds.spill));
+        }
+        d
+    }
 }
 
 /// Parses a memory limit. `total` is the system's memory, `nworkers` the processes sharing it.
@@ -59,6 +179,58 @@ pub fn parse_memory_limit(input: &str, total: u64, nworkers: u64) -> Result<u64,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MB: u64 = 1_000_000;
+
+    #[test]
+    fn dasks_thresholds_pause_resume_and_spill() {
+        let mut p = MemoryPolicy::new(1000 * MB, Thresholds::default());
+        assert_eq!(p.target_bytes(), Some(600 * MB));
+        assert_eq!(p.terminate_bytes(), Some(950 * MB));
+        assert_eq!(p.on_sample(500 * MB), MonitorDecision::default());
+        // Over spill: spill down to target.
+        assert_eq!(p.on_sample(750 * MB), MonitorDecision { pause: None, spill_until: Some(600 * MB) });
+        // Over pause: pause once, and keep spilling.
+        assert_eq!(p.on_sample(850 * MB), MonitorDecision { pause: Some(true), spill_until: Some(600 * MB) });
+        assert!(p.paused());
+        assert_eq!(p.on_sample(820 * MB).pause, None, "already paused");
+        // Below pause again: resume.
+        assert_eq!(p.on_sample(790 * MB), MonitorDecision { pause: Some(false), spill_until: Some(600 * MB) });
+        assert!(!p.paused());
+    }
+
+    #[test]
+    fn thresholds_turn_off_one_by_one_and_all_without_a_limit() {
+        let off = Thresholds { target: None, spill: Some(0.7), pause: None, terminate: None };
+        let mut p = MemoryPolicy::new(1000 * MB, off);
+        assert_eq!(p.target_bytes(), None);
+        assert_eq!(p.terminate_bytes(), None);
+        // No target: spill down to the spill threshold itself.
+        assert_eq!(p.on_sample(990 * MB), MonitorDecision { pause: None, spill_until: Some(700 * MB) });
+        let mut none = MemoryPolicy::new(0, Thresholds::default());
+        assert_eq!(none.on_sample(u64::MAX), MonitorDecision::default());
+        assert!(!none.spills() && none.target_bytes().is_none());
+    }
+
+    #[test]
+    fn thresholds_come_from_dask_config_keys() {
+        let c = dask_protocol::config::Config::from_sources(
+            &[],
+            [
+                ("DASK_DISTRIBUTED__WORKER__MEMORY__TARGET".to_string(), "0.5".to_string()),
+                ("DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE".to_string(), "false".to_string()),
+            ],
+        )
+        .unwrap();
+        let t = Thresholds::from_config(&c).unwrap();
+        assert_eq!(t, Thresholds { target: Some(0.5), spill: Some(0.7), pause: None, terminate: Some(0.95) });
+        let c = dask_protocol::config::Config::from_sources(
+            &[],
+            [("DASK_DISTRIBUTED__WORKER__MEMORY__SPILL".to_string(), "7".to_string())],
+        )
+        .unwrap();
+        assert!(Thresholds::from_config(&c).unwrap_err().contains("fraction"));
+    }
 
     #[test]
     fn dask_spellings() {

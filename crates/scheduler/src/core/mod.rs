@@ -205,6 +205,8 @@ pub enum Event {
     },
     Heartbeat {
         worker: WorkerId,
+        /// Its memory now (sent with heartbeats, and at once when it pauses or resumes).
+        memory: Option<WorkerMemory>,
     },
     /// These tasks started running on `worker` (it reports only those still running when its
     /// batch goes out).
@@ -409,6 +411,38 @@ struct Worker {
     last_seen: Instant,
     /// Being removed: gets no new work.
     closing: bool,
+    /// Over its memory's `pause` threshold: gets no new work until it resumes.
+    paused: bool,
+    /// What it last said of its memory.
+    memory: WorkerMemory,
+}
+
+impl Worker {
+    /// Takes new work.
+    fn open(&self) -> bool {
+        !self.closing && !self.paused
+    }
+}
+
+/// A worker's memory, as it reports it (dask's `WorkerState.memory`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerMemory {
+    /// Resident memory of the worker process.
+    pub process: u64,
+    /// Bytes of values it holds in memory.
+    pub managed: u64,
+    /// Bytes of values it spilled to disk.
+    pub spilled: u64,
+    /// Bytes it wrote to disk since it started.
+    pub spilled_total: u64,
+    pub paused: bool,
+}
+
+impl WorkerMemory {
+    /// Process memory that is not the values it holds (dask's "unmanaged").
+    pub fn unmanaged(&self) -> u64 {
+        self.process.saturating_sub(self.managed)
+    }
 }
 
 #[derive(Default)]
@@ -556,6 +590,11 @@ impl SchedulerCore {
         })
     }
 
+    /// What a worker last said of its memory.
+    pub fn worker_memory(&self, id: WorkerId) -> Option<WorkerMemory> {
+        self.workers.get(&id).map(|w| w.memory)
+    }
+
     pub fn n_workers(&self) -> usize {
         self.workers.len()
     }
@@ -645,9 +684,15 @@ impl SchedulerCore {
             Event::MissingData { worker, key, dependency, from } => {
                 self.missing_data(worker, key, dependency, from, out)
             }
-            Event::Heartbeat { worker } => {
+            Event::Heartbeat { worker, memory } => {
                 if let Some(w) = self.workers.get_mut(&worker) {
                     w.last_seen = now;
+                    if let Some(m) = memory {
+                        w.memory = m;
+                        if m.paused != w.paused {
+                            self.set_paused(worker, m.paused, out);
+                        }
+                    }
                 }
             }
             Event::TasksStarted { worker, keys } => {
@@ -921,15 +966,13 @@ impl SchedulerCore {
                 nbytes: 0,
                 last_seen: self.now,
                 closing: false,
+                paused: false,
+                memory: WorkerMemory::default(),
             },
         );
         self.by_occupancy.insert((0, worker));
         // Tasks that had nowhere to go may now run.
-        let mut stuck: Vec<TaskId> = self.no_worker.iter().copied().collect();
-        stuck.sort_by_key(|t| self.queue_key(*t));
-        for t in stuck {
-            self.schedule(t, out);
-        }
+        self.reschedule_no_worker(out);
         self.fill(worker, out);
     }
 
@@ -941,14 +984,61 @@ impl SchedulerCore {
     /// and a task that kills its worker at once is still caught the next time. If the worker
     /// reported nothing running, every task assigned there counts (as in dask): one of them
     /// may have killed it before its start could be reported.
+    /// A worker paused (over its memory's `pause` threshold) or resumed. A paused worker gets
+    /// no new tasks; what it has queued waits for it.
+    fn set_paused(&mut self, worker: WorkerId, paused: bool, out: &mut Vec<Command>) {
+        let w = self.workers.get_mut(&worker).expect("known worker");
+        let was_open = w.open();
+        w.paused = paused;
+        let (addr, m, limit) = (w.spec.address.clone(), w.memory, w.spec.memory_limit);
+        let key = (occupancy(w), worker);
+        match (was_open, w.open()) {
+            (true, false) => {
+                self.by_occupancy.remove(&key);
+            }
+            (false, true) => {
+                self.by_occupancy.insert(key);
+            }
+            _ => {}
+        }
+        let mb = |b: u64| b / 1_000_000;
+        let message = if paused {
+            format!(
+                "worker {addr} paused: process memory {} MB is over its pause threshold (limit {} MB); \
+                 it gets no new tasks until it resumes",
+                mb(m.process),
+                mb(limit)
+            )
+        } else {
+            format!("worker {addr} resumed: process memory {} MB (limit {} MB)", mb(m.process), mb(limit))
+        };
+        out.push(Command::Notice { level: NoticeLevel::Warn, message });
+        if !paused {
+            self.reschedule_no_worker(out);
+            self.fill(worker, out);
+        }
+    }
+
+    /// Tasks that had nowhere to go are placed again (a worker joined or resumed).
+    fn reschedule_no_worker(&mut self, out: &mut Vec<Command>) {
+        let mut stuck: Vec<TaskId> = self.no_worker.iter().copied().collect();
+        stuck.sort_by_key(|t| self.queue_key(*t));
+        for t in stuck {
+            self.schedule(t, out);
+        }
+    }
+
     fn remove_worker(&mut self, worker: WorkerId, reason: &str, expected: bool, out: &mut Vec<Command>) {
         let Some(w) = self.workers.get_mut(&worker) else {
             return;
         };
+        let was_open = w.open();
         w.closing = true;
         let key = (occupancy(w), worker);
         let addr = w.spec.address.clone();
-        self.by_occupancy.remove(&key);
+        if was_open {
+            self.by_occupancy.remove(&key);
+        }
         // Values only it held are lost (their processing dependents go back to waiting).
         let mut held: Vec<TaskId> = w.has_what.drain().collect();
         w.nbytes = 0;
@@ -1195,7 +1285,7 @@ impl SchedulerCore {
     fn pick_worker(&self, t: TaskId) -> Placement {
         let task = self.task(t);
         let eligible = |w: &Worker| {
-            !w.closing
+            w.open()
                 && match &task.restrictions {
                     None => true,
                     Some(r) => r.loose || r.workers.iter().any(|x| *x == w.spec.address || *x == w.spec.name),
@@ -1217,7 +1307,7 @@ impl SchedulerCore {
         }
         let limit = self.depth(task.prefix);
         let has_slot =
-            |w: &Worker| !w.closing && (w.processing.len() as u64) < w.spec.nthreads.max(1) as u64 * limit as u64;
+            |w: &Worker| w.open() && (w.processing.len() as u64) < w.spec.nthreads.max(1) as u64 * limit as u64;
         // Loose restrictions (`allow_other_workers`): the named workers first, if they have room.
         if let Some(r) = &task.restrictions {
             let named = |w: &Worker| r.workers.iter().any(|x| *x == w.spec.address || *x == w.spec.name);
@@ -1270,7 +1360,7 @@ impl SchedulerCore {
             let Some(w) = self.workers.get(&worker) else {
                 return;
             };
-            if w.closing || w.processing.len() as u64 >= w.spec.nthreads.max(1) as u64 * limit as u64 {
+            if !w.open() || w.processing.len() as u64 >= w.spec.nthreads.max(1) as u64 * limit as u64 {
                 return;
             }
             // Leaving Queued takes it out of the queue.
@@ -1328,7 +1418,7 @@ impl SchedulerCore {
                 if let Some(w) = self.workers.get_mut(worker) {
                     let before = occupancy(w);
                     w.processing.remove(&t);
-                    if !w.closing {
+                    if w.open() {
                         self.by_occupancy.remove(&(before, *worker));
                         self.by_occupancy.insert((occupancy(w), *worker));
                     }
@@ -1752,7 +1842,7 @@ impl SchedulerCore {
             "queue size"
         );
         let expected: BTreeSet<(u64, WorkerId)> =
-            self.workers.iter().filter(|(_, w)| !w.closing).map(|(id, w)| (occupancy(w), *id)).collect();
+            self.workers.iter().filter(|(_, w)| w.open()).map(|(id, w)| (occupancy(w), *id)).collect();
         assert_eq!(self.by_occupancy, expected, "workers by occupancy");
         for (id, w) in &self.workers {
             for t in &w.processing {

@@ -534,6 +534,36 @@ fn a_task_that_kills_its_worker_before_reporting_its_start_is_still_caught() {
     assert!(matches!(h.state("quick-innocent"), TaskState::Memory { .. }), "{:?}", h.state("quick-innocent"));
 }
 
+fn paused(worker: u32, paused: bool) -> Event {
+    Event::Heartbeat {
+        worker: WorkerId(worker),
+        memory: Some(WorkerMemory { process: 900, managed: 100, paused, ..Default::default() }),
+    }
+}
+
+#[test]
+fn a_paused_worker_gets_no_new_tasks_until_it_resumes() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    h.join(2, 1);
+    let out = h.handle(paused(1, true));
+    assert!(out.iter().any(|c| matches!(c, Command::Notice { message, .. } if message.contains("paused"))), "logged");
+    let keys: Vec<String> = (0..6).map(|i| format!("p-{i}")).collect();
+    let wanted: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
+    let out = h.submit(C1, keys.iter().map(|k| task(k, &[])).collect(), &wanted);
+    assert!(computes(&out).iter().all(|(w, _)| *w == 2), "only the running worker: {out:?}");
+    // A task only worker 1 may run waits for it.
+    let mut only1 = task("only1", &[]);
+    only1.workers = vec![addr(1)];
+    h.submit(C1, vec![only1], &["only1"]);
+    assert_eq!(h.state("only1"), TaskState::NoWorker);
+    // Resumed: it runs what waited for it and takes queued work.
+    let out = h.handle(paused(1, false));
+    let on1: Vec<String> = computes(&out).into_iter().filter(|(w, _)| *w == 1).map(|(_, k)| k).collect();
+    assert!(on1.contains(&s("only1")), "{out:?}");
+    assert_eq!(h.core.worker_memory(WorkerId(1)).unwrap().unmanaged(), 800);
+}
+
 #[test]
 fn placement_prefers_the_worker_holding_most_input_bytes() {
     for (bytes_a, bytes_b) in [(10, 1000), (1000, 10)] {
@@ -831,7 +861,7 @@ fn tick_removes_a_worker_silent_for_longer_than_the_ttl() {
     assert_eq!(h.runs_on("x"), 1);
 
     h.now += Duration::from_secs(200);
-    h.handle(Event::Heartbeat { worker: WorkerId(2) });
+    h.handle(Event::Heartbeat { worker: WorkerId(2), memory: None });
     assert!(h.handle(Event::Tick).is_empty(), "nobody is late yet");
 
     h.now += Duration::from_secs(101);
@@ -1048,6 +1078,8 @@ struct Sim {
     last_report: HashMap<(ClientId, Key), Report>,
     failures_injected: bool,
     kills_done: u32,
+    /// Workers that said they are paused.
+    paused: HashSet<WorkerId>,
 }
 
 impl Sim {
@@ -1071,6 +1103,7 @@ impl Sim {
             last_report: HashMap::new(),
             failures_injected: false,
             kills_done: 0,
+            paused: HashSet::new(),
         };
         for &n in &sc.threads {
             sim.add_worker(n);
@@ -1179,6 +1212,7 @@ impl Sim {
         let ids: Vec<WorkerId> = self.alive.keys().copied().collect();
         let victim = ids[self.rng.below(ids.len())];
         self.alive.remove(&victim);
+        self.paused.remove(&victim);
         self.in_flight.retain(|(w, _, _)| *w != victim);
         self.kills_done += 1;
         self.step(Event::WorkerLost { worker: victim, reason: "killed by the simulation".into() });
@@ -1243,10 +1277,26 @@ fn run_scenario(sc: Scenario) {
             let c = sim.rng.below(2);
             let target = sim.rng.below(sc.dag.len());
             sim.submit(&sc, c, |i, _| i == target);
-        } else if roll < 20 && !sim.in_flight.is_empty() {
+        } else if roll < 22 {
+            // A worker pauses (memory) or resumes.
+            let ids: Vec<WorkerId> = sim.alive.keys().copied().collect();
+            let w = ids[sim.rng.below(ids.len())];
+            let pause = !sim.paused.contains(&w);
+            if pause {
+                sim.paused.insert(w);
+            } else {
+                sim.paused.remove(&w);
+            }
+            sim.step(paused(w.0, pause));
+        } else if roll < 25 && !sim.in_flight.is_empty() {
             // A worker reports that a task started running there.
             let (worker, key, _) = sim.in_flight[sim.rng.below(sim.in_flight.len())].clone();
             sim.step(Event::TasksStarted { worker, keys: vec![key] });
+        } else if sim.in_flight.is_empty() && !sim.paused.is_empty() {
+            // Nothing runs: the paused workers resume (memory freed by finished tasks).
+            for w in std::mem::take(&mut sim.paused) {
+                sim.step(paused(w.0, false));
+            }
         } else if sim.in_flight.is_empty() {
             break;
         } else {

@@ -1,25 +1,76 @@
 //! The worker's side of data connections: peers and clients fetch values (`get`) and clients
 //! put scattered values (`put`).
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use dask_protocol::codec::Value;
-use dask_protocol::data::{DataStore, Received};
+use dask_protocol::data::{Admit, DataStore, Received};
+use dask_protocol::pb;
 use tokio::sync::mpsc;
 
-use super::Store;
 use crate::state::Event;
+use crate::store::Store;
 
 pub struct DataService {
-    pub store: Store,
+    pub store: Arc<Store>,
     pub events: mpsc::UnboundedSender<Event>,
+    /// The worker's memory limit (0: none).
+    pub memory_limit: u64,
+    /// `distributed.worker.max-value-size`, if set.
+    pub max_value_size: Option<u64>,
 }
 
 impl DataStore for DataService {
     fn get(&self, keys: Vec<String>) -> Vec<Received> {
         keys.into_iter()
             .map(|k| {
-                let v = self.store.get(k.as_str()).map(|e| e.value().clone());
+                let v = self.store.get(&k);
                 (k, v)
+            })
+            .collect()
+    }
+
+    /// A put is refused, before a byte of it is read, if it announces more than the worker can
+    /// take: a value over `max-value-size`, or more in all than the memory limit plus the room
+    /// left for spilled values. A value larger than the memory limit goes straight to disk.
+    fn admit(&self, headers: &[pb::ValueHeader]) -> Result<Vec<Admit>, String> {
+        let present = || headers.iter().filter(|h| !h.missing);
+        if let Some(max) = self.max_value_size
+            && let Some(h) = present().find(|h| h.len > max)
+        {
+            return Err(format!(
+                "value {:?} of {} bytes is over this worker's max-value-size of {max} bytes \
+                 (distributed.worker.max-value-size)",
+                h.key, h.len
+            ));
+        }
+        if self.memory_limit == 0 {
+            return Ok(vec![Admit::Memory; headers.len()]);
+        }
+        let total = present().fold(0u64, |a, h| a.saturating_add(h.len));
+        let room = self.store.spill_room();
+        let can_take = self.memory_limit.saturating_add(room);
+        if total > can_take {
+            return Err(format!(
+                "{total} bytes announced, more than this worker can hold: its memory limit is {} bytes and \
+                 {room} bytes of spill room are left; scatter less at once, or to workers with more memory",
+                self.memory_limit
+            ));
+        }
+        headers
+            .iter()
+            .map(|h| {
+                if h.missing || h.len <= self.memory_limit {
+                    return Ok(Admit::Memory);
+                }
+                match self.store.incoming_file() {
+                    Some(path) => Ok(Admit::File(path)),
+                    None => Err(format!(
+                        "value {:?} of {} bytes is over this worker's memory limit of {} bytes and it cannot \
+                         spill to disk (spilling is turned off)",
+                        h.key, h.len, self.memory_limit
+                    )),
+                }
             })
             .collect()
     }
@@ -32,6 +83,82 @@ impl DataStore for DataService {
             self.store.insert(key.clone(), v);
             keys.push((key, n));
         }
+        self.announce(keys)
+    }
+
+    fn put_file(&self, key: String, codec: &'static str, file: PathBuf, len: u64) -> Result<(), String> {
+        let key: Arc<str> = Arc::from(key);
+        self.store
+            .insert_spilled(key.clone(), codec, &file, len)
+            .map_err(|e| format!("failed to keep value {key:?} on disk: {e}"))?;
+        self.announce(vec![(key, len)])
+    }
+}
+
+impl DataService {
+    fn announce(&self, keys: Vec<(Arc<str>, u64)>) -> Result<(), String> {
         self.events.send(Event::Put { keys }).map_err(|_| "the worker is shutting down".to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dask_protocol::data::{self, DataPool};
+    use dask_protocol::pb::data_message::Kind;
+
+    async fn serve(memory_limit: u64, max_value_size: Option<u64>, tag: &str) -> (String, Arc<Store>) {
+        let dir = std::env::temp_dir().join(format!("dask-rs-admit-{tag}-{}", std::process::id()));
+        let store = Store::new(Some(crate::store::SpillConfig {
+            dir,
+            target: Some(memory_limit * 6 / 10),
+            max_spill: Some(1 << 30),
+            compress: false,
+        }));
+        let (events, _rx) = mpsc::unbounded_channel();
+        std::mem::forget(_rx);
+        let service = Arc::new(DataService { store: store.clone(), events, memory_limit, max_value_size });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = format!("tcp://{}", listener.local_addr().unwrap());
+        tokio::spawn(data::serve(listener, service, Default::default()));
+        (addr, store)
+    }
+
+    #[tokio::test]
+    async fn a_put_the_worker_cannot_hold_is_refused_before_a_byte_is_read() {
+        let (addr, store) = serve(1_000_000, None, "refuse").await;
+        // A header announcing a terabyte: refused with the reason, nothing reserved.
+        let mut c = data::connect(&addr).await.unwrap();
+        let header = pb::ValueHeader { key: "tb".into(), codec: "bytes".into(), len: 1 << 40, missing: false };
+        let put = pb::DataMessage { kind: Some(Kind::Put(pb::ValueList { values: vec![header] })) };
+        data::write_message(&mut c, &put).await.unwrap();
+        let reply = data::read_message(&mut c, false).await.unwrap().unwrap();
+        assert!(
+            matches!(&reply.kind, Some(Kind::Error(e)) if e.contains("more than this worker can hold") && e.contains("memory limit")),
+            "{reply:?}"
+        );
+        assert!(store.is_empty());
+        // A real sender gets the reason too (it listens while it writes).
+        let big = Value { codec: "bytes", data: bytes::Bytes::from(vec![0u8; 3 << 20]) };
+        let (small_addr, _s) = serve(1_000_000, Some(1 << 20), "max").await;
+        let e = DataPool::default().put_data(&small_addr, vec![("big".into(), big)]).await.unwrap_err();
+        assert!(e.to_string().contains("max-value-size"), "{e}");
+        store.close();
+    }
+
+    #[tokio::test]
+    async fn a_value_over_the_memory_limit_goes_straight_to_disk() {
+        let (addr, store) = serve(100_000, None, "stream").await;
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let v = Value { codec: "bytes", data: bytes::Bytes::from(data.clone()) };
+        let pool = DataPool::default();
+        let small = Value { codec: "bytes", data: bytes::Bytes::from_static(b"tiny") };
+        pool.put_data(&addr, vec![("small".into(), small), ("big".into(), v)]).await.unwrap();
+        assert_eq!(store.stored_bytes("big"), Some(300_000), "on disk as it came");
+        assert_eq!(store.stats().managed, 4);
+        let got = pool.get_data(&addr, vec!["big".into(), "small".into()]).await.unwrap();
+        assert_eq!(got[0].1.as_ref().unwrap().data, bytes::Bytes::from(data));
+        assert_eq!(&got[1].1.as_ref().unwrap().data[..], b"tiny");
+        store.close();
     }
 }

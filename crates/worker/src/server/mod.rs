@@ -1,13 +1,14 @@
 //! The worker's shell: connects to the scheduler, serves its values to peers and clients,
 //! runs tasks on the thread pool, and feeds every outcome back into [`WorkerState`].
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dashmap::DashMap;
 use dask_protocol::addr::Address;
 use dask_protocol::codec::Value;
 use dask_protocol::data;
 use dask_protocol::pb::{self, scheduler_client::SchedulerClient};
+use dask_protocol::sys::ProcessMemory;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -15,13 +16,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use crate::executor::Executor;
+use crate::memory::{MemoryPolicy, Thresholds};
 use crate::state::{ComputeRequest, Event, ExecOutcome, Instruction, Key, WorkerState};
+use crate::store::{SpillConfig, Store};
 
 mod data_service;
-
-/// Values held by this worker, shared by the event loop, the executor threads and the data
-/// service.
-pub type Store = Arc<DashMap<Key, Value, rustc_hash::FxBuildHasher>>;
 
 /// How to run one worker.
 #[derive(Clone, Debug)]
@@ -30,12 +29,24 @@ pub struct WorkerConfig {
     pub nthreads: usize,
     /// Unique name; defaults to the worker's address.
     pub name: Option<String>,
-    /// Bytes; 0 = no limit. Reported now, enforced with the nanny.
+    /// Bytes; 0 = no limit (and no spilling, pausing or restarting for memory).
     pub memory_limit: u64,
+    /// dask's memory thresholds (`distributed.worker.memory.*`).
+    pub thresholds: Thresholds,
+    /// How often process memory is sampled (dask: 100 ms).
+    pub monitor_interval: Duration,
+    /// Bytes of spilled values kept on disk at most (`None`: no cap).
+    pub max_spill: Option<u64>,
+    /// Compress spilled values (LZ4).
+    pub spill_compression: bool,
+    /// Largest value a data connection accepts (`None`: memory limit plus spill room decide).
+    pub max_value_size: Option<u64>,
     /// Host the data service binds and advertises.
     pub host: String,
     /// 0 = any free port.
     pub port: u16,
+    /// The worker keeps its files (spilled values) in its own directory under this one
+    /// (`dask-scratch-space/worker-<pid>-<port>`), removed when it exits cleanly.
     pub local_directory: String,
     /// Give up if the scheduler cannot be reached for this long (None: keep trying).
     pub death_timeout: Option<Duration>,
@@ -52,6 +63,11 @@ impl WorkerConfig {
             nthreads: 1,
             name: None,
             memory_limit: 0,
+            thresholds: Thresholds::default(),
+            monitor_interval: Duration::from_millis(100),
+            max_spill: None,
+            spill_compression: false,
+            max_value_size: None,
             host: "127.0.0.1".into(),
             port: 0,
             local_directory: std::env::temp_dir().display().to_string(),
@@ -59,6 +75,28 @@ impl WorkerConfig {
             heartbeat: Duration::from_secs(1),
             simulate: false,
         }
+    }
+
+    /// Reads the `distributed.worker.*` settings dask-rs knows (thresholds, monitor interval,
+    /// max-spill, spill compression, max-value-size).
+    pub fn apply_config(&mut self, c: &dask_protocol::config::Config) -> Result<(), String> {
+        let e = |e: dask_protocol::config::ConfigError| e.to_string();
+        self.thresholds = Thresholds::from_config(c)?;
+        if let Some(t) = c.duration("distributed.worker.memory.monitor-interval").map_err(e)? {
+            self.monitor_interval = t.max(Duration::from_millis(1));
+        }
+        self.max_spill = c.bytes("distributed.worker.memory.max-spill").map_err(e)?;
+        self.spill_compression = match c.string("distributed.worker.memory.spill-compression").as_deref() {
+            None | Some("false" | "False" | "none" | "None") => false,
+            Some("auto" | "lz4") => true,
+            Some(other) => {
+                return Err(format!(
+                    "distributed.worker.memory.spill-compression = {other:?} is not known (use lz4, auto or false)"
+                ));
+            }
+        };
+        self.max_value_size = c.bytes("distributed.worker.max-value-size").map_err(e)?;
+        Ok(())
     }
 }
 
@@ -106,11 +144,25 @@ pub async fn start(
     let local = listener.local_addr().map_err(|source| WorkerError::Bind { addr: bind, source })?;
     let address = Address { host: config.host.clone(), port: local.port() };
     let name = config.name.clone().unwrap_or_else(|| address.to_string());
-    let store: Store = Arc::new(DashMap::with_hasher(rustc_hash::FxBuildHasher));
+    let policy = MemoryPolicy::new(config.memory_limit, config.thresholds);
+    let scratch = Path::new(&config.local_directory).join("dask-scratch-space");
+    remove_stale_worker_dirs(&scratch);
+    let spill = policy.spills().then(|| SpillConfig {
+        dir: scratch.join(format!("worker-{}-{}", std::process::id(), address.port)),
+        target: policy.target_bytes(),
+        max_spill: config.max_spill,
+        compress: config.spill_compression,
+    });
+    let store = Store::new(spill);
     let (events_tx, events_rx) = mpsc::unbounded_channel::<Event>();
 
     // The data service.
-    let service = Arc::new(data_service::DataService { store: store.clone(), events: events_tx.clone() });
+    let service = Arc::new(data_service::DataService {
+        store: store.clone(),
+        events: events_tx.clone(),
+        memory_limit: config.memory_limit,
+        max_value_size: config.max_value_size,
+    });
     let server = tokio::spawn(data::serve(listener, service, shutdown.clone()));
 
     // Register with the scheduler.
@@ -160,7 +212,11 @@ pub async fn start(
         let results = executor.results();
         let mut lp = Loop {
             state: WorkerState::new(config.nthreads),
-            store,
+            store: store.clone(),
+            policy,
+            sampler: ProcessMemory::this_process(),
+            rss: 0,
+            spilling: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             executor,
             events_tx,
             out_tx,
@@ -170,9 +226,11 @@ pub async fn start(
             simulate: config.simulate,
             shutdown: shutdown.clone(),
         };
-        let result = lp.run(&mut inbound, events_rx, &results, heartbeat, shutdown.clone()).await;
+        let result =
+            lp.run(&mut inbound, events_rx, &results, heartbeat, config.monitor_interval, shutdown.clone()).await;
         shutdown.cancel();
         lp.executor.shutdown();
+        store.close();
         let _ = server.await;
         result
     };
@@ -211,9 +269,32 @@ async fn connect_scheduler(config: &WorkerConfig) -> Result<Channel, WorkerError
 
 pub use dask_protocol::error_chain;
 
+/// Removes the directories of workers whose process is gone (a crash leaves its spilled values
+/// behind; dask's nanny cleans them up the same way).
+fn remove_stale_worker_dirs(scratch: &Path) {
+    let Ok(dir) = std::fs::read_dir(scratch) else { return };
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("worker-")).and_then(|r| r.split('-').next()) else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        if pid != std::process::id() && ProcessMemory::of(pid).sample().is_none() {
+            tracing::info!(dir = %entry.path().display(), "removing the files of a worker that is gone");
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 struct Loop {
     state: WorkerState,
-    store: Store,
+    store: Arc<Store>,
+    policy: MemoryPolicy,
+    sampler: ProcessMemory,
+    /// Last sample of this process's resident memory.
+    rss: u64,
+    /// A spill to bring process memory down is under way (on a blocking thread).
+    spilling: Arc<std::sync::atomic::AtomicBool>,
     executor: Executor,
     events_tx: mpsc::UnboundedSender<Event>,
     out_tx: mpsc::UnboundedSender<pb::WorkerToScheduler>,
@@ -235,9 +316,13 @@ impl Loop {
         mut events: mpsc::UnboundedReceiver<Event>,
         results: &crate::executor::Results,
         heartbeat: Duration,
+        monitor_interval: Duration,
         shutdown: CancellationToken,
     ) -> Result<(), WorkerError> {
         let mut ticker = tokio::time::interval(heartbeat);
+        let mut monitor = tokio::time::interval(monitor_interval);
+        monitor.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let monitoring = self.policy.limit() > 0;
         let mut announced = 0;
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -277,13 +362,12 @@ impl Loop {
                     }
                 }
                 _ = ticker.tick() => {
-                    let memory: u64 = self.store.iter().map(|e| e.value().data.len() as u64).sum();
-                    self.outgoing.push(pb::WorkerEvent { kind: Some(pb::worker_event::Kind::Heartbeat(pb::Heartbeat {
-                        memory,
-                        executing: self.state.executing() as u32,
-                        in_memory: self.state.in_memory() as u32,
-                    }))});
+                    if !monitoring {
+                        self.rss = self.sampler.sample().unwrap_or(0);
+                    }
+                    self.heartbeat();
                 }
+                _ = monitor.tick(), if monitoring => self.on_monitor(),
             }
             self.apply();
             if !self.outgoing.is_empty() {
@@ -294,6 +378,56 @@ impl Loop {
             }
             // Threads waiting to run an announced task may go: its start is on its way.
             results.sent(announced);
+        }
+    }
+
+    fn heartbeat(&mut self) {
+        let stats = self.store.stats();
+        self.outgoing.push(pb::WorkerEvent {
+            kind: Some(pb::worker_event::Kind::Heartbeat(pb::Heartbeat {
+                memory: self.rss,
+                executing: self.state.executing() as u32,
+                in_memory: self.state.in_memory() as u32,
+                managed: stats.managed,
+                spilled: stats.spilled,
+                spilled_count: stats.spilled_count,
+                paused: self.policy.paused(),
+                spilled_total: stats.spilled_total,
+            })),
+        });
+    }
+
+    /// One memory sample: pause or resume, and spill if the process is over `spill`.
+    fn on_monitor(&mut self) {
+        let Some(rss) = self.sampler.sample() else { return };
+        self.rss = rss;
+        let decision = self.policy.on_sample(rss);
+        if let Some(paused) = decision.pause {
+            let limit = self.policy.limit();
+            let pct = rss as f64 * 100.0 / limit.max(1) as f64;
+            if paused {
+                tracing::warn!(
+                    "worker is at {pct:.0}% memory usage ({} MB of {} MB): pausing (no task starts, no \
+                     fetches) until it is below the pause threshold",
+                    rss / 1_000_000,
+                    limit / 1_000_000
+                );
+            } else {
+                tracing::warn!("worker is at {pct:.0}% memory usage: resuming");
+            }
+            self.executor.pause(paused);
+            self.state.handle(Event::Paused(paused), &mut self.instructions);
+            // The scheduler hears of it now, not at the next heartbeat.
+            self.heartbeat();
+        }
+        if let Some(until) = decision.spill_until
+            && !self.spilling.swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            let (store, spilling) = (self.store.clone(), self.spilling.clone());
+            tokio::task::spawn_blocking(move || {
+                spill_until(&store, until);
+                spilling.store(false, std::sync::atomic::Ordering::Release);
+            });
         }
     }
 
@@ -356,14 +490,12 @@ impl Loop {
                     }
                 }
                 Instruction::Cancel(key) => self.executor.cancel(&key),
-                Instruction::Drop(key) => {
-                    self.store.remove(&key);
-                }
+                Instruction::Drop(key) => self.store.remove(&key),
                 Instruction::Send(mut kind) => {
                     if let pb::worker_event::Kind::Finished(f) = &mut kind
                         && f.has_value
                     {
-                        match self.store.get(f.key.as_str()) {
+                        match self.store.get(&f.key) {
                             Some(v) => {
                                 f.value = v.data.clone();
                                 f.codec = v.codec.to_string();
@@ -390,11 +522,44 @@ impl Loop {
     }
 }
 
+/// Spills least recently used values until this process's memory is below `until` (dask's
+/// `_spill`): one value at a time, measuring again after each, and giving freed memory back to
+/// the system when spilling alone did not bring the figure down.
+fn spill_until(store: &Store, until: u64) {
+    let mut sampler = ProcessMemory::this_process();
+    let Some(mut rss) = sampler.sample() else { return };
+    let need = rss.saturating_sub(until);
+    let mut spilled = 0;
+    while rss > until {
+        match store.spill_one() {
+            Ok(Some(n)) => spilled += n,
+            Ok(None) => {
+                tracing::warn!(
+                    "unmanaged memory use is high: process memory {} MB is over the spill target {} MB and \
+                     nothing is left to spill (a task holds much memory, or the allocator keeps freed memory)",
+                    rss / 1_000_000,
+                    until / 1_000_000
+                );
+                break;
+            }
+            Err(e) => {
+                tracing::warn!("{e}; values stay in memory");
+                break;
+            }
+        }
+        rss = sampler.sample().unwrap_or(0);
+        if spilled > need && rss > until {
+            dask_protocol::sys::release_free_memory();
+            rss = sampler.sample().unwrap_or(0);
+        }
+    }
+}
+
 async fn fetch(
     from: Arc<str>,
     keys: Vec<Key>,
     peers: Arc<data::DataPool>,
-    store: Store,
+    store: Arc<Store>,
     events: mpsc::UnboundedSender<Event>,
 ) {
     let result = peers.get_data(&from, keys.iter().map(|k| k.to_string()).collect()).await;

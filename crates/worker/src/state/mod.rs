@@ -77,6 +77,9 @@ pub enum Event {
     },
     /// These dispatched tasks started running.
     Started(Vec<Key>),
+    /// Memory is over the pause threshold (`true`) or back under it: while paused, nothing is
+    /// fetched (the executor starts no task either).
+    Paused(bool),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -161,6 +164,9 @@ pub struct WorkerState {
     data: FxHashMap<Key, DataKey>,
     ready: BinaryHeap<(i32, Reverse<u64>, Key)>,
     next_order: u64,
+    paused: bool,
+    /// Dependencies left in `Fetch` while paused, to fetch on resuming.
+    deferred: Vec<Key>,
 }
 
 impl WorkerState {
@@ -172,6 +178,8 @@ impl WorkerState {
             data: FxHashMap::default(),
             ready: BinaryHeap::new(),
             next_order: 0,
+            paused: false,
+            deferred: Vec::new(),
         }
     }
 
@@ -204,6 +212,18 @@ impl WorkerState {
                     .collect();
                 if !running.is_empty() {
                     out.push(Instruction::Send(pb::worker_event::Kind::Started(pb::TasksStarted { keys: running })));
+                }
+            }
+            Event::Paused(paused) => {
+                self.paused = paused;
+                if !paused {
+                    let mut to_fetch = Vec::new();
+                    for dep in std::mem::take(&mut self.deferred) {
+                        if let Some(d) = self.data.get_mut(&dep) {
+                            start_flight(&dep, d, &mut to_fetch);
+                        }
+                    }
+                    group_fetches(to_fetch, out);
                 }
             }
             Event::Put { keys } => {
@@ -261,10 +281,10 @@ impl WorkerState {
                 DataState::Fetch { who_has: have } => {
                     missing += 1;
                     *have = who_has;
-                    if let Some(first) = have.first().cloned() {
-                        let rest = have[1..].to_vec();
-                        d.state = DataState::Flight { from: first.clone(), rest, tried: Vec::new() };
-                        to_fetch.push((first, dep.clone()));
+                    if self.paused && !have.is_empty() {
+                        self.deferred.push(dep.clone());
+                    } else {
+                        start_flight(&dep, d, &mut to_fetch);
                     }
                 }
             }
@@ -528,6 +548,17 @@ impl WorkerState {
                 assert!(self.compute.get(t).is_some_and(|c| c.deps.contains(key)), "{key}: dependent {t} gone");
             }
         }
+    }
+}
+
+/// Starts fetching `dep` (in `Fetch`) from its first holder.
+fn start_flight(dep: &Key, d: &mut DataKey, to_fetch: &mut Vec<(Arc<str>, Key)>) {
+    if let DataState::Fetch { who_has } = &d.state
+        && let Some(first) = who_has.first().cloned()
+    {
+        let rest = who_has[1..].to_vec();
+        d.state = DataState::Flight { from: first.clone(), rest, tried: Vec::new() };
+        to_fetch.push((first, dep.clone()));
     }
 }
 

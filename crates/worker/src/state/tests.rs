@@ -182,3 +182,20 @@ fn started_reports_only_tasks_still_running() {
     w.handle(Event::Started(vec![key("a")]), &mut out);
     assert!(out.is_empty());
 }
+
+#[test]
+fn a_paused_worker_fetches_nothing_until_it_resumes() {
+    let mut w = WorkerState::new(1);
+    let mut out = Vec::new();
+    w.handle(Event::Paused(true), &mut out);
+    w.handle(compute("t", &[("d", &["tcp://peer:1"])]), &mut out);
+    w.validate();
+    assert!(!out.iter().any(|i| matches!(i, Instruction::Fetch { .. })), "no fetch while paused: {out:?}");
+    out.clear();
+    w.handle(Event::Paused(false), &mut out);
+    w.validate();
+    assert!(
+        matches!(&out[..], [Instruction::Fetch { from, keys }] if &**from == "tcp://peer:1" && keys.len() == 1),
+        "{out:?}"
+    );
+}
