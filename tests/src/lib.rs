@@ -202,3 +202,29 @@ pub fn start_scheduler(dir: &TempDir, extra: &[&str]) -> (Proc, String) {
     let address = wait_for_scheduler_file(&file, Duration::from_secs(30));
     (p, address)
 }
+
+/// Sends a signal (`KILL`, `STOP`, `CONT`, `TERM`) to a process.
+pub fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().expect("run kill");
+    assert!(status.success(), "kill -{sig} {pid} failed");
+}
+
+/// Whether a process is alive (not yet reaped counts as alive).
+pub fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+}
+
+/// Starts a process with extra environment variables; its output goes to a log file.
+pub fn start_with_env(program: &Path, args: &[&str], env: &[(&str, &str)], log: PathBuf) -> Proc {
+    let file = std::fs::File::create(&log).expect("log file");
+    let child = Command::new(program)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
+    Proc { child, log }
+}

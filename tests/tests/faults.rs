@@ -4,7 +4,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use dask::Client;
-use dask_system_tests::{Proc, TempDir, checksum, expected_checksum, noise, start_scheduler};
+use dask::builtins::slowinc;
+use dask_system_tests::{
+    Proc, TempDir, alive, checksum, expected_checksum, hog, noise, panic_holding, signal, start_scheduler,
+    start_with_env, triple,
+};
 
 const LONG: Duration = Duration::from_secs(120);
 const MB: u64 = 1_000_000;
@@ -81,4 +85,167 @@ fn workers_with_300_mb_compute_1_2_gb_by_spilling_and_clean_up() {
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "files left after close: {left:?}");
+}
+
+/// Workers (each under its nanny, the default) of the test worker binary.
+fn nanny_workers(dir: &TempDir, address: &str, n: usize, extra: &[&str], env: &[(&str, &str)]) -> Vec<Proc> {
+    (0..n)
+        .map(|i| {
+            let name = format!("n{i}");
+            let mut args = vec![address, "--nthreads", "1", "--name", name.as_str()];
+            args.extend_from_slice(extra);
+            start_with_env(test_worker(), &args, env, dir.path(&format!("n{i}.log")))
+        })
+        .collect()
+}
+
+/// `name -> pid` of the workers connected now.
+fn worker_pids(client: &Client) -> std::collections::HashMap<String, u32> {
+    client.scheduler_info().unwrap().workers.into_iter().map(|w| (w.name, w.pid)).collect()
+}
+
+/// A fast backoff for tests (dask-rs's default is 1 s doubling to 30 s).
+const FAST_BACKOFF: (&str, &str) = ("DASK_DISTRIBUTED__NANNY__RESTART_BACKOFF_INITIAL", "50ms");
+
+#[test]
+fn a_nanny_restarts_a_killed_worker_and_the_scheduler_says_why() {
+    let dir = TempDir::new("nanny-kill");
+    let (sched, address) = start_scheduler(&dir, &[]);
+    let _w = nanny_workers(&dir, &address, 1, &[], &[FAST_BACKOFF]);
+    let client = Client::connect(&address).unwrap();
+    client.wait_for_workers(1, Some(LONG)).unwrap();
+    let info = client.scheduler_info().unwrap();
+    assert!(!info.workers[0].nanny.is_empty(), "the worker names its nanny");
+    let old = info.workers[0].pid;
+    signal(old, "KILL");
+    eventually(LONG, "a fresh worker", || worker_pids(&client).get("n0").is_some_and(|p| *p != old));
+    let info = client.scheduler_info().unwrap();
+    assert!(info.workers[0].previous_exit.contains("signal 9"), "{:?}", info.workers[0].previous_exit);
+    assert!(sched.log().contains("signal 9"), "the scheduler's log says why: {}", sched.log());
+    assert_eq!(client.submit(triple, (3,)).unwrap().result_timeout(LONG).unwrap(), 9);
+}
+
+#[test]
+fn restart_replaces_every_worker_and_cancels_every_future_even_mid_graph() {
+    let dir = TempDir::new("restart");
+    let (_sched, address) = start_scheduler(&dir, &[]);
+    let _w = nanny_workers(&dir, &address, 2, &[], &[]);
+    let client = Client::connect(&address).unwrap();
+    let other = Client::connect(&address).unwrap();
+    client.wait_for_workers(2, Some(LONG)).unwrap();
+    let before = worker_pids(&client);
+    let held = client.map(triple, 0..100).unwrap();
+    let _: Vec<i64> = client.gather(&held).unwrap();
+    // Tasks still running when the restart comes, and another client's future.
+    let running = client.map_args(slowinc, (0..20).map(|i| (i, 200u64))).unwrap();
+    let theirs = other.submit(slowinc, (1, 60_000)).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    client.restart().unwrap();
+    let after = worker_pids(&client);
+    assert_eq!(after.len(), 2);
+    for (name, pid) in &after {
+        assert_ne!(before.get(name), Some(pid), "{name} is a new process");
+    }
+    for f in held.iter().chain(&running) {
+        let e = f.result_timeout(LONG).unwrap_err();
+        assert!(matches!(e, dask::Error::Cancelled { ref reason, .. } if reason.contains("restarted")), "{e}");
+    }
+    let e = theirs.result_timeout(LONG).unwrap_err();
+    assert!(e.to_string().contains("restarted"), "the other client hears why: {e}");
+    // The cluster works afterwards, and the same keys compute afresh.
+    assert_eq!(
+        client.gather(&client.map(triple, 0..100).unwrap()).unwrap(),
+        (0..100).map(|i| i * 3).collect::<Vec<i64>>()
+    );
+}
+
+#[test]
+fn restart_without_a_nanny_fails_and_changes_nothing() {
+    let dir = TempDir::new("restart-no-nanny");
+    let (_sched, address) = start_scheduler(&dir, &[]);
+    let _w = Proc::start(test_worker(), &[&address, "--no-nanny", "--name", "bare"], dir.path("w.log"));
+    let client = Client::connect(&address).unwrap();
+    client.wait_for_workers(1, Some(LONG)).unwrap();
+    let x = client.submit(triple, (5,)).unwrap();
+    assert_eq!(x.result_timeout(LONG).unwrap(), 15);
+    let e = client.restart().unwrap_err().to_string();
+    assert!(e.contains("nanny") && e.contains("--no-nanny"), "{e}");
+    assert_eq!(x.result().unwrap(), 15, "nothing was released");
+}
+
+#[test]
+fn a_worker_that_cannot_start_makes_its_nanny_give_up_after_five_tries() {
+    let dir = TempDir::new("no-start");
+    let (_sched, address) = start_scheduler(&dir, &[]);
+    let mut n = start_with_env(
+        test_worker(),
+        &[&address],
+        &[("DASK_TEST_WORKER_EXITS_AT_ONCE", "1"), FAST_BACKOFF],
+        dir.path("n.log"),
+    );
+    let status = n.wait_exit(LONG);
+    let log = n.log();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{log}");
+    assert!(log.contains("5 times in a row") && log.contains("exit code 3"), "{log}");
+    assert_eq!(log.matches("exiting at once, as asked").count(), 5, "exactly five starts, no storm: {log}");
+    // A worker the scheduler refuses (its name is taken) is not started again at all.
+    let _first = Proc::start(test_worker(), &[&address, "--no-nanny", "--name", "taken"], dir.path("a.log"));
+    let client = Client::connect(&address).unwrap();
+    client.wait_for_workers(1, Some(LONG)).unwrap();
+    let mut dup = Proc::start(test_worker(), &[&address, "--name", "taken"], dir.path("dup.log"));
+    assert_eq!(dup.wait_exit(LONG).and_then(|s| s.code()), Some(1), "{}", dup.log());
+    assert!(dup.log().contains("already connected") && dup.log().contains("not starting it again"), "{}", dup.log());
+}
+
+#[test]
+fn a_task_past_terminate_restarts_its_worker_and_ends_as_killed_worker() {
+    let dir = TempDir::new("terminate");
+    let (sched, address) = start_scheduler(&dir, &["--allowed-failures", "1"]);
+    let _w = nanny_workers(&dir, &address, 2, &["--memory-limit", "200MB"], &[FAST_BACKOFF]);
+    let client = Client::connect(&address).unwrap();
+    client.wait_for_workers(2, Some(LONG)).unwrap();
+    // Holds 400 MB for a while: past 95% of 200 MB, wherever it runs.
+    let e = client.submit(hog, (400, 5_000)).unwrap().result_timeout(LONG).unwrap_err().to_string();
+    assert!(e.contains("killed-worker") && e.contains("over memory limit"), "{e}");
+    assert!(sched.log().contains("over memory limit"), "{}", sched.log());
+    // The cluster keeps serving, both workers back.
+    client.wait_for_workers(2, Some(LONG)).unwrap();
+    assert_eq!(client.submit(triple, (2,)).unwrap().result_timeout(LONG).unwrap(), 6);
+}
+
+#[test]
+fn a_task_that_panics_holding_memory_is_an_error_and_its_worker_lives_on() {
+    let dir = TempDir::new("panic");
+    let (_sched, address) = start_scheduler(&dir, &[]);
+    let _w = nanny_workers(&dir, &address, 1, &["--memory-limit", "1GB"], &[]);
+    let client = Client::connect(&address).unwrap();
+    client.wait_for_workers(1, Some(LONG)).unwrap();
+    let pid = worker_pids(&client)["n0"];
+    let e = client.submit(panic_holding, (100,)).unwrap().result_timeout(LONG).unwrap_err().to_string();
+    assert!(e.contains("panic") && e.contains("gave up holding 100 MB"), "{e}");
+    assert_eq!(client.submit(triple, (1,)).unwrap().result_timeout(LONG).unwrap(), 3);
+    assert_eq!(worker_pids(&client)["n0"], pid, "no restart for a task error");
+}
+
+#[test]
+fn a_worker_stopped_past_the_ttl_is_replaced_and_its_tasks_rerun() {
+    let dir = TempDir::new("sigstop");
+    let (sched, address) = start_scheduler(&dir, &["--worker-ttl", "2s"]);
+    let _w = nanny_workers(&dir, &address, 2, &[], &[]);
+    let client = Client::connect(&address).unwrap();
+    client.wait_for_workers(2, Some(LONG)).unwrap();
+    let before = worker_pids(&client);
+    let stopped = before["n0"];
+    let fs = client.map_args(slowinc, (0..40).map(|i| (i, 100u64))).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    signal(stopped, "STOP");
+    // Removed for silence; everything finishes on the other worker.
+    let got: Vec<i64> = client.gather(&fs).unwrap();
+    assert_eq!(got, (1..=40).collect::<Vec<_>>());
+    assert!(!worker_pids(&client).values().any(|p| *p == stopped), "the stopped worker was removed");
+    assert!(sched.log().contains("worker-ttl"), "{}", sched.log());
+    // Woken, it is told it is gone and leaves; its nanny starts a fresh one.
+    signal(stopped, "CONT");
+    eventually(LONG, "the stopped worker to exit", || !alive(stopped));
+    eventually(LONG, "a fresh n0", || worker_pids(&client).get("n0").is_some_and(|p| *p != stopped));
 }

@@ -123,8 +123,14 @@ impl KeyTable {
                 Status::Finished { workers: m.workers, value }
             }
             Some(Kind::Erred(e)) => Status::Error(Arc::new(TaskFailure::from(e))),
-            // Only this client cancels its keys, and it marked them already; a late
-            // confirmation must not cancel a newer submission of the same key.
+            // The scheduler cancelled it (a restart): the future is over, and a later submission
+            // of the key is a new computation.
+            Some(Kind::Cancelled(c)) if c.by_scheduler => {
+                self.detach(&report.key);
+                Status::Cancelled(Arc::from(c.reason))
+            }
+            // This client's own cancel, marked already; a late confirmation must not cancel a
+            // newer submission of the same key.
             Some(Kind::Cancelled(_)) => return,
             Some(Kind::Lost(l)) => {
                 // Gone for good: a later submission of the key starts afresh.
@@ -139,6 +145,15 @@ impl KeyTable {
     /// Forgets the entry of `key` (its handles keep their state and release nothing).
     fn detach(&self, key: &str) {
         self.keys.lock().remove(key);
+    }
+
+    /// Every future ends as cancelled, with `why`; later submissions of the same keys are new.
+    fn cancel_all(&self, why: &str) {
+        let why: Arc<str> = Arc::from(why);
+        let states: Vec<_> = self.keys.lock().drain().map(|(_, h)| h.state).collect();
+        for s in states {
+            s.set(Status::Cancelled(why.clone()));
+        }
     }
 
     fn disconnect_all(&self, why: &str) {
@@ -171,6 +186,8 @@ pub(crate) struct ClientInner {
     cluster: Mutex<Option<LocalCluster>>,
     counter: AtomicU64,
     random: std::collections::hash_map::RandomState,
+    /// What this client calls itself to the scheduler (`Client-<hex>`).
+    client_id: String,
 }
 
 /// How long `close` waits for the scheduler to take everything queued.
@@ -247,7 +264,7 @@ impl ClientInner {
     pub(crate) fn cancel(&self, keys: &[Arc<str>]) {
         for k in keys {
             if let Some(s) = self.table.get(k) {
-                s.set(Status::Cancelled);
+                s.set(Status::Cancelled(Arc::from("cancelled by this client")));
             }
             // A later submission of the key is a new computation, not this cancelled one.
             self.table.detach(k);
@@ -397,7 +414,7 @@ pub(crate) fn status_to_result(key: &str, status: Status) -> Result<Located> {
         Status::Finished { value: Some(v), .. } => Ok(Located::Here(v)),
         Status::Finished { workers, value: None } => Ok(Located::On(workers)),
         Status::Error(e) => Err(Error::Task((*e).clone())),
-        Status::Cancelled => Err(Error::Cancelled { key: key.to_string() }),
+        Status::Cancelled(why) => Err(Error::Cancelled { key: key.to_string(), reason: why.to_string() }),
         Status::Lost(why) => Err(Error::Lost { key: key.to_string(), why }),
         Status::Disconnected(why) => Err(Error::SchedulerLost(why)),
         Status::Pending => unreachable!("value of a pending key"),
@@ -438,6 +455,13 @@ impl std::fmt::Debug for Client {
 
 /// Default time allowed to reach a scheduler (dask: `distributed.comm.timeouts.connect`, 30 s).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default time `Client::restart` waits for the workers to come back (dask: 4 × the connect
+/// timeout).
+pub const RESTART_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Why the futures of a restarted cluster were cancelled.
+const RESTARTED: &str = "the cluster was restarted (Client.restart): every task and value was released; submit again";
 
 impl Client {
     /// Starts a [`LocalCluster`] with default settings and connects to it.
@@ -831,6 +855,48 @@ impl Client {
         }
     }
 
+    /// Restarts every worker through its nanny and forgets every task: every future of every
+    /// client ends as cancelled, saying why (dask's `Client.restart`). Returns once as many
+    /// workers as before are back, all of them new; fails at once if a worker has no nanny
+    /// (started with `--no-nanny`), and after [`RESTART_TIMEOUT`] if they do not come back.
+    pub fn restart(&self) -> Result<()> {
+        self.restart_with_timeout(RESTART_TIMEOUT)
+    }
+
+    /// [`restart`](Self::restart) with a timeout of your own.
+    pub fn restart_with_timeout(&self, timeout: Duration) -> Result<()> {
+        self.inner.block_on(self.restart_async(timeout))
+    }
+
+    /// [`restart`](Self::restart) for async code.
+    pub async fn restart_async(&self, timeout: Duration) -> Result<()> {
+        self.check_open()?;
+        let req = pb::RestartRequest {
+            timeout_s: timeout.as_secs_f64(),
+            reason: String::new(),
+            client_id: self.inner.client_id.clone(),
+        };
+        match self.inner.scheduler.clone().restart(req).await {
+            Ok(_) => {
+                // The scheduler told the other clients; this one cancels its own futures, now
+                // that nothing of theirs can arrive any more.
+                self.inner.table.cancel_all(RESTARTED);
+                Ok(())
+            }
+            Err(s) if s.code() == tonic::Code::DeadlineExceeded => {
+                self.inner.table.cancel_all(RESTARTED);
+                Err(Error::Timeout {
+                    what: format!("the workers to come back after a restart ({})", s.message()),
+                    after: timeout,
+                })
+            }
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                Err(Error::InvalidArgument(format!("cannot restart: {}", s.message())))
+            }
+            Err(s) => Err(s.into()),
+        }
+    }
+
     /// Writes dask's scheduler file (JSON with the scheduler's address) for other clients.
     pub fn write_scheduler_file(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
         let json = serde_json::json!({ "type": "Scheduler", "address": self.inner.address.to_string() });
@@ -913,8 +979,12 @@ pub(crate) fn read_scheduler_file(path: &std::path::Path) -> Result<String> {
 
 /// A client stream to the scheduler: the gRPC client, the sender of our side, the scheduler's
 /// side.
-type Opened =
-    (SchedulerClient<Channel>, mpsc::UnboundedSender<pb::ClientToScheduler>, tonic::Streaming<pb::SchedulerToClient>);
+type Opened = (
+    SchedulerClient<Channel>,
+    mpsc::UnboundedSender<pb::ClientToScheduler>,
+    tonic::Streaming<pb::SchedulerToClient>,
+    String,
+);
 
 /// Connects and opens the client stream, retrying (with backoff) until `timeout`: a scheduler
 /// that is starting, restarting or turning connections away for a moment is waited for, as dask
@@ -935,14 +1005,16 @@ async fn open_stream(addr: &Address, timeout: Duration) -> Result<Opened> {
             let client_id =
                 format!("Client-{:x}", std::collections::hash_map::RandomState::new().hash_one(std::process::id()));
             let _ = stream_tx.send(pb::ClientToScheduler {
-                ops: vec![pb::ClientOp { kind: Some(pb::client_op::Kind::Hello(pb::ClientHello { client_id })) }],
+                ops: vec![pb::ClientOp {
+                    kind: Some(pb::client_op::Kind::Hello(pb::ClientHello { client_id: client_id.clone() })),
+                }],
             });
             let inbound = scheduler
                 .client_stream(UnboundedReceiverStream::new(stream_rx))
                 .await
                 .map_err(|s| format!("{} ({})", s.message(), s.code()))?
                 .into_inner();
-            Ok::<_, String>((scheduler, stream_tx, inbound))
+            Ok::<_, String>((scheduler, stream_tx, inbound, client_id))
         };
         let why = match tokio::time::timeout(left, attempt).await {
             Ok(Ok(opened)) => return Ok(opened),
@@ -959,7 +1031,7 @@ async fn open_stream(addr: &Address, timeout: Duration) -> Result<Opened> {
 }
 
 async fn connect_inner(addr: Address, timeout: Duration, handle: tokio::runtime::Handle) -> Result<Client> {
-    let (scheduler, stream_tx, inbound) = open_stream(&addr, timeout).await?;
+    let (scheduler, stream_tx, inbound, client_id) = open_stream(&addr, timeout).await?;
     let (ops_tx, ops_rx) = mpsc::unbounded_channel();
     let shutdown = CancellationToken::new();
     let finished = CancellationToken::new();
@@ -982,6 +1054,7 @@ async fn connect_inner(addr: Address, timeout: Duration, handle: tokio::runtime:
         cluster: Mutex::new(None),
         counter: AtomicU64::new(0),
         random: std::collections::hash_map::RandomState::new(),
+        client_id,
     });
     Ok(Client { inner })
 }

@@ -1,12 +1,14 @@
 //! `LocalCluster`: a scheduler and workers on this machine, started and stopped with the
-//! client. Workers run as tasks of an in-process runtime (`processes(false)`), with their
-//! executor threads; they run every `#[dask::task]` linked into this program.
+//! client. Each worker runs under a nanny (`dask_nanny`, in this process): as tasks of an
+//! in-process runtime with their executor threads (`processes(false)`, the default), or as child
+//! processes (`processes(true)`). They run every `#[dask::task]` linked into this program.
 use std::time::Duration;
 
+use dask_nanny::{Child, ExitStatus, Launcher, NannyConfig, NannyHandle, ProcessLauncher, Signal};
 use dask_protocol::addr::Address;
+use dask_protocol::config::Config;
 use dask_scheduler::server::{self as scheduler, SchedulerConfig, SchedulerHandle};
-use dask_worker::server::{self as worker, WorkerConfig, WorkerHandle};
-use std::process::{Child, Command, Stdio};
+use dask_worker::server::{self as worker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::{Error, Result};
@@ -74,6 +76,8 @@ impl LocalClusterBuilder {
     }
 
     /// Starts the scheduler and the workers, and waits until every worker is registered.
+    /// Every worker runs under a nanny (in this process), so `Client::restart` works and a
+    /// worker that dies is replaced.
     pub fn build(self) -> Result<LocalCluster> {
         // A worker process started by a LocalCluster whose program did not call `init()`.
         crate::init();
@@ -83,6 +87,7 @@ impl LocalClusterBuilder {
         if threads == 0 {
             return Err(Error::InvalidArgument("threads_per_worker must be at least 1".into()));
         }
+        let settings = Config::load().map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("dask-local-cluster")
@@ -93,8 +98,8 @@ impl LocalClusterBuilder {
         let mut cluster = LocalCluster {
             runtime: None,
             scheduler: None,
-            workers: Vec::new(),
-            children: Vec::new(),
+            nannies: Vec::new(),
+            runs: Vec::new(),
             shutdown: shutdown.clone(),
         };
         let result = runtime.block_on(async {
@@ -109,45 +114,40 @@ impl LocalClusterBuilder {
             cluster.scheduler = Some(sched);
             for i in 0..n_workers {
                 let name = format!("local-{i}");
-                if self.processes {
-                    cluster.children.push(spawn_worker(&self, &address, &name, threads)?);
-                    continue;
-                }
-                let mut config = WorkerConfig::new(address.clone());
-                config.nthreads = threads;
-                config.memory_limit = self.memory_limit;
-                config.name = Some(name);
-                config.death_timeout = Some(Duration::from_secs(10));
-                config.simulate = self.simulate;
-                let (handle, run) =
-                    worker::start(config, shutdown.child_token()).await.map_err(|e| Error::Cluster(e.to_string()))?;
-                tokio::spawn(async move {
+                let launcher: Box<dyn Launcher> = if self.processes {
+                    Box::new(process_launcher(&self, &address, &name, threads)?)
+                } else {
+                    let mut config = WorkerConfig::new(address.clone());
+                    config.apply_config(&settings).map_err(Error::InvalidArgument)?;
+                    config.nthreads = threads;
+                    config.memory_limit = self.memory_limit;
+                    config.name = Some(name.clone());
+                    config.death_timeout = Some(Duration::from_secs(10));
+                    config.simulate = self.simulate;
+                    Box::new(InProcess { config })
+                };
+                let mut nanny = NannyConfig::new(address.clone(), name);
+                nanny.apply_config(&settings).map_err(Error::InvalidArgument)?;
+                nanny.memory_limit = self.memory_limit;
+                nanny.death_timeout = Some(Duration::from_secs(10));
+                let (handle, run) = dask_nanny::start(nanny, launcher, shutdown.child_token())
+                    .await
+                    .map_err(|e| Error::Cluster(e.to_string()))?;
+                cluster.nannies.push(handle);
+                cluster.runs.push(tokio::spawn(async move {
                     if let Err(e) = run.await {
-                        tracing::warn!(error = %e, "local worker stopped");
+                        tracing::warn!(error = %e, "local nanny stopped");
                     }
-                });
-                cluster.workers.push(handle);
+                }));
             }
-            if self.processes {
-                let sched = cluster.scheduler.as_ref().expect("started");
-                let wait = sched.wait_for_workers(n_workers);
-                match tokio::time::timeout(WORKER_START_TIMEOUT, wait).await {
-                    Ok(Some(_)) => {}
-                    _ => {
-                        let exited: Vec<String> = cluster
-                            .children
-                            .iter_mut()
-                            .filter_map(|c| c.try_wait().ok().flatten().map(|s| s.to_string()))
-                            .collect();
-                        return Err(Error::Cluster(format!(
-                            "{n_workers} worker processes did not all register within {WORKER_START_TIMEOUT:?} \
-                             (exited: {exited:?}); if the workers are this program, call dask::init() \
-                             first thing in main"
-                        )));
-                    }
-                }
+            let sched = cluster.scheduler.as_ref().expect("started");
+            match tokio::time::timeout(WORKER_START_TIMEOUT, sched.wait_for_workers(n_workers)).await {
+                Ok(Some(_)) => Ok(()),
+                _ => Err(Error::Cluster(format!(
+                    "{n_workers} workers did not all register within {WORKER_START_TIMEOUT:?}; if the workers \
+                     are this program (processes(true)), call dask::init() first thing in main"
+                ))),
             }
-            Ok::<_, Error>(())
         });
         cluster.runtime = Some(runtime);
         result?;
@@ -155,7 +155,7 @@ impl LocalClusterBuilder {
     }
 }
 
-/// How long worker processes may take to start and register.
+/// How long workers may take to start and register.
 const WORKER_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Environment of a worker process started by a `LocalCluster` running this program again.
@@ -165,34 +165,116 @@ const ENV_NTHREADS: &str = "DASK_RS_LOCAL_WORKER_NTHREADS";
 const ENV_MEMORY: &str = "DASK_RS_LOCAL_WORKER_MEMORY_LIMIT";
 const ENV_SIMULATE: &str = "DASK_RS_LOCAL_WORKER_SIMULATE";
 
-fn spawn_worker(b: &LocalClusterBuilder, address: &Address, name: &str, threads: usize) -> Result<Child> {
-    let mut cmd = match &b.worker_program {
-        Some(program) => {
-            let mut cmd = Command::new(program);
-            cmd.arg(address.to_string()).args(["--name", name, "--nthreads", &threads.to_string()]).args([
+/// Worker processes: this program started again (it becomes a worker in `init`), or the
+/// `worker_program` with `dask-worker`'s flags.
+fn process_launcher(b: &LocalClusterBuilder, address: &Address, name: &str, threads: usize) -> Result<ProcessLauncher> {
+    Ok(match &b.worker_program {
+        Some(program) => ProcessLauncher {
+            program: program.clone(),
+            args: [
+                address.to_string().as_str(),
+                "--no-nanny",
+                "--name",
+                name,
+                "--nthreads",
+                &threads.to_string(),
                 "--memory-limit",
                 &b.memory_limit.to_string(),
                 "--death-timeout",
                 "10",
-            ]);
-            cmd
-        }
+            ]
+            .iter()
+            .map(Into::into)
+            .collect(),
+            env: Vec::new(),
+            stdout: false,
+        },
         None => {
-            let exe =
+            let program =
                 std::env::current_exe().map_err(|e| Error::Cluster(format!("failed to find this program: {e}")))?;
-            let mut cmd = Command::new(exe);
-            cmd.env(ENV_SCHEDULER, address.to_string())
-                .env(ENV_NAME, name)
-                .env(ENV_NTHREADS, threads.to_string())
-                .env(ENV_MEMORY, b.memory_limit.to_string());
+            let mut env = vec![
+                (ENV_SCHEDULER.to_string(), address.to_string()),
+                (ENV_NAME.to_string(), name.to_string()),
+                (ENV_NTHREADS.to_string(), threads.to_string()),
+                (ENV_MEMORY.to_string(), b.memory_limit.to_string()),
+            ];
             if b.simulate {
-                cmd.env(ENV_SIMULATE, "1");
+                env.push((ENV_SIMULATE.to_string(), "1".to_string()));
             }
-            cmd
+            ProcessLauncher { program, args: Vec::new(), env, stdout: false }
         }
-    };
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
-    cmd.spawn().map_err(|e| Error::Cluster(format!("failed to start a worker process: {e}")))
+    })
+}
+
+/// Workers of a `LocalCluster` of threads: started in this process, on its runtime.
+struct InProcess {
+    config: WorkerConfig,
+}
+
+impl Launcher for InProcess {
+    fn spawn(&mut self, nanny: &str) -> std::result::Result<Box<dyn Child>, String> {
+        let mut config = self.config.clone();
+        config.nanny = Some(nanny.to_string());
+        let token = CancellationToken::new();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let stop = token.clone();
+        tokio::spawn(async move {
+            let status = match worker::start(config, stop).await {
+                Ok((_, run)) => exit_status(run.await),
+                Err(worker::WorkerError::Stopped) => ExitStatus::Code(0),
+                Err(e) => {
+                    tracing::warn!(error = %e, "a local worker failed to start");
+                    ExitStatus::Code(1)
+                }
+            };
+            let _ = tx.send(status);
+        });
+        Ok(Box::new(InProcessChild { token, done: rx, status: None, killed: false }))
+    }
+}
+
+/// A worker run's end as a process exit status, as its nanny understands it.
+fn exit_status(end: std::result::Result<worker::Closed, worker::WorkerError>) -> ExitStatus {
+    match end {
+        Ok(closed) if closed.restart => ExitStatus::Code(dask_nanny::EXIT_RESTART),
+        Ok(_) => ExitStatus::Code(0),
+        Err(worker::WorkerError::SchedulerLost(_)) => ExitStatus::Code(dask_nanny::EXIT_RESTART),
+        Err(e) => {
+            tracing::warn!(error = %e, "a local worker stopped");
+            ExitStatus::Code(1)
+        }
+    }
+}
+
+struct InProcessChild {
+    token: CancellationToken,
+    done: tokio::sync::oneshot::Receiver<ExitStatus>,
+    status: Option<ExitStatus>,
+    /// Stopped as a kill (reported as SIGKILL, like a process).
+    killed: bool,
+}
+
+impl Child for InProcessChild {
+    fn pid(&self) -> Option<u32> {
+        None
+    }
+
+    fn signal(&mut self, signal: Signal) {
+        self.killed |= signal == Signal::Kill;
+        self.token.cancel();
+    }
+
+    fn wait(&mut self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ExitStatus> + Send + '_>> {
+        Box::pin(async move {
+            if let Some(s) = self.status {
+                return s;
+            }
+            let status = (&mut self.done).await.unwrap_or(ExitStatus::Code(1));
+            let status = if self.killed { ExitStatus::Signal(9) } else { status };
+            self.status = Some(status);
+            status
+        })
+    }
 }
 
 /// Makes this process a worker if a `LocalCluster` started it as one (and then exits);
@@ -201,7 +283,8 @@ fn spawn_worker(b: &LocalClusterBuilder, address: &Address, name: &str, threads:
 pub fn init() {
     let Ok(address) = std::env::var(ENV_SCHEDULER) else { return };
     let code = match run_local_worker(&address) {
-        Ok(()) => 0,
+        Ok(ExitStatus::Code(c)) => c,
+        Ok(ExitStatus::Signal(_)) => 1,
         Err(e) => {
             eprintln!("dask worker process: error: {e}");
             1
@@ -210,14 +293,17 @@ pub fn init() {
     std::process::exit(code);
 }
 
-fn run_local_worker(address: &str) -> Result<()> {
+fn run_local_worker(address: &str) -> Result<ExitStatus> {
     let scheduler = Address::parse(address, None)?;
     let mut config = WorkerConfig::new(scheduler);
+    let settings = Config::load().map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    config.apply_config(&settings).map_err(Error::InvalidArgument)?;
     config.name = std::env::var(ENV_NAME).ok();
     config.nthreads = std::env::var(ENV_NTHREADS).ok().and_then(|n| n.parse().ok()).unwrap_or(1);
     config.memory_limit = std::env::var(ENV_MEMORY).ok().and_then(|n| n.parse().ok()).unwrap_or(0);
     config.death_timeout = Some(Duration::from_secs(10));
     config.simulate = std::env::var_os(ENV_SIMULATE).is_some();
+    config.nanny = std::env::var(dask_nanny::NANNY_ENV).ok();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -225,25 +311,32 @@ fn run_local_worker(address: &str) -> Result<()> {
         .map_err(|e| Error::Cluster(format!("failed to start a runtime: {e}")))?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        let (_handle, run) = worker::start(config, shutdown).await.map_err(|e| Error::Cluster(e.to_string()))?;
-        // The worker ends when its scheduler (in the parent) closes or goes away.
-        run.await.map_err(|e| Error::Cluster(e.to_string()))
+        dask_protocol::cli::cancel_on_signals(&shutdown);
+        if config.nanny.is_some() {
+            dask_nanny::stop_with_parent(shutdown.clone());
+        }
+        match worker::start(config, shutdown).await {
+            Ok((_handle, run)) => Ok(exit_status(run.await)),
+            Err(worker::WorkerError::Stopped) => Ok(ExitStatus::Code(0)),
+            Err(e) => Err(Error::Cluster(e.to_string())),
+        }
     })
 }
 
-/// A scheduler and workers on this machine: the scheduler and threaded workers run in this
-/// process; with `processes(true)` each worker is a child process.
+/// A scheduler and workers on this machine. The scheduler runs in this process; each worker
+/// runs under a nanny in this process, in threads of this process (the default) or, with
+/// `processes(true)`, as a child process.
 pub struct LocalCluster {
     runtime: Option<tokio::runtime::Runtime>,
     scheduler: Option<SchedulerHandle>,
-    workers: Vec<WorkerHandle>,
-    children: Vec<Child>,
+    nannies: Vec<NannyHandle>,
+    runs: Vec<tokio::task::JoinHandle<()>>,
     shutdown: CancellationToken,
 }
 
 impl std::fmt::Debug for LocalCluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "LocalCluster({}, workers={})", self.scheduler_address(), self.workers.len() + self.children.len())
+        write!(f, "LocalCluster({}, workers={})", self.scheduler_address(), self.nannies.len())
     }
 }
 
@@ -273,11 +366,9 @@ impl LocalCluster {
         &self.sched().address
     }
 
-    /// Addresses of the workers, in the order they were started (`local-0`, `local-1`, ...).
+    /// Addresses of the workers now connected, in the order of their names (`local-0`,
+    /// `local-1`, ...).
     pub fn worker_addresses(&self) -> Vec<String> {
-        if !self.workers.is_empty() {
-            return self.workers.iter().map(|w| w.address.to_string()).collect();
-        }
         let info = match &self.runtime {
             Some(rt) => rt.block_on(self.sched().info()),
             None => None,
@@ -288,14 +379,11 @@ impl LocalCluster {
         workers.into_iter().map(|(_, a)| a).collect()
     }
 
-    /// Stops worker `i` at once, as if it died (a worker process gets SIGKILL).
+    /// Kills worker `i` at once, as if it died (a worker process gets SIGKILL); its nanny starts
+    /// a fresh one.
     pub fn kill_worker(&mut self, i: usize) {
-        if let Some(w) = self.workers.get(i) {
-            w.close();
-        }
-        if let Some(c) = self.children.get_mut(i) {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(n) = self.nannies.get(i) {
+            n.kill_worker();
         }
     }
 
@@ -306,18 +394,13 @@ impl LocalCluster {
 
     fn stop(&mut self, wait: bool) {
         self.shutdown.cancel();
-        // Worker processes leave when the scheduler closes their stream; make sure of it.
-        for c in &mut self.children {
-            let deadline = std::time::Instant::now() + Duration::from_secs(2);
-            while wait && std::time::Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        self.children.clear();
         if let Some(rt) = self.runtime.take() {
             if wait {
+                // The nannies stop their workers (SIGTERM to processes) and end.
+                let runs = std::mem::take(&mut self.runs);
+                let _ = rt.block_on(async {
+                    tokio::time::timeout(Duration::from_secs(5), futures_util::future::join_all(runs)).await
+                });
                 rt.shutdown_timeout(Duration::from_secs(2));
             } else {
                 // Dropping a runtime inside async code would panic; let it wind down on its own.

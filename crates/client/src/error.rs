@@ -40,8 +40,8 @@ pub enum Error {
     BadAddress(#[from] dask_protocol::addr::AddressError),
     #[error("timed out after {after:?} waiting for {what}")]
     Timeout { what: String, after: Duration },
-    #[error("future {key} was cancelled")]
-    Cancelled { key: String },
+    #[error("future {key} was cancelled: {reason}")]
+    Cancelled { key: String, reason: String },
     #[error("the value of {key} was lost: {why}")]
     Lost { key: String, why: String },
     #[error("lost the connection to the scheduler: {0}")]

@@ -44,7 +44,8 @@ pub(crate) enum Status {
         value: Option<dask_protocol::codec::Value>,
     },
     Error(Arc<TaskFailure>),
-    Cancelled,
+    /// Why: this client cancelled it, or the cluster was restarted.
+    Cancelled(Arc<str>),
     Lost(String),
     /// The connection to the scheduler is gone.
     Disconnected(String),
@@ -56,7 +57,7 @@ impl Status {
             Status::Pending => FutureStatus::Pending,
             Status::Finished { .. } => FutureStatus::Finished,
             Status::Error(_) => FutureStatus::Error,
-            Status::Cancelled => FutureStatus::Cancelled,
+            Status::Cancelled(_) => FutureStatus::Cancelled,
             Status::Lost(_) | Status::Disconnected(_) => FutureStatus::Lost,
         }
     }

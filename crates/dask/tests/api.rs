@@ -641,3 +641,19 @@ fn byte_buffers_move_raw_between_workers_and_the_client() {
     let on_b = client.submit_with(blob_sum, (Vec::<dask::Bytes>::new(), &u[1]), on(&b)).unwrap();
     assert_eq!(on_b.result().unwrap(), checksum(&data));
 }
+
+#[test]
+fn restart_works_on_a_local_cluster_of_threads() {
+    let (cluster, client) = cluster(2, 1);
+    let before = cluster.worker_addresses();
+    let fs = client.map(inc, 0..50).unwrap();
+    let _: Vec<i64> = client.gather(&fs).unwrap();
+    client.restart().unwrap();
+    let err = fs[0].result_timeout(LONG).unwrap_err();
+    assert!(matches!(err, Error::Cancelled { ref reason, .. } if reason.contains("restarted")), "{err}");
+    assert_eq!(fs[0].status(), dask::FutureStatus::Cancelled);
+    let after = cluster.worker_addresses();
+    assert_eq!(after.len(), 2);
+    assert!(after.iter().all(|a| !before.contains(a)), "fresh workers: {before:?} -> {after:?}");
+    assert_eq!(client.gather(&client.map(inc, 0..50).unwrap()).unwrap(), (1..=50).collect::<Vec<i64>>());
+}

@@ -6,7 +6,9 @@ use tokio_util::sync::CancellationToken;
 pub fn init_logging(level: &str) -> Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .map_err(|e| format!("bad --log-level {level:?}: {e} (use error, warn, info, debug or trace)"))?;
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    // Colours only on a terminal: a log file (systemd, a nanny's child) gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
     Ok(())
 }
 

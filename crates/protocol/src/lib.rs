@@ -47,6 +47,15 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// The innermost cause of `e` (tonic's outer layers repeat each other).
+pub fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut cur: &dyn std::error::Error = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
 /// The default scheduler port, as in dask.
 pub const DEFAULT_SCHEDULER_PORT: u16 = 8786;
 

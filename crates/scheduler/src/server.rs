@@ -2,7 +2,7 @@
 //! and one event loop task that owns the [`SchedulerCore`]. Stream handlers only decode
 //! batches into events and forward them; commands are grouped per worker and per client and
 //! sent as one batch per loop iteration.
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -59,13 +59,48 @@ impl SchedulerHandle {
     }
 }
 
+type WorkerTx = mpsc::UnboundedSender<Result<pb::SchedulerToWorker, Status>>;
+type NannyTx = mpsc::UnboundedSender<Result<pb::SchedulerToNanny, Status>>;
+
 enum LoopMsg {
     Events(Vec<Event>),
     WorkerConnected {
         spec: WorkerSpec,
-        tx: mpsc::UnboundedSender<Result<pb::SchedulerToWorker, Status>>,
+        /// Its nanny's address, if it has one.
+        nanny: Option<String>,
+        tx: WorkerTx,
         reply: oneshot::Sender<WorkerId>,
     },
+    /// A worker's stream ended (it exited, was killed, or the connection broke).
+    WorkerStreamEnded {
+        worker: WorkerId,
+        reason: String,
+    },
+    /// The wait for a nanny's account of a lost worker is over.
+    LossDue(WorkerId),
+    NannyConnected {
+        register: pb::NannyRegister,
+        tx: NannyTx,
+        reply: oneshot::Sender<u32>,
+    },
+    NannyEvents {
+        nanny: u32,
+        events: Vec<pb::NannyEvent>,
+    },
+    NannyGone(u32),
+    /// A client said who it is (its `Client-...` id).
+    ClientNamed {
+        client: ClientId,
+        name: String,
+    },
+    Restart {
+        timeout: Duration,
+        reason: String,
+        client: String,
+        reply: oneshot::Sender<Result<u32, Status>>,
+    },
+    /// Time to look at pending restarts again.
+    RestartsDue,
     ClientConnected {
         tx: mpsc::UnboundedSender<Result<pb::SchedulerToClient, Status>>,
         reply: oneshot::Sender<ClientId>,
@@ -110,6 +145,15 @@ pub async fn run(
         let lp = EventLoop {
             core: SchedulerCore::new(core_config, Instant::now()),
             workers: HashMap::new(),
+            worker_meta: HashMap::new(),
+            nannies: HashMap::new(),
+            next_nanny: 0,
+            exit_reasons: HashMap::new(),
+            pending_loss: HashMap::new(),
+            expected_gone: HashSet::new(),
+            client_names: HashMap::new(),
+            restarts: Vec::new(),
+            self_tx: tx.clone(),
             clients: HashMap::new(),
             next_worker: 0,
             next_client: 0,
@@ -152,9 +196,51 @@ pub fn write_scheduler_file(path: &std::path::Path, id: &str, address: &Address)
     std::fs::rename(&tmp, path)
 }
 
+/// What the shell knows of a connected worker beyond the core's view.
+struct WorkerMeta {
+    address: Arc<str>,
+    name: Arc<str>,
+    nanny: Option<String>,
+}
+
+/// A connected nanny.
+struct NannyEntry {
+    address: String,
+    name: String,
+    tx: NannyTx,
+    /// Why its previous worker ended.
+    last_exit: Option<String>,
+}
+
+/// A `Client::restart` waiting for the workers to come back.
+struct RestartWaiter {
+    old: BTreeSet<WorkerId>,
+    n: usize,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<u32, Status>>,
+}
+
+/// How long the loss of a worker with a nanny waits for the nanny to say why it ended (it
+/// usually does within a millisecond; the reason ends up in killed-worker errors).
+const NANNY_REASON_WAIT: Duration = Duration::from_millis(500);
+
 struct EventLoop {
     core: SchedulerCore,
-    workers: HashMap<WorkerId, mpsc::UnboundedSender<Result<pb::SchedulerToWorker, Status>>>,
+    workers: HashMap<WorkerId, WorkerTx>,
+    worker_meta: HashMap<WorkerId, WorkerMeta>,
+    nannies: HashMap<u32, NannyEntry>,
+    next_nanny: u32,
+    /// Why workers ended, as their nannies said, before their streams closed (by address).
+    exit_reasons: HashMap<String, String>,
+    /// Workers whose streams ended, waiting (up to [`NANNY_REASON_WAIT`]) for their nanny's
+    /// account; the stream's own reason otherwise.
+    pending_loss: HashMap<WorkerId, String>,
+    /// Workers asked to go (restart): their loss is no one's fault.
+    expected_gone: HashSet<WorkerId>,
+    client_names: HashMap<String, ClientId>,
+    restarts: Vec<RestartWaiter>,
+    /// For timers that report back to the loop.
+    self_tx: mpsc::UnboundedSender<LoopMsg>,
     clients: HashMap<ClientId, mpsc::UnboundedSender<Result<pb::SchedulerToClient, Status>>>,
     next_worker: u32,
     next_client: u32,
@@ -223,10 +309,16 @@ impl EventLoop {
                 }
                 _ = tick.tick() => {
                     self.handle(Event::Tick);
+                    self.check_restarts();
                     self.release.if_due();
                 }
             }
             self.flush();
+        }
+        for n in self.nannies.values() {
+            let _ = n.tx.send(Ok(nanny_command(pb::nanny_command::Kind::Close(pb::CloseNanny {
+                reason: "scheduler closing".into(),
+            }))));
         }
         // Tell workers to go only if asked to close; dropping the senders ends the streams.
         for tx in self.workers.values() {
@@ -234,6 +326,7 @@ impl EventLoop {
                 commands: vec![pb::SchedulerCommand {
                     kind: Some(pb::scheduler_command::Kind::Close(pb::CloseWorker {
                         reason: "scheduler closing".into(),
+                        restart: false,
                     })),
                 }],
             }));
@@ -272,11 +365,11 @@ impl EventLoop {
                     }
                 }
             }
-            LoopMsg::WorkerConnected { spec, tx, reply } => {
+            LoopMsg::WorkerConnected { spec, nanny, tx, reply } => {
                 let id = WorkerId(self.next_worker);
                 self.next_worker += 1;
                 let _ = reply.send(id);
-                let (address, name, nthreads) = (spec.address.clone(), spec.name.clone(), spec.nthreads);
+                let (address, name, nthreads, pid) = (spec.address.clone(), spec.name.clone(), spec.nthreads, spec.pid);
                 let before = self.commands.len();
                 self.handle(Event::WorkerJoined { worker: id, spec });
                 // Refused (a duplicate name or address): the first thing it hears is why.
@@ -290,7 +383,7 @@ impl EventLoop {
                     tracing::warn!(worker = %address, %name, %reason, "worker refused");
                     let _ = tx.send(Ok(pb::SchedulerToWorker {
                         commands: vec![pb::SchedulerCommand {
-                            kind: Some(pb::scheduler_command::Kind::Close(pb::CloseWorker { reason })),
+                            kind: Some(pb::scheduler_command::Kind::Close(pb::CloseWorker { reason, restart: false })),
                         }],
                     }));
                     return;
@@ -305,9 +398,60 @@ impl EventLoop {
                     }],
                 }));
                 self.workers.insert(id, tx);
-                tracing::info!(worker = %address, %name, nthreads, "worker joined");
+                tracing::info!(worker = %address, %name, nthreads, nanny = nanny.as_deref().unwrap_or("none"), "worker joined");
+                if let Some(n) = nanny.as_ref().and_then(|a| self.nanny_at(a)) {
+                    let _ =
+                        n.tx.send(Ok(nanny_command(pb::nanny_command::Kind::WorkerRegistered(pb::WorkerRegistered {
+                            address: address.to_string(),
+                            pid,
+                        }))));
+                }
+                self.worker_meta.insert(id, WorkerMeta { address, name, nanny });
                 self.answer_waiters();
+                self.check_restarts();
             }
+            LoopMsg::WorkerStreamEnded { worker, reason } => self.worker_stream_ended(worker, reason),
+            LoopMsg::LossDue(worker) => {
+                if let Some(reason) = self.pending_loss.remove(&worker) {
+                    self.lose_worker(worker, reason, false);
+                }
+            }
+            LoopMsg::NannyConnected { register, tx, reply } => {
+                let id = self.next_nanny;
+                self.next_nanny += 1;
+                // A nanny that reconnects replaces its old entry.
+                self.nannies.retain(|_, n| n.address != register.address);
+                let _ = tx.send(Ok(nanny_command(pb::nanny_command::Kind::Registered(pb::Empty {}))));
+                // Its worker may have registered before it did (it reconnected after we restarted).
+                for m in self.worker_meta.values() {
+                    if m.nanny.as_deref() == Some(register.address.as_str()) {
+                        let _ = tx.send(Ok(nanny_command(pb::nanny_command::Kind::WorkerRegistered(
+                            pb::WorkerRegistered { address: m.address.to_string(), pid: 0 },
+                        ))));
+                    }
+                }
+                tracing::info!(nanny = %register.address, name = %register.name, "nanny connected");
+                self.nannies
+                    .insert(id, NannyEntry { address: register.address, name: register.name, tx, last_exit: None });
+                let _ = reply.send(id);
+            }
+            LoopMsg::NannyEvents { nanny, events } => {
+                for e in events {
+                    if let Some(pb::nanny_event::Kind::Exited(x)) = e.kind {
+                        self.nanny_says_worker_exited(nanny, x);
+                    }
+                }
+            }
+            LoopMsg::NannyGone(nanny) => {
+                if let Some(n) = self.nannies.remove(&nanny) {
+                    tracing::info!(nanny = %n.address, name = %n.name, "nanny disconnected");
+                }
+            }
+            LoopMsg::ClientNamed { client, name } => {
+                self.client_names.insert(name, client);
+            }
+            LoopMsg::Restart { timeout, reason, client, reply } => self.restart(timeout, reason, &client, reply),
+            LoopMsg::RestartsDue => self.check_restarts(),
             LoopMsg::ClientConnected { tx, reply } => {
                 let id = ClientId(self.next_client);
                 self.next_client += 1;
@@ -316,6 +460,137 @@ impl EventLoop {
                 self.handle(Event::ClientConnected { client: id });
             }
             LoopMsg::Query(q) => self.query(q),
+        }
+    }
+
+    fn nanny_at(&self, address: &str) -> Option<&NannyEntry> {
+        self.nannies.values().find(|n| n.address == address)
+    }
+
+    /// A worker's stream ended. If it has a nanny, the nanny knows why (an exit status, a
+    /// signal, over its memory limit): that reason is waited for, briefly, so it reaches the
+    /// log and any killed-worker error.
+    fn worker_stream_ended(&mut self, worker: WorkerId, reason: String) {
+        if self.expected_gone.remove(&worker) {
+            self.lose_worker(worker, reason, true);
+            return;
+        }
+        let Some(meta) = self.worker_meta.get(&worker) else {
+            self.lose_worker(worker, reason, false);
+            return;
+        };
+        if let Some(why) = self.exit_reasons.remove(&*meta.address) {
+            self.lose_worker(worker, why, false);
+            return;
+        }
+        if meta.nanny.as_deref().is_some_and(|a| self.nanny_at(a).is_some()) {
+            self.pending_loss.insert(worker, reason);
+            let tx = self.self_tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(NANNY_REASON_WAIT).await;
+                let _ = tx.send(LoopMsg::LossDue(worker));
+            });
+        } else {
+            self.lose_worker(worker, reason, false);
+        }
+    }
+
+    fn nanny_says_worker_exited(&mut self, nanny: u32, x: pb::WorkerExited) {
+        let Some(n) = self.nannies.get_mut(&nanny) else { return };
+        n.last_exit = Some(x.reason.clone());
+        let what = if x.restarting { "a fresh one follows" } else { "no new one follows" };
+        tracing::warn!(worker = %x.worker, nanny = %n.address, pid = x.pid, reason = %x.reason, "worker process ended; {what}");
+        if x.worker.is_empty() {
+            return;
+        }
+        let found = self.worker_meta.iter().find(|(_, m)| *m.address == *x.worker).map(|(id, _)| *id);
+        match found {
+            Some(id) if self.pending_loss.remove(&id).is_some() => self.lose_worker(id, x.reason, false),
+            Some(_) => {
+                self.exit_reasons.insert(x.worker, x.reason);
+            }
+            None => {}
+        }
+    }
+
+    fn lose_worker(&mut self, worker: WorkerId, reason: String, expected: bool) {
+        if let Some(m) = self.worker_meta.remove(&worker) {
+            tracing::info!(worker = %m.address, name = %m.name, %reason, expected, "worker removed");
+            self.exit_reasons.remove(&*m.address);
+        }
+        self.handle(Event::WorkerLost { worker, reason, expected });
+        self.workers.remove(&worker);
+        self.check_restarts();
+    }
+
+    /// `Client::restart`: every worker must have a nanny; then every task is forgotten, every
+    /// nanny restarts its worker, and the reply goes out once as many workers as before are
+    /// back (all of them new), or at `timeout`.
+    fn restart(
+        &mut self,
+        timeout: Duration,
+        reason: String,
+        client: &str,
+        reply: oneshot::Sender<Result<u32, Status>>,
+    ) {
+        let mut without: Vec<String> = self
+            .worker_meta
+            .values()
+            .filter(|m| m.nanny.as_deref().is_none_or(|a| self.nanny_at(a).is_none()))
+            .map(|m| m.address.to_string())
+            .collect();
+        if !without.is_empty() {
+            without.sort();
+            let _ = reply.send(Err(Status::failed_precondition(format!(
+                "restarting workers needs a nanny, and {} of them run without one: {without:?} (started with \
+                 --no-nanny?); run them under a nanny (dask-worker's default) or restart them yourself",
+                without.len()
+            ))));
+            return;
+        }
+        let by = self.client_names.get(client).copied();
+        tracing::warn!(%reason, workers = self.worker_meta.len(), "restarting every worker and releasing every task");
+        self.handle(Event::Restart { reason: reason.clone(), by });
+        let old: BTreeSet<WorkerId> = self.worker_meta.keys().copied().collect();
+        self.expected_gone.extend(old.iter().copied());
+        for n in self.nannies.values() {
+            let _ = n.tx.send(Ok(nanny_command(pb::nanny_command::Kind::Restart(pb::RestartWorker {
+                reason: reason.clone(),
+            }))));
+        }
+        let n = old.len();
+        self.restarts.push(RestartWaiter { old, n, deadline: Instant::now() + timeout, reply });
+        let tx = self.self_tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            let _ = tx.send(LoopMsg::RestartsDue);
+        });
+        self.check_restarts();
+    }
+
+    fn check_restarts(&mut self) {
+        if self.restarts.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let connected = self.core.n_workers();
+        for w in std::mem::take(&mut self.restarts) {
+            let old_left = w.old.iter().filter(|id| self.worker_meta.contains_key(id)).count();
+            if old_left == 0 && connected >= w.n {
+                tracing::info!(workers = connected, "restart done: the workers are back");
+                let _ = w.reply.send(Ok(connected as u32));
+            } else if now >= w.deadline {
+                let _ = w.reply.send(Err(Status::deadline_exceeded(format!(
+                    "restarted {} workers, but after the timeout {} of the old ones had not gone and {} of {} \
+                     are back; consider a longer timeout",
+                    w.n,
+                    old_left,
+                    connected.saturating_sub(old_left),
+                    w.n
+                ))));
+            } else {
+                self.restarts.push(w);
+            }
         }
     }
 
@@ -385,6 +660,14 @@ impl EventLoop {
                     .core
                     .worker_last_seen(id)
                     .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64()),
+                nanny: self.worker_meta.get(&id).and_then(|m| m.nanny.clone()).unwrap_or_default(),
+                previous_exit: self
+                    .worker_meta
+                    .get(&id)
+                    .and_then(|m| m.nanny.as_deref())
+                    .and_then(|a| self.nanny_at(a))
+                    .and_then(|n| n.last_exit.clone())
+                    .unwrap_or_default(),
                 ..worker_memory_info(self.core.worker_memory(id).unwrap_or_default())
             })
             .collect();
@@ -446,10 +729,11 @@ impl EventLoop {
                     core::NoticeLevel::Warn => tracing::warn!("{message}"),
                     core::NoticeLevel::Error => tracing::error!("{message}"),
                 },
-                Command::CloseWorker { worker, reason } => {
-                    tracing::warn!(%worker, %reason, "closing worker");
+                Command::CloseWorker { worker, reason, restart } => {
+                    let address = self.worker_meta.get(&worker).map(|m| m.address.to_string()).unwrap_or_default();
+                    tracing::warn!(worker = %address, %reason, restart, "closing worker");
                     to_workers.entry(worker).or_default().push(pb::SchedulerCommand {
-                        kind: Some(pb::scheduler_command::Kind::Close(pb::CloseWorker { reason })),
+                        kind: Some(pb::scheduler_command::Kind::Close(pb::CloseWorker { reason, restart })),
                     });
                 }
             }
@@ -465,6 +749,10 @@ impl EventLoop {
             }
         }
     }
+}
+
+fn nanny_command(kind: pb::nanny_command::Kind) -> pb::SchedulerToNanny {
+    pb::SchedulerToNanny { commands: vec![pb::NannyCommand { kind: Some(kind) }] }
 }
 
 fn report_to_pb(key: Key, report: Report) -> pb::KeyReport {
@@ -492,7 +780,12 @@ fn report_to_pb(key: Key, report: Report) -> pb::KeyReport {
             key: e.key.clone(),
             worker: e.worker.clone(),
         }),
-        Report::Cancelled => Kind::Cancelled(pb::KeyCancelled { reason: "cancelled".into() }),
+        Report::Cancelled(None) => {
+            Kind::Cancelled(pb::KeyCancelled { reason: "cancelled".into(), by_scheduler: false })
+        }
+        Report::Cancelled(Some(why)) => {
+            Kind::Cancelled(pb::KeyCancelled { reason: why.to_string(), by_scheduler: true })
+        }
         Report::Lost(why) => Kind::Lost(pb::KeyLost { reason: why }),
     };
     pb::KeyReport { key: key.to_string(), kind: Some(kind) }
@@ -532,10 +825,11 @@ impl pb::scheduler_server::Scheduler for Service {
             memory_limit: reg.memory_limit,
             pid: reg.pid,
         };
+        let nanny = (!reg.nanny.is_empty()).then_some(reg.nanny);
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (reply_tx, reply_rx) = oneshot::channel();
         let (address, name) = (spec.address.clone(), spec.name.clone());
-        self.tx.send(LoopMsg::WorkerConnected { spec, tx: out_tx, reply: reply_tx }).map_err(|_| closed())?;
+        self.tx.send(LoopMsg::WorkerConnected { spec, nanny, tx: out_tx, reply: reply_tx }).map_err(|_| closed())?;
         let id = reply_rx.await.map_err(|_| closed())?;
         let tx = self.tx.clone();
         tokio::spawn(async move {
@@ -555,7 +849,7 @@ impl pb::scheduler_server::Scheduler for Service {
                 }
             };
             tracing::info!(worker = %address, %name, %peer, %reason, "worker connection ended");
-            let _ = tx.send(LoopMsg::Events(vec![Event::WorkerLost { worker: id, reason }]));
+            let _ = tx.send(LoopMsg::WorkerStreamEnded { worker: id, reason });
         });
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(out_rx))))
     }
@@ -584,6 +878,7 @@ impl pb::scheduler_server::Scheduler for Service {
                             if let Some(pb::client_op::Kind::Hello(h)) = &op.kind {
                                 name = h.client_id.clone();
                                 tracing::info!(client = %name, %peer, "client connected");
+                                let _ = tx.send(LoopMsg::ClientNamed { client: id, name: name.clone() });
                             }
                         }
                         let events: Vec<Event> = batch.ops.into_iter().filter_map(|op| client_event(id, op)).collect();
@@ -599,6 +894,53 @@ impl pb::scheduler_server::Scheduler for Service {
             let _ = tx.send(LoopMsg::Events(vec![Event::ClientDisconnected { client: id }]));
         });
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(out_rx))))
+    }
+
+    type NannyStreamStream = BoxStream<pb::SchedulerToNanny>;
+
+    async fn nanny_stream(
+        &self,
+        request: Request<Streaming<pb::NannyToScheduler>>,
+    ) -> Result<Response<Self::NannyStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("empty nanny stream"))?;
+        let Some(pb::nanny_event::Kind::Register(register)) = first.events.into_iter().next().and_then(|e| e.kind)
+        else {
+            return Err(Status::invalid_argument("the first message of a nanny stream must be Register"));
+        };
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let (reply_tx, reply_rx) = oneshot::channel();
+        self.tx.send(LoopMsg::NannyConnected { register, tx: out_tx, reply: reply_tx }).map_err(|_| closed())?;
+        let id = reply_rx.await.map_err(|_| closed())?;
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(batch)) = inbound.message().await {
+                if tx.send(LoopMsg::NannyEvents { nanny: id, events: batch.events }).is_err() {
+                    return;
+                }
+            }
+            let _ = tx.send(LoopMsg::NannyGone(id));
+        });
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(out_rx))))
+    }
+
+    async fn restart(&self, request: Request<pb::RestartRequest>) -> Result<Response<pb::RestartReply>, Status> {
+        let req = request.into_inner();
+        let timeout =
+            if req.timeout_s > 0.0 { Duration::from_secs_f64(req.timeout_s) } else { Duration::from_secs(120) };
+        let reason = if req.reason.is_empty() {
+            "the cluster was restarted (Client.restart): every task and value was released; submit again".to_string()
+        } else {
+            req.reason
+        };
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(LoopMsg::Restart { timeout, reason, client: req.client_id, reply: tx }).map_err(|_| closed())?;
+        let workers = rx.await.map_err(|_| closed())??;
+        Ok(Response::new(pb::RestartReply { workers }))
+    }
+
+    async fn retire_workers(&self, _: Request<pb::RetireRequest>) -> Result<Response<pb::RetireReply>, Status> {
+        Err(Status::unimplemented("retire_workers is not implemented yet"))
     }
 
     async fn who_has(&self, request: Request<pb::KeysRequest>) -> Result<Response<pb::WhoHasReply>, Status> {
@@ -656,11 +998,13 @@ fn worker_memory_info(m: core::WorkerMemory) -> pb::WorkerInfo {
 
 /// Why a stream ended, in words: h2's keep-alive timeout and resets say little on their own.
 fn stream_error(s: &Status) -> String {
-    let chain = dask_protocol::error_chain(s);
-    if chain.contains("keep-alive") || chain.contains("keepalive") {
-        format!("the connection stopped answering keep-alive pings (hung, stopped or partitioned): {chain}")
+    let cause = dask_protocol::root_cause(s);
+    if cause.contains("keep-alive") || cause.contains("keepalive") || s.message().contains("keep-alive") {
+        format!("the connection stopped answering keep-alive pings (hung, stopped or partitioned): {cause}")
+    } else if cause.contains("broken pipe") || cause.contains("reset") {
+        format!("the connection broke (the process died or was killed): {cause}")
     } else {
-        format!("the connection failed: {chain}")
+        format!("the connection failed: {}: {cause}", s.message())
     }
 }
 

@@ -32,12 +32,25 @@ pub struct Args {
     /// Abstract resources, e.g. "GPU=2 MEM=10e9".
     #[arg(long)]
     pub resources: Option<String>,
-    /// Run under a nanny (the nanny is not implemented yet: the worker runs without one).
+    /// Run each worker under a nanny, which restarts it when it dies (the default).
     #[arg(long, overrides_with = "no_nanny")]
     pub nanny: bool,
-    /// Run without a nanny.
-    #[arg(long)]
+    /// Run the workers in this process, without a nanny.
+    #[arg(long, overrides_with = "nanny")]
     pub no_nanny: bool,
+    /// Port of the nanny's service (default: any free port; with --nworkers, one port each from here).
+    #[arg(long, default_value_t = 0)]
+    pub nanny_port: u16,
+    /// Retire the worker gracefully after this long, e.g. 1h (default: config
+    /// distributed.worker.lifetime.duration, never).
+    #[arg(long)]
+    pub lifetime: Option<String>,
+    /// Spread lifetimes by up to this much either way, e.g. 5m, so workers do not all retire at once.
+    #[arg(long)]
+    pub lifetime_stagger: Option<String>,
+    /// After its lifetime, the nanny starts a fresh worker in its place.
+    #[arg(long)]
+    pub lifetime_restart: bool,
     /// Directory for the worker's files.
     #[arg(long)]
     pub local_directory: Option<String>,
@@ -96,12 +109,37 @@ pub fn worker_main() -> ExitCode {
 
 /// Runs `dask-worker` with these arguments (the first is the program name).
 pub fn worker_main_from(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
-    dask_protocol::cli::exit_code("dask-worker", run_cli(Args::parse_from(args)))
+    worker_main_as(args, &[], false)
 }
 
-fn run_cli(args: Args) -> Result<(), String> {
+/// Runs `dask-nanny`: `dask-worker` with one nanny per worker, always.
+pub fn nanny_main() -> ExitCode {
+    worker_main_as(std::env::args_os(), &[], true)
+}
+
+/// Runs the worker command line. `sub` is what must follow the program's path to run it again
+/// as a worker (`["worker"]` for `dask worker`); `nanny_only` is `dask-nanny`'s spelling.
+pub fn worker_main_as(args: impl IntoIterator<Item = std::ffi::OsString>, sub: &[&str], nanny_only: bool) -> ExitCode {
+    let args = Args::parse_from(args);
+    let program = if nanny_only { "dask-nanny" } else { "dask-worker" };
+    match run_cli(args, sub, nanny_only) {
+        Ok(code) => code,
+        Err(e) => dask_protocol::cli::exit_code(program, Err(e)),
+    }
+}
+
+/// Exit code of a worker that asks its nanny for a fresh worker.
+const RESTART: u8 = dask_nanny::EXIT_RESTART as u8;
+
+fn run_cli(args: Args, sub: &[&str], nanny_only: bool) -> Result<ExitCode, String> {
     dask_protocol::cli::init_logging(&args.log_level)?;
     let scheduler = scheduler_address(args.scheduler.as_deref(), args.scheduler_file.as_deref())?;
+    let settings = dask_protocol::config::Config::load().map_err(|e| e.to_string())?;
+    // A worker started by a nanny knows it from the environment.
+    let my_nanny = std::env::var(dask_nanny::NANNY_ENV).ok().filter(|a| !a.is_empty());
+    if nanny_only && args.no_nanny && my_nanny.is_none() {
+        return Err("dask-nanny always runs its worker under a nanny; use dask-worker --no-nanny for none".into());
+    }
     let nworkers = args.nworkers.max(1);
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let nthreads = match args.nthreads {
@@ -111,25 +149,31 @@ fn run_cli(args: Args) -> Result<(), String> {
     };
     let memory_limit =
         parse_memory_limit(&args.memory_limit, system_memory(), nworkers as u64).map_err(|e| e.to_string())?;
-    let settings = dask_protocol::config::Config::load().map_err(|e| e.to_string())?;
     if let Some(r) = &args.resources {
         let parsed = parse_resources(r)?;
         tracing::warn!(?parsed, "--resources is accepted but not used for scheduling yet");
     }
-    if args.nanny && !args.no_nanny {
-        tracing::warn!("the nanny is not implemented yet; running the worker without one");
-    }
-    let death_timeout = match args.death_timeout {
-        Some(s) if !(s.is_finite() && s >= 0.0) => {
-            return Err(format!("--death-timeout {s} is not a number of seconds"));
-        }
-        Some(s) => Some(Duration::from_secs_f64(s)),
-        None => None,
-    };
+    let death_timeout = seconds("--death-timeout", args.death_timeout)?;
+    let lifetime = Lifetime::from_args(&args, &settings)?;
     let rt = dask_protocol::cli::runtime()?;
+    if my_nanny.is_none() && !args.no_nanny {
+        return rt.block_on(run_nannies(
+            &args,
+            scheduler,
+            nworkers,
+            nthreads,
+            memory_limit,
+            death_timeout,
+            &settings,
+            sub,
+        ));
+    }
     rt.block_on(async move {
         let shutdown = CancellationToken::new();
         dask_protocol::cli::cancel_on_signals(&shutdown);
+        if my_nanny.is_some() {
+            dask_nanny::stop_with_parent(shutdown.clone());
+        }
         let mut runs = Vec::new();
         for i in 0..nworkers {
             let mut config = WorkerConfig::new(scheduler.clone());
@@ -147,22 +191,170 @@ fn run_cli(args: Args) -> Result<(), String> {
                 config.local_directory = d.clone();
             }
             config.death_timeout = death_timeout;
+            config.nanny = my_nanny.clone();
+            config.lifetime = lifetime.pick(i);
+            config.lifetime_restart = lifetime.restart;
             let (handle, run) = match server::start(config, shutdown.child_token()).await {
                 Ok(started) => started,
-                Err(server::WorkerError::Stopped) => return Ok(()),
+                Err(server::WorkerError::Stopped) => return Ok(ExitCode::SUCCESS),
+                // Refused (a name already taken): starting it again will not help.
+                Err(e @ server::WorkerError::Refused(_)) if my_nanny.is_some() => {
+                    eprintln!("dask-worker: error: {e}");
+                    return Ok(ExitCode::from(dask_nanny::EXIT_FATAL as u8));
+                }
                 Err(e) => return Err(e.to_string()),
             };
             eprintln!("dask-worker: {} ({}) connected to {scheduler}", handle.address, handle.name);
             runs.push(tokio::spawn(run));
         }
-        let mut result = Ok(());
+        let mut code = ExitCode::SUCCESS;
+        let mut error = None;
         for r in runs {
             match r.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => result = Err(e.to_string()),
-                Err(e) => result = Err(format!("worker task failed: {e}")),
+                Ok(Ok(closed)) if closed.restart => code = ExitCode::from(RESTART),
+                Ok(Ok(_)) => {}
+                // Under a nanny, a worker that lost its scheduler asks for a fresh one (which
+                // waits for the scheduler to come back).
+                Ok(Err(server::WorkerError::SchedulerLost(why))) if my_nanny.is_some() => {
+                    tracing::warn!("{why}; exiting for the nanny to start a fresh worker");
+                    code = ExitCode::from(RESTART);
+                }
+                Ok(Err(e)) => error = Some(e.to_string()),
+                Err(e) => error = Some(format!("worker task failed: {e}")),
             }
         }
-        result
+        match error {
+            Some(e) => Err(e),
+            None => Ok(code),
+        }
     })
+}
+
+fn seconds(flag: &str, value: Option<f64>) -> Result<Option<Duration>, String> {
+    match value {
+        Some(s) if !(s.is_finite() && s >= 0.0) => Err(format!("{flag} {s} is not a number of seconds")),
+        Some(s) => Ok(Some(Duration::from_secs_f64(s))),
+        None => Ok(None),
+    }
+}
+
+/// `--lifetime`, `--lifetime-stagger`, `--lifetime-restart` (or `distributed.worker.lifetime.*`).
+struct Lifetime {
+    duration: Option<Duration>,
+    stagger: Duration,
+    restart: bool,
+}
+
+impl Lifetime {
+    fn from_args(args: &Args, settings: &dask_protocol::config::Config) -> Result<Lifetime, String> {
+        let parse = |flag: &str, v: &Option<String>, key: &str| -> Result<Option<Duration>, String> {
+            match v {
+                Some(s) => {
+                    dask_protocol::config::parse_duration(s).map(Some).map_err(|why| format!("{flag} {s:?} {why}"))
+                }
+                None => settings.duration(key).map_err(|e| e.to_string()),
+            }
+        };
+        let duration = parse("--lifetime", &args.lifetime, "distributed.worker.lifetime.duration")?;
+        let stagger = parse("--lifetime-stagger", &args.lifetime_stagger, "distributed.worker.lifetime.stagger")?
+            .unwrap_or_default();
+        let restart = args.lifetime_restart
+            || settings.boolean("distributed.worker.lifetime.restart").map_err(|e| e.to_string())?.unwrap_or(false);
+        Ok(Lifetime { duration, stagger, restart })
+    }
+
+    /// This worker's lifetime: the duration moved by up to the stagger either way (so that
+    /// workers started together do not all retire together), as dask does.
+    fn pick(&self, i: usize) -> Option<Duration> {
+        let d = self.duration?;
+        if self.stagger.is_zero() {
+            return Some(d);
+        }
+        let seed = std::process::id() as u64
+            ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
+        let frac = (seed % 10_001) as f64 / 10_000.0 * 2.0 - 1.0;
+        Some(Duration::from_secs_f64((d.as_secs_f64() + frac * self.stagger.as_secs_f64()).max(0.0)))
+    }
+}
+
+/// The default: one nanny per worker, each starting this program again as its worker (with the
+/// same flags and `--no-nanny`), so a worker built from a user's crate runs under a nanny too.
+#[allow(clippy::too_many_arguments)]
+async fn run_nannies(
+    args: &Args,
+    scheduler: Address,
+    nworkers: usize,
+    nthreads: usize,
+    memory_limit: u64,
+    death_timeout: Option<Duration>,
+    settings: &dask_protocol::config::Config,
+    sub: &[&str],
+) -> Result<ExitCode, String> {
+    let program = std::env::current_exe().map_err(|e| format!("failed to find this program to start workers: {e}"))?;
+    let shutdown = CancellationToken::new();
+    dask_protocol::cli::cancel_on_signals(&shutdown);
+    let mut runs = Vec::new();
+    for i in 0..nworkers {
+        let name = match (&args.name, nworkers) {
+            (Some(n), 1) => Some(n.clone()),
+            (Some(n), _) => Some(format!("{n}-{i}")),
+            (None, _) => None,
+        };
+        let mut child: Vec<std::ffi::OsString> = sub.iter().map(Into::into).collect();
+        child.push(scheduler.to_string().into());
+        let flags: Vec<String> = vec![
+            "--no-nanny".into(),
+            "--nthreads".into(),
+            nthreads.to_string(),
+            "--memory-limit".into(),
+            memory_limit.to_string(),
+            "--host".into(),
+            args.host.clone(),
+            "--log-level".into(),
+            args.log_level.clone(),
+        ];
+        child.extend(flags.into_iter().map(Into::into));
+        let mut opt = |flag: &str, v: Option<String>| {
+            if let Some(v) = v {
+                child.push(flag.into());
+                child.push(v.into());
+            }
+        };
+        opt("--name", name.clone());
+        opt("--worker-port", (args.worker_port != 0).then(|| (args.worker_port + i as u16).to_string()));
+        opt("--local-directory", args.local_directory.clone());
+        opt("--death-timeout", args.death_timeout.map(|s| s.to_string()));
+        opt("--resources", args.resources.clone());
+        opt("--lifetime", args.lifetime.clone());
+        opt("--lifetime-stagger", args.lifetime_stagger.clone());
+        if args.lifetime_restart {
+            child.push("--lifetime-restart".into());
+        }
+        let launcher =
+            dask_nanny::ProcessLauncher { program: program.clone(), args: child, env: Vec::new(), stdout: true };
+        let mut config =
+            dask_nanny::NannyConfig::new(scheduler.clone(), name.clone().unwrap_or_else(|| format!("nanny-{i}")));
+        config.apply_config(settings)?;
+        config.host = args.host.clone();
+        config.port = if args.nanny_port != 0 { args.nanny_port + i as u16 } else { 0 };
+        config.memory_limit = memory_limit;
+        config.death_timeout = death_timeout;
+        let (handle, run) =
+            dask_nanny::start(config, Box::new(launcher), shutdown.child_token()).await.map_err(|e| e.to_string())?;
+        eprintln!("dask-worker: nanny at {} starting a worker for {scheduler}", handle.address);
+        runs.push(tokio::spawn(run));
+    }
+    let mut error = None;
+    for r in runs {
+        match r.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error = Some(e.to_string()),
+            Err(e) => error = Some(format!("nanny task failed: {e}")),
+        }
+    }
+    match error {
+        Some(e) => Err(e),
+        None => Ok(ExitCode::SUCCESS),
+    }
 }

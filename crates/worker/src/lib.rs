@@ -19,4 +19,4 @@ pub mod state;
 pub mod store;
 
 pub use cli::worker_main;
-pub use server::{WorkerConfig, WorkerError, WorkerHandle, start};
+pub use server::{Closed, WorkerConfig, WorkerError, WorkerHandle, start};

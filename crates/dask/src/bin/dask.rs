@@ -1,5 +1,5 @@
-//! `dask scheduler ...` and `dask worker ...`: current dask's spelling of `dask-scheduler` and
-//! `dask-worker`, with the same flags.
+//! `dask scheduler ...`, `dask worker ...` and `dask nanny ...`: current dask's spelling of
+//! `dask-scheduler`, `dask-worker` and `dask-nanny`, with the same flags.
 
 /// mimalloc: faster than glibc's malloc for many small allocations across threads, and it
 /// gives freed memory back to the system (see docs/choices.md).
@@ -21,15 +21,20 @@ fn main() -> ExitCode {
         Some("worker") => {
             args.remove(0);
             args[0] = "dask worker".into();
-            dask_worker::cli::worker_main_from(args)
+            dask_worker::cli::worker_main_as(args, &["worker"], false)
+        }
+        Some("nanny") => {
+            args.remove(0);
+            args[0] = "dask nanny".into();
+            dask_worker::cli::worker_main_as(args, &["nanny"], true)
         }
         Some("--version" | "-V") => {
             println!("dask {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
         other => {
-            let usage = "usage: dask scheduler [OPTIONS] | dask worker [SCHEDULER] [OPTIONS]\n\
-                         (the same as dask-scheduler and dask-worker; add --help for their options)";
+            let usage = "usage: dask scheduler [OPTIONS] | dask worker [SCHEDULER] [OPTIONS] | dask nanny [SCHEDULER] [OPTIONS]\n\
+                         (the same as dask-scheduler, dask-worker and dask-nanny; add --help for their options)";
             if matches!(other, Some("--help" | "-h" | "help")) {
                 println!("{usage}");
                 ExitCode::SUCCESS

@@ -181,6 +181,14 @@ pub enum Event {
     WorkerLost {
         worker: WorkerId,
         reason: String,
+        /// It was asked to go (restarted, retired): its tasks do not count it as a death.
+        expected: bool,
+    },
+    /// `Client::restart`: forget every task; every client's futures end as cancelled (but
+    /// those of `by`, which cancels its own).
+    Restart {
+        reason: String,
+        by: Option<ClientId>,
     },
     TaskFinished {
         worker: WorkerId,
@@ -231,6 +239,7 @@ impl Event {
             Event::Scattered { .. } => "scattered",
             Event::WorkerJoined { .. } => "worker-joined",
             Event::WorkerLost { .. } => "worker-lost",
+            Event::Restart { .. } => "restart",
             Event::TaskFinished { .. } => "task-finished",
             Event::TaskFailed { .. } => "task-failed",
             Event::MissingData { .. } => "missing-data",
@@ -255,9 +264,15 @@ pub type InlineValue = (&'static str, Bytes);
 /// What the client is told about a key it wants.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Report {
-    Memory { nbytes: u64, workers: SmallVec<[Arc<str>; 2]>, value: Option<InlineValue> },
+    Memory {
+        nbytes: u64,
+        workers: SmallVec<[Arc<str>; 2]>,
+        value: Option<InlineValue>,
+    },
     Erred(Arc<TaskError>),
-    Cancelled,
+    /// `None`: the client's own cancel, confirmed. `Some(why)`: the scheduler cancelled it
+    /// (a restart).
+    Cancelled(Option<Arc<str>>),
     Lost(String),
 }
 
@@ -290,6 +305,8 @@ pub enum Command {
     CloseWorker {
         worker: WorkerId,
         reason: String,
+        /// Its nanny should start a fresh worker in its place.
+        restart: bool,
     },
     /// Something the scheduler's log should say (the core does no IO).
     Notice {
@@ -669,12 +686,13 @@ impl SchedulerCore {
                     {
                         self.client_release(client, t);
                     }
-                    out.push(Command::Report { client, key, report: Report::Cancelled });
+                    out.push(Command::Report { client, key, report: Report::Cancelled(None) });
                 }
             }
             Event::Scattered { client, keys } => self.scattered(client, keys, out),
             Event::WorkerJoined { worker, spec } => self.worker_joined(worker, spec, out),
-            Event::WorkerLost { worker, reason } => self.remove_worker(worker, &reason, false, out),
+            Event::WorkerLost { worker, reason, expected } => self.remove_worker(worker, &reason, expected, out),
+            Event::Restart { reason, by } => self.restart(&reason, by, out),
             Event::TaskFinished { worker, key, nbytes, duration, value } => {
                 self.inline = value.map(|v| (key.clone(), v));
                 self.task_finished(worker, key, nbytes, duration, out);
@@ -714,7 +732,7 @@ impl SchedulerCore {
                     .collect();
                 for w in dead {
                     let reason = format!("no heartbeat for {:?} (worker-ttl)", ttl);
-                    out.push(Command::CloseWorker { worker: w, reason: reason.clone() });
+                    out.push(Command::CloseWorker { worker: w, reason: reason.clone(), restart: true });
                     self.remove_worker(w, &reason, false, out);
                 }
             }
@@ -949,6 +967,7 @@ impl SchedulerCore {
         {
             let why = if other.spec.name == spec.name { "name" } else { "address" };
             out.push(Command::CloseWorker {
+                restart: false,
                 worker,
                 reason: format!(
                     "a worker with {why} {:?} is already connected",
@@ -976,14 +995,49 @@ impl SchedulerCore {
         self.fill(worker, out);
     }
 
-    /// Removes a worker. Unless its leaving was `expected` (retired, restarted), each task
-    /// it was running counts it as a worker that died under it: a task that was running on more
-    /// than `allowed_failures` workers that died is erred as killed-worker. Tasks only queued
-    /// there count nothing (our queues are deep; a task waiting its turn did not kill anyone);
-    /// they are marked `orphaned` so their next worker reports their start before running them,
-    /// and a task that kills its worker at once is still caught the next time. If the worker
-    /// reported nothing running, every task assigned there counts (as in dask): one of them
-    /// may have killed it before its start could be reported.
+    /// Forgets every task: clients are told their keys were cancelled, workers to drop what
+    /// they hold or run. Workers stay (the shell restarts them through their nannies); measured
+    /// durations stay too.
+    fn restart(&mut self, reason: &str, by: Option<ClientId>, out: &mut Vec<Command>) {
+        let why: Arc<str> = Arc::from(reason);
+        let n = self.keys.len();
+        let mut clients: Vec<ClientId> = self.clients.keys().copied().collect();
+        clients.sort();
+        for c in clients {
+            let wants = std::mem::take(&mut self.clients.get_mut(&c).expect("listed").wants);
+            if Some(c) == by || c == FIRE_AND_FORGET {
+                continue;
+            }
+            let mut keys: Vec<Key> = wants.iter().map(|t| self.task(*t).key.clone()).collect();
+            keys.sort();
+            for key in keys {
+                out.push(Command::Report { client: c, key, report: Report::Cancelled(Some(why.clone())) });
+            }
+        }
+        for (id, w) in &mut self.workers {
+            let mut held: Vec<TaskId> = w.has_what.drain().chain(w.processing.drain()).collect();
+            held.sort();
+            for t in held {
+                let key = self.tasks.slot(t.0).as_ref().expect("live task").key.clone();
+                out.push(Command::Free { worker: *id, key });
+            }
+            w.nbytes = 0;
+        }
+        self.by_occupancy = self.workers.iter().filter(|(_, w)| w.open()).map(|(id, _)| (0, *id)).collect();
+        self.tasks = slab::Slab::default();
+        self.free_ids.clear();
+        self.keys.clear();
+        self.queue = ReadyQueue::default();
+        self.no_worker.clear();
+        self.positions.clear();
+        self.to_check.clear();
+        self.freed.clear();
+        out.push(Command::Notice {
+            level: NoticeLevel::Warn,
+            message: format!("restart: released every task ({n}); {reason}"),
+        });
+    }
+
     /// A worker paused (over its memory's `pause` threshold) or resumed. A paused worker gets
     /// no new tasks; what it has queued waits for it.
     fn set_paused(&mut self, worker: WorkerId, paused: bool, out: &mut Vec<Command>) {
@@ -1028,6 +1082,14 @@ impl SchedulerCore {
         }
     }
 
+    /// Removes a worker. Unless its leaving was `expected` (retired, restarted), each task
+    /// it was running counts it as a worker that died under it: a task that was running on more
+    /// than `allowed_failures` workers that died is erred as killed-worker. Tasks only queued
+    /// there count nothing (our queues are deep; a task waiting its turn did not kill anyone);
+    /// they are marked `orphaned` so their next worker reports their start before running them,
+    /// and a task that kills its worker at once is still caught the next time. If the worker
+    /// reported nothing running, every task assigned there counts (as in dask): one of them
+    /// may have killed it before its start could be reported.
     fn remove_worker(&mut self, worker: WorkerId, reason: &str, expected: bool, out: &mut Vec<Command>) {
         let Some(w) = self.workers.get_mut(&worker) else {
             return;

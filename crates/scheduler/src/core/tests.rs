@@ -97,7 +97,7 @@ impl Harness {
     }
 
     fn lose(&mut self, worker: u32) -> Vec<Command> {
-        self.handle(Event::WorkerLost { worker: WorkerId(worker), reason: "test".into() })
+        self.handle(Event::WorkerLost { worker: WorkerId(worker), reason: "test".into(), expected: false })
     }
 
     fn state(&self, key: &str) -> TaskState {
@@ -542,6 +542,32 @@ fn paused(worker: u32, paused: bool) -> Event {
 }
 
 #[test]
+fn restart_forgets_everything_and_tells_every_other_client() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    h.submit(C1, vec![task("a", &[]), task("b", &["a"]), task("c", &[])], &["b", "c"]);
+    h.finish(1, "a", 10);
+    h.submit(C2, vec![task("c", &[])], &["c"]);
+    let out = h.handle(Event::Restart { reason: "Client.restart".into(), by: Some(C2) });
+    // C1 hears of both its keys; C2 (which asked) is told nothing.
+    let mut told = reports(&out);
+    told.sort_by(|a, b| a.1.cmp(&b.1));
+    let why: Arc<str> = Arc::from("Client.restart");
+    assert_eq!(
+        told,
+        vec![(C1, s("b"), Report::Cancelled(Some(why.clone()))), (C1, s("c"), Report::Cancelled(Some(why)))]
+    );
+    // The worker drops what it holds and runs (`c` only waited in the queue).
+    let mut freed = frees(&out);
+    freed.sort();
+    assert_eq!(freed, vec![(1, s("a")), (1, s("b"))]);
+    assert_eq!(h.core.n_tasks(), 0);
+    // The same keys submitted again run afresh.
+    let out = h.submit(C1, vec![task("c", &[])], &["c"]);
+    assert_eq!(computes(&out), vec![(1, s("c"))]);
+}
+
+#[test]
 fn a_paused_worker_gets_no_new_tasks_until_it_resumes() {
     let mut h = Harness::new();
     h.join(1, 1);
@@ -712,7 +738,7 @@ fn cancel_reports_cancelled_and_stops_the_computation() {
     h.submit(C1, vec![task("x", &[])], &["x"]);
     let out = h.handle(Event::CancelKeys { client: C1, keys: vec![k("x"), k("unknown")] });
     assert_eq!(frees(&out), vec![(1, s("x"))]);
-    assert_eq!(reports(&out), vec![(C1, s("x"), Report::Cancelled), (C1, s("unknown"), Report::Cancelled)]);
+    assert_eq!(reports(&out), vec![(C1, s("x"), Report::Cancelled(None)), (C1, s("unknown"), Report::Cancelled(None))]);
     assert_eq!(h.core.n_tasks(), 0);
 }
 
@@ -723,7 +749,7 @@ fn cancel_by_one_client_leaves_another_clients_future() {
     h.submit(C1, vec![task("x", &[])], &["x"]);
     h.handle(Event::Want { client: C2, keys: vec![k("x")] });
     let out = h.handle(Event::CancelKeys { client: C1, keys: vec![k("x")] });
-    assert_eq!(out, vec![Command::Report { client: C1, key: k("x"), report: Report::Cancelled }]);
+    assert_eq!(out, vec![Command::Report { client: C1, key: k("x"), report: Report::Cancelled(None) }]);
     assert_eq!(h.runs_on("x"), 1);
 }
 
@@ -1164,7 +1190,7 @@ impl Sim {
                 Command::Report { client, key, report } => {
                     let c = (client.0 - 10) as usize;
                     assert!(
-                        self.wants[c].contains(&key) || report == Report::Cancelled,
+                        self.wants[c].contains(&key) || matches!(report, Report::Cancelled(_)),
                         "{client} told about {key} it does not want: {report:?}"
                     );
                     if let Report::Memory { workers, .. } = &report {
@@ -1173,9 +1199,15 @@ impl Sim {
                             assert!(self.alive[&w].contains(&key), "{key} reported on {a}, which does not hold it");
                         }
                     }
+                    if let Report::Cancelled(Some(_)) = &report {
+                        // Restarted: the client's future is over.
+                        self.wants[c].remove(&key);
+                        self.last_report.remove(&(client, key));
+                        continue;
+                    }
                     self.last_report.insert((client, key), report);
                 }
-                Command::CloseWorker { worker, reason } => {
+                Command::CloseWorker { worker, reason, .. } => {
                     panic!("unexpected CloseWorker {worker}: {reason}")
                 }
                 Command::Notice { .. } => {}
@@ -1215,7 +1247,7 @@ impl Sim {
         self.paused.remove(&victim);
         self.in_flight.retain(|(w, _, _)| *w != victim);
         self.kills_done += 1;
-        self.step(Event::WorkerLost { worker: victim, reason: "killed by the simulation".into() });
+        self.step(Event::WorkerLost { worker: victim, reason: "killed by the simulation".into(), expected: false });
         let nthreads = 1 + self.rng.below(3) as u32;
         self.add_worker(nthreads);
     }
@@ -1277,6 +1309,22 @@ fn run_scenario(sc: Scenario) {
             let c = sim.rng.below(2);
             let target = sim.rng.below(sc.dag.len());
             sim.submit(&sc, c, |i, _| i == target);
+        } else if sc.kills && roll == 22 && sim.kills_done < 8 {
+            // Client.restart: everything is forgotten and every worker replaced.
+            sim.kills_done += 1;
+            sim.step(Event::Restart { reason: "test restart".into(), by: None });
+            assert_eq!(sim.h.core.n_tasks(), 0);
+            assert!(sim.in_flight.is_empty(), "every computation was freed");
+            assert!(sim.wants.iter().all(|w| w.is_empty()), "every client heard");
+            let old: Vec<WorkerId> = sim.alive.keys().copied().collect();
+            for w in old {
+                sim.alive.remove(&w);
+                sim.paused.remove(&w);
+                sim.step(Event::WorkerLost { worker: w, reason: "restarted".into(), expected: true });
+                sim.add_worker(2);
+            }
+            // The clients submit their graphs again.
+            sim.submit(&sc, 0, |_, t| t.wanted_by & 1 != 0);
         } else if roll < 22 {
             // A worker pauses (memory) or resumes.
             let ids: Vec<WorkerId> = sim.alive.keys().copied().collect();

@@ -51,6 +51,12 @@ pub struct WorkerConfig {
     /// Give up if the scheduler cannot be reached for this long (None: keep trying).
     pub death_timeout: Option<Duration>,
     pub heartbeat: Duration,
+    /// The address of the nanny supervising this worker, if any (told to the scheduler).
+    pub nanny: Option<String>,
+    /// Retire gracefully after this long (`--lifetime`).
+    pub lifetime: Option<Duration>,
+    /// After its lifetime, ask the nanny for a fresh worker.
+    pub lifetime_restart: bool,
     /// Benchmarks only ("zero worker", as in the RSDS paper): report every task done at once,
     /// with a nil value, without running it. Isolates the scheduler's cost per task.
     pub simulate: bool,
@@ -73,6 +79,9 @@ impl WorkerConfig {
             local_directory: std::env::temp_dir().display().to_string(),
             death_timeout: None,
             heartbeat: Duration::from_secs(1),
+            nanny: None,
+            lifetime: None,
+            lifetime_restart: false,
             simulate: false,
         }
     }
@@ -119,6 +128,20 @@ pub enum WorkerError {
     Stopped,
 }
 
+/// How a worker's run ended, when it ended well.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Closed {
+    pub reason: String,
+    /// Its nanny should start a fresh worker in its place (the scheduler removed it, say).
+    pub restart: bool,
+}
+
+impl Closed {
+    fn by_owner() -> Closed {
+        Closed { reason: "closed by its owner (a signal, or the program that started it)".into(), restart: false }
+    }
+}
+
 /// A running worker, as seen by whoever started it.
 #[derive(Clone, Debug)]
 pub struct WorkerHandle {
@@ -138,7 +161,7 @@ impl WorkerHandle {
 pub async fn start(
     config: WorkerConfig,
     shutdown: CancellationToken,
-) -> Result<(WorkerHandle, impl std::future::Future<Output = Result<(), WorkerError>>), WorkerError> {
+) -> Result<(WorkerHandle, impl std::future::Future<Output = Result<Closed, WorkerError>>), WorkerError> {
     let bind = format!("{}:{}", config.host, config.port);
     let listener = TcpListener::bind(&bind).await.map_err(|source| WorkerError::Bind { addr: bind.clone(), source })?;
     let local = listener.local_addr().map_err(|source| WorkerError::Bind { addr: bind, source })?;
@@ -183,6 +206,7 @@ pub async fn start(
         local_directory: config.local_directory.clone(),
         pid: std::process::id(),
         host: config.host.clone(),
+        nanny: config.nanny.clone().unwrap_or_default(),
     };
     let _ = out_tx.send(pb::WorkerToScheduler {
         events: vec![pb::WorkerEvent { kind: Some(pb::worker_event::Kind::Register(register)) }],
@@ -318,7 +342,7 @@ impl Loop {
         heartbeat: Duration,
         monitor_interval: Duration,
         shutdown: CancellationToken,
-    ) -> Result<(), WorkerError> {
+    ) -> Result<Closed, WorkerError> {
         let mut ticker = tokio::time::interval(heartbeat);
         let mut monitor = tokio::time::interval(monitor_interval);
         monitor.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -328,13 +352,13 @@ impl Loop {
         loop {
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return Ok(()),
+                _ = shutdown.cancelled() => return Ok(Closed::by_owner()),
                 msg = inbound.message() => match msg {
                     Ok(Some(batch)) => {
                         for cmd in batch.commands {
                             if let Some(closed) = self.on_command(cmd) {
-                                tracing::info!(reason = %closed, "scheduler asked this worker to close");
-                                return Ok(());
+                                tracing::info!(reason = %closed.reason, restart = closed.restart, "scheduler asked this worker to close");
+                                return Ok(closed);
                             }
                         }
                     }
@@ -432,7 +456,7 @@ impl Loop {
     }
 
     /// Returns `Some(reason)` when the scheduler asks us to close.
-    fn on_command(&mut self, cmd: pb::SchedulerCommand) -> Option<String> {
+    fn on_command(&mut self, cmd: pb::SchedulerCommand) -> Option<Closed> {
         match cmd.kind? {
             pb::scheduler_command::Kind::Compute(c) => {
                 let req = ComputeRequest {
@@ -454,7 +478,7 @@ impl Loop {
                     self.state.handle(Event::Free(Arc::from(k)), &mut self.instructions);
                 }
             }
-            pb::scheduler_command::Kind::Close(c) => return Some(c.reason),
+            pb::scheduler_command::Kind::Close(c) => return Some(Closed { reason: c.reason, restart: c.restart }),
             pb::scheduler_command::Kind::Registered(_) => {}
         }
         None
