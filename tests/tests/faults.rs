@@ -3,11 +3,11 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use dask::Client;
 use dask::builtins::slowinc;
+use dask::{Client, SubmitOptions};
 use dask_system_tests::{
-    Proc, TempDir, alive, checksum, expected_checksum, hog, noise, panic_holding, signal, start_scheduler,
-    start_with_env, triple,
+    Proc, TempDir, alive, checksum, counted, die, expected_checksum, hog, noise, panic_holding, runs_counted, signal,
+    start_scheduler, start_with_env, triple,
 };
 
 const LONG: Duration = Duration::from_secs(120);
@@ -248,4 +248,81 @@ fn a_worker_stopped_past_the_ttl_is_replaced_and_its_tasks_rerun() {
     signal(stopped, "CONT");
     eventually(LONG, "the stopped worker to exit", || !alive(stopped));
     eventually(LONG, "a fresh n0", || worker_pids(&client).get("n0").is_some_and(|p| *p != stopped));
+}
+
+#[test]
+fn a_task_that_kills_its_worker_ends_as_killed_worker_and_queued_tasks_do_not() {
+    let dir = TempDir::new("crasher");
+    let (sched, address) = start_scheduler(&dir, &[]);
+    let _w = nanny_workers(&dir, &address, 2, &[], &[FAST_BACKOFF]);
+    let client = Client::connect(&address).unwrap();
+    client.wait_for_workers(2, Some(LONG)).unwrap();
+    // Short tasks queue deep on both workers; one task kills whichever worker runs it.
+    let innocents = client.map_args(slowinc, (0..300).map(|i| (i, 10u64))).unwrap();
+    let bomb = client.submit(die, (1,)).unwrap();
+    let e = bomb.result_timeout(LONG).unwrap_err().to_string();
+    assert!(e.contains("killed-worker") && e.contains("running on 4 workers that died"), "{e}");
+    assert!(e.contains("exit code 1"), "the error says how the last worker ended: {e}");
+    let got: Vec<i64> = client.gather(&innocents).unwrap();
+    assert_eq!(got, (1..=300).collect::<Vec<_>>(), "no queued task paid for the crashes");
+    assert!(sched.log().contains("marked as failed because 4 workers died"), "{}", sched.log());
+}
+
+#[test]
+fn retiring_a_worker_with_the_only_copies_recomputes_nothing() {
+    let dir = TempDir::new("retire");
+    let (_sched, address) = start_scheduler(&dir, &[]);
+    let mut w = nanny_workers(&dir, &address, 2, &[], &[]);
+    let client = Client::connect(&address).unwrap();
+    client.wait_for_workers(2, Some(LONG)).unwrap();
+    let count = dir.path("runs");
+    let path = count.to_str().unwrap().to_string();
+    // 100 results, all on n0.
+    let opts = SubmitOptions { workers: vec!["n0".into()], ..Default::default() };
+    let fs = client.map_with(counted, (0..100).map(|i| (path.clone(), i, 0u64)), opts, None).unwrap();
+    let want: Vec<i64> = (0..100).collect();
+    assert_eq!(client.gather(&fs).unwrap(), want);
+    assert_eq!(runs_counted(&count), 100);
+    let n0 = client.scheduler_info().unwrap().workers.into_iter().find(|x| x.name == "n0").unwrap();
+    let retired = client.retire_workers(&["n0"], true).unwrap();
+    assert_eq!(retired, vec![n0.address.clone()]);
+    // n0 is gone (its nanny too); every value is on n1, and nothing ran again.
+    assert_eq!(w[0].wait_exit(LONG).and_then(|s| s.code()), Some(0), "{}", w[0].log());
+    let info = client.scheduler_info().unwrap();
+    assert_eq!(info.workers.iter().map(|x| x.name.as_str()).collect::<Vec<_>>(), vec!["n1"]);
+    assert_eq!(client.gather(&fs).unwrap(), want);
+    assert_eq!(runs_counted(&count), 100, "no result was recomputed");
+    // Retiring the last worker holding data is refused, and says why.
+    let e = client.retire_workers(&["n1"], true).unwrap_err().to_string();
+    assert!(e.contains("no other worker"), "{e}");
+    let e = client.retire_workers(&["nobody"], true).unwrap_err().to_string();
+    assert!(e.contains("nobody"), "{e}");
+}
+
+#[test]
+fn a_worker_past_its_lifetime_retires_and_its_nanny_starts_a_fresh_one() {
+    let dir = TempDir::new("lifetime");
+    let (_sched, address) = start_scheduler(&dir, &[]);
+    let _steady = nanny_workers(&dir, &address, 1, &[], &[]);
+    let _short = start_with_env(
+        test_worker(),
+        &[&address, "--nthreads", "1", "--name", "short", "--lifetime", "3s", "--lifetime-restart"],
+        &[],
+        dir.path("short.log"),
+    );
+    let client = Client::connect(&address).unwrap();
+    client.wait_for_workers(2, Some(LONG)).unwrap();
+    let count = dir.path("runs");
+    let path = count.to_str().unwrap().to_string();
+    let opts = SubmitOptions { workers: vec!["short".into()], ..Default::default() };
+    let fs = client.map_with(counted, (0..20).map(|i| (path.clone(), i, 0u64)), opts, None).unwrap();
+    let want: Vec<i64> = (0..20).collect();
+    assert_eq!(client.gather(&fs).unwrap(), want);
+    let first = worker_pids(&client)["short"];
+    eventually(LONG, "a fresh worker after the lifetime", || {
+        worker_pids(&client).get("short").is_some_and(|p| *p != first)
+    });
+    assert!(!alive(first), "the old worker exited");
+    assert_eq!(client.gather(&fs).unwrap(), want, "its values moved before it left");
+    assert_eq!(runs_counted(&count), 20, "nothing was recomputed");
 }

@@ -897,6 +897,36 @@ impl Client {
         }
     }
 
+    /// Retires these workers (addresses or names) gracefully (dask's `retire_workers`): they get
+    /// no new tasks and finish those they have, every value only they hold is copied to
+    /// another worker first (nothing is recomputed), then they close (`close`; their nannies
+    /// too) or stay idle. Returns the addresses of the workers retired. Refused when no other
+    /// worker could take their values.
+    pub fn retire_workers<S: AsRef<str>>(&self, workers: &[S], close: bool) -> Result<Vec<String>> {
+        self.inner.block_on(self.retire_workers_async(workers, close))
+    }
+
+    /// [`retire_workers`](Self::retire_workers) for async code.
+    pub async fn retire_workers_async<S: AsRef<str>>(&self, workers: &[S], close: bool) -> Result<Vec<String>> {
+        self.check_open()?;
+        if workers.is_empty() {
+            return Ok(Vec::new());
+        }
+        let req = pb::RetireRequest {
+            workers: workers.iter().map(|w| w.as_ref().to_string()).collect(),
+            n: 0,
+            close,
+            timeout_s: RESTART_TIMEOUT.as_secs_f64(),
+        };
+        match self.inner.scheduler.clone().retire_workers(req).await {
+            Ok(r) => Ok(r.into_inner().workers),
+            Err(s) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::NotFound) => {
+                Err(Error::InvalidArgument(format!("cannot retire {:?}: {}", req_names(workers), s.message())))
+            }
+            Err(s) => Err(s.into()),
+        }
+    }
+
     /// Writes dask's scheduler file (JSON with the scheduler's address) for other clients.
     pub fn write_scheduler_file(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
         let json = serde_json::json!({ "type": "Scheduler", "address": self.inner.address.to_string() });
@@ -958,6 +988,10 @@ impl Client {
     pub fn literal<T: Serialize>(value: T) -> impl IntoArg<T> {
         value
     }
+}
+
+fn req_names<S: AsRef<str>>(workers: &[S]) -> Vec<&str> {
+    workers.iter().map(|w| w.as_ref()).collect()
 }
 
 fn short_type_name<T>() -> String {

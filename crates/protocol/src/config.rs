@@ -97,8 +97,15 @@ impl Config {
         let mut c = Config::default();
         for p in paths {
             for file in yaml_files(p)? {
-                let text = std::fs::read_to_string(&file)
-                    .map_err(|source| ConfigError::Read { path: file.clone(), source })?;
+                // A file that cannot be read is passed over, as dask does; one that cannot be
+                // parsed is an error (it was meant to say something).
+                let text = match std::fs::read_to_string(&file) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::warn!(file = %file.display(), error = %e, "skipping a config file that cannot be read");
+                        continue;
+                    }
+                };
                 c.merge(parse_yaml(&text, &file)?);
             }
         }
@@ -233,8 +240,8 @@ pub fn search_paths() -> Vec<PathBuf> {
     paths
 }
 
-/// The YAML files of a directory in name order, or the path itself if it is a file. A missing
-/// path has none.
+/// The YAML (and JSON, which YAML reads) files of a directory in name order, or the path itself
+/// if it is a file. A missing path has none.
 fn yaml_files(p: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     if p.is_file() {
         return Ok(vec![p.to_path_buf()]);
@@ -242,7 +249,7 @@ fn yaml_files(p: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     let Ok(dir) = std::fs::read_dir(p) else { return Ok(Vec::new()) };
     let mut files: Vec<PathBuf> = dir
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|f| f.is_file() && f.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .filter(|f| f.is_file() && f.extension().is_some_and(|x| x == "yaml" || x == "yml" || x == "json"))
         .collect();
     files.sort();
     Ok(files)

@@ -396,6 +396,12 @@ where
                 let values = match read_values_to(&mut stream, list, &places, &mut stored_files).await {
                     Ok(v) => v,
                     Err(e) => {
+                        // Nothing of a failed put stays on disk.
+                        for place in &places {
+                            if let Admit::File(path) = place {
+                                let _ = std::fs::remove_file(path);
+                            }
+                        }
                         // Say why before hanging up, if the peer still listens.
                         let why = pb::DataMessage { kind: Some(Kind::Error(e.to_string())) };
                         let _ = write_message(&mut stream, &why).await;

@@ -101,6 +101,13 @@ enum LoopMsg {
     },
     /// Time to look at pending restarts again.
     RestartsDue,
+    Retire {
+        /// Addresses or names; empty: the scheduler picks `n`.
+        workers: Vec<String>,
+        n: usize,
+        close: bool,
+        reply: oneshot::Sender<Result<Vec<String>, Status>>,
+    },
     ClientConnected {
         tx: mpsc::UnboundedSender<Result<pb::SchedulerToClient, Status>>,
         reply: oneshot::Sender<ClientId>,
@@ -153,6 +160,8 @@ pub async fn run(
             expected_gone: HashSet::new(),
             client_names: HashMap::new(),
             restarts: Vec::new(),
+            retires: HashMap::new(),
+            next_op: 1,
             self_tx: tx.clone(),
             clients: HashMap::new(),
             next_worker: 0,
@@ -239,6 +248,9 @@ struct EventLoop {
     expected_gone: HashSet<WorkerId>,
     client_names: HashMap<String, ClientId>,
     restarts: Vec<RestartWaiter>,
+    /// Retire requests waiting for the core's answer, by op.
+    retires: HashMap<u64, oneshot::Sender<Result<Vec<String>, Status>>>,
+    next_op: u64,
     /// For timers that report back to the loop.
     self_tx: mpsc::UnboundedSender<LoopMsg>,
     clients: HashMap<ClientId, mpsc::UnboundedSender<Result<pb::SchedulerToClient, Status>>>,
@@ -351,7 +363,23 @@ impl EventLoop {
                         Event::WorkerLost { worker, .. } => Some((Some(*worker), None)),
                         _ => None,
                     };
+                    // Taken: a worker may now run the tasks whose start it announced.
+                    let ack = match &e {
+                        Event::TasksStarted { worker, keys } => {
+                            Some((*worker, keys.iter().map(|k| k.to_string()).collect::<Vec<_>>()))
+                        }
+                        _ => None,
+                    };
                     self.handle(e);
+                    if let Some((w, keys)) = ack
+                        && let Some(tx) = self.workers.get(&w)
+                    {
+                        let _ = tx.send(Ok(pb::SchedulerToWorker {
+                            commands: vec![pb::SchedulerCommand {
+                                kind: Some(pb::scheduler_command::Kind::StartedAck(pb::StartedAck { keys })),
+                            }],
+                        }));
+                    }
                     // Forget its channel: for a client, that ends our side of its stream,
                     // which tells it everything it sent was taken.
                     match gone {
@@ -452,6 +480,7 @@ impl EventLoop {
             }
             LoopMsg::Restart { timeout, reason, client, reply } => self.restart(timeout, reason, &client, reply),
             LoopMsg::RestartsDue => self.check_restarts(),
+            LoopMsg::Retire { workers, n, close, reply } => self.retire(workers, n, close, reply),
             LoopMsg::ClientConnected { tx, reply } => {
                 let id = ClientId(self.next_client);
                 self.next_client += 1;
@@ -568,6 +597,50 @@ impl EventLoop {
         self.check_restarts();
     }
 
+    /// `Client::retire_workers`: by address or name, or the `n` workers holding the least.
+    fn retire(
+        &mut self,
+        names: Vec<String>,
+        n: usize,
+        close: bool,
+        reply: oneshot::Sender<Result<Vec<String>, Status>>,
+    ) {
+        let mut chosen = Vec::new();
+        if names.is_empty() {
+            let mut by_bytes: Vec<(u64, WorkerId)> =
+                self.core.workers().map(|(id, _, _, _, nbytes)| (nbytes, id)).collect();
+            by_bytes.sort();
+            chosen.extend(by_bytes.into_iter().take(n).map(|(_, id)| id));
+        } else {
+            for name in &names {
+                let found = self.worker_meta.iter().find(|(_, m)| *m.address == **name || *m.name == **name);
+                match found {
+                    Some((id, _)) => chosen.push(*id),
+                    None => {
+                        let _ = reply.send(Err(Status::not_found(format!(
+                            "no worker {name:?} is connected (give addresses or names from scheduler_info)"
+                        ))));
+                        return;
+                    }
+                }
+            }
+        }
+        if chosen.is_empty() {
+            let _ = reply.send(Ok(Vec::new()));
+            return;
+        }
+        let op = self.next_op;
+        self.next_op += 1;
+        self.retires.insert(op, reply);
+        self.handle(Event::RetireWorkers {
+            op,
+            workers: chosen,
+            close,
+            restart: false,
+            reason: "Client.retire_workers".into(),
+        });
+    }
+
     fn check_restarts(&mut self) {
         if self.restarts.is_empty() {
             return;
@@ -668,6 +741,7 @@ impl EventLoop {
                     .and_then(|a| self.nanny_at(a))
                     .and_then(|n| n.last_exit.clone())
                     .unwrap_or_default(),
+                status: self.core.worker_status(id).unwrap_or("running").to_string(),
                 ..worker_memory_info(self.core.worker_memory(id).unwrap_or_default())
             })
             .collect();
@@ -723,6 +797,28 @@ impl EventLoop {
                 }
                 Command::Report { client, key, report } => {
                     to_clients.entry(client).or_default().push(report_to_pb(key, report));
+                }
+                Command::AcquireReplicas { worker, keys } => {
+                    to_workers.entry(worker).or_default().push(pb::SchedulerCommand {
+                        kind: Some(pb::scheduler_command::Kind::AcquireReplicas(pb::AcquireReplicas {
+                            keys: keys
+                                .into_iter()
+                                .map(|d| pb::DependencyLocation {
+                                    key: d.key.to_string(),
+                                    workers: d.workers.iter().map(|w| w.to_string()).collect(),
+                                    nbytes: d.nbytes,
+                                })
+                                .collect(),
+                        })),
+                    });
+                }
+                Command::Retired { op, workers, refused } => {
+                    if let Some(reply) = self.retires.remove(&op) {
+                        let _ = reply.send(match refused {
+                            Some(why) => Err(Status::failed_precondition(why)),
+                            None => Ok(workers.iter().map(|w| w.to_string()).collect()),
+                        });
+                    }
                 }
                 Command::Notice { level, message } => match level {
                     core::NoticeLevel::Info => tracing::info!("{message}"),
@@ -939,8 +1035,24 @@ impl pb::scheduler_server::Scheduler for Service {
         Ok(Response::new(pb::RestartReply { workers }))
     }
 
-    async fn retire_workers(&self, _: Request<pb::RetireRequest>) -> Result<Response<pb::RetireReply>, Status> {
-        Err(Status::unimplemented("retire_workers is not implemented yet"))
+    async fn retire_workers(&self, request: Request<pb::RetireRequest>) -> Result<Response<pb::RetireReply>, Status> {
+        let req = request.into_inner();
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(LoopMsg::Retire { workers: req.workers, n: req.n as usize, close: req.close, reply: tx })
+            .map_err(|_| closed())?;
+        let wait = async { rx.await.map_err(|_| closed())? };
+        let workers = if req.timeout_s > 0.0 {
+            tokio::time::timeout(Duration::from_secs_f64(req.timeout_s), wait).await.map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "the workers did not finish retiring within {}s (their values are still moving)",
+                    req.timeout_s
+                ))
+            })??
+        } else {
+            wait.await?
+        };
+        Ok(Response::new(pb::RetireReply { workers }))
     }
 
     async fn who_has(&self, request: Request<pb::KeysRequest>) -> Result<Response<pb::WhoHasReply>, Status> {
@@ -991,7 +1103,6 @@ fn worker_memory_info(m: core::WorkerMemory) -> pb::WorkerInfo {
         memory_unmanaged: m.unmanaged(),
         memory_spilled: m.spilled,
         spilled_total: m.spilled_total,
-        status: if m.paused { "paused" } else { "running" }.to_string(),
         ..Default::default()
     }
 }
@@ -1053,6 +1164,17 @@ fn worker_event(worker: WorkerId, e: pb::WorkerEvent) -> Option<Event> {
             }),
         },
         Kind::Started(s) => Event::TasksStarted { worker, keys: s.keys.into_iter().map(Arc::from).collect() },
+        Kind::ReplicasAdded(r) => {
+            Event::ReplicasAdded { worker, keys: r.keys.into_iter().map(|k| (Arc::from(k.key), k.nbytes)).collect() }
+        }
+        Kind::ReplicasFailed(r) => Event::ReplicasFailed { worker, keys: r.keys.into_iter().map(Arc::from).collect() },
+        Kind::RetireMe(r) => Event::RetireWorkers {
+            op: 0,
+            workers: vec![worker],
+            close: true,
+            restart: r.restart,
+            reason: if r.reason.is_empty() { "its lifetime is over".into() } else { r.reason },
+        },
         Kind::Released(_) | Kind::Register(_) => return None,
     })
 }

@@ -69,9 +69,17 @@ struct Shared {
 pub struct Results {
     batch: Mutex<Batch>,
     pub wake: Notify,
-    /// How many announced starts the event loop has sent on (see [`Results::sent`]).
-    announced: Mutex<u64>,
-    announced_cv: Condvar,
+    /// Announced starts the scheduler has acknowledged (see [`Results::wait_ack`]).
+    acks: Mutex<Acks>,
+    ack_cv: Condvar,
+}
+
+#[derive(Default)]
+struct Acks {
+    /// Keys whose thread waits for the scheduler's acknowledgement.
+    awaiting: rustc_hash::FxHashSet<Key>,
+    acked: rustc_hash::FxHashSet<Key>,
+    closing: bool,
 }
 
 /// What the executor threads reported since the event loop last looked.
@@ -81,13 +89,11 @@ pub struct Batch {
     /// Tasks that started running (most finish before the loop sends anything: those are
     /// reported finished only).
     pub started: Vec<Key>,
-    /// Announced starts pushed so far, in all (a ticket number for [`Results::sent`]).
-    pub announces: u64,
 }
 
-/// How long a thread waits for its announced start to be sent before running the task anyway
-/// (the event loop is stuck or gone).
-const ANNOUNCE_WAIT: Duration = Duration::from_secs(2);
+/// How long a thread waits for the scheduler to acknowledge an announced start before running
+/// the task anyway (the scheduler is unreachable; the worker is about to go).
+const ANNOUNCE_WAIT: Duration = Duration::from_secs(30);
 
 impl Results {
     fn push(&self, r: ExecResult) {
@@ -101,48 +107,63 @@ impl Results {
         }
     }
 
-    /// Records a start; returns the announce ticket when `announce`.
-    fn started(&self, key: Key, announce: bool) -> Option<u64> {
-        let (first, ticket) = {
+    /// Records a start; an announced one is also registered as awaiting its acknowledgement.
+    fn started(&self, key: Key, announce: bool) {
+        if announce {
+            self.acks.lock().awaiting.insert(key.clone());
+        }
+        let first = {
             let mut b = self.batch.lock();
             b.started.push(key);
-            if announce {
-                b.announces += 1;
-            }
-            (b.done.len() + b.started.len() == 1, announce.then_some(b.announces))
+            b.done.len() + b.started.len() == 1
         };
         // A lazy start report can wait for the next wake-up; an announced one cannot.
-        if first || ticket.is_some() {
+        if first || announce {
             self.wake.notify_one();
         }
-        ticket
     }
 
-    /// Blocks until the event loop has sent the start with this ticket (bounded).
-    fn wait_sent(&self, ticket: u64) {
+    /// Blocks until the scheduler has acknowledged the start of `key` (bounded): the
+    /// scheduler then knows it runs here, before it can kill this worker.
+    fn wait_ack(&self, key: &Key) {
         let deadline = Instant::now() + ANNOUNCE_WAIT;
-        let mut sent = self.announced.lock();
-        while *sent < ticket {
-            if self.announced_cv.wait_until(&mut sent, deadline).timed_out() {
+        let mut a = self.acks.lock();
+        loop {
+            if a.acked.remove(key) || a.closing {
+                a.awaiting.remove(key);
+                return;
+            }
+            if self.ack_cv.wait_until(&mut a, deadline).timed_out() {
+                a.awaiting.remove(key);
+                tracing::warn!(key = %key, "no acknowledgement of an announced start from the scheduler; running it anyway");
                 return;
             }
         }
     }
 
-    /// Everything reported so far.
-    pub fn take(&self) -> Batch {
-        let mut b = self.batch.lock();
-        let announces = b.announces;
-        Batch { done: std::mem::take(&mut b.done), started: std::mem::take(&mut b.started), announces }
+    /// The scheduler acknowledged these starts (or they need none: no longer running).
+    pub fn acknowledge(&self, keys: impl IntoIterator<Item = Key>) {
+        let mut a = self.acks.lock();
+        let mut any = false;
+        for k in keys {
+            if a.awaiting.remove(&k) {
+                a.acked.insert(k);
+                any = true;
+            }
+        }
+        if any {
+            self.ack_cv.notify_all();
+        }
     }
 
-    /// The event loop sent the starts of every announce up to `announces`.
-    pub fn sent(&self, announces: u64) {
-        let mut sent = self.announced.lock();
-        if *sent < announces {
-            *sent = announces;
-            self.announced_cv.notify_all();
-        }
+    /// Everything reported so far.
+    pub fn take(&self) -> Batch {
+        std::mem::take(&mut *self.batch.lock())
+    }
+
+    fn close(&self) {
+        self.acks.lock().closing = true;
+        self.ack_cv.notify_all();
     }
 }
 
@@ -204,6 +225,7 @@ impl Executor {
 
     /// Stops taking jobs; running tasks finish on their own (threads are detached).
     pub fn shutdown(&mut self) {
+        self.results.close();
         self.shared.queue.lock().closed = true;
         self.shared.ready.notify_all();
         self.threads.clear();
@@ -226,8 +248,9 @@ fn thread_main(shared: &Shared, store: &Store, results: &Results, worker: &str) 
                 shared.ready.wait(&mut q);
             }
         };
-        if let Some(ticket) = results.started(job.key.clone(), job.announce) {
-            results.wait_sent(ticket);
+        results.started(job.key.clone(), job.announce);
+        if job.announce {
+            results.wait_ack(&job.key);
         }
         let (outcome, duration) = run_one(&job.key, &job.spec, store, worker);
         results.push((job.key, outcome, duration));

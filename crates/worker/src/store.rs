@@ -3,20 +3,27 @@
 //!
 //! * Values in memory are *managed memory*. When it passes the `target` fraction of the memory
 //!   limit, the thread that stored a value spills the least recently used ones to disk until it
-//!   is below again ([`Store::insert`]); the memory monitor spills too when the whole process is
-//!   over `spill` ([`Store::spill_one`]).
+//!   is below again ([`Store::insert`]); a value as large as the target itself goes to disk at
+//!   once (as dask's). The memory monitor spills too when the whole process is over `spill`
+//!   ([`Store::spill_one`]).
 //! * A spilled value is one file under the worker's directory, named by a number (keys may hold
 //!   any character). Reading it back reads the file into one buffer of its exact size (the
 //!   kernel's copy is the only one) and keeps the file: the value is then *clean* in memory, and
-//!   spilling it again costs no write.
+//!   spilling it again costs no write. `max-spill` caps every byte on disk, clean copies
+//!   included.
 //! * Least recently used is approximate (second chance): reads stamp a value with the time; the
 //!   spiller takes values in the order they were stored and passes over, once, those read since.
-//!   A read costs one relaxed atomic store, no lock.
+//!   A read costs one relaxed atomic store, no lock. Entries of values gone are dropped when the
+//!   queue grows past twice the values held.
+//! * Counters change before a value enters the map and after it leaves, or under its slot's
+//!   lock: a concurrent remove never takes them below zero.
+//! * The worker's directory holds a `.lock` file locked for the worker's life: a new worker
+//!   removes the directories whose lock nobody holds (left by a crash), and only those.
 //! * With a memory limit of 0 nothing spills and the store is a map.
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -28,7 +35,7 @@ use crate::state::Key;
 /// Where and how values spill.
 #[derive(Clone, Debug)]
 pub struct SpillConfig {
-    /// The worker's own directory (created at the first spill, removed on close).
+    /// The worker's own directory (created with the store, removed on close).
     pub dir: PathBuf,
     /// Managed bytes above which values spill at once (`target` × limit); `None`: only the
     /// monitor spills.
@@ -75,6 +82,8 @@ pub struct StoreStats {
     pub spilled: u64,
     /// Values on disk.
     pub spilled_count: u64,
+    /// Bytes in files on disk (compressed; clean copies of values read back included).
+    pub disk: u64,
     /// Bytes written to disk since the start (for benchmarks).
     pub spilled_total: u64,
     /// Bytes read back from disk since the start.
@@ -90,8 +99,8 @@ pub enum SpillError {
         #[source]
         source: std::io::Error,
     },
-    #[error("max-spill reached: {spilled} bytes are on disk and the cap is {cap}")]
-    Full { spilled: u64, cap: u64 },
+    #[error("max-spill reached: {disk} bytes are on disk and the cap is {cap} (distributed.worker.memory.max-spill)")]
+    Full { disk: u64, cap: u64 },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,9 +122,13 @@ pub struct Store {
     managed: AtomicU64,
     spilled: AtomicU64,
     spilled_count: AtomicU64,
+    disk: AtomicU64,
     spilled_total: AtomicU64,
     unspilled_total: AtomicU64,
-    dir_made: std::sync::Once,
+    /// Closed: nothing spills any more (the directory is gone).
+    closed: AtomicBool,
+    /// Held (locked) for the store's life: the directory is in use.
+    _lock: Option<std::fs::File>,
 }
 
 impl std::fmt::Debug for Store {
@@ -124,14 +137,27 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// The lock file of a worker's directory.
+const LOCK: &str = ".lock";
+
 impl Store {
     /// A store that never spills.
     pub fn in_memory() -> Arc<Store> {
-        Store::new(None)
+        Store::new(None).expect("no directory to make")
     }
 
-    pub fn new(spill: Option<SpillConfig>) -> Arc<Store> {
-        Arc::new(Store {
+    /// A store; with `spill`, its directory is made and locked now.
+    pub fn new(spill: Option<SpillConfig>) -> std::io::Result<Arc<Store>> {
+        let lock = match &spill {
+            Some(s) => {
+                std::fs::create_dir_all(&s.dir)?;
+                let f = std::fs::File::create(s.dir.join(LOCK))?;
+                f.try_lock().map_err(|e| std::io::Error::other(format!("{}: {e}", s.dir.display())))?;
+                Some(f)
+            }
+            None => None,
+        };
+        Ok(Arc::new(Store {
             map: DashMap::with_hasher(rustc_hash::FxBuildHasher),
             spill,
             lru: Mutex::new(VecDeque::new()),
@@ -140,10 +166,12 @@ impl Store {
             managed: AtomicU64::new(0),
             spilled: AtomicU64::new(0),
             spilled_count: AtomicU64::new(0),
+            disk: AtomicU64::new(0),
             spilled_total: AtomicU64::new(0),
             unspilled_total: AtomicU64::new(0),
-            dir_made: std::sync::Once::new(),
-        })
+            closed: AtomicBool::new(false),
+            _lock: lock,
+        }))
     }
 
     pub fn stats(&self) -> StoreStats {
@@ -151,6 +179,7 @@ impl Store {
             managed: self.managed.load(Ordering::Relaxed),
             spilled: self.spilled.load(Ordering::Relaxed),
             spilled_count: self.spilled_count.load(Ordering::Relaxed),
+            disk: self.disk.load(Ordering::Relaxed),
             spilled_total: self.spilled_total.load(Ordering::Relaxed),
             unspilled_total: self.unspilled_total.load(Ordering::Relaxed),
         }
@@ -173,26 +202,51 @@ impl Store {
         self.spill.as_ref()
     }
 
+    /// Whether reads and writes may touch the disk (callers on async threads then step aside).
+    pub fn spills(&self) -> bool {
+        self.spill.is_some()
+    }
+
     fn tick(&self) -> u64 {
         self.clock.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Stores a value (replacing any other under its key); then, if managed memory is over
-    /// `target`, spills least recently used values until it is not. A value over the whole
-    /// limit is spilled too: never dropped.
+    /// `target`, spills least recently used values until it is not. A value as large as the
+    /// target goes to disk at once: never dropped, and never pushing every other value out
+    /// first.
     pub fn insert(&self, key: Key, value: Value) {
         let len = value.data.len() as u64;
         let id = self.tick();
-        let old = self.map.insert(key.clone(), Slot::Memory { value, id, used: AtomicU64::new(id), disk: None });
         self.managed.fetch_add(len, Ordering::Relaxed);
+        let old = self.map.insert(key.clone(), Slot::Memory { value, id, used: AtomicU64::new(id), disk: None });
         if let Some(old) = old {
             self.forget_slot(old);
         }
-        if let Some(target) = self.spill.as_ref().and_then(|s| s.target) {
-            self.lru.lock().push_back((key, id, id));
-            if self.managed.load(Ordering::Relaxed) > target {
-                self.spill_down_to(target);
+        let Some(spill) = &self.spill else { return };
+        if spill.target.is_some_and(|t| len >= t) && !self.closed.load(Ordering::Relaxed) {
+            let _one = self.spilling.lock();
+            match self.spill_entry(spill, &key, id, id) {
+                Ok(Some(_)) => return,
+                Ok(None) => return, // gone or replaced meanwhile
+                Err(e) => tracing::warn!("{e}; keeping a value of {len} bytes in memory"),
             }
+        }
+        self.enqueue(key, id);
+        if let Some(target) = spill.target
+            && self.managed.load(Ordering::Relaxed) > target
+        {
+            self.spill_down_to(target);
+        }
+    }
+
+    /// Queues a value for spilling, dropping entries of values gone when the queue has grown
+    /// past twice the values held.
+    fn enqueue(&self, key: Key, id: u64) {
+        let mut lru = self.lru.lock();
+        lru.push_back((key, id, id));
+        if lru.len() > 2 * self.map.len() + 1024 {
+            lru.retain(|(k, i, _)| matches!(self.map.get(k).as_deref(), Some(Slot::Memory { id, .. }) if id == i));
         }
     }
 
@@ -201,11 +255,15 @@ impl Store {
     pub fn insert_spilled(&self, key: Key, codec: &'static str, file: &Path, len: u64) -> std::io::Result<()> {
         let id = self.tick();
         let target = self.file_path(id);
-        std::fs::rename(file, &target)?;
+        if let Err(e) = std::fs::rename(file, &target) {
+            let _ = std::fs::remove_file(file);
+            return Err(e);
+        }
         let disk = OnDisk { file: id, stored: len, codec, compressed: false };
-        let old = self.map.insert(key, Slot::Disk { disk, len });
         self.spilled.fetch_add(len, Ordering::Relaxed);
         self.spilled_count.fetch_add(1, Ordering::Relaxed);
+        self.disk.fetch_add(len, Ordering::Relaxed);
+        let old = self.map.insert(key, Slot::Disk { disk, len });
         if let Some(old) = old {
             self.forget_slot(old);
         }
@@ -215,8 +273,7 @@ impl Store {
     /// A fresh file name in the spill directory for a value arriving from the network.
     pub fn incoming_file(&self) -> Option<PathBuf> {
         let spill = self.spill.as_ref()?;
-        self.make_dir(spill).ok()?;
-        Some(spill.dir.join(format!("incoming-{:016x}", self.tick())))
+        (!self.closed.load(Ordering::Relaxed)).then(|| spill.dir.join(format!("incoming-{:016x}", self.tick())))
     }
 
     /// Room on disk for more spilled bytes: `max-spill` minus what is there, or (without a cap)
@@ -224,7 +281,7 @@ impl Store {
     pub fn spill_room(&self) -> u64 {
         let Some(spill) = &self.spill else { return 0 };
         match spill.max_spill {
-            Some(cap) => cap.saturating_sub(self.spilled.load(Ordering::Relaxed)),
+            Some(cap) => cap.saturating_sub(self.disk.load(Ordering::Relaxed)),
             None => dask_protocol::sys::free_disk_space(&spill.dir).unwrap_or(u64::MAX),
         }
     }
@@ -269,17 +326,17 @@ impl Store {
             && matches!(&*slot, Slot::Disk { disk: d, .. } if d.file == disk.file)
         {
             let id = self.tick();
-            *slot = Slot::Memory { value: value.clone(), id, used: AtomicU64::new(id), disk: Some(disk.clone()) };
             self.managed.fetch_add(len, Ordering::Relaxed);
+            *slot = Slot::Memory { value: value.clone(), id, used: AtomicU64::new(id), disk: Some(disk.clone()) };
             self.spilled.fetch_sub(len, Ordering::Relaxed);
             self.spilled_count.fetch_sub(1, Ordering::Relaxed);
             requeue = Some(id);
         }
-        if let Some(id) = requeue
-            && let Some(target) = self.spill.as_ref().and_then(|s| s.target)
-        {
-            self.lru.lock().push_back((Arc::from(key), id, id));
-            if self.managed.load(Ordering::Relaxed) > target {
+        if let Some(id) = requeue {
+            self.enqueue(Arc::from(key), id);
+            if let Some(target) = self.spill.as_ref().and_then(|s| s.target)
+                && self.managed.load(Ordering::Relaxed) > target
+            {
                 self.spill_down_to(target);
             }
         }
@@ -293,20 +350,27 @@ impl Store {
         }
     }
 
+    /// Takes a slot's bytes off the counters and removes its file (the slot left the map).
     fn forget_slot(&self, slot: Slot) {
-        match slot {
+        let disk = match slot {
             Slot::Memory { value, disk, .. } => {
                 self.managed.fetch_sub(value.data.len() as u64, Ordering::Relaxed);
-                if let Some(d) = disk {
-                    let _ = std::fs::remove_file(self.file_path(d.file));
-                }
+                disk
             }
             Slot::Disk { disk, len } => {
                 self.spilled.fetch_sub(len, Ordering::Relaxed);
                 self.spilled_count.fetch_sub(1, Ordering::Relaxed);
-                let _ = std::fs::remove_file(self.file_path(disk.file));
+                Some(disk)
             }
+        };
+        if let Some(d) = disk {
+            self.remove_file(&d);
         }
+    }
+
+    fn remove_file(&self, d: &OnDisk) {
+        let _ = std::fs::remove_file(self.file_path(d.file));
+        self.disk.fetch_sub(d.stored, Ordering::Relaxed);
     }
 
     /// Spills least recently used values until managed memory is at most `target`.
@@ -324,87 +388,91 @@ impl Store {
     }
 
     /// Spills the least recently used value in memory; returns its size, or `None` when
-    /// nothing is left to spill.
+    /// nothing is left to spill (or the store is closed). A value that does not fit under
+    /// `max-spill` keeps its place and the next one is tried.
     pub fn spill_one(&self) -> Result<Option<u64>, SpillError> {
         let Some(spill) = &self.spill else { return Ok(None) };
         let _one = self.spilling.lock();
-        // Passes over values read since they were queued once (they go to the back).
         let mut budget = self.lru.lock().len() * 2 + 1;
-        loop {
-            if budget == 0 {
-                return Ok(None);
-            }
+        let mut refused = None;
+        while budget > 0 && !self.closed.load(Ordering::Relaxed) {
             budget -= 1;
-            let Some((key, id, queued)) = self.lru.lock().pop_front() else { return Ok(None) };
-            let (value, used, clean) = match self.map.get(&key).as_deref() {
-                Some(Slot::Memory { value, id: i, used, disk }) if *i == id => {
-                    (value.clone(), used.load(Ordering::Relaxed), disk.clone())
-                }
+            let Some((key, id, queued)) = self.lru.lock().pop_front() else { break };
+            let used = match self.map.get(&key).as_deref() {
+                Some(Slot::Memory { id: i, used, .. }) if *i == id => used.load(Ordering::Relaxed),
                 _ => continue, // gone, spilled, or stored again (queued anew then)
             };
             if used > queued {
+                // Read since it was queued: a second chance.
                 self.lru.lock().push_back((key, id, used));
                 continue;
             }
-            let len = value.data.len() as u64;
-            let disk = match clean {
-                Some(d) => d,
-                None => match self.write(spill, id, &value) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        // Keep its place: it may fit later (max-spill) or the disk may recover.
-                        self.lru.lock().push_front((key, id, queued));
-                        return Err(e);
-                    }
-                },
-            };
-            let mut stored = false;
-            if let Some(mut slot) = self.map.get_mut(&key)
-                && matches!(&*slot, Slot::Memory { id: i, .. } if *i == id)
-            {
-                *slot = Slot::Disk { disk: disk.clone(), len };
-                stored = true;
+            match self.spill_entry(spill, &key, id, queued) {
+                Ok(Some(len)) => return Ok(Some(len)),
+                Ok(None) => continue,
+                Err(e @ SpillError::Full { .. }) => {
+                    self.lru.lock().push_back((key, id, queued));
+                    refused = Some(e);
+                }
+                Err(e) => {
+                    self.lru.lock().push_front((key, id, queued));
+                    return Err(e);
+                }
             }
-            if stored {
-                self.managed.fetch_sub(len, Ordering::Relaxed);
-                self.spilled.fetch_add(len, Ordering::Relaxed);
-                self.spilled_count.fetch_add(1, Ordering::Relaxed);
-                return Ok(Some(len));
-            }
-            // Replaced or removed while we wrote: the file is nobody's.
-            let _ = std::fs::remove_file(self.file_path(disk.file));
+        }
+        match refused {
+            Some(e) => Err(e),
+            None => Ok(None),
         }
     }
 
-    fn write(&self, spill: &SpillConfig, id: u64, value: &Value) -> Result<OnDisk, SpillError> {
+    /// Moves one value (still stored under `id`) to disk. The caller holds `spilling`.
+    fn spill_entry(&self, spill: &SpillConfig, key: &Key, id: u64, _queued: u64) -> Result<Option<u64>, SpillError> {
+        let (value, clean) = match self.map.get(key).as_deref() {
+            Some(Slot::Memory { value, id: i, disk, .. }) if *i == id => (value.clone(), disk.clone()),
+            _ => return Ok(None),
+        };
         let len = value.data.len() as u64;
-        if let Some(cap) = spill.max_spill {
-            let spilled = self.spilled.load(Ordering::Relaxed);
-            if spilled + len > cap {
-                return Err(SpillError::Full { spilled, cap });
-            }
+        let disk = match clean {
+            Some(d) => d,
+            None => self.write(spill, id, &value)?,
+        };
+        let mut stored = false;
+        if let Some(mut slot) = self.map.get_mut(key)
+            && matches!(&*slot, Slot::Memory { id: i, .. } if *i == id)
+        {
+            self.spilled.fetch_add(len, Ordering::Relaxed);
+            self.spilled_count.fetch_add(1, Ordering::Relaxed);
+            *slot = Slot::Disk { disk: disk.clone(), len };
+            self.managed.fetch_sub(len, Ordering::Relaxed);
+            stored = true;
         }
-        let path = self.file_path(id);
-        let werr = |source| SpillError::Write { path: path.clone(), source };
-        self.make_dir(spill).map_err(werr)?;
+        if stored {
+            return Ok(Some(len));
+        }
+        // Replaced or removed while we wrote: the file is nobody's.
+        self.remove_file(&disk);
+        Ok(None)
+    }
+
+    fn write(&self, spill: &SpillConfig, id: u64, value: &Value) -> Result<OnDisk, SpillError> {
         let (bytes, compressed): (std::borrow::Cow<'_, [u8]>, bool) = if spill.compress {
             (lz4_flex::compress_prepend_size(&value.data).into(), true)
         } else {
             (value.data[..].into(), false)
         };
-        std::fs::write(&path, &bytes).map_err(werr)?;
-        self.spilled_total.fetch_add(len, Ordering::Relaxed);
-        Ok(OnDisk { file: id, stored: bytes.len() as u64, codec: value.codec, compressed })
-    }
-
-    fn make_dir(&self, spill: &SpillConfig) -> std::io::Result<()> {
-        let mut result = Ok(());
-        self.dir_made.call_once(|| result = std::fs::create_dir_all(&spill.dir));
-        if result.is_ok() && !spill.dir.is_dir() {
-            // Made once, removed since (a cleaner of /tmp): make it again.
-            std::fs::create_dir_all(&spill.dir)?;
+        let stored = bytes.len() as u64;
+        if let Some(cap) = spill.max_spill {
+            let disk = self.disk.load(Ordering::Relaxed);
+            if disk + stored > cap {
+                return Err(SpillError::Full { disk, cap });
+            }
         }
-        result
+        let path = self.file_path(id);
+        std::fs::write(&path, &bytes).map_err(|source| SpillError::Write { path: path.clone(), source })?;
+        self.disk.fetch_add(stored, Ordering::Relaxed);
+        self.spilled_total.fetch_add(value.data.len() as u64, Ordering::Relaxed);
+        Ok(OnDisk { file: id, stored, codec: value.codec, compressed })
     }
 
     fn file_path(&self, id: u64) -> PathBuf {
@@ -421,13 +489,33 @@ impl Store {
         }
     }
 
-    /// Removes the spill directory and everything in it (on a clean exit).
+    /// Stops spilling and removes the spill directory and everything in it (on a clean exit).
     pub fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        let _wait = self.spilling.lock();
         if let Some(spill) = &self.spill
             && spill.dir.exists()
             && let Err(e) = std::fs::remove_dir_all(&spill.dir)
         {
             tracing::warn!(dir = %spill.dir.display(), error = %e, "failed to remove the spill directory");
+        }
+    }
+}
+
+/// Removes the directories (under `scratch`) of workers that are gone: those whose lock file
+/// nobody holds. A crash leaves its spilled values behind; dask's nanny cleans them up the
+/// same way. Directories of live workers, here or on other hosts sharing the disk, are locked.
+pub fn remove_stale_dirs(scratch: &Path) {
+    let Ok(dir) = std::fs::read_dir(scratch) else { return };
+    for entry in dir.flatten() {
+        let path = entry.path();
+        if !entry.file_name().to_str().is_some_and(|n| n.starts_with("worker-")) {
+            continue;
+        }
+        let Ok(lock) = std::fs::OpenOptions::new().write(true).open(path.join(LOCK)) else { continue };
+        if lock.try_lock().is_ok() {
+            tracing::info!(dir = %path.display(), "removing the files of a worker that is gone");
+            let _ = std::fs::remove_dir_all(&path);
         }
     }
 }
@@ -446,7 +534,8 @@ mod tests {
     }
 
     fn store(tag: &str, target: u64, max_spill: Option<u64>, compress: bool) -> Arc<Store> {
-        Store::new(Some(SpillConfig { dir: dir(tag), target: Some(target), max_spill, compress }))
+        let _ = std::fs::remove_dir_all(dir(tag));
+        Store::new(Some(SpillConfig { dir: dir(tag), target: Some(target), max_spill, compress })).unwrap()
     }
 
     #[test]
@@ -471,7 +560,7 @@ mod tests {
             s.remove(k);
         }
         assert_eq!(s.stats(), StoreStats { spilled_total: 200, unspilled_total: 100, ..Default::default() });
-        assert_eq!(std::fs::read_dir(dir("lru")).unwrap().count(), 0, "no files left");
+        assert_eq!(std::fs::read_dir(dir("lru")).unwrap().count(), 1, "no files left but the lock");
         s.close();
         assert!(!dir("lru").exists());
     }
@@ -520,5 +609,57 @@ mod tests {
         assert!(s.get("b").is_some()); // b back, a spills again: its file is still there
         assert_eq!(s.stats().spilled_total, 200, "a written once, b once");
         s.close();
+    }
+
+    #[test]
+    fn without_a_target_only_the_monitor_spills_oldest_first() {
+        let _ = std::fs::remove_dir_all(dir("monitor"));
+        let cfg = SpillConfig { dir: dir("monitor"), target: None, max_spill: None, compress: false };
+        let s = Store::new(Some(cfg)).unwrap();
+        s.insert(Arc::from("old"), value(100, 1));
+        s.insert(Arc::from("new"), value(100, 2));
+        assert_eq!(s.stats().spilled, 0, "nothing spills by itself");
+        assert_eq!(s.spill_one().unwrap(), Some(100));
+        assert!(s.stored_bytes("old").is_some() && s.stored_bytes("new").is_none());
+        s.close();
+    }
+
+    #[test]
+    fn max_spill_counts_clean_copies_too() {
+        let s = store("cap-clean", 150, Some(250), false);
+        s.insert(Arc::from("a"), value(100, 1));
+        s.insert(Arc::from("b"), value(100, 2)); // a spills: 100 on disk
+        assert!(s.get("a").is_some()); // a back (its file stays), b spills: 200 on disk
+        assert_eq!(s.stats().disk, 200);
+        s.insert(Arc::from("c"), value(100, 3)); // a spills again (clean): still 200
+        assert_eq!(s.stats().disk, 200);
+        s.insert(Arc::from("d"), value(100, 4)); // c would make 300 > 250: refused, kept
+        assert_eq!(s.stats().disk, 200);
+        assert_eq!(s.stats().managed, 200);
+        s.close();
+    }
+
+    #[test]
+    fn stale_directories_go_and_live_ones_stay() {
+        let scratch = dir("scratch");
+        let _ = std::fs::remove_dir_all(&scratch);
+        let live = Store::new(Some(SpillConfig {
+            dir: scratch.join("worker-live"),
+            target: Some(10),
+            max_spill: None,
+            compress: false,
+        }))
+        .unwrap();
+        live.insert(Arc::from("x"), value(100, 1));
+        // A crashed worker's directory: a lock file nobody holds, and a spilled value.
+        let dead = scratch.join("worker-dead");
+        std::fs::create_dir_all(&dead).unwrap();
+        std::fs::write(dead.join(LOCK), b"").unwrap();
+        std::fs::write(dead.join("0000000000000001"), b"old").unwrap();
+        remove_stale_dirs(&scratch);
+        assert!(!dead.exists(), "the dead worker's files are gone");
+        assert!(scratch.join("worker-live").exists() && live.get("x").is_some(), "the live one is untouched");
+        live.close();
+        let _ = std::fs::remove_dir_all(&scratch);
     }
 }

@@ -42,6 +42,7 @@
 //! * A worker's `processing` set holds exactly the tasks Processing on it.
 
 mod queue;
+mod retire;
 mod slab;
 #[cfg(test)]
 mod tests;
@@ -222,6 +223,26 @@ pub enum Event {
         worker: WorkerId,
         keys: Vec<Key>,
     },
+    /// Retire these workers (`Client::retire_workers`, a worker's `--lifetime`): their values
+    /// move to others, then they close (`close`), their nannies starting fresh ones if
+    /// `restart`. Answered by [`Command::Retired`] with `op` (0: no answer wanted).
+    RetireWorkers {
+        op: u64,
+        workers: Vec<WorkerId>,
+        close: bool,
+        restart: bool,
+        reason: String,
+    },
+    /// `worker` now holds copies of these values, as asked by [`Command::AcquireReplicas`].
+    ReplicasAdded {
+        worker: WorkerId,
+        keys: Vec<(Key, u64)>,
+    },
+    /// `worker` could not fetch these copies.
+    ReplicasFailed {
+        worker: WorkerId,
+        keys: Vec<Key>,
+    },
     /// Periodic: removes workers that stopped heartbeating.
     Tick,
 }
@@ -245,6 +266,9 @@ impl Event {
             Event::MissingData { .. } => "missing-data",
             Event::Heartbeat { .. } => "heartbeat",
             Event::TasksStarted { .. } => "tasks-started",
+            Event::RetireWorkers { .. } => "retire-workers",
+            Event::ReplicasAdded { .. } => "replicas-added",
+            Event::ReplicasFailed { .. } => "replicas-failed",
             Event::Tick => "tick",
         }
     }
@@ -307,6 +331,17 @@ pub enum Command {
         reason: String,
         /// Its nanny should start a fresh worker in its place.
         restart: bool,
+    },
+    /// Fetch these values from their holders and keep them (copies for safekeeping).
+    AcquireReplicas {
+        worker: WorkerId,
+        keys: Vec<DepLocation>,
+    },
+    /// A retire request is done: these workers retired (or `refused` says why none did).
+    Retired {
+        op: u64,
+        workers: Vec<Arc<str>>,
+        refused: Option<String>,
     },
     /// Something the scheduler's log should say (the core does no IO).
     Notice {
@@ -430,6 +465,8 @@ struct Worker {
     closing: bool,
     /// Over its memory's `pause` threshold: gets no new work until it resumes.
     paused: bool,
+    /// Being retired (its values move elsewhere, then it closes): gets no new work.
+    retiring: Option<retire::Retiring>,
     /// What it last said of its memory.
     memory: WorkerMemory,
 }
@@ -437,7 +474,7 @@ struct Worker {
 impl Worker {
     /// Takes new work.
     fn open(&self) -> bool {
-        !self.closing && !self.paused
+        !self.closing && !self.paused && self.retiring.is_none()
     }
 }
 
@@ -540,6 +577,9 @@ pub struct SchedulerCore {
     /// Workers a task stopped processing on during the current event: at its end they take
     /// queued tasks into the freed slots (a released or moved task frees one too).
     freed: Vec<WorkerId>,
+    /// Values being copied off retiring workers, and the worker taking each copy.
+    replicating: FxHashMap<TaskId, WorkerId>,
+    retire_ops: FxHashMap<u64, retire::RetireOp>,
 }
 
 /// An impossible transition: a bug in the core, never a user's mistake.
@@ -576,6 +616,8 @@ impl SchedulerCore {
             erred_propagating: false,
             inline: None,
             freed: Vec::new(),
+            replicating: FxHashMap::default(),
+            retire_ops: FxHashMap::default(),
         }
     }
 
@@ -610,6 +652,19 @@ impl SchedulerCore {
     /// What a worker last said of its memory.
     pub fn worker_memory(&self, id: WorkerId) -> Option<WorkerMemory> {
         self.workers.get(&id).map(|w| w.memory)
+    }
+
+    /// dask's worker status: `running`, `paused`, `closing_gracefully` (retiring), `closed`
+    /// (retired, left connected), `closing`.
+    pub fn worker_status(&self, id: WorkerId) -> Option<&'static str> {
+        let w = self.workers.get(&id)?;
+        Some(match &w.retiring {
+            _ if w.closing => "closing",
+            Some(r) if r.is_done() => "closed",
+            Some(_) => "closing_gracefully",
+            None if w.paused => "paused",
+            None => "running",
+        })
     }
 
     pub fn n_workers(&self) -> usize {
@@ -693,6 +748,11 @@ impl SchedulerCore {
             Event::WorkerJoined { worker, spec } => self.worker_joined(worker, spec, out),
             Event::WorkerLost { worker, reason, expected } => self.remove_worker(worker, &reason, expected, out),
             Event::Restart { reason, by } => self.restart(&reason, by, out),
+            Event::RetireWorkers { op, workers, close, restart, reason } => {
+                self.retire(op, workers, close, restart, &reason, out)
+            }
+            Event::ReplicasAdded { worker, keys } => self.replicas_added(worker, keys, out),
+            Event::ReplicasFailed { worker, keys } => self.replicas_failed(worker, keys),
             Event::TaskFinished { worker, key, nbytes, duration, value } => {
                 self.inline = value.map(|v| (key.clone(), v));
                 self.task_finished(worker, key, nbytes, duration, out);
@@ -741,6 +801,7 @@ impl SchedulerCore {
         while let Some(w) = self.freed.pop() {
             self.fill(w, out);
         }
+        self.progress_retirement(out);
     }
 
     // ------------------------------------------------------------------ clients
@@ -986,6 +1047,7 @@ impl SchedulerCore {
                 last_seen: self.now,
                 closing: false,
                 paused: false,
+                retiring: None,
                 memory: WorkerMemory::default(),
             },
         );
@@ -1032,6 +1094,7 @@ impl SchedulerCore {
         self.positions.clear();
         self.to_check.clear();
         self.freed.clear();
+        self.replicating.clear();
         out.push(Command::Notice {
             level: NoticeLevel::Warn,
             message: format!("restart: released every task ({n}); {reason}"),
@@ -1149,6 +1212,7 @@ impl SchedulerCore {
         }
         let w = self.workers.remove(&worker).expect("worker exists");
         debug_assert!(w.processing.is_empty() && w.has_what.is_empty());
+        self.retire_worker_gone(worker, w.retiring, out);
         // The dead worker's commands are dropped by the shell; drop them here already.
         out.retain(
             |c| !matches!(c, Command::Compute { worker: x, .. } | Command::Free { worker: x, .. } if *x == worker),
@@ -1492,6 +1556,7 @@ impl SchedulerCore {
                 }
             }
             TaskState::Memory { who_has, nbytes } => {
+                self.replicating.remove(&t);
                 for w in who_has {
                     if let Some(worker) = self.workers.get_mut(w) {
                         worker.has_what.remove(&t);
@@ -1931,6 +1996,7 @@ impl SchedulerCore {
             assert_eq!(self.task(*t).state, TaskState::NoWorker);
         }
         assert!(self.to_check.is_empty());
+        self.validate_retirement();
     }
 }
 

@@ -567,6 +567,114 @@ fn restart_forgets_everything_and_tells_every_other_client() {
     assert_eq!(computes(&out), vec![(1, s("c"))]);
 }
 
+fn retire(op: u64, workers: &[u32], close: bool) -> Event {
+    Event::RetireWorkers {
+        op,
+        workers: workers.iter().map(|w| WorkerId(*w)).collect(),
+        close,
+        restart: false,
+        reason: "test".into(),
+    }
+}
+
+fn acquired(cmds: &[Command]) -> Vec<(u32, Vec<String>)> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::AcquireReplicas { worker, keys } => {
+                Some((worker.0, keys.iter().map(|d| d.key.to_string()).collect()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn retiring_a_worker_moves_its_only_copies_then_closes_it_without_recomputing() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    h.join(2, 1);
+    let mut only1 = task("a", &[]);
+    only1.workers = vec![addr(1)];
+    h.submit(C1, vec![only1, task("b", &[])], &["a", "b"]);
+    h.finish(1, "a", 10);
+    let b_on = h.runs_on("b");
+    h.finish(b_on, "b", 20);
+    let out = h.handle(retire(7, &[1], true));
+    // Worker 1's only copies go to worker 2; it is not closed before they arrive.
+    let mut want: Vec<String> = vec![s("a")];
+    if b_on == 1 {
+        want.push(s("b"));
+    }
+    let moved = acquired(&out);
+    assert_eq!(moved.len(), 1);
+    let mut keys = moved[0].1.clone();
+    keys.sort();
+    assert_eq!((moved[0].0, keys.clone()), (2, want));
+    assert!(!out.iter().any(|c| matches!(c, Command::CloseWorker { .. } | Command::Retired { .. })));
+    assert_eq!(h.core.worker_status(WorkerId(1)), Some("closing_gracefully"));
+    // New work does not go to it.
+    let out = h.submit(C1, vec![task("c", &[])], &["c"]);
+    assert_eq!(computes(&out), vec![(2, s("c"))]);
+    // The copies arrive: closed, answered, and nothing was recomputed.
+    let added: Vec<(Key, u64)> = keys.iter().map(|k| (k.as_str().into(), 10)).collect();
+    let out = h.handle(Event::ReplicasAdded { worker: WorkerId(2), keys: added });
+    assert!(computes(&out).is_empty(), "{out:?}");
+    assert!(out.iter().any(|c| matches!(c, Command::CloseWorker { worker: WorkerId(1), restart: false, .. })));
+    let addr1 = addr(1);
+    assert!(out.contains(&Command::Retired { op: 7, workers: vec![addr1], refused: None }), "{out:?}");
+    assert!(matches!(h.state("a"), TaskState::Memory { ref who_has, .. } if who_has.as_slice() == [WorkerId(2)]));
+    assert_eq!(h.core.n_workers(), 1);
+}
+
+#[test]
+fn a_retiring_worker_finishes_its_tasks_first_and_a_lost_target_is_replaced() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    h.join(2, 1);
+    h.join(3, 1);
+    let mut on1 = task("x", &[]);
+    on1.workers = vec![addr(1)];
+    h.submit(C1, vec![on1], &["x"]);
+    let out = h.handle(retire(1, &[1], true));
+    assert!(acquired(&out).is_empty() && !out.iter().any(|c| matches!(c, Command::CloseWorker { .. })));
+    // Its task finishes there; then its result is copied to the least loaded other worker.
+    let out = h.finish(1, "x", 5);
+    let moved = acquired(&out);
+    assert_eq!(moved.len(), 1);
+    let target = moved[0].0;
+    // That worker dies before it has the copy: another one is asked.
+    let out = h.lose(target);
+    let again = acquired(&out);
+    assert_eq!(again.len(), 1, "{out:?}");
+    assert_ne!(again[0].0, target);
+    let out = h.handle(Event::ReplicasAdded { worker: WorkerId(again[0].0), keys: vec![(k("x"), 5)] });
+    assert!(out.iter().any(|c| matches!(c, Command::Retired { op: 1, .. })), "{out:?}");
+}
+
+#[test]
+fn retiring_the_last_worker_with_data_is_refused_and_close_false_leaves_it_idle() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    h.submit(C1, vec![task("a", &[])], &["a"]);
+    h.finish(1, "a", 1);
+    let out = h.handle(retire(3, &[1], true));
+    assert!(
+        matches!(&out[..], [Command::Retired { op: 3, refused: Some(why), .. }] if why.contains("no other worker")),
+        "{out:?}"
+    );
+    assert_eq!(h.core.worker_status(WorkerId(1)), Some("running"));
+    // With a second worker and close: false, it gives its copy away and stays, idle.
+    h.join(2, 1);
+    h.handle(retire(4, &[1], false));
+    let out = h.handle(Event::ReplicasAdded { worker: WorkerId(2), keys: vec![(k("a"), 1)] });
+    assert!(out.iter().any(|c| matches!(c, Command::Retired { op: 4, .. })), "{out:?}");
+    assert!(frees(&out).contains(&(1, s("a"))), "it drops its copy: {out:?}");
+    assert_eq!(h.core.worker_status(WorkerId(1)), Some("closed"));
+    assert_eq!(h.core.n_workers(), 2);
+    let out = h.submit(C1, vec![task("b", &[])], &["b"]);
+    assert_eq!(computes(&out), vec![(2, s("b"))], "a retired worker gets no work");
+}
+
 #[test]
 fn a_paused_worker_gets_no_new_tasks_until_it_resumes() {
     let mut h = Harness::new();
@@ -1106,6 +1214,11 @@ struct Sim {
     kills_done: u32,
     /// Workers that said they are paused.
     paused: HashSet<WorkerId>,
+    /// Copies workers were asked to fetch and keep (retirement), not done yet.
+    replica_requests: Vec<(WorkerId, Vec<DepLocation>)>,
+    /// Workers the scheduler closed (retired).
+    closed: Vec<WorkerId>,
+    next_op: u64,
 }
 
 impl Sim {
@@ -1123,6 +1236,9 @@ impl Sim {
             keys,
             index,
             in_flight: Vec::new(),
+            replica_requests: Vec::new(),
+            closed: Vec::new(),
+            next_op: 1,
             alive: BTreeMap::new(),
             next_worker: 0,
             wants: [HashSet::new(), HashSet::new()],
@@ -1208,9 +1324,24 @@ impl Sim {
                     self.last_report.insert((client, key), report);
                 }
                 Command::CloseWorker { worker, reason, .. } => {
-                    panic!("unexpected CloseWorker {worker}: {reason}")
+                    assert!(reason.starts_with("retired"), "unexpected CloseWorker {worker}: {reason}");
+                    // The scheduler runs nothing there any more (frees sent to it in the same
+                    // event are dropped with it).
+                    assert!(
+                        self.h.core.workers().all(|(id, _, _, processing, _)| id != worker || processing == 0),
+                        "{worker} closed while processing"
+                    );
+                    self.in_flight.retain(|(w, _, _)| *w != worker);
+                    // Anything only it held was copied first (checked by `check_consistency`).
+                    self.alive.remove(&worker);
+                    self.paused.remove(&worker);
+                    self.closed.push(worker);
                 }
-                Command::Notice { .. } => {}
+                Command::AcquireReplicas { worker, keys } => {
+                    assert!(self.alive.contains_key(&worker), "copies to dead {worker}");
+                    self.replica_requests.push((worker, keys));
+                }
+                Command::Notice { .. } | Command::Retired { .. } => {}
             }
         }
     }
@@ -1220,8 +1351,29 @@ impl Sim {
         let (worker, key, deps) = self.in_flight.remove(i);
         // The worker fetches the inputs from where the scheduler said they are.
         for d in &deps {
-            let found = d.workers.iter().any(|a| self.worker_of(a).is_some_and(|w| self.alive[&w].contains(&d.key)));
-            assert!(found, "{key} on {worker}: input {} is nowhere of {:?}", d.key, d.workers);
+            // (A copy it was asked to keep for a retiring worker may be here already.)
+            let found = self.alive[&worker].contains(&d.key)
+                || d.workers.iter().any(|a| self.worker_of(a).is_some_and(|w| self.alive[&w].contains(&d.key)));
+            if !found {
+                // The holders named when the task was sent are gone, but a copy made meanwhile
+                // (for a retiring worker) lives on: the worker reports the input missing, and
+                // the task is placed again with fresh locations. Anything else is a bug.
+                let elsewhere = self.h.core.who_has(&d.key);
+                let copy_alive =
+                    elsewhere.iter().any(|a| self.worker_of(a).is_some_and(|w| self.alive[&w].contains(&d.key)));
+                assert!(
+                    copy_alive,
+                    "{key} on {worker}: input {} is nowhere of {:?}\nstory: {:?}\nalive: {:?}\nclosed: {:?}",
+                    d.key,
+                    d.workers,
+                    self.h.core.story(&d.key).iter().map(|t| (t.from, t.to, t.cause)).collect::<Vec<_>>(),
+                    self.alive,
+                    self.closed
+                );
+                let from: Vec<Arc<str>> = d.workers.to_vec();
+                self.step(Event::MissingData { worker, key, dependency: d.key.clone(), from });
+                return;
+            }
         }
         let expected: Vec<&Key> = sc.dag[self.index[&key]].deps.iter().map(|d| &self.keys[*d]).collect();
         let sent: Vec<&Key> = deps.iter().map(|d| &d.key).collect();
@@ -1237,6 +1389,30 @@ impl Sim {
             let nbytes = 1 + self.rng.next() % 1_000_000;
             self.alive.get_mut(&worker).expect("live worker").insert(key.clone());
             self.step(Event::TaskFinished { worker, key, nbytes, duration, value: None });
+        }
+    }
+
+    /// A worker fetches the copies it was asked to keep (from holders still alive).
+    fn complete_replicas(&mut self, i: usize) {
+        let (worker, keys) = self.replica_requests.remove(i);
+        if !self.alive.contains_key(&worker) {
+            return;
+        }
+        let (mut added, mut failed) = (Vec::new(), Vec::new());
+        for d in keys {
+            let there = d.workers.iter().any(|a| self.worker_of(a).is_some_and(|w| self.alive[&w].contains(&d.key)));
+            if there {
+                self.alive.get_mut(&worker).expect("alive").insert(d.key.clone());
+                added.push((d.key, d.nbytes));
+            } else {
+                failed.push(d.key);
+            }
+        }
+        if !added.is_empty() {
+            self.step(Event::ReplicasAdded { worker, keys: added });
+        }
+        if !failed.is_empty() {
+            self.step(Event::ReplicasFailed { worker, keys: failed });
         }
     }
 
@@ -1325,6 +1501,18 @@ fn run_scenario(sc: Scenario) {
             }
             // The clients submit their graphs again.
             sim.submit(&sc, 0, |_, t| t.wanted_by & 1 != 0);
+        } else if sc.kills && roll == 23 && sim.kills_done < 8 {
+            // Client.retire_workers of one worker; a fresh one joins.
+            sim.kills_done += 1;
+            let ids: Vec<WorkerId> = sim.alive.keys().copied().collect();
+            let w = ids[sim.rng.below(ids.len())];
+            let op = sim.next_op;
+            sim.next_op += 1;
+            sim.add_worker(2);
+            sim.step(Event::RetireWorkers { op, workers: vec![w], close: true, restart: false, reason: "sim".into() });
+        } else if !sim.replica_requests.is_empty() && (roll < 30 || sim.in_flight.is_empty()) {
+            let i = sim.rng.below(sim.replica_requests.len());
+            sim.complete_replicas(i);
         } else if roll < 22 {
             // A worker pauses (memory) or resumes.
             let ids: Vec<WorkerId> = sim.alive.keys().copied().collect();

@@ -22,12 +22,14 @@ pub struct DataService {
 
 impl DataStore for DataService {
     fn get(&self, keys: Vec<String>) -> Vec<Received> {
-        keys.into_iter()
-            .map(|k| {
-                let v = self.store.get(&k);
-                (k, v)
-            })
-            .collect()
+        super::may_block(&self.store, || {
+            keys.into_iter()
+                .map(|k| {
+                    let v = self.store.get(&k);
+                    (k, v)
+                })
+                .collect()
+        })
     }
 
     /// A put is refused, before a byte of it is read, if it announces more than the worker can
@@ -47,6 +49,10 @@ impl DataStore for DataService {
         if self.memory_limit == 0 {
             return Ok(vec![Admit::Memory; headers.len()]);
         }
+        // Values go to memory while they fit under the spill target (less what is held), the
+        // rest straight to disk: a put of many large values never fills memory first.
+        let target = self.store.spill_config().and_then(|s| s.target).unwrap_or(self.memory_limit);
+        let mut budget = target.saturating_sub(self.store.stats().managed);
         let total = present().fold(0u64, |a, h| a.saturating_add(h.len));
         let room = self.store.spill_room();
         let can_take = self.memory_limit.saturating_add(room);
@@ -60,29 +66,38 @@ impl DataStore for DataService {
         headers
             .iter()
             .map(|h| {
-                if h.missing || h.len <= self.memory_limit {
+                let spills = self.store.spill_config().is_some();
+                // Small values go to memory regardless: the store spills others for them.
+                if h.missing || h.len <= budget || (spills && h.len <= target / 16) {
+                    budget = budget.saturating_sub(h.len);
                     return Ok(Admit::Memory);
                 }
-                match self.store.incoming_file() {
-                    Some(path) => Ok(Admit::File(path)),
-                    None => Err(format!(
-                        "value {:?} of {} bytes is over this worker's memory limit of {} bytes and it cannot \
-                         spill to disk (spilling is turned off)",
-                        h.key, h.len, self.memory_limit
-                    )),
+                if !spills {
+                    return if h.len > self.memory_limit {
+                        Err(format!(
+                            "value {:?} of {} bytes is over this worker's memory limit of {} bytes and it cannot \
+                             spill to disk (spilling is turned off)",
+                            h.key, h.len, self.memory_limit
+                        ))
+                    } else {
+                        Ok(Admit::Memory)
+                    };
                 }
+                self.store.incoming_file().map(Admit::File).ok_or_else(|| "the worker is closing".to_string())
             })
             .collect()
     }
 
     fn put(&self, values: Vec<(String, Value)>) -> Result<(), String> {
         let mut keys = Vec::with_capacity(values.len());
-        for (k, v) in values {
-            let key: Arc<str> = Arc::from(k);
-            let n = v.data.len() as u64;
-            self.store.insert(key.clone(), v);
-            keys.push((key, n));
-        }
+        super::may_block(&self.store, || {
+            for (k, v) in values {
+                let key: Arc<str> = Arc::from(k);
+                let n = v.data.len() as u64;
+                self.store.insert(key.clone(), v);
+                keys.push((key, n));
+            }
+        });
         self.announce(keys)
     }
 
@@ -114,7 +129,8 @@ mod tests {
             target: Some(memory_limit * 6 / 10),
             max_spill: Some(1 << 30),
             compress: false,
-        }));
+        }))
+        .unwrap();
         let (events, _rx) = mpsc::unbounded_channel();
         std::mem::forget(_rx);
         let service = Arc::new(DataService { store: store.clone(), events, memory_limit, max_value_size });

@@ -126,6 +126,12 @@ pub enum WorkerError {
     /// Stopped (a signal, or its owner closed it) before it registered.
     #[error("stopped before it registered with the scheduler")]
     Stopped,
+    #[error("failed to make the worker's directory under {dir}: {source}; check --local-directory")]
+    Directory {
+        dir: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// How a worker's run ended, when it ended well.
@@ -169,14 +175,15 @@ pub async fn start(
     let name = config.name.clone().unwrap_or_else(|| address.to_string());
     let policy = MemoryPolicy::new(config.memory_limit, config.thresholds);
     let scratch = Path::new(&config.local_directory).join("dask-scratch-space");
-    remove_stale_worker_dirs(&scratch);
+    crate::store::remove_stale_dirs(&scratch);
     let spill = policy.spills().then(|| SpillConfig {
         dir: scratch.join(format!("worker-{}-{}", std::process::id(), address.port)),
         target: policy.target_bytes(),
         max_spill: config.max_spill,
         compress: config.spill_compression,
     });
-    let store = Store::new(spill);
+    let store =
+        Store::new(spill).map_err(|source| WorkerError::Directory { dir: scratch.display().to_string(), source })?;
     let (events_tx, events_rx) = mpsc::unbounded_channel::<Event>();
 
     // The data service.
@@ -250,12 +257,17 @@ pub async fn start(
             simulate: config.simulate,
             shutdown: shutdown.clone(),
         };
-        let result =
-            lp.run(&mut inbound, events_rx, &results, heartbeat, config.monitor_interval, shutdown.clone()).await;
+        let timers = Timers {
+            heartbeat,
+            monitor_interval: config.monitor_interval,
+            lifetime: config.lifetime.map(|d| (d, config.lifetime_restart)),
+        };
+        let result = lp.run(&mut inbound, events_rx, &results, timers, shutdown.clone()).await;
         shutdown.cancel();
         lp.executor.shutdown();
-        store.close();
+        // No put is served after this; then the files go.
         let _ = server.await;
+        store.close();
         result
     };
     Ok((handle, run))
@@ -293,21 +305,29 @@ async fn connect_scheduler(config: &WorkerConfig) -> Result<Channel, WorkerError
 
 pub use dask_protocol::error_chain;
 
-/// Removes the directories of workers whose process is gone (a crash leaves its spilled values
-/// behind; dask's nanny cleans them up the same way).
-fn remove_stale_worker_dirs(scratch: &Path) {
-    let Ok(dir) = std::fs::read_dir(scratch) else { return };
-    for entry in dir.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("worker-")).and_then(|r| r.split('-').next()) else {
-            continue;
-        };
-        let Ok(pid) = pid.parse::<u32>() else { continue };
-        if pid != std::process::id() && ProcessMemory::of(pid).sample().is_none() {
-            tracing::info!(dir = %entry.path().display(), "removing the files of a worker that is gone");
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
+/// The worker loop's clocks.
+struct Timers {
+    heartbeat: Duration,
+    /// The memory monitor's.
+    monitor_interval: Duration,
+    /// `--lifetime`, and whether a fresh worker should follow.
+    lifetime: Option<(Duration, bool)>,
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
+}
+
+/// Runs `f`, which may read or write spilled values on disk: on a multi-thread runtime the
+/// thread steps out of the async scheduling first, so other tasks (heartbeats, the scheduler
+/// stream) are not held up by the disk.
+pub(crate) fn may_block<R>(store: &Store, f: impl FnOnce() -> R) -> R {
+    let multi = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if store.spills() && multi { tokio::task::block_in_place(f) } else { f() }
 }
 
 struct Loop {
@@ -339,15 +359,18 @@ impl Loop {
         inbound: &mut tonic::Streaming<pb::SchedulerToWorker>,
         mut events: mpsc::UnboundedReceiver<Event>,
         results: &crate::executor::Results,
-        heartbeat: Duration,
-        monitor_interval: Duration,
+        timers: Timers,
         shutdown: CancellationToken,
     ) -> Result<Closed, WorkerError> {
+        let Timers { heartbeat, monitor_interval, lifetime } = timers;
+        // `--lifetime`: when it is over, the worker asks the scheduler to retire it (its values
+        // move to others first); the scheduler then closes it.
+        let retire_at = lifetime.map(|(d, _)| tokio::time::Instant::now() + d);
+        let mut retire_asked = false;
         let mut ticker = tokio::time::interval(heartbeat);
         let mut monitor = tokio::time::interval(monitor_interval);
         monitor.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let monitoring = self.policy.limit() > 0;
-        let mut announced = 0;
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -371,9 +394,12 @@ impl Loop {
                         self.state.handle(Event::ExecDone { key, outcome, duration }, &mut self.instructions);
                     }
                     if !batch.started.is_empty() {
+                        // Starts of tasks no longer running are not reported: nothing to wait for.
+                        let gone: Vec<Key> =
+                            batch.started.iter().filter(|k| !self.state.is_running(k)).cloned().collect();
                         self.state.handle(Event::Started(batch.started), &mut self.instructions);
+                        results.acknowledge(gone);
                     }
-                    announced = batch.announces;
                 }
                 Some(ev) = events.recv() => {
                     self.state.handle(ev, &mut self.instructions);
@@ -392,6 +418,17 @@ impl Loop {
                     self.heartbeat();
                 }
                 _ = monitor.tick(), if monitoring => self.on_monitor(),
+                _ = sleep_until(retire_at), if retire_at.is_some() && !retire_asked => {
+                    retire_asked = true;
+                    let (d, restart) = lifetime.expect("set with retire_at");
+                    tracing::info!(?d, restart, "lifetime over: asking the scheduler to retire this worker");
+                    self.outgoing.push(pb::WorkerEvent {
+                        kind: Some(pb::worker_event::Kind::RetireMe(pb::RetireMe {
+                            reason: format!("its lifetime ({d:?}) is over"),
+                            restart,
+                        })),
+                    });
+                }
             }
             self.apply();
             if !self.outgoing.is_empty() {
@@ -400,8 +437,6 @@ impl Loop {
                     return Err(WorkerError::SchedulerLost("the outgoing stream closed".into()));
                 }
             }
-            // Threads waiting to run an announced task may go: its start is on its way.
-            results.sent(announced);
         }
     }
 
@@ -480,6 +515,17 @@ impl Loop {
             }
             pb::scheduler_command::Kind::Close(c) => return Some(Closed { reason: c.reason, restart: c.restart }),
             pb::scheduler_command::Kind::Registered(_) => {}
+            pb::scheduler_command::Kind::AcquireReplicas(a) => {
+                let keys = a
+                    .keys
+                    .into_iter()
+                    .map(|d| (Arc::from(d.key), d.workers.into_iter().map(Arc::from).collect()))
+                    .collect();
+                self.state.handle(Event::Acquire(keys), &mut self.instructions);
+            }
+            pb::scheduler_command::Kind::StartedAck(a) => {
+                self.executor.results().acknowledge(a.keys.into_iter().map(Arc::from));
+            }
         }
         None
     }
@@ -519,7 +565,7 @@ impl Loop {
                     if let pb::worker_event::Kind::Finished(f) = &mut kind
                         && f.has_value
                     {
-                        match self.store.get(&f.key) {
+                        match may_block(&self.store, || self.store.get(&f.key)) {
                             Some(v) => {
                                 f.value = v.data.clone();
                                 f.codec = v.codec.to_string();
@@ -595,7 +641,7 @@ async fn fetch(
                 match v {
                     Some(v) => {
                         let n = v.data.len() as u64;
-                        store.insert(key.clone(), v);
+                        may_block(&store, || store.insert(key.clone(), v));
                         got.push((key, n));
                     }
                     None => missing.push(key),

@@ -80,6 +80,8 @@ pub enum Event {
     /// Memory is over the pause threshold (`true`) or back under it: while paused, nothing is
     /// fetched (the executor starts no task either).
     Paused(bool),
+    /// Fetch these values from the peers named and keep them (copies off a retiring worker).
+    Acquire(Vec<(Key, Vec<Arc<str>>)>),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -152,6 +154,9 @@ struct DataKey {
     dependents: FxHashSet<Key>,
     /// Computed or put here: the scheduler knows this replica and decides when it goes.
     own: bool,
+    /// The scheduler asked for a copy to keep (a retiring worker's value): kept and reported
+    /// when it arrives.
+    replica: bool,
 }
 
 /// The worker's whole state.
@@ -193,6 +198,11 @@ impl WorkerState {
         self.data.values().filter(|d| matches!(d.state, DataState::Memory { .. })).count()
     }
 
+    /// Whether `key` is handed to the executor (and not cancelled).
+    pub fn is_running(&self, key: &str) -> bool {
+        self.compute.get(key).is_some_and(|t| t.state == ComputeState::Dispatched)
+    }
+
     pub fn n_compute(&self) -> usize {
         self.compute.len()
     }
@@ -226,12 +236,14 @@ impl WorkerState {
                     group_fetches(to_fetch, out);
                 }
             }
+            Event::Acquire(keys) => self.on_acquire(keys, out),
             Event::Put { keys } => {
                 for (key, nbytes) in keys {
                     let d = self.data.entry(key.clone()).or_insert_with(|| DataKey {
                         state: DataState::Fetch { who_has: Vec::new() },
                         dependents: FxHashSet::default(),
                         own: true,
+                        replica: false,
                     });
                     d.own = true;
                     // Possibly a value we were fetching: its waiting tasks count it as arrived.
@@ -273,6 +285,7 @@ impl WorkerState {
                 state: DataState::Fetch { who_has: Vec::new() },
                 dependents: FxHashSet::default(),
                 own: false,
+                replica: false,
             });
             d.dependents.insert(req.key.clone());
             match &mut d.state {
@@ -323,6 +336,46 @@ impl WorkerState {
         group_fetches(to_fetch, out);
     }
 
+    fn on_acquire(&mut self, keys: Vec<(Key, Vec<Arc<str>>)>, out: &mut Vec<Instruction>) {
+        let mut here = Vec::new();
+        let mut to_fetch = Vec::new();
+        let mut nowhere = Vec::new();
+        for (key, who_has) in keys {
+            let d = self.data.entry(key.clone()).or_insert_with(|| DataKey {
+                state: DataState::Fetch { who_has: Vec::new() },
+                dependents: FxHashSet::default(),
+                own: false,
+                replica: false,
+            });
+            match &mut d.state {
+                DataState::Memory { nbytes } => {
+                    // Here already (a local copy): the scheduler now counts it.
+                    d.own = true;
+                    here.push(pb::ScatteredKey { key: key.to_string(), workers: Vec::new(), nbytes: *nbytes });
+                }
+                DataState::Flight { .. } => d.replica = true,
+                DataState::Fetch { who_has: have } => {
+                    d.replica = true;
+                    *have = who_has;
+                    if have.is_empty() {
+                        nowhere.push(key.clone());
+                    } else if self.paused {
+                        self.deferred.push(key.clone());
+                    } else {
+                        start_flight(&key, d, &mut to_fetch);
+                    }
+                }
+            }
+        }
+        if !here.is_empty() {
+            out.push(Instruction::Send(pb::worker_event::Kind::ReplicasAdded(pb::ReplicasAdded { keys: here })));
+        }
+        for key in nowhere {
+            self.dependency_missing(&key, Vec::new(), out);
+        }
+        group_fetches(to_fetch, out);
+    }
+
     fn on_free(&mut self, key: Key, out: &mut Vec<Instruction>) {
         if let Some(task) = self.compute.get_mut(&key) {
             match task.state {
@@ -340,6 +393,7 @@ impl WorkerState {
         }
         if let Some(d) = self.data.get_mut(&key) {
             d.own = false;
+            d.replica = false;
             if d.dependents.is_empty() {
                 self.drop_data(&key, out);
             }
@@ -371,6 +425,7 @@ impl WorkerState {
                     state: DataState::Memory { nbytes },
                     dependents: FxHashSet::default(),
                     own: true,
+                    replica: false,
                 });
                 d.state = DataState::Memory { nbytes };
                 d.own = true;
@@ -435,6 +490,14 @@ impl WorkerState {
             return;
         }
         d.state = DataState::Memory { nbytes };
+        if d.replica {
+            // Kept for safekeeping: the scheduler counts it now.
+            d.replica = false;
+            d.own = true;
+            out.push(Instruction::Send(pb::worker_event::Kind::ReplicasAdded(pb::ReplicasAdded {
+                keys: vec![pb::ScatteredKey { key: key.to_string(), workers: Vec::new(), nbytes }],
+            })));
+        }
         if d.dependents.is_empty() && !d.own {
             self.drop_data(key, out);
             return;
@@ -454,6 +517,17 @@ impl WorkerState {
 
     /// No peer could give us `dep`: every local task needing it goes back to the scheduler.
     fn dependency_missing(&mut self, dep: &Key, tried: Vec<Arc<str>>, out: &mut Vec<Instruction>) {
+        let Some(d) = self.data.get_mut(dep) else { return };
+        if d.replica {
+            d.replica = false;
+            out.push(Instruction::Send(pb::worker_event::Kind::ReplicasFailed(pb::KeysReleased {
+                keys: vec![dep.to_string()],
+            })));
+            if d.dependents.is_empty() {
+                self.drop_data(dep, out);
+                return;
+            }
+        }
         let Some(d) = self.data.get(dep) else { return };
         let dependents = d.dependents.clone();
         for t in dependents {
@@ -473,7 +547,7 @@ impl WorkerState {
         for dep in deps {
             if let Some(d) = self.data.get_mut(dep) {
                 d.dependents.remove(task);
-                if d.dependents.is_empty() && !d.own {
+                if d.dependents.is_empty() && !d.own && !d.replica {
                     self.drop_data(dep, out);
                 }
             }
@@ -540,7 +614,10 @@ impl WorkerState {
             }
         }
         for (key, d) in &self.data {
-            assert!(d.own || !d.dependents.is_empty(), "{key}: unneeded entry kept");
+            assert!(d.own || d.replica || !d.dependents.is_empty(), "{key}: unneeded entry kept");
+            if d.replica {
+                assert!(!matches!(d.state, DataState::Memory { .. }), "{key}: a replica in memory not yet reported");
+            }
             if d.own {
                 assert!(matches!(d.state, DataState::Memory { .. }), "{key}: own but not in memory");
             }

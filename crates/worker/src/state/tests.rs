@@ -199,3 +199,50 @@ fn a_paused_worker_fetches_nothing_until_it_resumes() {
         "{out:?}"
     );
 }
+
+#[test]
+fn copies_asked_for_are_fetched_kept_and_reported() {
+    let mut w = WorkerState::new(1);
+    let mut out = Vec::new();
+    // One value is here already (fetched for a task), one must be fetched, one is nowhere.
+    w.handle(compute("t", &[("here", &["tcp://a:1"])]), &mut out);
+    w.handle(Event::FetchDone { from: Arc::from("tcp://a:1"), got: vec![(key("here"), 3)], missing: vec![] }, &mut out);
+    out.clear();
+    w.handle(
+        Event::Acquire(vec![
+            (key("here"), vec![Arc::from("tcp://a:1")]),
+            (key("far"), vec![Arc::from("tcp://b:1")]),
+            (key("lost"), vec![]),
+        ]),
+        &mut out,
+    );
+    w.validate();
+    let sends: Vec<&Instruction> = out.iter().filter(|i| matches!(i, Instruction::Send(_))).collect();
+    assert!(
+        sends.iter().any(
+            |i| matches!(i, Instruction::Send(pb::worker_event::Kind::ReplicasAdded(r)) if r.keys[0].key == "here")
+        ),
+        "{out:?}"
+    );
+    assert!(
+        sends
+            .iter()
+            .any(|i| matches!(i, Instruction::Send(pb::worker_event::Kind::ReplicasFailed(r)) if r.keys == ["lost"])),
+        "{out:?}"
+    );
+    assert!(out.iter().any(|i| matches!(i, Instruction::Fetch { from, .. } if &**from == "tcp://b:1")));
+    out.clear();
+    w.handle(Event::FetchDone { from: Arc::from("tcp://b:1"), got: vec![(key("far"), 7)], missing: vec![] }, &mut out);
+    w.validate();
+    assert!(
+        matches!(&out[..], [Instruction::Send(pb::worker_event::Kind::ReplicasAdded(r))] if r.keys[0].key == "far" && r.keys[0].nbytes == 7),
+        "{out:?}"
+    );
+    // Kept after the task that needed `here` is done, until the scheduler frees them.
+    w.handle(ok("t"), &mut out);
+    out.clear();
+    w.handle(Event::Free(key("here")), &mut out);
+    w.handle(Event::Free(key("far")), &mut out);
+    w.validate();
+    assert_eq!(out.iter().filter(|i| matches!(i, Instruction::Drop(_))).count(), 2, "{out:?}");
+}

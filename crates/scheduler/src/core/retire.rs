@@ -1,0 +1,259 @@
+//! Graceful retirement (dask's `retire_workers`, and a worker's `--lifetime`): a retiring worker
+//! gets no new tasks and finishes those it has; every value only it holds is copied to another
+//! worker first (`AcquireReplicas`; the copy is kept there as a replica); then it closes (or,
+//! with `close: false`, drops its copies and stays idle). Nothing is recomputed.
+//!
+//! Its leaving is expected: no task counts it as a death. A retiring worker that dies instead
+//! is simply lost (its values are recomputed if needed, as for any death).
+use std::sync::Arc;
+
+use rustc_hash::FxHashMap;
+use smallvec::SmallVec;
+
+use super::{Command, DepLocation, Key, NoticeLevel, SchedulerCore, TaskId, TaskState, WorkerId};
+
+/// A worker being retired.
+#[derive(Clone, Debug)]
+pub(super) struct Retiring {
+    /// The request it belongs to (0: its own, from `--lifetime`; nobody waits for a reply).
+    op: u64,
+    close: bool,
+    /// Its nanny starts a fresh worker in its place (`--lifetime-restart`).
+    restart: bool,
+    reason: Arc<str>,
+    /// Done, but left connected (`close: false`).
+    done: bool,
+}
+
+impl Retiring {
+    pub(super) fn is_done(&self) -> bool {
+        self.done
+    }
+}
+
+/// A retire request waiting for its workers.
+#[derive(Debug, Default)]
+pub(super) struct RetireOp {
+    waiting: Vec<WorkerId>,
+    retired: Vec<Arc<str>>,
+}
+
+impl SchedulerCore {
+    /// Starts retiring `workers`. Refused (reported at once) when no other worker could take
+    /// their values.
+    pub(super) fn retire(
+        &mut self,
+        op: u64,
+        workers: Vec<WorkerId>,
+        close: bool,
+        restart: bool,
+        reason: &str,
+        out: &mut Vec<Command>,
+    ) {
+        let chosen: Vec<WorkerId> = workers
+            .into_iter()
+            .filter(|w| self.workers.get(w).is_some_and(|x| !x.closing && x.retiring.is_none()))
+            .collect();
+        let others = self.workers.iter().any(|(id, w)| w.open() && !chosen.contains(id));
+        let holds_data = chosen.iter().any(|w| !self.workers[w].has_what.is_empty());
+        if chosen.is_empty() || (!others && holds_data) {
+            if op == 0 {
+                // A worker's own lifetime is over and nobody can take its values: it goes
+                // anyway (they are recomputed if needed), as dask's does.
+                for w in chosen {
+                    let why = format!("{reason} (its values could not move: no other worker)");
+                    out.push(Command::CloseWorker { worker: w, reason: why.clone(), restart });
+                    self.remove_worker(w, &why, true, out);
+                }
+            } else {
+                let why = if chosen.is_empty() {
+                    "none of them is connected (or they are closing already)".to_string()
+                } else {
+                    "no other worker is running to take their data; start one first".to_string()
+                };
+                out.push(Command::Retired { op, workers: Vec::new(), refused: Some(why) });
+            }
+            return;
+        }
+        let reason: Arc<str> = Arc::from(reason);
+        for &w in &chosen {
+            let worker = self.workers.get_mut(&w).expect("chosen from the map");
+            let key = (super::occupancy(worker), w);
+            let was_open = worker.open();
+            worker.retiring = Some(Retiring { op, close, restart, reason: reason.clone(), done: false });
+            if was_open {
+                self.by_occupancy.remove(&key);
+            }
+            out.push(Command::Notice {
+                level: NoticeLevel::Info,
+                message: format!("retiring worker {} ({reason})", worker.spec.address),
+            });
+        }
+        if op != 0 {
+            self.retire_ops.insert(op, RetireOp { waiting: chosen, retired: Vec::new() });
+        }
+        self.progress_retirement(out);
+    }
+
+    /// Values only retiring workers hold get a copy elsewhere; workers with nothing left to give
+    /// are closed; finished requests are answered. Runs after every event while any worker
+    /// retires.
+    pub(super) fn progress_retirement(&mut self, out: &mut Vec<Command>) {
+        let retiring: Vec<WorkerId> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.retiring.as_ref().is_some_and(|r| !r.done) && !w.closing)
+            .map(|(id, _)| *id)
+            .collect();
+        if retiring.is_empty() {
+            return;
+        }
+        // Copies to make, per target.
+        let mut plan: FxHashMap<WorkerId, Vec<DepLocation>> = FxHashMap::default();
+        let mut planned_bytes: FxHashMap<WorkerId, u64> = FxHashMap::default();
+        let mut finished = Vec::new();
+        for &w in &retiring {
+            let mut unique = 0;
+            let mut held: Vec<TaskId> = self.workers[&w].has_what.iter().copied().collect();
+            held.sort();
+            for t in held {
+                let TaskState::Memory { who_has, nbytes } = &self.task(t).state else { continue };
+                if who_has.iter().any(|h| self.workers.get(h).is_some_and(|x| x.retiring.is_none() && !x.closing)) {
+                    continue; // safe elsewhere already
+                }
+                unique += 1;
+                if self.replicating.contains_key(&t) {
+                    continue; // on its way
+                }
+                let nbytes = *nbytes;
+                let Some(target) = self.replica_target(&planned_bytes) else { continue };
+                *planned_bytes.entry(target).or_default() += nbytes;
+                let workers: SmallVec<[Arc<str>; 2]> =
+                    who_has.iter().map(|h| self.workers[h].spec.address.clone()).collect();
+                plan.entry(target).or_default().push(DepLocation { key: self.task(t).key.clone(), workers, nbytes });
+                self.replicating.insert(t, target);
+            }
+            if unique == 0 && self.workers[&w].processing.is_empty() {
+                finished.push(w);
+            }
+        }
+        let mut plan: Vec<(WorkerId, Vec<DepLocation>)> = plan.into_iter().collect();
+        plan.sort_by_key(|(w, _)| *w);
+        for (worker, keys) in plan {
+            out.push(Command::AcquireReplicas { worker, keys });
+        }
+        for w in finished {
+            self.retired(w, out);
+        }
+    }
+
+    /// The open worker that should take the next copy: the one holding the fewest bytes
+    /// (counting what this round already sends it).
+    fn replica_target(&self, planned: &FxHashMap<WorkerId, u64>) -> Option<WorkerId> {
+        self.workers
+            .iter()
+            .filter(|(_, w)| w.open())
+            .min_by_key(|(id, w)| (w.nbytes + planned.get(id).copied().unwrap_or(0), **id))
+            .map(|(id, _)| *id)
+    }
+
+    /// Worker `w` holds nothing that exists only there and runs nothing: close it (or leave
+    /// it idle), and answer its request if it was the last.
+    fn retired(&mut self, w: WorkerId, out: &mut Vec<Command>) {
+        let Some(r) = self.workers.get(&w).and_then(|x| x.retiring.clone()) else { return };
+        let address = self.workers[&w].spec.address.clone();
+        // Done: its leaving below is not its request's failure.
+        if let Some(x) = self.workers.get_mut(&w).and_then(|x| x.retiring.as_mut()) {
+            x.done = true;
+        }
+        if r.close {
+            out.push(Command::CloseWorker { worker: w, reason: format!("retired: {}", r.reason), restart: r.restart });
+            self.remove_worker(w, &format!("retired ({})", r.reason), true, out);
+        } else {
+            // Its copies exist elsewhere: it drops them and stays, idle.
+            let held: Vec<TaskId> = self.workers[&w].has_what.iter().copied().collect();
+            for t in held {
+                if let TaskState::Memory { who_has, .. } = &mut self.task_mut(t).state {
+                    who_has.retain(|x| *x != w);
+                }
+                let nbytes = match &self.task(t).state {
+                    TaskState::Memory { nbytes, .. } => *nbytes,
+                    _ => 0,
+                };
+                let worker = self.workers.get_mut(&w).expect("known worker");
+                worker.has_what.remove(&t);
+                worker.nbytes = worker.nbytes.saturating_sub(nbytes);
+                out.push(Command::Free { worker: w, key: self.task(t).key.clone() });
+            }
+        }
+        out.push(Command::Notice { level: NoticeLevel::Info, message: format!("worker {address} retired") });
+        self.retire_op_done(r.op, w, Some(address), out);
+    }
+
+    /// `w` left its request `op`: retired (with its address) or gone otherwise.
+    pub(super) fn retire_op_done(&mut self, op: u64, w: WorkerId, address: Option<Arc<str>>, out: &mut Vec<Command>) {
+        let Some(o) = self.retire_ops.get_mut(&op) else { return };
+        o.waiting.retain(|x| *x != w);
+        if let Some(a) = address {
+            o.retired.push(a);
+        }
+        if o.waiting.is_empty() {
+            let o = self.retire_ops.remove(&op).expect("present");
+            out.push(Command::Retired { op, workers: o.retired, refused: None });
+        }
+    }
+
+    /// A worker now holds copies it was sent for safekeeping.
+    pub(super) fn replicas_added(&mut self, worker: WorkerId, keys: Vec<(Key, u64)>, out: &mut Vec<Command>) {
+        for (key, _) in keys {
+            let Some(&t) = self.keys.get(&key) else {
+                out.push(Command::Free { worker, key });
+                continue;
+            };
+            if self.replicating.get(&t) == Some(&worker) {
+                self.replicating.remove(&t);
+            }
+            match self.task(t).state {
+                TaskState::Memory { .. } if self.workers.contains_key(&worker) => self.add_replica(t, worker),
+                // Released meanwhile: the copy is nobody's.
+                _ => out.push(Command::Free { worker, key }),
+            }
+        }
+    }
+
+    /// A worker could not fetch copies it was asked to keep: they are planned again.
+    pub(super) fn replicas_failed(&mut self, worker: WorkerId, keys: Vec<Key>) {
+        for key in keys {
+            if let Some(&t) = self.keys.get(&key)
+                && self.replicating.get(&t) == Some(&worker)
+            {
+                self.replicating.remove(&t);
+            }
+        }
+    }
+
+    /// A worker left: copies it was to take are planned again elsewhere; if it was retiring,
+    /// its request no longer waits for it.
+    pub(super) fn retire_worker_gone(&mut self, w: WorkerId, retiring: Option<Retiring>, out: &mut Vec<Command>) {
+        self.replicating.retain(|_, target| *target != w);
+        if let Some(r) = retiring
+            && !r.done
+        {
+            self.retire_op_done(r.op, w, None, out);
+        }
+    }
+
+    /// For `validate`: copies on their way are of values in memory, to live workers.
+    pub(super) fn validate_retirement(&self) {
+        for (t, w) in &self.replicating {
+            assert!(matches!(self.task(*t).state, TaskState::Memory { .. }), "replicating a task not in memory");
+            assert!(self.workers.contains_key(w), "replicating to a gone worker");
+        }
+        for (op, o) in &self.retire_ops {
+            for w in &o.waiting {
+                let r = self.workers.get(w).and_then(|x| x.retiring.as_ref());
+                assert!(r.is_some_and(|r| r.op == *op), "retire op {op} waits for {w}, which is not retiring for it");
+            }
+        }
+    }
+}
