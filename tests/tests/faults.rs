@@ -326,3 +326,30 @@ fn a_worker_past_its_lifetime_retires_and_its_nanny_starts_a_fresh_one() {
     assert_eq!(client.gather(&fs).unwrap(), want, "its values moved before it left");
     assert_eq!(runs_counted(&count), 20, "nothing was recomputed");
 }
+
+#[test]
+fn a_scheduler_restarted_at_the_same_address_gets_its_workers_and_clients_back() {
+    let dir = TempDir::new("sched-restart");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let sched_args = ["--host", "127.0.0.1", "--port", port.as_str()];
+    let mut sched = Proc::start(&dask_system_tests::binary("dask-scheduler"), &sched_args, dir.path("s1.log"));
+    let address = format!("tcp://127.0.0.1:{port}");
+    let _w = nanny_workers(&dir, &address, 2, &[], &[]);
+    let client = Client::connect(&address).unwrap();
+    client.wait_for_workers(2, Some(LONG)).unwrap();
+    let done = client.submit(triple, (7,)).unwrap();
+    assert_eq!(done.result_timeout(LONG).unwrap(), 21);
+    let pending = client.submit(slowinc, (1, 60_000)).unwrap();
+    // The scheduler dies and comes back at the same address.
+    sched.kill();
+    let _sched2 = Proc::start(&dask_system_tests::binary("dask-scheduler"), &sched_args, dir.path("s2.log"));
+    // The client reconnects, and says every future it held is lost because the scheduler restarted.
+    for f in [&pending, &done] {
+        let e = f.result_timeout(LONG).unwrap_err().to_string();
+        assert!(e.contains("scheduler restarted"), "{e}");
+    }
+    eventually(LONG, "the client to reconnect", || client.scheduler_info().is_ok());
+    // The nannies' workers register again, and the cluster computes.
+    client.wait_for_workers(2, Some(LONG)).unwrap();
+    assert_eq!(client.submit(triple, (8,)).unwrap().result_timeout(LONG).unwrap(), 24);
+}

@@ -147,6 +147,14 @@ impl KeyTable {
         self.keys.lock().remove(key);
     }
 
+    /// Every future ends as lost, with `why`; later submissions of the same keys are new.
+    fn lose_all(&self, why: &str) {
+        let states: Vec<_> = self.keys.lock().drain().map(|(_, h)| h.state).collect();
+        for s in states {
+            s.set(Status::Lost(why.to_string()));
+        }
+    }
+
     /// Every future ends as cancelled, with `why`; later submissions of the same keys are new.
     fn cancel_all(&self, why: &str) {
         let why: Arc<str> = Arc::from(why);
@@ -174,7 +182,8 @@ pub(crate) struct ClientInner {
     handle: tokio::runtime::Handle,
     ops: mpsc::UnboundedSender<pb::ClientOp>,
     table: Arc<KeyTable>,
-    scheduler: SchedulerClient<Channel>,
+    /// The connection to the scheduler: replaced when the client reconnects.
+    link: Arc<Link>,
     peers: data::DataPool,
     disconnected: Arc<Mutex<Option<String>>>,
     closed: AtomicBool,
@@ -186,8 +195,25 @@ pub(crate) struct ClientInner {
     cluster: Mutex<Option<LocalCluster>>,
     counter: AtomicU64,
     random: std::collections::hash_map::RandomState,
+}
+
+/// What a reconnection replaces: the gRPC client for queries, our side of the client stream,
+/// and the name this client gave the scheduler.
+pub(crate) struct Link {
+    scheduler: Mutex<SchedulerClient<Channel>>,
+    stream: Mutex<mpsc::UnboundedSender<pb::ClientToScheduler>>,
     /// What this client calls itself to the scheduler (`Client-<hex>`).
-    client_id: String,
+    client_id: Mutex<String>,
+    /// The scheduler's id (`Scheduler-<hex>`): another one after a reconnection means it
+    /// restarted.
+    scheduler_id: Mutex<String>,
+}
+
+impl Link {
+    /// A client for one query.
+    pub(crate) fn rpc(&self) -> SchedulerClient<Channel> {
+        self.scheduler.lock().clone()
+    }
 }
 
 /// How long `close` waits for the scheduler to take everything queued.
@@ -806,7 +832,7 @@ impl Client {
     }
 
     pub async fn scheduler_info_async(&self) -> Result<pb::SchedulerInfo> {
-        Ok(self.inner.scheduler.clone().info(pb::Empty {}).await?.into_inner())
+        Ok(self.inner.link.rpc().info(pb::Empty {}).await?.into_inner())
     }
 
     /// [`who_has`](Self::who_has) for async code.
@@ -814,13 +840,13 @@ impl Client {
         let mut refs = Vec::new();
         futures.collect(&mut refs);
         let keys = refs.iter().map(|r| r.key.to_string()).collect();
-        let reply = self.inner.scheduler.clone().who_has(pb::KeysRequest { keys }).await?.into_inner();
+        let reply = self.inner.link.rpc().who_has(pb::KeysRequest { keys }).await?.into_inner();
         Ok(reply.entries.into_iter().map(|e| (e.key, e.workers)).collect())
     }
 
     /// [`has_what`](Self::has_what) for async code.
     pub async fn has_what_async(&self) -> Result<HashMap<String, Vec<String>>> {
-        let reply = self.inner.scheduler.clone().has_what(pb::Empty {}).await?.into_inner();
+        let reply = self.inner.link.rpc().has_what(pb::Empty {}).await?.into_inner();
         Ok(reply.entries.into_iter().map(|e| (e.worker, e.keys)).collect())
     }
 
@@ -846,7 +872,7 @@ impl Client {
 
     pub async fn wait_for_workers_async(&self, n: usize, timeout: Option<Duration>) -> Result<()> {
         let req = pb::WaitForWorkersRequest { n: n as u32, timeout_s: timeout.map_or(0.0, |t| t.as_secs_f64()) };
-        match self.inner.scheduler.clone().wait_for_workers(req).await {
+        match self.inner.link.rpc().wait_for_workers(req).await {
             Ok(_) => Ok(()),
             Err(s) if s.code() == tonic::Code::DeadlineExceeded => {
                 Err(Error::Timeout { what: format!("{n} workers"), after: timeout.unwrap_or_default() })
@@ -874,9 +900,9 @@ impl Client {
         let req = pb::RestartRequest {
             timeout_s: timeout.as_secs_f64(),
             reason: String::new(),
-            client_id: self.inner.client_id.clone(),
+            client_id: self.inner.link.client_id.lock().clone(),
         };
-        match self.inner.scheduler.clone().restart(req).await {
+        match self.inner.link.rpc().restart(req).await {
             Ok(_) => {
                 // The scheduler told the other clients; this one cancels its own futures, now
                 // that nothing of theirs can arrive any more.
@@ -918,7 +944,7 @@ impl Client {
             close,
             timeout_s: RESTART_TIMEOUT.as_secs_f64(),
         };
-        match self.inner.scheduler.clone().retire_workers(req).await {
+        match self.inner.link.rpc().retire_workers(req).await {
             Ok(r) => Ok(r.into_inner().workers),
             Err(s) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::NotFound) => {
                 Err(Error::InvalidArgument(format!("cannot retire {:?}: {}", req_names(workers), s.message())))
@@ -1066,20 +1092,35 @@ async fn open_stream(addr: &Address, timeout: Duration) -> Result<Opened> {
 
 async fn connect_inner(addr: Address, timeout: Duration, handle: tokio::runtime::Handle) -> Result<Client> {
     let (scheduler, stream_tx, inbound, client_id) = open_stream(&addr, timeout).await?;
+    let scheduler_id = scheduler.clone().info(pb::Empty {}).await.map(|r| r.into_inner().id).unwrap_or_default();
+    let link = Arc::new(Link {
+        scheduler: Mutex::new(scheduler),
+        stream: Mutex::new(stream_tx),
+        client_id: Mutex::new(client_id),
+        scheduler_id: Mutex::new(scheduler_id),
+    });
     let (ops_tx, ops_rx) = mpsc::unbounded_channel();
     let shutdown = CancellationToken::new();
     let finished = CancellationToken::new();
     let table = Arc::new(KeyTable::default());
     let disconnected = Arc::new(Mutex::new(None));
-    handle.spawn(writer(ops_rx, stream_tx, shutdown.clone()));
-    handle.spawn(reader(inbound, table.clone(), disconnected.clone(), finished.clone()));
+    handle.spawn(writer(ops_rx, link.clone(), shutdown.clone()));
+    let session = Session {
+        address: addr.clone(),
+        table: table.clone(),
+        link: link.clone(),
+        disconnected: disconnected.clone(),
+        shutdown: shutdown.clone(),
+        finished: finished.clone(),
+    };
+    handle.spawn(reader(inbound, session));
     let inner = Arc::new(ClientInner {
         address: addr,
         runtime: Mutex::new(None),
         handle,
         ops: ops_tx,
         table,
-        scheduler,
+        link,
         peers: data::DataPool::default(),
         disconnected,
         closed: AtomicBool::new(false),
@@ -1088,17 +1129,12 @@ async fn connect_inner(addr: Address, timeout: Duration, handle: tokio::runtime:
         cluster: Mutex::new(None),
         counter: AtomicU64::new(0),
         random: std::collections::hash_map::RandomState::new(),
-        client_id,
     });
     Ok(Client { inner })
 }
 
 /// Sends everything queued as one message, as often as the stream takes it.
-async fn writer(
-    mut ops: mpsc::UnboundedReceiver<pb::ClientOp>,
-    stream: mpsc::UnboundedSender<pb::ClientToScheduler>,
-    shutdown: CancellationToken,
-) {
+async fn writer(mut ops: mpsc::UnboundedReceiver<pb::ClientOp>, link: Arc<Link>, shutdown: CancellationToken) {
     loop {
         let (first, closing) = tokio::select! {
             op = ops.recv() => (op, false),
@@ -1122,40 +1158,107 @@ async fn writer(
                 Err(_) => break,
             }
         }
-        if !batch.is_empty() && stream.send(pb::ClientToScheduler { ops: batch }).is_err() {
-            break;
+        // A stream that is gone (the client is reconnecting) takes nothing: what was queued
+        // belonged to the lost session.
+        if !batch.is_empty() {
+            let _ = link.stream.lock().send(pb::ClientToScheduler { ops: batch });
         }
         if closing && ops.is_empty() {
             break;
         }
     }
-    // Dropping `stream` ends the client stream: the scheduler releases our keys, then ends
+    // Dropping our side ends the client stream: the scheduler releases our keys, then ends
     // its side, which the reader sees.
+    *link.stream.lock() = mpsc::unbounded_channel().0;
 }
 
-async fn reader(
-    mut inbound: tonic::Streaming<pb::SchedulerToClient>,
+/// What the reader shares with the client.
+struct Session {
+    address: Address,
     table: Arc<KeyTable>,
+    link: Arc<Link>,
     disconnected: Arc<Mutex<Option<String>>>,
+    /// Cancelled when this client closes (then the stream's end is expected).
+    shutdown: CancellationToken,
     finished: CancellationToken,
-) {
-    let why = loop {
-        match inbound.message().await {
-            Ok(Some(batch)) => {
-                for r in batch.reports {
-                    table.apply(r);
+}
+
+/// Applies the scheduler's reports. If the connection breaks while the scheduler did not say it
+/// was closing (it crashed, or restarted, or the network failed), it reconnects within the
+/// connect timeout, as dask's client does: the scheduler has forgotten this client's tasks by
+/// then, so every future it held ends as lost, saying whether the scheduler restarted. New calls
+/// fail while it reconnects; if it cannot, everything fails with `SchedulerLost`.
+async fn reader(mut inbound: tonic::Streaming<pb::SchedulerToClient>, s: Session) {
+    loop {
+        let mut closing = None;
+        let why = loop {
+            match inbound.message().await {
+                Ok(Some(batch)) => {
+                    for r in batch.reports {
+                        s.table.apply(r);
+                    }
+                    if !batch.closing.is_empty() {
+                        closing = Some(batch.closing);
+                    }
                 }
+                Ok(None) => break "the scheduler closed the connection".to_string(),
+                Err(e) => break format!("{} ({})", e.message(), e.code()),
             }
-            Ok(None) => break "the scheduler closed the connection".to_string(),
-            Err(s) => break format!("{} ({})", s.message(), s.code()),
+        };
+        if s.shutdown.is_cancelled() || closing.is_some() {
+            let why = match closing {
+                Some(c) => format!("the scheduler closed ({c})"),
+                None => why,
+            };
+            s.finished.cancel();
+            lost_for_good(&s, why);
+            return;
         }
-    };
-    finished.cancel();
-    let mut d = disconnected.lock();
-    if d.is_none() {
+        tracing::warn!(scheduler = %s.address, reason = %why, "lost the scheduler; reconnecting");
+        *s.disconnected.lock() =
+            Some(format!("the connection to the scheduler was lost ({why}); the client is reconnecting"));
+        let reopened = tokio::select! {
+            r = open_stream(&s.address, CONNECT_TIMEOUT) => r,
+            _ = s.shutdown.cancelled() => {
+                s.finished.cancel();
+                lost_for_good(&s, why);
+                return;
+            }
+        };
+        match reopened {
+            Ok((scheduler, stream, new_inbound, client_id)) => {
+                let id = scheduler.clone().info(pb::Empty {}).await.map(|r| r.into_inner().id).unwrap_or_default();
+                let restarted = *s.link.scheduler_id.lock() != id;
+                let reason = if restarted {
+                    "the scheduler restarted: its tasks and results are gone; submit again"
+                } else {
+                    "the connection to the scheduler was lost, and with it this client's tasks; submit again"
+                };
+                s.table.lose_all(reason);
+                *s.link.scheduler.lock() = scheduler;
+                *s.link.stream.lock() = stream;
+                *s.link.client_id.lock() = client_id;
+                *s.link.scheduler_id.lock() = id;
+                *s.disconnected.lock() = None;
+                tracing::warn!(scheduler = %s.address, restarted, "reconnected to the scheduler; every future held was lost");
+                inbound = new_inbound;
+            }
+            Err(e) => {
+                s.finished.cancel();
+                lost_for_good(&s, format!("{why}; reconnecting failed: {e}"));
+                return;
+            }
+        }
+    }
+}
+
+/// The scheduler is gone for good: every pending future fails with `SchedulerLost`.
+fn lost_for_good(s: &Session, why: String) {
+    let mut d = s.disconnected.lock();
+    if d.as_ref().is_none_or(|x| x.contains("reconnecting")) {
         tracing::warn!(reason = %why, "lost the scheduler");
         *d = Some(why.clone());
         drop(d);
-        table.disconnect_all(&why);
+        s.table.disconnect_all(&why);
     }
 }

@@ -332,6 +332,10 @@ impl EventLoop {
                 reason: "scheduler closing".into(),
             }))));
         }
+        // Clients need not try to reconnect.
+        for tx in self.clients.values() {
+            let _ = tx.send(Ok(pb::SchedulerToClient { reports: Vec::new(), closing: "scheduler closing".into() }));
+        }
         // Tell workers to go only if asked to close; dropping the senders ends the streams.
         for tx in self.workers.values() {
             let _ = tx.send(Ok(pb::SchedulerToWorker {
@@ -841,7 +845,7 @@ impl EventLoop {
         }
         for (c, reports) in to_clients {
             if let Some(tx) = self.clients.get(&c) {
-                let _ = tx.send(Ok(pb::SchedulerToClient { reports }));
+                let _ = tx.send(Ok(pb::SchedulerToClient { reports, closing: String::new() }));
             }
         }
     }
