@@ -92,7 +92,10 @@ fn nanny_workers(dir: &TempDir, address: &str, n: usize, extra: &[&str], env: &[
     (0..n)
         .map(|i| {
             let name = format!("n{i}");
-            let mut args = vec![address, "--nthreads", "1", "--name", name.as_str()];
+            let mut args = vec![address, "--name", name.as_str()];
+            if !extra.contains(&"--nthreads") {
+                args.extend_from_slice(&["--nthreads", "1"]);
+            }
             args.extend_from_slice(extra);
             start_with_env(test_worker(), &args, env, dir.path(&format!("n{i}.log")))
         })
@@ -352,4 +355,46 @@ fn a_scheduler_restarted_at_the_same_address_gets_its_workers_and_clients_back()
     // The nannies' workers register again, and the cluster computes.
     client.wait_for_workers(2, Some(LONG)).unwrap();
     assert_eq!(client.submit(triple, (8,)).unwrap().result_timeout(LONG).unwrap(), 24);
+}
+
+#[test]
+fn chaos_a_worker_sigkilled_every_one_to_two_seconds_loses_nothing() {
+    let dir = TempDir::new("chaos");
+    let (_sched, address) = start_scheduler(&dir, &[]);
+    let _w = nanny_workers(&dir, &address, 2, &["--nthreads", "2"], &[]);
+    let client = Client::connect(&address).unwrap();
+    client.wait_for_workers(2, Some(LONG)).unwrap();
+    // 20,000 tasks of 4 ms on 4 threads: about 20 s of work, the whole fault window.
+    let n = 20_000;
+    let leaves = client.map_args(slowinc, (0..n).map(|i| (i, 4u64))).unwrap();
+    let chunks: Vec<dask::Future<i64>> =
+        leaves.chunks(100).map(|c| client.submit(dask::builtins::sum_list, (c,)).unwrap()).collect();
+    let t = Instant::now();
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut kills = 0;
+    while t.elapsed() < Duration::from_secs(20) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        std::thread::sleep(Duration::from_millis(1000 + x % 1000));
+        let workers = client.scheduler_info().unwrap().workers;
+        if let Some(w) = workers.get((x >> 20) as usize % workers.len().max(1)) {
+            signal(w.pid, "KILL");
+            kills += 1;
+        }
+    }
+    assert!(kills >= 5, "{kills} kills");
+    let sums: Vec<i64> = client.gather(&chunks).unwrap();
+    let expected: Vec<i64> = (0..n).collect::<Vec<_>>().chunks(100).map(|c| c.iter().map(|i| i + 1).sum()).collect();
+    assert_eq!(sums, expected, "every result right, none erred as killed-worker");
+    // The nannies brought every worker back.
+    if let Err(e) = client.wait_for_workers(2, Some(LONG)) {
+        let logs: Vec<String> = _w.iter().map(|p| p.log()).collect();
+        panic!(
+            "{e}: {}",
+            logs.iter().map(|l| l[l.len().saturating_sub(3000)..].to_string()).collect::<Vec<_>>().join("\n-----\n")
+        );
+    }
+    let info = client.scheduler_info().unwrap();
+    assert!(info.workers.iter().all(|w| alive(w.pid)), "{:?}", info.workers);
 }

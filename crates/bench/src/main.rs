@@ -20,6 +20,7 @@ use dask::{Bytes, Client, Graph, LocalCluster, Ref, ScatterOptions, SubmitOption
 use dask_protocol::data::READ_PIECE;
 
 mod core_bench;
+mod faults;
 mod memory;
 
 #[global_allocator]
@@ -58,7 +59,7 @@ fn consume(b: Bytes) -> u64 {
 #[command(name = "dask-bench", about = "dask-rs benchmarks (see docs/benchmarks.md)")]
 struct Args {
     /// Workloads: all, throughput, latency, tree, shuffle, data, memory, startup, big, zero,
-    /// core, rsds, tcp.
+    /// core, rsds, tcp, restart, kill, spill, monitor; and chaos (long; not part of all).
     #[arg(default_value = "all")]
     workloads: Vec<String>,
     /// Runs of each workload (each with a fresh cluster).
@@ -82,6 +83,10 @@ fn main() -> ExitCode {
         return code;
     }
     let args = Args::parse();
+    // The scheduler's and the nannies' logs (they run in this process), for looking into a run.
+    if let Ok(level) = std::env::var("DASK_BENCH_LOG") {
+        let _ = dask_protocol::cli::init_logging(&level);
+    }
     let all = args.workloads.iter().any(|w| w == "all");
     let want = |w: &str| all || args.workloads.iter().any(|x| x == w);
     let runs = if args.quick { 1 } else { args.runs.max(1) };
@@ -289,6 +294,57 @@ fn main() -> ExitCode {
                 let wall = t.elapsed().as_secs_f64();
                 record(format!("zero-worker {n} tasks: tasks/s"), n as f64 / wall);
             });
+        }
+    }
+    if want("restart") {
+        for _ in 0..runs {
+            record(
+                "restart: 2 nanny workers holding 1,000 results, until the next task ran (s)".into(),
+                faults::restart(q),
+            );
+        }
+    }
+    if want("kill") {
+        for _ in 0..runs {
+            let (base, wall, right, back) = faults::kill(q);
+            record("kill: no-kill makespan, 2,000 tasks of 5 ms (s)".into(), base);
+            record("kill: makespan with a worker SIGKILLed after 1 s (s)".into(), wall);
+            record("kill: ratio to the no-kill makespan".into(), wall / base);
+            record("kill: every result right (1 = yes)".into(), if right { 1.0 } else { 0.0 });
+            record("kill: both workers back after (s)".into(), back);
+        }
+    }
+    if want("spill") {
+        for _ in 0..runs {
+            let (write, read) = faults::disk_probe(if q { 200_000_000 } else { 1_200_000_000 });
+            record("disk probe: write 20 MB files (MB/s)".into(), write);
+            record("disk probe: read them back (MB/s)".into(), read);
+            let (wall, spilled, results) = faults::spill(q);
+            record("spill: 1.2 GB of 20 MB values on 2 x 400 MB workers, wall (s)".into(), wall);
+            record("spill: bytes on disk when the values were made (MB)".into(), spilled as f64 / 1e6);
+            record("spill: spilled MB per second of wall".into(), spilled as f64 / 1e6 / wall);
+            record("spill: spilled MB/s over the disk probe's write MB/s".into(), spilled as f64 / 1e6 / wall / write);
+            record("spill: results".into(), results as f64);
+        }
+    }
+    if want("monitor") {
+        let n = if q { 10_000 } else { 100_000 };
+        for _ in 0..runs {
+            let off = faults::monitored_throughput(n, 0);
+            let on = faults::monitored_throughput(n, 4_000_000_000);
+            record(format!("memory monitor: map+gather {n}, no memory limit (tasks/s)"), off);
+            record(format!("memory monitor: map+gather {n}, 4 GB limit (tasks/s)"), on);
+            record("memory monitor: throughput with it over without".into(), on / off);
+        }
+    }
+    if args.workloads.iter().any(|w| w == "chaos") {
+        let (n, window) = if q { (5_000, Duration::from_secs(5)) } else { (100_000, Duration::from_secs(60)) };
+        for _ in 0..runs {
+            let (wall, kills, right, back) = faults::chaos(n, window);
+            record(format!("chaos: {n} tasks of 3 ms, SIGKILL every 1-2 s: makespan (s)"), wall);
+            record("chaos: workers killed".into(), kills as f64);
+            record("chaos: every result right (1 = yes)".into(), if right { 1.0 } else { 0.0 });
+            record("chaos: both workers back after (s)".into(), back);
         }
     }
     if want("memory") {

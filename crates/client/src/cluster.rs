@@ -23,6 +23,7 @@ pub struct LocalClusterBuilder {
     memory_limit: u64,
     scheduler_port: u16,
     simulate: bool,
+    local_directory: Option<std::path::PathBuf>,
 }
 
 impl LocalClusterBuilder {
@@ -66,6 +67,13 @@ impl LocalClusterBuilder {
     /// Memory limit per worker in bytes (0: none).
     pub fn memory_limit(mut self, bytes: u64) -> Self {
         self.memory_limit = bytes;
+        self
+    }
+
+    /// Where workers keep their files (spilled values), each in its own directory below
+    /// (default: the system's temporary directory).
+    pub fn local_directory(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.local_directory = Some(dir.into());
         self
     }
 
@@ -124,6 +132,9 @@ impl LocalClusterBuilder {
                     config.name = Some(name.clone());
                     config.death_timeout = Some(Duration::from_secs(10));
                     config.simulate = self.simulate;
+                    if let Some(d) = &self.local_directory {
+                        config.local_directory = d.display().to_string();
+                    }
                     Box::new(InProcess { config })
                 };
                 let mut nanny = NannyConfig::new(address.clone(), name);
@@ -164,6 +175,7 @@ const ENV_NAME: &str = "DASK_RS_LOCAL_WORKER_NAME";
 const ENV_NTHREADS: &str = "DASK_RS_LOCAL_WORKER_NTHREADS";
 const ENV_MEMORY: &str = "DASK_RS_LOCAL_WORKER_MEMORY_LIMIT";
 const ENV_SIMULATE: &str = "DASK_RS_LOCAL_WORKER_SIMULATE";
+const ENV_LOCAL_DIR: &str = "DASK_RS_LOCAL_WORKER_DIRECTORY";
 
 /// Worker processes: this program started again (it becomes a worker in `init`), or the
 /// `worker_program` with `dask-worker`'s flags.
@@ -171,21 +183,27 @@ fn process_launcher(b: &LocalClusterBuilder, address: &Address, name: &str, thre
     Ok(match &b.worker_program {
         Some(program) => ProcessLauncher {
             program: program.clone(),
-            args: [
-                address.to_string().as_str(),
-                "--no-nanny",
-                "--name",
-                name,
-                "--nthreads",
-                &threads.to_string(),
-                "--memory-limit",
-                &b.memory_limit.to_string(),
-                "--death-timeout",
-                "10",
-            ]
-            .iter()
-            .map(Into::into)
-            .collect(),
+            args: b
+                .local_directory
+                .iter()
+                .flat_map(|d| [std::ffi::OsString::from("--local-directory"), d.clone().into_os_string()])
+                .chain(
+                    [
+                        address.to_string().as_str(),
+                        "--no-nanny",
+                        "--name",
+                        name,
+                        "--nthreads",
+                        &threads.to_string(),
+                        "--memory-limit",
+                        &b.memory_limit.to_string(),
+                        "--death-timeout",
+                        "10",
+                    ]
+                    .iter()
+                    .map(Into::into),
+                )
+                .collect(),
             env: Vec::new(),
             stdout: false,
         },
@@ -200,6 +218,9 @@ fn process_launcher(b: &LocalClusterBuilder, address: &Address, name: &str, thre
             ];
             if b.simulate {
                 env.push((ENV_SIMULATE.to_string(), "1".to_string()));
+            }
+            if let Some(d) = &b.local_directory {
+                env.push((ENV_LOCAL_DIR.to_string(), d.display().to_string()));
             }
             ProcessLauncher { program, args: Vec::new(), env, stdout: false }
         }
@@ -304,6 +325,9 @@ fn run_local_worker(address: &str) -> Result<ExitStatus> {
     config.death_timeout = Some(Duration::from_secs(10));
     config.simulate = std::env::var_os(ENV_SIMULATE).is_some();
     config.nanny = std::env::var(dask_nanny::NANNY_ENV).ok();
+    if let Ok(d) = std::env::var(ENV_LOCAL_DIR) {
+        config.local_directory = d;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -350,6 +374,7 @@ impl LocalCluster {
             memory_limit: 0,
             scheduler_port: 0,
             simulate: false,
+            local_directory: None,
         }
     }
 

@@ -401,6 +401,7 @@ impl EventLoop {
                 let id = WorkerId(self.next_worker);
                 self.next_worker += 1;
                 let _ = reply.send(id);
+                self.replaced_by(&spec.name, nanny.as_deref());
                 let (address, name, nthreads, pid) = (spec.address.clone(), spec.name.clone(), spec.nthreads, spec.pid);
                 let before = self.commands.len();
                 self.handle(Event::WorkerJoined { worker: id, spec });
@@ -525,6 +526,31 @@ impl EventLoop {
             });
         } else {
             self.lose_worker(worker, reason, false);
+        }
+    }
+
+    /// A worker registers: a worker of the same nanny, or of the same name whose stream has
+    /// ended already, is gone (a nanny runs one worker at a time): it is removed now, so the new
+    /// one does not find its name taken.
+    fn replaced_by(&mut self, name: &str, nanny: Option<&str>) {
+        let old: Vec<WorkerId> = self
+            .worker_meta
+            .iter()
+            .filter(|(id, m)| {
+                (nanny.is_some() && m.nanny.as_deref() == nanny)
+                    || (*m.name == *name && self.pending_loss.contains_key(id))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in old {
+            let address = self.worker_meta[&id].address.to_string();
+            let reason = self
+                .pending_loss
+                .remove(&id)
+                .or_else(|| self.exit_reasons.remove(&address))
+                .unwrap_or_else(|| "its nanny started a new worker in its place".to_string());
+            let expected = self.expected_gone.remove(&id);
+            self.lose_worker(id, reason, expected);
         }
     }
 
