@@ -131,15 +131,7 @@ pub struct Proc {
 
 impl Proc {
     pub fn start(program: &Path, args: &[&str], log: PathBuf) -> Proc {
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
-        Proc { child, log }
+        start_with_env(program, args, &[], log)
     }
 
     pub fn log(&self) -> String {

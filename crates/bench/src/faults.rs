@@ -95,12 +95,14 @@ pub fn kill(quick: bool) -> (f64, f64, bool, f64) {
     (base, wall, right, back)
 }
 
-/// The script's `spill`: 2 workers with 400 MB each; 60 tasks make 20 MB each (1.2 GB, 1.5×
-/// the cluster's memory), then one task per array sums it, and the sums are gathered. Returns
-/// (wall seconds, bytes on disk when the arrays were all made, results).
-pub fn spill(quick: bool) -> (f64, u64, usize) {
+/// The script's `spill`: 2 workers with 400 MB each (`memory_limit`; 0 for the same workload
+/// without a limit, nothing spilled); 60 tasks make 20 MB each (1.2 GB, 1.5× the cluster's
+/// memory), then one task per array sums it, and the sums are gathered. Returns (wall seconds,
+/// bytes on disk when the arrays were all made, results).
+pub fn spill(quick: bool, memory_limit: u64) -> (f64, u64, usize) {
+    flush_disk();
     let dir = scratch("spill");
-    let cluster = cluster(400_000_000, Some(&dir));
+    let cluster = cluster(memory_limit, Some(&dir));
     let client = Client::connect(&cluster.scheduler_address()).unwrap();
     client.wait_for_workers(2, None).unwrap();
     let (n, nbytes) = if quick { (12, 20_000_000) } else { (60, 20_000_000) };
@@ -123,6 +125,7 @@ pub fn spill(quick: bool) -> (f64, u64, usize) {
 /// The disk beside `spill`: 20 MB files written (as a spill writes them: `std::fs::write`, no
 /// sync) and read back, in all `total` bytes. Returns (write MB/s, read MB/s).
 pub fn disk_probe(total_bytes: usize) -> (f64, f64) {
+    flush_disk();
     let dir = scratch("disk-probe");
     std::fs::create_dir_all(&dir).unwrap();
     let piece = make_array::call(1, 20_000_000);
@@ -208,6 +211,13 @@ pub fn chaos(n: usize, window: Duration) -> (f64, usize, bool, f64) {
     client.close();
     cluster.close();
     (wall, kills, sums == expected, back)
+}
+
+/// Writes out dirty pages first (`sync`), so that the disk probe and each spill run start alike:
+/// without it a run found the previous one's gigabyte still being written back and was
+/// throttled to the disk's speed (the probe went from 3.2 GB/s to 0.25 GB/s between runs).
+fn flush_disk() {
+    let _ = std::process::Command::new("sync").status();
 }
 
 fn scratch(tag: &str) -> std::path::PathBuf {

@@ -168,15 +168,17 @@ pub struct Supervisor {
     state: State,
     /// Exits in a row before the worker registered.
     failed_starts: u32,
-    /// Quick exits in a row (each doubles the backoff).
+    /// Quick exits in a row.
     quick_exits: u32,
+    /// Backoffs in a row (each doubles the next).
+    backoffs: u32,
     /// Workers started so far.
     pub spawned: u64,
 }
 
 impl Supervisor {
     pub fn new(policy: Policy) -> Self {
-        Supervisor { policy, state: State::Idle, failed_starts: 0, quick_exits: 0, spawned: 0 }
+        Supervisor { policy, state: State::Idle, failed_starts: 0, quick_exits: 0, backoffs: 0, spawned: 0 }
     }
 
     /// A short name of the state, for logs and `Info`.
@@ -232,6 +234,7 @@ impl Supervisor {
                 State::Backoff { .. } => {
                     // Asked for a worker now: no more waiting.
                     self.quick_exits = 0;
+                    self.backoffs = 0;
                     self.spawn(now, out);
                 }
                 _ => {}
@@ -294,6 +297,7 @@ impl Supervisor {
             State::Stopping { then: Then::Restart, reason, .. } => {
                 out.push(Command::Exited { reason, restarting: true });
                 self.quick_exits = 0;
+                self.backoffs = 0;
                 self.spawn(now, out);
             }
             State::Stopping { then, reason, .. } => {
@@ -335,6 +339,7 @@ impl Supervisor {
             ExitStatus::Code(EXIT_RESTART) => {
                 out.push(Command::Exited { reason: "the worker asked for a fresh worker".into(), restarting: true });
                 self.quick_exits = 0;
+                self.backoffs = 0;
                 self.spawn(now, out);
                 return;
             }
@@ -361,11 +366,18 @@ impl Supervisor {
         out.push(Command::Exited { reason, restarting: true });
         if now.saturating_duration_since(since) >= self.policy.restart_after_uptime {
             self.quick_exits = 0;
+            self.backoffs = 0;
+            self.spawn(now, out);
+        } else if self.quick_exits == 0 && registered {
+            // One quick death of a worker that had started fine (a kill, an OOM) is not a crash
+            // loop: a fresh worker at once. The next quick exit in a row waits.
+            self.quick_exits = 1;
             self.spawn(now, out);
         } else {
-            // Quick exits in a row wait longer and longer: no restart storm.
-            let factor = 1u32 << self.quick_exits.min(16);
+            // Quick exits in a row wait longer and longer: 1 s, 2 s, ... 30 s. No restart storm.
+            let factor = 1u32 << self.backoffs.min(16);
             self.quick_exits += 1;
+            self.backoffs += 1;
             let delay = (self.policy.backoff_initial * factor).min(self.policy.backoff_max);
             self.state = State::Backoff { until: now + delay };
         }
@@ -397,8 +409,12 @@ mod tests {
         assert!(matches!(&out[0], Command::Exited { reason, restarting: true } if reason.contains("signal 9")));
         assert_eq!(out[1], Command::Spawn);
         run(&mut s, Event::Registered, secs(t0, 20.1));
-        // Killed after 1 s: 1 s of backoff, then 2 s, then 4 s.
-        let mut now = 21.0;
+        // Killed after 1 s: at once the first time (it had started fine), then 1 s of backoff,
+        // 2 s, 4 s for each quick death in a row.
+        let out = run(&mut s, Event::Exited { status: ExitStatus::Signal(9) }, secs(t0, 21.0));
+        assert_eq!(out.last(), Some(&Command::Spawn), "{out:?}");
+        run(&mut s, Event::Registered, secs(t0, 21.1));
+        let mut now = 22.0;
         for wait in [1.0, 2.0, 4.0] {
             let out = run(&mut s, Event::Exited { status: ExitStatus::Signal(9) }, secs(t0, now));
             assert!(!out.contains(&Command::Spawn), "{out:?}");
@@ -410,6 +426,20 @@ mod tests {
         }
         // Registered workers that die quickly never make it give up.
         assert!(!s.is_closed());
+    }
+
+    #[test]
+    fn exits_before_registering_wait_one_second_doubling() {
+        let t0 = Instant::now();
+        let mut s = Supervisor::new(Policy::default());
+        run(&mut s, Event::Start, t0);
+        let mut now = 0.0;
+        for wait in [1.0, 2.0, 4.0, 8.0] {
+            run(&mut s, Event::Exited { status: ExitStatus::Code(1) }, secs(t0, now));
+            assert_eq!(s.next_deadline(), Some(secs(t0, now + wait)));
+            now += wait;
+            assert_eq!(run(&mut s, Event::Tick, secs(t0, now)), vec![Command::Spawn]);
+        }
     }
 
     #[test]

@@ -798,14 +798,7 @@ impl EventLoop {
                         kind: Some(pb::scheduler_command::Kind::Compute(pb::ComputeTask {
                             key: key.to_string(),
                             spec,
-                            dependencies: deps
-                                .into_iter()
-                                .map(|d| pb::DependencyLocation {
-                                    key: d.key.to_string(),
-                                    workers: d.workers.iter().map(|w| w.to_string()).collect(),
-                                    nbytes: d.nbytes,
-                                })
-                                .collect(),
+                            dependencies: deps.into_iter().map(location_to_pb).collect(),
                             priority,
                             inline_result: inline,
                             announce,
@@ -831,14 +824,7 @@ impl EventLoop {
                 Command::AcquireReplicas { worker, keys } => {
                     to_workers.entry(worker).or_default().push(pb::SchedulerCommand {
                         kind: Some(pb::scheduler_command::Kind::AcquireReplicas(pb::AcquireReplicas {
-                            keys: keys
-                                .into_iter()
-                                .map(|d| pb::DependencyLocation {
-                                    key: d.key.to_string(),
-                                    workers: d.workers.iter().map(|w| w.to_string()).collect(),
-                                    nbytes: d.nbytes,
-                                })
-                                .collect(),
+                            keys: keys.into_iter().map(location_to_pb).collect(),
                         })),
                     });
                 }
@@ -874,6 +860,14 @@ impl EventLoop {
                 let _ = tx.send(Ok(pb::SchedulerToClient { reports, closing: String::new() }));
             }
         }
+    }
+}
+
+fn location_to_pb(d: core::DepLocation) -> pb::DependencyLocation {
+    pb::DependencyLocation {
+        key: d.key.to_string(),
+        workers: d.workers.iter().map(|w| w.to_string()).collect(),
+        nbytes: d.nbytes,
     }
 }
 

@@ -90,6 +90,10 @@ pub struct StoreStats {
     pub unspilled_total: u64,
 }
 
+/// A value is on disk: reading it blocks (see [`Store::get_in_memory`]).
+#[derive(Debug, Clone, Copy)]
+pub struct OnDiskError;
+
 /// Why a value could not be spilled.
 #[derive(Debug, thiserror::Error)]
 pub enum SpillError {
@@ -127,6 +131,8 @@ pub struct Store {
     unspilled_total: AtomicU64,
     /// Closed: nothing spills any more (the directory is gone).
     closed: AtomicBool,
+    /// Entries queued for spilling since the queue was last compacted.
+    queued: AtomicU64,
     /// Held (locked) for the store's life: the directory is in use.
     _lock: Option<std::fs::File>,
 }
@@ -170,6 +176,7 @@ impl Store {
             spilled_total: AtomicU64::new(0),
             unspilled_total: AtomicU64::new(0),
             closed: AtomicBool::new(false),
+            queued: AtomicU64::new(0),
             _lock: lock,
         }))
     }
@@ -245,9 +252,27 @@ impl Store {
     fn enqueue(&self, key: Key, id: u64) {
         let mut lru = self.lru.lock();
         lru.push_back((key, id, id));
-        if lru.len() > 2 * self.map.len() + 1024 {
+        // Counting the map's values locks every shard: look only every 4096 values queued.
+        if self.queued.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 && lru.len() > 2 * self.map.len() + 1024 {
             lru.retain(|(k, i, _)| matches!(self.map.get(k).as_deref(), Some(Slot::Memory { id, .. }) if id == i));
         }
+    }
+
+    /// The value of `key` if it is in memory; `Err` if it is on disk (reading it blocks).
+    pub fn get_in_memory(&self, key: &str) -> Result<Option<Value>, OnDiskError> {
+        match self.map.get(key).as_deref() {
+            None => Ok(None),
+            Some(Slot::Memory { value, used, .. }) => {
+                used.store(self.tick(), Ordering::Relaxed);
+                Ok(Some(value.clone()))
+            }
+            Some(Slot::Disk { .. }) => Err(OnDiskError),
+        }
+    }
+
+    /// Whether storing `len` more bytes may write to disk (a spill).
+    pub fn may_spill(&self, len: u64) -> bool {
+        self.spill.as_ref().and_then(|s| s.target).is_some_and(|t| self.managed.load(Ordering::Relaxed) + len > t)
     }
 
     /// Stores a value that arrived as a file already in the spill directory (a value too large

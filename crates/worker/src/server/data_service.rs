@@ -22,14 +22,12 @@ pub struct DataService {
 
 impl DataStore for DataService {
     fn get(&self, keys: Vec<String>) -> Vec<Received> {
-        super::may_block(&self.store, || {
-            keys.into_iter()
-                .map(|k| {
-                    let v = self.store.get(&k);
-                    (k, v)
-                })
-                .collect()
-        })
+        keys.into_iter()
+            .map(|k| {
+                let v = super::get_value(&self.store, &k);
+                (k, v)
+            })
+            .collect()
     }
 
     /// A put is refused, before a byte of it is read, if it announces more than the worker can
@@ -90,14 +88,12 @@ impl DataStore for DataService {
 
     fn put(&self, values: Vec<(String, Value)>) -> Result<(), String> {
         let mut keys = Vec::with_capacity(values.len());
-        super::may_block(&self.store, || {
-            for (k, v) in values {
-                let key: Arc<str> = Arc::from(k);
-                let n = v.data.len() as u64;
-                self.store.insert(key.clone(), v);
-                keys.push((key, n));
-            }
-        });
+        for (k, v) in values {
+            let key: Arc<str> = Arc::from(k);
+            let n = v.data.len() as u64;
+            super::put_value(&self.store, key.clone(), v);
+            keys.push((key, n));
+        }
         self.announce(keys)
     }
 

@@ -321,13 +321,31 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// Runs `f`, which may read or write spilled values on disk: on a multi-thread runtime the
-/// thread steps out of the async scheduling first, so other tasks (heartbeats, the scheduler
-/// stream) are not held up by the disk.
-pub(crate) fn may_block<R>(store: &Store, f: impl FnOnce() -> R) -> R {
+/// Runs `f`, which reads or writes spilled values on disk: on a multi-thread runtime the thread
+/// steps out of the async scheduling first, so other tasks (heartbeats, the scheduler stream)
+/// are not held up by the disk. Callers check first that the disk is involved at all
+/// ([`Store::get_in_memory`], [`Store::may_spill`]): stepping out costs more than a map lookup.
+pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
     let multi = tokio::runtime::Handle::try_current()
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-    if store.spills() && multi { tokio::task::block_in_place(f) } else { f() }
+    if multi { tokio::task::block_in_place(f) } else { f() }
+}
+
+/// The value of `key`, from memory, or read back from disk off the async threads.
+pub(crate) fn get_value(store: &Store, key: &str) -> Option<Value> {
+    match store.get_in_memory(key) {
+        Ok(v) => v,
+        Err(_) => blocking(|| store.get(key)),
+    }
+}
+
+/// Stores a value, off the async threads when that may spill to disk.
+pub(crate) fn put_value(store: &Store, key: Key, value: Value) {
+    if store.may_spill(value.data.len() as u64) {
+        blocking(|| store.insert(key, value));
+    } else {
+        store.insert(key, value);
+    }
 }
 
 struct Loop {
@@ -565,7 +583,7 @@ impl Loop {
                     if let pb::worker_event::Kind::Finished(f) = &mut kind
                         && f.has_value
                     {
-                        match may_block(&self.store, || self.store.get(&f.key)) {
+                        match get_value(&self.store, &f.key) {
                             Some(v) => {
                                 f.value = v.data.clone();
                                 f.codec = v.codec.to_string();
@@ -641,7 +659,7 @@ async fn fetch(
                 match v {
                     Some(v) => {
                         let n = v.data.len() as u64;
-                        may_block(&store, || store.insert(key.clone(), v));
+                        put_value(&store, key.clone(), v);
                         got.push((key, n));
                     }
                     None => missing.push(key),
