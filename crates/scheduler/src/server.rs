@@ -369,7 +369,7 @@ impl EventLoop {
                     };
                     // Taken: a worker may now run the tasks whose start it announced.
                     let ack = match &e {
-                        Event::TasksStarted { worker, keys } => {
+                        Event::TasksStarted { worker, keys, ack: true } => {
                             Some((*worker, keys.iter().map(|k| k.to_string()).collect::<Vec<_>>()))
                         }
                         _ => None,
@@ -1187,7 +1187,9 @@ fn worker_event(worker: WorkerId, e: pb::WorkerEvent) -> Option<Event> {
                 paused: h.paused,
             }),
         },
-        Kind::Started(s) => Event::TasksStarted { worker, keys: s.keys.into_iter().map(Arc::from).collect() },
+        Kind::Started(s) => {
+            Event::TasksStarted { worker, keys: s.keys.into_iter().map(Arc::from).collect(), ack: s.ack }
+        }
         Kind::ReplicasAdded(r) => {
             Event::ReplicasAdded { worker, keys: r.keys.into_iter().map(|k| (Arc::from(k.key), k.nbytes)).collect() }
         }

@@ -97,10 +97,11 @@ const ANNOUNCE_WAIT: Duration = Duration::from_secs(30);
 
 impl Results {
     fn push(&self, r: ExecResult) {
+        // Only the first result since the loop last looked wakes it (lazy starts do not count).
         let first = {
             let mut b = self.batch.lock();
             b.done.push(r);
-            b.done.len() + b.started.len() == 1
+            b.done.len() == 1
         };
         if first {
             self.wake.notify_one();
@@ -108,17 +109,15 @@ impl Results {
     }
 
     /// Records a start; an announced one is also registered as awaiting its acknowledgement.
+    /// A lazy start does not wake the event loop: it goes out with the loop's next batch (a
+    /// result, a heartbeat), if the task is still running then. Waking the loop for each start
+    /// sent a report and its acknowledgement for most tasks, halving a tree's tasks per second.
     fn started(&self, key: Key, announce: bool) {
         if announce {
             self.acks.lock().awaiting.insert(key.clone());
         }
-        let first = {
-            let mut b = self.batch.lock();
-            b.started.push(key);
-            b.done.len() + b.started.len() == 1
-        };
-        // A lazy start report can wait for the next wake-up; an announced one cannot.
-        if first || announce {
+        self.batch.lock().started.push(key);
+        if announce {
             self.wake.notify_one();
         }
     }

@@ -222,6 +222,9 @@ pub enum Event {
     TasksStarted {
         worker: WorkerId,
         keys: Vec<Key>,
+        /// The worker waits for an acknowledgement (announced tasks among them); the shell
+        /// sends it once the event is handled.
+        ack: bool,
     },
     /// Retire these workers (`Client::retire_workers`, a worker's `--lifetime`): their values
     /// move to others, then they close (`close`), their nannies starting fresh ones if
@@ -773,7 +776,7 @@ impl SchedulerCore {
                     }
                 }
             }
-            Event::TasksStarted { worker, keys } => {
+            Event::TasksStarted { worker, keys, .. } => {
                 for key in keys {
                     if let Some(&t) = self.keys.get(&key)
                         && matches!(self.task(t).state, TaskState::Processing { worker: w } if w == worker)
@@ -801,7 +804,9 @@ impl SchedulerCore {
         while let Some(w) = self.freed.pop() {
             self.fill(w, out);
         }
-        self.progress_retirement(out);
+        if !self.retire_ops.is_empty() || self.workers.values().any(|w| w.retiring.is_some()) {
+            self.progress_retirement(out);
+        }
     }
 
     // ------------------------------------------------------------------ clients

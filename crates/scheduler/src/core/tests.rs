@@ -468,7 +468,7 @@ fn a_worker_death_counts_against_running_tasks_not_queued_ones() {
     let running = on1[0].clone();
     for round in 0..4 {
         let w = h.runs_on(&running);
-        h.handle(Event::TasksStarted { worker: WorkerId(w), keys: vec![k(&running)] });
+        h.handle(Event::TasksStarted { worker: WorkerId(w), keys: vec![k(&running)], ack: false });
         let out = h.lose(w);
         if round < 3 {
             assert!(computes(&out).iter().any(|(_, key)| *key == running), "rescheduled: {out:?}");
@@ -520,7 +520,7 @@ fn a_task_that_kills_its_worker_before_reporting_its_start_is_still_caught() {
         if bomb_announced {
             started.push(k("quick-bomb"));
         }
-        h.handle(Event::TasksStarted { worker: WorkerId(w), keys: started });
+        h.handle(Event::TasksStarted { worker: WorkerId(w), keys: started, ack: false });
         h.join(next, 2);
         let out = h.lose(w);
         bomb_announced =
@@ -1527,7 +1527,7 @@ fn run_scenario(sc: Scenario) {
         } else if roll < 25 && !sim.in_flight.is_empty() {
             // A worker reports that a task started running there.
             let (worker, key, _) = sim.in_flight[sim.rng.below(sim.in_flight.len())].clone();
-            sim.step(Event::TasksStarted { worker, keys: vec![key] });
+            sim.step(Event::TasksStarted { worker, keys: vec![key], ack: false });
         } else if sim.in_flight.is_empty() && !sim.paused.is_empty() {
             // Nothing runs: the paused workers resume (memory freed by finished tasks).
             for w in std::mem::take(&mut sim.paused) {

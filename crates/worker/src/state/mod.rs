@@ -215,13 +215,21 @@ impl WorkerState {
             Event::FetchDone { from, got, missing } => self.on_fetch_done(from, got, missing, out),
             Event::Started(keys) => {
                 // Those that finished (or were cancelled) meanwhile need no report.
+                let mut ack = false;
                 let running: Vec<String> = keys
                     .into_iter()
-                    .filter(|k| self.compute.get(k).is_some_and(|t| t.state == ComputeState::Dispatched))
+                    .filter(|k| {
+                        let t = self.compute.get(k);
+                        ack |= t.is_some_and(|t| t.announce);
+                        t.is_some_and(|t| t.state == ComputeState::Dispatched)
+                    })
                     .map(|k| k.to_string())
                     .collect();
                 if !running.is_empty() {
-                    out.push(Instruction::Send(pb::worker_event::Kind::Started(pb::TasksStarted { keys: running })));
+                    out.push(Instruction::Send(pb::worker_event::Kind::Started(pb::TasksStarted {
+                        keys: running,
+                        ack,
+                    })));
                 }
             }
             Event::Paused(paused) => {

@@ -175,7 +175,10 @@ fn started_reports_only_tasks_still_running() {
     w.validate();
     assert_eq!(
         out,
-        vec![Instruction::Send(pb::worker_event::Kind::Started(pb::TasksStarted { keys: vec!["b".into()] }))]
+        vec![Instruction::Send(pb::worker_event::Kind::Started(pb::TasksStarted {
+            keys: vec!["b".into()],
+            ack: false
+        }))]
     );
     // Nothing running: nothing to say.
     out.clear();
