@@ -398,3 +398,69 @@ fn chaos_a_worker_sigkilled_every_one_to_two_seconds_loses_nothing() {
     let info = client.scheduler_info().unwrap();
     assert!(info.workers.iter().all(|w| alive(w.pid)), "{:?}", info.workers);
 }
+
+#[test]
+fn nworkers_starts_a_nanny_each_and_dask_nanny_runs_one() {
+    let dir = TempDir::new("nworkers");
+    let (_sched, address) = start_scheduler(&dir, &[]);
+    let mut many = Proc::start(
+        &dask_system_tests::binary("dask-worker"),
+        &[&address, "--nworkers", "2", "--nthreads", "1", "--name", "pool"],
+        dir.path("pool.log"),
+    );
+    let _one =
+        Proc::start(&dask_system_tests::binary("dask-nanny"), &[&address, "--name", "solo"], dir.path("solo.log"));
+    let client = Client::connect(&address).unwrap();
+    client.wait_for_workers(3, Some(LONG)).unwrap();
+    let info = client.scheduler_info().unwrap();
+    let mut names: Vec<&str> = info.workers.iter().map(|w| w.name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["pool-0", "pool-1", "solo"]);
+    // Each worker is a process of its own, under a nanny of its own.
+    let pids: std::collections::HashSet<u32> = info.workers.iter().map(|w| w.pid).collect();
+    assert_eq!(pids.len(), 3);
+    assert!(!pids.contains(&many.child.id()), "workers are not the dask-worker process itself");
+    let nannies: std::collections::HashSet<&str> = info.workers.iter().map(|w| w.nanny.as_str()).collect();
+    assert!(nannies.len() == 3 && !nannies.contains(""), "{nannies:?}");
+    // SIGTERM stops the nannies and their workers cleanly.
+    let pool_pids: Vec<u32> = info.workers.iter().filter(|w| w.name.starts_with("pool")).map(|w| w.pid).collect();
+    many.terminate();
+    assert_eq!(many.wait_exit(LONG).and_then(|s| s.code()), Some(0), "{}", many.log());
+    for pid in pool_pids {
+        eventually(LONG, "the pool's workers to exit", || !alive(pid));
+    }
+}
+
+#[test]
+fn a_nanny_whose_worker_cannot_bind_its_port_gives_up_saying_why() {
+    let dir = TempDir::new("bad-port");
+    let (_sched, address) = start_scheduler(&dir, &[]);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let mut n = start_with_env(test_worker(), &[&address, "--worker-port", &port], &[FAST_BACKOFF], dir.path("n.log"));
+    assert_eq!(n.wait_exit(LONG).and_then(|s| s.code()), Some(1), "{}", n.log());
+    let log = n.log();
+    assert!(log.contains("failed to bind") && log.contains("5 times in a row"), "{log}");
+}
+
+#[test]
+fn a_worker_over_its_pause_threshold_gets_no_new_tasks_until_it_resumes() {
+    let dir = TempDir::new("pause");
+    let (sched, address) = start_scheduler(&dir, &[]);
+    // Pauses past 80% of 300 MB (240 MB); restarts only past 95% (285 MB).
+    let _w = nanny_workers(&dir, &address, 1, &["--memory-limit", "300MB"], &[]);
+    let client = Client::connect(&address).unwrap();
+    client.wait_for_workers(1, Some(LONG)).unwrap();
+    // 230 MiB (241 MB) and the worker's own ~20 MB: between the two.
+    let holding = client.submit(hog, (230, 3_000)).unwrap();
+    eventually(LONG, "the worker to pause", || client.scheduler_info().unwrap().workers[0].status == "paused");
+    // Work submitted now waits; it runs once the memory is given back.
+    let later = client.submit(triple, (5,)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(later.status(), dask::FutureStatus::Pending, "a paused worker starts nothing");
+    assert_eq!(holding.result_timeout(LONG).unwrap(), 230 << 20);
+    assert_eq!(later.result_timeout(LONG).unwrap(), 15);
+    eventually(LONG, "the worker to resume", || client.scheduler_info().unwrap().workers[0].status == "running");
+    let log = sched.log();
+    assert!(log.contains("paused") && log.contains("resumed"), "{log}");
+}

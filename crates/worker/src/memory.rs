@@ -106,6 +106,11 @@ impl MemoryPolicy {
         self.bytes(self.thresholds.terminate)
     }
 
+    /// Whether `process` bytes are over the `pause` threshold.
+    pub fn over_pause(&self, process: u64) -> bool {
+        self.bytes(self.thresholds.pause).is_some_and(|p| process > p)
+    }
+
     /// Whether values may spill at all (any spilling threshold on, and a limit).
     pub fn spills(&self) -> bool {
         self.limit > 0 && (self.thresholds.target.is_some() || self.thresholds.spill.is_some())

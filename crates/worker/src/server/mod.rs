@@ -248,6 +248,7 @@ pub async fn start(
             sampler: ProcessMemory::this_process(),
             rss: 0,
             spilling: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            last_collect: None,
             executor,
             events_tx,
             out_tx,
@@ -357,6 +358,8 @@ struct Loop {
     rss: u64,
     /// A spill to bring process memory down is under way (on a blocking thread).
     spilling: Arc<std::sync::atomic::AtomicBool>,
+    /// When freed memory was last given back to the system while over the pause threshold.
+    last_collect: Option<Instant>,
     executor: Executor,
     events_tx: mpsc::UnboundedSender<Event>,
     out_tx: mpsc::UnboundedSender<pb::WorkerToScheduler>,
@@ -476,7 +479,15 @@ impl Loop {
 
     /// One memory sample: pause or resume, and spill if the process is over `spill`.
     fn on_monitor(&mut self) {
-        let Some(rss) = self.sampler.sample() else { return };
+        let Some(mut rss) = self.sampler.sample() else { return };
+        // Over the pause threshold: first give freed memory back to the system (at most once a
+        // second), as dask collects garbage while paused. A large value just dropped by a task
+        // otherwise stays in the allocator's caches and keeps the worker paused.
+        if self.policy.over_pause(rss) && self.last_collect.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            self.last_collect = Some(Instant::now());
+            dask_protocol::sys::release_free_memory();
+            rss = self.sampler.sample().unwrap_or(rss);
+        }
         self.rss = rss;
         let decision = self.policy.on_sample(rss);
         if let Some(paused) = decision.pause {
