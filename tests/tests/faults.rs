@@ -464,3 +464,20 @@ fn a_worker_over_its_pause_threshold_gets_no_new_tasks_until_it_resumes() {
     let log = sched.log();
     assert!(log.contains("paused") && log.contains("resumed"), "{log}");
 }
+
+#[test]
+fn a_worker_never_outlives_its_nanny_and_sigterm_to_the_worker_alone_replaces_it() {
+    let dir = TempDir::new("orphans");
+    let (_sched, address) = start_scheduler(&dir, &[]);
+    let mut w = nanny_workers(&dir, &address, 2, &[], &[]);
+    let client = Client::connect(&address).unwrap();
+    client.wait_for_workers(2, Some(LONG)).unwrap();
+    let pids = worker_pids(&client);
+    // SIGTERM sent to a worker itself (an OOM helper, an operator): its nanny starts a new one.
+    signal(pids["n1"], "TERM");
+    eventually(LONG, "a fresh n1", || worker_pids(&client).get("n1").is_some_and(|p| *p != pids["n1"]));
+    // Its nanny SIGKILLed: the worker notices and stops too.
+    w[0].kill();
+    eventually(LONG, "n0's worker to stop with its nanny", || !alive(pids["n0"]));
+    eventually(LONG, "n0 to leave the scheduler", || !worker_pids(&client).contains_key("n0"));
+}

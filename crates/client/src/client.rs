@@ -90,6 +90,9 @@ pub(crate) struct KeyTable {
     keys: Mutex<FxHashMap<Arc<str>, Held>>,
     /// Numbers each entry, so a handle from before a cancel cannot release its successor.
     next_gen: AtomicU64,
+    /// Entries numbered from here on were made after this client's last `restart` began: a
+    /// restart's late cancellation must not end them (the same key submitted again).
+    restart_floor: AtomicU64,
 }
 
 /// Handles this client holds for one key, the key's shared state, and the entry's number.
@@ -124,9 +127,19 @@ impl KeyTable {
             }
             Some(Kind::Erred(e)) => Status::Error(Arc::new(TaskFailure::from(e))),
             // The scheduler cancelled it (a restart): the future is over, and a later submission
-            // of the key is a new computation.
+            // of the key is a new computation. Not an entry made after this client's own
+            // restart began: that report is late, for the key's previous life.
             Some(Kind::Cancelled(c)) if c.by_scheduler => {
-                self.detach(&report.key);
+                let floor = self.restart_floor.load(Ordering::Relaxed);
+                let mut keys = self.keys.lock();
+                match keys.get(report.key.as_str()) {
+                    Some(h) if floor != 0 && h.generation >= floor => return,
+                    Some(_) => {
+                        keys.remove(report.key.as_str());
+                    }
+                    None => return,
+                }
+                drop(keys);
                 Status::Cancelled(Arc::from(c.reason))
             }
             // This client's own cancel, marked already; a late confirmation must not cancel a
@@ -155,10 +168,16 @@ impl KeyTable {
         }
     }
 
-    /// Every future ends as cancelled, with `why`; later submissions of the same keys are new.
-    fn cancel_all(&self, why: &str) {
+    /// Every future made before entry number `floor` ends as cancelled, with `why`; later
+    /// submissions of the same keys are new.
+    fn cancel_below(&self, floor: u64, why: &str) {
         let why: Arc<str> = Arc::from(why);
-        let states: Vec<_> = self.keys.lock().drain().map(|(_, h)| h.state).collect();
+        let states: Vec<_> = {
+            let mut keys = self.keys.lock();
+            let gone: Vec<Arc<str>> =
+                keys.iter().filter(|(_, h)| h.generation < floor).map(|(k, _)| k.clone()).collect();
+            gone.into_iter().filter_map(|k| keys.remove(&k)).map(|h| h.state).collect()
+        };
         for s in states {
             s.set(Status::Cancelled(why.clone()));
         }
@@ -180,7 +199,6 @@ pub(crate) struct ClientInner {
     /// The runtime this client owns, if it was created from blocking code.
     runtime: Mutex<Option<tokio::runtime::Runtime>>,
     handle: tokio::runtime::Handle,
-    ops: mpsc::UnboundedSender<pb::ClientOp>,
     table: Arc<KeyTable>,
     /// The connection to the scheduler: replaced when the client reconnects.
     link: Arc<Link>,
@@ -201,7 +219,10 @@ pub(crate) struct ClientInner {
 /// and the name this client gave the scheduler.
 pub(crate) struct Link {
     scheduler: Mutex<SchedulerClient<Channel>>,
-    stream: Mutex<mpsc::UnboundedSender<pb::ClientToScheduler>>,
+    /// Where ops go: the writer of the current session, which sends them on its stream. A new
+    /// session (a reconnection) gets a new writer: what was queued for the old one never
+    /// reaches the new scheduler.
+    ops: Mutex<mpsc::UnboundedSender<pb::ClientOp>>,
     /// What this client calls itself to the scheduler (`Client-<hex>`).
     client_id: Mutex<String>,
     /// The scheduler's id (`Scheduler-<hex>`): another one after a reconnection means it
@@ -246,7 +267,7 @@ impl ClientInner {
     }
 
     fn send(&self, kind: pb::client_op::Kind) {
-        let _ = self.ops.send(pb::ClientOp { kind: Some(kind) });
+        let _ = self.link.ops.lock().send(pb::ClientOp { kind: Some(kind) });
     }
 
     /// A new handle for `key`; `true` if this client did not hold the key before.
@@ -897,26 +918,31 @@ impl Client {
     /// [`restart`](Self::restart) for async code.
     pub async fn restart_async(&self, timeout: Duration) -> Result<()> {
         self.check_open()?;
-        let req = pb::RestartRequest {
-            timeout_s: timeout.as_secs_f64(),
-            reason: String::new(),
-            client_id: self.inner.link.client_id.lock().clone(),
-        };
+        let req = pb::RestartRequest { timeout_s: timeout.as_secs_f64(), reason: String::new() };
+        // Futures made before this point end with the restart (the scheduler's reports say so
+        // in stream order; the guard makes sure of it even if this call is dropped half-way).
+        // Those made from here on belong to the restarted cluster.
+        let table = &self.inner.table;
+        let floor = table.next_gen.load(Ordering::Relaxed);
+        table.restart_floor.store(floor.max(1), Ordering::Relaxed);
+        struct CancelOnDrop<'a>(Option<(&'a KeyTable, u64)>);
+        impl Drop for CancelOnDrop<'_> {
+            fn drop(&mut self) {
+                if let Some((table, floor)) = self.0.take() {
+                    table.cancel_below(floor, RESTARTED);
+                }
+            }
+        }
+        let mut guard = CancelOnDrop(Some((table, floor)));
         match self.inner.link.rpc().restart(req).await {
-            Ok(_) => {
-                // The scheduler told the other clients; this one cancels its own futures, now
-                // that nothing of theirs can arrive any more.
-                self.inner.table.cancel_all(RESTARTED);
-                Ok(())
-            }
-            Err(s) if s.code() == tonic::Code::DeadlineExceeded => {
-                self.inner.table.cancel_all(RESTARTED);
-                Err(Error::Timeout {
-                    what: format!("the workers to come back after a restart ({})", s.message()),
-                    after: timeout,
-                })
-            }
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::DeadlineExceeded => Err(Error::Timeout {
+                what: format!("the workers to come back after a restart ({})", s.message()),
+                after: timeout,
+            }),
             Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                // Refused before anything was released.
+                guard.0 = None;
                 Err(Error::InvalidArgument(format!("cannot restart: {}", s.message())))
             }
             Err(s) => Err(s.into()),
@@ -1093,18 +1119,18 @@ async fn open_stream(addr: &Address, timeout: Duration) -> Result<Opened> {
 async fn connect_inner(addr: Address, timeout: Duration, handle: tokio::runtime::Handle) -> Result<Client> {
     let (scheduler, stream_tx, inbound, client_id) = open_stream(&addr, timeout).await?;
     let scheduler_id = scheduler.clone().info(pb::Empty {}).await.map(|r| r.into_inner().id).unwrap_or_default();
+    let (ops_tx, ops_rx) = mpsc::unbounded_channel();
     let link = Arc::new(Link {
         scheduler: Mutex::new(scheduler),
-        stream: Mutex::new(stream_tx),
+        ops: Mutex::new(ops_tx),
         client_id: Mutex::new(client_id),
         scheduler_id: Mutex::new(scheduler_id),
     });
-    let (ops_tx, ops_rx) = mpsc::unbounded_channel();
     let shutdown = CancellationToken::new();
     let finished = CancellationToken::new();
     let table = Arc::new(KeyTable::default());
     let disconnected = Arc::new(Mutex::new(None));
-    handle.spawn(writer(ops_rx, link.clone(), shutdown.clone()));
+    handle.spawn(writer(ops_rx, stream_tx, shutdown.clone()));
     let session = Session {
         address: addr.clone(),
         table: table.clone(),
@@ -1118,7 +1144,6 @@ async fn connect_inner(addr: Address, timeout: Duration, handle: tokio::runtime:
         address: addr,
         runtime: Mutex::new(None),
         handle,
-        ops: ops_tx,
         table,
         link,
         peers: data::DataPool::default(),
@@ -1134,7 +1159,11 @@ async fn connect_inner(addr: Address, timeout: Duration, handle: tokio::runtime:
 }
 
 /// Sends everything queued as one message, as often as the stream takes it.
-async fn writer(mut ops: mpsc::UnboundedReceiver<pb::ClientOp>, link: Arc<Link>, shutdown: CancellationToken) {
+async fn writer(
+    mut ops: mpsc::UnboundedReceiver<pb::ClientOp>,
+    stream: mpsc::UnboundedSender<pb::ClientToScheduler>,
+    shutdown: CancellationToken,
+) {
     loop {
         let (first, closing) = tokio::select! {
             op = ops.recv() => (op, false),
@@ -1158,18 +1187,17 @@ async fn writer(mut ops: mpsc::UnboundedReceiver<pb::ClientOp>, link: Arc<Link>,
                 Err(_) => break,
             }
         }
-        // A stream that is gone (the client is reconnecting) takes nothing: what was queued
-        // belonged to the lost session.
+        // A stream that is gone (its session lost) takes nothing; this writer then only drains
+        // what was queued for it, until a new session's writer replaces it.
         if !batch.is_empty() {
-            let _ = link.stream.lock().send(pb::ClientToScheduler { ops: batch });
+            let _ = stream.send(pb::ClientToScheduler { ops: batch });
         }
         if closing && ops.is_empty() {
             break;
         }
     }
-    // Dropping our side ends the client stream: the scheduler releases our keys, then ends
+    // Dropping `stream` ends the client stream: the scheduler releases our keys, then ends
     // its side, which the reader sees.
-    *link.stream.lock() = mpsc::unbounded_channel().0;
 }
 
 /// What the reader shares with the client.
@@ -1234,9 +1262,18 @@ async fn reader(mut inbound: tonic::Streaming<pb::SchedulerToClient>, s: Session
                 } else {
                     "the connection to the scheduler was lost, and with it this client's tasks; submit again"
                 };
+                if s.shutdown.is_cancelled() {
+                    // Closed while reconnecting: the new stream ends here (dropped).
+                    s.finished.cancel();
+                    lost_for_good(&s, "the client was closed".into());
+                    return;
+                }
                 s.table.lose_all(reason);
+                // A new writer for the new session; the old one drains into its dead stream.
+                let (ops_tx, ops_rx) = mpsc::unbounded_channel();
+                tokio::spawn(writer(ops_rx, stream, s.shutdown.clone()));
+                *s.link.ops.lock() = ops_tx;
                 *s.link.scheduler.lock() = scheduler;
-                *s.link.stream.lock() = stream;
                 *s.link.client_id.lock() = client_id;
                 *s.link.scheduler_id.lock() = id;
                 *s.disconnected.lock() = None;

@@ -260,6 +260,10 @@ fn exit_status(end: std::result::Result<worker::Closed, worker::WorkerError>) ->
         Ok(closed) if closed.restart => ExitStatus::Code(dask_nanny::EXIT_RESTART),
         Ok(_) => ExitStatus::Code(0),
         Err(worker::WorkerError::SchedulerLost(_)) => ExitStatus::Code(dask_nanny::EXIT_RESTART),
+        Err(worker::WorkerError::Refused(why)) => {
+            tracing::warn!(%why, "a local worker was refused");
+            ExitStatus::Code(dask_nanny::EXIT_FATAL)
+        }
         Err(e) => {
             tracing::warn!(error = %e, "a local worker stopped");
             ExitStatus::Code(1)

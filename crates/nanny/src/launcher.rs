@@ -37,6 +37,7 @@ impl Launcher for ProcessLauncher {
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env(crate::NANNY_ENV, nanny)
+            .env(crate::nanny::NANNY_PID_ENV, std::process::id().to_string())
             .stdin(std::process::Stdio::null())
             .stdout(if self.stdout { std::process::Stdio::inherit() } else { std::process::Stdio::null() })
             .kill_on_drop(true)

@@ -25,13 +25,20 @@ use crate::supervisor::{Command, Event, ExitStatus, Policy, Supervisor};
 /// The environment variable through which a worker process learns its nanny's address.
 pub const NANNY_ENV: &str = "DASK_RS_NANNY";
 
+/// The environment variable holding the nanny's process id, for its worker process.
+pub const NANNY_PID_ENV: &str = "DASK_RS_NANNY_PID";
+
 /// For a worker process under a nanny: cancels `shutdown` when the nanny's process is gone
-/// (killed with SIGKILL, say), so that no worker outlives its nanny unsupervised. Call from
-/// inside a tokio runtime.
+/// (killed with SIGKILL, say), so that no worker outlives its nanny unsupervised. The nanny's
+/// pid comes from [`NANNY_PID_ENV`] (a nanny that died before this ran is noticed too). Call
+/// from inside a tokio runtime.
 pub fn stop_with_parent(shutdown: CancellationToken) {
     #[cfg(unix)]
     {
-        let parent = std::os::unix::process::parent_id();
+        let parent = std::env::var(NANNY_PID_ENV)
+            .ok()
+            .and_then(|p| p.parse::<u32>().ok())
+            .unwrap_or_else(std::os::unix::process::parent_id);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(250));
             loop {
@@ -286,6 +293,17 @@ async fn supervise(
                     s.worker_pid = 0;
                     s.worker_address.clear();
                 }
+                Command::Dying { reason } => {
+                    let pid = shared.lock().await.worker_pid;
+                    let _ = to_scheduler.send(pb::NannyEvent {
+                        kind: Some(pb::nanny_event::Kind::Exited(pb::WorkerExited {
+                            worker: worker_address.clone(),
+                            pid,
+                            reason,
+                            restarting: true,
+                        })),
+                    });
+                }
                 Command::Exit { code, message } => {
                     shared.lock().await.state = "closed";
                     return if code == 0 {
@@ -348,7 +366,9 @@ async fn supervise(
             }
             _ = sleep_until(deadline), if deadline.is_some() => Event::Tick,
         };
-        if let Event::OverMemory { rss, .. } = &event {
+        if let Event::OverMemory { rss, .. } = &event
+            && matches!(sup.state_name(), "starting" | "running")
+        {
             tracing::warn!(
                 nanny = %address,
                 worker = %worker_address,

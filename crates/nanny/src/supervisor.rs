@@ -98,6 +98,9 @@ pub enum Command {
     Signal(Signal),
     /// Tell the scheduler (and the log) why the worker ended, and whether a new one follows.
     Exited { reason: String, restarting: bool },
+    /// Tell the scheduler, before the worker is signalled, why it is about to end (its stream
+    /// may close before the exit is seen: the reason then reaches the scheduler first).
+    Dying { reason: String },
     /// The nanny is done: exit with this code, saying why.
     Exit { code: i32, message: String },
 }
@@ -249,6 +252,7 @@ impl Supervisor {
                         rss / 1_000_000,
                         limit / 1_000_000
                     );
+                    out.push(Command::Dying { reason: reason.clone() });
                     self.stop(Then::Restart, reason, Signal::Term, now, out);
                 }
             }
@@ -336,11 +340,24 @@ impl Supervisor {
                 out.push(Command::Exit { code: 1, message: format!("{reason}; not starting it again") });
                 return;
             }
-            ExitStatus::Code(EXIT_RESTART) => {
+            ExitStatus::Code(EXIT_RESTART) if registered => {
                 out.push(Command::Exited { reason: "the worker asked for a fresh worker".into(), restarting: true });
                 self.quick_exits = 0;
                 self.backoffs = 0;
                 self.spawn(now, out);
+                return;
+            }
+            ExitStatus::Code(EXIT_RESTART) => {
+                // Before it registered (its scheduler turned it away, say): a fresh one, after
+                // the backoff of quick exits, so this cannot spin; not a failed start.
+                out.push(Command::Exited {
+                    reason: "the worker lost its scheduler before it registered".into(),
+                    restarting: true,
+                });
+                let factor = 1u32 << self.backoffs.min(16);
+                self.backoffs += 1;
+                let delay = (self.policy.backoff_initial * factor).min(self.policy.backoff_max);
+                self.state = State::Backoff { until: now + delay };
                 return;
             }
             _ => {}
@@ -486,7 +503,8 @@ mod tests {
         run(&mut s, Event::Registered, t0);
         // Over memory: SIGTERM, then SIGKILL after the grace, then a fresh worker.
         let out = run(&mut s, Event::OverMemory { rss: 960_000_000, limit: 1_000_000_000 }, secs(t0, 1.0));
-        assert_eq!(out, vec![Command::Signal(Signal::Term)]);
+        assert!(matches!(&out[0], Command::Dying { reason } if reason.contains("over memory limit")), "{out:?}");
+        assert_eq!(out[1], Command::Signal(Signal::Term));
         assert_eq!(run(&mut s, Event::Tick, secs(t0, 6.0)), vec![Command::Signal(Signal::Kill)]);
         let out = run(&mut s, Event::Exited { status: ExitStatus::Signal(9) }, secs(t0, 6.1));
         assert!(
@@ -516,5 +534,42 @@ mod tests {
         let out = run(&mut s, Event::Exited { status: ExitStatus::Code(0) }, t0);
         assert!(matches!(out.last(), Some(Command::Exit { code: 0, .. })), "{out:?}");
         assert!(s.is_closed());
+    }
+
+    #[test]
+    fn spawn_failures_give_up_and_give_up_and_close_end_a_backoff() {
+        let t0 = Instant::now();
+        let mut s = Supervisor::new(Policy::default());
+        run(&mut s, Event::Start, t0);
+        let out = run(&mut s, Event::SpawnFailed { why: "no such program".into() }, t0);
+        assert!(matches!(&out[..], [Command::Exit { code: 1, message }] if message.contains("no such program")));
+        // Close during a backoff: the nanny exits 0 at once; GiveUp exits 1.
+        for (event, code) in
+            [(Event::CloseAsked { reason: "bye".into() }, 0), (Event::GiveUp { reason: "no scheduler".into() }, 1)]
+        {
+            let mut s = Supervisor::new(Policy::default());
+            run(&mut s, Event::Start, t0);
+            run(&mut s, Event::Exited { status: ExitStatus::Code(1) }, t0);
+            assert!(s.next_deadline().is_some(), "in backoff");
+            let out = run(&mut s, event, t0);
+            assert!(matches!(out.last(), Some(Command::Exit { code: c, .. }) if *c == code), "{out:?}");
+            assert!(s.is_closed());
+            assert!(run(&mut s, Event::Tick, secs(t0, 100.0)).is_empty(), "nothing after closing");
+        }
+    }
+
+    #[test]
+    fn exit_75_before_registering_backs_off_and_is_not_a_failed_start() {
+        let t0 = Instant::now();
+        let mut s = Supervisor::new(Policy::default());
+        run(&mut s, Event::Start, t0);
+        let mut now = 0.0;
+        for wait in [1.0, 2.0, 4.0, 8.0, 16.0, 30.0] {
+            run(&mut s, Event::Exited { status: ExitStatus::Code(EXIT_RESTART) }, secs(t0, now));
+            assert_eq!(s.next_deadline(), Some(secs(t0, now + wait)), "no spin");
+            now += wait;
+            assert_eq!(run(&mut s, Event::Tick, secs(t0, now)), vec![Command::Spawn]);
+        }
+        assert!(!s.is_closed(), "never given up: the scheduler may come back");
     }
 }

@@ -88,15 +88,9 @@ enum LoopMsg {
         events: Vec<pb::NannyEvent>,
     },
     NannyGone(u32),
-    /// A client said who it is (its `Client-...` id).
-    ClientNamed {
-        client: ClientId,
-        name: String,
-    },
     Restart {
         timeout: Duration,
         reason: String,
-        client: String,
         reply: oneshot::Sender<Result<u32, Status>>,
     },
     /// Time to look at pending restarts again.
@@ -158,7 +152,6 @@ pub async fn run(
             exit_reasons: HashMap::new(),
             pending_loss: HashMap::new(),
             expected_gone: HashSet::new(),
-            client_names: HashMap::new(),
             restarts: Vec::new(),
             retires: HashMap::new(),
             next_op: 1,
@@ -246,7 +239,6 @@ struct EventLoop {
     pending_loss: HashMap<WorkerId, String>,
     /// Workers asked to go (restart): their loss is no one's fault.
     expected_gone: HashSet<WorkerId>,
-    client_names: HashMap<String, ClientId>,
     restarts: Vec<RestartWaiter>,
     /// Retire requests waiting for the core's answer, by op.
     retires: HashMap<u64, oneshot::Sender<Result<Vec<String>, Status>>>,
@@ -324,6 +316,10 @@ impl EventLoop {
                     self.check_restarts();
                     self.release.if_due();
                 }
+            }
+            // Once per batch: retirement walks the retiring workers' values.
+            if self.core.is_retiring() {
+                self.handle(Event::RetireProgress);
             }
             self.flush();
         }
@@ -480,10 +476,7 @@ impl EventLoop {
                     tracing::info!(nanny = %n.address, name = %n.name, "nanny disconnected");
                 }
             }
-            LoopMsg::ClientNamed { client, name } => {
-                self.client_names.insert(name, client);
-            }
-            LoopMsg::Restart { timeout, reason, client, reply } => self.restart(timeout, reason, &client, reply),
+            LoopMsg::Restart { timeout, reason, reply } => self.restart(timeout, reason, reply),
             LoopMsg::RestartsDue => self.check_restarts(),
             LoopMsg::Retire { workers, n, close, reply } => self.retire(workers, n, close, reply),
             LoopMsg::ClientConnected { tx, reply } => {
@@ -518,6 +511,8 @@ impl EventLoop {
             return;
         }
         if meta.nanny.as_deref().is_some_and(|a| self.nanny_at(a).is_some()) {
+            // No new work for it meanwhile.
+            self.handle(Event::WorkerClosing { worker });
             self.pending_loss.insert(worker, reason);
             let tx = self.self_tx.clone();
             tokio::spawn(async move {
@@ -585,13 +580,7 @@ impl EventLoop {
     /// `Client::restart`: every worker must have a nanny; then every task is forgotten, every
     /// nanny restarts its worker, and the reply goes out once as many workers as before are
     /// back (all of them new), or at `timeout`.
-    fn restart(
-        &mut self,
-        timeout: Duration,
-        reason: String,
-        client: &str,
-        reply: oneshot::Sender<Result<u32, Status>>,
-    ) {
+    fn restart(&mut self, timeout: Duration, reason: String, reply: oneshot::Sender<Result<u32, Status>>) {
         let mut without: Vec<String> = self
             .worker_meta
             .values()
@@ -601,15 +590,15 @@ impl EventLoop {
         if !without.is_empty() {
             without.sort();
             let _ = reply.send(Err(Status::failed_precondition(format!(
-                "restarting workers needs a nanny, and {} of them run without one: {without:?} (started with \
-                 --no-nanny?); run them under a nanny (dask-worker's default) or restart them yourself",
+                "restarting workers needs a nanny, and {} of them have none connected: {without:?} (started \
+                 with --no-nanny, or their nanny is reconnecting); run them under a nanny (dask-worker's \
+                 default) or restart them yourself",
                 without.len()
             ))));
             return;
         }
-        let by = self.client_names.get(client).copied();
         tracing::warn!(%reason, workers = self.worker_meta.len(), "restarting every worker and releasing every task");
-        self.handle(Event::Restart { reason: reason.clone(), by });
+        self.handle(Event::Restart { reason: reason.clone() });
         let old: BTreeSet<WorkerId> = self.worker_meta.keys().copied().collect();
         self.expected_gone.extend(old.iter().copied());
         for n in self.nannies.values() {
@@ -998,7 +987,6 @@ impl pb::scheduler_server::Scheduler for Service {
                             if let Some(pb::client_op::Kind::Hello(h)) = &op.kind {
                                 name = h.client_id.clone();
                                 tracing::info!(client = %name, %peer, "client connected");
-                                let _ = tx.send(LoopMsg::ClientNamed { client: id, name: name.clone() });
                             }
                         }
                         let events: Vec<Event> = batch.ops.into_iter().filter_map(|op| client_event(id, op)).collect();
@@ -1054,7 +1042,7 @@ impl pb::scheduler_server::Scheduler for Service {
             req.reason
         };
         let (tx, rx) = oneshot::channel();
-        self.tx.send(LoopMsg::Restart { timeout, reason, client: req.client_id, reply: tx }).map_err(|_| closed())?;
+        self.tx.send(LoopMsg::Restart { timeout, reason, reply: tx }).map_err(|_| closed())?;
         let workers = rx.await.map_err(|_| closed())??;
         Ok(Response::new(pb::RestartReply { workers }))
     }

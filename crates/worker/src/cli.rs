@@ -212,6 +212,10 @@ fn run_cli(args: Args, sub: &[&str], nanny_only: bool) -> Result<ExitCode, Strin
         for r in runs {
             match r.await {
                 Ok(Ok(closed)) if closed.restart => code = ExitCode::from(RESTART),
+                // A signal sent to the worker itself (not through its nanny: that one stops the
+                // nanny first, which then ignores the code): a fresh worker takes its place, as
+                // dask's nanny restarts a worker unless it was itself told to close.
+                Ok(Ok(closed)) if closed.by_owner && my_nanny.is_some() => code = ExitCode::from(RESTART),
                 Ok(Ok(_)) => {}
                 // Under a nanny, a worker that lost its scheduler asks for a fresh one (which
                 // waits for the scheduler to come back).

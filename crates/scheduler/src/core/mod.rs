@@ -185,11 +185,15 @@ pub enum Event {
         /// It was asked to go (restarted, retired): its tasks do not count it as a death.
         expected: bool,
     },
-    /// `Client::restart`: forget every task; every client's futures end as cancelled (but
-    /// those of `by`, which cancels its own).
+    /// The worker's connection ended; it is removed (`WorkerLost`) once its nanny says why. Until
+    /// then it gets no new work.
+    WorkerClosing {
+        worker: WorkerId,
+    },
+    /// `Client::restart`: forget every task; every client's futures end as cancelled, each
+    /// client told in its stream's order (after everything it was told before).
     Restart {
         reason: String,
-        by: Option<ClientId>,
     },
     TaskFinished {
         worker: WorkerId,
@@ -246,6 +250,9 @@ pub enum Event {
         worker: WorkerId,
         keys: Vec<Key>,
     },
+    /// After a batch of events while workers retire: copies to plan, retired workers to close.
+    /// Once per batch, not per event: a retiring worker's values are walked each time.
+    RetireProgress,
     /// Periodic: removes workers that stopped heartbeating.
     Tick,
 }
@@ -263,6 +270,7 @@ impl Event {
             Event::Scattered { .. } => "scattered",
             Event::WorkerJoined { .. } => "worker-joined",
             Event::WorkerLost { .. } => "worker-lost",
+            Event::WorkerClosing { .. } => "worker-closing",
             Event::Restart { .. } => "restart",
             Event::TaskFinished { .. } => "task-finished",
             Event::TaskFailed { .. } => "task-failed",
@@ -272,6 +280,7 @@ impl Event {
             Event::RetireWorkers { .. } => "retire-workers",
             Event::ReplicasAdded { .. } => "replicas-added",
             Event::ReplicasFailed { .. } => "replicas-failed",
+            Event::RetireProgress => "retire-progress",
             Event::Tick => "tick",
         }
     }
@@ -582,6 +591,8 @@ pub struct SchedulerCore {
     freed: Vec<WorkerId>,
     /// Values being copied off retiring workers, and the worker taking each copy.
     replicating: FxHashMap<TaskId, WorkerId>,
+    /// Failed copies of a value in a row (retirement gives up after a few).
+    copy_failures: FxHashMap<TaskId, u32>,
     retire_ops: FxHashMap<u64, retire::RetireOp>,
 }
 
@@ -620,6 +631,7 @@ impl SchedulerCore {
             inline: None,
             freed: Vec::new(),
             replicating: FxHashMap::default(),
+            copy_failures: FxHashMap::default(),
             retire_ops: FxHashMap::default(),
         }
     }
@@ -750,12 +762,24 @@ impl SchedulerCore {
             Event::Scattered { client, keys } => self.scattered(client, keys, out),
             Event::WorkerJoined { worker, spec } => self.worker_joined(worker, spec, out),
             Event::WorkerLost { worker, reason, expected } => self.remove_worker(worker, &reason, expected, out),
-            Event::Restart { reason, by } => self.restart(&reason, by, out),
+            Event::WorkerClosing { worker } => {
+                if let Some(w) = self.workers.get_mut(&worker)
+                    && !w.closing
+                {
+                    let key = (occupancy(w), worker);
+                    if w.open() {
+                        self.by_occupancy.remove(&key);
+                    }
+                    w.closing = true;
+                }
+            }
+            Event::Restart { reason } => self.restart(&reason, out),
             Event::RetireWorkers { op, workers, close, restart, reason } => {
                 self.retire(op, workers, close, restart, &reason, out)
             }
             Event::ReplicasAdded { worker, keys } => self.replicas_added(worker, keys, out),
-            Event::ReplicasFailed { worker, keys } => self.replicas_failed(worker, keys),
+            Event::ReplicasFailed { worker, keys } => self.replicas_failed(worker, keys, out),
+            Event::RetireProgress => self.progress_retirement(out),
             Event::TaskFinished { worker, key, nbytes, duration, value } => {
                 self.inline = value.map(|v| (key.clone(), v));
                 self.task_finished(worker, key, nbytes, duration, out);
@@ -804,9 +828,12 @@ impl SchedulerCore {
         while let Some(w) = self.freed.pop() {
             self.fill(w, out);
         }
-        if !self.retire_ops.is_empty() || self.workers.values().any(|w| w.retiring.is_some()) {
-            self.progress_retirement(out);
-        }
+    }
+
+    /// Whether any worker is retiring: the shell then sends [`Event::RetireProgress`] after each
+    /// batch of events.
+    pub fn is_retiring(&self) -> bool {
+        !self.retire_ops.is_empty() || self.workers.values().any(|w| w.retiring.as_ref().is_some_and(|r| !r.is_done()))
     }
 
     // ------------------------------------------------------------------ clients
@@ -1062,17 +1089,18 @@ impl SchedulerCore {
         self.fill(worker, out);
     }
 
-    /// Forgets every task: clients are told their keys were cancelled, workers to drop what
+    /// Forgets every task: every client is told its keys were cancelled, workers to drop what
     /// they hold or run. Workers stay (the shell restarts them through their nannies); measured
     /// durations stay too.
-    fn restart(&mut self, reason: &str, by: Option<ClientId>, out: &mut Vec<Command>) {
+    fn restart(&mut self, reason: &str, out: &mut Vec<Command>) {
+        self.restart_cancels_retirement(out);
         let why: Arc<str> = Arc::from(reason);
         let n = self.keys.len();
         let mut clients: Vec<ClientId> = self.clients.keys().copied().collect();
         clients.sort();
         for c in clients {
             let wants = std::mem::take(&mut self.clients.get_mut(&c).expect("listed").wants);
-            if Some(c) == by || c == FIRE_AND_FORGET {
+            if c == FIRE_AND_FORGET {
                 continue;
             }
             let mut keys: Vec<Key> = wants.iter().map(|t| self.task(*t).key.clone()).collect();
@@ -1100,6 +1128,7 @@ impl SchedulerCore {
         self.to_check.clear();
         self.freed.clear();
         self.replicating.clear();
+        self.copy_failures.clear();
         out.push(Command::Notice {
             level: NoticeLevel::Warn,
             message: format!("restart: released every task ({n}); {reason}"),
@@ -1562,6 +1591,7 @@ impl SchedulerCore {
             }
             TaskState::Memory { who_has, nbytes } => {
                 self.replicating.remove(&t);
+                self.copy_failures.remove(&t);
                 for w in who_has {
                     if let Some(worker) = self.workers.get_mut(w) {
                         worker.has_what.remove(&t);

@@ -36,7 +36,12 @@ impl Retiring {
 pub(super) struct RetireOp {
     waiting: Vec<WorkerId>,
     retired: Vec<Arc<str>>,
+    /// Workers whose retirement was given up, and why.
+    failed: Vec<String>,
 }
+
+/// Copies of one value that failed in a row before its worker's retirement is given up.
+const MAX_COPY_FAILURES: u32 = 3;
 
 impl SchedulerCore {
     /// Starts retiring `workers`. Refused (reported at once) when no other worker could take
@@ -90,7 +95,7 @@ impl SchedulerCore {
             });
         }
         if op != 0 {
-            self.retire_ops.insert(op, RetireOp { waiting: chosen, retired: Vec::new() });
+            self.retire_ops.insert(op, RetireOp { waiting: chosen, ..Default::default() });
         }
         self.progress_retirement(out);
     }
@@ -112,6 +117,7 @@ impl SchedulerCore {
         let mut plan: FxHashMap<WorkerId, Vec<DepLocation>> = FxHashMap::default();
         let mut planned_bytes: FxHashMap<WorkerId, u64> = FxHashMap::default();
         let mut finished = Vec::new();
+        let mut stuck = Vec::new();
         for &w in &retiring {
             let mut unique = 0;
             let mut held: Vec<TaskId> = self.workers[&w].has_what.iter().copied().collect();
@@ -126,7 +132,10 @@ impl SchedulerCore {
                     continue; // on its way
                 }
                 let nbytes = *nbytes;
-                let Some(target) = self.replica_target(&planned_bytes) else { continue };
+                let Some(target) = self.replica_target(&planned_bytes) else {
+                    stuck.push(w);
+                    break;
+                };
                 *planned_bytes.entry(target).or_default() += nbytes;
                 let workers: SmallVec<[Arc<str>; 2]> =
                     who_has.iter().map(|h| self.workers[h].spec.address.clone()).collect();
@@ -144,6 +153,49 @@ impl SchedulerCore {
         }
         for w in finished {
             self.retired(w, out);
+        }
+        for w in stuck {
+            self.abort_retirement(w, "no other worker is running to take its values (they left or paused)", out);
+        }
+    }
+
+    /// Gives up retiring `w`: it runs again as before, and its request hears why.
+    fn abort_retirement(&mut self, w: WorkerId, why: &str, out: &mut Vec<Command>) {
+        let Some(worker) = self.workers.get_mut(&w) else { return };
+        let Some(r) = worker.retiring.take() else { return };
+        let address = worker.spec.address.clone();
+        if worker.open() {
+            self.by_occupancy.insert((super::occupancy(worker), w));
+        }
+        self.replicating.retain(|t, _| !self.workers[&w].has_what.contains(t));
+        out.push(Command::Notice {
+            level: NoticeLevel::Warn,
+            message: format!("gave up retiring worker {address}: {why}; it runs again"),
+        });
+        if let Some(o) = self.retire_ops.get_mut(&r.op) {
+            o.failed.push(format!("{address}: {why}"));
+        }
+        self.retire_op_done(r.op, w, None, out);
+        self.fill(w, out);
+    }
+
+    /// `Client::restart` during a retirement: the workers are being replaced anyway; their
+    /// requests end, saying so.
+    pub(super) fn restart_cancels_retirement(&mut self, out: &mut Vec<Command>) {
+        for w in self.workers.values_mut() {
+            w.retiring = None;
+        }
+        self.replicating.clear();
+        self.copy_failures.clear();
+        let mut ops: Vec<u64> = self.retire_ops.keys().copied().collect();
+        ops.sort();
+        for op in ops {
+            self.retire_ops.remove(&op);
+            out.push(Command::Retired {
+                op,
+                workers: Vec::new(),
+                refused: Some("the cluster was restarted while the workers retired".into()),
+            });
         }
     }
 
@@ -199,7 +251,9 @@ impl SchedulerCore {
         }
         if o.waiting.is_empty() {
             let o = self.retire_ops.remove(&op).expect("present");
-            out.push(Command::Retired { op, workers: o.retired, refused: None });
+            // Some retired: the answer lists them; none did and some failed: the reasons.
+            let refused = (o.retired.is_empty() && !o.failed.is_empty()).then(|| o.failed.join("; "));
+            out.push(Command::Retired { op, workers: o.retired, refused });
         }
     }
 
@@ -213,6 +267,7 @@ impl SchedulerCore {
             if self.replicating.get(&t) == Some(&worker) {
                 self.replicating.remove(&t);
             }
+            self.copy_failures.remove(&t);
             match self.task(t).state {
                 TaskState::Memory { .. } if self.workers.contains_key(&worker) => self.add_replica(t, worker),
                 // Released meanwhile: the copy is nobody's.
@@ -221,13 +276,29 @@ impl SchedulerCore {
         }
     }
 
-    /// A worker could not fetch copies it was asked to keep: they are planned again.
-    pub(super) fn replicas_failed(&mut self, worker: WorkerId, keys: Vec<Key>) {
+    /// A worker could not fetch copies it was asked to keep: they are planned again, up to
+    /// [`MAX_COPY_FAILURES`] times in a row; then the retirement of the workers holding that value
+    /// is given up.
+    pub(super) fn replicas_failed(&mut self, worker: WorkerId, keys: Vec<Key>, out: &mut Vec<Command>) {
         for key in keys {
-            if let Some(&t) = self.keys.get(&key)
-                && self.replicating.get(&t) == Some(&worker)
-            {
-                self.replicating.remove(&t);
+            let Some(&t) = self.keys.get(&key) else { continue };
+            if self.replicating.get(&t) != Some(&worker) {
+                continue;
+            }
+            self.replicating.remove(&t);
+            let n = self.copy_failures.entry(t).or_default();
+            *n += 1;
+            if *n >= MAX_COPY_FAILURES {
+                self.copy_failures.remove(&t);
+                let holders: Vec<WorkerId> = match &self.task(t).state {
+                    TaskState::Memory { who_has, .. } => who_has.to_vec(),
+                    _ => Vec::new(),
+                };
+                let why =
+                    format!("its value {key:?} could not be copied to another worker ({MAX_COPY_FAILURES} tries)");
+                for h in holders {
+                    self.abort_retirement(h, &why, out);
+                }
             }
         }
     }

@@ -65,6 +65,15 @@ impl Harness {
     }
 
     fn handle(&mut self, event: Event) -> Vec<Command> {
+        let mut out = self.handle_one(event);
+        // As the shell does after each batch while workers retire.
+        if self.core.is_retiring() {
+            out.extend(self.handle_one(Event::RetireProgress));
+        }
+        out
+    }
+
+    fn handle_one(&mut self, event: Event) -> Vec<Command> {
         let mut out = Vec::new();
         self.core.handle(event, self.now, &mut out);
         self.core.validate();
@@ -542,20 +551,24 @@ fn paused(worker: u32, paused: bool) -> Event {
 }
 
 #[test]
-fn restart_forgets_everything_and_tells_every_other_client() {
+fn restart_forgets_everything_and_tells_every_client() {
     let mut h = Harness::new();
     h.join(1, 1);
     h.submit(C1, vec![task("a", &[]), task("b", &["a"]), task("c", &[])], &["b", "c"]);
     h.finish(1, "a", 10);
     h.submit(C2, vec![task("c", &[])], &["c"]);
-    let out = h.handle(Event::Restart { reason: "Client.restart".into(), by: Some(C2) });
-    // C1 hears of both its keys; C2 (which asked) is told nothing.
+    let out = h.handle(Event::Restart { reason: "Client.restart".into() });
+    // Every client hears of every key it held.
     let mut told = reports(&out);
-    told.sort_by(|a, b| a.1.cmp(&b.1));
+    told.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
     let why: Arc<str> = Arc::from("Client.restart");
     assert_eq!(
         told,
-        vec![(C1, s("b"), Report::Cancelled(Some(why.clone()))), (C1, s("c"), Report::Cancelled(Some(why)))]
+        vec![
+            (C1, s("b"), Report::Cancelled(Some(why.clone()))),
+            (C1, s("c"), Report::Cancelled(Some(why.clone()))),
+            (C2, s("c"), Report::Cancelled(Some(why)))
+        ]
     );
     // The worker drops what it holds and runs (`c` only waited in the queue).
     let mut freed = frees(&out);
@@ -673,6 +686,62 @@ fn retiring_the_last_worker_with_data_is_refused_and_close_false_leaves_it_idle(
     assert_eq!(h.core.n_workers(), 2);
     let out = h.submit(C1, vec![task("b", &[])], &["b"]);
     assert_eq!(computes(&out), vec![(2, s("b"))], "a retired worker gets no work");
+}
+
+#[test]
+fn a_retirement_with_no_one_left_to_take_the_values_is_given_up() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    h.join(2, 1);
+    let mut on1 = task("a", &[]);
+    on1.workers = vec![addr(1)];
+    h.submit(C1, vec![on1], &["a"]);
+    h.finish(1, "a", 1);
+    let out = h.handle(retire(5, &[1], true));
+    assert_eq!(acquired(&out), vec![(2, vec![s("a")])]);
+    // The only worker that could take the copy dies: worker 1 runs again, and the request
+    // hears why.
+    let out = h.lose(2);
+    assert!(
+        out.iter().any(
+            |c| matches!(c, Command::Retired { op: 5, refused: Some(why), .. } if why.contains("no other worker"))
+        ),
+        "{out:?}"
+    );
+    assert_eq!(h.core.worker_status(WorkerId(1)), Some("running"));
+    assert!(matches!(h.state("a"), TaskState::Memory { .. }), "nothing lost");
+    // Copies that keep failing give up too.
+    h.join(3, 1);
+    h.handle(retire(6, &[1], true));
+    let mut out = Vec::new();
+    for _ in 0..3 {
+        out = h.handle(Event::ReplicasFailed { worker: WorkerId(3), keys: vec![k("a")] });
+    }
+    assert!(
+        out.iter().any(|c| matches!(c, Command::Retired { op: 6, refused: Some(why), .. } if why.contains("3 tries"))),
+        "{out:?}"
+    );
+    assert_eq!(h.core.worker_status(WorkerId(1)), Some("running"));
+}
+
+#[test]
+fn a_restart_ends_pending_retirements() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    h.join(2, 1);
+    let mut on1 = task("a", &[]);
+    on1.workers = vec![addr(1)];
+    h.submit(C1, vec![on1], &["a"]);
+    h.finish(1, "a", 1);
+    h.handle(retire(9, &[1], true));
+    let out = h.handle(Event::Restart { reason: "r".into() });
+    assert!(
+        out.iter()
+            .any(|c| matches!(c, Command::Retired { op: 9, refused: Some(why), .. } if why.contains("restarted"))),
+        "{out:?}"
+    );
+    assert!(!h.core.is_retiring());
+    assert_eq!(h.core.worker_status(WorkerId(1)), Some("running"));
 }
 
 #[test]
@@ -1488,7 +1557,7 @@ fn run_scenario(sc: Scenario) {
         } else if sc.kills && roll == 22 && sim.kills_done < 8 {
             // Client.restart: everything is forgotten and every worker replaced.
             sim.kills_done += 1;
-            sim.step(Event::Restart { reason: "test restart".into(), by: None });
+            sim.step(Event::Restart { reason: "test restart".into() });
             assert_eq!(sim.h.core.n_tasks(), 0);
             assert!(sim.in_flight.is_empty(), "every computation was freed");
             assert!(sim.wants.iter().all(|w| w.is_empty()), "every client heard");

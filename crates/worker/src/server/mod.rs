@@ -140,11 +140,17 @@ pub struct Closed {
     pub reason: String,
     /// Its nanny should start a fresh worker in its place (the scheduler removed it, say).
     pub restart: bool,
+    /// Stopped by its owner (a signal, the program that started it), not by the scheduler.
+    pub by_owner: bool,
 }
 
 impl Closed {
     fn by_owner() -> Closed {
-        Closed { reason: "closed by its owner (a signal, or the program that started it)".into(), restart: false }
+        Closed {
+            reason: "closed by its owner (a signal, or the program that started it)".into(),
+            restart: false,
+            by_owner: true,
+        }
     }
 }
 
@@ -233,7 +239,7 @@ pub async fn start(
             Duration::from_secs_f64(r.heartbeat_interval_s.max(0.05)).min(config.heartbeat)
         }
         Some(pb::scheduler_command::Kind::Close(c)) => return Err(WorkerError::Refused(c.reason)),
-        _ => return Err(WorkerError::Refused("no registration reply".into())),
+        _ => return Err(WorkerError::SchedulerLost("the scheduler did not answer the registration".into())),
     };
     tracing::info!(address = %address, name = %name, nthreads = config.nthreads, scheduler = %config.scheduler, "worker registered");
 
@@ -542,7 +548,9 @@ impl Loop {
                     self.state.handle(Event::Free(Arc::from(k)), &mut self.instructions);
                 }
             }
-            pb::scheduler_command::Kind::Close(c) => return Some(Closed { reason: c.reason, restart: c.restart }),
+            pb::scheduler_command::Kind::Close(c) => {
+                return Some(Closed { reason: c.reason, restart: c.restart, by_owner: false });
+            }
             pb::scheduler_command::Kind::Registered(_) => {}
             pb::scheduler_command::Kind::AcquireReplicas(a) => {
                 let keys = a
