@@ -284,6 +284,15 @@ impl Supervisor {
         }
     }
 
+    /// Waits before the next spawn: `backoff_initial` doubled for each backoff in a row, at most
+    /// `backoff_max`.
+    fn back_off(&mut self, now: Instant) {
+        let factor = 1u32 << self.backoffs.min(16);
+        self.backoffs += 1;
+        let delay = (self.policy.backoff_initial * factor).min(self.policy.backoff_max);
+        self.state = State::Backoff { until: now + delay };
+    }
+
     fn spawn(&mut self, now: Instant, out: &mut Vec<Command>) {
         self.state = State::Starting { since: now };
         self.spawned += 1;
@@ -354,10 +363,7 @@ impl Supervisor {
                     reason: "the worker lost its scheduler before it registered".into(),
                     restarting: true,
                 });
-                let factor = 1u32 << self.backoffs.min(16);
-                self.backoffs += 1;
-                let delay = (self.policy.backoff_initial * factor).min(self.policy.backoff_max);
-                self.state = State::Backoff { until: now + delay };
+                self.back_off(now);
                 return;
             }
             _ => {}
@@ -392,11 +398,8 @@ impl Supervisor {
             self.spawn(now, out);
         } else {
             // Quick exits in a row wait longer and longer: 1 s, 2 s, ... 30 s. No restart storm.
-            let factor = 1u32 << self.backoffs.min(16);
             self.quick_exits += 1;
-            self.backoffs += 1;
-            let delay = (self.policy.backoff_initial * factor).min(self.policy.backoff_max);
-            self.state = State::Backoff { until: now + delay };
+            self.back_off(now);
         }
     }
 }

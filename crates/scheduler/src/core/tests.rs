@@ -688,8 +688,8 @@ fn retiring_the_last_worker_with_data_is_refused_and_close_false_leaves_it_idle(
     assert_eq!(computes(&out), vec![(2, s("b"))], "a retired worker gets no work");
 }
 
-#[test]
-fn a_retirement_with_no_one_left_to_take_the_values_is_given_up() {
+/// Two workers; `a` (1 byte) in memory on worker 1 only.
+fn a_held_only_by_worker_1_of_2() -> Harness {
     let mut h = Harness::new();
     h.join(1, 1);
     h.join(2, 1);
@@ -697,6 +697,12 @@ fn a_retirement_with_no_one_left_to_take_the_values_is_given_up() {
     on1.workers = vec![addr(1)];
     h.submit(C1, vec![on1], &["a"]);
     h.finish(1, "a", 1);
+    h
+}
+
+#[test]
+fn a_retirement_with_no_one_left_to_take_the_values_is_given_up() {
+    let mut h = a_held_only_by_worker_1_of_2();
     let out = h.handle(retire(5, &[1], true));
     assert_eq!(acquired(&out), vec![(2, vec![s("a")])]);
     // The only worker that could take the copy dies: worker 1 runs again, and the request
@@ -726,13 +732,7 @@ fn a_retirement_with_no_one_left_to_take_the_values_is_given_up() {
 
 #[test]
 fn a_restart_ends_pending_retirements() {
-    let mut h = Harness::new();
-    h.join(1, 1);
-    h.join(2, 1);
-    let mut on1 = task("a", &[]);
-    on1.workers = vec![addr(1)];
-    h.submit(C1, vec![on1], &["a"]);
-    h.finish(1, "a", 1);
+    let mut h = a_held_only_by_worker_1_of_2();
     h.handle(retire(9, &[1], true));
     let out = h.handle(Event::Restart { reason: "r".into() });
     assert!(
