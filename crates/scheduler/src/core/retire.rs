@@ -10,7 +10,7 @@ use std::sync::Arc;
 use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
 
-use super::{Command, DepLocation, Key, NoticeLevel, SchedulerCore, TaskId, TaskState, WorkerId};
+use super::{Command, Cx, DepLocation, Key, NoticeLevel, SchedulerCore, TaskId, TaskState, WorkerId};
 
 /// A worker being retired.
 #[derive(Clone, Debug)]
@@ -53,7 +53,7 @@ impl SchedulerCore {
         close: bool,
         restart: bool,
         reason: &str,
-        out: &mut Vec<Command>,
+        cx: &mut Cx<'_>,
     ) {
         let chosen: Vec<WorkerId> = workers
             .into_iter()
@@ -67,8 +67,8 @@ impl SchedulerCore {
                 // anyway (they are recomputed if needed), as dask's does.
                 for w in chosen {
                     let why = format!("{reason} (its values could not move: no other worker)");
-                    out.push(Command::CloseWorker { worker: w, reason: why.clone(), restart });
-                    self.remove_worker(w, &why, true, out);
+                    cx.out.push(Command::CloseWorker { worker: w, reason: why.clone(), restart });
+                    self.remove_worker(w, &why, true, cx);
                 }
             } else {
                 let why = if chosen.is_empty() {
@@ -76,7 +76,7 @@ impl SchedulerCore {
                 } else {
                     "no other worker is running to take their data; start one first".to_string()
                 };
-                out.push(Command::Retired { op, workers: Vec::new(), refused: Some(why) });
+                cx.out.push(Command::Retired { op, workers: Vec::new(), refused: Some(why) });
             }
             return;
         }
@@ -89,7 +89,7 @@ impl SchedulerCore {
             if was_open {
                 self.by_occupancy.remove(&key);
             }
-            out.push(Command::Notice {
+            cx.out.push(Command::Notice {
                 level: NoticeLevel::Info,
                 message: format!("retiring worker {} ({reason})", worker.spec.address),
             });
@@ -97,13 +97,13 @@ impl SchedulerCore {
         if op != 0 {
             self.retire_ops.insert(op, RetireOp { waiting: chosen, ..Default::default() });
         }
-        self.progress_retirement(out);
+        self.progress_retirement(cx);
     }
 
     /// Values only retiring workers hold get a copy elsewhere; workers with nothing left to give
     /// are closed; finished requests are answered. Runs after every event while any worker
     /// retires.
-    pub(super) fn progress_retirement(&mut self, out: &mut Vec<Command>) {
+    pub(super) fn progress_retirement(&mut self, cx: &mut Cx<'_>) {
         let retiring: Vec<WorkerId> = self
             .workers
             .iter()
@@ -149,18 +149,18 @@ impl SchedulerCore {
         let mut plan: Vec<(WorkerId, Vec<DepLocation>)> = plan.into_iter().collect();
         plan.sort_by_key(|(w, _)| *w);
         for (worker, keys) in plan {
-            out.push(Command::AcquireReplicas { worker, keys });
+            cx.out.push(Command::AcquireReplicas { worker, keys });
         }
         for w in finished {
-            self.retired(w, out);
+            self.retired(w, cx);
         }
         for w in stuck {
-            self.abort_retirement(w, "no other worker is running to take its values (they left or paused)", out);
+            self.abort_retirement(w, "no other worker is running to take its values (they left or paused)", cx);
         }
     }
 
     /// Gives up retiring `w`: it runs again as before, and its request hears why.
-    fn abort_retirement(&mut self, w: WorkerId, why: &str, out: &mut Vec<Command>) {
+    fn abort_retirement(&mut self, w: WorkerId, why: &str, cx: &mut Cx<'_>) {
         let Some(worker) = self.workers.get_mut(&w) else { return };
         let Some(r) = worker.retiring.take() else { return };
         let address = worker.spec.address.clone();
@@ -168,20 +168,20 @@ impl SchedulerCore {
             self.by_occupancy.insert((super::occupancy(worker), w));
         }
         self.replicating.retain(|t, _| !self.workers[&w].has_what.contains(t));
-        out.push(Command::Notice {
+        cx.out.push(Command::Notice {
             level: NoticeLevel::Warn,
             message: format!("gave up retiring worker {address}: {why}; it runs again"),
         });
         if let Some(o) = self.retire_ops.get_mut(&r.op) {
             o.failed.push(format!("{address}: {why}"));
         }
-        self.retire_op_done(r.op, w, None, out);
-        self.fill(w, out);
+        self.retire_op_done(r.op, w, None, cx);
+        self.fill(w, cx);
     }
 
     /// `Client::restart` during a retirement: the workers are being replaced anyway; their
     /// requests end, saying so.
-    pub(super) fn restart_cancels_retirement(&mut self, out: &mut Vec<Command>) {
+    pub(super) fn restart_cancels_retirement(&mut self, cx: &mut Cx<'_>) {
         for w in self.workers.values_mut() {
             w.retiring = None;
         }
@@ -191,7 +191,7 @@ impl SchedulerCore {
         ops.sort();
         for op in ops {
             self.retire_ops.remove(&op);
-            out.push(Command::Retired {
+            cx.out.push(Command::Retired {
                 op,
                 workers: Vec::new(),
                 refused: Some("the cluster was restarted while the workers retired".into()),
@@ -211,7 +211,7 @@ impl SchedulerCore {
 
     /// Worker `w` holds nothing that exists only there and runs nothing: close it (or leave
     /// it idle), and answer its request if it was the last.
-    fn retired(&mut self, w: WorkerId, out: &mut Vec<Command>) {
+    fn retired(&mut self, w: WorkerId, cx: &mut Cx<'_>) {
         let Some(r) = self.workers.get(&w).and_then(|x| x.retiring.clone()) else { return };
         let address = self.workers[&w].spec.address.clone();
         // Done: its leaving below is not its request's failure.
@@ -219,8 +219,12 @@ impl SchedulerCore {
             x.done = true;
         }
         if r.close {
-            out.push(Command::CloseWorker { worker: w, reason: format!("retired: {}", r.reason), restart: r.restart });
-            self.remove_worker(w, &format!("retired ({})", r.reason), true, out);
+            cx.out.push(Command::CloseWorker {
+                worker: w,
+                reason: format!("retired: {}", r.reason),
+                restart: r.restart,
+            });
+            self.remove_worker(w, &format!("retired ({})", r.reason), true, cx);
         } else {
             // Its copies exist elsewhere: it drops them and stays, idle.
             let held: Vec<TaskId> = self.workers[&w].has_what.iter().copied().collect();
@@ -235,15 +239,15 @@ impl SchedulerCore {
                 let worker = self.workers.get_mut(&w).expect("known worker");
                 worker.has_what.remove(&t);
                 worker.nbytes = worker.nbytes.saturating_sub(nbytes);
-                out.push(Command::Free { worker: w, key: self.task(t).key.clone() });
+                cx.out.push(Command::Free { worker: w, key: self.task(t).key.clone() });
             }
         }
-        out.push(Command::Notice { level: NoticeLevel::Info, message: format!("worker {address} retired") });
-        self.retire_op_done(r.op, w, Some(address), out);
+        cx.out.push(Command::Notice { level: NoticeLevel::Info, message: format!("worker {address} retired") });
+        self.retire_op_done(r.op, w, Some(address), cx);
     }
 
     /// `w` left its request `op`: retired (with its address) or gone otherwise.
-    pub(super) fn retire_op_done(&mut self, op: u64, w: WorkerId, address: Option<Arc<str>>, out: &mut Vec<Command>) {
+    pub(super) fn retire_op_done(&mut self, op: u64, w: WorkerId, address: Option<Arc<str>>, cx: &mut Cx<'_>) {
         let Some(o) = self.retire_ops.get_mut(&op) else { return };
         o.waiting.retain(|x| *x != w);
         if let Some(a) = address {
@@ -253,15 +257,15 @@ impl SchedulerCore {
             let o = self.retire_ops.remove(&op).expect("present");
             // Some retired: the answer lists them; none did and some failed: the reasons.
             let refused = (o.retired.is_empty() && !o.failed.is_empty()).then(|| o.failed.join("; "));
-            out.push(Command::Retired { op, workers: o.retired, refused });
+            cx.out.push(Command::Retired { op, workers: o.retired, refused });
         }
     }
 
     /// A worker now holds copies it was sent for safekeeping.
-    pub(super) fn replicas_added(&mut self, worker: WorkerId, keys: Vec<(Key, u64)>, out: &mut Vec<Command>) {
+    pub(super) fn replicas_added(&mut self, worker: WorkerId, keys: Vec<(Key, u64)>, cx: &mut Cx<'_>) {
         for (key, _) in keys {
             let Some(&t) = self.keys.get(&key) else {
-                out.push(Command::Free { worker, key });
+                cx.out.push(Command::Free { worker, key });
                 continue;
             };
             if self.replicating.get(&t) == Some(&worker) {
@@ -271,7 +275,7 @@ impl SchedulerCore {
             match self.task(t).state {
                 TaskState::Memory { .. } if self.workers.contains_key(&worker) => self.add_replica(t, worker),
                 // Released meanwhile: the copy is nobody's.
-                _ => out.push(Command::Free { worker, key }),
+                _ => cx.out.push(Command::Free { worker, key }),
             }
         }
     }
@@ -279,7 +283,7 @@ impl SchedulerCore {
     /// A worker could not fetch copies it was asked to keep: they are planned again, up to
     /// [`MAX_COPY_FAILURES`] times in a row; then the retirement of the workers holding that value
     /// is given up.
-    pub(super) fn replicas_failed(&mut self, worker: WorkerId, keys: Vec<Key>, out: &mut Vec<Command>) {
+    pub(super) fn replicas_failed(&mut self, worker: WorkerId, keys: Vec<Key>, cx: &mut Cx<'_>) {
         for key in keys {
             let Some(&t) = self.keys.get(&key) else { continue };
             if self.replicating.get(&t) != Some(&worker) {
@@ -297,7 +301,7 @@ impl SchedulerCore {
                 let why =
                     format!("its value {key:?} could not be copied to another worker ({MAX_COPY_FAILURES} tries)");
                 for h in holders {
-                    self.abort_retirement(h, &why, out);
+                    self.abort_retirement(h, &why, cx);
                 }
             }
         }
@@ -305,12 +309,12 @@ impl SchedulerCore {
 
     /// A worker left: copies it was to take are planned again elsewhere; if it was retiring,
     /// its request no longer waits for it.
-    pub(super) fn retire_worker_gone(&mut self, w: WorkerId, retiring: Option<Retiring>, out: &mut Vec<Command>) {
+    pub(super) fn retire_worker_gone(&mut self, w: WorkerId, retiring: Option<Retiring>, cx: &mut Cx<'_>) {
         self.replicating.retain(|_, target| *target != w);
         if let Some(r) = retiring
             && !r.done
         {
-            self.retire_op_done(r.op, w, None, out);
+            self.retire_op_done(r.op, w, None, cx);
         }
     }
 

@@ -1,0 +1,269 @@
+//! What clients ask: new graphs, wanting and releasing keys, scattered values; and
+//! `compute`, which sets a released task (and what it needs) on its way.
+
+use std::sync::Arc;
+
+use rustc_hash::{FxHashMap, FxHashSet};
+use smallvec::SmallVec;
+use thin_vec::ThinVec;
+
+use super::{
+    ClientId, Command, Cx, FIRE_AND_FORGET, Key, NewTask, Report, Restrictions, SchedulerCore, Task, TaskError, TaskId,
+    TaskState, WorkerId,
+};
+
+impl SchedulerCore {
+    pub(super) fn update_graph(&mut self, client: ClientId, tasks: Vec<NewTask>, wants: Vec<Key>, cx: &mut Cx<'_>) {
+        self.clients.entry(client).or_default();
+        // Pass 1: records for the keys we do not know yet.
+        let mut created: Vec<(TaskId, Vec<Key>)> = Vec::new();
+        for nt in tasks {
+            if self.keys.contains_key(&nt.key) {
+                continue; // same key: pure submissions share one task
+            }
+            let prefix = self.prefix_of(&nt.key);
+            let restrictions = (!nt.workers.is_empty()).then(|| {
+                Box::new(Restrictions { workers: nt.workers.into_boxed_slice(), loose: nt.allow_other_workers })
+            });
+            let order = self.next_order;
+            self.next_order += 1;
+            let id = self.insert(Task {
+                key: nt.key,
+                state: TaskState::Released,
+                spec: nt.spec,
+                dependencies: Box::new([]),
+                dependents: ThinVec::new(),
+                active_dependents: 0,
+                who_wants: SmallVec::new(),
+                priority: nt.priority,
+                order,
+                prefix,
+                retries: nt.retries,
+                suspicious: 0,
+                started: false,
+                orphaned: false,
+                restrictions,
+            });
+            created.push((id, nt.dependencies));
+        }
+        // Pass 2: link dependencies (they may come later in the batch).
+        let mut bad: Vec<(TaskId, String)> = Vec::new();
+        for (id, deps) in &created {
+            if self.task(*id).spec.is_empty() {
+                bad.push((*id, "the task has no function (empty spec); submit it with a registered function".into()));
+            }
+            let mut ids: Vec<TaskId> = Vec::with_capacity(deps.len());
+            for d in deps {
+                match self.keys.get(d) {
+                    Some(&dep) if dep != *id => ids.push(dep),
+                    Some(_) => bad.push((*id, format!("task depends on itself ({d:?})"))),
+                    None => bad.push((
+                        *id,
+                        format!(
+                            "dependency {d:?} is not a known key: submit it in the same graph, or keep its future alive"
+                        ),
+                    )),
+                }
+            }
+            // A key listed twice is one dependency (sorting keeps this linear-ish for huge fan-ins).
+            ids.sort_unstable();
+            ids.dedup();
+            for &dep in &ids {
+                self.add_dependent(dep, *id);
+            }
+            self.task_mut(*id).dependencies = ids.into_boxed_slice();
+        }
+        // Cycles can only run through new tasks (old ones cannot depend on new ones).
+        for id in self.find_cycles(created.iter().map(|(id, _)| *id)) {
+            bad.push((id, "the graph has a cycle through this task".to_string()));
+        }
+        // An invalid task errs once (it may both miss a dependency and lie on a cycle), and
+        // drops its dependency edges: otherwise the members of a cycle would keep each other
+        // alive (each has a dependent) after every client released them.
+        let mut seen: FxHashSet<TaskId> = FxHashSet::default();
+        for (id, why) in bad {
+            if !seen.insert(id) {
+                continue;
+            }
+            // Still released, so no `active_dependents` counts change.
+            let deps = std::mem::take(&mut self.task_mut(id).dependencies);
+            for &d in deps.iter() {
+                if self.remove_dependent(d, id) {
+                    cx.to_check.push(d);
+                }
+            }
+            let err = TaskError::raised_here(&self.task(id).key, "invalid-graph", why, "");
+            self.set_state(id, TaskState::Erred { error: err }, cx);
+        }
+        for key in wants {
+            match self.keys.get(&key) {
+                Some(&t) => self.want(t, client, cx),
+                None => cx.out.push(Command::Report {
+                    client,
+                    key,
+                    report: Report::Lost("the scheduler does not know this key".into()),
+                }),
+            }
+        }
+        // Cull what nobody asked for.
+        for (id, _) in created {
+            if self.tasks.slot(id.0).is_some() {
+                cx.to_check.push(id);
+            }
+        }
+    }
+
+    /// Tasks among `new` that lie on a cycle (Kahn's algorithm over the new tasks only).
+    pub(super) fn find_cycles(&self, new: impl Iterator<Item = TaskId>) -> Vec<TaskId> {
+        let new: Vec<TaskId> = new.collect();
+        let set: FxHashSet<TaskId> = new.iter().copied().collect();
+        let mut indeg: FxHashMap<TaskId, u32> = FxHashMap::default();
+        for &t in &new {
+            let n = self.task(t).dependencies.iter().filter(|d| set.contains(d)).count();
+            indeg.insert(t, n as u32);
+        }
+        let mut stack: Vec<TaskId> = indeg.iter().filter(|(_, n)| **n == 0).map(|(t, _)| *t).collect();
+        while let Some(t) = stack.pop() {
+            indeg.remove(&t);
+            for d in &self.task(t).dependents {
+                if let Some(n) = indeg.get_mut(d) {
+                    *n -= 1;
+                    if *n == 0 {
+                        stack.push(*d);
+                    }
+                }
+            }
+        }
+        indeg.into_keys().collect()
+    }
+
+    pub(super) fn want(&mut self, t: TaskId, client: ClientId, cx: &mut Cx<'_>) {
+        if client == FIRE_AND_FORGET && matches!(self.task(t).state, TaskState::Memory { .. } | TaskState::Erred { .. })
+        {
+            return; // already done: nothing to keep alive
+        }
+        let c = self.clients.entry(client).or_default();
+        // Wanting a key again is how a client asks where it is now (its holder may have gone):
+        // it gets the current report.
+        if c.wants.insert(t) {
+            self.task_mut(t).who_wants.push(client);
+        }
+        match &self.task(t).state {
+            TaskState::Memory { .. } | TaskState::Erred { .. } => {
+                if let Some(report) = self.report_of(t, cx) {
+                    cx.out.push(Command::Report { client, key: self.task(t).key.clone(), report });
+                }
+            }
+            TaskState::Released => self.compute(t, cx),
+            _ => {}
+        }
+    }
+
+    pub(super) fn client_release(&mut self, client: ClientId, t: TaskId, cx: &mut Cx<'_>) {
+        if let Some(c) = self.clients.get_mut(&client)
+            && c.wants.remove(&t)
+        {
+            self.unwant(t, client, cx);
+        }
+    }
+
+    pub(super) fn unwant(&mut self, t: TaskId, client: ClientId, cx: &mut Cx<'_>) {
+        let task = self.task_mut(t);
+        task.who_wants.retain(|c| *c != client);
+        if task.who_wants.is_empty() {
+            cx.to_check.push(t);
+        }
+    }
+
+    pub(super) fn scattered(&mut self, client: ClientId, keys: Vec<(Key, Vec<Arc<str>>, u64)>, cx: &mut Cx<'_>) {
+        for (key, addrs, nbytes) in keys {
+            let holders: SmallVec<[WorkerId; 1]> = addrs
+                .iter()
+                .filter_map(|a| self.workers.iter().find(|(_, w)| w.spec.address == *a).map(|(id, _)| *id))
+                .collect();
+            let id = match self.keys.get(&key) {
+                Some(&id) => id,
+                None => {
+                    let prefix = self.prefix_of(&key);
+                    let order = self.next_order;
+                    self.next_order += 1;
+                    self.insert(Task {
+                        key: key.clone(),
+                        state: TaskState::Released,
+                        spec: Box::new([]),
+                        dependencies: Box::new([]),
+                        dependents: ThinVec::new(),
+                        active_dependents: 0,
+                        who_wants: SmallVec::new(),
+                        priority: 0,
+                        order,
+                        prefix,
+                        retries: 0,
+                        suspicious: 0,
+                        started: false,
+                        orphaned: false,
+                        restrictions: None,
+                    })
+                }
+            };
+            if holders.is_empty() {
+                let err = TaskError::raised_here(&key, "lost", format!("scattered to unknown workers {addrs:?}"), "");
+                if !matches!(self.task(id).state, TaskState::Memory { .. } | TaskState::Erred { .. }) {
+                    self.set_state(id, TaskState::Erred { error: err }, cx);
+                }
+            } else {
+                match &self.task(id).state {
+                    TaskState::Memory { .. } => {
+                        for w in holders {
+                            self.add_replica(id, w);
+                        }
+                    }
+                    _ => {
+                        self.set_state(id, TaskState::Memory { nbytes, who_has: holders }, cx);
+                    }
+                }
+            }
+            self.want(id, client, cx);
+        }
+    }
+
+    /// Makes a Released task (and, recursively, its released dependencies) head for Memory.
+    pub(super) fn compute(&mut self, root: TaskId, cx: &mut Cx<'_>) {
+        let mut stack = vec![root];
+        while let Some(t) = stack.pop() {
+            if !matches!(self.task(t).state, TaskState::Released) {
+                continue;
+            }
+            if self.task(t).spec.is_empty() {
+                // A key without a spec (scattered, then lost) cannot be recomputed.
+                let message = "this value was scattered and is lost; it cannot be recomputed";
+                let err = TaskError::raised_here(&self.task(t).key, "lost", message.into(), "");
+                self.set_state(t, TaskState::Erred { error: err }, cx);
+                continue;
+            }
+            let mut remaining = 0;
+            let mut erred = None;
+            let mut released: SmallVec<[TaskId; 8]> = SmallVec::new();
+            for &d in self.task(t).dependencies.iter() {
+                match &self.task(d).state {
+                    TaskState::Memory { .. } => {}
+                    TaskState::Erred { error } => erred = Some(error.clone()),
+                    TaskState::Released => {
+                        remaining += 1;
+                        released.push(d);
+                    }
+                    _ => remaining += 1,
+                }
+            }
+            if let Some(error) = erred {
+                self.set_state(t, TaskState::Erred { error }, cx);
+            } else if remaining > 0 {
+                // Our released dependencies become active below, after we count on them.
+                self.set_state(t, TaskState::Waiting { remaining }, cx);
+                stack.extend(released);
+            } else {
+                self.schedule(t, cx);
+            }
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! Where a ready task runs: the worker holding most of its inputs, else the least busy one
+//! with a free slot, else the queue; and how deep a worker's slots are.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use smallvec::SmallVec;
+
+use super::{Cx, Prefix, SchedulerCore, TaskId, TaskState, Worker, WorkerId};
+
+impl SchedulerCore {
+    /// Places a task whose dependencies are all in memory: on a worker with a free slot,
+    /// in the queue, or in no-worker.
+    pub(super) fn schedule(&mut self, t: TaskId, cx: &mut Cx<'_>) {
+        let placement = self.pick_worker(t);
+        match placement {
+            Placement::Worker(w) => self.set_state(t, TaskState::Processing { worker: w }, cx),
+            Placement::Queue => {
+                if !matches!(self.task(t).state, TaskState::Queued) {
+                    self.set_state(t, TaskState::Queued, cx);
+                }
+            }
+            Placement::NoWorker => {
+                if !matches!(self.task(t).state, TaskState::NoWorker) {
+                    self.set_state(t, TaskState::NoWorker, cx);
+                }
+            }
+        }
+    }
+
+    pub(super) fn pick_worker(&self, t: TaskId) -> Placement {
+        let task = self.task(t);
+        let eligible = |w: &Worker| {
+            w.open()
+                && match &task.restrictions {
+                    None => true,
+                    Some(r) => r.loose || r.workers.iter().any(|x| *x == w.spec.address || *x == w.spec.name),
+                }
+        };
+        if let Some(r) = &task.restrictions
+            && !r.loose
+        {
+            // Restricted tasks are not held back by the slot limit: only these workers may run them.
+            return self
+                .workers
+                .iter()
+                .filter(|(_, w)| eligible(w))
+                .min_by_key(|(id, w)| (occupancy(w), **id))
+                .map_or(Placement::NoWorker, |(id, _)| Placement::Worker(*id));
+        }
+        if self.workers.values().all(|w| w.closing) {
+            return Placement::NoWorker;
+        }
+        let limit = self.depth(task.prefix);
+        let has_slot =
+            |w: &Worker| w.open() && (w.processing.len() as u64) < w.spec.nthreads.max(1) as u64 * limit as u64;
+        // Loose restrictions (`allow_other_workers`): the named workers first, if they have room.
+        if let Some(r) = &task.restrictions {
+            let named = |w: &Worker| r.workers.iter().any(|x| *x == w.spec.address || *x == w.spec.name);
+            if let Some((id, _)) =
+                self.workers.iter().filter(|(_, w)| named(w) && has_slot(w)).min_by_key(|(id, w)| (occupancy(w), **id))
+            {
+                return Placement::Worker(*id);
+            }
+        }
+        // Prefer the worker holding most of the inputs' bytes.
+        if !task.dependencies.is_empty() {
+            let mut bytes: SmallVec<[(WorkerId, u64); 4]> = SmallVec::new();
+            for &d in task.dependencies.iter() {
+                if let TaskState::Memory { nbytes, who_has } = &self.task(d).state {
+                    for w in who_has {
+                        match bytes.iter_mut().find(|(x, _)| x == w) {
+                            Some((_, b)) => *b += nbytes,
+                            None => bytes.push((*w, *nbytes)),
+                        }
+                    }
+                }
+            }
+            let best = bytes
+                .iter()
+                .filter(|(w, _)| has_slot(&self.workers[w]))
+                .max_by_key(|(w, b)| (*b, std::cmp::Reverse(occupancy(&self.workers[w])), std::cmp::Reverse(*w)));
+            if let Some((w, _)) = best {
+                return Placement::Worker(*w);
+            }
+        }
+        // The least busy open worker has the most room per thread: if it has no free slot,
+        // none has.
+        match self.by_occupancy.first() {
+            Some((_, id)) if has_slot(&self.workers[id]) => Placement::Worker(*id),
+            _ => Placement::Queue,
+        }
+    }
+
+    /// How many tasks of this kind a thread may have queued: as many as it can start "soon".
+    pub(super) fn depth(&self, prefix: u32) -> u32 {
+        let avg = self.prefixes[prefix as usize].avg_ns.unwrap_or(self.config.unknown_duration.as_nanos() as f64);
+        let n = self.config.soon.as_nanos() as f64 / avg.max(1.0);
+        (n as u32).clamp(1, self.config.max_depth)
+    }
+
+    /// Gives `worker` queued tasks while it has free slots.
+    pub(super) fn fill(&mut self, worker: WorkerId, cx: &mut Cx<'_>) {
+        while let Some(t) = self.queue.peek() {
+            let limit = self.depth(self.task(t).prefix);
+            let Some(w) = self.workers.get(&worker) else {
+                return;
+            };
+            if !w.open() || w.processing.len() as u64 >= w.spec.nthreads.max(1) as u64 * limit as u64 {
+                return;
+            }
+            // Leaving Queued takes it out of the queue.
+            self.set_state(t, TaskState::Processing { worker }, cx);
+        }
+    }
+
+    pub(super) fn record_duration(&mut self, t: TaskId, d: Duration) {
+        let prefix = self.task(t).prefix as usize;
+        let p = &mut self.prefixes[prefix];
+        let ns = d.as_nanos() as f64;
+        p.avg_ns = Some(match p.avg_ns {
+            None => ns,
+            Some(avg) => 0.5 * avg + 0.5 * ns,
+        });
+    }
+
+    pub(super) fn prefix_of(&mut self, key: &str) -> u32 {
+        let name = key_prefix(key);
+        if let Some(&p) = self.prefix_ids.get(name) {
+            return p;
+        }
+        let name: Arc<str> = Arc::from(name);
+        let id = self.prefixes.len() as u32;
+        self.prefixes.push(Prefix { avg_ns: None });
+        self.prefix_ids.insert(name, id);
+        id
+    }
+}
+
+pub(super) enum Placement {
+    Worker(WorkerId),
+    Queue,
+    NoWorker,
+}
+
+fn occupancy(w: &Worker) -> u64 {
+    // Tasks per thread, scaled so integer comparison keeps fractions.
+    (w.processing.len() as u64 * 1024) / w.spec.nthreads.max(1) as u64
+}
+
+/// dask's `key_split`: `inc-1c8d...` -> `inc`, `x-1-2` -> `x`.
+pub fn key_prefix(key: &str) -> &str {
+    let key = key.trim_start_matches(['(', '\'', '"']);
+    let end = key.find(['-', ',', '\'', '"', ')']).unwrap_or(key.len());
+    if end == 0 { key } else { &key[..end] }
+}
