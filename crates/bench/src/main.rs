@@ -22,6 +22,7 @@ use dask_protocol::data::READ_PIECE;
 mod core_bench;
 mod faults;
 mod memory;
+mod sched;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -59,7 +60,8 @@ fn consume(b: Bytes) -> u64 {
 #[command(name = "dask-bench", about = "dask-rs benchmarks (see docs/benchmarks.md)")]
 struct Args {
     /// Workloads: all, throughput, latency, tree, shuffle, data, memory, startup, big, zero,
-    /// core, rsds, tcp, restart, kill, spill, monitor; and chaos (long; not part of all).
+    /// core, rsds, tcp, skew, late_join, restart, kill, spill, monitor; and chaos (long; not
+    /// part of all).
     #[arg(default_value = "all")]
     workloads: Vec<String>,
     /// Runs of each workload (each with a fresh cluster).
@@ -294,6 +296,26 @@ fn main() -> ExitCode {
                 let wall = t.elapsed().as_secs_f64();
                 record(format!("zero-worker {n} tasks: tasks/s"), n as f64 / wall);
             });
+        }
+    }
+    if want("skew") {
+        for _ in 0..runs {
+            let r = sched::skew();
+            record("skew: 400 heavy-tailed tasks on 4 workers, makespan (s)".into(), r.makespan);
+            record("skew: lower bound (s)".into(), r.lower_bound);
+            record("skew: makespan over lower bound".into(), r.makespan / r.lower_bound);
+            record("skew: steals asked".into(), r.asked);
+            record("skew: tasks moved by stealing".into(), r.moved);
+        }
+    }
+    if want("late_join") {
+        for _ in 0..runs {
+            let r = sched::late_join();
+            record("late_join: 800 x 10 ms, 2 -> 4 workers at 0.5 s, makespan (s)".into(), r.makespan);
+            record("late_join: ideal (s)".into(), r.lower_bound);
+            record("late_join: makespan over ideal".into(), r.makespan / r.lower_bound);
+            record("late_join: steals asked".into(), r.asked);
+            record("late_join: tasks moved by stealing".into(), r.moved);
         }
     }
     if want("restart") {

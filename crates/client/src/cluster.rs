@@ -109,47 +109,24 @@ impl LocalClusterBuilder {
             nannies: Vec::new(),
             runs: Vec::new(),
             shutdown: shutdown.clone(),
+            spec: None,
+            next_index: 0,
         };
         let result = runtime.block_on(async {
             let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.scheduler_port))
                 .await
                 .map_err(|e| Error::Cluster(format!("failed to listen on 127.0.0.1:{}: {e}", self.scheduler_port)))?;
-            let (sched, run) = scheduler::run(listener, SchedulerConfig::default(), shutdown.clone())
-                .await
-                .map_err(|e| Error::Cluster(e.to_string()))?;
+            let mut config = SchedulerConfig::default();
+            config.apply_config(&settings).map_err(Error::InvalidArgument)?;
+            let (sched, run) =
+                scheduler::run(listener, config, shutdown.clone()).await.map_err(|e| Error::Cluster(e.to_string()))?;
             tokio::spawn(run);
             let address = sched.address.clone();
             cluster.scheduler = Some(sched);
             for i in 0..n_workers {
-                let name = format!("local-{i}");
-                let launcher: Box<dyn Launcher> = if self.processes {
-                    Box::new(process_launcher(&self, &address, &name, threads)?)
-                } else {
-                    let mut config = WorkerConfig::new(address.clone());
-                    config.apply_config(&settings).map_err(Error::InvalidArgument)?;
-                    config.nthreads = threads;
-                    config.memory_limit = self.memory_limit;
-                    config.name = Some(name.clone());
-                    config.death_timeout = Some(Duration::from_secs(10));
-                    config.simulate = self.simulate;
-                    if let Some(d) = &self.local_directory {
-                        config.local_directory = d.display().to_string();
-                    }
-                    Box::new(InProcess { config })
-                };
-                let mut nanny = NannyConfig::new(address.clone(), name);
-                nanny.apply_config(&settings).map_err(Error::InvalidArgument)?;
-                nanny.memory_limit = self.memory_limit;
-                nanny.death_timeout = Some(Duration::from_secs(10));
-                let (handle, run) = dask_nanny::start(nanny, launcher, shutdown.child_token())
-                    .await
-                    .map_err(|e| Error::Cluster(e.to_string()))?;
+                let (handle, run) = spawn_nanny(&self, &settings, &address, i, &shutdown).await?;
                 cluster.nannies.push(handle);
-                cluster.runs.push(tokio::spawn(async move {
-                    if let Err(e) = run.await {
-                        tracing::warn!(error = %e, "local nanny stopped");
-                    }
-                }));
+                cluster.runs.push(run);
             }
             let sched = cluster.scheduler.as_ref().expect("started");
             match tokio::time::timeout(WORKER_START_TIMEOUT, sched.wait_for_workers(n_workers)).await {
@@ -161,9 +138,51 @@ impl LocalClusterBuilder {
             }
         });
         cluster.runtime = Some(runtime);
+        cluster.next_index = n_workers;
+        cluster.spec = Some((self, settings));
         result?;
         Ok(cluster)
     }
+}
+
+/// Starts the nanny of worker `i` (named `local-{i}`) and the task that runs it.
+async fn spawn_nanny(
+    b: &LocalClusterBuilder,
+    settings: &Config,
+    address: &Address,
+    i: usize,
+    shutdown: &CancellationToken,
+) -> Result<(NannyHandle, tokio::task::JoinHandle<()>)> {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = b.threads_per_worker.unwrap_or_else(|| (cores / b.n_workers.unwrap_or(cores).max(1)).max(1));
+    let name = format!("local-{i}");
+    let launcher: Box<dyn Launcher> = if b.processes {
+        Box::new(process_launcher(b, address, &name, threads)?)
+    } else {
+        let mut config = WorkerConfig::new(address.clone());
+        config.apply_config(settings).map_err(Error::InvalidArgument)?;
+        config.nthreads = threads;
+        config.memory_limit = b.memory_limit;
+        config.name = Some(name.clone());
+        config.death_timeout = Some(Duration::from_secs(10));
+        config.simulate = b.simulate;
+        if let Some(d) = &b.local_directory {
+            config.local_directory = d.display().to_string();
+        }
+        Box::new(InProcess { config })
+    };
+    let mut nanny = NannyConfig::new(address.clone(), name);
+    nanny.apply_config(settings).map_err(Error::InvalidArgument)?;
+    nanny.memory_limit = b.memory_limit;
+    nanny.death_timeout = Some(Duration::from_secs(10));
+    let (handle, run) =
+        dask_nanny::start(nanny, launcher, shutdown.child_token()).await.map_err(|e| Error::Cluster(e.to_string()))?;
+    let run = tokio::spawn(async move {
+        if let Err(e) = run.await {
+            tracing::warn!(error = %e, "local nanny stopped");
+        }
+    });
+    Ok((handle, run))
 }
 
 /// How long workers may take to start and register.
@@ -360,6 +379,10 @@ pub struct LocalCluster {
     nannies: Vec<NannyHandle>,
     runs: Vec<tokio::task::JoinHandle<()>>,
     shutdown: CancellationToken,
+    /// How it was built (to start more workers alike), and the configuration read then.
+    spec: Option<(LocalClusterBuilder, Config)>,
+    /// The number in the next worker's name (`local-N`): names are never reused.
+    next_index: usize,
 }
 
 impl std::fmt::Debug for LocalCluster {
@@ -414,6 +437,61 @@ impl LocalCluster {
         if let Some(n) = self.nannies.get(i) {
             n.kill_worker();
         }
+    }
+
+    /// Number of workers this cluster runs (each under its nanny).
+    pub fn n_workers(&self) -> usize {
+        self.nannies.len()
+    }
+
+    /// Runs `n` workers (dask's `cluster.scale(n)`): starts new ones, alike, and waits until
+    /// they have joined; or retires the newest ones gracefully (their values move to the
+    /// others first, nothing is recomputed) and stops their nannies.
+    pub fn scale(&mut self, n: usize) -> Result<()> {
+        let (rt, sched) = match (&self.runtime, &self.scheduler) {
+            (Some(rt), Some(s)) => (rt, s.clone()),
+            _ => return Err(Error::Cluster("the cluster is closed".into())),
+        };
+        let (b, settings) = self.spec.clone().expect("a built cluster keeps its spec");
+        let have = self.nannies.len();
+        if n > have {
+            let first = self.next_index;
+            self.next_index += n - have;
+            let started = rt.block_on(async {
+                let mut started = Vec::new();
+                for i in first..first + (n - have) {
+                    started.push(spawn_nanny(&b, &settings, &sched.address, i, &self.shutdown).await?);
+                }
+                Ok::<_, Error>(started)
+            })?;
+            for (handle, run) in started {
+                self.nannies.push(handle);
+                self.runs.push(run);
+            }
+            let joined = rt.block_on(async {
+                tokio::time::timeout(WORKER_START_TIMEOUT, sched.wait_for_workers(n)).await.ok().flatten()
+            });
+            if joined.is_none() {
+                return Err(Error::Cluster(format!(
+                    "scaled to {n} workers, but they did not all register within {WORKER_START_TIMEOUT:?}"
+                )));
+            }
+        } else if n < have {
+            let leaving: Vec<NannyHandle> = self.nannies.drain(n..).collect();
+            let names: Vec<String> = leaving.iter().map(|h| h.name.clone()).collect();
+            // Those not connected now (restarting) have nothing to hand over.
+            let connected: Vec<String> = rt
+                .block_on(sched.info())
+                .map(|i| i.workers.into_iter().map(|w| w.name).filter(|w| names.contains(w)).collect())
+                .unwrap_or_default();
+            let retired =
+                if connected.is_empty() { Ok(Vec::new()) } else { rt.block_on(sched.retire_workers(connected, true)) };
+            for h in &leaving {
+                h.close();
+            }
+            retired.map_err(|why| Error::Cluster(format!("scaling down to {n} workers: {why}")))?;
+        }
+        Ok(())
     }
 
     /// Stops the workers and the scheduler.

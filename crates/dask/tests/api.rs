@@ -657,3 +657,46 @@ fn restart_works_on_a_local_cluster_of_threads() {
     assert!(after.iter().all(|a| !before.contains(a)), "fresh workers: {before:?} -> {after:?}");
     assert_eq!(client.gather(&client.map(inc, 0..50).unwrap()).unwrap(), (1..=50).collect::<Vec<i64>>());
 }
+
+static SCALED_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+#[dask::task]
+fn scaled_nap(x: i64) -> i64 {
+    SCALED_RUNS.fetch_add(1, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(20));
+    x * 2
+}
+
+#[test]
+fn scale_up_gives_new_workers_work_and_scale_down_keeps_every_result() {
+    let (mut cluster, client) = cluster(1, 1);
+    let impure = SubmitOptions { pure: false, ..Default::default() };
+    let fs = client.map_with(scaled_nap, (0..60).map(|i| (i,)), impure, None).unwrap();
+    // 1.2 s of work on one thread: the new workers join while most of it waits.
+    cluster.scale(3).unwrap();
+    assert_eq!(cluster.n_workers(), 3);
+    let got: Vec<i64> = client.gather(&fs).unwrap();
+    assert_eq!(got, (0..60).map(|i| i * 2).collect::<Vec<_>>());
+    let holders: std::collections::HashSet<String> = client.who_has(&fs).unwrap().into_values().flatten().collect();
+    assert!(holders.len() >= 2, "the workers that joined ran nothing: {holders:?}");
+    let runs = SCALED_RUNS.load(Ordering::SeqCst);
+    assert_eq!(runs, 60, "a task ran twice");
+
+    // Down to one: the two newest retire, their values move to the one left first.
+    cluster.scale(1).unwrap();
+    assert_eq!(cluster.n_workers(), 1);
+    eventually("two workers gone", || client.scheduler_info().unwrap().workers.len() == 1);
+    let left = client.scheduler_info().unwrap().workers[0].address.clone();
+    let got: Vec<i64> = client.gather(&fs).unwrap();
+    assert_eq!(got, (0..60).map(|i| i * 2).collect::<Vec<_>>());
+    assert_eq!(SCALED_RUNS.load(Ordering::SeqCst), runs, "retiring recomputed something");
+    for (key, workers) in client.who_has(&fs).unwrap() {
+        assert_eq!(workers, vec![left.clone()], "{key}");
+    }
+    // And back up: names are not reused, the new worker takes work.
+    cluster.scale(2).unwrap();
+    let names: Vec<String> = client.scheduler_info().unwrap().workers.into_iter().map(|w| w.name).collect();
+    assert!(names.contains(&"local-3".to_string()), "{names:?}");
+    client.close();
+    cluster.close();
+}

@@ -133,6 +133,8 @@ pub enum NannyError {
 #[derive(Clone, Debug)]
 pub struct NannyHandle {
     pub address: Address,
+    /// The name it and its workers go by.
+    pub name: String,
     to_loop: mpsc::UnboundedSender<Request_>,
     shutdown: CancellationToken,
 }
@@ -204,7 +206,12 @@ pub async fn start(
         dask_protocol::serve::incoming(listener, Default::default(), "nanny"),
         shutdown.clone().cancelled_owned(),
     );
-    let handle = NannyHandle { address: address.clone(), to_loop: to_loop.clone(), shutdown: shutdown.clone() };
+    let handle = NannyHandle {
+        address: address.clone(),
+        name: config.name.clone(),
+        to_loop: to_loop.clone(),
+        shutdown: shutdown.clone(),
+    };
     let run = async move {
         let server = tokio::spawn(server);
         let (to_scheduler, outgoing) = mpsc::unbounded_channel();

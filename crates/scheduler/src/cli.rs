@@ -58,24 +58,17 @@ pub fn scheduler_main_from(args: impl IntoIterator<Item = OsString>) -> ExitCode
 /// The scheduler's settings: flags over configuration (files, `DASK_*`) over defaults.
 fn scheduler_config(args: &Args, settings: &Config) -> Result<SchedulerConfig, String> {
     let mut config = SchedulerConfig { scheduler_file: args.scheduler_file.clone(), ..Default::default() };
-    let ttl = match &args.worker_ttl {
-        Some(t) => parse_duration(t).map_err(|why| format!("--worker-ttl {t:?} {why}"))?,
-        None => settings
-            .duration("distributed.scheduler.worker-ttl")
-            .map_err(|e| e.to_string())?
-            .unwrap_or(config.core.worker_ttl),
-    };
-    if ttl.is_zero() {
-        return Err("the worker TTL must be more than zero (e.g. --worker-ttl 300s)".into());
+    config.apply_config(settings)?;
+    if let Some(t) = &args.worker_ttl {
+        let ttl = parse_duration(t).map_err(|why| format!("--worker-ttl {t:?} {why}"))?;
+        if ttl.is_zero() {
+            return Err("the worker TTL must be more than zero (e.g. --worker-ttl 300s)".into());
+        }
+        config.core.worker_ttl = ttl;
     }
-    config.core.worker_ttl = ttl;
-    config.core.allowed_failures = match args.allowed_failures {
-        Some(n) => n,
-        None => settings
-            .uint("distributed.scheduler.allowed-failures")
-            .map_err(|e| e.to_string())?
-            .map_or(config.core.allowed_failures, |n| n.min(u32::MAX as u64) as u32),
-    };
+    if let Some(n) = args.allowed_failures {
+        config.core.allowed_failures = n;
+    }
     let wanted = match args.max_connections {
         Some(n) => n,
         None => settings.uint("distributed.scheduler.max-connections").map_err(|e| e.to_string())?.unwrap_or(10_000)

@@ -31,6 +31,29 @@ pub struct SchedulerConfig {
     pub limits: dask_protocol::serve::Limits,
 }
 
+impl SchedulerConfig {
+    /// Takes the scheduler's keys from dask's configuration (files, `DASK_*` variables).
+    pub fn apply_config(&mut self, settings: &dask_protocol::config::Config) -> Result<(), String> {
+        let bad = |e: dask_protocol::config::ConfigError| e.to_string();
+        if let Some(ttl) = settings.duration("distributed.scheduler.worker-ttl").map_err(bad)? {
+            if ttl.is_zero() {
+                return Err("distributed.scheduler.worker-ttl must be more than zero (e.g. 300s)".into());
+            }
+            self.core.worker_ttl = ttl;
+        }
+        if let Some(n) = settings.uint("distributed.scheduler.allowed-failures").map_err(bad)? {
+            self.core.allowed_failures = n.min(u32::MAX as u64) as u32;
+        }
+        if let Some(on) = settings.boolean("distributed.scheduler.work-stealing").map_err(bad)? {
+            self.core.work_stealing = on;
+        }
+        if let Some(bw) = settings.bytes("distributed.scheduler.bandwidth").map_err(bad)? {
+            self.core.bandwidth = bw.max(1);
+        }
+        Ok(())
+    }
+}
+
 /// A running scheduler.
 #[derive(Clone, Debug)]
 pub struct SchedulerHandle {
@@ -49,6 +72,15 @@ impl SchedulerHandle {
         let (tx, rx) = oneshot::channel();
         self.tx.send(LoopMsg::Query(Query::Info(tx))).ok()?;
         rx.await.ok()
+    }
+
+    /// Retires the workers with these names or addresses (their values move to others first);
+    /// with `close`, they then exit. Returns the addresses retired.
+    pub async fn retire_workers(&self, workers: Vec<String>, close: bool) -> Result<Vec<String>, String> {
+        let (tx, rx) = oneshot::channel();
+        let gone = || "the scheduler stopped".to_string();
+        self.tx.send(LoopMsg::Retire { workers, n: 0, close, reply: tx }).map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?.map_err(|s| s.message().to_string())
     }
 
     /// Waits until `n` workers are connected; `None` if the scheduler stopped first.
@@ -770,6 +802,9 @@ impl EventLoop {
             workers,
             tasks: self.core.n_tasks() as u64,
             started_s: self.started.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64(),
+            steals_asked: self.core.steal_stats().asked,
+            steals_done: self.core.steal_stats().stolen,
+            steals_refused: self.core.steal_stats().refused,
         }
     }
 
@@ -815,6 +850,11 @@ impl EventLoop {
                         kind: Some(pb::scheduler_command::Kind::AcquireReplicas(pb::AcquireReplicas {
                             keys: keys.into_iter().map(location_to_pb).collect(),
                         })),
+                    });
+                }
+                Command::Steal { worker, key, id } => {
+                    to_workers.entry(worker).or_default().push(pb::SchedulerCommand {
+                        kind: Some(pb::scheduler_command::Kind::Steal(pb::StealRequest { key: key.to_string(), id })),
                     });
                 }
                 Command::Retired { op, workers, refused } => {
@@ -1189,6 +1229,7 @@ fn worker_event(worker: WorkerId, e: pb::WorkerEvent) -> Option<Event> {
             restart: r.restart,
             reason: if r.reason.is_empty() { "its lifetime is over".into() } else { r.reason },
         },
+        Kind::StealResponse(s) => Event::StealResponse { worker, key: Arc::from(s.key), id: s.id, stolen: s.stolen },
         Kind::Released(_) | Kind::Register(_) => return None,
     })
 }

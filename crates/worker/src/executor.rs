@@ -214,6 +214,15 @@ impl Executor {
         }
     }
 
+    /// Takes `key` off the queue if no thread has started it; returns whether it did. Unlike
+    /// [`Self::cancel`], nothing is reported for it.
+    pub fn unqueue(&self, key: &Key) -> bool {
+        let mut q = self.shared.queue.lock();
+        let before = q.jobs.len();
+        q.jobs.retain(|j| j.key != *key);
+        q.jobs.len() < before
+    }
+
     /// Pauses (no job starts) or resumes.
     pub fn pause(&self, paused: bool) {
         self.shared.queue.lock().paused = paused;

@@ -172,7 +172,15 @@ pub enum Event {
     /// After a batch of events while workers retire: copies to plan, retired workers to close.
     /// Once per batch, not per event: a retiring worker's values are walked each time.
     RetireProgress,
-    /// Periodic: removes workers that stopped heartbeating.
+    /// The answer to [`Command::Steal`] `id`: `stolen` if `worker` had not started `key` and
+    /// dropped it; otherwise it runs (or ran) it there.
+    StealResponse {
+        worker: WorkerId,
+        key: Key,
+        id: u64,
+        stolen: bool,
+    },
+    /// Periodic: removes workers that stopped heartbeating; idle workers look for work.
     Tick,
 }
 
@@ -200,6 +208,7 @@ impl Event {
             Event::ReplicasAdded { .. } => "replicas-added",
             Event::ReplicasFailed { .. } => "replicas-failed",
             Event::RetireProgress => "retire-progress",
+            Event::StealResponse { .. } => "steal-response",
             Event::Tick => "tick",
         }
     }
@@ -273,6 +282,13 @@ pub enum Command {
         op: u64,
         workers: Vec<Arc<str>>,
         refused: Option<String>,
+    },
+    /// Give up `key` if it has not started (work stealing); answered by
+    /// [`Event::StealResponse`] with the same `id`.
+    Steal {
+        worker: WorkerId,
+        key: Key,
+        id: u64,
     },
     /// Something the scheduler's log should say (the core does no IO).
     Notice {

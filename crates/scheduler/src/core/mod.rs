@@ -48,6 +48,7 @@ mod queue;
 mod retire;
 mod slab;
 mod state;
+mod steal;
 mod story;
 #[cfg(test)]
 mod tests;
@@ -66,6 +67,7 @@ use thin_vec::ThinVec;
 pub use events::{Command, DepLocation, Event, InlineValue, NewTask, NoticeLevel, Report, TaskError, WorkerSpec};
 pub use placement::key_prefix;
 pub use queue::ReadyQueue;
+pub use steal::StealStats;
 use story::LogEntry;
 pub use story::Transition;
 
@@ -116,6 +118,15 @@ pub struct Config {
     pub unknown_duration: Duration,
     /// Entries kept in the transition log (0 disables it).
     pub log_len: usize,
+    /// Move tasks not started from busy workers to idle ones (dask:
+    /// `scheduler.work-stealing`, on).
+    pub work_stealing: bool,
+    /// Assumed network bandwidth, bytes per second, to weigh moving inputs (dask:
+    /// `scheduler.bandwidth`, 100 MB/s).
+    pub bandwidth: u64,
+    /// Fixed cost of moving a task (the handshake, a fetch's round trip), added to its
+    /// inputs' transfer time.
+    pub steal_latency: Duration,
 }
 
 impl Default for Config {
@@ -127,6 +138,9 @@ impl Default for Config {
             max_depth: 1024,
             unknown_duration: Duration::from_millis(500),
             log_len: 100_000,
+            work_stealing: true,
+            bandwidth: 100_000_000,
+            steal_latency: Duration::from_millis(1),
         }
     }
 }
@@ -210,6 +224,9 @@ struct Worker {
     retiring: Option<retire::Retiring>,
     /// What it last said of its memory.
     memory: WorkerMemory,
+    /// Steals asked of it, and for it, not yet answered.
+    steals_out: u32,
+    steals_in: u32,
 }
 
 impl Worker {
@@ -285,6 +302,10 @@ pub struct SchedulerCore {
     /// Failed copies of a value in a row (retirement gives up after a few).
     copy_failures: FxHashMap<TaskId, u32>,
     retire_ops: FxHashMap<u64, retire::RetireOp>,
+    /// Steals asked and not yet answered, by task.
+    steals: FxHashMap<TaskId, steal::Steal>,
+    next_steal: u64,
+    stats: StealStats,
 }
 
 /// What the handling of one event carries along: its cause and time, the commands it emits,
@@ -335,6 +356,9 @@ impl SchedulerCore {
             replicating: FxHashMap::default(),
             copy_failures: FxHashMap::default(),
             retire_ops: FxHashMap::default(),
+            steals: FxHashMap::default(),
+            next_steal: 0,
+            stats: StealStats::default(),
         }
     }
 
@@ -380,6 +404,11 @@ impl SchedulerCore {
             None if w.paused => "paused",
             None => "running",
         })
+    }
+
+    /// What work stealing did so far.
+    pub fn steal_stats(&self) -> StealStats {
+        self.stats
     }
 
     pub fn n_workers(&self) -> usize {
@@ -514,7 +543,9 @@ impl SchedulerCore {
                     cx.out.push(Command::CloseWorker { worker: w, reason: reason.clone(), restart: true });
                     self.remove_worker(w, &reason, false, cx);
                 }
+                self.balance_all(cx);
             }
+            Event::StealResponse { worker, key, id, stolen } => self.steal_response(worker, key, id, stolen, cx),
         }
     }
 

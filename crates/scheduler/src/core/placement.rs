@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use smallvec::SmallVec;
 
-use super::{Cx, Prefix, SchedulerCore, TaskId, TaskState, Worker, WorkerId};
+use super::{Cx, Prefix, SchedulerCore, Task, TaskId, TaskState, Worker, WorkerId};
 
 impl SchedulerCore {
     /// Places a task whose dependencies are all in memory: on a worker with a free slot,
@@ -111,6 +111,16 @@ impl SchedulerCore {
             }
             // Leaving Queued takes it out of the queue.
             self.set_state(t, TaskState::Processing { worker }, cx);
+        }
+        // Nothing queued: a thread left idle may take what busy workers hold.
+        self.balance(worker, &[], cx);
+    }
+
+    /// Whether `task` may run on `w` (its restrictions; loose ones allow any worker).
+    pub(super) fn may_run(&self, task: &Task, w: &Worker) -> bool {
+        match &task.restrictions {
+            None => true,
+            Some(r) => r.loose || r.workers.iter().any(|x| *x == w.spec.address || *x == w.spec.name),
         }
     }
 

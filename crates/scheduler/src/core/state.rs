@@ -32,6 +32,7 @@ impl SchedulerCore {
             }
             TaskState::Processing { worker } => {
                 self.task_mut(t).started = false;
+                self.forget_steal(t);
                 if let Some(w) = self.workers.get_mut(worker) {
                     let before = occupancy(w);
                     w.processing.remove(&t);

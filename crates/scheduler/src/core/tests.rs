@@ -12,6 +12,8 @@ use proptest::prelude::*;
 
 use super::*;
 
+mod steal;
+
 // ---------------------------------------------------------------------------- harness
 
 const C1: ClientId = ClientId(1);
@@ -1288,6 +1290,11 @@ struct Sim {
     /// Workers the scheduler closed (retired).
     closed: Vec<WorkerId>,
     next_op: u64,
+    /// Answers to steal requests not yet delivered: (victim, key, id, stolen).
+    steal_answers: Vec<(WorkerId, Key, u64, bool)>,
+    /// Tasks a worker said it started (or refused to give up): never stolen.
+    started: HashSet<(WorkerId, Key)>,
+    joins: u32,
 }
 
 impl Sim {
@@ -1306,6 +1313,9 @@ impl Sim {
             index,
             in_flight: Vec::new(),
             replica_requests: Vec::new(),
+            steal_answers: Vec::new(),
+            started: HashSet::new(),
+            joins: 0,
             closed: Vec::new(),
             next_op: 1,
             alive: BTreeMap::new(),
@@ -1365,6 +1375,13 @@ impl Sim {
                         !self.in_flight.iter().any(|(w, k, _)| *w == worker && *k == key),
                         "{key} sent twice to {worker}"
                     );
+                    // Never two runs at once (a steal moves a task only once its victim let go).
+                    assert!(
+                        !self.in_flight.iter().any(|(_, k, _)| *k == key),
+                        "{key} sent to {worker} while it runs elsewhere: {:?}",
+                        self.h.core.story(&key)
+                    );
+                    self.started.remove(&(worker, key.clone()));
                     self.in_flight.push((worker, key, deps));
                 }
                 Command::Free { worker, key } => {
@@ -1409,6 +1426,20 @@ impl Sim {
                 Command::AcquireReplicas { worker, keys } => {
                     assert!(self.alive.contains_key(&worker), "copies to dead {worker}");
                     self.replica_requests.push((worker, keys));
+                }
+                Command::Steal { worker, key, id } => {
+                    // The victim decides as it reads the request (in stream order with the
+                    // other commands); its answer reaches the scheduler later.
+                    assert!(self.alive.contains_key(&worker), "steal from dead {worker}");
+                    let pos = self.in_flight.iter().position(|(w, k, _)| *w == worker && *k == key);
+                    let stolen = pos.is_some() && !self.started.contains(&(worker, key.clone())) && self.rng.chance(50);
+                    if stolen {
+                        self.in_flight.remove(pos.expect("in flight"));
+                    } else if pos.is_some() {
+                        // It runs there now.
+                        self.started.insert((worker, key.clone()));
+                    }
+                    self.steal_answers.push((worker, key, id, stolen));
                 }
                 Command::Notice { .. } | Command::Retired { .. } => {}
             }
@@ -1491,6 +1522,8 @@ impl Sim {
         self.alive.remove(&victim);
         self.paused.remove(&victim);
         self.in_flight.retain(|(w, _, _)| *w != victim);
+        // Its answers not sent yet die with it.
+        self.steal_answers.retain(|(w, ..)| *w != victim);
         self.kills_done += 1;
         self.step(Event::WorkerLost { worker: victim, reason: "killed by the simulation".into(), expected: false });
         let nthreads = 1 + self.rng.below(3) as u32;
@@ -1519,11 +1552,13 @@ impl Sim {
                 assert!(held.contains(&key), "scheduler thinks {id} holds {key}");
             }
         }
-        // Every task the scheduler has processing is in flight on that worker.
+        // Every task the scheduler has processing is in flight on that worker (or that worker
+        // gave it up to a steal and its answer is on the way).
         for (i, key) in self.keys.iter().enumerate() {
             if let Some(TaskState::Processing { worker }) = self.h.core.task_state(key) {
                 assert!(
-                    self.in_flight.iter().any(|(w, k, _)| w == worker && k == key),
+                    self.in_flight.iter().any(|(w, k, _)| w == worker && k == key)
+                        || self.steal_answers.iter().any(|(w, k, _, stolen)| w == worker && k == key && *stolen),
                     "{key} (#{i}) processing on {worker} but not in flight there"
                 );
             }
@@ -1596,7 +1631,20 @@ fn run_scenario(sc: Scenario) {
         } else if roll < 25 && !sim.in_flight.is_empty() {
             // A worker reports that a task started running there.
             let (worker, key, _) = sim.in_flight[sim.rng.below(sim.in_flight.len())].clone();
+            sim.started.insert((worker, key.clone()));
             sim.step(Event::TasksStarted { worker, keys: vec![key], ack: false });
+        } else if !sim.steal_answers.is_empty() && (roll < 40 || sim.in_flight.is_empty()) {
+            // A victim's answer to a steal arrives.
+            let (worker, key, id, stolen) = sim.steal_answers.remove(sim.rng.below(sim.steal_answers.len()));
+            sim.step(Event::StealResponse { worker, key, id, stolen });
+        } else if roll < 42 && sim.joins < 4 {
+            // A worker joins mid-graph: it should take over queued work.
+            sim.joins += 1;
+            let nthreads = 1 + sim.rng.below(3) as u32;
+            sim.add_worker(nthreads);
+        } else if roll < 44 {
+            // A tick: idle workers look for work.
+            sim.step(Event::Tick);
         } else if sim.in_flight.is_empty() && !sim.paused.is_empty() {
             // Nothing runs: the paused workers resume (memory freed by finished tasks).
             for w in std::mem::take(&mut sim.paused) {

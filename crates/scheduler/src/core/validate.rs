@@ -125,5 +125,6 @@ impl SchedulerCore {
             assert_eq!(self.task(*t).state, TaskState::NoWorker);
         }
         self.validate_retirement();
+        self.validate_steals();
     }
 }

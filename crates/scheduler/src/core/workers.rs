@@ -39,6 +39,8 @@ impl SchedulerCore {
                 closing: false,
                 paused: false,
                 retiring: None,
+                steals_out: 0,
+                steals_in: 0,
                 memory: WorkerMemory::default(),
             },
         );
@@ -46,6 +48,8 @@ impl SchedulerCore {
         // Tasks that had nowhere to go may now run.
         self.reschedule_no_worker(cx);
         self.fill(worker, cx);
+        // It may also take what paused or retiring workers hold and will not start.
+        self.balance_all(cx);
     }
 
     /// Forgets every task: every client is told its keys were cancelled, workers to drop what
@@ -76,6 +80,8 @@ impl SchedulerCore {
                 cx.out.push(Command::Free { worker: *id, key });
             }
             w.nbytes = 0;
+            w.steals_out = 0;
+            w.steals_in = 0;
         }
         self.by_occupancy = self.workers.iter().filter(|(_, w)| w.open()).map(|(id, _)| (0, *id)).collect();
         self.tasks = slab::Slab::default();
@@ -88,6 +94,7 @@ impl SchedulerCore {
         cx.freed.clear();
         self.replicating.clear();
         self.copy_failures.clear();
+        self.steals.clear();
         cx.out.push(Command::Notice {
             level: NoticeLevel::Warn,
             message: format!("restart: released every task ({n}); {reason}"),
@@ -123,7 +130,10 @@ impl SchedulerCore {
             format!("worker {addr} resumed: process memory {} MB (limit {} MB)", mb(m.process), mb(limit))
         };
         cx.out.push(Command::Notice { level: NoticeLevel::Warn, message });
-        if !paused {
+        if paused {
+            // What it holds and has not started may go to idle workers.
+            self.balance_all(cx);
+        } else {
             self.reschedule_no_worker(cx);
             self.fill(worker, cx);
         }

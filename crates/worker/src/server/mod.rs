@@ -560,6 +560,9 @@ impl Loop {
                     .collect();
                 self.state.handle(Event::Acquire(keys), &mut self.instructions);
             }
+            pb::scheduler_command::Kind::Steal(s) => {
+                self.state.handle(Event::Steal { key: Arc::from(s.key), id: s.id }, &mut self.instructions);
+            }
             pb::scheduler_command::Kind::StartedAck(a) => {
                 self.executor.results().acknowledge(a.keys.into_iter().map(Arc::from));
             }
@@ -597,6 +600,11 @@ impl Loop {
                     }
                 }
                 Instruction::Cancel(key) => self.executor.cancel(&key),
+                Instruction::Unqueue { key, id } => {
+                    // Simulated tasks finish as they are dispatched: never on a queue.
+                    let removed = !self.simulate && self.executor.unqueue(&key);
+                    simulated.push(Event::Unqueued { key, id, removed });
+                }
                 Instruction::Drop(key) => self.store.remove(&key),
                 Instruction::Send(mut kind) => {
                     if let pb::worker_event::Kind::Finished(f) = &mut kind

@@ -82,6 +82,18 @@ pub enum Event {
     Paused(bool),
     /// Fetch these values from the peers named and keep them (copies off a retiring worker).
     Acquire(Vec<(Key, Vec<Arc<str>>)>),
+    /// The scheduler wants `key` elsewhere (work stealing): give it up unless it started.
+    Steal {
+        key: Key,
+        id: u64,
+    },
+    /// The executor's answer to [`Instruction::Unqueue`]: `removed` if the task had not
+    /// started and is off its queue (it will not be reported).
+    Unqueued {
+        key: Key,
+        id: u64,
+        removed: bool,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -97,6 +109,12 @@ pub enum Instruction {
     },
     /// Skip this dispatched task if it has not started.
     Cancel(Key),
+    /// Take this dispatched task off the executor's queue if no thread has started it, and
+    /// answer with [`Event::Unqueued`] at once.
+    Unqueue {
+        key: Key,
+        id: u64,
+    },
     Fetch {
         from: Arc<str>,
         keys: Vec<Key>,
@@ -245,6 +263,16 @@ impl WorkerState {
                 }
             }
             Event::Acquire(keys) => self.on_acquire(keys, out),
+            Event::Steal { key, id } => self.on_steal(key, id, out),
+            Event::Unqueued { key, id, removed } => {
+                let stolen = removed && self.compute.get(&key).is_some_and(|t| t.state == ComputeState::Dispatched);
+                if removed && let Some(task) = self.compute.remove(&key) {
+                    // Off the queue: no ExecDone will come for it.
+                    self.dispatched -= 1;
+                    self.release_deps(&key, &task.deps, out);
+                }
+                answer_steal(key, id, stolen, out);
+            }
             Event::Put { keys } => {
                 for (key, nbytes) in keys {
                     let d = self.data.entry(key.clone()).or_insert_with(|| DataKey {
@@ -382,6 +410,22 @@ impl WorkerState {
             self.dependency_missing(&key, Vec::new(), out);
         }
         group_fetches(to_fetch, out);
+    }
+
+    /// Gives `key` up if it has not started: waiting or ready here, it goes at once; handed to
+    /// the executor, the executor decides ([`Instruction::Unqueue`]); running, done or freed,
+    /// it stays and the answer is no.
+    fn on_steal(&mut self, key: Key, id: u64, out: &mut Vec<Instruction>) {
+        match self.compute.get(&key).map(|t| &t.state) {
+            Some(ComputeState::Waiting { .. } | ComputeState::Ready) => {
+                let task = self.compute.remove(&key).expect("present");
+                // A stale entry stays in `ready` and is skipped when popped.
+                self.release_deps(&key, &task.deps, out);
+                answer_steal(key, id, true, out);
+            }
+            Some(ComputeState::Dispatched) => out.push(Instruction::Unqueue { key, id }),
+            Some(ComputeState::Cancelled) | None => answer_steal(key, id, false, out),
+        }
     }
 
     fn on_free(&mut self, key: Key, out: &mut Vec<Instruction>) {
@@ -634,6 +678,14 @@ impl WorkerState {
             }
         }
     }
+}
+
+fn answer_steal(key: Key, id: u64, stolen: bool, out: &mut Vec<Instruction>) {
+    out.push(Instruction::Send(pb::worker_event::Kind::StealResponse(pb::StealResponse {
+        key: key.to_string(),
+        id,
+        stolen,
+    })));
 }
 
 /// Starts fetching `dep` (in `Fetch`) from its first holder.

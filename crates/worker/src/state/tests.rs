@@ -249,3 +249,55 @@ fn copies_asked_for_are_fetched_kept_and_reported() {
     w.validate();
     assert_eq!(out.iter().filter(|i| matches!(i, Instruction::Drop(_))).count(), 2, "{out:?}");
 }
+
+fn steal_answer(out: &[Instruction]) -> Option<(String, u64, bool)> {
+    out.iter().find_map(|i| match i {
+        Instruction::Send(pb::worker_event::Kind::StealResponse(r)) => Some((r.key.clone(), r.id, r.stolen)),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_task_waiting_for_its_inputs_is_given_up_at_once() {
+    let mut s = WorkerState::new(1);
+    step(&mut s, compute("c", &[("a", &["tcp://p:1"])]));
+    let out = step(&mut s, Event::Steal { key: key("c"), id: 7 });
+    assert_eq!(steal_answer(&out), Some(("c".into(), 7, true)));
+    assert_eq!(s.n_compute(), 0);
+    // The input arriving later is not kept for nothing.
+    let out =
+        step(&mut s, Event::FetchDone { from: Arc::from("tcp://p:1"), got: vec![(key("a"), 1)], missing: vec![] });
+    assert_eq!(out, vec![Instruction::Drop(key("a"))]);
+}
+
+#[test]
+fn a_dispatched_task_is_given_up_only_if_the_executor_had_not_started_it() {
+    let mut s = WorkerState::new(1);
+    step(&mut s, compute("a", &[]));
+    step(&mut s, compute("b", &[]));
+    assert_eq!(s.executing(), 2);
+    // Queued on the executor: it answers.
+    let out = step(&mut s, Event::Steal { key: key("b"), id: 1 });
+    assert_eq!(out, vec![Instruction::Unqueue { key: key("b"), id: 1 }]);
+    let out = step(&mut s, Event::Unqueued { key: key("b"), id: 1, removed: true });
+    assert_eq!(steal_answer(&out), Some(("b".into(), 1, true)));
+    assert_eq!(s.executing(), 1);
+    assert!(!s.is_running("b"));
+    // Running: it stays, and its result is reported as usual.
+    step(&mut s, Event::Steal { key: key("a"), id: 2 });
+    let out = step(&mut s, Event::Unqueued { key: key("a"), id: 2, removed: false });
+    assert_eq!(steal_answer(&out), Some(("a".into(), 2, false)));
+    let out = step(&mut s, ok("a"));
+    assert!(matches!(&out[0], Instruction::Send(pb::worker_event::Kind::Finished(f)) if f.key == "a"));
+}
+
+#[test]
+fn a_finished_or_freed_task_is_not_given_up() {
+    let mut s = WorkerState::new(1);
+    step(&mut s, compute("a", &[]));
+    step(&mut s, ok("a"));
+    let out = step(&mut s, Event::Steal { key: key("a"), id: 3 });
+    assert_eq!(steal_answer(&out), Some(("a".into(), 3, false)));
+    let out = step(&mut s, Event::Steal { key: key("never-sent"), id: 4 });
+    assert_eq!(steal_answer(&out), Some(("never-sent".into(), 4, false)));
+}
