@@ -23,6 +23,7 @@ mod core_bench;
 mod faults;
 mod memory;
 mod sched;
+mod sim;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -60,8 +61,8 @@ fn consume(b: Bytes) -> u64 {
 #[command(name = "dask-bench", about = "dask-rs benchmarks (see docs/benchmarks.md)")]
 struct Args {
     /// Workloads: all, throughput, latency, tree, shuffle, data, memory, startup, big, zero,
-    /// core, rsds, tcp, skew, late_join, restart, kill, spill, monitor; and chaos (long; not
-    /// part of all).
+    /// core, rsds, tcp, sim, skew, late_join, restart, kill, spill, monitor; and chaos (long;
+    /// not part of all).
     #[arg(default_value = "all")]
     workloads: Vec<String>,
     /// Runs of each workload (each with a fresh cluster).
@@ -297,6 +298,10 @@ fn main() -> ExitCode {
                 record(format!("zero-worker {n} tasks: tasks/s"), n as f64 / wall);
             });
         }
+    }
+    if want("sim") {
+        // Deterministic: one run says it all.
+        sim::run(q, 1, &mut record);
     }
     if want("skew") {
         for _ in 0..runs {

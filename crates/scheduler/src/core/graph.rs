@@ -177,10 +177,8 @@ impl SchedulerCore {
 
     pub(super) fn scattered(&mut self, client: ClientId, keys: Vec<(Key, Vec<Arc<str>>, u64)>, cx: &mut Cx<'_>) {
         for (key, addrs, nbytes) in keys {
-            let holders: SmallVec<[WorkerId; 1]> = addrs
-                .iter()
-                .filter_map(|a| self.workers.iter().find(|(_, w)| w.spec.address == *a).map(|(id, _)| *id))
-                .collect();
+            let holders: SmallVec<[WorkerId; 1]> =
+                addrs.iter().filter_map(|a| self.by_address.get(a).copied()).collect();
             let id = match self.keys.get(&key) {
                 Some(&id) => id,
                 None => {

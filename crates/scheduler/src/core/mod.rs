@@ -53,9 +53,10 @@ mod story;
 #[cfg(test)]
 mod tests;
 mod validate;
+mod worker_table;
 mod workers;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -227,6 +228,8 @@ struct Worker {
     /// Steals asked of it, and for it, not yet answered.
     steals_out: u32,
     steals_in: u32,
+    /// Natural log of how fast it runs tasks against their kinds' averages (0: average).
+    log_speed: f64,
 }
 
 impl Worker {
@@ -278,7 +281,10 @@ pub struct SchedulerCore {
     tasks: slab::Slab<Task>,
     free_ids: Vec<u32>,
     keys: FxHashMap<Key, TaskId>,
-    workers: BTreeMap<WorkerId, Worker>,
+    workers: worker_table::WorkerTable,
+    /// Workers by address and by name (each unique among connected workers).
+    by_address: FxHashMap<Arc<str>, WorkerId>,
+    by_name: FxHashMap<Arc<str>, WorkerId>,
     clients: FxHashMap<ClientId, Client>,
     queue: ReadyQueue,
     no_worker: FxHashSet<TaskId>,
@@ -340,7 +346,9 @@ impl SchedulerCore {
             tasks: slab::Slab::default(),
             free_ids: Vec::new(),
             keys: FxHashMap::default(),
-            workers: BTreeMap::new(),
+            workers: worker_table::WorkerTable::default(),
+            by_address: FxHashMap::default(),
+            by_name: FxHashMap::default(),
             clients: FxHashMap::default(),
             queue: ReadyQueue::default(),
             no_worker: FxHashSet::default(),
@@ -556,7 +564,10 @@ impl SchedulerCore {
     }
 }
 
+/// [`occupancy`] of a worker running one task per thread.
+const OCCUPANCY_PER_THREAD: u64 = 1024;
+
+/// Tasks per thread, scaled so that integer comparison keeps fractions.
 fn occupancy(w: &Worker) -> u64 {
-    // Tasks per thread, scaled so integer comparison keeps fractions.
-    (w.processing.len() as u64 * 1024) / w.spec.nthreads.max(1) as u64
+    (w.processing.len() as u64 * OCCUPANCY_PER_THREAD) / w.spec.nthreads.max(1) as u64
 }

@@ -2,11 +2,13 @@
 //! with a free slot, else the queue; and how deep a worker's slots are.
 
 use std::sync::Arc;
+
+use rustc_hash::FxHashMap;
 use std::time::Duration;
 
 use smallvec::SmallVec;
 
-use super::{Cx, Prefix, SchedulerCore, Task, TaskId, TaskState, Worker, WorkerId};
+use super::{Cx, Prefix, SchedulerCore, Task, TaskId, TaskState, Worker, WorkerId, occupancy};
 
 impl SchedulerCore {
     /// Places a task whose dependencies are all in memory: on a worker with a free slot,
@@ -48,7 +50,7 @@ impl SchedulerCore {
                 .min_by_key(|(id, w)| (occupancy(w), **id))
                 .map_or(Placement::NoWorker, |(id, _)| Placement::Worker(*id));
         }
-        if self.workers.values().all(|w| w.closing) {
+        if self.by_occupancy.is_empty() && self.workers.values().all(|w| w.closing) {
             return Placement::NoWorker;
         }
         let limit = self.depth(task.prefix);
@@ -65,17 +67,27 @@ impl SchedulerCore {
         }
         // Prefer the worker holding most of the inputs' bytes.
         if !task.dependencies.is_empty() {
+            // A few holders are summed in a small list; a big fan-in over many workers (a merge
+            // of 100,000 inputs on 10,000 workers) in a map, or the search is quadratic.
             let mut bytes: SmallVec<[(WorkerId, u64); 4]> = SmallVec::new();
+            let mut many: FxHashMap<WorkerId, u64> = FxHashMap::default();
             for &d in task.dependencies.iter() {
                 if let TaskState::Memory { nbytes, who_has } = &self.task(d).state {
                     for w in who_has {
-                        match bytes.iter_mut().find(|(x, _)| x == w) {
-                            Some((_, b)) => *b += nbytes,
-                            None => bytes.push((*w, *nbytes)),
+                        if !many.is_empty() {
+                            *many.entry(*w).or_default() += nbytes;
+                        } else if let Some((_, b)) = bytes.iter_mut().find(|(x, _)| x == w) {
+                            *b += nbytes;
+                        } else if bytes.len() < 16 {
+                            bytes.push((*w, *nbytes));
+                        } else {
+                            many.extend(bytes.drain(..));
+                            many.insert(*w, *nbytes);
                         }
                     }
                 }
             }
+            bytes.extend(many);
             let best = bytes
                 .iter()
                 .filter(|(w, _)| has_slot(&self.workers[w]))
@@ -124,14 +136,25 @@ impl SchedulerCore {
         }
     }
 
-    pub(super) fn record_duration(&mut self, t: TaskId, d: Duration) {
+    /// Learns from a task that ran `d` on `worker`: the average of its kind, and the worker's
+    /// speed (how its durations compare with its kinds' averages: a geometric moving average,
+    /// so one long task does not make a worker look slow). Returns whether the kind now looks
+    /// at least twice as long as before (queues sized by the old figure are too deep).
+    pub(super) fn record_duration(&mut self, t: TaskId, d: Duration, worker: WorkerId) -> bool {
         let prefix = self.task(t).prefix as usize;
         let p = &mut self.prefixes[prefix];
-        let ns = d.as_nanos() as f64;
-        p.avg_ns = Some(match p.avg_ns {
+        let ns = (d.as_nanos() as f64).max(1.0);
+        let old = p.avg_ns;
+        p.avg_ns = Some(match old {
             None => ns,
             Some(avg) => 0.5 * avg + 0.5 * ns,
         });
+        let Some(old) = old else { return false };
+        if let Some(w) = self.workers.get_mut(&worker) {
+            let sample = (old / ns).clamp(1.0 / 64.0, 64.0).ln();
+            w.log_speed = 0.9 * w.log_speed + 0.1 * sample;
+        }
+        ns > 3.0 * old
     }
 
     pub(super) fn prefix_of(&mut self, key: &str) -> u32 {
@@ -151,11 +174,6 @@ pub(super) enum Placement {
     Worker(WorkerId),
     Queue,
     NoWorker,
-}
-
-fn occupancy(w: &Worker) -> u64 {
-    // Tasks per thread, scaled so integer comparison keeps fractions.
-    (w.processing.len() as u64 * 1024) / w.spec.nthreads.max(1) as u64
 }
 
 /// dask's `key_split`: `inc-1c8d...` -> `inc`, `x-1-2` -> `x`.

@@ -13,11 +13,13 @@
 //!
 //! # What
 //! Tasks not known to have started, that the thief may run (hard restrictions hold; loose ones
-//! may move), expected to take at least two handshakes (`2 × steal_latency`), the latest first (they would start last on the victim). A task moves if fetching
-//! the inputs the thief lacks (at the configured bandwidth, plus a fixed latency) takes less
-//! than the task would wait on the victim: its place in the victim's excess times the measured
-//! duration of its kind, over the victim's threads. The thief takes at most its idle threads
-//! and half the victim's excess, so two workers do not trade the same tasks back and forth.
+//! may move), expected to take at least two handshakes (`2 × steal_latency`), the latest first
+//! (they would start last on the victim). A task moves if it would finish sooner on the thief:
+//! there after its inputs arrive (bytes over the configured bandwidth, plus a fixed latency)
+//! and after what the thief holds beyond its threads; on the victim after the rest of its
+//! excess; each at the measured duration of its kind over the worker's measured speed. The thief
+//! takes at most its share of the excess by threads (and its own slot limit), so two workers do
+//! not trade the same tasks back and forth.
 //!
 //! # The handshake
 //! ```text
@@ -33,7 +35,7 @@
 //! it unstarted.
 
 use super::placement::Placement;
-use super::{Command, Cx, Key, SchedulerCore, TaskId, TaskState, Worker, WorkerId};
+use super::{Command, Cx, Key, OCCUPANCY_PER_THREAD, SchedulerCore, TaskId, TaskState, Worker, WorkerId};
 
 /// What stealing did so far (for `scheduler_info` and the benchmarks).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -80,7 +82,7 @@ impl SchedulerCore {
         }
         let Some(w) = self.workers.get(&thief) else { return };
         let mut idle = if w.open() { idle_threads(w) } else { 0 };
-        if idle == 0 {
+        if idle == 0 || !self.any_excess(also) {
             return;
         }
         let victims: Vec<WorkerId> = self
@@ -117,6 +119,7 @@ impl SchedulerCore {
         let vthreads = v.spec.nthreads.max(1) as f64;
         let tthreads = th.spec.nthreads.max(1) as usize;
         let held = th.processing.len() + th.steals_in as usize;
+        let (vspeed, tspeed) = (v.log_speed.exp(), th.log_speed.exp());
         // Latest first: they would start last there.
         let mut candidates: Vec<(u64, TaskId)> = v
             .processing
@@ -142,10 +145,15 @@ impl SchedulerCore {
             if chosen.len() == share || held + chosen.len() >= room {
                 break;
             }
-            // It waits behind the rest of the excess, and the tasks running there now.
+            // On the victim it waits behind the rest of the excess and the tasks running there;
+            // on the thief, for its inputs and whatever the thief holds beyond its threads. Each
+            // runs at its worker's measured speed.
+            let d = self.expected_ns(t);
             let ahead = excess.saturating_sub(i + 1) as f64 + 1.0;
-            let wait_ns = ahead * self.expected_ns(t) / vthreads;
-            if self.transfer_ns(t, thief) < wait_ns {
+            let victim_done = (ahead * d / vthreads + d) / vspeed;
+            let queued = (held + chosen.len()).saturating_sub(tthreads) as f64;
+            let thief_done = self.transfer_ns(t, thief) + (queued * d / tthreads as f64 + d) / tspeed;
+            if thief_done < victim_done {
                 chosen.push(t);
             }
         }
@@ -230,18 +238,38 @@ impl SchedulerCore {
         if !self.config.work_stealing || !self.queue.is_empty() || self.steals.len() > self.workers.len() {
             return;
         }
-        let idle: Vec<WorkerId> =
-            self.workers.iter().filter(|(_, w)| w.open() && idle_threads(w) > 0).map(|(id, _)| *id).collect();
-        if idle.is_empty() {
-            return;
-        }
         // Paused or retiring workers start nothing new: what they hold beyond their running
         // tasks is theirs to give.
-        let closed: Vec<WorkerId> =
-            self.workers.iter().filter(|(_, w)| !w.open() && excess(w) > 0).map(|(id, _)| *id).collect();
+        let closed: Vec<WorkerId> = if self.workers.len() > self.by_occupancy.len() {
+            self.workers.iter().filter(|(_, w)| !w.open() && excess(w) > 0).map(|(id, _)| *id).collect()
+        } else {
+            Vec::new()
+        };
+        // Most of the time nobody holds more than its threads run: nothing to look at (a scan
+        // of every worker per event would cost more than the rest of the scheduler at 10,000).
+        if !self.any_excess(&closed) {
+            return;
+        }
+        let idle: Vec<WorkerId> =
+            self.workers.iter().filter(|(_, w)| w.open() && idle_threads(w) > 0).map(|(id, _)| *id).collect();
         for w in idle {
             self.balance(w, &closed, cx);
+            if !self.any_excess(&closed) {
+                break;
+            }
         }
+    }
+
+    /// Whether one of the busiest open workers, or of `closed`, holds tasks beyond its threads
+    /// that are not being stolen already.
+    fn any_excess(&self, closed: &[WorkerId]) -> bool {
+        self.by_occupancy
+            .iter()
+            .rev()
+            .take_while(|(occupancy, _)| *occupancy > OCCUPANCY_PER_THREAD)
+            .take(VICTIMS)
+            .any(|(_, v)| excess(&self.workers[v]) > 0)
+            || closed.iter().any(|v| self.workers.get(v).is_some_and(|w| excess(w) > 0))
     }
 
     pub(super) fn validate_steals(&self) {
@@ -250,7 +278,7 @@ impl SchedulerCore {
             assert_eq!(self.task(*t).state, TaskState::Processing { worker: s.victim }, "{key}: stolen from elsewhere");
             assert_ne!(s.victim, s.thief, "{key}: stolen by its own worker");
         }
-        for (id, w) in &self.workers {
+        for (id, w) in self.workers.iter() {
             let out = self.steals.values().filter(|s| s.victim == *id).count();
             let inn = self.steals.values().filter(|s| s.thief == *id).count();
             assert_eq!(w.steals_out as usize, out, "{id}: steals out");

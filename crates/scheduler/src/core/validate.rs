@@ -100,7 +100,11 @@ impl SchedulerCore {
         let expected: BTreeSet<(u64, WorkerId)> =
             self.workers.iter().filter(|(_, w)| w.open()).map(|(id, w)| (occupancy(w), *id)).collect();
         assert_eq!(self.by_occupancy, expected, "workers by occupancy");
-        for (id, w) in &self.workers {
+        assert_eq!(self.by_address.len(), self.workers.len(), "address index");
+        assert_eq!(self.by_name.len(), self.workers.len(), "name index");
+        for (id, w) in self.workers.iter() {
+            assert_eq!(self.by_address.get(&w.spec.address), Some(id), "{id}: address index");
+            assert_eq!(self.by_name.get(&w.spec.name), Some(id), "{id}: name index");
             for t in &w.processing {
                 assert_eq!(self.task(*t).state, TaskState::Processing { worker: *id }, "{id}: processing set");
             }

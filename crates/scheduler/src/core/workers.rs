@@ -14,10 +14,14 @@ use super::{
 
 impl SchedulerCore {
     pub(super) fn worker_joined(&mut self, worker: WorkerId, spec: WorkerSpec, cx: &mut Cx<'_>) {
-        if let Some((_, other)) =
-            self.workers.iter().find(|(_, w)| w.spec.name == spec.name || w.spec.address == spec.address)
-        {
-            let why = if other.spec.name == spec.name { "name" } else { "address" };
+        let taken = if self.by_name.contains_key(&spec.name) {
+            Some("name")
+        } else if self.by_address.contains_key(&spec.address) {
+            Some("address")
+        } else {
+            None
+        };
+        if let Some(why) = taken {
             cx.out.push(Command::CloseWorker {
                 restart: false,
                 worker,
@@ -28,6 +32,8 @@ impl SchedulerCore {
             });
             return;
         }
+        self.by_address.insert(spec.address.clone(), worker);
+        self.by_name.insert(spec.name.clone(), worker);
         self.workers.insert(
             worker,
             Worker {
@@ -41,6 +47,7 @@ impl SchedulerCore {
                 retiring: None,
                 steals_out: 0,
                 steals_in: 0,
+                log_speed: 0.0,
                 memory: WorkerMemory::default(),
             },
         );
@@ -72,7 +79,7 @@ impl SchedulerCore {
                 cx.out.push(Command::Report { client: c, key, report: Report::Cancelled(Some(why.clone())) });
             }
         }
-        for (id, w) in &mut self.workers {
+        for (id, w) in self.workers.iter_mut() {
             let mut held: Vec<TaskId> = w.has_what.drain().chain(w.processing.drain()).collect();
             held.sort();
             for t in held {
@@ -214,6 +221,8 @@ impl SchedulerCore {
             }
         }
         let w = self.workers.remove(&worker).expect("worker exists");
+        self.by_address.remove(&w.spec.address);
+        self.by_name.remove(&w.spec.name);
         debug_assert!(w.processing.is_empty() && w.has_what.is_empty());
         self.retire_worker_gone(worker, w.retiring, cx);
         // The dead worker's commands are dropped by the shell; drop them here already.
@@ -287,9 +296,14 @@ impl SchedulerCore {
                 return;
             }
         }
-        self.record_duration(t, duration);
+        let slower = self.record_duration(t, duration, worker);
         self.set_state(t, TaskState::Memory { nbytes, who_has: SmallVec::from_elem(worker, 1) }, cx);
         self.fill(worker, cx);
+        if slower {
+            // Tasks of this kind were handed out by a figure far too short: idle workers may
+            // take some of them now rather than at the next tick.
+            self.balance_all(cx);
+        }
     }
 
     pub(super) fn task_failed(
@@ -306,7 +320,7 @@ impl SchedulerCore {
         if !matches!(self.task(t).state, TaskState::Processing { worker: w } if w == worker) {
             return;
         }
-        self.record_duration(t, duration);
+        self.record_duration(t, duration, worker);
         if self.task(t).retries > 0 {
             self.task_mut(t).retries -= 1;
             self.set_state(t, TaskState::Released, cx);
@@ -329,8 +343,7 @@ impl SchedulerCore {
         cx: &mut Cx<'_>,
     ) {
         if let Some(&d) = self.keys.get(&dependency) {
-            let gone: Vec<WorkerId> =
-                self.workers.iter().filter(|(_, w)| from.contains(&w.spec.address)).map(|(id, _)| *id).collect();
+            let gone: Vec<WorkerId> = from.iter().filter_map(|a| self.by_address.get(a).copied()).collect();
             for w in gone {
                 if let TaskState::Memory { who_has, nbytes } = &mut self.task_mut(d).state
                     && who_has.contains(&w)
