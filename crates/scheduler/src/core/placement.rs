@@ -154,7 +154,8 @@ impl SchedulerCore {
             let sample = (old / ns).clamp(1.0 / 64.0, 64.0).ln();
             w.log_speed = 0.9 * w.log_speed + 0.1 * sample;
         }
-        ns > 3.0 * old
+        // Only kinds long enough to be stolen at all (see `steal.rs`) are worth a look.
+        ns > 3.0 * old && ns >= 2.0 * self.config.steal_latency.as_nanos() as f64
     }
 
     pub(super) fn prefix_of(&mut self, key: &str) -> u32 {
