@@ -20,6 +20,7 @@ pub fn run(n: usize, workers: usize) -> f64 {
             nthreads: 1,
             memory_limit: 0,
             pid: 0,
+            resources: Vec::new(),
         };
         core.handle(Event::WorkerJoined { worker: WorkerId(w as u32), spec }, now, &mut out);
     }

@@ -50,6 +50,9 @@ pub struct SubmitOptions {
     pub retries: u32,
     /// Higher runs first.
     pub priority: i32,
+    /// Abstract resources the task holds while it runs (dask's `resources={"GPU": 1}`): it runs
+    /// only on a worker with that much free (`dask-worker --resources "GPU=2"`).
+    pub resources: std::collections::BTreeMap<String, f64>,
 }
 
 impl Default for SubmitOptions {
@@ -61,6 +64,7 @@ impl Default for SubmitOptions {
             allow_other_workers: false,
             retries: 0,
             priority: 0,
+            resources: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -596,6 +600,13 @@ impl Client {
             None if pure => dask_protocol::tokenize::key(T::NAME, &spec),
             None => self.inner.unique_key(T::NAME),
         };
+        if let Some((name, amount)) =
+            opts.resources.iter().find(|(n, a)| n.is_empty() || !(a.is_finite() && **a >= 0.0))
+        {
+            return Err(Error::InvalidArgument(format!(
+                "resource {name:?} = {amount}: give a name and an amount of zero or more, e.g. GPU = 1"
+            )));
+        }
         Ok(pb::TaskDef {
             key,
             spec: Bytes::from(spec),
@@ -604,6 +615,11 @@ impl Client {
             retries: opts.retries,
             workers: opts.workers.clone(),
             allow_other_workers: opts.allow_other_workers,
+            resources: opts
+                .resources
+                .iter()
+                .map(|(name, amount)| pb::Resource { name: name.clone(), amount: *amount })
+                .collect(),
         })
     }
 

@@ -24,6 +24,7 @@ pub struct LocalClusterBuilder {
     scheduler_port: u16,
     simulate: bool,
     local_directory: Option<std::path::PathBuf>,
+    resources: Vec<(String, f64)>,
 }
 
 impl LocalClusterBuilder {
@@ -64,6 +65,13 @@ impl LocalClusterBuilder {
         self
     }
 
+    /// Abstract resources of each worker (dask's `LocalCluster(resources={"GPU": 2})`): tasks
+    /// submitted with `SubmitOptions::resources` run only where they are free.
+    pub fn resources<S: Into<String>>(mut self, resources: impl IntoIterator<Item = (S, f64)>) -> Self {
+        self.resources = resources.into_iter().map(|(n, a)| (n.into(), a)).collect();
+        self
+    }
+
     /// Memory limit per worker in bytes (0: none).
     pub fn memory_limit(mut self, bytes: u64) -> Self {
         self.memory_limit = bytes;
@@ -94,6 +102,11 @@ impl LocalClusterBuilder {
         let threads = self.threads_per_worker.unwrap_or_else(|| (cores / n_workers.max(1)).max(1));
         if threads == 0 {
             return Err(Error::InvalidArgument("threads_per_worker must be at least 1".into()));
+        }
+        if let Some((n, a)) = self.resources.iter().find(|(n, a)| n.is_empty() || !(a.is_finite() && *a >= 0.0)) {
+            return Err(Error::InvalidArgument(format!(
+                "resource {n:?} = {a}: give a name and an amount of zero or more, e.g. (\"GPU\", 2.0)"
+            )));
         }
         let settings = Config::load().map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -166,6 +179,7 @@ async fn spawn_nanny(
         config.name = Some(name.clone());
         config.death_timeout = Some(Duration::from_secs(10));
         config.simulate = b.simulate;
+        config.resources = b.resources.clone();
         if let Some(d) = &b.local_directory {
             config.local_directory = d.display().to_string();
         }
@@ -195,6 +209,7 @@ const ENV_NTHREADS: &str = "DASK_RS_LOCAL_WORKER_NTHREADS";
 const ENV_MEMORY: &str = "DASK_RS_LOCAL_WORKER_MEMORY_LIMIT";
 const ENV_SIMULATE: &str = "DASK_RS_LOCAL_WORKER_SIMULATE";
 const ENV_LOCAL_DIR: &str = "DASK_RS_LOCAL_WORKER_DIRECTORY";
+const ENV_RESOURCES: &str = "DASK_RS_LOCAL_WORKER_RESOURCES";
 
 /// Worker processes: this program started again (it becomes a worker in `init`), or the
 /// `worker_program` with `dask-worker`'s flags.
@@ -222,6 +237,12 @@ fn process_launcher(b: &LocalClusterBuilder, address: &Address, name: &str, thre
                     .iter()
                     .map(Into::into),
                 )
+                .chain(
+                    (!b.resources.is_empty())
+                        .then(|| ["--resources".into(), resources_flag(&b.resources).into()])
+                        .into_iter()
+                        .flatten(),
+                )
                 .collect(),
             env: Vec::new(),
             stdout: false,
@@ -241,9 +262,17 @@ fn process_launcher(b: &LocalClusterBuilder, address: &Address, name: &str, thre
             if let Some(d) = &b.local_directory {
                 env.push((ENV_LOCAL_DIR.to_string(), d.display().to_string()));
             }
+            if !b.resources.is_empty() {
+                env.push((ENV_RESOURCES.to_string(), resources_flag(&b.resources)));
+            }
             ProcessLauncher { program, args: Vec::new(), env, stdout: false }
         }
     })
+}
+
+/// `GPU=2 MEM=1e9`, as `dask-worker --resources` takes it.
+fn resources_flag(r: &[(String, f64)]) -> String {
+    r.iter().map(|(n, a)| format!("{n}={a}")).collect::<Vec<_>>().join(" ")
 }
 
 /// Workers of a `LocalCluster` of threads: started in this process, on its runtime.
@@ -348,6 +377,9 @@ fn run_local_worker(address: &str) -> Result<ExitStatus> {
     config.death_timeout = Some(Duration::from_secs(10));
     config.simulate = std::env::var_os(ENV_SIMULATE).is_some();
     config.nanny = std::env::var(dask_nanny::NANNY_ENV).ok();
+    if let Ok(r) = std::env::var(ENV_RESOURCES) {
+        config.resources = dask_worker::cli::parse_resources(&r).map_err(Error::InvalidArgument)?;
+    }
     if let Ok(d) = std::env::var(ENV_LOCAL_DIR) {
         config.local_directory = d;
     }
@@ -402,6 +434,7 @@ impl LocalCluster {
             scheduler_port: 0,
             simulate: false,
             local_directory: None,
+            resources: Vec::new(),
         }
     }
 

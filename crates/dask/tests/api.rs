@@ -700,3 +700,51 @@ fn scale_up_gives_new_workers_work_and_scale_down_keeps_every_result() {
     client.close();
     cluster.close();
 }
+
+static GPU_NOW: AtomicUsize = AtomicUsize::new(0);
+static GPU_MAX: AtomicUsize = AtomicUsize::new(0);
+
+#[dask::task]
+fn on_gpu(x: i64) -> i64 {
+    let now = GPU_NOW.fetch_add(1, Ordering::SeqCst) + 1;
+    GPU_MAX.fetch_max(now, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(30));
+    GPU_NOW.fetch_sub(1, Ordering::SeqCst);
+    x + 100
+}
+
+#[test]
+fn resources_limit_where_and_how_many_tasks_run() {
+    // Two workers of 3 threads, one GPU each: at most two GPU tasks at once in all.
+    let cluster = LocalCluster::builder().n_workers(2).threads_per_worker(3).resources([("GPU", 1.0)]).build().unwrap();
+    let client = Client::connect(&cluster.scheduler_address()).unwrap();
+    let gpu = |n: f64| SubmitOptions {
+        pure: false,
+        resources: [("GPU".to_string(), n)].into_iter().collect(),
+        ..Default::default()
+    };
+    let fs = client.map_with(on_gpu, (0..8).map(|i| (i,)), gpu(1.0), None).unwrap();
+    let got: Vec<i64> = client.gather(&fs).unwrap();
+    assert_eq!(got, (100..108).collect::<Vec<_>>());
+    assert_eq!(GPU_MAX.load(Ordering::SeqCst), 2, "GPU tasks ran more at once than there are GPUs");
+    let info = client.scheduler_info().unwrap();
+    for w in &info.workers {
+        assert_eq!(w.resources.len(), 1);
+        assert_eq!((w.resources[0].name.as_str(), w.resources[0].amount), ("GPU", 1.0));
+    }
+
+    // More than any worker has: it waits, and the scheduler says why.
+    let big = client.submit_with(on_gpu, (1,), gpu(4.0)).unwrap();
+    eventually("the task listed as unrunnable", || {
+        client.scheduler_info().unwrap().unrunnable.iter().any(|u| u.contains("needs GPU=4"))
+    });
+    assert_eq!(big.status(), FutureStatus::Pending);
+    big.cancel();
+
+    // A bad amount is refused before anything is sent.
+    let err = client.submit_with(on_gpu, (1,), gpu(-1.0)).unwrap_err();
+    assert!(err.to_string().contains("zero or more"), "{err}");
+    assert!(LocalCluster::builder().resources([("GPU", f64::NAN)]).build().is_err());
+    client.close();
+    cluster.close();
+}

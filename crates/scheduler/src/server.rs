@@ -793,6 +793,8 @@ impl EventLoop {
                     .and_then(|n| n.last_exit.clone())
                     .unwrap_or_default(),
                 status: self.core.worker_status(id).unwrap_or("running").to_string(),
+                resources: resources_to_pb(&spec.resources),
+                resources_used: resources_to_pb(&self.core.worker_resources_used(id)),
                 ..worker_memory_info(self.core.worker_memory(id).unwrap_or_default())
             })
             .collect();
@@ -805,6 +807,8 @@ impl EventLoop {
             steals_asked: self.core.steal_stats().asked,
             steals_done: self.core.steal_stats().stolen,
             steals_refused: self.core.steal_stats().refused,
+            unrunnable: self.core.unrunnable(100),
+            unrunnable_count: self.core.n_no_worker() as u64,
         }
     }
 
@@ -967,12 +971,19 @@ impl pb::scheduler_server::Scheduler for Service {
             return Err(Status::invalid_argument("the first message of a worker stream must be Register"));
         };
         let address = Address::parse(&reg.address, None).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let Some(r) = reg.resources.iter().find(|r| !(r.amount.is_finite() && r.amount >= 0.0)) {
+            return Err(Status::invalid_argument(format!(
+                "resource {} = {} is not a number of zero or more (e.g. --resources \"GPU=2 MEM=10e9\")",
+                r.name, r.amount
+            )));
+        }
         let spec = WorkerSpec {
             address: Arc::from(address.to_string()),
             name: Arc::from(if reg.name.is_empty() { address.to_string() } else { reg.name }),
             nthreads: reg.nthreads.max(1),
             memory_limit: reg.memory_limit,
             pid: reg.pid,
+            resources: reg.resources.into_iter().map(|r| (Arc::from(r.name), r.amount)).collect(),
         };
         let nanny = (!reg.nanny.is_empty()).then_some(reg.nanny);
         let (out_tx, out_rx) = mpsc::unbounded_channel();
@@ -1171,6 +1182,10 @@ fn stream_error(s: &Status) -> String {
     }
 }
 
+fn resources_to_pb(r: &[(Arc<str>, f64)]) -> Vec<pb::Resource> {
+    r.iter().map(|(name, amount)| pb::Resource { name: name.to_string(), amount: *amount }).collect()
+}
+
 fn worker_event(worker: WorkerId, e: pb::WorkerEvent) -> Option<Event> {
     use pb::worker_event::Kind;
     Some(match e.kind? {
@@ -1253,6 +1268,7 @@ fn client_event(client: ClientId, op: pb::ClientOp) -> Option<Event> {
                     retries: t.retries,
                     workers: t.workers.into_iter().map(|w| Arc::from(normalize_worker(w))).collect(),
                     allow_other_workers: t.allow_other_workers,
+                    resources: t.resources.into_iter().map(|r| (Arc::from(r.name), r.amount)).collect(),
                 })
                 .collect(),
             wants: g.wants.into_iter().map(Arc::from).collect(),

@@ -364,7 +364,14 @@ impl<'a> Sim<'a> {
             link_free: 0.0,
             unreported: Vec::new(),
         });
-        let spec = WorkerSpec { address: addr.clone(), name: addr, nthreads: kind.nthreads, memory_limit: 0, pid: 0 };
+        let spec = WorkerSpec {
+            address: addr.clone(),
+            name: addr,
+            nthreads: kind.nthreads,
+            memory_limit: 0,
+            pid: 0,
+            resources: Vec::new(),
+        };
         self.scheduler(Event::WorkerJoined { worker: WorkerId(id), spec });
     }
 

@@ -78,6 +78,9 @@ pub fn parse_resources(s: &str) -> Result<Vec<(String, f64)>, String> {
         .map(|p| {
             let (k, v) = p.split_once('=').ok_or_else(|| format!("resource {p:?} is not NAME=AMOUNT"))?;
             let v: f64 = v.parse().map_err(|_| format!("resource {k}: {v:?} is not a number"))?;
+            if k.is_empty() || !(v.is_finite() && v >= 0.0) {
+                return Err(format!("resource {p:?}: give a name and an amount of zero or more, e.g. GPU=2"));
+            }
             Ok((k.to_string(), v))
         })
         .collect()
@@ -149,10 +152,10 @@ fn run_cli(args: Args, sub: &[&str], nanny_only: bool) -> Result<ExitCode, Strin
     };
     let memory_limit =
         parse_memory_limit(&args.memory_limit, system_memory(), nworkers as u64).map_err(|e| e.to_string())?;
-    if let Some(r) = &args.resources {
-        let parsed = parse_resources(r)?;
-        tracing::warn!(?parsed, "--resources is accepted but not used for scheduling yet");
-    }
+    let resources = match &args.resources {
+        Some(r) => parse_resources(r).map_err(|why| format!("--resources {r:?}: {why}"))?,
+        None => Vec::new(),
+    };
     let death_timeout = seconds("--death-timeout", args.death_timeout)?;
     let lifetime = Lifetime::from_args(&args, &settings)?;
     let rt = dask_protocol::cli::runtime()?;
@@ -194,6 +197,7 @@ fn run_cli(args: Args, sub: &[&str], nanny_only: bool) -> Result<ExitCode, Strin
             config.nanny = my_nanny.clone();
             config.lifetime = lifetime.pick(i);
             config.lifetime_restart = lifetime.restart;
+            config.resources = resources.clone();
             let (handle, run) = match server::start(config, shutdown.child_token()).await {
                 Ok(started) => started,
                 Err(server::WorkerError::Stopped) => return Ok(ExitCode::SUCCESS),

@@ -46,6 +46,8 @@ pub struct NewTask {
     /// Worker addresses or names this task may run on.
     pub workers: Vec<Arc<str>>,
     pub allow_other_workers: bool,
+    /// Abstract resources it holds while it runs (`GPU` 1.0): it runs only where they are free.
+    pub resources: Vec<(Arc<str>, f64)>,
 }
 
 /// What the shell knows of a worker when it registers.
@@ -57,6 +59,8 @@ pub struct WorkerSpec {
     pub memory_limit: u64,
     /// Process id, for `scheduler_info` (0 if unknown).
     pub pid: u32,
+    /// Its abstract resources (`--resources "GPU=2"`).
+    pub resources: Vec<(Arc<str>, f64)>,
 }
 
 /// Everything that can happen to the scheduler.

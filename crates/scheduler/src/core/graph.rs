@@ -17,13 +17,24 @@ impl SchedulerCore {
         self.clients.entry(client).or_default();
         // Pass 1: records for the keys we do not know yet.
         let mut created: Vec<(TaskId, Vec<Key>)> = Vec::new();
+        let mut bad_resources: Vec<(TaskId, String)> = Vec::new();
         for nt in tasks {
             if self.keys.contains_key(&nt.key) {
                 continue; // same key: pure submissions share one task
             }
             let prefix = self.prefix_of(&nt.key);
-            let restrictions = (!nt.workers.is_empty()).then(|| {
-                Box::new(Restrictions { workers: nt.workers.into_boxed_slice(), loose: nt.allow_other_workers })
+            let mut resources = nt.resources;
+            let bad_amount = resources
+                .iter()
+                .find(|(_, a)| !(a.is_finite() && *a >= 0.0))
+                .map(|(n, a)| format!("resource {n} = {a} is not a number of zero or more"));
+            resources.retain(|(_, amount)| *amount > 0.0);
+            let restrictions = (!nt.workers.is_empty() || !resources.is_empty()).then(|| {
+                Box::new(Restrictions {
+                    workers: nt.workers.into_boxed_slice(),
+                    loose: nt.allow_other_workers,
+                    resources: resources.into_boxed_slice(),
+                })
             });
             let order = self.next_order;
             self.next_order += 1;
@@ -44,10 +55,13 @@ impl SchedulerCore {
                 orphaned: false,
                 restrictions,
             });
+            if let Some(why) = bad_amount {
+                bad_resources.push((id, why));
+            }
             created.push((id, nt.dependencies));
         }
         // Pass 2: link dependencies (they may come later in the batch).
-        let mut bad: Vec<(TaskId, String)> = Vec::new();
+        let mut bad: Vec<(TaskId, String)> = bad_resources;
         for (id, deps) in &created {
             if self.task(*id).spec.is_empty() {
                 bad.push((*id, "the task has no function (empty spec); submit it with a registered function".into()));

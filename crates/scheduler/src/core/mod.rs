@@ -206,9 +206,23 @@ struct Task {
     restrictions: Option<Box<Restrictions>>,
 }
 
+/// Where a task may run: named workers (none: any), and resources it needs free there.
 struct Restrictions {
     workers: Box<[Arc<str>]>,
+    /// The names are a preference (`allow_other_workers`), not a rule.
     loose: bool,
+    resources: Needs,
+}
+
+impl Restrictions {
+    /// Only the named workers may run it.
+    fn hard(&self) -> bool {
+        !self.workers.is_empty() && !self.loose
+    }
+
+    fn names(&self, w: &Worker) -> bool {
+        self.workers.iter().any(|x| *x == w.spec.address || *x == w.spec.name)
+    }
 }
 
 struct Worker {
@@ -230,6 +244,8 @@ struct Worker {
     steals_in: u32,
     /// Natural log of how fast it runs tasks against their kinds' averages (0: average).
     log_speed: f64,
+    /// How much of each of `spec.resources` its processing tasks hold.
+    used: Box<[f64]>,
 }
 
 impl Worker {
@@ -237,7 +253,46 @@ impl Worker {
     fn open(&self) -> bool {
         !self.closing && !self.paused && self.retiring.is_none()
     }
+
+    /// How much of resource `name` it has (0 if none), and how much its tasks hold now.
+    fn resource(&self, name: &str) -> (f64, f64) {
+        match self.spec.resources.iter().position(|(n, _)| **n == *name) {
+            Some(i) => (self.spec.resources[i].1, self.used[i]),
+            None => (0.0, 0.0),
+        }
+    }
+
+    /// Whether `needs` are free on it now.
+    fn has_free(&self, needs: &[(Arc<str>, f64)]) -> bool {
+        needs.iter().all(|(n, amount)| {
+            let (total, used) = self.resource(n);
+            total - used >= *amount - RESOURCE_EPSILON
+        })
+    }
+
+    /// Whether it has `needs` at all (free or not).
+    fn has_total(&self, needs: &[(Arc<str>, f64)]) -> bool {
+        needs.iter().all(|(n, amount)| self.resource(n).0 >= *amount - RESOURCE_EPSILON)
+    }
+
+    /// Takes (`sign` 1) or gives back (-1) what a task holds.
+    fn hold(&mut self, needs: &[(Arc<str>, f64)], sign: f64) {
+        for (n, amount) in needs {
+            if let Some(i) = self.spec.resources.iter().position(|(x, _)| **x == **n) {
+                self.used[i] += sign * amount;
+                if self.used[i].abs() < RESOURCE_EPSILON {
+                    self.used[i] = 0.0;
+                }
+            }
+        }
+    }
 }
+
+/// Resources a task holds while it runs: names and amounts.
+type Needs = Box<[(Arc<str>, f64)]>;
+
+/// Resource amounts are floats (`MEM=10e9`, `GPU=0.5`): sums are compared with this slack.
+const RESOURCE_EPSILON: f64 = 1e-9;
 
 /// A worker's memory, as it reports it (dask's `WorkerState.memory`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -288,6 +343,11 @@ pub struct SchedulerCore {
     clients: FxHashMap<ClientId, Client>,
     queue: ReadyQueue,
     no_worker: FxHashSet<TaskId>,
+    /// The NoWorker tasks that need resources, by priority: a worker whose resources free up
+    /// takes those that fit.
+    res_waiting: BTreeSet<queue::QueueKey>,
+    /// Resource needs already announced in the log as beyond every worker.
+    unrunnable_said: FxHashSet<String>,
     /// Open (not closing) workers by occupancy, least busy first: placement of a task without
     /// inputs is O(log workers), not a scan.
     by_occupancy: BTreeSet<(u64, WorkerId)>,
@@ -352,6 +412,8 @@ impl SchedulerCore {
             clients: FxHashMap::default(),
             queue: ReadyQueue::default(),
             no_worker: FxHashSet::default(),
+            res_waiting: BTreeSet::new(),
+            unrunnable_said: FxHashSet::default(),
             by_occupancy: BTreeSet::new(),
             prefixes: Vec::new(),
             prefix_ids: FxHashMap::default(),
@@ -412,6 +474,36 @@ impl SchedulerCore {
             None if w.paused => "paused",
             None => "running",
         })
+    }
+
+    /// How much of each of its resources the tasks running on a worker hold.
+    pub fn worker_resources_used(&self, id: WorkerId) -> Vec<(Arc<str>, f64)> {
+        self.workers.get(&id).map_or_else(Vec::new, |w| {
+            w.spec.resources.iter().zip(w.used.iter()).map(|((n, _), u)| (n.clone(), *u)).collect()
+        })
+    }
+
+    /// Tasks that wait with nowhere to run (no worker with their resources or names), at most
+    /// `limit`, each as `key: why`.
+    pub fn unrunnable(&self, limit: usize) -> Vec<String> {
+        let mut keys: Vec<TaskId> = self.no_worker.iter().copied().collect();
+        keys.sort_by_key(|t| self.queue_key(*t));
+        keys.into_iter()
+            .take(limit)
+            .map(|t| {
+                let task = self.task(t);
+                match &task.restrictions {
+                    Some(r) if !r.resources.is_empty() => format!("{}: needs {}", task.key, self.needs_text(t)),
+                    Some(r) if r.hard() => format!("{}: may run only on {:?}", task.key, r.workers),
+                    _ => format!("{}: no worker is running", task.key),
+                }
+            })
+            .collect()
+    }
+
+    /// Tasks waiting with nowhere to run.
+    pub fn n_no_worker(&self) -> usize {
+        self.no_worker.len()
     }
 
     /// What work stealing did so far.

@@ -32,23 +32,21 @@ impl SchedulerCore {
 
     pub(super) fn pick_worker(&self, t: TaskId) -> Placement {
         let task = self.task(t);
-        let eligible = |w: &Worker| {
-            w.open()
-                && match &task.restrictions {
-                    None => true,
-                    Some(r) => r.loose || r.workers.iter().any(|x| *x == w.spec.address || *x == w.spec.name),
-                }
-        };
         if let Some(r) = &task.restrictions
-            && !r.loose
+            && (r.hard() || !r.resources.is_empty())
         {
-            // Restricted tasks are not held back by the slot limit: only these workers may run them.
-            return self
-                .workers
-                .iter()
-                .filter(|(_, w)| eligible(w))
-                .min_by_key(|(id, w)| (occupancy(w), **id))
-                .map_or(Placement::NoWorker, |(id, _)| Placement::Worker(*id));
+            // Tasks only some workers may run (named, or with the resources free) are not held
+            // back by the slot limit: they go to the least busy of those, or wait (NoWorker).
+            // Resources limit how many run at once; a named worker is preferred if loosely named.
+            let best = |named_only: bool| {
+                self.workers
+                    .iter()
+                    .filter(|(_, w)| self.may_run(task, w) && (!named_only || r.names(w)))
+                    .min_by_key(|(id, w)| (occupancy(w), **id))
+                    .map(|(id, _)| *id)
+            };
+            let pick = if r.loose && !r.workers.is_empty() { best(true).or_else(|| best(false)) } else { best(false) };
+            return pick.map_or(Placement::NoWorker, Placement::Worker);
         }
         if self.by_occupancy.is_empty() && self.workers.values().all(|w| w.closing) {
             return Placement::NoWorker;
@@ -57,13 +55,14 @@ impl SchedulerCore {
         let has_slot =
             |w: &Worker| w.open() && (w.processing.len() as u64) < w.spec.nthreads.max(1) as u64 * limit as u64;
         // Loose restrictions (`allow_other_workers`): the named workers first, if they have room.
-        if let Some(r) = &task.restrictions {
-            let named = |w: &Worker| r.workers.iter().any(|x| *x == w.spec.address || *x == w.spec.name);
-            if let Some((id, _)) =
-                self.workers.iter().filter(|(_, w)| named(w) && has_slot(w)).min_by_key(|(id, w)| (occupancy(w), **id))
-            {
-                return Placement::Worker(*id);
-            }
+        if let Some(r) = &task.restrictions
+            && let Some((id, _)) = self
+                .workers
+                .iter()
+                .filter(|(_, w)| r.names(w) && has_slot(w))
+                .min_by_key(|(id, w)| (occupancy(w), **id))
+        {
+            return Placement::Worker(*id);
         }
         // Prefer the worker holding most of the inputs' bytes.
         if !task.dependencies.is_empty() {
@@ -124,16 +123,28 @@ impl SchedulerCore {
             // Leaving Queued takes it out of the queue.
             self.set_state(t, TaskState::Processing { worker }, cx);
         }
+        // Tasks waiting for resources this worker has (some may have freed up here).
+        if !self.res_waiting.is_empty() && self.workers.get(&worker).is_some_and(|w| !w.spec.resources.is_empty()) {
+            let waiting: Vec<TaskId> = self.res_waiting.iter().take(RESOURCE_SCAN).map(|k| k.task()).collect();
+            for t in waiting {
+                let w = &self.workers[&worker];
+                if self.may_run(self.task(t), w) {
+                    self.set_state(t, TaskState::Processing { worker }, cx);
+                }
+            }
+        }
         // Nothing queued: a thread left idle may take what busy workers hold.
         self.balance(worker, &[], cx);
     }
 
-    /// Whether `task` may run on `w` (its restrictions; loose ones allow any worker).
+    /// Whether `task` may start on `w` now: it takes work, the task's worker names allow it
+    /// (loose ones allow any), and the resources it needs are free there.
     pub(super) fn may_run(&self, task: &Task, w: &Worker) -> bool {
-        match &task.restrictions {
-            None => true,
-            Some(r) => r.loose || r.workers.iter().any(|x| *x == w.spec.address || *x == w.spec.name),
-        }
+        w.open()
+            && match &task.restrictions {
+                None => true,
+                Some(r) => (!r.hard() || r.names(w)) && w.has_free(&r.resources),
+            }
     }
 
     /// Learns from a task that ran `d` on `worker`: the average of its kind, and the worker's
@@ -170,6 +181,9 @@ impl SchedulerCore {
         id
     }
 }
+
+/// Tasks waiting for resources looked at when a worker's free up (the most urgent first).
+const RESOURCE_SCAN: usize = 256;
 
 pub(super) enum Placement {
     Worker(WorkerId),

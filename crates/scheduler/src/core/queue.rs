@@ -12,6 +12,10 @@ impl QueueKey {
     pub fn new(priority: i32, order: u64, t: TaskId) -> Self {
         QueueKey(Reverse(priority), order, t)
     }
+
+    pub fn task(&self) -> TaskId {
+        self.2
+    }
 }
 
 #[derive(Default)]

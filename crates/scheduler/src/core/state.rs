@@ -3,9 +3,10 @@
 
 use bytes::Bytes;
 
+use super::Needs;
 use super::{
-    Command, Cx, DepLocation, FIRE_AND_FORGET, INDEX_OVER, InvalidTransition, Report, SchedulerCore, Task, TaskId,
-    TaskState, WorkerId, occupancy, queue, story::log_key,
+    Command, Cx, DepLocation, FIRE_AND_FORGET, INDEX_OVER, InvalidTransition, NoticeLevel, Report, SchedulerCore, Task,
+    TaskId, TaskState, WorkerId, occupancy, queue, story::log_key,
 };
 
 impl SchedulerCore {
@@ -29,13 +30,20 @@ impl SchedulerCore {
             }
             TaskState::NoWorker => {
                 self.no_worker.remove(&t);
+                if self.needs_resources(t) {
+                    self.res_waiting.remove(&self.queue_key(t));
+                }
             }
             TaskState::Processing { worker } => {
                 self.task_mut(t).started = false;
                 self.forget_steal(t);
+                let needs = self.resources_of(t);
                 if let Some(w) = self.workers.get_mut(worker) {
                     let before = occupancy(w);
                     w.processing.remove(&t);
+                    if let Some(needs) = needs {
+                        w.hold(&needs, -1.0);
+                    }
                     if w.open() {
                         self.by_occupancy.remove(&(before, *worker));
                         self.by_occupancy.insert((occupancy(w), *worker));
@@ -97,11 +105,19 @@ impl SchedulerCore {
             TaskState::Queued => self.queue.push(self.queue_key(t)),
             TaskState::NoWorker => {
                 self.no_worker.insert(t);
+                if self.needs_resources(t) {
+                    self.res_waiting.insert(self.queue_key(t));
+                    self.say_if_unrunnable(t, cx);
+                }
             }
             TaskState::Processing { worker } => {
+                let needs = self.resources_of(t);
                 let w = self.workers.get_mut(worker).expect("processing on a known worker");
                 let before = occupancy(w);
                 w.processing.insert(t);
+                if let Some(needs) = needs {
+                    w.hold(&needs, 1.0);
+                }
                 let after = occupancy(w);
                 if self.by_occupancy.remove(&(before, *worker)) {
                     self.by_occupancy.insert((after, *worker));
@@ -326,6 +342,40 @@ impl SchedulerCore {
 
     pub(super) fn task_mut(&mut self, t: TaskId) -> &mut Task {
         self.tasks.slot_mut(t.0).as_mut().expect("live task")
+    }
+
+    /// Whether `t` needs resources to run.
+    pub(super) fn needs_resources(&self, t: TaskId) -> bool {
+        self.task(t).restrictions.as_ref().is_some_and(|r| !r.resources.is_empty())
+    }
+
+    /// The resources `t` holds while it runs, if any.
+    fn resources_of(&self, t: TaskId) -> Option<Needs> {
+        self.task(t).restrictions.as_ref().filter(|r| !r.resources.is_empty()).map(|r| r.resources.clone())
+    }
+
+    /// What `t` needs, as `GPU=2 MEM=1e9`.
+    pub(super) fn needs_text(&self, t: TaskId) -> String {
+        let Some(r) = &self.task(t).restrictions else { return String::new() };
+        r.resources.iter().map(|(n, a)| format!("{n}={a}")).collect::<Vec<_>>().join(" ")
+    }
+
+    /// Logs (once per set of needs until a worker joins) that no connected worker has what `t`
+    /// needs: it waits until one that has joins.
+    fn say_if_unrunnable(&mut self, t: TaskId, cx: &mut Cx<'_>) {
+        let Some(r) = &self.task(t).restrictions else { return };
+        if self.workers.values().any(|w| (!r.hard() || r.names(w)) && w.has_total(&r.resources)) {
+            return;
+        }
+        let needs = self.needs_text(t);
+        if self.unrunnable_said.insert(needs.clone()) {
+            let message = format!(
+                "task {} needs {needs}, which no connected worker has; it waits for a worker with those \
+                 resources (dask-worker --resources \"{needs}\")",
+                self.task(t).key
+            );
+            cx.out.push(Command::Notice { level: NoticeLevel::Warn, message });
+        }
     }
 
     pub(super) fn queue_key(&self, t: TaskId) -> queue::QueueKey {

@@ -34,7 +34,6 @@
 //! A task is never run twice because of a steal: it moves only once its victim said it dropped
 //! it unstarted.
 
-use super::placement::Placement;
 use super::{Command, Cx, Key, OCCUPANCY_PER_THREAD, SchedulerCore, TaskId, TaskState, Worker, WorkerId};
 
 /// What stealing did so far (for `scheduler_info` and the benchmarks).
@@ -207,19 +206,15 @@ impl SchedulerCore {
             return;
         }
         self.stats.stolen += 1;
-        let thief_ok = self.workers.get(&s.thief).is_some_and(|w| w.open() && self.may_run(self.task(t), w));
-        let to = if thief_ok {
-            TaskState::Processing { worker: s.thief }
+        let thief_ok = self.workers.get(&s.thief).is_some_and(|w| self.may_run(self.task(t), w));
+        if thief_ok {
+            self.set_state(t, TaskState::Processing { worker: s.thief }, cx);
         } else {
-            // The victim dropped it: it goes wherever it fits now (to the queue if that is the
-            // victim itself).
-            match self.pick_worker(t) {
-                Placement::Worker(w) if w != victim => TaskState::Processing { worker: w },
-                Placement::NoWorker => TaskState::NoWorker,
-                _ => TaskState::Queued,
-            }
-        };
-        self.set_state(t, to, cx);
+            // The victim dropped it: it leaves the victim (giving back what it held there), then
+            // goes wherever it fits now, as any task that has to wait would.
+            self.set_state(t, TaskState::NoWorker, cx);
+            self.schedule(t, cx);
+        }
     }
 
     /// Ends the steal of `t`, if one is asked; returns it.

@@ -12,6 +12,7 @@ use proptest::prelude::*;
 
 use super::*;
 
+mod resources;
 mod steal;
 
 // ---------------------------------------------------------------------------- harness
@@ -28,7 +29,14 @@ fn addr(i: u32) -> Arc<str> {
 }
 
 fn spec(i: u32, nthreads: u32) -> WorkerSpec {
-    WorkerSpec { address: addr(i), name: Arc::from(format!("w{i}")), nthreads, memory_limit: 1 << 30, pid: 0 }
+    WorkerSpec {
+        address: addr(i),
+        name: Arc::from(format!("w{i}")),
+        nthreads,
+        memory_limit: 1 << 30,
+        pid: 0,
+        resources: Vec::new(),
+    }
 }
 
 fn task(key: &str, deps: &[&str]) -> NewTask {
@@ -1232,6 +1240,8 @@ struct Scenario {
     allowed_failures: u32,
     /// Short: the slot limit opens up at once; long: one task per thread until measured.
     unknown_duration: Duration,
+    /// Every fifth task needs a GPU.
+    gpus: bool,
 }
 
 fn scenario() -> impl Strategy<Value = Scenario> {
@@ -1244,16 +1254,10 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         any::<bool>(),
         prop_oneof![Just(1u32), Just(1000)],
         prop_oneof![Just(Duration::from_micros(1)), Just(Duration::from_millis(500))],
+        any::<bool>(),
     )
-        .prop_map(|(dag, threads, seed, errors, kills, releases, allowed_failures, unknown_duration)| Scenario {
-            dag,
-            threads,
-            seed,
-            errors,
-            kills,
-            releases,
-            allowed_failures,
-            unknown_duration,
+        .prop_map(|(dag, threads, seed, errors, kills, releases, allowed_failures, unknown_duration, gpus)| {
+            Scenario { dag, threads, seed, errors, kills, releases, allowed_failures, unknown_duration, gpus }
         })
 }
 
@@ -1295,6 +1299,8 @@ struct Sim {
     /// Tasks a worker said it started (or refused to give up): never stolen.
     started: HashSet<(WorkerId, Key)>,
     joins: u32,
+    /// Workers with GPUs added because tasks waited for one.
+    rescues: u32,
 }
 
 impl Sim {
@@ -1316,6 +1322,7 @@ impl Sim {
             steal_answers: Vec::new(),
             started: HashSet::new(),
             joins: 0,
+            rescues: 0,
             closed: Vec::new(),
             next_op: 1,
             alive: BTreeMap::new(),
@@ -1336,7 +1343,11 @@ impl Sim {
         let id = self.next_worker;
         self.next_worker += 1;
         self.alive.insert(WorkerId(id), HashSet::new());
-        self.step(Event::WorkerJoined { worker: WorkerId(id), spec: spec(id, nthreads) });
+        let mut spec = spec(id, nthreads);
+        if id.is_multiple_of(2) {
+            spec.resources = vec![(Arc::from("GPU"), 2.0)];
+        }
+        self.step(Event::WorkerJoined { worker: WorkerId(id), spec });
     }
 
     fn worker_of(&self, address: &str) -> Option<WorkerId> {
@@ -1357,6 +1368,8 @@ impl Sim {
                 retries: t.retries,
                 workers: vec![],
                 allow_other_workers: false,
+                // Some tasks need a GPU (even-numbered workers have two).
+                resources: if sc.gpus && i % 5 == 0 { vec![(Arc::from("GPU"), 1.0)] } else { Vec::new() },
             })
             .collect();
         let wants: Vec<Key> =
@@ -1650,6 +1663,13 @@ fn run_scenario(sc: Scenario) {
             for w in std::mem::take(&mut sim.paused) {
                 sim.step(paused(w.0, false));
             }
+        } else if sim.in_flight.is_empty() && sim.h.core.n_no_worker() > 0 && sim.rescues < 10 {
+            // Tasks wait for a GPU and every GPU worker is gone: one with GPUs joins.
+            sim.rescues += 1;
+            if !sim.next_worker.is_multiple_of(2) {
+                sim.next_worker += 1;
+            }
+            sim.add_worker(1);
         } else if sim.in_flight.is_empty() {
             break;
         } else {

@@ -127,6 +127,31 @@ impl SchedulerCore {
         }
         for t in &self.no_worker {
             assert_eq!(self.task(*t).state, TaskState::NoWorker);
+            assert_eq!(self.res_waiting.contains(&self.queue_key(*t)), self.needs_resources(*t), "res_waiting");
+        }
+        assert!(self.res_waiting.len() <= self.no_worker.len(), "res_waiting size");
+        // Resources: what each worker's tasks hold is what they need, never more than it has.
+        for (id, w) in self.workers.iter() {
+            let mut held = vec![0.0f64; w.spec.resources.len()];
+            for t in &w.processing {
+                if let Some(r) = &self.task(*t).restrictions {
+                    for (n, amount) in r.resources.iter() {
+                        let i = w.spec.resources.iter().position(|(x, _)| x == n);
+                        let i =
+                            i.unwrap_or_else(|| panic!("{id} runs {} needing {n}, which it lacks", self.task(*t).key));
+                        held[i] += amount;
+                    }
+                }
+            }
+            for (i, (n, total)) in w.spec.resources.iter().enumerate() {
+                assert!(
+                    (held[i] - w.used[i]).abs() < 1e-6,
+                    "{id}: {n} used {} but its tasks hold {}",
+                    w.used[i],
+                    held[i]
+                );
+                assert!(held[i] <= total + 1e-6, "{id}: {n} oversubscribed: {} of {total}", held[i]);
+            }
         }
         self.validate_retirement();
         self.validate_steals();

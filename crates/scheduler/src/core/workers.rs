@@ -32,6 +32,9 @@ impl SchedulerCore {
             });
             return;
         }
+        let used = vec![0.0; spec.resources.len()].into_boxed_slice();
+        // Needs said to be beyond every worker may be met now.
+        self.unrunnable_said.clear();
         self.by_address.insert(spec.address.clone(), worker);
         self.by_name.insert(spec.name.clone(), worker);
         self.workers.insert(
@@ -48,6 +51,7 @@ impl SchedulerCore {
                 steals_out: 0,
                 steals_in: 0,
                 log_speed: 0.0,
+                used,
                 memory: WorkerMemory::default(),
             },
         );
@@ -89,6 +93,7 @@ impl SchedulerCore {
             w.nbytes = 0;
             w.steals_out = 0;
             w.steals_in = 0;
+            w.used.iter_mut().for_each(|u| *u = 0.0);
         }
         self.by_occupancy = self.workers.iter().filter(|(_, w)| w.open()).map(|(id, _)| (0, *id)).collect();
         self.tasks = slab::Slab::default();
@@ -96,6 +101,7 @@ impl SchedulerCore {
         self.keys.clear();
         self.queue = ReadyQueue::default();
         self.no_worker.clear();
+        self.res_waiting.clear();
         self.positions.clear();
         cx.to_check.clear();
         cx.freed.clear();

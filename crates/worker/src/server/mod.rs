@@ -60,6 +60,9 @@ pub struct WorkerConfig {
     /// Benchmarks only ("zero worker", as in the RSDS paper): report every task done at once,
     /// with a nil value, without running it. Isolates the scheduler's cost per task.
     pub simulate: bool,
+    /// Abstract resources (`--resources "GPU=2 MEM=10e9"`): tasks that need them run only
+    /// where they are free.
+    pub resources: Vec<(String, f64)>,
 }
 
 impl WorkerConfig {
@@ -83,6 +86,7 @@ impl WorkerConfig {
             lifetime: None,
             lifetime_restart: false,
             simulate: false,
+            resources: Vec::new(),
         }
     }
 
@@ -220,6 +224,11 @@ pub async fn start(
         pid: std::process::id(),
         host: config.host.clone(),
         nanny: config.nanny.clone().unwrap_or_default(),
+        resources: config
+            .resources
+            .iter()
+            .map(|(name, amount)| pb::Resource { name: name.clone(), amount: *amount })
+            .collect(),
     };
     let _ = out_tx.send(pb::WorkerToScheduler {
         events: vec![pb::WorkerEvent { kind: Some(pb::worker_event::Kind::Register(register)) }],
