@@ -995,6 +995,103 @@ impl Client {
         }
     }
 
+    /// Copies each future's value onto `n` workers (`None`: every worker), among `workers` if
+    /// any are named (addresses or names), as dask's `Client.replicate`: once the futures are
+    /// done, the least loaded workers fetch a copy each; copies beyond `n` are dropped. A
+    /// one-shot copy: nothing re-replicates after a loss (the scheduler's records stay right).
+    /// Returns once every copy arrived or failed (a copy fails if its value is released or its
+    /// holders leave meanwhile); the number that failed is logged.
+    pub fn replicate<G: Gatherable + ?Sized, S: AsRef<str>>(
+        &self,
+        futures: &G,
+        n: Option<usize>,
+        workers: &[S],
+    ) -> Result<()> {
+        self.inner.block_on(self.replicate_async(futures, n, workers))
+    }
+
+    /// [`replicate`](Self::replicate) for async code.
+    pub async fn replicate_async<G: Gatherable + ?Sized, S: AsRef<str>>(
+        &self,
+        futures: &G,
+        n: Option<usize>,
+        workers: &[S],
+    ) -> Result<()> {
+        if n == Some(0) {
+            return Err(Error::InvalidArgument("replicate needs n of at least 1 (or None: every worker)".into()));
+        }
+        let keys = self.done_keys(futures).await?;
+        let req = pb::ReplicateRequest {
+            keys,
+            n: n.map_or(0, |n| n.min(u32::MAX as usize) as u32),
+            workers: workers.iter().map(|w| w.as_ref().to_string()).collect(),
+        };
+        let failed = self.copies_reply(self.inner.link.rpc().replicate(req).await, workers)?;
+        if failed > 0 {
+            tracing::warn!(failed, "replicate: some copies could not be made (values or their holders went meanwhile)");
+        }
+        Ok(())
+    }
+
+    /// Moves the futures' values among `workers` (every worker if none are named) so that each
+    /// holds about the same bytes of them, as dask's `Client.rebalance`: from the most loaded
+    /// worker, largest values first, to the least loaded; each value is copied first, then
+    /// dropped where it was. [`rebalance_all`](Self::rebalance_all) moves every value.
+    pub fn rebalance<G: Gatherable + ?Sized, S: AsRef<str>>(&self, futures: &G, workers: &[S]) -> Result<()> {
+        self.inner.block_on(self.rebalance_async(futures, workers))
+    }
+
+    /// [`rebalance`](Self::rebalance) for async code.
+    pub async fn rebalance_async<G: Gatherable + ?Sized, S: AsRef<str>>(
+        &self,
+        futures: &G,
+        workers: &[S],
+    ) -> Result<()> {
+        let keys = self.done_keys(futures).await?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.rebalance_keys(keys, workers).await
+    }
+
+    /// Rebalances every value the scheduler holds (dask's `rebalance()` without futures).
+    pub fn rebalance_all<S: AsRef<str>>(&self, workers: &[S]) -> Result<()> {
+        self.inner.block_on(self.rebalance_keys(Vec::new(), workers))
+    }
+
+    async fn rebalance_keys<S: AsRef<str>>(&self, keys: Vec<String>, workers: &[S]) -> Result<()> {
+        self.check_open()?;
+        let req = pb::RebalanceRequest { keys, workers: workers.iter().map(|w| w.as_ref().to_string()).collect() };
+        let failed = self.copies_reply(self.inner.link.rpc().rebalance(req).await, workers)?;
+        if failed > 0 {
+            tracing::warn!(failed, "rebalance: some values could not be moved (they or their holders went meanwhile)");
+        }
+        Ok(())
+    }
+
+    /// The keys of `futures`, once every one is done.
+    async fn done_keys<G: Gatherable + ?Sized>(&self, futures: &G) -> Result<Vec<String>> {
+        self.check_open()?;
+        let mut refs = Vec::new();
+        futures.collect(&mut refs);
+        join_all(refs.iter().map(|r| crate::future::Done(&r.state))).await;
+        Ok(refs.iter().map(|r| r.key.to_string()).collect())
+    }
+
+    fn copies_reply<S: AsRef<str>>(
+        &self,
+        reply: std::result::Result<tonic::Response<pb::CopiesReply>, tonic::Status>,
+        workers: &[S],
+    ) -> Result<u32> {
+        match reply {
+            Ok(r) => Ok(r.into_inner().failed),
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                Err(Error::InvalidArgument(format!("cannot copy to {:?}: {}", req_names(workers), s.message())))
+            }
+            Err(s) => Err(s.into()),
+        }
+    }
+
     /// Writes dask's scheduler file (JSON with the scheduler's address) for other clients.
     pub fn write_scheduler_file(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
         let json = serde_json::json!({ "type": "Scheduler", "address": self.inner.address.to_string() });

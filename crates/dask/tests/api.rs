@@ -748,3 +748,44 @@ fn resources_limit_where_and_how_many_tasks_run() {
     client.close();
     cluster.close();
 }
+
+#[test]
+fn replicate_and_rebalance_copy_values_between_workers() {
+    let (cluster, client) = cluster(3, 1);
+    client.wait_for_workers(3, None).unwrap();
+    let first = cluster.worker_addresses()[0].clone();
+    let on_first = SubmitOptions { pure: false, workers: vec![first.clone()], ..Default::default() };
+    let fs = client.map_with(inc, (0..6).map(|i| (i,)), on_first, None).unwrap();
+    let _: Vec<i64> = client.gather(&fs).unwrap();
+    let holders = |client: &Client| -> Vec<usize> {
+        let mut n: Vec<usize> = client.who_has(&fs).unwrap().into_values().map(|w| w.len()).collect();
+        n.sort();
+        n
+    };
+    assert_eq!(holders(&client), vec![1; 6]);
+
+    // On every worker, then back to one copy each.
+    client.replicate(&fs, None, &[] as &[&str]).unwrap();
+    assert_eq!(holders(&client), vec![3; 6]);
+    client.replicate(&fs, Some(1), &[] as &[&str]).unwrap();
+    assert_eq!(holders(&client), vec![1; 6]);
+
+    // Six more values, all on the first worker, spread: two per worker, one copy each.
+    let on_first = SubmitOptions { pure: false, workers: vec![first.clone()], ..Default::default() };
+    let gs = client.map_with(inc, (10..16).map(|i| (i,)), on_first, None).unwrap();
+    client.rebalance(&gs, &[] as &[&str]).unwrap();
+    let mut per_worker: HashMap<String, usize> = HashMap::new();
+    for (_, workers) in client.who_has(&gs).unwrap() {
+        assert_eq!(workers.len(), 1);
+        *per_worker.entry(workers[0].clone()).or_default() += 1;
+    }
+    assert_eq!(per_worker.values().copied().collect::<Vec<_>>(), vec![2, 2, 2], "{per_worker:?}");
+    let got: Vec<i64> = client.gather(&gs).unwrap();
+    assert_eq!(got, (11..17).collect::<Vec<_>>());
+
+    let err = client.replicate(&fs, Some(2), &["tcp://127.0.0.1:1"]).unwrap_err();
+    assert!(err.to_string().contains("no worker"), "{err}");
+    assert!(client.replicate(&fs, Some(0), &[] as &[&str]).is_err());
+    client.close();
+    cluster.close();
+}

@@ -134,6 +134,13 @@ enum LoopMsg {
         close: bool,
         reply: oneshot::Sender<Result<Vec<String>, Status>>,
     },
+    /// `Client::replicate` (`n`: `Some`) or `Client::rebalance` (`n`: `None`).
+    Copies {
+        keys: Vec<String>,
+        n: Option<Option<usize>>,
+        workers: Vec<String>,
+        reply: oneshot::Sender<Result<u32, Status>>,
+    },
     ClientConnected {
         tx: mpsc::UnboundedSender<Result<pb::SchedulerToClient, Status>>,
         reply: oneshot::Sender<ClientId>,
@@ -186,6 +193,7 @@ pub async fn run(
             expected_gone: HashSet::new(),
             restarts: Vec::new(),
             retires: HashMap::new(),
+            copies: HashMap::new(),
             next_op: 1,
             self_tx: tx.clone(),
             clients: HashMap::new(),
@@ -274,6 +282,7 @@ struct EventLoop {
     restarts: Vec<RestartWaiter>,
     /// Retire requests waiting for the core's answer, by op.
     retires: HashMap<u64, oneshot::Sender<Result<Vec<String>, Status>>>,
+    copies: HashMap<u64, oneshot::Sender<Result<u32, Status>>>,
     next_op: u64,
     /// For timers that report back to the loop.
     self_tx: mpsc::UnboundedSender<LoopMsg>,
@@ -511,6 +520,7 @@ impl EventLoop {
             LoopMsg::Restart { timeout, reason, reply } => self.restart(timeout, reason, reply),
             LoopMsg::RestartsDue => self.check_restarts(),
             LoopMsg::Retire { workers, n, close, reply } => self.retire(workers, n, close, reply),
+            LoopMsg::Copies { keys, n, workers, reply } => self.copies(keys, n, workers, reply),
             LoopMsg::ClientConnected { tx, reply } => {
                 let id = ClientId(self.next_client);
                 self.next_client += 1;
@@ -646,6 +656,36 @@ impl EventLoop {
             let _ = tx.send(LoopMsg::RestartsDue);
         });
         self.check_restarts();
+    }
+
+    /// `Client::replicate` / `Client::rebalance`.
+    fn copies(
+        &mut self,
+        keys: Vec<String>,
+        n: Option<Option<usize>>,
+        names: Vec<String>,
+        reply: oneshot::Sender<Result<u32, Status>>,
+    ) {
+        let mut workers = Vec::new();
+        for name in &names {
+            match self.worker_meta.iter().find(|(_, m)| *m.address == **name || *m.name == **name) {
+                Some((id, _)) => workers.push(*id),
+                None => {
+                    let _ = reply.send(Err(Status::not_found(format!(
+                        "no worker {name:?} is connected (give addresses or names from scheduler_info)"
+                    ))));
+                    return;
+                }
+            }
+        }
+        let op = self.next_op;
+        self.next_op += 1;
+        self.copies.insert(op, reply);
+        let keys = keys.into_iter().map(Arc::from).collect();
+        self.handle(match n {
+            Some(n) => Event::Replicate { op, keys, n, workers },
+            None => Event::Rebalance { op, keys, workers },
+        });
     }
 
     /// `Client::retire_workers`: by address or name, or the `n` workers holding the least.
@@ -856,6 +896,11 @@ impl EventLoop {
                         })),
                     });
                 }
+                Command::CopiesDone { op, failed } => {
+                    if let Some(reply) = self.copies.remove(&op) {
+                        let _ = reply.send(Ok(failed));
+                    }
+                }
                 Command::Steal { worker, key, id } => {
                     to_workers.entry(worker).or_default().push(pb::SchedulerCommand {
                         kind: Some(pb::scheduler_command::Kind::Steal(pb::StealRequest { key: key.to_string(), id })),
@@ -950,6 +995,20 @@ struct Service {
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+impl Service {
+    async fn copies(
+        &self,
+        keys: Vec<String>,
+        n: Option<Option<usize>>,
+        workers: Vec<String>,
+    ) -> Result<Response<pb::CopiesReply>, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(LoopMsg::Copies { keys, n, workers, reply: tx }).map_err(|_| closed())?;
+        let failed = rx.await.map_err(|_| closed())??;
+        Ok(Response::new(pb::CopiesReply { failed }))
+    }
+}
 
 fn closed() -> Status {
     Status::unavailable("the scheduler is shutting down")
@@ -1116,6 +1175,17 @@ impl pb::scheduler_server::Scheduler for Service {
             wait.await?
         };
         Ok(Response::new(pb::RetireReply { workers }))
+    }
+
+    async fn replicate(&self, request: Request<pb::ReplicateRequest>) -> Result<Response<pb::CopiesReply>, Status> {
+        let req = request.into_inner();
+        let n = (req.n > 0).then_some(req.n as usize);
+        self.copies(req.keys, Some(n), req.workers).await
+    }
+
+    async fn rebalance(&self, request: Request<pb::RebalanceRequest>) -> Result<Response<pb::CopiesReply>, Status> {
+        let req = request.into_inner();
+        self.copies(req.keys, None, req.workers).await
     }
 
     async fn who_has(&self, request: Request<pb::KeysRequest>) -> Result<Response<pb::WhoHasReply>, Status> {

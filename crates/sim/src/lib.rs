@@ -338,7 +338,10 @@ impl<'a> Sim<'a> {
                     }
                 }
                 Command::CloseWorker { worker, .. } => self.kill(worker.0, false),
-                Command::AcquireReplicas { .. } | Command::Retired { .. } | Command::Notice { .. } => {}
+                Command::AcquireReplicas { .. }
+                | Command::Retired { .. }
+                | Command::Notice { .. }
+                | Command::CopiesDone { .. } => {}
             }
         }
     }

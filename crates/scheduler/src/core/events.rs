@@ -184,6 +184,22 @@ pub enum Event {
         id: u64,
         stolen: bool,
     },
+    /// `Client::replicate`: copy these values until `n` of `workers` hold each (all of them if
+    /// `None`; every worker taking work if `workers` is empty); drop copies beyond `n`.
+    /// Answered by [`Command::CopiesDone`] with `op`.
+    Replicate {
+        op: u64,
+        keys: Vec<Key>,
+        n: Option<usize>,
+        workers: Vec<WorkerId>,
+    },
+    /// `Client::rebalance`: move these values (all if empty) among `workers` (all if empty)
+    /// so each holds about the same bytes of them. Answered by [`Command::CopiesDone`].
+    Rebalance {
+        op: u64,
+        keys: Vec<Key>,
+        workers: Vec<WorkerId>,
+    },
     /// Periodic: removes workers that stopped heartbeating; idle workers look for work.
     Tick,
 }
@@ -213,6 +229,8 @@ impl Event {
             Event::ReplicasFailed { .. } => "replicas-failed",
             Event::RetireProgress => "retire-progress",
             Event::StealResponse { .. } => "steal-response",
+            Event::Replicate { .. } => "replicate",
+            Event::Rebalance { .. } => "rebalance",
             Event::Tick => "tick",
         }
     }
@@ -293,6 +311,11 @@ pub enum Command {
         worker: WorkerId,
         key: Key,
         id: u64,
+    },
+    /// A replicate or rebalance is over: every copy arrived but `failed`.
+    CopiesDone {
+        op: u64,
+        failed: u32,
     },
     /// Something the scheduler's log should say (the core does no IO).
     Notice {

@@ -41,6 +41,7 @@
 //!   exist.
 //! * A worker's `processing` set holds exactly the tasks Processing on it.
 
+mod copies;
 mod events;
 mod graph;
 mod placement;
@@ -368,6 +369,10 @@ pub struct SchedulerCore {
     /// Failed copies of a value in a row (retirement gives up after a few).
     copy_failures: FxHashMap<TaskId, u32>,
     retire_ops: FxHashMap<u64, retire::RetireOp>,
+    /// Replicate and rebalance operations waiting for their copies, and the copies awaited of
+    /// each value: (target, operation).
+    copy_ops: FxHashMap<u64, copies::CopyOp>,
+    copy_waiters: FxHashMap<TaskId, SmallVec<[(WorkerId, u64); 2]>>,
     /// Steals asked and not yet answered, by task.
     steals: FxHashMap<TaskId, steal::Steal>,
     next_steal: u64,
@@ -427,6 +432,8 @@ impl SchedulerCore {
             copy_failures: FxHashMap::default(),
             retire_ops: FxHashMap::default(),
             steals: FxHashMap::default(),
+            copy_ops: FxHashMap::default(),
+            copy_waiters: FxHashMap::default(),
             next_steal: 0,
             stats: StealStats::default(),
         }
@@ -646,6 +653,8 @@ impl SchedulerCore {
                 self.balance_all(cx);
             }
             Event::StealResponse { worker, key, id, stolen } => self.steal_response(worker, key, id, stolen, cx),
+            Event::Replicate { op, keys, n, workers } => self.replicate(op, keys, n, workers, cx),
+            Event::Rebalance { op, keys, workers } => self.rebalance(op, keys, workers, cx),
         }
     }
 

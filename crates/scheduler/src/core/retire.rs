@@ -273,7 +273,10 @@ impl SchedulerCore {
             }
             self.copy_failures.remove(&t);
             match self.task(t).state {
-                TaskState::Memory { .. } if self.workers.contains_key(&worker) => self.add_replica(t, worker),
+                TaskState::Memory { .. } if self.workers.contains_key(&worker) => {
+                    self.add_replica(t, worker);
+                    self.copy_arrived(t, worker, true, cx);
+                }
                 // Released meanwhile: the copy is nobody's.
                 _ => cx.out.push(Command::Free { worker, key }),
             }
@@ -286,6 +289,7 @@ impl SchedulerCore {
     pub(super) fn replicas_failed(&mut self, worker: WorkerId, keys: Vec<Key>, cx: &mut Cx<'_>) {
         for key in keys {
             let Some(&t) = self.keys.get(&key) else { continue };
+            self.copy_arrived(t, worker, false, cx);
             if self.replicating.get(&t) != Some(&worker) {
                 continue;
             }

@@ -36,7 +36,7 @@ impl SchedulerCore {
             }
             TaskState::Processing { worker } => {
                 self.task_mut(t).started = false;
-                self.forget_steal(t);
+                self.forget_steal(t, cx);
                 let needs = self.resources_of(t);
                 if let Some(w) = self.workers.get_mut(worker) {
                     let before = occupancy(w);
@@ -56,6 +56,7 @@ impl SchedulerCore {
                 }
             }
             TaskState::Memory { who_has, nbytes } => {
+                self.copies_lost(Some(t), None, cx);
                 self.replicating.remove(&t);
                 self.copy_failures.remove(&t);
                 for w in who_has {

@@ -198,7 +198,7 @@ impl SchedulerCore {
             // Answer to a steal already settled (the task left the victim meanwhile).
             _ => return,
         }
-        let s = self.forget_steal(t).expect("present");
+        let s = self.forget_steal(t, cx).expect("present");
         if !stolen {
             // It runs there (or already ran): never ask again.
             self.stats.refused += 1;
@@ -217,14 +217,16 @@ impl SchedulerCore {
         }
     }
 
-    /// Ends the steal of `t`, if one is asked; returns it.
-    pub(super) fn forget_steal(&mut self, t: TaskId) -> Option<Steal> {
+    /// Ends the steal of `t`, if one is asked; returns it. The thief looks for work again at
+    /// the event's end (an idle thief has no completions of its own to make it look).
+    pub(super) fn forget_steal(&mut self, t: TaskId, cx: &mut Cx<'_>) -> Option<Steal> {
         let s = self.steals.remove(&t)?;
         if let Some(v) = self.workers.get_mut(&s.victim) {
             v.steals_out -= 1;
         }
         if let Some(th) = self.workers.get_mut(&s.thief) {
             th.steals_in -= 1;
+            cx.freed.push(s.thief);
         }
         Some(s)
     }

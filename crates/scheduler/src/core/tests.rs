@@ -12,6 +12,7 @@ use proptest::prelude::*;
 
 use super::*;
 
+mod copies;
 mod resources;
 mod steal;
 
@@ -1454,7 +1455,7 @@ impl Sim {
                     }
                     self.steal_answers.push((worker, key, id, stolen));
                 }
-                Command::Notice { .. } | Command::Retired { .. } => {}
+                Command::Notice { .. } | Command::Retired { .. } | Command::CopiesDone { .. } => {}
             }
         }
     }
@@ -1627,6 +1628,17 @@ fn run_scenario(sc: Scenario) {
             sim.next_op += 1;
             sim.add_worker(2);
             sim.step(Event::RetireWorkers { op, workers: vec![w], close: true, restart: false, reason: "sim".into() });
+        } else if sc.releases && (roll == 24 || roll == 25) {
+            // Client.replicate of a few keys (to 2 workers, or all), or Client.rebalance.
+            let op = sim.next_op;
+            sim.next_op += 1;
+            let keys: Vec<Key> = (0..3).map(|_| sim.keys[sim.rng.below(sim.keys.len())].clone()).collect();
+            if roll == 24 {
+                let n = if sim.rng.chance(50) { Some(2) } else { None };
+                sim.step(Event::Replicate { op, keys, n, workers: vec![] });
+            } else {
+                sim.step(Event::Rebalance { op, keys: vec![], workers: vec![] });
+            }
         } else if !sim.replica_requests.is_empty() && (roll < 30 || sim.in_flight.is_empty()) {
             let i = sim.rng.below(sim.replica_requests.len());
             sim.complete_replicas(i);

@@ -65,6 +65,11 @@ impl SchedulerCore {
                     assert_eq!(*remaining, task.dependencies.len() as u32 - deps_in_memory, "{key}: remaining");
                 }
                 TaskState::Queued => {
+                    let r = task.restrictions.as_ref();
+                    assert!(
+                        r.is_none_or(|r| !r.hard() && r.resources.is_empty()),
+                        "{key}: queued (any worker takes it) but restricted to some"
+                    );
                     assert_eq!(deps_in_memory as usize, task.dependencies.len(), "{key}: queued with deps missing");
                     assert!(self.queue.contains(self.queue_key(t)), "{key}: queued but not in queue");
                 }
@@ -155,5 +160,6 @@ impl SchedulerCore {
         }
         self.validate_retirement();
         self.validate_steals();
+        self.validate_copies();
     }
 }

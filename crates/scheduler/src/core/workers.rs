@@ -68,6 +68,7 @@ impl SchedulerCore {
     /// durations stay too.
     pub(super) fn restart(&mut self, reason: &str, cx: &mut Cx<'_>) {
         self.restart_cancels_retirement(cx);
+        self.restart_ends_copies(cx);
         let why: Arc<str> = Arc::from(reason);
         let n = self.keys.len();
         let mut clients: Vec<ClientId> = self.clients.keys().copied().collect();
@@ -170,9 +171,12 @@ impl SchedulerCore {
     /// reported nothing running, every task assigned there counts (as in dask): one of them
     /// may have killed it before its start could be reported.
     pub(super) fn remove_worker(&mut self, worker: WorkerId, reason: &str, expected: bool, cx: &mut Cx<'_>) {
-        let Some(w) = self.workers.get_mut(&worker) else {
+        if !self.workers.contains_key(&worker) {
             return;
-        };
+        }
+        // Copies it was to take will not come.
+        self.copies_lost(None, Some(worker), cx);
+        let w = self.workers.get_mut(&worker).expect("checked");
         let was_open = w.open();
         w.closing = true;
         let key = (occupancy(w), worker);

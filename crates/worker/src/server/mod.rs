@@ -571,6 +571,17 @@ impl Loop {
             }
             pb::scheduler_command::Kind::Steal(s) => {
                 self.state.handle(Event::Steal { key: Arc::from(s.key), id: s.id }, &mut self.instructions);
+                // The executor answers now, before the next command of the batch: a Free and a
+                // Compute of the same key later in the batch must find the task as the answer
+                // left it (an Unqueue applied after them dropped the new run for good).
+                if let Some(Instruction::Unqueue { .. }) = self.instructions.last()
+                    && let Some(Instruction::Unqueue { key, id }) = self.instructions.pop()
+                {
+                    // A task whose Execute is still among the instructions is not on the
+                    // executor's queue yet: "not removed", and it runs here.
+                    let removed = !self.simulate && self.executor.unqueue(&key);
+                    self.state.handle(Event::Unqueued { key, id, removed }, &mut self.instructions);
+                }
             }
             pb::scheduler_command::Kind::StartedAck(a) => {
                 self.executor.results().acknowledge(a.keys.into_iter().map(Arc::from));
@@ -610,7 +621,8 @@ impl Loop {
                 }
                 Instruction::Cancel(key) => self.executor.cancel(&key),
                 Instruction::Unqueue { key, id } => {
-                    // Simulated tasks finish as they are dispatched: never on a queue.
+                    // Handled where the Steal arrives (`on_command`); here only if another
+                    // path ever emits one.
                     let removed = !self.simulate && self.executor.unqueue(&key);
                     simulated.push(Event::Unqueued { key, id, removed });
                 }

@@ -110,7 +110,8 @@ pub enum Instruction {
     /// Skip this dispatched task if it has not started.
     Cancel(Key),
     /// Take this dispatched task off the executor's queue if no thread has started it, and
-    /// answer with [`Event::Unqueued`] at once.
+    /// answer with [`Event::Unqueued`] at once, before the next command is handled (always the
+    /// last instruction of its event).
     Unqueue {
         key: Key,
         id: u64,

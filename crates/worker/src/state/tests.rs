@@ -301,3 +301,20 @@ fn a_finished_or_freed_task_is_not_given_up() {
     let out = step(&mut s, Event::Steal { key: key("never-sent"), id: 4 });
     assert_eq!(steal_answer(&out), Some(("never-sent".into(), 4, false)));
 }
+
+#[test]
+fn a_steal_answered_before_a_free_and_compute_of_the_same_key_leaves_the_new_run() {
+    // The shell answers a steal before the next command of its batch ([Steal, Free, Compute]):
+    // the new run must survive.
+    let mut s = WorkerState::new(1);
+    step(&mut s, compute("a", &[]));
+    step(&mut s, compute("k", &[]));
+    let out = step(&mut s, Event::Steal { key: key("k"), id: 1 });
+    assert_eq!(out, vec![Instruction::Unqueue { key: key("k"), id: 1 }]);
+    let out = step(&mut s, Event::Unqueued { key: key("k"), id: 1, removed: true });
+    assert_eq!(steal_answer(&out), Some(("k".into(), 1, true)));
+    step(&mut s, Event::Free(key("k")));
+    let out = step(&mut s, compute("k", &[]));
+    assert!(matches!(&out[..], [Instruction::Execute { key, .. }] if &**key == "k"), "{out:?}");
+    assert!(s.is_running("k"));
+}

@@ -242,3 +242,21 @@ fn tasks_shorter_than_two_handshakes_stay() {
     let out = h.join(1, 1);
     assert!(steals(&out).is_empty(), "{:?}", steals(&out));
 }
+
+#[test]
+fn a_hard_restricted_task_given_up_for_a_thief_that_paused_stays_with_its_workers() {
+    let mut h = Harness::with_config(cfg());
+    h.join(0, 1);
+    h.submit(C1, vec![task("inc-warm", &[])], &["inc-warm"]);
+    h.finish_in(0, "inc-warm", 8, Duration::from_millis(5));
+    let keys: Vec<String> = (0..6).map(|i| format!("inc-{i}")).collect();
+    let wants: Vec<&str> = keys.iter().map(|s| s.as_str()).collect();
+    let tasks = keys.iter().map(|k| NewTask { workers: vec![addr(0), addr(1)], ..task(k, &[]) }).collect();
+    h.submit(C1, tasks, &wants);
+    let (_, key, id) = steals(&h.join(1, 1))[0].clone();
+    h.handle(paused(1, true));
+    answer(&mut h, 0, &key, id, true);
+    assert!(!matches!(h.state(&key), TaskState::Queued), "queued: any worker could take it");
+    let out = h.join(2, 4);
+    assert!(computes(&out).iter().all(|(w, _)| *w != 2), "ran on a worker it may not: {:?}", computes(&out));
+}
