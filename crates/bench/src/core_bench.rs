@@ -35,7 +35,11 @@ pub fn run(n: usize, workers: usize) -> f64 {
     for batch in keys.chunks(10_000) {
         let tasks =
             batch.iter().map(|k| NewTask { key: k.clone(), spec: spec.clone(), ..Default::default() }).collect();
-        core.handle(Event::UpdateGraph { client, tasks, wants: batch.to_vec() }, now, &mut out);
+        core.handle(
+            Event::UpdateGraph { client, tasks, wants: batch.to_vec(), fifo_timeout: Duration::ZERO },
+            now,
+            &mut out,
+        );
         take(&mut out, &mut in_flight, &mut done);
         while let Some((worker, key)) = in_flight.pop_front() {
             let finished =

@@ -53,7 +53,14 @@ pub struct SubmitOptions {
     /// Abstract resources the task holds while it runs (dask's `resources={"GPU": 1}`): it runs
     /// only on a worker with that much free (`dask-worker --resources "GPU=2"`).
     pub resources: std::collections::BTreeMap<String, f64>,
+    /// dask's `fifo_timeout` (default 100 ms): submitted within this long of this client's
+    /// previous submission, the task shares its priority (the two are ordered together, by
+    /// graph order); submitted later, it runs after everything submitted before.
+    pub fifo_timeout: Duration,
 }
+
+/// dask's default `fifo_timeout`.
+pub const FIFO_TIMEOUT: Duration = Duration::from_millis(100);
 
 impl Default for SubmitOptions {
     fn default() -> Self {
@@ -65,6 +72,7 @@ impl Default for SubmitOptions {
             retries: 0,
             priority: 0,
             resources: std::collections::BTreeMap::new(),
+            fifo_timeout: FIFO_TIMEOUT,
         }
     }
 }
@@ -579,7 +587,11 @@ impl Client {
         let def = self.task_def::<T>(arg, deps, opts.key.clone(), opts.pure, &opts)?;
         let (r, _) = self.inner.new_ref(&def.key);
         let key = def.key.clone();
-        self.inner.send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph { tasks: vec![def], wants: vec![key] }));
+        self.inner.send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph {
+            tasks: vec![def],
+            wants: vec![key],
+            fifo_timeout_s: opts.fifo_timeout.as_secs_f64(),
+        }));
         Ok(Future::from_ref(r))
     }
 
@@ -691,11 +703,16 @@ impl Client {
                 self.inner.send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph {
                     tasks: std::mem::take(&mut tasks),
                     wants: std::mem::take(&mut wants),
+                    fifo_timeout_s: opts.fifo_timeout.as_secs_f64(),
                 }));
             }
         }
         if !tasks.is_empty() {
-            self.inner.send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph { tasks, wants }));
+            self.inner.send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph {
+                tasks,
+                wants,
+                fifo_timeout_s: opts.fifo_timeout.as_secs_f64(),
+            }));
         }
         Ok(futures)
     }
@@ -737,7 +754,11 @@ impl Client {
             wants.push(k.to_string());
         }
         // One message, so every key of the graph is known when the wants are applied.
-        self.inner.send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph { tasks: graph.task_defs(), wants }));
+        self.inner.send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph {
+            tasks: graph.task_defs(),
+            wants,
+            fifo_timeout_s: FIFO_TIMEOUT.as_secs_f64(),
+        }));
         Ok(futures)
     }
 

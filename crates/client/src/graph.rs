@@ -66,6 +66,19 @@ impl Graph {
         Ok(Ref::new(key))
     }
 
+    /// Gives the task of `key` a priority (higher runs first, as `SubmitOptions::priority` and
+    /// dask's `priority=`); tasks of equal priority run depth first towards the graph's
+    /// outputs. Returns false if the graph has no such key.
+    pub fn set_priority(&mut self, key: &str, priority: i32) -> bool {
+        match self.index.get(key) {
+            Some(&i) => {
+                self.tasks[i].priority = priority;
+                true
+            }
+            None => false,
+        }
+    }
+
     pub fn contains(&self, key: &str) -> bool {
         self.index.contains_key(key)
     }

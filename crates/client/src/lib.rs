@@ -17,7 +17,7 @@ mod graph;
 mod wait;
 
 pub use args::{IntoArg, IntoArgs, OneArg};
-pub use client::{CONNECT_TIMEOUT, Client, RESTART_TIMEOUT, ScatterOptions, SubmitOptions};
+pub use client::{CONNECT_TIMEOUT, Client, FIFO_TIMEOUT, RESTART_TIMEOUT, ScatterOptions, SubmitOptions};
 pub use cluster::{LocalCluster, LocalClusterBuilder, init};
 pub use error::{Error, Result, TaskFailure};
 pub use future::{Future, FutureStatus};

@@ -789,3 +789,28 @@ fn replicate_and_rebalance_copy_values_between_workers() {
     client.close();
     cluster.close();
 }
+
+static GRAPH_ORDER: Mutex<Vec<i64>> = Mutex::new(Vec::new());
+
+#[dask::task]
+fn record_in_graph(x: i64) -> i64 {
+    GRAPH_ORDER.lock().unwrap().push(x);
+    x
+}
+
+#[test]
+fn graph_tasks_take_priorities() {
+    let (cluster, client) = cluster(1, 1);
+    let mut g = Graph::new();
+    g.add("low", record_in_graph, (1,)).unwrap();
+    g.add("mid", record_in_graph, (2,)).unwrap();
+    g.add("high", record_in_graph, (3,)).unwrap();
+    assert!(g.set_priority("low", -5));
+    assert!(g.set_priority("high", 5));
+    assert!(!g.set_priority("nope", 1));
+    let got: Vec<i64> = client.get_many(&g, &["low", "mid", "high"]).unwrap();
+    assert_eq!(got, vec![1, 2, 3]);
+    assert_eq!(*GRAPH_ORDER.lock().unwrap(), vec![3, 2, 1], "higher priority runs first");
+    client.close();
+    cluster.close();
+}

@@ -1326,6 +1326,7 @@ fn client_event(client: ClientId, op: pb::ClientOp) -> Option<Event> {
         Kind::Hello(_) => return None,
         Kind::UpdateGraph(g) => Event::UpdateGraph {
             client,
+            fifo_timeout: Duration::try_from_secs_f64(g.fifo_timeout_s).unwrap_or(Duration::ZERO),
             tasks: g
                 .tasks
                 .into_iter()

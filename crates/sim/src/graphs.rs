@@ -99,13 +99,36 @@ pub fn merge(n: usize, dist: Dist, seed: u64) -> Graph {
     g
 }
 
-/// A tree reduction of `n` leaves with fan-in `fan`, each reduction 1 ms.
+/// A tree reduction of `n` leaves with fan-in `fan`, each reduction 1 ms; values of 100 kB.
+/// Submitted level by level (every leaf first), as a user building it would.
 pub fn tree(n: usize, fan: usize, dist: Dist, seed: u64) -> Graph {
+    tree_of(n, fan, dist, 100_000, seed)
+}
+
+/// [`tree`] with values of `nbytes`.
+pub fn tree_of(n: usize, fan: usize, dist: Dist, nbytes: u64, seed: u64) -> Graph {
+    tree_built(n, fan, dist, nbytes, seed, false)
+}
+
+/// [`tree_of`] whose leaves are grouped at random (siblings are not next to each other in the
+/// order the leaves were submitted, as in a reduction over a shuffled or strided collection).
+pub fn tree_scattered(n: usize, fan: usize, dist: Dist, nbytes: u64, seed: u64) -> Graph {
+    tree_built(n, fan, dist, nbytes, seed, true)
+}
+
+fn tree_built(n: usize, fan: usize, dist: Dist, nbytes: u64, seed: u64, scatter: bool) -> Graph {
     let mut rng = Rng(seed);
     let mut g = Graph { name: format!("tree-{n}x{fan} ({})", dist.name()), ..Graph::default() };
-    let mut level: Vec<usize> = (0..n).map(|_| g.push("leaf", vec![], dist.draw(&mut rng), 100_000)).collect();
+    let mut level: Vec<usize> = (0..n).map(|_| g.push("leaf", vec![], dist.draw(&mut rng), nbytes)).collect();
+    if scatter {
+        for i in (1..level.len()).rev() {
+            let j = rng.below(i + 1);
+            level.swap(i, j);
+        }
+        g.name = format!("tree-{n}x{fan}, leaves grouped at random ({})", dist.name());
+    }
     while level.len() > 1 {
-        level = level.chunks(fan.max(2)).map(|c| g.push("reduce", c.to_vec(), 0.001, 100_000)).collect();
+        level = level.chunks(fan.max(2)).map(|c| g.push("reduce", c.to_vec(), 0.001, nbytes)).collect();
     }
     g
 }

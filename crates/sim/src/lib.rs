@@ -277,7 +277,7 @@ impl<'a> Sim<'a> {
         self.scheduler(Event::ClientConnected { client: CLIENT });
         // The cluster's start (workers joining) is not the graph's cost.
         self.sched = Duration::ZERO;
-        self.scheduler(Event::UpdateGraph { client: CLIENT, tasks, wants });
+        self.scheduler(Event::UpdateGraph { client: CLIENT, tasks, wants, fifo_timeout: Duration::ZERO });
         while self.outputs_left > 0 {
             let Some(Reverse((Time(t), seq))) = self.heap.pop() else { break };
             self.now = t;

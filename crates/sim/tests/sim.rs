@@ -69,3 +69,13 @@ fn stealing_rescues_misjudged_durations() {
     assert!(on.steals.stolen > 0);
     assert!(on.makespan < off.makespan, "on {} vs off {}", on.makespan, off.makespan);
 }
+
+#[test]
+fn a_reduction_keeps_few_inputs_in_memory_however_its_leaves_were_submitted() {
+    // 2,000 values of 10 MB, fan-in 8, siblings scattered through the submission order; 2
+    // workers of 2 threads. Without depth-first ordering this peaked at hundreds of inputs.
+    let g = graphs::tree_scattered(2000, 8, Dist::Jitter(5.0), 10_000_000, 1);
+    let o = simulate(&g, &Cluster::uniform(2, 2), true);
+    let inputs = o.peak_worker_bytes / 10_000_000;
+    assert!(inputs <= 64, "peak of {inputs} inputs on one worker");
+}

@@ -77,6 +77,10 @@ pub enum Event {
         client: ClientId,
         tasks: Vec<NewTask>,
         wants: Vec<Key>,
+        /// dask's `fifo_timeout`: sent within this long of the client's previous graph, the
+        /// tasks share that graph's generation (ordered with it by graph order); otherwise they
+        /// come after everything submitted before. Zero: always after.
+        fifo_timeout: Duration,
     },
     /// The client holds futures for these keys again (e.g. a future was rebuilt from a key).
     Want {

@@ -2,6 +2,7 @@
 //! `compute`, which sets a released task (and what it needs) on its way.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustc_hash::{FxHashMap, FxHashSet};
 use smallvec::SmallVec;
@@ -13,8 +14,23 @@ use super::{
 };
 
 impl SchedulerCore {
-    pub(super) fn update_graph(&mut self, client: ClientId, tasks: Vec<NewTask>, wants: Vec<Key>, cx: &mut Cx<'_>) {
-        self.clients.entry(client).or_default();
+    pub(super) fn update_graph(
+        &mut self,
+        client: ClientId,
+        tasks: Vec<NewTask>,
+        wants: Vec<Key>,
+        fifo_timeout: Duration,
+        cx: &mut Cx<'_>,
+    ) {
+        // dask's generations: a graph sent soon after the client's previous one shares its
+        // priority; a later one comes after everything before it.
+        let c = self.clients.entry(client).or_default();
+        if c.last_graph.is_none_or(|t| cx.now.saturating_duration_since(t) > fifo_timeout) {
+            self.next_generation += 1;
+            c.generation = self.next_generation;
+        }
+        c.last_graph = Some(cx.now);
+        let generation = c.generation;
         // Pass 1: records for the keys we do not know yet.
         let mut created: Vec<(TaskId, Vec<Key>)> = Vec::new();
         let mut bad_resources: Vec<(TaskId, String)> = Vec::new();
@@ -87,6 +103,7 @@ impl SchedulerCore {
             }
             self.task_mut(*id).dependencies = ids.into_boxed_slice();
         }
+        self.order_depth_first(&created, generation << 32);
         // Cycles can only run through new tasks (old ones cannot depend on new ones).
         for id in self.find_cycles(created.iter().map(|(id, _)| *id)) {
             bad.push((id, "the graph has a cycle through this task".to_string()));
@@ -109,9 +126,16 @@ impl SchedulerCore {
             let err = TaskError::raised_here(&self.task(id).key, "invalid-graph", why, "");
             self.set_state(id, TaskState::Erred { error: err }, cx);
         }
+        // Everything wanted is set on its way in one walk, so that free slots go to the most
+        // urgent tasks of the whole batch, not to those of the first key wanted.
+        let mut roots = Vec::new();
         for key in wants {
             match self.keys.get(&key) {
-                Some(&t) => self.want(t, client, cx),
+                Some(&t) => {
+                    if self.want_only(t, client, cx) {
+                        roots.push(t);
+                    }
+                }
                 None => cx.out.push(Command::Report {
                     client,
                     key,
@@ -119,11 +143,78 @@ impl SchedulerCore {
                 }),
             }
         }
+        self.compute_all(roots, cx);
         // Cull what nobody asked for.
         for (id, _) in created {
             if self.tasks.slot(id.0).is_some() {
                 cx.to_check.push(id);
             }
+        }
+    }
+
+    /// Orders a batch of new tasks depth first towards its outputs, as `dask.order` aims: each
+    /// output's inputs come just before it (post-order from the outputs, inputs in submission
+    /// order), so a reduction consumes its inputs as they are made instead of every leaf being
+    /// made first. Orders are `base` (the generation) plus the position: ties of user priority
+    /// are broken by generation, then by this order.
+    fn order_depth_first(&mut self, created: &[(TaskId, Vec<Key>)], base: u64) {
+        // Independent tasks (a `map`) keep their submission order: nothing to walk.
+        if created.iter().all(|(_, deps)| deps.is_empty()) {
+            for (i, (t, _)) in created.iter().enumerate() {
+                self.task_mut(*t).order = base + i as u64;
+            }
+            return;
+        }
+        let index: FxHashMap<TaskId, usize> = created.iter().enumerate().map(|(i, (t, _))| (*t, i)).collect();
+        // Outputs: new tasks no new task depends on.
+        let mut used = vec![false; created.len()];
+        for (t, _) in created {
+            for d in self.task(*t).dependencies.iter() {
+                if let Some(&i) = index.get(d) {
+                    used[i] = true;
+                }
+            }
+        }
+        let mut visited = vec![false; created.len()];
+        let mut order: Vec<TaskId> = Vec::with_capacity(created.len());
+        let mut stack: Vec<(TaskId, usize)> = Vec::new();
+        for (i, (root, _)) in created.iter().enumerate() {
+            if used[i] || visited[i] {
+                continue;
+            }
+            visited[i] = true;
+            stack.push((*root, 0));
+            while let Some((t, next)) = stack.last_mut() {
+                let deps = &self.task(*t).dependencies;
+                // The next new, unvisited input (dependencies are sorted by id; submission order
+                // among them is their index in the batch).
+                let mut found = None;
+                while *next < deps.len() {
+                    let d = deps[*next];
+                    *next += 1;
+                    if let Some(&j) = index.get(&d)
+                        && !visited[j]
+                    {
+                        found = Some((d, j));
+                        break;
+                    }
+                }
+                match found {
+                    Some((d, j)) => {
+                        visited[j] = true;
+                        stack.push((d, 0));
+                    }
+                    None => {
+                        order.push(*t);
+                        stack.pop();
+                    }
+                }
+            }
+        }
+        // Members of a cycle (erred below) keep their submission order, after the rest.
+        order.extend(created.iter().enumerate().filter(|(i, _)| !visited[*i]).map(|(_, (t, _))| *t));
+        for (i, t) in order.into_iter().enumerate() {
+            self.task_mut(t).order = base + i as u64;
         }
     }
 
@@ -152,9 +243,17 @@ impl SchedulerCore {
     }
 
     pub(super) fn want(&mut self, t: TaskId, client: ClientId, cx: &mut Cx<'_>) {
+        if self.want_only(t, client, cx) {
+            self.compute(t, cx);
+        }
+    }
+
+    /// Records that `client` wants `t` and tells it what is known; returns whether `t` is
+    /// released (to be computed).
+    fn want_only(&mut self, t: TaskId, client: ClientId, cx: &mut Cx<'_>) -> bool {
         if client == FIRE_AND_FORGET && matches!(self.task(t).state, TaskState::Memory { .. } | TaskState::Erred { .. })
         {
-            return; // already done: nothing to keep alive
+            return false; // already done: nothing to keep alive
         }
         let c = self.clients.entry(client).or_default();
         // Wanting a key again is how a client asks where it is now (its holder may have gone):
@@ -167,9 +266,10 @@ impl SchedulerCore {
                 if let Some(report) = self.report_of(t, cx) {
                     cx.out.push(Command::Report { client, key: self.task(t).key.clone(), report });
                 }
+                false
             }
-            TaskState::Released => self.compute(t, cx),
-            _ => {}
+            TaskState::Released => true,
+            _ => false,
         }
     }
 
@@ -241,7 +341,15 @@ impl SchedulerCore {
 
     /// Makes a Released task (and, recursively, its released dependencies) head for Memory.
     pub(super) fn compute(&mut self, root: TaskId, cx: &mut Cx<'_>) {
-        let mut stack = vec![root];
+        self.compute_all(vec![root], cx);
+    }
+
+    /// [`Self::compute`] of several tasks in one walk.
+    fn compute_all(&mut self, roots: Vec<TaskId>, cx: &mut Cx<'_>) {
+        let mut stack = roots;
+        // Those ready to run are placed once all are known, most urgent first: free slots go
+        // to the first in the graph's order, not to whichever the walk reached first.
+        let mut ready: Vec<TaskId> = Vec::new();
         while let Some(t) = stack.pop() {
             if !matches!(self.task(t).state, TaskState::Released) {
                 continue;
@@ -274,6 +382,14 @@ impl SchedulerCore {
                 self.set_state(t, TaskState::Waiting { remaining }, cx);
                 stack.extend(released);
             } else {
+                ready.push(t);
+            }
+        }
+        // (A task the walk reached twice, through two dependents, is listed twice.)
+        ready.sort_by_key(|t| self.queue_key(*t));
+        ready.dedup();
+        for t in ready {
+            if matches!(self.task(t).state, TaskState::Released) {
                 self.schedule(t, cx);
             }
         }

@@ -319,6 +319,9 @@ impl WorkerMemory {
 #[derive(Default)]
 struct Client {
     wants: FxHashSet<TaskId>,
+    /// When its last graph came, and the generation it was given (see `fifo_timeout`).
+    last_graph: Option<Instant>,
+    generation: u64,
 }
 
 /// Measured durations of one kind of task (keys share a prefix: `inc-<token>` -> `inc`).
@@ -355,6 +358,8 @@ pub struct SchedulerCore {
     prefixes: Vec<Prefix>,
     prefix_ids: FxHashMap<Arc<str>, u32>,
     next_order: u64,
+    /// Generations given to clients' graphs (the high half of a task's `order`).
+    next_generation: u64,
     log: VecDeque<LogEntry>,
     /// Names used in the log (states, events), interned to a byte.
     log_names: Vec<&'static str>,
@@ -423,6 +428,7 @@ impl SchedulerCore {
             prefixes: Vec::new(),
             prefix_ids: FxHashMap::default(),
             next_order: 0,
+            next_generation: 0,
             log: VecDeque::new(),
             log_names: Vec::new(),
             started: now,
@@ -556,7 +562,9 @@ impl SchedulerCore {
                     }
                 }
             }
-            Event::UpdateGraph { client, tasks, wants } => self.update_graph(client, tasks, wants, cx),
+            Event::UpdateGraph { client, tasks, wants, fifo_timeout } => {
+                self.update_graph(client, tasks, wants, fifo_timeout, cx)
+            }
             Event::Want { client, keys } => {
                 for key in keys {
                     if let Some(&t) = self.keys.get(&key) {

@@ -96,7 +96,12 @@ impl Harness {
     }
 
     fn submit(&mut self, client: ClientId, tasks: Vec<NewTask>, wants: &[&str]) -> Vec<Command> {
-        self.handle(Event::UpdateGraph { client, tasks, wants: wants.iter().map(|w| k(w)).collect() })
+        self.handle(Event::UpdateGraph {
+            client,
+            tasks,
+            wants: wants.iter().map(|w| k(w)).collect(),
+            fifo_timeout: Duration::ZERO,
+        })
     }
 
     fn finish(&mut self, worker: u32, key: &str, nbytes: u64) -> Vec<Command> {
@@ -825,11 +830,13 @@ fn slow_tasks_are_handed_out_one_per_free_thread() {
 
 #[test]
 fn a_higher_priority_queued_task_goes_first() {
+    // (Within one batch, free slots go by priority too: see the depth-first test.)
     let mut h = Harness::new();
     h.join(1, 1);
     let mut hi = task("hi", &[]);
     hi.priority = 10;
-    h.submit(C1, vec![task("first", &[]), task("lo", &[]), hi], &["first", "lo", "hi"]);
+    h.submit(C1, vec![task("first", &[])], &["first"]);
+    h.submit(C1, vec![task("lo", &[]), hi], &["lo", "hi"]);
     let out = h.finish(1, "first", 1);
     assert_eq!(computes(&out), vec![(1, s("hi"))]);
 }
@@ -1376,7 +1383,9 @@ impl Sim {
         let wants: Vec<Key> =
             sc.dag.iter().enumerate().filter(|(i, t)| wanted(*i, t)).map(|(i, _)| self.keys[i].clone()).collect();
         self.wants[client].extend(wants.iter().cloned());
-        self.step(Event::UpdateGraph { client: sim_client(client), tasks, wants });
+        // Graphs of one client within 100 ms share a generation (dask's fifo_timeout).
+        let fifo_timeout = Duration::from_millis(100);
+        self.step(Event::UpdateGraph { client: sim_client(client), tasks, wants, fifo_timeout });
     }
 
     /// One event in; the commands go to the simulated workers and clients.
@@ -1811,4 +1820,58 @@ fn a_shrunk_list_that_grows_again_keeps_its_index_exact() {
     let out = h.handle(Event::ReleaseKeys { client: C1, keys: kept.iter().map(|k| Arc::from(k.as_str())).collect() });
     assert!(frees(&out).contains(&(1, s("root"))), "{out:?}");
     assert_eq!(h.core.n_tasks(), 0);
+}
+
+#[test]
+fn a_graph_runs_depth_first_towards_its_outputs() {
+    // Leaves submitted first, their reducers' inputs interleaved: a, b, c, d; r1(a, c),
+    // r2(b, d), root(r1, r2). One thread: each subtree is finished before the next begins.
+    let mut h = Harness::new();
+    h.join(0, 1);
+    let out = h.submit(
+        C1,
+        vec![
+            task("a", &[]),
+            task("b", &[]),
+            task("c", &[]),
+            task("d", &[]),
+            task("r1", &["a", "c"]),
+            task("r2", &["b", "d"]),
+            task("root", &["r1", "r2"]),
+        ],
+        &["root"],
+    );
+    let mut ran = vec![computes(&out)[0].1.clone()];
+    while let Some(key) = ran.last().cloned() {
+        let out = h.finish(0, &key, 8);
+        match computes(&out).first() {
+            Some((_, next)) => ran.push(next.clone()),
+            None => break,
+        }
+    }
+    assert_eq!(ran, ["a", "c", "r1", "b", "d", "r2", "root"]);
+}
+
+#[test]
+fn graphs_sent_within_fifo_timeout_share_a_priority_and_later_ones_wait() {
+    let mut h = Harness::new();
+    h.join(0, 1);
+    let graph = |h: &mut Harness, keys: &[&str]| {
+        let tasks = keys.iter().map(|k| task(k, &[])).collect();
+        let wants = keys.iter().map(|x| k(x)).collect();
+        h.handle(Event::UpdateGraph { client: C1, tasks, wants, fifo_timeout: Duration::from_millis(100) })
+    };
+    graph(&mut h, &["x1", "x2"]);
+    // 50 ms later: the same generation; its first task ranks with x1, before x2.
+    h.now += Duration::from_millis(50);
+    graph(&mut h, &["y1", "y2"]);
+    // 300 ms later: a new generation, after everything before.
+    h.now += Duration::from_millis(300);
+    graph(&mut h, &["z1"]);
+    let mut ran = vec!["x1".to_string()];
+    for _ in 0..4 {
+        let out = h.finish(0, ran.last().unwrap(), 8);
+        ran.push(computes(&out)[0].1.clone());
+    }
+    assert_eq!(ran, ["x1", "y1", "x2", "y2", "z1"]);
 }
