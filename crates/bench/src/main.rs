@@ -323,6 +323,19 @@ fn main() -> ExitCode {
             record("late_join: tasks moved by stealing".into(), r.moved);
         }
     }
+    if args.workloads.iter().any(|w| w == "reduction") || (all && q) {
+        // Long at full size (100 GB made): only when named, or tiny in the smoke test.
+        let n = if q { 200 } else { 10_000 };
+        for _ in 0..runs {
+            let (wall, held, process) = sched::reduction(n);
+            record(format!("reduction: tree (fan-in 8) of {n} x 10 MB on 2 workers, wall (s)"), wall);
+            record(
+                "reduction: most bytes the scheduler counted on one worker (values of 10 MB)".into(),
+                held as f64 / 1e7,
+            );
+            record("reduction: most process memory a worker reported (MB)".into(), process as f64 / 1e6);
+        }
+    }
     if want("restart") {
         for _ in 0..runs {
             record(

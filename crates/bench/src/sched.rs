@@ -90,3 +90,85 @@ pub fn late_join() -> Run {
     cluster.close();
     Run { makespan, lower_bound: 0.5 + (800.0 * 0.01 - 2.0 * 0.5) / 4.0, asked, moved }
 }
+
+/// Bytes of a leaf of `reduction`: incompressible, different for each seed.
+#[dask::task]
+pub fn leaf(seed: u64, n: usize) -> dask::Bytes {
+    crate::faults::make_array::call(seed, n)
+}
+
+/// The first level of `reduction`: the sizes of its inputs.
+#[dask::task]
+pub fn sizes(parts: Vec<dask::Bytes>) -> u64 {
+    parts.iter().map(|p| p.len() as u64).sum()
+}
+
+/// The upper levels of `reduction`.
+#[dask::task]
+pub fn total_of(parts: Vec<u64>) -> u64 {
+    parts.iter().sum()
+}
+
+/// A tree reduction (fan-in 8) over `n` values of 10 MB on 2 worker processes of 1 thread,
+/// submitted as one graph, every leaf first. Returns (wall seconds, the most bytes the scheduler
+/// counted on one worker, the most process memory a worker reported).
+pub fn reduction(n: usize) -> (f64, u64, u64) {
+    const SIZE: usize = 10_000_000;
+    let (cluster, client) = cluster(2);
+    let mut g = dask::Graph::new();
+    let mut level: Vec<String> = (0..n)
+        .map(|i| {
+            let key = format!("leaf-{i}");
+            g.add(key.clone(), leaf, (i as u64, SIZE)).unwrap();
+            key
+        })
+        .collect();
+    let mut depth = 0;
+    while level.len() > 1 {
+        depth += 1;
+        level = level
+            .chunks(8)
+            .enumerate()
+            .map(|(j, c)| {
+                let key = format!("sum-{depth}-{j}");
+                if depth == 1 {
+                    let parts: Vec<dask::Ref<dask::Bytes>> = c.iter().map(|k| dask::Ref::new(k.clone())).collect();
+                    g.add(key.clone(), sizes, (parts,)).unwrap();
+                } else {
+                    let parts: Vec<dask::Ref<u64>> = c.iter().map(|k| dask::Ref::new(k.clone())).collect();
+                    g.add(key.clone(), total_of, (parts,)).unwrap();
+                }
+                key
+            })
+            .collect();
+    }
+    // Watch what each worker holds while it runs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let client = Client::connect(&cluster.scheduler_address()).expect("connect");
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut held, mut process) = (0u64, 0u64);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(info) = client.scheduler_info() {
+                    for w in &info.workers {
+                        held = held.max(w.memory);
+                        process = process.max(w.memory_process);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            client.close();
+            (held, process)
+        })
+    };
+    let t = Instant::now();
+    let got: u64 = client.get(&g, &level[0]).expect("reduction");
+    let wall = t.elapsed().as_secs_f64();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (held, process) = watcher.join().expect("watcher");
+    assert_eq!(got, (n * SIZE) as u64);
+    client.close();
+    cluster.close();
+    (wall, held, process)
+}
