@@ -305,22 +305,12 @@ fn main() -> ExitCode {
     }
     if want("skew") {
         for _ in 0..runs {
-            let r = sched::skew();
-            record("skew: 400 heavy-tailed tasks on 4 workers, makespan (s)".into(), r.makespan);
-            record("skew: lower bound (s)".into(), r.lower_bound);
-            record("skew: makespan over lower bound".into(), r.makespan / r.lower_bound);
-            record("skew: steals asked".into(), r.asked);
-            record("skew: tasks moved by stealing".into(), r.moved);
+            sched::skew().record("skew", "400 heavy-tailed tasks on 4 workers", "lower bound", &mut record);
         }
     }
     if want("late_join") {
         for _ in 0..runs {
-            let r = sched::late_join();
-            record("late_join: 800 x 10 ms, 2 -> 4 workers at 0.5 s, makespan (s)".into(), r.makespan);
-            record("late_join: ideal (s)".into(), r.lower_bound);
-            record("late_join: makespan over ideal".into(), r.makespan / r.lower_bound);
-            record("late_join: steals asked".into(), r.asked);
-            record("late_join: tasks moved by stealing".into(), r.moved);
+            sched::late_join().record("late_join", "800 x 10 ms, 2 -> 4 workers at 0.5 s", "ideal", &mut record);
         }
     }
     if args.workloads.iter().any(|w| w == "reduction") || (all && q) {

@@ -57,6 +57,17 @@ pub struct Run {
     pub moved: f64,
 }
 
+impl Run {
+    /// Its figures, named `name: ...`; `bound` is what the lower bound is called.
+    pub fn record(&self, name: &str, what: &str, bound: &str, record: &mut dyn FnMut(String, f64)) {
+        record(format!("{name}: {what}, makespan (s)"), self.makespan);
+        record(format!("{name}: {bound} (s)"), self.lower_bound);
+        record(format!("{name}: makespan over {bound}"), self.makespan / self.lower_bound);
+        record(format!("{name}: steals asked"), self.asked);
+        record(format!("{name}: tasks moved by stealing"), self.moved);
+    }
+}
+
 /// `skew`: 4 workers; one source task, then 400 tasks that use it and sleep for heavy-tailed
 /// durations, submitted one by one. Lower bound: max(total / 4, longest).
 pub fn skew() -> Run {

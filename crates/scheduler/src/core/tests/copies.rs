@@ -3,17 +3,6 @@
 
 use super::*;
 
-fn acquired_by(cmds: &[Command]) -> Vec<(u32, Vec<String>)> {
-    cmds.iter()
-        .filter_map(|c| match c {
-            Command::AcquireReplicas { worker, keys } => {
-                Some((worker.0, keys.iter().map(|d| d.key.to_string()).collect()))
-            }
-            _ => None,
-        })
-        .collect()
-}
-
 fn done(cmds: &[Command]) -> Option<(u64, u32)> {
     cmds.iter().find_map(|c| match c {
         Command::CopiesDone { op, failed } => Some((*op, *failed)),
@@ -49,7 +38,7 @@ fn holders(h: &Harness, key: &str) -> Vec<Arc<str>> {
 fn replicate_copies_to_every_worker_and_answers_when_all_arrived() {
     let mut h = three(&["x"]);
     let out = h.handle(Event::Replicate { op: 7, keys: vec![k("x")], n: None, workers: vec![] });
-    assert_eq!(acquired_by(&out), vec![(1, vec![s("x")]), (2, vec![s("x")])]);
+    assert_eq!(acquired(&out), vec![(1, vec![s("x")]), (2, vec![s("x")])]);
     assert_eq!(done(&out), None);
     let out = added(&mut h, 1, &["x"], 100);
     assert_eq!(done(&out), None);
@@ -95,7 +84,7 @@ fn a_copy_whose_target_dies_or_whose_value_goes_counts_as_failed() {
 fn rebalance_moves_values_from_the_loaded_worker_to_the_idle_ones() {
     let mut h = three(&["a", "b", "c", "d", "e", "f"]);
     let out = h.handle(Event::Rebalance { op: 9, keys: vec![], workers: vec![] });
-    let asked = acquired_by(&out);
+    let asked = acquired(&out);
     let moved: usize = asked.iter().map(|(_, ks)| ks.len()).sum();
     assert_eq!(moved, 4, "{asked:?}");
     assert!(asked.iter().all(|(w, ks)| *w != 0 && ks.len() == 2), "{asked:?}");
