@@ -814,3 +814,33 @@ fn graph_tasks_take_priorities() {
     client.close();
     cluster.close();
 }
+
+#[dask::task]
+fn nap_ms(x: i64, ms: u64) -> i64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    x
+}
+
+#[test]
+fn a_worker_that_joins_steals_tasks_another_holds() {
+    // One worker of one thread learns the kind takes ~2 ms, so it is given 2 or more at a time
+    // (its slots cover 10 ms); then 2 that take 400 ms each both go to it (the queue stays
+    // empty). A second worker joins and takes the one waiting there through the real handshake
+    // (the executor gives it up).
+    let (mut cluster, client) = cluster(1, 1);
+    let impure = SubmitOptions { pure: false, ..Default::default() };
+    let warm = client.map_with(nap_ms, (0..20).map(|i| (i, 2u64)), impure.clone(), None).unwrap();
+    let _: Vec<i64> = client.gather(&warm).unwrap();
+    let long = client.map_with(nap_ms, (100..102).map(|i| (i, 400u64)), impure, None).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    cluster.scale(2).unwrap();
+    let got: Vec<i64> = client.gather(&long).unwrap();
+    assert_eq!(got, vec![100, 101]);
+    let info = client.scheduler_info().unwrap();
+    assert!(info.steals_done >= 1, "nothing was stolen: {} asked, {} refused", info.steals_asked, info.steals_refused);
+    let newcomer = info.workers.iter().find(|w| w.name == "local-1").unwrap().address.clone();
+    let holders: Vec<String> = client.who_has(&long).unwrap().into_values().flatten().collect();
+    assert!(holders.contains(&newcomer), "the stolen task ran elsewhere: {holders:?}");
+    client.close();
+    cluster.close();
+}
