@@ -26,11 +26,48 @@ fn total(xs: Vec<i64>) -> i64 {
 fn main() {
     dask::init();
     let args = libtest_mimic::Arguments::from_args();
-    let tests = vec![libtest_mimic::Trial::test("user_functions_run_in_worker_processes_that_may_die", || {
-        worker_processes();
-        Ok(())
-    })];
+    let tests = vec![
+        libtest_mimic::Trial::test("user_functions_run_in_worker_processes_that_may_die", || {
+            worker_processes();
+            Ok(())
+        }),
+        libtest_mimic::Trial::test("worker_processes_have_their_resources_and_scale", || {
+            resources_and_scale();
+            Ok(())
+        }),
+    ];
     libtest_mimic::run(&args, tests).exit();
+}
+
+/// Worker processes get the cluster's resources; a GPU task runs on one; scaling starts and
+/// retires processes.
+fn resources_and_scale() {
+    let mut cluster = LocalCluster::builder()
+        .n_workers(1)
+        .threads_per_worker(2)
+        .processes(true)
+        .resources([("GPU", 1.0)])
+        .build()
+        .unwrap();
+    let client = Client::connect(&cluster.scheduler_address()).unwrap();
+    let info = client.scheduler_info().unwrap();
+    let r = &info.workers[0].resources;
+    assert_eq!(r.len(), 1);
+    assert_eq!((r[0].name.as_str(), r[0].amount), ("GPU", 1.0));
+    let gpu = SubmitOptions { resources: [("GPU".to_string(), 1.0)].into_iter().collect(), ..Default::default() };
+    let (x, pid) = client.submit_with(whoami, (7,), gpu).unwrap().result().unwrap();
+    assert_eq!((x, pid), (7, info.workers[0].pid));
+    cluster.scale(2).unwrap();
+    assert_eq!(client.scheduler_info().unwrap().workers.len(), 2);
+    cluster.scale(1).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while client.scheduler_info().unwrap().workers.len() != 1 {
+        assert!(std::time::Instant::now() < deadline, "the retired worker process never left");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    client.close();
+    cluster.close();
+    println!("processes: resources and scale ok");
 }
 
 fn worker_processes() {
