@@ -344,6 +344,8 @@ pub struct SchedulerCore {
     /// Workers by address and by name (each unique among connected workers).
     by_address: FxHashMap<Arc<str>, WorkerId>,
     by_name: FxHashMap<Arc<str>, WorkerId>,
+    /// Workers by resource they have (an amount over zero): where a task needing it may go.
+    by_resource: FxHashMap<Arc<str>, BTreeSet<WorkerId>>,
     clients: FxHashMap<ClientId, Client>,
     queue: ReadyQueue,
     no_worker: FxHashSet<TaskId>,
@@ -419,6 +421,7 @@ impl SchedulerCore {
             workers: worker_table::WorkerTable::default(),
             by_address: FxHashMap::default(),
             by_name: FxHashMap::default(),
+            by_resource: FxHashMap::default(),
             clients: FxHashMap::default(),
             queue: ReadyQueue::default(),
             no_worker: FxHashSet::default(),

@@ -38,14 +38,29 @@ impl SchedulerCore {
             // Tasks only some workers may run (named, or with the resources free) are not held
             // back by the slot limit: they go to the least busy of those, or wait (NoWorker).
             // Resources limit how many run at once; a named worker is preferred if loosely named.
-            let best = |named_only: bool| {
-                self.workers
-                    .iter()
-                    .filter(|(_, w)| self.may_run(task, w) && (!named_only || r.names(w)))
-                    .min_by_key(|(id, w)| (occupancy(w), **id))
-                    .map(|(id, _)| *id)
+            // Candidates come from the indexes (the named workers, or those with the first
+            // resource needed), not from a scan of every worker.
+            let best = |candidates: &mut dyn Iterator<Item = WorkerId>| {
+                candidates
+                    .filter_map(|id| self.workers.get(&id).map(|w| (id, w)))
+                    .filter(|(_, w)| self.may_run(task, w))
+                    .min_by_key(|(id, w)| (occupancy(w), *id))
+                    .map(|(id, _)| id)
             };
-            let pick = if r.loose && !r.workers.is_empty() { best(true).or_else(|| best(false)) } else { best(false) };
+            let named = || self.named_workers(&r.workers);
+            let with_resource = || {
+                let first = r.resources.first().map(|(n, _)| n);
+                first.and_then(|n| self.by_resource.get(n)).into_iter().flatten().copied()
+            };
+            let pick = if !r.workers.is_empty() {
+                let named_pick = best(&mut named());
+                match named_pick {
+                    None if r.loose => best(&mut with_resource()),
+                    p => p,
+                }
+            } else {
+                best(&mut with_resource())
+            };
             return pick.map_or(Placement::NoWorker, Placement::Worker);
         }
         if self.by_occupancy.is_empty() && self.workers.values().all(|w| w.closing) {
@@ -135,6 +150,15 @@ impl SchedulerCore {
         }
         // Nothing queued: a thread left idle may take what busy workers hold.
         self.balance(worker, &[], cx);
+    }
+
+    /// The connected workers with these addresses or names, each once.
+    fn named_workers(&self, names: &[std::sync::Arc<str>]) -> impl Iterator<Item = WorkerId> + use<> {
+        let mut ids: Vec<WorkerId> =
+            names.iter().filter_map(|n| self.by_address.get(n).or_else(|| self.by_name.get(n)).copied()).collect();
+        ids.sort();
+        ids.dedup();
+        ids.into_iter()
     }
 
     /// Whether `task` may start on `w` now: it takes work, the task's worker names allow it

@@ -365,7 +365,10 @@ impl SchedulerCore {
     /// needs: it waits until one that has joins.
     fn say_if_unrunnable(&mut self, t: TaskId, cx: &mut Cx<'_>) {
         let Some(r) = &self.task(t).restrictions else { return };
-        if self.workers.values().any(|w| (!r.hard() || r.names(w)) && w.has_total(&r.resources)) {
+        let first = r.resources.first().map(|(n, _)| n);
+        let holders = first.and_then(|n| self.by_resource.get(n)).into_iter().flatten();
+        if holders.filter_map(|id| self.workers.get(id)).any(|w| (!r.hard() || r.names(w)) && w.has_total(&r.resources))
+        {
             return;
         }
         let needs = self.needs_text(t);

@@ -107,6 +107,17 @@ impl SchedulerCore {
         assert_eq!(self.by_occupancy, expected, "workers by occupancy");
         assert_eq!(self.by_address.len(), self.workers.len(), "address index");
         assert_eq!(self.by_name.len(), self.workers.len(), "name index");
+        for (n, set) in &self.by_resource {
+            assert!(!set.is_empty(), "an empty resource index for {n}");
+            for id in set {
+                assert!(self.workers.get(id).is_some_and(|w| w.resource(n).0 > 0.0), "{id} indexed for {n}");
+            }
+        }
+        for (id, w) in self.workers.iter() {
+            for (n, amount) in &w.spec.resources {
+                assert_eq!(*amount > 0.0, self.by_resource.get(n).is_some_and(|s| s.contains(id)), "{id}: {n} index");
+            }
+        }
         for (id, w) in self.workers.iter() {
             assert_eq!(self.by_address.get(&w.spec.address), Some(id), "{id}: address index");
             assert_eq!(self.by_name.get(&w.spec.name), Some(id), "{id}: name index");

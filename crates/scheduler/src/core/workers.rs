@@ -35,6 +35,11 @@ impl SchedulerCore {
         let used = vec![0.0; spec.resources.len()].into_boxed_slice();
         // Needs said to be beyond every worker may be met now.
         self.unrunnable_said.clear();
+        for (n, amount) in &spec.resources {
+            if *amount > 0.0 {
+                self.by_resource.entry(n.clone()).or_default().insert(worker);
+            }
+        }
         self.by_address.insert(spec.address.clone(), worker);
         self.by_name.insert(spec.name.clone(), worker);
         self.workers.insert(
@@ -232,6 +237,14 @@ impl SchedulerCore {
         }
         let w = self.workers.remove(&worker).expect("worker exists");
         self.by_address.remove(&w.spec.address);
+        for (n, _) in &w.spec.resources {
+            if let Some(set) = self.by_resource.get_mut(n) {
+                set.remove(&worker);
+                if set.is_empty() {
+                    self.by_resource.remove(n);
+                }
+            }
+        }
         self.by_name.remove(&w.spec.name);
         debug_assert!(w.processing.is_empty() && w.has_what.is_empty());
         self.retire_worker_gone(worker, w.retiring, cx);
