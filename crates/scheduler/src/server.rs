@@ -847,8 +847,8 @@ impl EventLoop {
             steals_asked: self.core.steal_stats().asked,
             steals_done: self.core.steal_stats().stolen,
             steals_refused: self.core.steal_stats().refused,
-            unrunnable: self.core.unrunnable(100),
-            unrunnable_count: self.core.n_no_worker() as u64,
+            unrunnable: self.core.unrunnable(100).0,
+            unrunnable_count: self.core.unrunnable(0).1 as u64,
         }
     }
 
@@ -861,7 +861,7 @@ impl EventLoop {
         let mut to_clients: HashMap<ClientId, Vec<pb::KeyReport>> = HashMap::new();
         for cmd in self.commands.drain(..) {
             match cmd {
-                Command::Compute { worker, key, spec, deps, priority, inline, announce } => {
+                Command::Compute { worker, key, spec, deps, priority, inline, announce, resources } => {
                     to_workers.entry(worker).or_default().push(pb::SchedulerCommand {
                         kind: Some(pb::scheduler_command::Kind::Compute(pb::ComputeTask {
                             key: key.to_string(),
@@ -870,6 +870,7 @@ impl EventLoop {
                             priority,
                             inline_result: inline,
                             announce,
+                            resources: resources_to_pb(&resources),
                         })),
                     });
                 }

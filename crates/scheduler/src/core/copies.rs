@@ -195,7 +195,10 @@ impl SchedulerCore {
             let from = o.from.remove(&(t, w));
             if !ok {
                 o.failed += 1;
-            } else if let Some(from) = from {
+            } else if let Some(from) = from
+                && self.workers.get(&w).is_some_and(|x| !x.closing)
+            {
+                // Moved: the copy where it was goes (not if the new holder is leaving).
                 self.drop_replica(t, from, cx);
             }
             self.copy_op_check(op, cx);

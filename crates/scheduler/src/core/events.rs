@@ -267,7 +267,7 @@ pub enum Report {
 }
 
 /// Everything the scheduler asks the outside world to do.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Command {
     Compute {
         worker: WorkerId,
@@ -280,6 +280,8 @@ pub enum Command {
         /// A worker died while this task was assigned to it: the worker must report the start
         /// before running it (see `remove_worker`).
         announce: bool,
+        /// Resources it holds while it runs (the worker holds them until it really ends).
+        resources: Vec<(Key, f64)>,
     },
     /// Drop the value of `key`, or cancel its computation.
     Free {

@@ -13,6 +13,18 @@ use super::{
     TaskState, WorkerId,
 };
 
+/// Amounts of a resource named twice are added up (`GPU=1 GPU=1` is `GPU=2`).
+pub(super) fn merge_resources(mut r: Vec<(Arc<str>, f64)>) -> Vec<(Arc<str>, f64)> {
+    let mut merged: Vec<(Arc<str>, f64)> = Vec::with_capacity(r.len());
+    for (n, a) in r.drain(..) {
+        match merged.iter_mut().find(|(m, _)| *m == n) {
+            Some((_, total)) => *total += a,
+            None => merged.push((n, a)),
+        }
+    }
+    merged
+}
+
 impl SchedulerCore {
     pub(super) fn update_graph(
         &mut self,
@@ -22,15 +34,23 @@ impl SchedulerCore {
         fifo_timeout: Duration,
         cx: &mut Cx<'_>,
     ) {
-        // dask's generations: a graph sent soon after the client's previous one shares its
-        // priority; a later one comes after everything before it.
+        // dask's generations: graphs a client sends within `fifo_timeout` of the start of its
+        // current generation are ordered within it (first in, first out); later, a new
+        // generation begins, after everything submitted before by anyone. A client submitting
+        // without pause still moves on every `fifo_timeout` (as dask's does), so it cannot keep
+        // others' later work waiting.
         let c = self.clients.entry(client).or_default();
-        if c.last_graph.is_none_or(|t| cx.now.saturating_duration_since(t) > fifo_timeout) {
+        let n = tasks.len() as u64;
+        if c.generation_began.is_none_or(|t| cx.now.saturating_duration_since(t) > fifo_timeout)
+            || c.next_position + n >= 1 << 32
+        {
             self.next_generation += 1;
             c.generation = self.next_generation;
+            c.generation_began = Some(cx.now);
+            c.next_position = 0;
         }
-        c.last_graph = Some(cx.now);
-        let generation = c.generation;
+        let base = (c.generation << 32) | c.next_position;
+        c.next_position += n;
         // Pass 1: records for the keys we do not know yet.
         let mut created: Vec<(TaskId, Vec<Key>)> = Vec::new();
         let mut bad_resources: Vec<(TaskId, String)> = Vec::new();
@@ -39,7 +59,7 @@ impl SchedulerCore {
                 continue; // same key: pure submissions share one task
             }
             let prefix = self.prefix_of(&nt.key);
-            let mut resources = nt.resources;
+            let mut resources = merge_resources(nt.resources);
             let bad_amount = resources
                 .iter()
                 .find(|(_, a)| !(a.is_finite() && *a >= 0.0))
@@ -103,7 +123,7 @@ impl SchedulerCore {
             }
             self.task_mut(*id).dependencies = ids.into_boxed_slice();
         }
-        self.order_depth_first(&created, generation << 32);
+        self.order_depth_first(&created, base);
         // Cycles can only run through new tasks (old ones cannot depend on new ones).
         for id in self.find_cycles(created.iter().map(|(id, _)| *id)) {
             bad.push((id, "the graph has a cycle through this task".to_string()));

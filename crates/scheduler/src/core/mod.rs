@@ -319,9 +319,10 @@ impl WorkerMemory {
 #[derive(Default)]
 struct Client {
     wants: FxHashSet<TaskId>,
-    /// When its last graph came, and the generation it was given (see `fifo_timeout`).
-    last_graph: Option<Instant>,
+    /// Its current generation (see `fifo_timeout`), when it began, and the next position in it.
     generation: u64,
+    generation_began: Option<Instant>,
+    next_position: u64,
 }
 
 /// Measured durations of one kind of task (keys share a prefix: `inc-<token>` -> `inc`).
@@ -501,10 +502,14 @@ impl SchedulerCore {
 
     /// Tasks that wait with nowhere to run (no worker with their resources or names), at most
     /// `limit`, each as `key: why`.
-    pub fn unrunnable(&self, limit: usize) -> Vec<String> {
-        let mut keys: Vec<TaskId> = self.no_worker.iter().copied().collect();
+    /// (Tasks waiting only for busy resources are not listed: they run when those free up.)
+    /// Returns them and how many there are in all.
+    pub fn unrunnable(&self, limit: usize) -> (Vec<String>, usize) {
+        let mut keys: Vec<TaskId> = self.no_worker.iter().copied().filter(|t| !self.could_run_somewhere(*t)).collect();
+        let n = keys.len();
         keys.sort_by_key(|t| self.queue_key(*t));
-        keys.into_iter()
+        let listed = keys
+            .into_iter()
             .take(limit)
             .map(|t| {
                 let task = self.task(t);
@@ -514,7 +519,8 @@ impl SchedulerCore {
                     _ => format!("{}: no worker is running", task.key),
                 }
             })
-            .collect()
+            .collect();
+        (listed, n)
     }
 
     /// Tasks waiting with nowhere to run.

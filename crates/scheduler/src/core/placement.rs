@@ -127,23 +127,31 @@ impl SchedulerCore {
 
     /// Gives `worker` queued tasks while it has free slots.
     pub(super) fn fill(&mut self, worker: WorkerId, cx: &mut Cx<'_>) {
+        let Some(w) = self.workers.get(&worker) else { return };
+        let has_resources = !w.spec.resources.is_empty();
         while let Some(t) = self.queue.peek() {
             let limit = self.depth(self.task(t).prefix);
-            let Some(w) = self.workers.get(&worker) else {
-                return;
-            };
+            let w = &self.workers[&worker];
             if !w.open() || w.processing.len() as u64 >= w.spec.nthreads.max(1) as u64 * limit as u64 {
-                return;
+                break;
             }
             // Leaving Queued takes it out of the queue.
             self.set_state(t, TaskState::Processing { worker }, cx);
         }
-        // Tasks waiting for resources this worker has (some may have freed up here).
-        if !self.res_waiting.is_empty() && self.workers.get(&worker).is_some_and(|w| !w.spec.resources.is_empty()) {
-            let waiting: Vec<TaskId> = self.res_waiting.iter().take(RESOURCE_SCAN).map(|k| k.task()).collect();
+        // Tasks waiting for resources this worker has (some may have freed up here), whatever
+        // its slots (resources bound how many run). Those it can never run are passed over
+        // without counting (they wait for a bigger worker).
+        if has_resources && !self.res_waiting.is_empty() {
+            let w = &self.workers[&worker];
+            let waiting: Vec<TaskId> = self
+                .res_waiting
+                .iter()
+                .take(RESOURCE_SCAN)
+                .map(|k| k.task())
+                .filter(|t| self.task(*t).restrictions.as_ref().is_some_and(|r| w.has_total(&r.resources)))
+                .collect();
             for t in waiting {
-                let w = &self.workers[&worker];
-                if self.may_run(self.task(t), w) {
+                if self.may_run(self.task(t), &self.workers[&worker]) {
                     self.set_state(t, TaskState::Processing { worker }, cx);
                 }
             }
@@ -153,7 +161,7 @@ impl SchedulerCore {
     }
 
     /// The connected workers with these addresses or names, each once.
-    fn named_workers(&self, names: &[std::sync::Arc<str>]) -> impl Iterator<Item = WorkerId> + use<> {
+    pub(super) fn named_workers(&self, names: &[std::sync::Arc<str>]) -> impl Iterator<Item = WorkerId> + use<> {
         let mut ids: Vec<WorkerId> =
             names.iter().filter_map(|n| self.by_address.get(n).or_else(|| self.by_name.get(n)).copied()).collect();
         ids.sort();
@@ -207,7 +215,7 @@ impl SchedulerCore {
 }
 
 /// Tasks waiting for resources looked at when a worker's free up (the most urgent first).
-const RESOURCE_SCAN: usize = 256;
+const RESOURCE_SCAN: usize = 4096;
 
 pub(super) enum Placement {
     Worker(WorkerId),

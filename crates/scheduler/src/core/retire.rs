@@ -177,6 +177,8 @@ impl SchedulerCore {
         }
         self.retire_op_done(r.op, w, None, cx);
         self.fill(w, cx);
+        // Tasks only it may run waited while it retired (rare: every waiting task is placed again).
+        self.reschedule_no_worker(cx);
     }
 
     /// `Client::restart` during a retirement: the workers are being replaced anyway; their

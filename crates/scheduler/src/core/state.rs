@@ -147,6 +147,7 @@ impl SchedulerCore {
                     priority: task.priority,
                     inline: task.who_wants.iter().any(|c| *c != FIRE_AND_FORGET),
                     announce: task.orphaned || task.suspicious > 0,
+                    resources: task.restrictions.as_ref().map_or_else(Vec::new, |r| r.resources.to_vec()),
                 });
             }
             TaskState::Memory { nbytes, who_has } => {
@@ -355,6 +356,26 @@ impl SchedulerCore {
         self.task(t).restrictions.as_ref().filter(|r| !r.resources.is_empty()).map(|r| r.resources.clone())
     }
 
+    /// Whether a connected worker that is not leaving could ever run `t` (its names allow, and
+    /// it has what `t` needs, free or not).
+    pub(super) fn could_run_somewhere(&self, t: TaskId) -> bool {
+        let live = |w: &super::Worker| !w.closing;
+        match &self.task(t).restrictions {
+            None => self.workers.values().any(live),
+            Some(r) if !r.resources.is_empty() => {
+                let first = &r.resources[0].0;
+                self.by_resource
+                    .get(first)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|id| self.workers.get(id))
+                    .any(|w| live(w) && (!r.hard() || r.names(w)) && w.has_total(&r.resources))
+            }
+            Some(r) if r.hard() => self.named_workers(&r.workers).any(|id| self.workers.get(&id).is_some_and(live)),
+            Some(_) => self.workers.values().any(live),
+        }
+    }
+
     /// What `t` needs, as `GPU=2 MEM=1e9`.
     pub(super) fn needs_text(&self, t: TaskId) -> String {
         let Some(r) = &self.task(t).restrictions else { return String::new() };
@@ -364,11 +385,7 @@ impl SchedulerCore {
     /// Logs (once per set of needs until a worker joins) that no connected worker has what `t`
     /// needs: it waits until one that has joins.
     fn say_if_unrunnable(&mut self, t: TaskId, cx: &mut Cx<'_>) {
-        let Some(r) = &self.task(t).restrictions else { return };
-        let first = r.resources.first().map(|(n, _)| n);
-        let holders = first.and_then(|n| self.by_resource.get(n)).into_iter().flatten();
-        if holders.filter_map(|id| self.workers.get(id)).any(|w| (!r.hard() || r.names(w)) && w.has_total(&r.resources))
-        {
+        if self.could_run_somewhere(t) {
             return;
         }
         let needs = self.needs_text(t);

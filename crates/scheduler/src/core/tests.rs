@@ -209,6 +209,7 @@ fn single_task_runs_and_is_reported() {
             priority: 0,
             inline: true,
             announce: false,
+            resources: vec![],
         }]
     );
     assert_eq!(h.state("x"), TaskState::Processing { worker: WorkerId(1) });
@@ -1853,25 +1854,28 @@ fn a_graph_runs_depth_first_towards_its_outputs() {
 }
 
 #[test]
-fn graphs_sent_within_fifo_timeout_share_a_priority_and_later_ones_wait() {
+fn graphs_sent_within_fifo_timeout_share_a_generation_and_later_ones_wait() {
     let mut h = Harness::new();
     h.join(0, 1);
-    let graph = |h: &mut Harness, keys: &[&str]| {
+    let graph = |h: &mut Harness, client: ClientId, keys: &[&str]| {
         let tasks = keys.iter().map(|k| task(k, &[])).collect();
         let wants = keys.iter().map(|x| k(x)).collect();
-        h.handle(Event::UpdateGraph { client: C1, tasks, wants, fifo_timeout: Duration::from_millis(100) })
+        h.handle(Event::UpdateGraph { client, tasks, wants, fifo_timeout: Duration::from_millis(100) })
     };
-    graph(&mut h, &["x1", "x2"]);
-    // 50 ms later: the same generation; its first task ranks with x1, before x2.
-    h.now += Duration::from_millis(50);
-    graph(&mut h, &["y1", "y2"]);
-    // 300 ms later: a new generation, after everything before.
-    h.now += Duration::from_millis(300);
-    graph(&mut h, &["z1"]);
+    let t0 = h.now;
+    graph(&mut h, C1, &["x1", "x2"]);
+    h.now = t0 + Duration::from_millis(10);
+    graph(&mut h, C2, &["c1"]);
+    // Within C1's generation (first in, first out there): before C2's task.
+    h.now = t0 + Duration::from_millis(50);
+    graph(&mut h, C1, &["x3"]);
+    // Past it: a new generation, after C2's.
+    h.now = t0 + Duration::from_millis(150);
+    graph(&mut h, C1, &["x4"]);
     let mut ran = vec!["x1".to_string()];
     for _ in 0..4 {
         let out = h.finish(0, ran.last().unwrap(), 8);
         ran.push(computes(&out)[0].1.clone());
     }
-    assert_eq!(ran, ["x1", "y1", "x2", "y2", "z1"]);
+    assert_eq!(ran, ["x1", "x2", "x3", "c1", "x4"]);
 }

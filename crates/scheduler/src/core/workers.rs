@@ -13,7 +13,8 @@ use super::{
 };
 
 impl SchedulerCore {
-    pub(super) fn worker_joined(&mut self, worker: WorkerId, spec: WorkerSpec, cx: &mut Cx<'_>) {
+    pub(super) fn worker_joined(&mut self, worker: WorkerId, mut spec: WorkerSpec, cx: &mut Cx<'_>) {
+        spec.resources = super::graph::merge_resources(std::mem::take(&mut spec.resources));
         let taken = if self.by_name.contains_key(&spec.name) {
             Some("name")
         } else if self.by_address.contains_key(&spec.address) {

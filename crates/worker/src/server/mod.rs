@@ -257,7 +257,7 @@ pub async fn start(
         let executor = Executor::new(config.nthreads, store.clone(), address.to_string());
         let results = executor.results();
         let mut lp = Loop {
-            state: WorkerState::new(config.nthreads),
+            state: WorkerState::new(config.nthreads).with_resources(&config.resources),
             store: store.clone(),
             policy,
             sampler: ProcessMemory::this_process(),
@@ -549,6 +549,7 @@ impl Loop {
                     priority: c.priority,
                     inline: c.inline_result,
                     announce: c.announce,
+                    resources: c.resources.into_iter().map(|r| (Arc::from(r.name), r.amount)).collect(),
                 };
                 self.state.handle(Event::Compute(req), &mut self.instructions);
             }

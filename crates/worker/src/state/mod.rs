@@ -37,6 +37,8 @@ pub struct ComputeRequest {
     pub inline: bool,
     /// Report the start before running it (a worker died while it was assigned there).
     pub announce: bool,
+    /// Resources it holds while it runs: it starts only when they are free here.
+    pub resources: Vec<(Key, f64)>,
 }
 
 /// Largest value sent back with its completion (through the scheduler) rather than fetched.
@@ -146,6 +148,8 @@ struct ComputeTask {
     order: u64,
     inline: bool,
     announce: bool,
+    /// Held from dispatch until the executor gives it back (its run ended or was skipped).
+    resources: Vec<(Key, f64)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -191,6 +195,12 @@ pub struct WorkerState {
     paused: bool,
     /// Dependencies left in `Fetch` while paused, to fetch on resuming.
     deferred: Vec<Key>,
+    /// This worker's resources not held by a dispatched task (dask's `available_resources`):
+    /// the scheduler assigns by what it counts free, but a task it freed while it ran holds
+    /// them here until it really ends.
+    available: Vec<(Key, f64)>,
+    /// All of them (for `validate`).
+    total: Vec<(Key, f64)>,
 }
 
 impl WorkerState {
@@ -204,6 +214,28 @@ impl WorkerState {
             next_order: 0,
             paused: false,
             deferred: Vec::new(),
+            available: Vec::new(),
+            total: Vec::new(),
+        }
+    }
+
+    /// The worker's resources (`--resources`).
+    pub fn with_resources(mut self, resources: &[(String, f64)]) -> Self {
+        self.available = resources.iter().map(|(n, a)| (Arc::from(n.as_str()), *a)).collect();
+        self.total = self.available.clone();
+        self
+    }
+
+    fn fits(&self, needs: &[(Key, f64)]) -> bool {
+        needs.iter().all(|(n, a)| self.available.iter().any(|(m, free)| m == n && *free >= *a - 1e-9))
+    }
+
+    /// Takes (`sign` -1) or gives back (1) what a dispatched task holds.
+    fn hold(&mut self, needs: &[(Key, f64)], sign: f64) {
+        for (n, a) in needs {
+            if let Some((_, free)) = self.available.iter_mut().find(|(m, _)| m == n) {
+                *free += sign * a;
+            }
         }
     }
 
@@ -270,6 +302,7 @@ impl WorkerState {
                 if removed && let Some(task) = self.compute.remove(&key) {
                     // Off the queue: no ExecDone will come for it.
                     self.dispatched -= 1;
+                    self.hold(&task.resources, 1.0);
                     self.release_deps(&key, &task.deps, out);
                 }
                 answer_steal(key, id, stolen, out);
@@ -356,6 +389,7 @@ impl WorkerState {
                 order,
                 inline: req.inline,
                 announce: req.announce,
+                resources: req.resources,
             },
         );
         // A dependency nobody can give us.
@@ -455,6 +489,10 @@ impl WorkerState {
 
     fn on_exec_done(&mut self, key: Key, outcome: ExecOutcome, duration: Duration, out: &mut Vec<Instruction>) {
         self.dispatched = self.dispatched.saturating_sub(1);
+        // Its run is over (or skipped): what it held is free again.
+        if let Some(needs) = self.compute.get(&key).map(|t| t.resources.clone()) {
+            self.hold(&needs, 1.0);
+        }
         if let (ExecOutcome::Skipped, Some(task)) = (&outcome, self.compute.get_mut(&key))
             && task.state == ComputeState::Dispatched
         {
@@ -616,16 +654,27 @@ impl WorkerState {
     }
 
     fn start_ready(&mut self, out: &mut Vec<Instruction>) {
+        // Ready tasks whose resources are held by others wait here (without blocking the rest).
+        let mut waiting = Vec::new();
         while self.dispatched < self.max_dispatched {
-            let Some((_, _, key)) = self.ready.pop() else {
+            let Some((priority, order, key)) = self.ready.pop() else {
                 break;
             };
-            let Some(task) = self.compute.get_mut(&key) else {
+            let Some(task) = self.compute.get(&key) else {
                 continue;
             };
             if task.state != ComputeState::Ready {
                 continue;
             }
+            if !task.resources.is_empty() {
+                if !self.fits(&task.resources) {
+                    waiting.push((priority, order, key));
+                    continue;
+                }
+                let needs = task.resources.clone();
+                self.hold(&needs, -1.0);
+            }
+            let task = self.compute.get_mut(&key).expect("present");
             task.state = ComputeState::Dispatched;
             self.dispatched += 1;
             out.push(Instruction::Execute {
@@ -636,10 +685,23 @@ impl WorkerState {
                 announce: task.announce,
             });
         }
+        self.ready.extend(waiting);
     }
 
     /// Checks the invariants; panics on the first one broken.
     pub fn validate(&self) {
+        // What dispatched tasks hold is what is missing from the free amounts, never more than
+        // there is.
+        for ((n, free), (_, total)) in self.available.iter().zip(&self.total) {
+            let held: f64 = self
+                .compute
+                .values()
+                .filter(|t| matches!(t.state, ComputeState::Dispatched | ComputeState::Cancelled))
+                .flat_map(|t| t.resources.iter().filter(|(m, _)| m == n).map(|(_, a)| *a))
+                .sum();
+            assert!(*free >= -1e-9, "{n} oversubscribed: {free} free");
+            assert!((free + held - total).abs() < 1e-6, "{n}: {free} free + {held} held != {total}");
+        }
         let executing = self
             .compute
             .values()

@@ -12,6 +12,7 @@ fn compute(k: &str, deps: &[(&str, &[&str])]) -> Event {
         priority: 0,
         inline: false,
         announce: false,
+        resources: Vec::new(),
     })
 }
 
@@ -317,4 +318,32 @@ fn a_steal_answered_before_a_free_and_compute_of_the_same_key_leaves_the_new_run
     let out = step(&mut s, compute("k", &[]));
     assert!(matches!(&out[..], [Instruction::Execute { key, .. }] if &**key == "k"), "{out:?}");
     assert!(s.is_running("k"));
+}
+
+#[test]
+fn a_task_freed_while_it_runs_holds_its_resources_until_it_ends() {
+    let gpu = |k: &str| {
+        Event::Compute(ComputeRequest {
+            key: key(k),
+            spec: Bytes::from_static(b"spec"),
+            deps: Vec::new(),
+            priority: 0,
+            inline: false,
+            announce: false,
+            resources: vec![(Arc::from("GPU"), 1.0)],
+        })
+    };
+    let mut s = WorkerState::new(4).with_resources(&[("GPU".to_string(), 1.0)]);
+    let out = step(&mut s, gpu("g1"));
+    assert!(matches!(&out[..], [Instruction::Execute { .. }]));
+    // The scheduler cancels g1 (its run goes on) and sends g2: g2 waits for the GPU.
+    step(&mut s, Event::Free(key("g1")));
+    let out = step(&mut s, gpu("g2"));
+    assert!(out.is_empty(), "{out:?}");
+    // A task that needs nothing runs meanwhile.
+    let out = step(&mut s, compute("plain", &[]));
+    assert!(matches!(&out[..], [Instruction::Execute { key, .. }] if &**key == "plain"), "{out:?}");
+    // g1's run ends: g2 starts.
+    let out = step(&mut s, ok("g1"));
+    assert!(out.iter().any(|i| matches!(i, Instruction::Execute { key, .. } if &**key == "g2")), "{out:?}");
 }

@@ -101,3 +101,18 @@ fn rebalance_moves_values_from_the_loaded_worker_to_the_idle_ones() {
     let per_worker: Vec<usize> = h.core.workers().map(|(_, _, keys, _, _)| keys.len()).collect();
     assert_eq!(per_worker, vec![2, 2, 2]);
 }
+
+#[test]
+fn a_value_moved_to_a_worker_that_is_leaving_stays_where_it_was() {
+    let mut h = three(&["a", "b", "c", "d", "e", "f"]);
+    let out = h.handle(Event::Rebalance { op: 5, keys: vec![], workers: vec![] });
+    let (w, keys) = acquired(&out)[0].clone();
+    h.handle(Event::WorkerClosing { worker: WorkerId(w) });
+    let refs: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();
+    let out = added(&mut h, w, &refs, 100);
+    assert!(frees(&out).iter().all(|(x, _)| *x != 0), "dropped at the source: {:?}", frees(&out));
+    h.lose(w);
+    for key in &refs {
+        assert!(matches!(h.state(key), TaskState::Memory { .. }), "{key} lost");
+    }
+}

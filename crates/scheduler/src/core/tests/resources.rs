@@ -24,7 +24,8 @@ fn a_task_runs_only_where_its_resources_are_free_and_waits_otherwise() {
     assert!(placed.contains(&(1, "a".into())));
     assert!(!placed.iter().any(|(_, k)| k == "b"));
     assert_eq!(h.state("b"), TaskState::NoWorker);
-    assert_eq!(h.core.unrunnable(10), vec!["b: needs GPU=1".to_string()]);
+    // It waits for a busy GPU, not for one nobody has: not listed as unrunnable.
+    assert_eq!(h.core.unrunnable(10), (vec![], 0));
     assert_eq!(h.core.worker_resources_used(WorkerId(1)), vec![(Arc::from("GPU"), 1.0)]);
     // The GPU frees up: the waiting task takes it.
     let out = h.finish(1, "a", 8);
@@ -48,6 +49,7 @@ fn a_task_needing_more_than_any_worker_has_waits_and_is_logged_once() {
     assert_eq!(notices.len(), 1, "{notices:?}");
     assert!(notices[0].contains("needs GPU=2") && notices[0].contains("--resources"), "{}", notices[0]);
     assert_eq!(h.core.n_no_worker(), 2);
+    assert_eq!(h.core.unrunnable(1), (vec!["x: needs GPU=2".to_string()], 2));
     // A worker with two GPUs joins: both run there, one after the other.
     let out = gpu_worker(&mut h, 1, 2, 2.0);
     assert_eq!(computes(&out).len(), 1);
@@ -100,4 +102,40 @@ fn bad_amounts_err_the_task_with_the_reason() {
         let err = erred_with(&h.state(k));
         assert!(err.message.contains("zero or more"), "{}", err.message);
     }
+}
+
+#[test]
+fn a_waiting_gpu_task_starts_when_the_gpu_frees_even_with_plain_tasks_queued() {
+    let mut h = Harness::new();
+    gpu_worker(&mut h, 0, 1, 1.0);
+    h.submit(C1, vec![needs("g1", 1.0), needs("g2", 1.0)], &["g1", "g2"]);
+    let plain: Vec<String> = (0..50).map(|i| format!("p-{i}")).collect();
+    let refs: Vec<&str> = plain.iter().map(|s| s.as_str()).collect();
+    h.submit(C1, refs.iter().map(|k| task(k, &[])).collect(), &refs);
+    assert_eq!(h.state("g2"), TaskState::NoWorker);
+    let out = h.finish(0, "g1", 8);
+    assert!(computes(&out).contains(&(0, "g2".to_string())), "{:?}", computes(&out));
+}
+
+#[test]
+fn tasks_no_worker_can_run_do_not_hide_those_that_fit() {
+    let mut h = Harness::new();
+    gpu_worker(&mut h, 0, 1, 1.0);
+    let big: Vec<String> = (0..300).map(|i| format!("big-{i}")).collect();
+    let refs: Vec<&str> = big.iter().map(|s| s.as_str()).collect();
+    h.submit(C1, refs.iter().map(|k| needs(k, 2.0)).collect(), &refs);
+    h.submit(C1, vec![needs("g1", 1.0), needs("g2", 1.0)], &["g1", "g2"]);
+    let out = h.finish(0, "g1", 8);
+    assert!(computes(&out).contains(&(0, "g2".to_string())), "{:?}", computes(&out));
+}
+
+#[test]
+fn a_resource_named_twice_counts_twice() {
+    let mut h = Harness::new();
+    gpu_worker(&mut h, 0, 2, 1.0);
+    let twice = NewTask { resources: vec![(Arc::from("GPU"), 1.0), (Arc::from("GPU"), 1.0)], ..task("t", &[]) };
+    h.submit(C1, vec![twice], &["t"]);
+    // It needs two GPUs; the worker has one: it waits rather than oversubscribe.
+    assert_eq!(h.state("t"), TaskState::NoWorker);
+    assert_eq!(h.core.unrunnable(5).0, vec!["t: needs GPU=2".to_string()]);
 }
