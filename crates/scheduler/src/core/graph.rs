@@ -13,6 +13,42 @@ use super::{
     TaskState, WorkerId,
 };
 
+/// Where each task of a batch sits in it.
+enum BatchIndex {
+    Dense { first: u32, pos: Vec<u32> },
+    Sparse(FxHashMap<TaskId, usize>),
+}
+
+impl BatchIndex {
+    fn new(ids: impl Iterator<Item = TaskId> + Clone) -> Self {
+        let (mut lo, mut hi, mut n) = (u32::MAX, 0u32, 0usize);
+        for t in ids.clone() {
+            lo = lo.min(t.0);
+            hi = hi.max(t.0);
+            n += 1;
+        }
+        if n > 0 && ((hi - lo) as usize) < 4 * n {
+            let mut pos = vec![u32::MAX; (hi - lo) as usize + 1];
+            for (i, t) in ids.enumerate() {
+                pos[(t.0 - lo) as usize] = i as u32;
+            }
+            BatchIndex::Dense { first: lo, pos }
+        } else {
+            BatchIndex::Sparse(ids.enumerate().map(|(i, t)| (t, i)).collect())
+        }
+    }
+
+    fn get(&self, t: TaskId) -> Option<usize> {
+        match self {
+            BatchIndex::Dense { first, pos } => {
+                let p = *pos.get(t.0.checked_sub(*first)? as usize)?;
+                (p != u32::MAX).then_some(p as usize)
+            }
+            BatchIndex::Sparse(m) => m.get(&t).copied(),
+        }
+    }
+}
+
 /// Amounts of a resource named twice are added up (`GPU=1 GPU=1` is `GPU=2`).
 pub(super) fn merge_resources(mut r: Vec<(Arc<str>, f64)>) -> Vec<(Arc<str>, f64)> {
     let mut merged: Vec<(Arc<str>, f64)> = Vec::with_capacity(r.len());
@@ -185,12 +221,14 @@ impl SchedulerCore {
             }
             return;
         }
-        let index: FxHashMap<TaskId, usize> = created.iter().enumerate().map(|(i, (t, _))| (*t, i)).collect();
+        // Position in the batch by task id: a dense table over the ids' range (a fresh batch's
+        // ids are mostly consecutive slots), else a map.
+        let index = BatchIndex::new(created.iter().map(|(t, _)| *t));
         // Outputs: new tasks no new task depends on.
         let mut used = vec![false; created.len()];
         for (t, _) in created {
             for d in self.task(*t).dependencies.iter() {
-                if let Some(&i) = index.get(d) {
+                if let Some(i) = index.get(*d) {
                     used[i] = true;
                 }
             }
@@ -212,7 +250,7 @@ impl SchedulerCore {
                 while *next < deps.len() {
                     let d = deps[*next];
                     *next += 1;
-                    if let Some(&j) = index.get(&d)
+                    if let Some(j) = index.get(d)
                         && !visited[j]
                     {
                         found = Some((d, j));
@@ -406,7 +444,7 @@ impl SchedulerCore {
             }
         }
         // (A task the walk reached twice, through two dependents, is listed twice.)
-        ready.sort_by_key(|t| self.queue_key(*t));
+        ready.sort_by_cached_key(|t| self.queue_key(*t));
         ready.dedup();
         for t in ready {
             if matches!(self.task(t).state, TaskState::Released) {
