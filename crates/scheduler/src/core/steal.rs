@@ -140,6 +140,17 @@ impl SchedulerCore {
         // as the thief is idle).
         let share = (excess * tthreads / (tthreads + v.spec.nthreads.max(1) as usize)).max(1);
         let mut chosen: Vec<TaskId> = Vec::with_capacity(share.min(idle * 8));
+        // Resources of tasks on their way to the thief (asked now or earlier) count as held.
+        let mut reserved: Vec<(Key, f64)> = Vec::new();
+        if th.steals_in > 0 {
+            for (s, st) in &self.steals {
+                if st.thief == thief
+                    && let Some(r) = &self.task(*s).restrictions
+                {
+                    reserved.extend(r.resources.iter().cloned());
+                }
+            }
+        }
         for (i, (_, t)) in candidates.into_iter().enumerate() {
             // No more than the thief's own slot limit for tasks of this kind.
             let room = tthreads * self.depth(self.task(t).prefix) as usize;
@@ -154,9 +165,24 @@ impl SchedulerCore {
             let victim_done = (ahead * d / vthreads + d) / vspeed;
             let queued = (held + chosen.len()).saturating_sub(tthreads) as f64;
             let thief_done = self.transfer_ns(t, thief) + (queued * d / tthreads as f64 + d) / tspeed;
-            if thief_done < victim_done {
-                chosen.push(t);
+            if thief_done >= victim_done {
+                continue;
             }
+            // Resources: what the tasks chosen so far will hold there counts too (each was
+            // checked free on its own).
+            if let Some(r) = self.task(t).restrictions.as_ref().filter(|r| !r.resources.is_empty()) {
+                let th = &self.workers[&thief];
+                let fits = r.resources.iter().all(|(n, amount)| {
+                    let (total, used) = th.resource(n);
+                    let taken: f64 = reserved.iter().filter(|(m, _)| m == n).map(|(_, a)| a).sum();
+                    total - used - taken >= amount - super::RESOURCE_EPSILON
+                });
+                if !fits {
+                    continue;
+                }
+                reserved.extend(r.resources.iter().cloned());
+            }
+            chosen.push(t);
         }
         for &t in &chosen {
             self.next_steal += 1;

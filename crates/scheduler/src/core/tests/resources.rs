@@ -139,3 +139,18 @@ fn a_resource_named_twice_counts_twice() {
     assert_eq!(h.state("t"), TaskState::NoWorker);
     assert_eq!(h.core.unrunnable(5).0, vec!["t: needs GPU=2".to_string()]);
 }
+
+#[test]
+fn a_thief_is_asked_for_no_more_resource_tasks_than_it_has_room_for() {
+    let mut h = Harness::with_config(Config { soon: Duration::from_millis(50), ..Config::default() });
+    gpu_worker(&mut h, 0, 1, 10.0);
+    h.submit(C1, vec![task("inc-warm", &[])], &["inc-warm"]);
+    h.finish_in(0, "inc-warm", 8, Duration::from_millis(5));
+    let keys: Vec<String> = (0..8).map(|i| format!("inc-{i}")).collect();
+    let wants: Vec<&str> = keys.iter().map(|s| s.as_str()).collect();
+    h.submit(C1, keys.iter().map(|k| needs(k, 1.0)).collect(), &wants);
+    // One GPU on a worker of four threads: one steal, not its share of four.
+    let out = gpu_worker(&mut h, 1, 4, 1.0);
+    let asked = out.iter().filter(|c| matches!(c, Command::Steal { .. })).count();
+    assert_eq!(asked, 1, "{out:?}");
+}
