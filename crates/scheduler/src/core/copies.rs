@@ -54,9 +54,15 @@ impl SchedulerCore {
                 }
                 continue;
             }
-            let mut targets: Vec<WorkerId> = pool.iter().copied().filter(|w| !who_has.contains(w)).collect();
+            // Copies already on their way (for another request) count as made.
+            let coming: SmallVec<[WorkerId; 4]> = self.copy_waiters.get(&t).map_or_else(SmallVec::new, |v| {
+                v.iter().map(|(w, _)| *w).filter(|w| pool.contains(w) && !who_has.contains(w)).collect()
+            });
+            let have = holders.len() + coming.iter().collect::<FxHashSet<_>>().len();
+            let mut targets: Vec<WorkerId> =
+                pool.iter().copied().filter(|w| !who_has.contains(w) && !coming.contains(w)).collect();
             targets.sort_by_key(|w| (self.workers[w].nbytes, *w));
-            for target in targets.into_iter().take(want - holders.len()) {
+            for target in targets.into_iter().take(want.saturating_sub(have)) {
                 self.plan_copy(t, target, nbytes, &mut plan);
                 o.pending.insert((t, target));
             }

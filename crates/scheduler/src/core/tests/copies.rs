@@ -116,3 +116,14 @@ fn a_value_moved_to_a_worker_that_is_leaving_stays_where_it_was() {
         assert!(matches!(h.state(key), TaskState::Memory { .. }), "{key} lost");
     }
 }
+
+#[test]
+fn a_second_replicate_counts_the_copies_the_first_has_on_their_way() {
+    let mut h = three(&["x"]);
+    let first = h.handle(Event::Replicate { op: 1, keys: vec![k("x")], n: Some(2), workers: vec![] });
+    assert_eq!(acquired(&first).len(), 1);
+    // Asked again before the copy arrived: two copies are made or coming, nothing more to do.
+    let second = h.handle(Event::Replicate { op: 2, keys: vec![k("x")], n: Some(2), workers: vec![] });
+    assert!(acquired(&second).is_empty(), "{second:?}");
+    assert_eq!(done(&second), Some((2, 0)));
+}
