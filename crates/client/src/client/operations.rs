@@ -1,0 +1,234 @@
+//! Queries and cluster operations: scheduler info, who has what, waiting for workers, restart,
+//! retirement, replicate and rebalance.
+
+use super::*;
+
+impl Client {
+    pub fn scheduler_info(&self) -> Result<pb::SchedulerInfo> {
+        self.inner.block_on(self.scheduler_info_async())
+    }
+
+    pub async fn scheduler_info_async(&self) -> Result<pb::SchedulerInfo> {
+        Ok(self.inner.link.rpc().info(pb::Empty {}).await?.into_inner())
+    }
+
+    /// [`who_has`](Self::who_has) for async code.
+    pub async fn who_has_async<G: Gatherable + ?Sized>(&self, futures: &G) -> Result<HashMap<String, Vec<String>>> {
+        let mut refs = Vec::new();
+        futures.collect(&mut refs);
+        let keys = refs.iter().map(|r| r.key.to_string()).collect();
+        let reply = self.inner.link.rpc().who_has(pb::KeysRequest { keys }).await?.into_inner();
+        Ok(reply.entries.into_iter().map(|e| (e.key, e.workers)).collect())
+    }
+
+    /// [`has_what`](Self::has_what) for async code.
+    pub async fn has_what_async(&self) -> Result<HashMap<String, Vec<String>>> {
+        let reply = self.inner.link.rpc().has_what(pb::Empty {}).await?.into_inner();
+        Ok(reply.entries.into_iter().map(|e| (e.worker, e.keys)).collect())
+    }
+
+    /// Worker addresses holding each future's key.
+    pub fn who_has<G: Gatherable + ?Sized>(&self, futures: &G) -> Result<HashMap<String, Vec<String>>> {
+        self.inner.block_on(self.who_has_async(futures))
+    }
+
+    /// Keys held by each worker.
+    pub fn has_what(&self) -> Result<HashMap<String, Vec<String>>> {
+        self.inner.block_on(self.has_what_async())
+    }
+
+    /// Threads of each worker.
+    pub fn nthreads(&self) -> Result<HashMap<String, u32>> {
+        Ok(self.scheduler_info()?.workers.into_iter().map(|w| (w.address, w.nthreads)).collect())
+    }
+
+    /// Blocks until at least `n` workers are connected, or `timeout` passes.
+    pub fn wait_for_workers(&self, n: usize, timeout: Option<Duration>) -> Result<()> {
+        self.inner.block_on(self.wait_for_workers_async(n, timeout))
+    }
+
+    pub async fn wait_for_workers_async(&self, n: usize, timeout: Option<Duration>) -> Result<()> {
+        let req = pb::WaitForWorkersRequest { n: n as u32, timeout_s: timeout.map_or(0.0, |t| t.as_secs_f64()) };
+        match self.inner.link.rpc().wait_for_workers(req).await {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::DeadlineExceeded => {
+                Err(Error::Timeout { what: format!("{n} workers"), after: timeout.unwrap_or_default() })
+            }
+            Err(s) => Err(s.into()),
+        }
+    }
+
+    /// Restarts every worker through its nanny and forgets every task: every future of every
+    /// client ends as cancelled, saying why (dask's `Client.restart`). Returns once as many
+    /// workers as before are back, all of them new; fails at once if a worker has no nanny
+    /// (started with `--no-nanny`), and after [`RESTART_TIMEOUT`] if they do not come back.
+    pub fn restart(&self) -> Result<()> {
+        self.restart_with_timeout(RESTART_TIMEOUT)
+    }
+
+    /// [`restart`](Self::restart) with a timeout of your own.
+    pub fn restart_with_timeout(&self, timeout: Duration) -> Result<()> {
+        self.inner.block_on(self.restart_async(timeout))
+    }
+
+    /// [`restart`](Self::restart) for async code.
+    pub async fn restart_async(&self, timeout: Duration) -> Result<()> {
+        self.check_open()?;
+        let req = pb::RestartRequest { timeout_s: timeout.as_secs_f64(), reason: String::new() };
+        // Futures made before this point end with the restart (the scheduler's reports say so
+        // in stream order; the guard makes sure of it even if this call is dropped half-way).
+        // Those made from here on belong to the restarted cluster.
+        let table = &self.inner.table;
+        let floor = table.next_gen.load(Ordering::Relaxed);
+        table.restart_floor.store(floor.max(1), Ordering::Relaxed);
+        struct CancelOnDrop<'a>(Option<(&'a KeyTable, u64)>);
+        impl Drop for CancelOnDrop<'_> {
+            fn drop(&mut self) {
+                if let Some((table, floor)) = self.0.take() {
+                    table.cancel_below(floor, RESTARTED);
+                }
+            }
+        }
+        let mut guard = CancelOnDrop(Some((table, floor)));
+        match self.inner.link.rpc().restart(req).await {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::DeadlineExceeded => Err(Error::Timeout {
+                what: format!("the workers to come back after a restart ({})", s.message()),
+                after: timeout,
+            }),
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                // Refused before anything was released.
+                guard.0 = None;
+                Err(Error::InvalidArgument(format!("cannot restart: {}", s.message())))
+            }
+            Err(s) => Err(s.into()),
+        }
+    }
+
+    /// Retires these workers (addresses or names) gracefully (dask's `retire_workers`): they get
+    /// no new tasks and finish those they have, every value only they hold is copied to
+    /// another worker first (nothing is recomputed), then they close (`close`; their nannies
+    /// too) or stay idle. Returns the addresses of the workers retired. Refused when no other
+    /// worker could take their values.
+    pub fn retire_workers<S: AsRef<str>>(&self, workers: &[S], close: bool) -> Result<Vec<String>> {
+        self.inner.block_on(self.retire_workers_async(workers, close))
+    }
+
+    /// [`retire_workers`](Self::retire_workers) for async code.
+    pub async fn retire_workers_async<S: AsRef<str>>(&self, workers: &[S], close: bool) -> Result<Vec<String>> {
+        self.check_open()?;
+        if workers.is_empty() {
+            return Ok(Vec::new());
+        }
+        let req = pb::RetireRequest {
+            workers: workers.iter().map(|w| w.as_ref().to_string()).collect(),
+            n: 0,
+            close,
+            timeout_s: RESTART_TIMEOUT.as_secs_f64(),
+        };
+        match self.inner.link.rpc().retire_workers(req).await {
+            Ok(r) => Ok(r.into_inner().workers),
+            Err(s) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::NotFound) => {
+                Err(Error::InvalidArgument(format!("cannot retire {:?}: {}", req_names(workers), s.message())))
+            }
+            Err(s) => Err(s.into()),
+        }
+    }
+
+    /// Copies each future's value onto `n` workers (`None`: every worker), among `workers` if
+    /// any are named (addresses or names), as dask's `Client.replicate`: once the futures are
+    /// done, the least loaded workers fetch a copy each; copies beyond `n` are dropped. A
+    /// one-shot copy: nothing re-replicates after a loss (the scheduler's records stay right).
+    /// Returns once every copy arrived or failed (a copy fails if its value is released or its
+    /// holders leave meanwhile); the number that failed is logged.
+    pub fn replicate<G: Gatherable + ?Sized, S: AsRef<str>>(
+        &self,
+        futures: &G,
+        n: Option<usize>,
+        workers: &[S],
+    ) -> Result<()> {
+        self.inner.block_on(self.replicate_async(futures, n, workers))
+    }
+
+    /// [`replicate`](Self::replicate) for async code.
+    pub async fn replicate_async<G: Gatherable + ?Sized, S: AsRef<str>>(
+        &self,
+        futures: &G,
+        n: Option<usize>,
+        workers: &[S],
+    ) -> Result<()> {
+        if n == Some(0) {
+            return Err(Error::InvalidArgument("replicate needs n of at least 1 (or None: every worker)".into()));
+        }
+        let keys = self.done_keys(futures).await?;
+        let req = pb::ReplicateRequest {
+            keys,
+            n: n.map_or(0, |n| n.min(u32::MAX as usize) as u32),
+            workers: workers.iter().map(|w| w.as_ref().to_string()).collect(),
+        };
+        let failed = self.copies_reply(self.inner.link.rpc().replicate(req).await, workers)?;
+        if failed > 0 {
+            tracing::warn!(failed, "replicate: some copies could not be made (values or their holders went meanwhile)");
+        }
+        Ok(())
+    }
+
+    /// Moves the futures' values among `workers` (every worker if none are named) so that each
+    /// holds about the same bytes of them, as dask's `Client.rebalance`: from the most loaded
+    /// worker, largest values first, to the least loaded; each value is copied first, then
+    /// dropped where it was. [`rebalance_all`](Self::rebalance_all) moves every value.
+    pub fn rebalance<G: Gatherable + ?Sized, S: AsRef<str>>(&self, futures: &G, workers: &[S]) -> Result<()> {
+        self.inner.block_on(self.rebalance_async(futures, workers))
+    }
+
+    /// [`rebalance`](Self::rebalance) for async code.
+    pub async fn rebalance_async<G: Gatherable + ?Sized, S: AsRef<str>>(
+        &self,
+        futures: &G,
+        workers: &[S],
+    ) -> Result<()> {
+        let keys = self.done_keys(futures).await?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.rebalance_keys(keys, workers).await
+    }
+
+    /// Rebalances every value the scheduler holds (dask's `rebalance()` without futures).
+    pub fn rebalance_all<S: AsRef<str>>(&self, workers: &[S]) -> Result<()> {
+        self.inner.block_on(self.rebalance_keys(Vec::new(), workers))
+    }
+
+    async fn rebalance_keys<S: AsRef<str>>(&self, keys: Vec<String>, workers: &[S]) -> Result<()> {
+        self.check_open()?;
+        let req = pb::RebalanceRequest { keys, workers: workers.iter().map(|w| w.as_ref().to_string()).collect() };
+        let failed = self.copies_reply(self.inner.link.rpc().rebalance(req).await, workers)?;
+        if failed > 0 {
+            tracing::warn!(failed, "rebalance: some values could not be moved (they or their holders went meanwhile)");
+        }
+        Ok(())
+    }
+
+    /// The keys of `futures`, once every one is done.
+    async fn done_keys<G: Gatherable + ?Sized>(&self, futures: &G) -> Result<Vec<String>> {
+        self.check_open()?;
+        let mut refs = Vec::new();
+        futures.collect(&mut refs);
+        join_all(refs.iter().map(|r| crate::future::Done(&r.state))).await;
+        Ok(refs.iter().map(|r| r.key.to_string()).collect())
+    }
+
+    fn copies_reply<S: AsRef<str>>(
+        &self,
+        reply: std::result::Result<tonic::Response<pb::CopiesReply>, tonic::Status>,
+        workers: &[S],
+    ) -> Result<u32> {
+        match reply {
+            Ok(r) => Ok(r.into_inner().failed),
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                Err(Error::InvalidArgument(format!("cannot copy to {:?}: {}", req_names(workers), s.message())))
+            }
+            Err(s) => Err(s.into()),
+        }
+    }
+}
