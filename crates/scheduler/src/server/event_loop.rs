@@ -328,6 +328,24 @@ impl EventLoop {
         self.check_restarts();
     }
 
+    /// The connected workers with these addresses or names, or which one is not connected.
+    fn workers_named(&self, names: &[String]) -> Result<Vec<WorkerId>, Status> {
+        names
+            .iter()
+            .map(|name| {
+                self.worker_meta
+                    .iter()
+                    .find(|(_, m)| *m.address == **name || *m.name == **name)
+                    .map(|(id, _)| *id)
+                    .ok_or_else(|| {
+                        Status::not_found(format!(
+                            "no worker {name:?} is connected (give addresses or names from scheduler_info)"
+                        ))
+                    })
+            })
+            .collect()
+    }
+
     /// `Client::replicate` / `Client::rebalance`.
     fn copies(
         &mut self,
@@ -336,18 +354,13 @@ impl EventLoop {
         names: Vec<String>,
         reply: oneshot::Sender<Result<u32, Status>>,
     ) {
-        let mut workers = Vec::new();
-        for name in &names {
-            match self.worker_meta.iter().find(|(_, m)| *m.address == **name || *m.name == **name) {
-                Some((id, _)) => workers.push(*id),
-                None => {
-                    let _ = reply.send(Err(Status::not_found(format!(
-                        "no worker {name:?} is connected (give addresses or names from scheduler_info)"
-                    ))));
-                    return;
-                }
+        let workers = match self.workers_named(&names) {
+            Ok(ids) => ids,
+            Err(status) => {
+                let _ = reply.send(Err(status));
+                return;
             }
-        }
+        };
         let op = self.next_op;
         self.next_op += 1;
         self.copies.insert(op, reply);
@@ -373,16 +386,11 @@ impl EventLoop {
             by_bytes.sort();
             chosen.extend(by_bytes.into_iter().take(n).map(|(_, id)| id));
         } else {
-            for name in &names {
-                let found = self.worker_meta.iter().find(|(_, m)| *m.address == **name || *m.name == **name);
-                match found {
-                    Some((id, _)) => chosen.push(*id),
-                    None => {
-                        let _ = reply.send(Err(Status::not_found(format!(
-                            "no worker {name:?} is connected (give addresses or names from scheduler_info)"
-                        ))));
-                        return;
-                    }
+            match self.workers_named(&names) {
+                Ok(ids) => chosen = ids,
+                Err(status) => {
+                    let _ = reply.send(Err(status));
+                    return;
                 }
             }
         }
