@@ -1,6 +1,6 @@
 //! The dask-rs client: the dask.distributed API in Rust.
 //!
-//! * [`Client`]: connect (or start a [`LocalCluster`]), `submit`, `map`, `gather`, `scatter`,
+//! * [`Client`]: connect (or start a `LocalCluster`, from the `dask` crate), `submit`, `map`, `gather`, `scatter`,
 //!   `get` of a [`Graph`], queries.
 //! * [`Future`]: a remote result; `result()`, `.await`, `status()`, `cancel()`; dropping the
 //!   last handle releases the key on the cluster.
@@ -9,16 +9,17 @@
 //! See `docs/client.md`.
 mod args;
 mod client;
-mod cluster;
 mod error;
 mod future;
 mod gather;
 mod graph;
+mod keys;
 mod wait;
 
 pub use args::{IntoArg, IntoArgs, OneArg};
-pub use client::{CONNECT_TIMEOUT, Client, FIFO_TIMEOUT, RESTART_TIMEOUT, ScatterOptions, SubmitOptions};
-pub use cluster::{LocalCluster, LocalClusterBuilder, init};
+pub use client::{
+    CONNECT_TIMEOUT, Client, ClusterStarter, FIFO_TIMEOUT, RESTART_TIMEOUT, ScatterOptions, SubmitOptions,
+};
 pub use error::{Error, Result, TaskFailure};
 pub use future::{Future, FutureStatus};
 pub use gather::{Errors, Gatherable};

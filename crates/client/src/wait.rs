@@ -5,7 +5,8 @@ use futures_util::future::{join_all, select_all};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
-use crate::future::{Done, Future};
+use crate::future::Future;
+use crate::keys::{self, Done, KeyOwner};
 use crate::{Error, Result};
 
 /// dask's `return_when`.
@@ -29,8 +30,7 @@ pub fn wait<T>(futures: &[Future<T>], timeout: Option<Duration>, return_when: Re
     let Some(first) = futures.first() else {
         return Ok(WaitResult { done: Vec::new(), not_done: Vec::new() });
     };
-    let client = first.inner.client.clone();
-    client.block_on(wait_async(futures, timeout, return_when))
+    keys::block_on(first.inner.client.handle(), wait_async(futures, timeout, return_when))
 }
 
 /// [`wait`] for async code.
@@ -67,7 +67,7 @@ pub struct AsCompleted<T> {
     tx: mpsc::UnboundedSender<Future<T>>,
     rx: mpsc::UnboundedReceiver<Future<T>>,
     pending: usize,
-    client: Option<std::sync::Arc<crate::client::ClientInner>>,
+    client: Option<std::sync::Arc<dyn KeyOwner>>,
 }
 
 /// Starts an [`AsCompleted`] over `futures`.
@@ -146,7 +146,7 @@ impl<T: 'static> Iterator for AsCompleted<T> {
             return None;
         }
         let client = self.client.clone()?;
-        let f = client.block_on(async { Ok(self.rx.recv().await) }).ok().flatten()?;
+        let f = keys::block_on(client.handle(), async { Ok(self.rx.recv().await) }).ok().flatten()?;
         self.pending -= 1;
         Some(f)
     }

@@ -33,11 +33,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use crate::args::{IntoArg, IntoArgs, OneArg};
-use crate::error::TaskFailure;
-use crate::future::{Done, Future, FutureRef, KeyState, Status};
+use crate::future::{Future, FutureRef};
 use crate::gather::{Errors, Gatherable, ValueMap};
 use crate::graph::{Graph, KeyTree, Nested};
-use crate::{Error, LocalCluster, Result};
+use crate::keys::{self, Done, Held, KeyOwner, KeyState, KeyTable, Status};
+use crate::{Error, Result};
 
 /// Options of [`Client::submit_with`] (dask's keyword arguments).
 #[derive(Clone, Debug)]
@@ -100,112 +100,12 @@ impl Default for ScatterOptions {
     }
 }
 
-/// The keys this client holds futures for: a count of handles and the shared state.
-#[derive(Default)]
-pub(crate) struct KeyTable {
-    keys: Mutex<FxHashMap<Arc<str>, Held>>,
-    /// Numbers each entry, so a handle from before a cancel cannot release its successor.
-    next_gen: AtomicU64,
-    /// Entries numbered from here on were made after this client's last `restart` began: a
-    /// restart's late cancellation must not end them (the same key submitted again).
-    restart_floor: AtomicU64,
-}
-
-/// Handles this client holds for one key, the key's shared state, and the entry's number.
-struct Held {
-    count: u32,
-    state: Arc<KeyState>,
-    generation: u64,
-}
-
-impl KeyTable {
-    /// Makes room for `n` more keys.
-    fn reserve(&self, n: usize) {
-        self.keys.lock().reserve(n);
-    }
-
-    fn get(&self, key: &str) -> Option<Arc<KeyState>> {
-        self.keys.lock().get(key).map(|h| h.state.clone())
-    }
-
-    fn apply(&self, report: pb::KeyReport) {
-        use pb::key_report::Kind;
-        let Some(state) = self.get(&report.key) else {
-            return;
-        };
-        let status = match report.kind {
-            Some(Kind::Memory(m)) => {
-                let value = match (m.has_value, dask_protocol::codec::codec_name(&m.codec)) {
-                    (true, Ok(codec)) => Some(Value { codec, data: m.value }),
-                    _ => None,
-                };
-                Status::Finished { workers: m.workers, value }
-            }
-            Some(Kind::Erred(e)) => Status::Error(Arc::new(TaskFailure::from(e))),
-            // The scheduler cancelled it (a restart): the future is over, and a later submission
-            // of the key is a new computation. Not an entry made after this client's own
-            // restart began: that report is late, for the key's previous life.
-            Some(Kind::Cancelled(c)) if c.by_scheduler => {
-                let floor = self.restart_floor.load(Ordering::Relaxed);
-                let mut keys = self.keys.lock();
-                match keys.get(report.key.as_str()) {
-                    Some(h) if floor != 0 && h.generation >= floor => return,
-                    Some(_) => {
-                        keys.remove(report.key.as_str());
-                    }
-                    None => return,
-                }
-                drop(keys);
-                Status::Cancelled(Arc::from(c.reason))
-            }
-            // This client's own cancel, marked already; a late confirmation must not cancel a
-            // newer submission of the same key.
-            Some(Kind::Cancelled(_)) => return,
-            Some(Kind::Lost(l)) => {
-                // Gone for good: a later submission of the key starts afresh.
-                self.detach(&report.key);
-                Status::Lost(l.reason)
-            }
-            None => return,
-        };
-        state.set(status);
-    }
-
-    /// Forgets the entry of `key` (its handles keep their state and release nothing).
-    fn detach(&self, key: &str) {
-        self.keys.lock().remove(key);
-    }
-
-    /// Every future ends as lost, with `why`; later submissions of the same keys are new.
-    fn lose_all(&self, why: &str) {
-        let states: Vec<_> = self.keys.lock().drain().map(|(_, h)| h.state).collect();
-        for s in states {
-            s.set(Status::Lost(why.to_string()));
-        }
-    }
-
-    /// Every future made before entry number `floor` ends as cancelled, with `why`; later
-    /// submissions of the same keys are new.
-    fn cancel_below(&self, floor: u64, why: &str) {
-        let why: Arc<str> = Arc::from(why);
-        let states: Vec<_> = {
-            let mut keys = self.keys.lock();
-            let gone: Vec<Arc<str>> =
-                keys.iter().filter(|(_, h)| h.generation < floor).map(|(k, _)| k.clone()).collect();
-            gone.into_iter().filter_map(|k| keys.remove(&k)).map(|h| h.state).collect()
-        };
-        for s in states {
-            s.set(Status::Cancelled(why.clone()));
-        }
-    }
-
-    fn disconnect_all(&self, why: &str) {
-        let states: Vec<_> = self.keys.lock().values().map(|h| h.state.clone()).collect();
-        for s in states {
-            s.set(Status::Disconnected(why.to_string()));
-        }
-    }
-}
+/// How `Client::new` starts a local cluster: registered (with `inventory`) by the crate that
+/// has `LocalCluster`, so the client depends on no server crate. Gives the scheduler's address
+/// and the cluster, which closes when dropped.
+#[doc(hidden)]
+pub struct ClusterStarter(pub fn() -> Result<(String, Box<dyn std::any::Any + Send>)>);
+inventory::collect!(ClusterStarter);
 
 /// How many times a value whose holders failed to give it is asked for again.
 const FETCH_ROUNDS: usize = 4;
@@ -225,8 +125,8 @@ pub(crate) struct ClientInner {
     shutdown: CancellationToken,
     /// Cancelled when the scheduler has seen the end of our stream (or the connection is gone).
     finished: CancellationToken,
-    /// A cluster started for this client by `Client::new`, closed with it.
-    cluster: Mutex<Option<LocalCluster>>,
+    /// A cluster started for this client by `Client::new`, closed (dropped) with it.
+    cluster: Mutex<Option<Box<dyn std::any::Any + Send>>>,
     counter: AtomicU64,
     random: std::collections::hash_map::RandomState,
 }
@@ -257,29 +157,8 @@ impl Link {
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl ClientInner {
-    /// Runs `f` to completion from blocking code, also when called from async code on a
-    /// multi-thread runtime. On a current-thread runtime blocking would stop the very task
-    /// that has to answer, so it is refused.
     pub(crate) fn block_on<F: std::future::Future<Output = Result<R>>, R>(&self, f: F) -> Result<R> {
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread => Err(Error::InvalidArgument(
-                "a blocking call on a current-thread tokio runtime would deadlock: use the .await / _async form".into(),
-            )),
-            Ok(_) => tokio::task::block_in_place(|| self.handle.block_on(f)),
-            Err(_) => self.handle.block_on(f),
-        }
-    }
-
-    /// Runs a blocking wait (a condition variable), telling tokio first when called from
-    /// async code so the runtime's other work goes on.
-    pub(crate) fn blocking<R>(&self, f: impl FnOnce() -> R) -> Result<R> {
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread => Err(Error::InvalidArgument(
-                "a blocking call on a current-thread tokio runtime would deadlock: use the .await / _async form".into(),
-            )),
-            Ok(_) => Ok(tokio::task::block_in_place(f)),
-            Err(_) => Ok(f()),
-        }
+        keys::block_on(&self.handle, f)
     }
 
     fn send(&self, kind: pb::client_op::Kind) {
@@ -308,31 +187,6 @@ impl ClientInner {
             }
         };
         (Arc::new(FutureRef { key, state, generation, client: self.clone() }), fresh)
-    }
-
-    pub(crate) fn release_ref(&self, key: &str, generation: u64) {
-        let mut keys = self.table.keys.lock();
-        if let Some(h) = keys.get_mut(key)
-            && h.generation == generation
-        {
-            h.count -= 1;
-            if h.count == 0 {
-                keys.remove(key);
-                drop(keys);
-                self.send(pb::client_op::Kind::Release(pb::KeyList { keys: vec![key.to_string()] }));
-            }
-        }
-    }
-
-    pub(crate) fn cancel(&self, keys: &[Arc<str>]) {
-        for k in keys {
-            if let Some(s) = self.table.get(k) {
-                s.set(Status::Cancelled(Arc::from("cancelled by this client")));
-            }
-            // A later submission of the key is a new computation, not this cancelled one.
-            self.table.detach(k);
-        }
-        self.send(pb::client_op::Kind::Cancel(pb::KeyList { keys: keys.iter().map(|k| k.to_string()).collect() }));
     }
 
     /// Fetches values from the workers that hold them: one request per worker, all at once,
@@ -436,18 +290,6 @@ impl ClientInner {
         Ok(values)
     }
 
-    /// The value of one key, once it is done.
-    pub(crate) async fn value_of<T: DeserializeOwned + 'static>(
-        &self,
-        key: &Arc<str>,
-        state: &Arc<KeyState>,
-    ) -> Result<T> {
-        let refs = [(key.clone(), state.clone())];
-        let mut values = self.resolve(&refs, false).await?;
-        let v = values.remove(key).expect("resolve returns every key or fails");
-        Ok(v.decode()?)
-    }
-
     fn unique_key(&self, prefix: &str) -> String {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let a = self.random.hash_one((n, std::process::id()));
@@ -460,6 +302,49 @@ impl ClientInner {
     async fn finish(&self) {
         self.shutdown.cancel();
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.finished.cancelled()).await;
+    }
+}
+
+impl KeyOwner for ClientInner {
+    fn release_ref(&self, key: &str, generation: u64) {
+        let mut keys = self.table.keys.lock();
+        if let Some(h) = keys.get_mut(key)
+            && h.generation == generation
+        {
+            h.count -= 1;
+            if h.count == 0 {
+                keys.remove(key);
+                drop(keys);
+                self.send(pb::client_op::Kind::Release(pb::KeyList { keys: vec![key.to_string()] }));
+            }
+        }
+    }
+
+    fn cancel(&self, keys: &[Arc<str>]) {
+        for k in keys {
+            if let Some(s) = self.table.get(k) {
+                s.set(Status::Cancelled(Arc::from("cancelled by this client")));
+            }
+            // A later submission of the key is a new computation, not this cancelled one.
+            self.table.detach(k);
+        }
+        self.send(pb::client_op::Kind::Cancel(pb::KeyList { keys: keys.iter().map(|k| k.to_string()).collect() }));
+    }
+
+    fn value<'a>(
+        &'a self,
+        key: &'a Arc<str>,
+        state: &'a Arc<KeyState>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Value>> + Send + 'a>> {
+        Box::pin(async move {
+            let refs = [(key.clone(), state.clone())];
+            let mut values = self.resolve(&refs, false).await?;
+            Ok(values.remove(key).expect("resolve returns every key or fails"))
+        })
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
     }
 }
 
@@ -527,10 +412,19 @@ pub const RESTART_TIMEOUT: Duration = Duration::from_secs(120);
 const RESTARTED: &str = "the cluster was restarted (Client.restart): every task and value was released; submit again";
 
 impl Client {
-    /// Starts a [`LocalCluster`] with default settings and connects to it.
+    /// Starts a `LocalCluster` with default settings and connects to it. The cluster comes
+    /// from the `dask` crate (`dask-cluster`): a program that depends on `dask-client` alone
+    /// builds no server and connects with [`Client::connect`].
     pub fn new() -> Result<Client> {
-        let cluster = LocalCluster::builder().build()?;
-        let client = Client::connect(&cluster.scheduler_address())?;
+        let Some(starter) = inventory::iter::<ClusterStarter>.into_iter().next() else {
+            return Err(Error::InvalidArgument(
+                "Client::new() starts a LocalCluster, which lives in the `dask` crate (dask-cluster): \
+                 depend on `dask`, or connect to a running scheduler with Client::connect(address)"
+                    .into(),
+            ));
+        };
+        let (address, cluster) = (starter.0)()?;
+        let client = Client::connect(&address)?;
         *client.inner.cluster.lock() = Some(cluster);
         Ok(client)
     }
@@ -604,9 +498,8 @@ impl Client {
     fn mark_closed(&self) {
         self.inner.disconnected.lock().get_or_insert_with(|| "the client was closed".into());
         self.inner.table.disconnect_all("the client was closed");
-        if let Some(cluster) = self.inner.cluster.lock().take() {
-            cluster.close();
-        }
+        // Dropping the cluster closes it.
+        drop(self.inner.cluster.lock().take());
     }
 
     fn check_open(&self) -> Result<()> {

@@ -214,7 +214,7 @@ impl Client {
         self.check_open()?;
         let mut refs = Vec::new();
         futures.collect(&mut refs);
-        join_all(refs.iter().map(|r| crate::future::Done(&r.state))).await;
+        join_all(refs.iter().map(|r| crate::keys::Done(&r.state))).await;
         Ok(refs.iter().map(|r| r.key.to_string()).collect())
     }
 

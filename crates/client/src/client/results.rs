@@ -104,7 +104,7 @@ impl Client {
         // As in dask, scatter returns once the scheduler knows the keys (its report that they
         // are in memory), so who_has and the like see them at once.
         for f in &futures {
-            crate::future::Done(&f.inner.state).await;
+            crate::keys::Done(&f.inner.state).await;
         }
         Ok(futures)
     }

@@ -11,7 +11,7 @@ use dask_scheduler::server::{self as scheduler, SchedulerConfig, SchedulerHandle
 use dask_worker::server::{self as worker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Error, Result};
+use dask_client::{Error, Result};
 
 /// Builder of a [`LocalCluster`] (dask's keyword arguments).
 #[derive(Clone, Debug)]

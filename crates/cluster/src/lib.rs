@@ -1,0 +1,15 @@
+//! dask-rs cluster managers: [`LocalCluster`] (a scheduler and workers on this machine).
+//!
+//! This crate sits above the client, the scheduler and the worker: the client builds no server,
+//! and `Client::new()` finds the local cluster it starts through [`dask_client::ClusterStarter`],
+//! registered here.
+mod local;
+
+pub use local::{LocalCluster, LocalClusterBuilder, init};
+
+fn start_default() -> dask_client::Result<(String, Box<dyn std::any::Any + Send>)> {
+    let cluster = LocalCluster::builder().build()?;
+    Ok((cluster.scheduler_address(), Box::new(cluster)))
+}
+
+inventory::submit! { dask_client::ClusterStarter(start_default) }
