@@ -18,7 +18,8 @@ mod wait;
 
 pub use args::{IntoArg, IntoArgs, OneArg};
 pub use client::{
-    CONNECT_TIMEOUT, Client, ClusterStarter, FIFO_TIMEOUT, RESTART_TIMEOUT, ScatterOptions, SubmitOptions,
+    CONNECT_TIMEOUT, Client, ClusterStarter, FIFO_TIMEOUT, RESTART_TIMEOUT, ScatterOptions, StartedCluster,
+    SubmitOptions,
 };
 pub use error::{Error, Result, TaskFailure};
 pub use future::{Future, FutureStatus};

@@ -7,7 +7,7 @@ mod local;
 
 pub use local::{LocalCluster, LocalClusterBuilder, init};
 
-fn start_default() -> dask_client::Result<(String, Box<dyn std::any::Any + Send>)> {
+fn start_default() -> dask_client::Result<dask_client::StartedCluster> {
     let cluster = LocalCluster::builder().build()?;
     Ok((cluster.scheduler_address(), Box::new(cluster)))
 }

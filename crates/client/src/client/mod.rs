@@ -104,7 +104,11 @@ impl Default for ScatterOptions {
 /// has `LocalCluster`, so the client depends on no server crate. Gives the scheduler's address
 /// and the cluster, which closes when dropped.
 #[doc(hidden)]
-pub struct ClusterStarter(pub fn() -> Result<(String, Box<dyn std::any::Any + Send>)>);
+pub struct ClusterStarter(pub fn() -> Result<StartedCluster>);
+
+/// A started cluster: the scheduler's address, and the cluster (closed when dropped).
+#[doc(hidden)]
+pub type StartedCluster = (String, Box<dyn std::any::Any + Send>);
 inventory::collect!(ClusterStarter);
 
 /// How many times a value whose holders failed to give it is asked for again.
