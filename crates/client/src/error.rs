@@ -52,6 +52,9 @@ pub enum Error {
     Codec(#[from] dask_protocol::codec::CodecError),
     #[error("failed to fetch {key} from the workers {workers:?}: {why}")]
     Fetch { key: String, workers: Vec<String>, why: String },
+    /// A lock, queue, variable, dataset or metadata request the scheduler refused.
+    #[error("{0}")]
+    Refused(String),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("failed to start a local cluster: {0}")]

@@ -9,11 +9,13 @@
 //! See `docs/client.md`.
 mod args;
 mod client;
+mod coord;
 mod error;
 mod future;
 mod gather;
 mod graph;
 mod keys;
+mod replies;
 mod wait;
 
 pub use args::{IntoArg, IntoArgs, OneArg};
@@ -21,6 +23,7 @@ pub use client::{
     CONNECT_TIMEOUT, Client, ClusterStarter, FIFO_TIMEOUT, RESTART_TIMEOUT, ScatterOptions, StartedCluster,
     SubmitOptions,
 };
+pub use coord::{Datasets, Event, Lock, LockGuard, Pub, Queue, Semaphore, Shared, Sub, Variable};
 pub use error::{Error, Result, TaskFailure};
 pub use future::{Future, FutureStatus};
 pub use gather::{Errors, Gatherable};

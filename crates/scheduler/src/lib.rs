@@ -6,5 +6,6 @@
 //!
 //! See `docs/scheduler.md`.
 pub mod cli;
+pub mod coord;
 pub mod core;
 pub mod server;

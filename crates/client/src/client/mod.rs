@@ -121,7 +121,7 @@ pub(crate) struct ClientInner {
     handle: tokio::runtime::Handle,
     table: Arc<KeyTable>,
     /// The connection to the scheduler: replaced when the client reconnects.
-    link: Arc<Link>,
+    pub(crate) link: Arc<Link>,
     peers: data::DataPool,
     disconnected: Arc<Mutex<Option<String>>>,
     closed: AtomicBool,
@@ -148,6 +148,8 @@ pub(crate) struct Link {
     /// The scheduler's id (`Scheduler-<hex>`): another one after a reconnection means it
     /// restarted.
     scheduler_id: Mutex<String>,
+    /// Answers to coordination requests, messages on subscribed topics.
+    pub(crate) replies: crate::replies::Replies,
 }
 
 impl Link {
@@ -165,7 +167,7 @@ impl ClientInner {
         keys::block_on(&self.handle, f)
     }
 
-    fn send(&self, kind: pb::client_op::Kind) {
+    pub(crate) fn send(&self, kind: pb::client_op::Kind) {
         let _ = self.link.ops.lock().send(pb::ClientOp { kind: Some(kind) });
     }
 
@@ -506,7 +508,7 @@ impl Client {
         drop(self.inner.cluster.lock().take());
     }
 
-    fn check_open(&self) -> Result<()> {
+    pub(crate) fn check_open(&self) -> Result<()> {
         if self.inner.closed.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
@@ -614,6 +616,7 @@ async fn connect_inner(addr: Address, timeout: Duration, handle: tokio::runtime:
         ops: Mutex::new(ops_tx),
         client_id: Mutex::new(client_id),
         scheduler_id: Mutex::new(scheduler_id),
+        replies: Default::default(),
     });
     let shutdown = CancellationToken::new();
     let finished = CancellationToken::new();
@@ -714,6 +717,12 @@ async fn reader(mut inbound: tonic::Streaming<pb::SchedulerToClient>, s: Session
                     for r in batch.reports {
                         s.table.apply(r);
                     }
+                    for r in batch.replies {
+                        s.link.replies.answer(r);
+                    }
+                    for m in batch.messages {
+                        s.link.replies.deliver(m);
+                    }
                     if !batch.closing.is_empty() {
                         closing = Some(batch.closing);
                     }
@@ -734,6 +743,7 @@ async fn reader(mut inbound: tonic::Streaming<pb::SchedulerToClient>, s: Session
         tracing::warn!(scheduler = %s.address, reason = %why, "lost the scheduler; reconnecting");
         *s.disconnected.lock() =
             Some(format!("the connection to the scheduler was lost ({why}); the client is reconnecting"));
+        s.link.replies.fail_all();
         let reopened = tokio::select! {
             r = open_stream(&s.address, CONNECT_TIMEOUT) => r,
             _ = s.shutdown.cancelled() => {
@@ -758,6 +768,7 @@ async fn reader(mut inbound: tonic::Streaming<pb::SchedulerToClient>, s: Session
                     return;
                 }
                 s.table.lose_all(reason);
+                s.link.replies.fail_all();
                 // A new writer for the new session; the old one drains into its dead stream.
                 let (ops_tx, ops_rx) = mpsc::unbounded_channel();
                 tokio::spawn(writer(ops_rx, stream, s.shutdown.clone()));
@@ -766,6 +777,19 @@ async fn reader(mut inbound: tonic::Streaming<pb::SchedulerToClient>, s: Session
                 *s.link.client_id.lock() = client_id;
                 *s.link.scheduler_id.lock() = id;
                 *s.disconnected.lock() = None;
+                // Subscriptions live on: the new session subscribes again.
+                for topic in s.link.replies.topics() {
+                    let (id, _) = s.link.replies.expect();
+                    s.link.replies.forget(id);
+                    let _ = s.link.ops.lock().send(pb::ClientOp {
+                        kind: Some(pb::client_op::Kind::Coord(pb::CoordRequest {
+                            id,
+                            name: topic,
+                            timeout_s: 0.0,
+                            op: Some(pb::coord_request::Op::Subscribe(pb::Empty {})),
+                        })),
+                    });
+                }
                 tracing::warn!(scheduler = %s.address, restarted, "reconnected to the scheduler; every future held was lost");
                 inbound = new_inbound;
             }
@@ -787,4 +811,5 @@ fn lost_for_good(s: &Session, why: String) {
         drop(d);
         s.table.disconnect_all(&why);
     }
+    s.link.replies.fail_all();
 }

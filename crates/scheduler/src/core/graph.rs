@@ -321,7 +321,9 @@ impl SchedulerCore {
         }
         match &self.task(t).state {
             TaskState::Memory { .. } | TaskState::Erred { .. } => {
-                if let Some(report) = self.report_of(t, cx) {
+                if !client.is_holder()
+                    && let Some(report) = self.report_of(t, cx)
+                {
                     cx.out.push(Command::Report { client, key: self.task(t).key.clone(), report });
                 }
                 false

@@ -84,6 +84,17 @@ pub struct ClientId(pub u32);
 /// The holder of `fire_and_forget` keys: wants a key until it is done, then lets it go.
 pub const FIRE_AND_FORGET: ClientId = ClientId(u32::MAX);
 
+/// The holder of keys put in coordination state (queues, variables, datasets: see
+/// `crate::coord`): wants a key while something there holds it.
+pub const HOLDER: ClientId = ClientId(u32::MAX - 1);
+
+impl ClientId {
+    /// One of the scheduler's own holders, not a connected client: nothing is reported to it.
+    pub fn is_holder(self) -> bool {
+        self == FIRE_AND_FORGET || self == HOLDER
+    }
+}
+
 /// Index of a task in the core's slab. Reused after the task is forgotten, so it never leaves
 /// the core: events and commands name tasks by key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -578,7 +589,7 @@ impl SchedulerCore {
                 for key in keys {
                     if let Some(&t) = self.keys.get(&key) {
                         self.want(t, client, cx);
-                    } else {
+                    } else if !client.is_holder() {
                         cx.out.push(Command::Report {
                             client,
                             key,

@@ -145,7 +145,7 @@ impl SchedulerCore {
                     spec: Bytes::copy_from_slice(&task.spec),
                     deps,
                     priority: task.priority,
-                    inline: task.who_wants.iter().any(|c| *c != FIRE_AND_FORGET),
+                    inline: task.who_wants.iter().any(|c| !c.is_holder()),
                     announce: task.orphaned || task.suspicious > 0,
                     resources: task.restrictions.as_ref().map_or_else(Vec::new, |r| r.resources.to_vec()),
                 });
@@ -240,7 +240,7 @@ impl SchedulerCore {
             for &client in &task.who_wants {
                 if client == FIRE_AND_FORGET {
                     forget = true;
-                } else {
+                } else if !client.is_holder() {
                     cx.out.push(Command::Report { client, key: task.key.clone(), report: report.clone() });
                 }
             }

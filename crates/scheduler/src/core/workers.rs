@@ -8,8 +8,8 @@ use rustc_hash::FxHashSet;
 use smallvec::SmallVec;
 
 use super::{
-    ClientId, Command, Cx, FIRE_AND_FORGET, Key, NoticeLevel, ReadyQueue, Report, SchedulerCore, TaskError, TaskId,
-    TaskState, Worker, WorkerId, WorkerMemory, WorkerSpec, occupancy, slab,
+    ClientId, Command, Cx, Key, NoticeLevel, ReadyQueue, Report, SchedulerCore, TaskError, TaskId, TaskState, Worker,
+    WorkerId, WorkerMemory, WorkerSpec, occupancy, slab,
 };
 
 impl SchedulerCore {
@@ -81,7 +81,7 @@ impl SchedulerCore {
         clients.sort();
         for c in clients {
             let wants = std::mem::take(&mut self.clients.get_mut(&c).expect("listed").wants);
-            if c == FIRE_AND_FORGET {
+            if c.is_holder() {
                 continue;
             }
             let mut keys: Vec<Key> = wants.iter().map(|t| self.task(*t).key.clone()).collect();

@@ -41,7 +41,7 @@ impl EventLoop {
         }
         // Clients need not try to reconnect.
         for tx in self.clients.values() {
-            let _ = tx.send(Ok(pb::SchedulerToClient { reports: Vec::new(), closing: "scheduler closing".into() }));
+            let _ = tx.send(Ok(pb::SchedulerToClient { closing: "scheduler closing".into(), ..Default::default() }));
         }
         // Tell workers to go only if asked to close; dropping the senders ends the streams.
         for tx in self.workers.values() {
@@ -64,45 +64,119 @@ impl EventLoop {
         }
     }
 
+    /// One event for the core, with what the shell does around it.
+    fn on_event(&mut self, e: Event) {
+        let gone = match &e {
+            Event::ClientDisconnected { client } => Some((None, Some(*client))),
+            Event::WorkerLost { worker, .. } => Some((Some(*worker), None)),
+            _ => None,
+        };
+        // Taken: a worker may now run the tasks whose start it announced.
+        let ack = match &e {
+            Event::TasksStarted { worker, keys, ack: true } => {
+                Some((*worker, keys.iter().map(|k| k.to_string()).collect::<Vec<_>>()))
+            }
+            _ => None,
+        };
+        self.handle(e);
+        if let Some((w, keys)) = ack
+            && let Some(tx) = self.workers.get(&w)
+        {
+            let _ = tx.send(Ok(pb::SchedulerToWorker {
+                commands: vec![pb::SchedulerCommand {
+                    kind: Some(pb::scheduler_command::Kind::StartedAck(pb::StartedAck { keys })),
+                }],
+            }));
+        }
+        // Forget its channel: for a client, that ends our side of its stream,
+        // which tells it everything it sent was taken.
+        match gone {
+            Some((Some(w), _)) => {
+                self.workers.remove(&w);
+            }
+            Some((_, Some(c))) => {
+                self.clients.remove(&c);
+            }
+            _ => {}
+        }
+        if let Some((_, Some(c))) = gone {
+            // Its leases are released and its waits end; what it put in queues stays.
+            let mut out = std::mem::take(&mut self.coord_out);
+            self.coord.client_gone(c, &mut out);
+            self.coord_out = out;
+            self.apply_coord();
+        }
+    }
+
+    /// A coordination request; a wait with a time limit gets a timer.
+    fn on_coord(&mut self, req: coord::Request, limit: Option<Duration>) {
+        if let Some(limit) = limit {
+            let (tx, client, id) = (self.self_tx.clone(), req.client, req.id);
+            tokio::spawn(async move {
+                tokio::time::sleep(limit).await;
+                let _ = tx.send(LoopMsg::CoordTimeout { client, id });
+            });
+        }
+        let mut out = std::mem::take(&mut self.coord_out);
+        self.coord.handle(req, &mut out);
+        self.coord_out = out;
+        self.apply_coord();
+    }
+
+    /// Turns what coordination said about keys into core events: the holder keeps keys alive,
+    /// and a client given a key wants it (before the holder lets go: the order is kept). Replies
+    /// and messages wait for the flush.
+    fn apply_coord(&mut self) {
+        let mut keep = Vec::new();
+        for out in std::mem::take(&mut self.coord_out) {
+            let event = match out {
+                coord::Out::Hold(k) => Event::Want { client: core::HOLDER, keys: vec![k] },
+                coord::Out::Unhold(k) => Event::ReleaseKeys { client: core::HOLDER, keys: vec![k] },
+                coord::Out::Give { client, key } => {
+                    if !self.clients.contains_key(&client) {
+                        continue; // gone: nothing to keep for it
+                    }
+                    Event::Want { client, keys: vec![key] }
+                }
+                other => {
+                    keep.push(other);
+                    continue;
+                }
+            };
+            self.handle(event);
+        }
+        self.coord_out = keep;
+        #[cfg(debug_assertions)]
+        if std::env::var_os("DASK_VALIDATE").is_some() {
+            self.coord.validate();
+        }
+    }
+
     fn on_msg(&mut self, msg: LoopMsg) {
         match msg {
             LoopMsg::Events(events) => {
                 self.release.count(events.len());
                 for e in events {
-                    let gone = match &e {
-                        Event::ClientDisconnected { client } => Some((None, Some(*client))),
-                        Event::WorkerLost { worker, .. } => Some((Some(*worker), None)),
-                        _ => None,
-                    };
-                    // Taken: a worker may now run the tasks whose start it announced.
-                    let ack = match &e {
-                        Event::TasksStarted { worker, keys, ack: true } => {
-                            Some((*worker, keys.iter().map(|k| k.to_string()).collect::<Vec<_>>()))
+                    self.on_event(e);
+                }
+            }
+            LoopMsg::Client(inputs) => {
+                self.release.count(inputs.len());
+                for input in inputs {
+                    match input {
+                        ClientInput::Event(e) => self.on_event(e),
+                        ClientInput::Coord(req, limit) => self.on_coord(req, limit),
+                        ClientInput::BadCoord { client, id, why } => {
+                            self.coord_out.push(coord::Out::Reply { client, id, reply: coord::Reply::Error(why) })
                         }
-                        _ => None,
-                    };
-                    self.handle(e);
-                    if let Some((w, keys)) = ack
-                        && let Some(tx) = self.workers.get(&w)
-                    {
-                        let _ = tx.send(Ok(pb::SchedulerToWorker {
-                            commands: vec![pb::SchedulerCommand {
-                                kind: Some(pb::scheduler_command::Kind::StartedAck(pb::StartedAck { keys })),
-                            }],
-                        }));
-                    }
-                    // Forget its channel: for a client, that ends our side of its stream,
-                    // which tells it everything it sent was taken.
-                    match gone {
-                        Some((Some(w), _)) => {
-                            self.workers.remove(&w);
-                        }
-                        Some((_, Some(c))) => {
-                            self.clients.remove(&c);
-                        }
-                        _ => {}
                     }
                 }
+            }
+            LoopMsg::CoordTimeout { client, id } => {
+                let mut out = std::mem::take(&mut self.coord_out);
+                self.coord.timeout(client, id, &mut out);
+                self.coord_out = out;
+                self.apply_coord();
             }
             LoopMsg::WorkerConnected { spec, nanny, tx, reply } => {
                 let id = WorkerId(self.next_worker);
@@ -311,6 +385,10 @@ impl EventLoop {
         }
         tracing::warn!(%reason, workers = self.worker_meta.len(), "restarting every worker and releasing every task");
         self.handle(Event::Restart { reason: reason.clone() });
+        let mut out = std::mem::take(&mut self.coord_out);
+        self.coord.restarted(&mut out);
+        self.coord_out = out;
+        self.apply_coord();
         let old: BTreeSet<WorkerId> = self.worker_meta.keys().copied().collect();
         self.expected_gone.extend(old.iter().copied());
         for n in self.nannies.values() {
@@ -533,7 +611,7 @@ impl EventLoop {
 
     /// Sends the commands of this iteration: one message per worker and per client.
     fn flush(&mut self) {
-        if self.commands.is_empty() {
+        if self.commands.is_empty() && self.coord_out.is_empty() {
             return;
         }
         let mut to_workers: HashMap<WorkerId, Vec<pb::SchedulerCommand>> = HashMap::new();
@@ -613,9 +691,27 @@ impl EventLoop {
                 let _ = tx.send(Ok(pb::SchedulerToWorker { commands }));
             }
         }
-        for (c, reports) in to_clients {
+        let mut to_clients: HashMap<ClientId, pb::SchedulerToClient> = to_clients
+            .into_iter()
+            .map(|(c, reports)| (c, pb::SchedulerToClient { reports, ..Default::default() }))
+            .collect();
+        for out in self.coord_out.drain(..) {
+            match out {
+                coord::Out::Reply { client, id, reply } => {
+                    to_clients.entry(client).or_default().replies.push(reply_to_pb(id, reply))
+                }
+                coord::Out::Deliver { client, topic, item } => to_clients
+                    .entry(client)
+                    .or_default()
+                    .messages
+                    .push(pb::TopicMessage { topic, item: Some(item_to_pb(item)) }),
+                // Turned into core events as they came (`apply_coord`).
+                coord::Out::Hold(_) | coord::Out::Unhold(_) | coord::Out::Give { .. } => {}
+            }
+        }
+        for (c, batch) in to_clients {
             if let Some(tx) = self.clients.get(&c) {
-                let _ = tx.send(Ok(pb::SchedulerToClient { reports, closing: String::new() }));
+                let _ = tx.send(Ok(batch));
             }
         }
     }

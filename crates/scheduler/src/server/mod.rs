@@ -24,6 +24,7 @@ mod wire;
 use service::Service;
 use wire::*;
 
+use crate::coord;
 use crate::core::{
     self, ClientId, Command, Event, Key, NewTask, Report, SchedulerCore, TaskError, WorkerId, WorkerSpec,
 };
@@ -103,6 +104,13 @@ type NannyTx = mpsc::UnboundedSender<Result<pb::SchedulerToNanny, Status>>;
 
 enum LoopMsg {
     Events(Vec<Event>),
+    /// What a client sent, in order.
+    Client(Vec<ClientInput>),
+    /// The wait of a coordination request may be over.
+    CoordTimeout {
+        client: ClientId,
+        id: u64,
+    },
     WorkerConnected {
         spec: WorkerSpec,
         /// Its nanny's address, if it has one.
@@ -207,6 +215,8 @@ pub async fn run(
             next_worker: 0,
             next_client: 0,
             commands: Vec::new(),
+            coord: coord::Coordination::new(),
+            coord_out: Vec::new(),
             waiters: Vec::new(),
             id,
             address: address.clone(),
@@ -297,6 +307,10 @@ struct EventLoop {
     next_worker: u32,
     next_client: u32,
     commands: Vec<Command>,
+    /// Locks, queues, variables, events, topics, datasets, metadata.
+    coord: coord::Coordination,
+    /// What `coord` said, to send with the next flush.
+    coord_out: Vec<coord::Out>,
     waiters: Vec<(usize, oneshot::Sender<pb::SchedulerInfo>)>,
     id: String,
     address: Address,

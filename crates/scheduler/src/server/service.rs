@@ -113,8 +113,9 @@ impl pb::scheduler_server::Scheduler for Service {
                                 tracing::info!(client = %name, %peer, "client connected");
                             }
                         }
-                        let events: Vec<Event> = batch.ops.into_iter().filter_map(|op| client_event(id, op)).collect();
-                        if !events.is_empty() && tx.send(LoopMsg::Events(events)).is_err() {
+                        let inputs: Vec<ClientInput> =
+                            batch.ops.into_iter().filter_map(|op| client_input(id, op)).collect();
+                        if !inputs.is_empty() && tx.send(LoopMsg::Client(inputs)).is_err() {
                             return;
                         }
                     }

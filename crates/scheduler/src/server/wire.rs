@@ -141,11 +141,113 @@ pub(super) fn worker_event(worker: WorkerId, e: pb::WorkerEvent) -> Option<Event
     })
 }
 
-pub(super) fn client_event(client: ClientId, op: pb::ClientOp) -> Option<Event> {
+/// What a client sends: work for the core, or a coordination request.
+pub(super) enum ClientInput {
+    Event(Event),
+    /// A request, and how long it may wait if it waits for a while.
+    Coord(coord::Request, Option<Duration>),
+    /// A request that cannot be understood: answered with why.
+    BadCoord {
+        client: ClientId,
+        id: u64,
+        why: String,
+    },
+}
+
+pub(super) fn client_input(client: ClientId, op: pb::ClientOp) -> Option<ClientInput> {
+    match op.kind? {
+        pb::client_op::Kind::Coord(r) => Some(coord_request(client, r)),
+        kind => client_event(client, kind).map(ClientInput::Event),
+    }
+}
+
+fn item_from_pb(i: pb::Item) -> coord::Item {
+    if i.key.is_empty() {
+        coord::Item::Data { codec: i.codec, data: i.data }
+    } else {
+        coord::Item::Future(Arc::from(i.key))
+    }
+}
+
+pub(super) fn item_to_pb(i: coord::Item) -> pb::Item {
+    match i {
+        coord::Item::Data { codec, data } => pb::Item { codec, data, key: String::new() },
+        coord::Item::Future(k) => pb::Item { key: k.to_string(), ..Default::default() },
+    }
+}
+
+fn coord_request(client: ClientId, r: pb::CoordRequest) -> ClientInput {
+    use coord::Op;
+    use pb::coord_request::Op as P;
+    let bad = |why: String| ClientInput::BadCoord { client, id: r.id, why };
+    let (wait, limit) = match r.timeout_s {
+        t if t < 0.0 => (coord::Wait::Forever, None),
+        0.0 => (coord::Wait::No, None),
+        t => match Duration::try_from_secs_f64(t) {
+            Ok(d) => (coord::Wait::Limited, Some(d)),
+            Err(_) => return bad(format!("timeout {t} s is not a duration")),
+        },
+    };
+    let Some(op) = r.op else {
+        return bad("a coordination request without an operation (a client newer than this scheduler?)".into());
+    };
+    let item = |i: Option<pb::Item>| i.map(item_from_pb).ok_or("a put without an item");
+    let op = match op {
+        P::Acquire(a) => Op::Acquire { lease: a.lease, max_leases: a.max_leases },
+        P::Release(lease) => Op::Release { lease },
+        P::Leases(_) => Op::Leases,
+        P::QueuePut(p) => match item(p.item) {
+            Ok(item) => Op::QueuePut { item, maxsize: p.maxsize },
+            Err(why) => return bad(why.into()),
+        },
+        P::QueueGet(g) => Op::QueueGet { count: g.count, batch: g.batch },
+        P::QueueSize(_) => Op::QueueSize,
+        P::VariableSet(i) => Op::VariableSet(item_from_pb(i)),
+        P::VariableGet(_) => Op::VariableGet,
+        P::VariableDelete(_) => Op::VariableDelete,
+        P::EventSet(_) => Op::EventSet,
+        P::EventClear(_) => Op::EventClear,
+        P::EventWait(_) => Op::EventWait,
+        P::EventIsSet(_) => Op::EventIsSet,
+        P::Publish(i) => Op::Publish(item_from_pb(i)),
+        P::Subscribe(_) => Op::Subscribe,
+        P::Unsubscribe(_) => Op::Unsubscribe,
+        P::DatasetPublish(d) => {
+            Op::DatasetPublish { items: d.items.into_iter().map(item_from_pb).collect(), replace: d.replace }
+        }
+        P::DatasetGet(_) => Op::DatasetGet,
+        P::DatasetList(_) => Op::DatasetList,
+        P::DatasetUnpublish(_) => Op::DatasetUnpublish,
+        P::MetaSet(m) => match serde_json::from_str(&m.json) {
+            Ok(value) => Op::MetaSet { path: m.path, value },
+            Err(e) => return bad(format!("metadata value is not JSON: {e}")),
+        },
+        P::MetaGet(m) => Op::MetaGet { path: m.path },
+    };
+    ClientInput::Coord(coord::Request { client, id: r.id, name: r.name, wait, op }, limit)
+}
+
+pub(super) fn reply_to_pb(id: u64, reply: coord::Reply) -> pb::CoordReply {
+    use coord::Reply;
+    use pb::coord_reply::Kind;
+    let kind = match reply {
+        Reply::Done => Kind::Done(pb::Empty {}),
+        Reply::Flag(f) => Kind::Flag(f),
+        Reply::Count(n) => Kind::Count(n),
+        Reply::Items(items) => Kind::Items(pb::ItemList { items: items.into_iter().map(item_to_pb).collect() }),
+        Reply::Names(names) => Kind::Names(pb::NameList { names }),
+        Reply::Json(j) => Kind::Json(j),
+        Reply::Error(e) => Kind::Error(e),
+        Reply::TimedOut => Kind::TimedOut(pb::Empty {}),
+    };
+    pb::CoordReply { id, kind: Some(kind) }
+}
+
+fn client_event(client: ClientId, kind: pb::client_op::Kind) -> Option<Event> {
     use pb::client_op::Kind;
     let keys = |l: pb::KeyList| l.keys.into_iter().map(Arc::from).collect::<Vec<Key>>();
-    Some(match op.kind? {
-        Kind::Hello(_) => return None,
+    Some(match kind {
+        Kind::Hello(_) | Kind::Coord(_) => return None,
         Kind::UpdateGraph(g) => Event::UpdateGraph {
             client,
             fifo_timeout: Duration::try_from_secs_f64(g.fifo_timeout_s).unwrap_or(Duration::ZERO),
