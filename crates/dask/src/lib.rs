@@ -29,6 +29,10 @@ pub use dask_cluster::{LocalCluster, LocalClusterBuilder, init};
 pub use dask_macros::task;
 pub use dask_worker::worker_main;
 
+/// Inside a task: the worker running it and its client, and giving back the thread slot while
+/// waiting on subtasks (dask's `get_worker`, `get_client`, `worker_client`, `secede`, `rejoin`).
+pub use dask_worker::context::{TaskWorker, WorkerClient, get_client, get_worker, rejoin, secede, worker_client};
+
 /// Built-in task functions of the stock `dask-worker` (`inc`, `add`, `sum`, `slowinc`, ...).
 pub use dask_worker::builtins;
 

@@ -1,7 +1,10 @@
 //! The thread pool that runs tasks: `nthreads` OS threads, never the async runtime's.
 //!
-//! Tasks wait in one shared queue, highest priority first, then oldest. A thread takes the
-//! next task, decodes its spec, reads its inputs from the store in place, runs the function
+//! Tasks wait in one shared queue, highest priority first, then oldest. A thread needs one of
+//! the `nthreads` slots to run a task: a task that secedes (`dask::secede`, `worker_client`)
+//! gives its slot back and the pool starts another thread to use it; a task that rejoins waits
+//! for a free slot before it goes on (ahead of queued tasks); surplus threads end once their
+//! task is done. A thread takes the next task, decodes its spec, reads its inputs from the store in place, runs the function
 //! (panics are caught by `dask_protocol::task::execute`), stores the result, and reports it.
 //! Reports coalesce: they go into one shared buffer, and only the report that finds the buffer
 //! empty wakes the event loop, which then takes everything. A busy loop is never woken once
@@ -19,6 +22,7 @@ use parking_lot::{Condvar, Mutex};
 use prost::Message;
 use tokio::sync::Notify;
 
+use crate::context::{TaskScope, WorkerContext, with_scope};
 use crate::state::{ExecOutcome, Key};
 use crate::store::Store;
 
@@ -57,11 +61,25 @@ struct Queue {
     closed: bool,
     /// Over the memory's pause threshold: no job starts (running ones finish).
     paused: bool,
+    /// Thread slots not taken by a running (not seceded) task.
+    free_slots: usize,
+    /// Threads of the pool, alive.
+    threads: usize,
+    /// Tasks running seceded (each on a thread beyond the slots).
+    seceded: usize,
+    /// Tasks waiting to rejoin: they take the next free slot before any queued task.
+    rejoining: usize,
+    /// Numbers the threads' names.
+    spawned: usize,
 }
 
 struct Shared {
     queue: Mutex<Queue>,
     ready: Condvar,
+    nthreads: usize,
+    store: Arc<Store>,
+    results: Arc<Results>,
+    context: Arc<WorkerContext>,
 }
 
 /// Started and finished tasks waiting for the event loop.
@@ -89,6 +107,8 @@ pub struct Batch {
     /// Tasks that started running (most finish before the loop sends anything: those are
     /// reported finished only).
     pub started: Vec<Key>,
+    /// Tasks that seceded: the scheduler stops counting them against this worker's threads.
+    pub seceded: Vec<Key>,
 }
 
 /// How long a thread waits for the scheduler to acknowledge an announced start before running
@@ -155,6 +175,11 @@ impl Results {
         }
     }
 
+    fn seceded(&self, key: Key) {
+        self.batch.lock().seceded.push(key);
+        self.wake.notify_one();
+    }
+
     /// Everything reported so far.
     pub fn take(&self) -> Batch {
         std::mem::take(&mut *self.batch.lock())
@@ -173,21 +198,19 @@ pub struct Executor {
 }
 
 impl Executor {
-    pub fn new(nthreads: usize, store: Arc<Store>, worker: String) -> Self {
-        let shared = Arc::new(Shared { queue: Mutex::new(Queue::default()), ready: Condvar::new() });
+    pub fn new(nthreads: usize, store: Arc<Store>, context: Arc<WorkerContext>) -> Self {
+        let nthreads = nthreads.max(1);
         let results = Arc::new(Results::default());
-        let threads = (0..nthreads.max(1))
-            .map(|i| {
-                let shared = shared.clone();
-                let store = store.clone();
-                let results = results.clone();
-                let worker = worker.clone();
-                std::thread::Builder::new()
-                    .name(format!("dask-exec-{i}"))
-                    .spawn(move || thread_main(&shared, &store, &results, &worker))
-                    .expect("spawn executor thread")
-            })
-            .collect();
+        let queue = Queue { free_slots: nthreads, threads: nthreads, spawned: nthreads, ..Default::default() };
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(queue),
+            ready: Condvar::new(),
+            nthreads,
+            store,
+            results: results.clone(),
+            context,
+        });
+        let threads = (0..nthreads).map(|i| spawn_thread(&shared, i)).collect();
         Executor { shared, results, threads }
     }
 
@@ -240,29 +263,113 @@ impl Executor {
     }
 }
 
-fn thread_main(shared: &Shared, store: &Store, results: &Results, worker: &str) {
+fn spawn_thread(shared: &Arc<Shared>, i: usize) -> JoinHandle<()> {
+    let shared = shared.clone();
+    std::thread::Builder::new()
+        .name(format!("dask-exec-{i}"))
+        .spawn(move || thread_main(&shared))
+        .expect("spawn executor thread")
+}
+
+fn thread_main(shared: &Arc<Shared>) {
     loop {
         let job = {
             let mut q = shared.queue.lock();
             loop {
-                if q.closed {
+                // Closing, or a surplus thread (a seceded task ended or rejoined): it ends.
+                if q.closed || q.threads > shared.nthreads + q.seceded {
+                    q.threads -= 1;
                     return;
                 }
                 if !q.paused
+                    && q.free_slots > 0
+                    && q.rejoining == 0
                     && let Some(job) = q.jobs.pop()
                 {
+                    q.free_slots -= 1;
                     break job;
                 }
                 shared.ready.wait(&mut q);
             }
         };
+        let results = &shared.results;
         results.started(job.key.clone(), job.announce);
         if job.announce {
             results.wait_ack(&job.key);
         }
-        let (outcome, duration) = run_one(&job.key, &job.spec, store, worker);
+        // Whether this task holds a slot now (it may secede and rejoin while it runs).
+        let holds = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let scope = TaskScope {
+            worker: shared.context.clone(),
+            key: job.key.to_string(),
+            slots: {
+                let (shared, holds, key) = (shared.clone(), holds.clone(), job.key.clone());
+                Arc::new(
+                    move |give_back: bool| {
+                        if give_back { secede(&shared, &holds, &key) } else { rejoin(&shared, &holds) }
+                    },
+                )
+            },
+        };
+        let (outcome, duration) =
+            with_scope(scope, || run_one(&job.key, &job.spec, &shared.store, &shared.context.address));
         results.push((job.key, outcome, duration));
+        let mut q = shared.queue.lock();
+        if holds.load(std::sync::atomic::Ordering::SeqCst) {
+            q.free_slots += 1;
+        } else {
+            q.seceded -= 1;
+        }
+        drop(q);
+        shared.ready.notify_all();
     }
+}
+
+/// The task on this thread gives its slot back; a thread is started to use it if none is idle.
+fn secede(shared: &Arc<Shared>, holds: &std::sync::atomic::AtomicBool, key: &Key) -> bool {
+    if !holds.swap(false, std::sync::atomic::Ordering::SeqCst) {
+        return false; // seceded already
+    }
+    let mut q = shared.queue.lock();
+    q.free_slots += 1;
+    q.seceded += 1;
+    let spawn = q.threads < shared.nthreads + q.seceded && !q.closed;
+    if spawn {
+        q.threads += 1;
+        q.spawned += 1;
+    }
+    let i = q.spawned;
+    drop(q);
+    if spawn {
+        // Detached, like the others: it ends when it is surplus.
+        let _ = spawn_thread(shared, i);
+    }
+    shared.ready.notify_all();
+    shared.results.seceded(key.clone());
+    true
+}
+
+/// The task on this thread waits for a free slot and takes it.
+fn rejoin(shared: &Shared, holds: &std::sync::atomic::AtomicBool) -> bool {
+    if holds.load(std::sync::atomic::Ordering::SeqCst) {
+        return false; // holds one
+    }
+    let mut q = shared.queue.lock();
+    q.rejoining += 1;
+    while q.free_slots == 0 && !q.closed {
+        shared.ready.wait(&mut q);
+    }
+    q.rejoining -= 1;
+    if q.closed {
+        return false; // closing: the task ends seceded
+    }
+    q.free_slots -= 1;
+    q.seceded -= 1;
+    holds.store(true, std::sync::atomic::Ordering::SeqCst);
+    drop(q);
+    // A surplus thread may end now; queued tasks may start if slots remain.
+    shared.ready.notify_all();
+    true
 }
 
 fn run_one(key: &Key, spec: &Bytes, store: &Store, worker: &str) -> (ExecOutcome, Duration) {

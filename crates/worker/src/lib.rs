@@ -12,6 +12,7 @@
 //! See `docs/worker.md`.
 pub mod builtins;
 pub mod cli;
+pub mod context;
 pub mod executor;
 pub mod memory;
 pub mod server;

@@ -407,6 +407,9 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// The client `Client::current` gives (held weakly: it does not keep a client open).
+static DEFAULT_CLIENT: Mutex<Option<std::sync::Weak<ClientInner>>> = Mutex::new(None);
+
 /// Default time allowed to reach a scheduler (dask: `distributed.comm.timeouts.connect`, 30 s).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -442,6 +445,14 @@ impl Client {
 
     /// Connects, giving up with a clear error after `timeout`.
     pub fn connect_with_timeout(address: &str, timeout: Duration) -> Result<Client> {
+        let client = Client::connect_quietly(address, timeout)?;
+        client.set_as_default();
+        Ok(client)
+    }
+
+    /// Connects without becoming the default client (dask's `set_as_default=False`; a worker's
+    /// own client is made so).
+    pub fn connect_quietly(address: &str, timeout: Duration) -> Result<Client> {
         let addr = Address::parse(address, Some(dask_protocol::DEFAULT_SCHEDULER_PORT))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -463,7 +474,32 @@ impl Client {
     /// Connects from async code, on the current tokio runtime (multi-thread flavour).
     pub async fn connect_async(address: &str) -> Result<Client> {
         let addr = Address::parse(address, Some(dask_protocol::DEFAULT_SCHEDULER_PORT))?;
-        connect_inner(addr, CONNECT_TIMEOUT, tokio::runtime::Handle::current()).await
+        let client = connect_inner(addr, CONNECT_TIMEOUT, tokio::runtime::Handle::current()).await?;
+        client.set_as_default();
+        Ok(client)
+    }
+
+    /// Makes this the client [`Client::current`] gives (as dask, every client connected
+    /// becomes the default when made).
+    pub fn set_as_default(&self) {
+        *DEFAULT_CLIENT.lock() = Some(Arc::downgrade(&self.inner));
+    }
+
+    /// The default client: the last one connected, or the one [`set_as_default`] named, if it
+    /// is still open (dask's `Client.current()`). In a task, `dask::get_client()` gives the
+    /// worker's client instead.
+    ///
+    /// [`set_as_default`]: Self::set_as_default
+    pub fn current() -> Result<Client> {
+        let inner = DEFAULT_CLIENT.lock().as_ref().and_then(std::sync::Weak::upgrade);
+        match inner {
+            Some(inner) if !inner.closed.load(Ordering::SeqCst) => Ok(Client { inner }),
+            _ => Err(Error::InvalidArgument(
+                "no default client: connect one first (Client::new or Client::connect), or call \
+                 set_as_default on one"
+                    .into(),
+            )),
+        }
     }
 
     /// The scheduler's address.

@@ -188,6 +188,12 @@ pub enum Event {
         id: u64,
         stolen: bool,
     },
+    /// These tasks seceded on `worker` (`dask::secede`, `worker_client`): they run on there, but
+    /// no longer take one of its thread slots.
+    TasksSeceded {
+        worker: WorkerId,
+        keys: Vec<Key>,
+    },
     /// `Client::replicate`: copy these values until `n` of `workers` hold each (all of them if
     /// `None`; every worker taking work if `workers` is empty); drop copies beyond `n`.
     /// Answered by [`Command::CopiesDone`] with `op`.
@@ -233,6 +239,7 @@ impl Event {
             Event::ReplicasFailed { .. } => "replicas-failed",
             Event::RetireProgress => "retire-progress",
             Event::StealResponse { .. } => "steal-response",
+            Event::TasksSeceded { .. } => "tasks-seceded",
             Event::Replicate { .. } => "replicate",
             Event::Rebalance { .. } => "rebalance",
             Event::Tick => "tick",

@@ -240,6 +240,9 @@ impl Restrictions {
 struct Worker {
     spec: WorkerSpec,
     processing: FxHashSet<TaskId>,
+    /// Processing tasks that seceded (dask's long-running): they run on without a thread slot,
+    /// so they count neither in its slots nor in its occupancy.
+    long_running: FxHashSet<TaskId>,
     has_what: FxHashSet<TaskId>,
     nbytes: u64,
     last_seen: Instant,
@@ -288,6 +291,11 @@ impl Worker {
     }
 
     /// Takes (`sign` 1) or gives back (-1) what a task holds.
+    /// Tasks taking its thread slots: processing, less those that seceded.
+    fn busy(&self) -> usize {
+        self.processing.len() - self.long_running.len()
+    }
+
     fn hold(&mut self, needs: &[(Arc<str>, f64)], sign: f64) {
         for (n, amount) in needs {
             if let Some(i) = self.spec.resources.iter().position(|(x, _)| **x == **n) {
@@ -681,6 +689,7 @@ impl SchedulerCore {
                 self.balance_all(cx);
             }
             Event::StealResponse { worker, key, id, stolen } => self.steal_response(worker, key, id, stolen, cx),
+            Event::TasksSeceded { worker, keys } => self.seceded(worker, keys, cx),
             Event::Replicate { op, keys, n, workers } => self.replicate(op, keys, n, workers, cx),
             Event::Rebalance { op, keys, workers } => self.rebalance(op, keys, workers, cx),
         }
@@ -698,5 +707,5 @@ const OCCUPANCY_PER_THREAD: u64 = 1024;
 
 /// Tasks per thread, scaled so that integer comparison keeps fractions.
 fn occupancy(w: &Worker) -> u64 {
-    (w.processing.len() as u64 * OCCUPANCY_PER_THREAD) / w.spec.nthreads.max(1) as u64
+    (w.busy() as u64 * OCCUPANCY_PER_THREAD) / w.spec.nthreads.max(1) as u64
 }

@@ -67,8 +67,7 @@ impl SchedulerCore {
             return Placement::NoWorker;
         }
         let limit = self.depth(task.prefix);
-        let has_slot =
-            |w: &Worker| w.open() && (w.processing.len() as u64) < w.spec.nthreads.max(1) as u64 * limit as u64;
+        let has_slot = |w: &Worker| w.open() && (w.busy() as u64) < w.spec.nthreads.max(1) as u64 * limit as u64;
         // Loose restrictions (`allow_other_workers`): the named workers first, if they have room.
         if let Some(r) = &task.restrictions
             && let Some((id, _)) = self
@@ -132,7 +131,7 @@ impl SchedulerCore {
         while let Some(t) = self.queue.peek() {
             let limit = self.depth(self.task(t).prefix);
             let w = &self.workers[&worker];
-            if !w.open() || w.processing.len() as u64 >= w.spec.nthreads.max(1) as u64 * limit as u64 {
+            if !w.open() || w.busy() as u64 >= w.spec.nthreads.max(1) as u64 * limit as u64 {
                 break;
             }
             // Leaving Queued takes it out of the queue.

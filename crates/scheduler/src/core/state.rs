@@ -41,6 +41,7 @@ impl SchedulerCore {
                 if let Some(w) = self.workers.get_mut(worker) {
                     let before = occupancy(w);
                     w.processing.remove(&t);
+                    w.long_running.remove(&t);
                     if let Some(needs) = needs {
                         w.hold(&needs, -1.0);
                     }

@@ -62,13 +62,13 @@ const CANDIDATES: usize = 256;
 
 /// Threads of `w` with nothing to run, counting tasks on their way to it.
 fn idle_threads(w: &Worker) -> usize {
-    (w.spec.nthreads.max(1) as usize).saturating_sub(w.processing.len() + w.steals_in as usize)
+    (w.spec.nthreads.max(1) as usize).saturating_sub(w.busy() + w.steals_in as usize)
 }
 
 /// Tasks `w` holds beyond one per thread, less those being stolen from it.
 fn excess(w: &Worker) -> usize {
     let threads = if w.open() { w.spec.nthreads.max(1) as usize } else { 0 };
-    w.processing.len().saturating_sub(threads + w.steals_out as usize)
+    w.busy().saturating_sub(threads + w.steals_out as usize)
 }
 
 impl SchedulerCore {
@@ -117,14 +117,14 @@ impl SchedulerCore {
         let floor = 2.0 * self.config.steal_latency.as_nanos() as f64;
         let vthreads = v.spec.nthreads.max(1) as f64;
         let tthreads = th.spec.nthreads.max(1) as usize;
-        let held = th.processing.len() + th.steals_in as usize;
+        let held = th.busy() + th.steals_in as usize;
         let (vspeed, tspeed) = (v.log_speed.exp(), th.log_speed.exp());
         // Latest first: they would start last there. A worker's tasks are mostly of a few
         // kinds: after 16 too short to move and none worth it, the rest are not looked at (a
         // victim holding 1,000 tasks of microseconds was scanned on every completion).
         let mut candidates: Vec<(u64, TaskId)> = Vec::new();
         let mut short = 0;
-        for &t in v.processing.iter().take(CANDIDATES) {
+        for &t in v.processing.iter().filter(|t| !v.long_running.contains(t)).take(CANDIDATES) {
             let task = self.task(t);
             if self.expected_ns(t) < floor {
                 short += 1;

@@ -1613,6 +1613,13 @@ fn run_scenario(sc: Scenario) {
             let c = sim.rng.below(2);
             let target = sim.rng.below(sc.dag.len());
             sim.submit(&sc, c, |i, _| i == target);
+        } else if roll == 21 && !sim.in_flight.is_empty() {
+            // A running task secedes (it waits on subtasks): its slot takes more work. It is
+            // marked started too: a worker never gives up a task that runs.
+            let (w, key, _) = sim.in_flight[sim.rng.below(sim.in_flight.len())].clone();
+            sim.started.insert((w, key.clone()));
+            sim.step(Event::TasksStarted { worker: w, keys: vec![key.clone()], ack: false });
+            sim.step(Event::TasksSeceded { worker: w, keys: vec![key] });
         } else if sc.kills && roll == 22 && sim.kills_done < 8 {
             // Client.restart: everything is forgotten and every worker replaced.
             sim.kills_done += 1;
@@ -1878,4 +1885,27 @@ fn graphs_sent_within_fifo_timeout_share_a_generation_and_later_ones_wait() {
         ran.push(computes(&out)[0].1.clone());
     }
     assert_eq!(ran, ["x1", "x2", "x3", "c1", "x4"]);
+}
+
+#[test]
+fn a_seceded_task_gives_its_slot_to_the_next_one() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    // Known to be slow: one per thread.
+    h.submit(C1, vec![task("slow-0", &[])], &["slow-0"]);
+    h.finish_in(1, "slow-0", 1, Duration::from_secs(5));
+    let out = h.submit(C1, vec![task("slow-parent", &[])], &["slow-parent"]);
+    assert_eq!(computes(&out), vec![(1, s("slow-parent"))]);
+    // The parent submits a child: the only slot is taken.
+    let out = h.submit(C1, vec![task("slow-child", &[])], &["slow-child"]);
+    assert!(computes(&out).is_empty(), "{out:?}");
+    // The parent secedes to wait for it: the slot goes to the child.
+    let out = h.handle(Event::TasksSeceded { worker: WorkerId(1), keys: vec![k("slow-parent")] });
+    assert_eq!(computes(&out), vec![(1, s("slow-child"))]);
+    // Seceding again, or for a task not running there, changes nothing.
+    let out = h.handle(Event::TasksSeceded { worker: WorkerId(1), keys: vec![k("slow-parent"), k("nope")] });
+    assert!(out.is_empty(), "{out:?}");
+    h.finish(1, "slow-child", 1);
+    h.finish(1, "slow-parent", 1);
+    assert_eq!(h.state("slow-parent").name(), "memory");
 }

@@ -124,6 +124,9 @@ impl SchedulerCore {
             for t in &w.processing {
                 assert_eq!(self.task(*t).state, TaskState::Processing { worker: *id }, "{id}: processing set");
             }
+            for t in &w.long_running {
+                assert!(w.processing.contains(t), "{id}: a seceded task that is not processing there");
+            }
             let mut bytes = 0;
             for t in &w.has_what {
                 match &self.task(*t).state {

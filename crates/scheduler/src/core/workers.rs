@@ -48,6 +48,7 @@ impl SchedulerCore {
             Worker {
                 spec,
                 processing: FxHashSet::default(),
+                long_running: FxHashSet::default(),
                 has_what: FxHashSet::default(),
                 nbytes: 0,
                 last_seen: cx.now,
@@ -91,6 +92,7 @@ impl SchedulerCore {
             }
         }
         for (id, w) in self.workers.iter_mut() {
+            w.long_running.clear();
             let mut held: Vec<TaskId> = w.has_what.drain().chain(w.processing.drain()).collect();
             held.sort();
             for t in held {
@@ -391,6 +393,25 @@ impl SchedulerCore {
         {
             self.set_state(t, TaskState::Released, cx);
             self.compute(t, cx);
+        }
+    }
+
+    /// Tasks on `worker` seceded: they stop counting against its slots, which take more work.
+    pub(super) fn seceded(&mut self, worker: WorkerId, keys: Vec<Key>, cx: &mut Cx<'_>) {
+        for key in keys {
+            let Some(&t) = self.keys.get(&key) else { continue };
+            if !matches!(self.task(t).state, TaskState::Processing { worker: w } if w == worker) {
+                continue; // done, stolen or lost meanwhile
+            }
+            let Some(w) = self.workers.get_mut(&worker) else { continue };
+            let before = occupancy(w);
+            if w.long_running.insert(t) {
+                if w.open() {
+                    self.by_occupancy.remove(&(before, worker));
+                    self.by_occupancy.insert((occupancy(w), worker));
+                }
+                cx.freed.push(worker);
+            }
         }
     }
 }

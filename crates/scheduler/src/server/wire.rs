@@ -137,6 +137,7 @@ pub(super) fn worker_event(worker: WorkerId, e: pb::WorkerEvent) -> Option<Event
             reason: if r.reason.is_empty() { "its lifetime is over".into() } else { r.reason },
         },
         Kind::StealResponse(s) => Event::StealResponse { worker, key: Arc::from(s.key), id: s.id, stolen: s.stolen },
+        Kind::Seceded(l) => Event::TasksSeceded { worker, keys: l.keys.into_iter().map(Arc::from).collect() },
         Kind::Released(_) | Kind::Register(_) => return None,
     })
 }

@@ -15,6 +15,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+use crate::context::WorkerContext;
 use crate::executor::Executor;
 use crate::memory::{MemoryPolicy, Thresholds};
 use crate::state::{ComputeRequest, Event, ExecOutcome, Instruction, Key, WorkerState};
@@ -252,9 +253,11 @@ pub async fn start(
     };
     tracing::info!(address = %address, name = %name, nthreads = config.nthreads, scheduler = %config.scheduler, "worker registered");
 
-    let handle = WorkerHandle { address: address.clone(), name, shutdown: shutdown.clone() };
+    let handle = WorkerHandle { address: address.clone(), name: name.clone(), shutdown: shutdown.clone() };
     let run = async move {
-        let executor = Executor::new(config.nthreads, store.clone(), address.to_string());
+        let context =
+            WorkerContext::new(address.to_string(), name.clone(), config.scheduler.to_string(), config.nthreads);
+        let executor = Executor::new(config.nthreads, store.clone(), context);
         let results = executor.results();
         let mut lp = Loop {
             state: WorkerState::new(config.nthreads).with_resources(&config.resources),
@@ -428,6 +431,13 @@ impl Loop {
                     let batch = results.take();
                     for (key, outcome, duration) in batch.done {
                         self.state.handle(Event::ExecDone { key, outcome, duration }, &mut self.instructions);
+                    }
+                    if !batch.seceded.is_empty() {
+                        self.outgoing.push(pb::WorkerEvent {
+                            kind: Some(pb::worker_event::Kind::Seceded(pb::KeysReleased {
+                                keys: batch.seceded.iter().map(|k| k.to_string()).collect(),
+                            })),
+                        });
                     }
                     if !batch.started.is_empty() {
                         // Starts of tasks no longer running are not reported: nothing to wait for.
