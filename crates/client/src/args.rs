@@ -37,6 +37,10 @@ impl IntoArg<String> for &str {
 
 impl<T> IntoArg<T> for &Future<T> {
     fn into_arg(self, deps: &mut Vec<String>) -> Result<pb::Arg> {
+        // A cancelled input is gone: say so now (the scheduler would only find it unknown).
+        if let Some(reason) = self.cancel_reason() {
+            return Err(Error::Cancelled { key: self.key().to_string(), reason });
+        }
         push_dep(deps, self.key());
         Ok(build::key(self.key()))
     }

@@ -70,10 +70,23 @@ impl<T> Future<T> {
         self.status() == FutureStatus::Cancelled
     }
 
+    /// Why it was cancelled, if it was.
+    pub(crate) fn cancel_reason(&self) -> Option<String> {
+        match self.inner.state.status() {
+            Status::Cancelled(why) => Some(why.to_string()),
+            _ => None,
+        }
+    }
+
     /// Cancels the task for this client: the future turns `cancelled`; the cluster drops the
     /// work unless another client wants it.
     pub fn cancel(&self) {
-        self.inner.client.cancel(std::slice::from_ref(&self.inner.key));
+        self.inner.client.cancel(std::slice::from_ref(&self.inner.key), false, None);
+    }
+
+    /// [`cancel`](Self::cancel) with dask's `force` (for every client holding it) and a reason.
+    pub fn cancel_with(&self, force: bool, reason: Option<&str>) {
+        self.inner.client.cancel(std::slice::from_ref(&self.inner.key), force, reason);
     }
 
     /// The task's error, once it failed (blocks until the task is done).
@@ -81,6 +94,15 @@ impl<T> Future<T> {
         match keys::blocking(|| self.inner.state.wait(None)) {
             Ok(Some(Status::Error(e))) => Some((*e).clone()),
             _ => None,
+        }
+    }
+
+    /// [`exception`](Self::exception), waiting at most `timeout` ([`Error::Timeout`] then).
+    pub fn exception_timeout(&self, timeout: Duration) -> Result<Option<TaskFailure>> {
+        match keys::blocking(|| self.inner.state.wait(Some(Instant::now() + timeout)))? {
+            Some(Status::Error(e)) => Ok(Some((*e).clone())),
+            Some(_) => Ok(None),
+            None => Err(Error::Timeout { what: format!("{} to be done", self.key()), after: timeout }),
         }
     }
 

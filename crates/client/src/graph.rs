@@ -79,6 +79,19 @@ impl Graph {
         }
     }
 
+    /// Gives the task of `key` dask's per-task options: priority, retries, workers (with
+    /// allow_other_workers) and resources (the key, pure and fifo options do not apply).
+    /// Returns false if the graph has no such key.
+    pub fn set_options(&mut self, key: &str, opts: &crate::SubmitOptions) -> Result<bool> {
+        match self.index.get(key) {
+            Some(&i) => {
+                opts.apply_to(&mut self.tasks[i])?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
     pub fn contains(&self, key: &str) -> bool {
         self.index.contains_key(key)
     }

@@ -20,8 +20,9 @@ use crate::{Error, Result};
 pub(crate) trait KeyOwner: Send + Sync {
     /// One handle of `key` (entry `generation`) is gone; the last one releases the key.
     fn release_ref(&self, key: &str, generation: u64);
-    /// Cancels these keys for this client.
-    fn cancel(&self, keys: &[Arc<str>]);
+    /// Cancels these keys for this client (for every client with `force`), and what depends on
+    /// them that no other client wants.
+    fn cancel(&self, keys: &[Arc<str>], force: bool, reason: Option<&str>);
     /// The value of a done key: from its report, or fetched from the workers that hold it.
     fn value<'a>(
         &'a self,

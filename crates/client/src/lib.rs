@@ -15,19 +15,18 @@ mod future;
 mod gather;
 mod graph;
 mod keys;
+mod options;
 mod replies;
 mod wait;
 
 pub use args::{IntoArg, IntoArgs, OneArg};
-pub use client::{
-    CONNECT_TIMEOUT, Client, ClusterStarter, FIFO_TIMEOUT, RESTART_TIMEOUT, ScatterOptions, StartedCluster,
-    SubmitOptions,
-};
+pub use client::{CONNECT_TIMEOUT, Client, ClusterStarter, RESTART_TIMEOUT, StartedCluster};
 pub use coord::{Datasets, Event, Lock, LockGuard, Pub, Queue, Semaphore, Shared, Sub, Variable};
 pub use error::{Error, Result, TaskFailure};
 pub use future::{Future, FutureStatus};
 pub use gather::{Errors, Gatherable};
 pub use graph::{Graph, KeyTree, Nested, Ref};
+pub use options::{FIFO_TIMEOUT, ScatterOptions, SubmitOptions};
 pub use wait::{AsCompleted, ReturnWhen, WaitResult, as_completed, wait};
 
 /// Scheduler and worker descriptions returned by `scheduler_info`.

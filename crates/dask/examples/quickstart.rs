@@ -56,7 +56,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // as_completed.
     let some = client.map(square, 100..105)?;
-    let done: Vec<i64> = as_completed(some).map(|f| f.result()).collect::<Result<_, _>>()?;
+    let done: Vec<i64> = as_completed(some).into_iter().map(|f| f.result()).collect::<Result<_, _>>()?;
     println!("as_completed gave {} results", done.len());
 
     client.close();

@@ -190,11 +190,15 @@ fn map_keys_and_prefix() {
     let keys: Vec<String> = (0..3).map(|i| format!("x-{i}")).collect();
     let fs = client.map_with(inc, (0..3).map(|i| (i,)), SubmitOptions::default(), Some(keys.clone())).unwrap();
     assert_eq!(fs.iter().map(|f| f.key().to_string()).collect::<Vec<_>>(), keys);
-    let fs = client
-        .map_with(inc, (0..3).map(|i| (i,)), SubmitOptions { key: Some("plusone".into()), ..Default::default() }, None)
-        .unwrap();
+    let prefix = SubmitOptions { key_prefix: Some("plusone".into()), batch_size: Some(2), ..Default::default() };
+    let fs = client.map_with(inc, (0..3).map(|i| (i,)), prefix, None).unwrap();
     assert!(fs.iter().all(|f| f.key().starts_with("plusone-")));
     assert_eq!(client.gather(&fs).unwrap(), vec![1, 2, 3]);
+    // `key` names one task: map_with refuses it rather than reading it as a prefix.
+    let exact = SubmitOptions { key: Some("plusone".into()), ..Default::default() };
+    let e = client.map_with(inc, (0..3).map(|i| (i,)), exact.clone(), None).unwrap_err();
+    assert!(matches!(&e, Error::InvalidArgument(m) if m.contains("key_prefix")), "{e}");
+    assert_eq!(client.submit_with(inc, (7,), exact).unwrap().key(), "plusone");
     let sums = client.map_args(add, (0..5).map(|i| (i, i))).unwrap();
     assert_eq!(client.gather(&sums).unwrap(), vec![0, 2, 4, 6, 8]);
 }

@@ -37,68 +37,8 @@ use crate::future::{Future, FutureRef};
 use crate::gather::{Errors, Gatherable, ValueMap};
 use crate::graph::{Graph, KeyTree, Nested};
 use crate::keys::{self, Done, Held, KeyOwner, KeyState, KeyTable, Status};
+use crate::options::{FIFO_TIMEOUT, ScatterOptions, SubmitOptions};
 use crate::{Error, Result};
-
-/// Options of [`Client::submit_with`] (dask's keyword arguments).
-#[derive(Clone, Debug)]
-pub struct SubmitOptions {
-    /// Use this key instead of a generated one.
-    pub key: Option<String>,
-    /// Same function and arguments give the same key, and run once (default true).
-    pub pure: bool,
-    /// Worker addresses or names the task may run on.
-    pub workers: Vec<String>,
-    /// With `workers`: may run elsewhere if those are busy or gone.
-    pub allow_other_workers: bool,
-    /// Times to rerun the task if it fails.
-    pub retries: u32,
-    /// Higher runs first.
-    pub priority: i32,
-    /// Abstract resources the task holds while it runs (dask's `resources={"GPU": 1}`): it runs
-    /// only on a worker with that much free (`dask-worker --resources "GPU=2"`).
-    pub resources: std::collections::BTreeMap<String, f64>,
-    /// dask's `fifo_timeout` (default 100 ms): submitted within this long of this client's
-    /// previous submission, the task shares its priority (the two are ordered together, by
-    /// graph order); submitted later, it runs after everything submitted before.
-    pub fifo_timeout: Duration,
-}
-
-/// dask's default `fifo_timeout`.
-pub const FIFO_TIMEOUT: Duration = Duration::from_millis(100);
-
-impl Default for SubmitOptions {
-    fn default() -> Self {
-        SubmitOptions {
-            key: None,
-            pure: true,
-            workers: Vec::new(),
-            allow_other_workers: false,
-            retries: 0,
-            priority: 0,
-            resources: std::collections::BTreeMap::new(),
-            fifo_timeout: FIFO_TIMEOUT,
-        }
-    }
-}
-
-/// Options of [`Client::scatter_with`].
-#[derive(Clone, Debug)]
-pub struct ScatterOptions {
-    /// Put the data on these workers (addresses or names); default: spread over all.
-    pub workers: Vec<String>,
-    /// Put every value on every (chosen) worker.
-    pub broadcast: bool,
-    /// Name each value by a hash of its bytes (dask's `hash=True`, the default), so scattering
-    /// equal data twice gives one key; `false` gives each value a fresh random key and skips
-    /// hashing (worth it for values of hundreds of MB).
-    pub hash: bool,
-}
-
-impl Default for ScatterOptions {
-    fn default() -> Self {
-        ScatterOptions { workers: Vec::new(), broadcast: false, hash: true }
-    }
-}
 
 /// How `Client::new` starts a local cluster: registered (with `inventory`) by the crate that
 /// has `LocalCluster`, so the client depends on no server crate. Gives the scheduler's address
@@ -132,6 +72,8 @@ pub(crate) struct ClientInner {
     /// A cluster started for this client by `Client::new`, closed (dropped) with it.
     cluster: Mutex<Option<Box<dyn std::any::Any + Send>>>,
     counter: AtomicU64,
+    /// Where the next scattered value goes (round-robin across calls, as dask's).
+    scatter_next: std::sync::atomic::AtomicUsize,
     random: std::collections::hash_map::RandomState,
 }
 
@@ -326,15 +268,20 @@ impl KeyOwner for ClientInner {
         }
     }
 
-    fn cancel(&self, keys: &[Arc<str>]) {
+    fn cancel(&self, keys: &[Arc<str>], force: bool, reason: Option<&str>) {
+        let why: Arc<str> = Arc::from(reason.unwrap_or("cancelled by this client"));
         for k in keys {
             if let Some(s) = self.table.get(k) {
-                s.set(Status::Cancelled(Arc::from("cancelled by this client")));
+                s.set(Status::Cancelled(why.clone()));
             }
             // A later submission of the key is a new computation, not this cancelled one.
             self.table.detach(k);
         }
-        self.send(pb::client_op::Kind::Cancel(pb::KeyList { keys: keys.iter().map(|k| k.to_string()).collect() }));
+        self.send(pb::client_op::Kind::Cancel(pb::CancelKeys {
+            keys: keys.iter().map(|k| k.to_string()).collect(),
+            force,
+            reason: reason.unwrap_or_default().to_string(),
+        }));
     }
 
     fn value<'a>(
@@ -610,7 +557,7 @@ async fn open_stream(addr: &Address, timeout: Duration) -> Result<Opened> {
     loop {
         let left = timeout.saturating_sub(started.elapsed());
         let attempt = async {
-            let channel = endpoint.connect().await.map_err(|e| dask_protocol::error_chain(&e))?;
+            let channel = endpoint.connect().await.map_err(|e| (dask_protocol::error_chain(&e), false))?;
             let mut scheduler = SchedulerClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE);
@@ -622,16 +569,27 @@ async fn open_stream(addr: &Address, timeout: Duration) -> Result<Opened> {
                     kind: Some(pb::client_op::Kind::Hello(pb::ClientHello { client_id: client_id.clone() })),
                 }],
             });
-            let inbound = scheduler
-                .client_stream(UnboundedReceiverStream::new(stream_rx))
-                .await
-                .map_err(|s| format!("{} ({})", s.message(), s.code()))?
-                .into_inner();
-            Ok::<_, String>((scheduler, stream_tx, inbound, client_id))
+            let inbound = scheduler.client_stream(UnboundedReceiverStream::new(stream_rx)).await.map_err(|s| {
+                let why = format!("{} ({})", s.message(), s.code());
+                (why, not_a_scheduler(&s))
+            })?;
+            let mut scheduler = scheduler;
+            // Something answers: make sure it is a dask scheduler before saying we are connected.
+            scheduler.info(pb::Empty {}).await.map_err(|s| {
+                let why = format!("{} ({})", s.message(), s.code());
+                (why, not_a_scheduler(&s))
+            })?;
+            Ok::<_, (String, bool)>((scheduler, stream_tx, inbound.into_inner(), client_id))
         };
         let why = match tokio::time::timeout(left, attempt).await {
             Ok(Ok(opened)) => return Ok(opened),
-            Ok(Err(why)) => why,
+            Ok(Err((why, true))) => {
+                return Err(connect_err(format!(
+                    "the server there is not a dask scheduler ({why}); check the address and port (the \
+                     scheduler listens on 8786 by default)"
+                )));
+            }
+            Ok(Err((why, false))) => why,
             Err(_) => "timed out".to_string(),
         };
         if started.elapsed() + delay >= timeout {
@@ -641,6 +599,14 @@ async fn open_stream(addr: &Address, timeout: Duration) -> Result<Opened> {
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_millis(500));
     }
+}
+
+/// An answer that shows the peer is some other server, not a dask scheduler starting up.
+fn not_a_scheduler(s: &tonic::Status) -> bool {
+    matches!(s.code(), tonic::Code::Unimplemented | tonic::Code::NotFound)
+        || (s.code() == tonic::Code::Unknown && s.message().contains("content-type"))
+        || s.message().contains("grpc-status header missing")
+        || s.message().contains("invalid content-type")
 }
 
 async fn connect_inner(addr: Address, timeout: Duration, handle: tokio::runtime::Handle) -> Result<Client> {
@@ -681,6 +647,7 @@ async fn connect_inner(addr: Address, timeout: Duration, handle: tokio::runtime:
         finished,
         cluster: Mutex::new(None),
         counter: AtomicU64::new(0),
+        scatter_next: std::sync::atomic::AtomicUsize::new(0),
         random: std::collections::hash_map::RandomState::new(),
     });
     Ok(Client { inner })

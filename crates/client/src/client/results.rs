@@ -14,6 +14,15 @@ impl Client {
         self.inner.block_on(self.gather_async_with(what, errors))
     }
 
+    /// [`gather`](Self::gather), giving up with [`Error::Timeout`] after `timeout`.
+    pub fn gather_timeout<G: Gatherable + ?Sized>(&self, what: &G, timeout: Duration) -> Result<G::Output> {
+        self.inner.block_on(async {
+            tokio::time::timeout(timeout, self.gather_async_with(what, Errors::Raise))
+                .await
+                .map_err(|_| Error::Timeout { what: "the values gathered".into(), after: timeout })?
+        })
+    }
+
     pub async fn gather_async<G: Gatherable + ?Sized>(&self, what: &G) -> Result<G::Output> {
         self.gather_async_with(what, Errors::Raise).await
     }
@@ -37,13 +46,16 @@ impl Client {
         Ok(self.scatter(vec![value])?.pop().expect("one value"))
     }
 
-    /// Puts each value of a map on the workers; the result maps the same keys to futures.
-    pub fn scatter_map<K: Eq + Hash + Clone, T: Serialize + 'static>(
+    /// Puts each value of a map on the workers, under the map's keys as task keys (as dask
+    /// does with a dict); the result maps the same keys to futures.
+    pub fn scatter_map<K: Eq + Hash + Clone + std::fmt::Display, T: Serialize + 'static>(
         &self,
         values: HashMap<K, T>,
     ) -> Result<HashMap<K, Future<T>>> {
         let (ks, vs): (Vec<K>, Vec<T>) = values.into_iter().unzip();
-        Ok(ks.into_iter().zip(self.scatter(vs)?).collect())
+        let keys = ks.iter().map(|k| k.to_string()).collect();
+        let opts = ScatterOptions { keys: Some(keys), ..Default::default() };
+        Ok(ks.into_iter().zip(self.scatter_with(vs, opts)?).collect())
     }
 
     pub fn scatter_with<T: Serialize + 'static>(&self, values: Vec<T>, opts: ScatterOptions) -> Result<Vec<Future<T>>> {
@@ -56,7 +68,32 @@ impl Client {
         opts: ScatterOptions,
     ) -> Result<Vec<Future<T>>> {
         self.check_open()?;
-        let info = self.scheduler_info_async().await?;
+        if let Some(keys) = &opts.keys {
+            if keys.len() != values.len() {
+                return Err(Error::InvalidArgument(format!(
+                    "scatter of {} values was given {} keys: give one key per value",
+                    values.len(),
+                    keys.len()
+                )));
+            }
+            if let Some(k) = keys.iter().find(|k| k.is_empty()) {
+                return Err(Error::InvalidArgument(format!("a scatter key must not be empty ({k:?})")));
+            }
+        }
+        let mut info = self.scheduler_info_async().await?;
+        if info.workers.is_empty() && opts.workers.is_empty() {
+            // As dask: wait (up to the timeout) for a worker to put the data on.
+            match self.wait_for_workers_async(1, Some(opts.timeout)).await {
+                Ok(()) => info = self.scheduler_info_async().await?,
+                Err(Error::Timeout { .. }) => {
+                    return Err(Error::Timeout {
+                        what: "a worker to scatter to (none is connected: start some)".into(),
+                        after: opts.timeout,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let mut targets: Vec<String> = info
             .workers
             .iter()
@@ -64,25 +101,28 @@ impl Client {
             .map(|w| w.address.clone())
             .collect();
         if targets.is_empty() {
-            return Err(Error::InvalidArgument(if opts.workers.is_empty() {
-                "no workers to scatter to: start some, or wait_for_workers first".into()
-            } else {
-                format!("none of the workers {:?} is connected", opts.workers)
-            }));
+            return Err(Error::InvalidArgument(format!("none of the workers {:?} is connected", opts.workers)));
         }
         targets.sort();
+        // Round-robin across calls: ten one-value scatters spread over the workers.
+        let first = self.inner.scatter_next.fetch_add(values.len(), std::sync::atomic::Ordering::Relaxed);
+        let copies = match (opts.broadcast, opts.broadcast_n) {
+            (true, Some(n)) => n.clamp(1, targets.len()),
+            (true, None) => targets.len(),
+            (false, _) => 1,
+        };
+        let mut given_keys = opts.keys.clone().map(Vec::into_iter);
         let type_name = short_type_name::<T>();
         let mut per_worker: HashMap<String, Vec<(String, Value)>> = HashMap::new();
         let mut placed: Vec<pb::ScatteredKey> = Vec::with_capacity(values.len());
         for (i, v) in values.into_iter().enumerate() {
             let value = Value::from_owned(v)?;
-            let key = if opts.hash {
-                dask_protocol::tokenize::key(&type_name, &value.data)
-            } else {
-                self.inner.unique_key(&type_name)
+            let key = match given_keys.as_mut().and_then(Iterator::next) {
+                Some(k) => k,
+                None if opts.hash => dask_protocol::tokenize::key(&type_name, &value.data),
+                None => self.inner.unique_key(&type_name),
             };
-            let holders: Vec<String> =
-                if opts.broadcast { targets.clone() } else { vec![targets[i % targets.len()].clone()] };
+            let holders: Vec<String> = (0..copies).map(|c| targets[(first + i + c) % targets.len()].clone()).collect();
             for w in &holders {
                 per_worker.entry(w.clone()).or_default().push((key.clone(), value.clone()));
             }
@@ -109,10 +149,17 @@ impl Client {
         Ok(futures)
     }
 
-    /// Cancels these futures.
+    /// Cancels these futures, and the tasks downstream of them that no other client wants
+    /// (their futures turn `cancelled` too). Another client's future of the same key runs on.
     pub fn cancel<T>(&self, futures: &[Future<T>]) {
+        self.cancel_with(futures, false, None);
+    }
+
+    /// [`cancel`](Self::cancel) with dask's `force` (cancel them for every client that holds
+    /// them) and a `reason` the other cancelled futures give.
+    pub fn cancel_with<T>(&self, futures: &[Future<T>], force: bool, reason: Option<&str>) {
         let keys: Vec<Arc<str>> = futures.iter().map(|f| f.inner.key.clone()).collect();
-        self.inner.cancel(&keys);
+        self.inner.cancel(&keys, force, reason);
     }
 
     /// Lets the task run to completion even though nobody holds its future, even after this

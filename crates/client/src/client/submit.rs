@@ -18,7 +18,10 @@ impl Client {
         self.check_open()?;
         let mut deps = Vec::new();
         let arg = args.into_args(&mut deps)?;
-        let def = self.task_def::<T>(arg, deps, opts.key.clone(), opts.pure, &opts)?;
+        let mut def = self.task_def::<T>(arg, deps, opts.key.clone(), opts.pure, &opts)?;
+        if let (None, Some(prefix)) = (&opts.key, &opts.key_prefix) {
+            with_prefix(&mut def.key, prefix);
+        }
         let (r, _) = self.inner.new_ref(&def.key);
         let key = def.key.clone();
         self.inner.send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph {
@@ -46,27 +49,9 @@ impl Client {
             None if pure => dask_protocol::tokenize::key(T::NAME, &spec),
             None => self.inner.unique_key(T::NAME),
         };
-        if let Some((name, amount)) =
-            opts.resources.iter().find(|(n, a)| n.is_empty() || !(a.is_finite() && **a >= 0.0))
-        {
-            return Err(Error::InvalidArgument(format!(
-                "resource {name:?} = {amount}: give a name and an amount of zero or more, e.g. GPU = 1"
-            )));
-        }
-        Ok(pb::TaskDef {
-            key,
-            spec: Bytes::from(spec),
-            dependencies: deps,
-            priority: opts.priority,
-            retries: opts.retries,
-            workers: opts.workers.clone(),
-            allow_other_workers: opts.allow_other_workers,
-            resources: opts
-                .resources
-                .iter()
-                .map(|(name, amount)| pb::Resource { name: name.clone(), amount: *amount })
-                .collect(),
-        })
+        let mut def = pb::TaskDef { key, spec: Bytes::from(spec), dependencies: deps, ..Default::default() };
+        opts.apply_to(&mut def)?;
+        Ok(def)
     }
 
     /// Runs a one-parameter function over each item: `client.map(inc, 0..100)`.
@@ -91,8 +76,9 @@ impl Client {
         self.map_with(f, items, SubmitOptions::default(), None)
     }
 
-    /// `map_args` with options; `keys` (when given) names each task; otherwise `opts.key`, if set,
-    /// is a prefix (`prefix-<token>`).
+    /// `map_args` with options; `keys` (when given) names each task; otherwise
+    /// `opts.key_prefix`, if set, is a prefix (`prefix-<token>`). `opts.key` names one task, so
+    /// it is refused here.
     pub fn map_with<T, I, A>(
         &self,
         _f: T,
@@ -106,14 +92,19 @@ impl Client {
         I: IntoIterator<Item = A>,
     {
         self.check_open()?;
-        const BATCH: usize = 10_000;
+        if let Some(k) = &opts.key {
+            return Err(Error::InvalidArgument(format!(
+                "SubmitOptions.key ({k:?}) names one task: give map_with a key_prefix, or a key per item"
+            )));
+        }
+        let batch = opts.batch_size.unwrap_or(10_000).max(1);
         let items = items.into_iter();
         // Sized once for the whole map rather than grown (and rehashed) on the way.
         let expected = items.size_hint().0;
         self.inner.table.reserve(expected);
         let mut futures = Vec::with_capacity(expected);
-        let mut tasks = Vec::with_capacity(expected.min(BATCH));
-        let mut wants = Vec::with_capacity(expected.min(BATCH));
+        let mut tasks = Vec::with_capacity(expected.min(batch));
+        let mut wants = Vec::with_capacity(expected.min(batch));
         let mut keys = keys.map(|k| k.into_iter());
         for args in items {
             let mut deps = Vec::new();
@@ -123,9 +114,8 @@ impl Client {
                 None => None,
             };
             let mut def = self.task_def::<T>(arg, deps, key.clone(), opts.pure, &opts)?;
-            if let (None, Some(prefix)) = (&key, &opts.key) {
-                let token = def.key.rsplit('-').next().unwrap_or_default().to_string();
-                def.key = format!("{prefix}-{token}");
+            if let (None, Some(prefix)) = (&key, &opts.key_prefix) {
+                with_prefix(&mut def.key, prefix);
             }
             let (r, fresh) = self.inner.new_ref(&def.key);
             futures.push(Future::from_ref(r));
@@ -133,7 +123,7 @@ impl Client {
                 wants.push(def.key.clone());
                 tasks.push(def);
             }
-            if tasks.len() >= BATCH {
+            if tasks.len() >= batch {
                 self.inner.send(pb::client_op::Kind::UpdateGraph(pb::UpdateGraph {
                     tasks: std::mem::take(&mut tasks),
                     wants: std::mem::take(&mut wants),
@@ -155,6 +145,12 @@ impl Client {
     pub fn get<T: DeserializeOwned + 'static>(&self, graph: &Graph, key: &str) -> Result<T> {
         let mut v = self.get_many::<T>(graph, &[key])?;
         Ok(v.pop().expect("one key"))
+    }
+
+    /// [`get`](Self::get), giving up with [`Error::Timeout`] after `timeout` (the tasks go on).
+    pub fn get_timeout<T: DeserializeOwned + 'static>(&self, graph: &Graph, key: &str, timeout: Duration) -> Result<T> {
+        let futures = self.compute_graph::<T>(graph, &[key])?;
+        Ok(self.gather_timeout(&futures, timeout)?.pop().expect("one key"))
     }
 
     /// Runs a whole graph and returns the values of `keys`, in order.
@@ -195,4 +191,10 @@ impl Client {
         }));
         Ok(futures)
     }
+}
+
+/// `inc-<token>` becomes `<prefix>-<token>`.
+fn with_prefix(key: &mut String, prefix: &str) {
+    let token = key.rsplit('-').next().unwrap_or_default().to_string();
+    *key = format!("{prefix}-{token}");
 }

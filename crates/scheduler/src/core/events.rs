@@ -96,6 +96,10 @@ pub enum Event {
     CancelKeys {
         client: ClientId,
         keys: Vec<Key>,
+        /// Cancel for every client that wants them, not only this one.
+        force: bool,
+        /// Why, as the other futures cancelled with them will say.
+        reason: Option<String>,
     },
     /// The client put these values on workers (scatter) and holds futures for them.
     Scattered {

@@ -341,6 +341,78 @@ impl SchedulerCore {
         }
     }
 
+    /// dask's `cancel`: each key is released for `client`, which hears `cancelled`. If no other
+    /// client wants it (or with `force`), everything downstream of it is cancelled too: each
+    /// wanted dependent is released for the clients that want it (all of them with `force`;
+    /// otherwise only `client`, and only if no one else wants it), and they hear why.
+    pub(super) fn cancel(
+        &mut self,
+        client: ClientId,
+        keys: Vec<Key>,
+        force: bool,
+        reason: Option<String>,
+        cx: &mut Cx<'_>,
+    ) {
+        let mut downstream: Vec<TaskId> = Vec::new();
+        let mut seen: FxHashSet<TaskId> = FxHashSet::default();
+        for key in keys {
+            if let Some(&t) = self.keys.get(&key) {
+                let others = self.task(t).who_wants.iter().any(|c| *c != client && !c.is_holder());
+                if force || !others {
+                    // The whole cone below it, once.
+                    let mut stack: Vec<TaskId> = self.task(t).dependents.iter().copied().collect();
+                    while let Some(d) = stack.pop() {
+                        if seen.insert(d) {
+                            downstream.push(d);
+                            stack.extend(self.task(d).dependents.iter().copied());
+                        }
+                    }
+                }
+                if force {
+                    let why: Arc<str> = Arc::from(reason.clone().unwrap_or_else(|| format!("{key} was cancelled")));
+                    for c in self.task(t).who_wants.clone() {
+                        if c != client && !c.is_holder() {
+                            self.client_release(c, t, cx);
+                            cx.out.push(Command::Report {
+                                client: c,
+                                key: key.clone(),
+                                report: Report::Cancelled(Some(why.clone())),
+                            });
+                        }
+                    }
+                }
+                if self.task(t).who_wants.contains(&client) {
+                    self.client_release(client, t, cx);
+                }
+            }
+            cx.out.push(Command::Report { client, key, report: Report::Cancelled(None) });
+        }
+        downstream.sort_by_key(|d| self.task(*d).order);
+        for d in downstream {
+            let task = self.task(d);
+            let wanters: Vec<ClientId> = task.who_wants.iter().copied().filter(|c| !c.is_holder()).collect();
+            let others = wanters.iter().any(|c| *c != client);
+            let cancel_for: Vec<ClientId> = match (force, others) {
+                (true, _) => wanters,
+                (false, false) => wanters, // only `client`, or nobody
+                (false, true) => continue, // another client still wants it: it runs on
+            };
+            let key = task.key.clone();
+            let why: Arc<str> = Arc::from(match &reason {
+                Some(r) => format!("{r} (it depends on a cancelled task)"),
+                None => "a task it depends on was cancelled".to_string(),
+            });
+            for c in cancel_for {
+                self.client_release(c, d, cx);
+                cx.out.push(Command::Report {
+                    client: c,
+                    key: key.clone(),
+                    report: Report::Cancelled(Some(why.clone())),
+                });
+            }
+        }
+    }
+
     pub(super) fn unwant(&mut self, t: TaskId, client: ClientId, cx: &mut Cx<'_>) {
         let task = self.task_mut(t);
         task.who_wants.retain(|c| *c != client);

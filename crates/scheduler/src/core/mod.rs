@@ -41,6 +41,7 @@
 //!   exist.
 //! * A worker's `processing` set holds exactly the tasks Processing on it.
 
+mod adaptive;
 mod copies;
 mod events;
 mod graph;
@@ -66,6 +67,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use smallvec::SmallVec;
 use thin_vec::ThinVec;
 
+pub use adaptive::AdaptiveTarget;
 pub use events::{Command, DepLocation, Event, InlineValue, NewTask, NoticeLevel, Report, TaskError, WorkerSpec};
 pub use placement::key_prefix;
 pub use queue::ReadyQueue;
@@ -613,16 +615,7 @@ impl SchedulerCore {
                     }
                 }
             }
-            Event::CancelKeys { client, keys } => {
-                for key in keys {
-                    if let Some(&t) = self.keys.get(&key)
-                        && self.task(t).who_wants.contains(&client)
-                    {
-                        self.client_release(client, t, cx);
-                    }
-                    cx.out.push(Command::Report { client, key, report: Report::Cancelled(None) });
-                }
-            }
+            Event::CancelKeys { client, keys, force, reason } => self.cancel(client, keys, force, reason, cx),
             Event::Scattered { client, keys } => self.scattered(client, keys, cx),
             Event::WorkerJoined { worker, spec } => self.worker_joined(worker, spec, cx),
             Event::WorkerLost { worker, reason, expected } => self.remove_worker(worker, &reason, expected, cx),

@@ -40,6 +40,10 @@ impl ReadyQueue {
     pub fn len(&self) -> usize {
         self.0.len()
     }
+    /// Tasks in the order they would run.
+    pub fn iter(&self) -> impl Iterator<Item = TaskId> + '_ {
+        self.0.iter().map(|k| k.2)
+    }
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

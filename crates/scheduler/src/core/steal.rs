@@ -197,7 +197,7 @@ impl SchedulerCore {
     }
 
     /// Expected run time of `t`: the measured average of its kind.
-    fn expected_ns(&self, t: TaskId) -> f64 {
+    pub(super) fn expected_ns(&self, t: TaskId) -> f64 {
         let p = &self.prefixes[self.task(t).prefix as usize];
         p.avg_ns.unwrap_or(self.config.unknown_duration.as_nanos() as f64)
     }

@@ -932,7 +932,7 @@ fn cancel_reports_cancelled_and_stops_the_computation() {
     let mut h = Harness::new();
     h.join(1, 1);
     h.submit(C1, vec![task("x", &[])], &["x"]);
-    let out = h.handle(Event::CancelKeys { client: C1, keys: vec![k("x"), k("unknown")] });
+    let out = h.handle(Event::CancelKeys { client: C1, keys: vec![k("x"), k("unknown")], force: false, reason: None });
     assert_eq!(frees(&out), vec![(1, s("x"))]);
     assert_eq!(reports(&out), vec![(C1, s("x"), Report::Cancelled(None)), (C1, s("unknown"), Report::Cancelled(None))]);
     assert_eq!(h.core.n_tasks(), 0);
@@ -944,9 +944,33 @@ fn cancel_by_one_client_leaves_another_clients_future() {
     h.join(1, 1);
     h.submit(C1, vec![task("x", &[])], &["x"]);
     h.handle(Event::Want { client: C2, keys: vec![k("x")] });
-    let out = h.handle(Event::CancelKeys { client: C1, keys: vec![k("x")] });
+    let out = h.handle(Event::CancelKeys { client: C1, keys: vec![k("x")], force: false, reason: None });
     assert_eq!(out, vec![Command::Report { client: C1, key: k("x"), report: Report::Cancelled(None) }]);
     assert_eq!(h.runs_on("x"), 1);
+}
+
+#[test]
+fn cancel_takes_the_dependents_no_other_client_wants_with_it() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    // y = f(x) and z = g(y) wanted by C1; w = h(x) wanted by C2 too.
+    h.submit(C1, vec![task("x", &[]), task("y", &["x"]), task("z", &["y"]), task("w", &["x"])], &["x", "z", "w"]);
+    h.handle(Event::Want { client: C2, keys: vec![k("w")] });
+    let out = h.handle(Event::CancelKeys { client: C1, keys: vec![k("x")], force: false, reason: Some("stop".into()) });
+    let mut got = reports(&out);
+    got.sort_by(|a, b| a.1.cmp(&b.1));
+    let why = |r: &Report| matches!(r, Report::Cancelled(Some(w)) if w.contains("stop"));
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0], (C1, s("x"), Report::Cancelled(None)));
+    assert!(got[1].0 == C1 && got[1].1 == "z" && why(&got[1].2), "{got:?}");
+    // C2 still wants w, which needs x: both live on; y and z are gone.
+    assert_eq!(h.runs_on("x"), 1);
+    assert!(h.core.task_state("z").is_none() && h.core.task_state("y").is_none());
+    assert!(h.core.task_state("w").is_some());
+    // Forced, C2's w is cancelled too, and everything goes.
+    let out = h.handle(Event::CancelKeys { client: C1, keys: vec![k("x")], force: true, reason: None });
+    assert!(reports(&out).iter().any(|(c, key, r)| *c == C2 && key == "w" && matches!(r, Report::Cancelled(Some(_)))));
+    assert_eq!(h.core.n_tasks(), 0);
 }
 
 #[test]
@@ -1908,4 +1932,38 @@ fn a_seceded_task_gives_its_slot_to_the_next_one() {
     h.finish(1, "slow-child", 1);
     h.finish(1, "slow-parent", 1);
     assert_eq!(h.state("slow-parent").name(), "memory");
+}
+
+#[test]
+fn adaptive_target_asks_for_workers_by_queued_work_and_frees_idle_ones() {
+    let mut h = Harness::new();
+    let five = Duration::from_secs(5);
+    // No workers, work waiting: at least one.
+    h.submit(C1, vec![task("slow-0", &[])], &["slow-0"]);
+    assert_eq!(h.core.adaptive_target(five).target, 1);
+    h.join(1, 1);
+    h.finish_in(1, "slow-0", 1, Duration::from_secs(1));
+    // Twenty tasks of a second each on one thread: 20 s of work, 5 s wanted: 4 workers.
+    let keys: Vec<String> = (1..=20).map(|i| format!("slow-{i}")).collect();
+    let refs: Vec<&str> = keys.iter().map(|x| x.as_str()).collect();
+    h.submit(C1, refs.iter().map(|x| task(x, &[])).collect(), &refs);
+    assert_eq!(h.core.adaptive_target(five), AdaptiveTarget { target: 4, to_close: vec![] });
+    // Three more workers of one thread; all done: one is enough, the idle others may go, the
+    // emptiest first; the last one stays.
+    for i in 2..=4 {
+        h.join(i, 1);
+    }
+    for (n, k) in keys.iter().enumerate() {
+        let w = h.runs_on(k);
+        h.finish_in(w, k, 10 * (n as u64 + 1), Duration::from_secs(1));
+    }
+    let t = h.core.adaptive_target(five);
+    assert_eq!(t.target, 1, "{t:?}");
+    assert_eq!(t.to_close.len(), 3);
+    // Few tasks do not ask for more workers than tasks, however long they are.
+    let out = h.submit(C1, vec![task("slow-long", &[])], &["slow-long"]);
+    let w = computes(&out)[0].0;
+    h.finish_in(w, "slow-long", 1, Duration::from_secs(3600));
+    h.submit(C1, vec![task("slow-x", &[])], &["slow-x"]);
+    assert!(h.core.adaptive_target(five).target <= 4);
 }

@@ -540,6 +540,13 @@ impl EventLoop {
             Query::Info(reply) => {
                 let _ = reply.send(self.info());
             }
+            Query::AdaptiveTarget(d, reply) => {
+                let t = self.core.adaptive_target(d);
+                let _ = reply.send(pb::AdaptiveReply {
+                    target: t.target as u32,
+                    to_close: t.to_close.iter().map(|n| n.to_string()).collect(),
+                });
+            }
             Query::WaitForWorkers(n, reply) => {
                 if self.core.n_workers() >= n {
                     let _ = reply.send(self.info());

@@ -92,6 +92,13 @@ impl SchedulerHandle {
     }
 
     /// Waits until `n` workers are connected; `None` if the scheduler stopped first.
+    /// dask's `adaptive_target(target_duration)`.
+    pub async fn adaptive_target(&self, target_duration: Duration) -> Option<pb::AdaptiveReply> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(LoopMsg::Query(Query::AdaptiveTarget(target_duration, tx))).ok()?;
+        rx.await.ok()
+    }
+
     pub async fn wait_for_workers(&self, n: usize) -> Option<pb::SchedulerInfo> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(LoopMsg::Query(Query::WaitForWorkers(n, tx))).ok()?;
@@ -168,6 +175,7 @@ enum Query {
     HasWhat(oneshot::Sender<pb::HasWhatReply>),
     Info(oneshot::Sender<pb::SchedulerInfo>),
     WaitForWorkers(usize, oneshot::Sender<pb::SchedulerInfo>),
+    AdaptiveTarget(Duration, oneshot::Sender<pb::AdaptiveReply>),
 }
 
 /// Starts a scheduler on `listener`; it runs until `shutdown` is cancelled.

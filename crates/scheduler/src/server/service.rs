@@ -215,6 +215,21 @@ impl pb::scheduler_server::Scheduler for Service {
         Ok(Response::new(rx.await.map_err(|_| closed())?))
     }
 
+    async fn adaptive_target(
+        &self,
+        request: Request<pb::AdaptiveRequest>,
+    ) -> Result<Response<pb::AdaptiveReply>, Status> {
+        let s = request.into_inner().target_duration_s;
+        let d = match s {
+            0.0 => Duration::from_secs(5),
+            s => Duration::try_from_secs_f64(s)
+                .map_err(|_| Status::invalid_argument(format!("target_duration {s} s is not a duration")))?,
+        };
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(LoopMsg::Query(Query::AdaptiveTarget(d, tx))).map_err(|_| closed())?;
+        Ok(Response::new(rx.await.map_err(|_| closed())?))
+    }
+
     async fn info(&self, _: Request<pb::Empty>) -> Result<Response<pb::SchedulerInfo>, Status> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(LoopMsg::Query(Query::Info(tx))).map_err(|_| closed())?;

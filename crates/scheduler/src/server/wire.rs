@@ -270,7 +270,12 @@ fn client_event(client: ClientId, kind: pb::client_op::Kind) -> Option<Event> {
             wants: g.wants.into_iter().map(Arc::from).collect(),
         },
         Kind::Release(l) => Event::ReleaseKeys { client, keys: keys(l) },
-        Kind::Cancel(l) => Event::CancelKeys { client, keys: keys(l) },
+        Kind::Cancel(c) => Event::CancelKeys {
+            client,
+            keys: c.keys.into_iter().map(Arc::from).collect(),
+            force: c.force,
+            reason: Some(c.reason).filter(|r| !r.is_empty()),
+        },
         Kind::Want(l) => Event::Want { client, keys: keys(l) },
         Kind::FireAndForget(l) => Event::Want { client: core::FIRE_AND_FORGET, keys: keys(l) },
         Kind::Scattered(s) => Event::Scattered {
