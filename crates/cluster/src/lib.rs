@@ -3,8 +3,11 @@
 //! This crate sits above the client, the scheduler and the worker: the client builds no server,
 //! and `Client::new()` finds the local cluster it starts through [`dask_client::ClusterStarter`],
 //! registered here.
+mod adaptive;
 mod local;
+mod pool;
 
+pub use adaptive::AdaptOptions;
 pub use local::{LocalCluster, LocalClusterBuilder, init};
 
 fn start_default() -> dask_client::Result<dask_client::StartedCluster> {

@@ -2,6 +2,7 @@
 //! client. Each worker runs under a nanny (`dask_nanny`, in this process): as tasks of an
 //! in-process runtime with their executor threads (`processes(false)`, the default), or as child
 //! processes (`processes(true)`). They run every `#[dask::task]` linked into this program.
+use std::sync::Arc;
 use std::time::Duration;
 
 use dask_nanny::{Child, ExitStatus, Launcher, NannyConfig, NannyHandle, ProcessLauncher, Signal};
@@ -12,6 +13,9 @@ use dask_worker::server::{self as worker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
 use dask_client::{Error, Result};
+
+use crate::adaptive::{self, AdaptOptions};
+use crate::pool::Pool;
 
 /// Builder of a [`LocalCluster`] (dask's keyword arguments).
 #[derive(Clone, Debug)]
@@ -92,6 +96,16 @@ impl LocalClusterBuilder {
     }
 
     /// Starts the scheduler and the workers, and waits until every worker is registered.
+    /// Threads of each worker: as set, or the cores divided among the workers.
+    pub(crate) fn threads(&self) -> usize {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        self.threads_per_worker.unwrap_or_else(|| (cores / self.n_workers.unwrap_or(cores).max(1)).max(1))
+    }
+
+    pub(crate) fn memory_limit_bytes(&self) -> u64 {
+        self.memory_limit
+    }
+
     /// Every worker runs under a nanny (in this process), so `Client::restart` works and a
     /// worker that dies is replaced.
     pub fn build(self) -> Result<LocalCluster> {
@@ -99,8 +113,7 @@ impl LocalClusterBuilder {
         crate::init();
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let n_workers = self.n_workers.unwrap_or(cores);
-        let threads = self.threads_per_worker.unwrap_or_else(|| (cores / n_workers.max(1)).max(1));
-        if threads == 0 {
+        if self.threads() == 0 {
             return Err(Error::InvalidArgument("threads_per_worker must be at least 1".into()));
         }
         if let Some((n, a)) = self.resources.iter().find(|(n, a)| n.is_empty() || !(a.is_finite() && *a >= 0.0)) {
@@ -116,15 +129,8 @@ impl LocalClusterBuilder {
             .build()
             .map_err(|e| Error::Cluster(format!("failed to start a runtime: {e}")))?;
         let shutdown = CancellationToken::new();
-        let mut cluster = LocalCluster {
-            runtime: None,
-            scheduler: None,
-            nannies: Vec::new(),
-            runs: Vec::new(),
-            shutdown: shutdown.clone(),
-            spec: None,
-            next_index: 0,
-        };
+        let mut cluster =
+            LocalCluster { runtime: None, scheduler: None, pool: None, shutdown: shutdown.clone(), adaptive: None };
         let result = runtime.block_on(async {
             let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.scheduler_port))
                 .await
@@ -134,40 +140,31 @@ impl LocalClusterBuilder {
             let (sched, run) =
                 scheduler::run(listener, config, shutdown.clone()).await.map_err(|e| Error::Cluster(e.to_string()))?;
             tokio::spawn(run);
-            let address = sched.address.clone();
+            let pool = Arc::new(Pool::new(self.clone(), settings.clone(), sched.clone(), shutdown.clone()));
             cluster.scheduler = Some(sched);
-            for i in 0..n_workers {
-                let (handle, run) = spawn_nanny(&self, &settings, &address, i, &shutdown).await?;
-                cluster.nannies.push(handle);
-                cluster.runs.push(run);
-            }
-            let sched = cluster.scheduler.as_ref().expect("started");
-            match tokio::time::timeout(WORKER_START_TIMEOUT, sched.wait_for_workers(n_workers)).await {
-                Ok(Some(_)) => Ok(()),
-                _ => Err(Error::Cluster(format!(
-                    "{n_workers} workers did not all register within {WORKER_START_TIMEOUT:?}; if the workers \
-                     are this program (processes(true)), call dask::init() first thing in main"
-                ))),
-            }
+            cluster.pool = Some(pool.clone());
+            pool.start(n_workers).await.map_err(|e| match e {
+                Error::Cluster(why) => Error::Cluster(format!(
+                    "{why}; if the workers are this program (processes(true)), call dask::init() first thing in main"
+                )),
+                e => e,
+            })
         });
         cluster.runtime = Some(runtime);
-        cluster.next_index = n_workers;
-        cluster.spec = Some((self, settings));
         result?;
         Ok(cluster)
     }
 }
 
 /// Starts the nanny of worker `i` (named `local-{i}`) and the task that runs it.
-async fn spawn_nanny(
+pub(crate) async fn spawn_nanny(
     b: &LocalClusterBuilder,
     settings: &Config,
     address: &Address,
     i: usize,
     shutdown: &CancellationToken,
 ) -> Result<(NannyHandle, tokio::task::JoinHandle<()>)> {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let threads = b.threads_per_worker.unwrap_or_else(|| (cores / b.n_workers.unwrap_or(cores).max(1)).max(1));
+    let threads = b.threads();
     let name = format!("local-{i}");
     let launcher: Box<dyn Launcher> = if b.processes {
         Box::new(process_launcher(b, address, &name, threads)?)
@@ -200,7 +197,7 @@ async fn spawn_nanny(
 }
 
 /// How long workers may take to start and register.
-const WORKER_START_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const WORKER_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Environment of a worker process started by a `LocalCluster` running this program again.
 pub(crate) const ENV_SCHEDULER: &str = "DASK_RS_LOCAL_WORKER_OF";
@@ -408,18 +405,16 @@ fn run_local_worker(address: &str) -> Result<ExitStatus> {
 pub struct LocalCluster {
     runtime: Option<tokio::runtime::Runtime>,
     scheduler: Option<SchedulerHandle>,
-    nannies: Vec<NannyHandle>,
-    runs: Vec<tokio::task::JoinHandle<()>>,
+    /// Its workers (shared with `Adaptive`, which scales them in the background).
+    pool: Option<Arc<Pool>>,
     shutdown: CancellationToken,
-    /// How it was built (to start more workers alike), and the configuration read then.
-    spec: Option<(LocalClusterBuilder, Config)>,
-    /// The number in the next worker's name (`local-N`): names are never reused.
-    next_index: usize,
+    /// Stops the running `adapt`, if any.
+    adaptive: Option<CancellationToken>,
 }
 
 impl std::fmt::Debug for LocalCluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "LocalCluster({}, workers={})", self.scheduler_address(), self.nannies.len())
+        write!(f, "LocalCluster({}, workers={})", self.scheduler_address(), self.n_workers())
     }
 }
 
@@ -467,64 +462,53 @@ impl LocalCluster {
     /// Kills worker `i` at once, as if it died (a worker process gets SIGKILL); its nanny starts
     /// a fresh one.
     pub fn kill_worker(&mut self, i: usize) {
-        if let Some(n) = self.nannies.get(i) {
-            n.kill_worker();
+        if let Some(pool) = &self.pool {
+            pool.kill(i);
         }
     }
 
     /// Number of workers this cluster runs (each under its nanny).
     pub fn n_workers(&self) -> usize {
-        self.nannies.len()
+        self.pool.as_ref().map_or(0, |p| p.len())
+    }
+
+    fn parts(&self) -> Result<(&tokio::runtime::Runtime, &Arc<Pool>)> {
+        match (&self.runtime, &self.pool) {
+            (Some(rt), Some(p)) => Ok((rt, p)),
+            _ => Err(Error::Cluster("the cluster is closed".into())),
+        }
     }
 
     /// Runs `n` workers (dask's `cluster.scale(n)`): starts new ones, alike, and waits until
     /// they have joined; or retires the newest ones gracefully (their values move to the
     /// others first, nothing is recomputed) and stops their nannies.
     pub fn scale(&mut self, n: usize) -> Result<()> {
-        let (rt, sched) = match (&self.runtime, &self.scheduler) {
-            (Some(rt), Some(s)) => (rt, s.clone()),
-            _ => return Err(Error::Cluster("the cluster is closed".into())),
-        };
-        let (b, settings) = self.spec.clone().expect("a built cluster keeps its spec");
-        let have = self.nannies.len();
-        if n > have {
-            let first = self.next_index;
-            self.next_index += n - have;
-            let started = rt.block_on(async {
-                let mut started = Vec::new();
-                for i in first..first + (n - have) {
-                    started.push(spawn_nanny(&b, &settings, &sched.address, i, &self.shutdown).await?);
-                }
-                Ok::<_, Error>(started)
-            })?;
-            for (handle, run) in started {
-                self.nannies.push(handle);
-                self.runs.push(run);
-            }
-            let joined = rt.block_on(async {
-                tokio::time::timeout(WORKER_START_TIMEOUT, sched.wait_for_workers(n)).await.ok().flatten()
-            });
-            if joined.is_none() {
-                return Err(Error::Cluster(format!(
-                    "scaled to {n} workers, but they did not all register within {WORKER_START_TIMEOUT:?}"
-                )));
-            }
-        } else if n < have {
-            let leaving: Vec<NannyHandle> = self.nannies.drain(n..).collect();
-            let names: Vec<String> = leaving.iter().map(|h| h.name.clone()).collect();
-            // Those not connected now (restarting) have nothing to hand over.
-            let connected: Vec<String> = rt
-                .block_on(sched.info())
-                .map(|i| i.workers.into_iter().map(|w| w.name).filter(|w| names.contains(w)).collect())
-                .unwrap_or_default();
-            let retired =
-                if connected.is_empty() { Ok(Vec::new()) } else { rt.block_on(sched.retire_workers(connected, true)) };
-            for h in &leaving {
-                h.close();
-            }
-            retired.map_err(|why| Error::Cluster(format!("scaling down to {n} workers: {why}")))?;
+        let (rt, pool) = self.parts()?;
+        rt.block_on(pool.scale(n))
+    }
+
+    /// Scales with the work in hand (dask's `cluster.adapt(...)`): every `interval` the
+    /// scheduler's `adaptive_target` says how many workers the queued and running work needs
+    /// to finish in `target_duration`; within the bounds, workers are started, or idle ones
+    /// retired gracefully (their values move first) once recommended `wait_count` times in a
+    /// row. Replaces an earlier `adapt`; [`stop_adapt`](Self::stop_adapt) ends it.
+    pub fn adapt(&mut self, options: AdaptOptions) -> Result<()> {
+        options.check()?;
+        let (rt, pool) = self.parts()?;
+        let (handle, pool) = (rt.handle().clone(), pool.clone());
+        let stop = self.shutdown.child_token();
+        if let Some(old) = self.adaptive.replace(stop.clone()) {
+            old.cancel();
         }
+        handle.spawn(adaptive::run(pool, options, stop));
         Ok(())
+    }
+
+    /// Ends `adapt`: the workers stay as they are.
+    pub fn stop_adapt(&mut self) {
+        if let Some(stop) = self.adaptive.take() {
+            stop.cancel();
+        }
     }
 
     /// Stops the workers and the scheduler.
@@ -537,7 +521,7 @@ impl LocalCluster {
         if let Some(rt) = self.runtime.take() {
             if wait {
                 // The nannies stop their workers (SIGTERM to processes) and end.
-                let runs = std::mem::take(&mut self.runs);
+                let runs = self.pool.as_ref().map(|p| p.take_runs()).unwrap_or_default();
                 let _ = rt.block_on(async {
                     tokio::time::timeout(Duration::from_secs(5), futures_util::future::join_all(runs)).await
                 });
