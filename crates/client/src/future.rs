@@ -70,6 +70,19 @@ impl<T> Future<T> {
         self.status() == FutureStatus::Cancelled
     }
 
+    /// Runs the task again if it failed, with the failed tasks it depends on (dask's `retry`).
+    pub fn retry(&self) {
+        self.reset_if_failed();
+        self.inner.client.retry(std::slice::from_ref(&self.inner.key));
+    }
+
+    /// A failed future waits again (it is being retried).
+    pub(crate) fn reset_if_failed(&self) {
+        if matches!(self.inner.state.status(), Status::Error(_)) {
+            self.inner.state.set(Status::Pending);
+        }
+    }
+
     /// Why it was cancelled, if it was.
     pub(crate) fn cancel_reason(&self) -> Option<String> {
         match self.inner.state.status() {

@@ -29,6 +29,8 @@ pub(crate) trait KeyOwner: Send + Sync {
         key: &'a Arc<str>,
         state: &'a Arc<KeyState>,
     ) -> Pin<Box<dyn std::future::Future<Output = Result<Value>> + Send + 'a>>;
+    /// Runs these failed keys again.
+    fn retry(&self, keys: &[Arc<str>]);
     /// The runtime the client's network work runs on.
     fn handle(&self) -> &tokio::runtime::Handle;
 }

@@ -30,4 +30,4 @@ pub use options::{FIFO_TIMEOUT, ScatterOptions, SubmitOptions};
 pub use wait::{AsCompleted, ReturnWhen, WaitResult, as_completed, wait};
 
 /// Scheduler and worker descriptions returned by `scheduler_info`.
-pub use dask_protocol::pb::{SchedulerInfo, WorkerInfo};
+pub use dask_protocol::pb::{SchedulerInfo, StoryLine, WorkerInfo};

@@ -46,6 +46,13 @@ pub fn key(prefix: &str, bytes: &[u8]) -> String {
     k
 }
 
+/// dask's `key_split`: `inc-1c8d...` -> `inc`, `x-1-2` -> `x`.
+pub fn key_prefix(key: &str) -> &str {
+    let key = key.trim_start_matches(['(', '\'', '"']);
+    let end = key.find(['-', ',', '\'', '"', ')']).unwrap_or(key.len());
+    if end == 0 { key } else { &key[..end] }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -296,6 +296,10 @@ impl KeyOwner for ClientInner {
         })
     }
 
+    fn retry(&self, keys: &[Arc<str>]) {
+        self.send(pb::client_op::Kind::Retry(pb::KeyList { keys: keys.iter().map(|k| k.to_string()).collect() }));
+    }
+
     fn handle(&self) -> &tokio::runtime::Handle {
         &self.handle
     }

@@ -42,6 +42,52 @@ impl Client {
         Ok(self.scheduler_info()?.workers.into_iter().map(|w| (w.address, w.nthreads)).collect())
     }
 
+    /// dask's `ncores`: [`nthreads`](Self::nthreads).
+    pub fn ncores(&self) -> Result<HashMap<String, u32>> {
+        self.nthreads()
+    }
+
+    /// The keys each worker is running or about to run (dask's `processing`).
+    pub fn processing(&self) -> Result<HashMap<String, Vec<String>>> {
+        self.inner.block_on(async {
+            let reply = self.inner.link.rpc().processing(pb::Empty {}).await?.into_inner();
+            Ok(reply.entries.into_iter().map(|e| (e.worker, e.keys)).collect())
+        })
+    }
+
+    /// Bytes of each value in memory, by key; with `summary`, summed by task prefix (`inc`,
+    /// `add`: dask's `nbytes(summary=True)`).
+    pub fn nbytes(&self, summary: bool) -> Result<HashMap<String, u64>> {
+        let keys =
+            self.inner.block_on(async { Ok(self.inner.link.rpc().nbytes(pb::Empty {}).await?.into_inner().keys) })?;
+        let mut out: HashMap<String, u64> = HashMap::new();
+        for k in keys {
+            let name = if summary { dask_protocol::tokenize::key_prefix(&k.key).to_string() } else { k.key };
+            *out.entry(name).or_default() += k.nbytes;
+        }
+        Ok(out)
+    }
+
+    /// The scheduler's transitions of `key` still in its log, oldest first (dask's `story`):
+    /// where it went and why.
+    pub fn story(&self, key: &str) -> Result<Vec<pb::StoryLine>> {
+        self.inner.block_on(async {
+            let req = pb::KeysRequest { keys: vec![key.to_string()] };
+            Ok(self.inner.link.rpc().story(req).await?.into_inner().lines)
+        })
+    }
+
+    /// Runs these failed futures again, with the failed tasks they depend on (dask's `retry`).
+    pub fn retry<T>(&self, futures: &[Future<T>]) -> Result<()> {
+        self.check_open()?;
+        for f in futures {
+            f.reset_if_failed();
+        }
+        let keys: Vec<Arc<str>> = futures.iter().map(|f| f.inner.key.clone()).collect();
+        self.inner.retry(&keys);
+        Ok(())
+    }
+
     /// Blocks until at least `n` workers are connected, or `timeout` passes.
     pub fn wait_for_workers(&self, n: usize, timeout: Option<Duration>) -> Result<()> {
         self.inner.block_on(self.wait_for_workers_async(n, timeout))

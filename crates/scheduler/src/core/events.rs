@@ -192,6 +192,12 @@ pub enum Event {
         id: u64,
         stolen: bool,
     },
+    /// `Client::retry`: these erred keys run again, with the erred tasks they depend on and the
+    /// erred tasks that depend on those (dask's `retry`).
+    Retry {
+        client: ClientId,
+        keys: Vec<Key>,
+    },
     /// These tasks seceded on `worker` (`dask::secede`, `worker_client`): they run on there, but
     /// no longer take one of its thread slots.
     TasksSeceded {
@@ -244,6 +250,7 @@ impl Event {
             Event::RetireProgress => "retire-progress",
             Event::StealResponse { .. } => "steal-response",
             Event::TasksSeceded { .. } => "tasks-seceded",
+            Event::Retry { .. } => "retry",
             Event::Replicate { .. } => "replicate",
             Event::Rebalance { .. } => "rebalance",
             Event::Tick => "tick",

@@ -413,6 +413,56 @@ impl SchedulerCore {
         }
     }
 
+    /// dask's `retry`: the erred tasks these keys depend on (through erred tasks) are released,
+    /// and so are the erred tasks that depend on those; the wanted ones among them run again.
+    pub(super) fn retry(&mut self, keys: Vec<Key>, cx: &mut Cx<'_>) {
+        let mut up: Vec<TaskId> = Vec::new();
+        // A client retries keys it holds, so they are known; others are no one's.
+        for key in &keys {
+            if let Some(&t) = self.keys.get(key)
+                && matches!(self.task(t).state, TaskState::Erred { .. })
+            {
+                up.push(t);
+            }
+        }
+        // Up through erred inputs to the roots of the failure...
+        let mut seen: FxHashSet<TaskId> = FxHashSet::default();
+        let mut roots: Vec<TaskId> = Vec::new();
+        while let Some(t) = up.pop() {
+            if !seen.insert(t) {
+                continue;
+            }
+            let erred: Vec<TaskId> = self
+                .task(t)
+                .dependencies
+                .iter()
+                .copied()
+                .filter(|d| matches!(self.task(*d).state, TaskState::Erred { .. }))
+                .collect();
+            if erred.is_empty() {
+                roots.push(t);
+            }
+            up.extend(erred);
+        }
+        // ... then down through everything that erred because of them.
+        let mut down = roots;
+        let mut released: Vec<TaskId> = Vec::new();
+        let mut done: FxHashSet<TaskId> = FxHashSet::default();
+        while let Some(t) = down.pop() {
+            if !done.insert(t) || !matches!(self.task(t).state, TaskState::Erred { .. }) {
+                continue;
+            }
+            self.set_state(t, TaskState::Released, cx);
+            released.push(t);
+            down.extend(self.task(t).dependents.iter().copied());
+        }
+        released.sort_by_key(|t| self.task(*t).order);
+        let wanted: Vec<TaskId> = released.iter().copied().filter(|t| !self.task(*t).who_wants.is_empty()).collect();
+        // What no one needs any more is forgotten at the event's end.
+        cx.to_check.extend(released.iter().copied());
+        self.compute_all(wanted, cx);
+    }
+
     pub(super) fn unwant(&mut self, t: TaskId, client: ClientId, cx: &mut Cx<'_>) {
         let task = self.task_mut(t);
         task.who_wants.retain(|c| *c != client);
@@ -477,7 +527,7 @@ impl SchedulerCore {
     }
 
     /// [`Self::compute`] of several tasks in one walk.
-    fn compute_all(&mut self, roots: Vec<TaskId>, cx: &mut Cx<'_>) {
+    pub(super) fn compute_all(&mut self, roots: Vec<TaskId>, cx: &mut Cx<'_>) {
         let mut stack = roots;
         // Those ready to run are placed once all are known, most urgent first: free slots go
         // to the first in the graph's order, not to whichever the walk reached first.

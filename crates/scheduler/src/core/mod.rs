@@ -496,6 +496,25 @@ impl SchedulerCore {
         })
     }
 
+    /// The keys each worker is running (or about to), by address (dask's `processing`).
+    pub fn processing(&self) -> Vec<(Arc<str>, Vec<Key>)> {
+        self.workers
+            .iter()
+            .map(|(_, w)| (w.spec.address.clone(), w.processing.iter().map(|t| self.task(*t).key.clone()).collect()))
+            .collect()
+    }
+
+    /// Bytes of every value in memory, by key (dask's `nbytes`).
+    pub fn nbytes(&self) -> Vec<(Key, u64)> {
+        self.keys
+            .values()
+            .filter_map(|t| match &self.task(*t).state {
+                TaskState::Memory { nbytes, .. } => Some((self.task(*t).key.clone(), *nbytes)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// What a worker last said of its memory.
     pub fn worker_memory(&self, id: WorkerId) -> Option<WorkerMemory> {
         self.workers.get(&id).map(|w| w.memory)
@@ -683,6 +702,7 @@ impl SchedulerCore {
             }
             Event::StealResponse { worker, key, id, stolen } => self.steal_response(worker, key, id, stolen, cx),
             Event::TasksSeceded { worker, keys } => self.seceded(worker, keys, cx),
+            Event::Retry { keys, .. } => self.retry(keys, cx),
             Event::Replicate { op, keys, n, workers } => self.replicate(op, keys, n, workers, cx),
             Event::Rebalance { op, keys, workers } => self.rebalance(op, keys, workers, cx),
         }

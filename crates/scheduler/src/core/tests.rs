@@ -1637,6 +1637,11 @@ fn run_scenario(sc: Scenario) {
             let c = sim.rng.below(2);
             let target = sim.rng.below(sc.dag.len());
             sim.submit(&sc, c, |i, _| i == target);
+        } else if sc.errors && roll == 20 {
+            // A client retries a key (it may have failed, or not).
+            let c = sim.rng.below(2);
+            let key = sim.keys[sim.rng.below(sim.keys.len())].clone();
+            sim.step(Event::Retry { client: sim_client(c), keys: vec![key] });
         } else if roll == 21 && !sim.in_flight.is_empty() {
             // A running task secedes (it waits on subtasks): its slot takes more work. It is
             // marked started too: a worker never gives up a task that runs.
@@ -1966,4 +1971,24 @@ fn adaptive_target_asks_for_workers_by_queued_work_and_frees_idle_ones() {
     h.finish_in(w, "slow-long", 1, Duration::from_secs(3600));
     h.submit(C1, vec![task("slow-x", &[])], &["slow-x"]);
     assert!(h.core.adaptive_target(five).target <= 4);
+}
+
+#[test]
+fn retry_runs_the_failed_chain_again() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    h.submit(C1, vec![task("a", &[]), task("b", &["a"]), task("c", &["b"])], &["c"]);
+    h.handle(Event::Want { client: C2, keys: vec![k("b")] });
+    h.fail(1, "a", error("flaky"));
+    assert_eq!(h.state("c").name(), "erred");
+    // Retrying c runs a again; b and c wait for it.
+    let out = h.handle(Event::Retry { client: C1, keys: vec![k("c"), k("unknown")] });
+    assert_eq!(computes(&out), vec![(1, s("a"))]);
+    assert_eq!(h.state("b").name(), "waiting");
+    h.finish(1, "a", 1);
+    h.finish(1, "b", 1);
+    let out = h.finish(1, "c", 1);
+    assert_eq!(reports(&out), vec![(C1, s("c"), memory(1, &[1]))]);
+    // A key that did not fail is left alone.
+    assert!(h.handle(Event::Retry { client: C1, keys: vec![k("c")] }).is_empty());
 }

@@ -540,6 +540,42 @@ impl EventLoop {
             Query::Info(reply) => {
                 let _ = reply.send(self.info());
             }
+            Query::Story(keys, reply) => {
+                let now = Instant::now();
+                let lines = keys
+                    .iter()
+                    .flat_map(|k| self.core.story(k))
+                    .map(|t| pb::StoryLine {
+                        key: t.key.to_string(),
+                        from: t.from.to_string(),
+                        to: t.to.to_string(),
+                        cause: t.cause.to_string(),
+                        ago_s: now.saturating_duration_since(t.at).as_secs_f64(),
+                    })
+                    .collect();
+                let _ = reply.send(pb::StoryReply { lines });
+            }
+            Query::Processing(reply) => {
+                let entries = self
+                    .core
+                    .processing()
+                    .into_iter()
+                    .map(|(w, keys)| pb::WorkerKeys {
+                        worker: w.to_string(),
+                        keys: keys.iter().map(|k| k.to_string()).collect(),
+                    })
+                    .collect();
+                let _ = reply.send(pb::HasWhatReply { entries });
+            }
+            Query::Nbytes(reply) => {
+                let keys = self
+                    .core
+                    .nbytes()
+                    .into_iter()
+                    .map(|(k, nbytes)| pb::KeyBytes { key: k.to_string(), nbytes })
+                    .collect();
+                let _ = reply.send(pb::NbytesReply { keys });
+            }
             Query::AdaptiveTarget(d, reply) => {
                 let t = self.core.adaptive_target(d);
                 let _ = reply.send(pb::AdaptiveReply {

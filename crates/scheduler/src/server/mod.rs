@@ -176,6 +176,9 @@ enum Query {
     Info(oneshot::Sender<pb::SchedulerInfo>),
     WaitForWorkers(usize, oneshot::Sender<pb::SchedulerInfo>),
     AdaptiveTarget(Duration, oneshot::Sender<pb::AdaptiveReply>),
+    Story(Vec<String>, oneshot::Sender<pb::StoryReply>),
+    Processing(oneshot::Sender<pb::HasWhatReply>),
+    Nbytes(oneshot::Sender<pb::NbytesReply>),
 }
 
 /// Starts a scheduler on `listener`; it runs until `shutdown` is cancelled.

@@ -230,6 +230,24 @@ impl pb::scheduler_server::Scheduler for Service {
         Ok(Response::new(rx.await.map_err(|_| closed())?))
     }
 
+    async fn story(&self, request: Request<pb::KeysRequest>) -> Result<Response<pb::StoryReply>, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(LoopMsg::Query(Query::Story(request.into_inner().keys, tx))).map_err(|_| closed())?;
+        Ok(Response::new(rx.await.map_err(|_| closed())?))
+    }
+
+    async fn processing(&self, _: Request<pb::Empty>) -> Result<Response<pb::HasWhatReply>, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(LoopMsg::Query(Query::Processing(tx))).map_err(|_| closed())?;
+        Ok(Response::new(rx.await.map_err(|_| closed())?))
+    }
+
+    async fn nbytes(&self, _: Request<pb::Empty>) -> Result<Response<pb::NbytesReply>, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(LoopMsg::Query(Query::Nbytes(tx))).map_err(|_| closed())?;
+        Ok(Response::new(rx.await.map_err(|_| closed())?))
+    }
+
     async fn info(&self, _: Request<pb::Empty>) -> Result<Response<pb::SchedulerInfo>, Status> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(LoopMsg::Query(Query::Info(tx))).map_err(|_| closed())?;

@@ -249,6 +249,7 @@ fn client_event(client: ClientId, kind: pb::client_op::Kind) -> Option<Event> {
     let keys = |l: pb::KeyList| l.keys.into_iter().map(Arc::from).collect::<Vec<Key>>();
     Some(match kind {
         Kind::Hello(_) | Kind::Coord(_) => return None,
+        Kind::Retry(l) => Event::Retry { client, keys: keys(l) },
         Kind::UpdateGraph(g) => Event::UpdateGraph {
             client,
             fifo_timeout: Duration::try_from_secs_f64(g.fifo_timeout_s).unwrap_or(Duration::ZERO),

@@ -1,0 +1,63 @@
+//! Errors, history and introspection (tier 2): retry of failed futures, a key's story, what
+//! runs where, bytes in memory.
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use dask::builtins::{inc, slowinc};
+use dask::{Client, LocalCluster};
+
+fn cluster(n: usize, threads: usize) -> (LocalCluster, Client) {
+    let cluster = LocalCluster::builder().n_workers(n).threads_per_worker(threads).build().expect("cluster");
+    let client = Client::connect(&cluster.scheduler_address()).expect("connect");
+    (cluster, client)
+}
+
+static TRIES: AtomicUsize = AtomicUsize::new(0);
+
+#[dask::task]
+fn fails_once(x: i64) -> Result<i64, String> {
+    if TRIES.fetch_add(1, Ordering::SeqCst) == 0 { Err("the first try fails".into()) } else { Ok(x * 2) }
+}
+
+#[test]
+fn retry_runs_a_failed_chain_again() {
+    let (_cluster, client) = cluster(1, 1);
+    let a = client.submit(fails_once, (21,)).unwrap();
+    let b = client.submit(inc, (&a,)).unwrap();
+    assert!(b.result().is_err());
+    assert!(a.exception().is_some());
+    b.retry();
+    assert_eq!(b.result_timeout(Duration::from_secs(30)).unwrap(), 43);
+    assert_eq!(a.result().unwrap(), 42);
+    // Retrying a future that did not fail changes nothing.
+    client.retry(std::slice::from_ref(&a)).unwrap();
+    assert_eq!(a.result().unwrap(), 42);
+}
+
+#[test]
+fn story_processing_and_nbytes_tell_where_things_are() {
+    let (_cluster, client) = cluster(1, 1);
+    let x = client.submit(inc, (1,)).unwrap();
+    x.result().unwrap();
+    let story = client.story(x.key()).unwrap();
+    let steps: Vec<(&str, &str)> = story.iter().map(|l| (l.from.as_str(), l.to.as_str())).collect();
+    assert!(steps.contains(&("processing", "memory")), "{steps:?}");
+    assert!(story.iter().all(|l| l.key == x.key() && l.ago_s >= 0.0));
+    assert!(client.story("nothing-like-it").unwrap().is_empty());
+
+    let slow = client.submit(slowinc, (1, 1_000)).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let p = client.processing().unwrap();
+        if p.values().flatten().any(|k| k == slow.key()) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "slow never shows as processing: {p:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let sizes = client.nbytes(false).unwrap();
+    assert!(sizes[x.key()] > 0);
+    let by_prefix = client.nbytes(true).unwrap();
+    assert!(by_prefix.contains_key("inc"), "{by_prefix:?}");
+    assert_eq!(client.ncores().unwrap().values().sum::<u32>(), 1);
+}
