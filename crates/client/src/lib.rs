@@ -17,6 +17,7 @@ mod graph;
 mod keys;
 mod options;
 mod replies;
+mod run;
 mod wait;
 
 pub use args::{IntoArg, IntoArgs, OneArg};
@@ -27,6 +28,7 @@ pub use future::{Future, FutureStatus};
 pub use gather::{Errors, Gatherable};
 pub use graph::{Graph, KeyTree, Nested, Ref};
 pub use options::{FIFO_TIMEOUT, ScatterOptions, SubmitOptions};
+pub use run::{OnError, RunOptions};
 pub use wait::{AsCompleted, ReturnWhen, WaitResult, as_completed, wait};
 
 /// Scheduler and worker descriptions returned by `scheduler_info`.

@@ -31,6 +31,8 @@ pub use dask_worker::worker_main;
 
 /// Inside a task: the worker running it and its client, and giving back the thread slot while
 /// waiting on subtasks (dask's `get_worker`, `get_client`, `worker_client`, `secede`, `rejoin`).
+/// In a function run by `Client::run_on_scheduler`: a snapshot of the scheduler.
+pub use dask_scheduler::server::get_scheduler;
 pub use dask_worker::context::{TaskWorker, WorkerClient, get_client, get_worker, rejoin, secede, worker_client};
 
 /// Built-in task functions of the stock `dask-worker` (`inc`, `add`, `sum`, `slowinc`, ...).

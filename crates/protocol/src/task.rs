@@ -201,6 +201,31 @@ pub fn execute(spec: &pb::TaskSpec, deps: &dyn Fn(&str) -> Option<Value>) -> Res
     }
 }
 
+/// The outcome of running `spec` here or on a worker, as the wire carries it.
+pub fn run_result(worker: &str, function: &str, r: Result<Value, ExecErrorKind>) -> pb::RunResult {
+    match r {
+        Ok(v) => pb::RunResult {
+            worker: worker.to_string(),
+            ok: true,
+            codec: v.codec.to_string(),
+            value: v.data,
+            error: None,
+        },
+        Err(e) => pb::RunResult {
+            worker: worker.to_string(),
+            ok: false,
+            error: Some(pb::TaskError {
+                message: e.message(),
+                kind: e.kind().to_string(),
+                function: function.to_string(),
+                key: String::new(),
+                worker: worker.to_string(),
+            }),
+            ..Default::default()
+        },
+    }
+}
+
 /// The message of a caught panic payload.
 pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {

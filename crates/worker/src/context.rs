@@ -78,6 +78,22 @@ fn with_current<R>(f: impl FnOnce(&TaskScope) -> R) -> Option<R> {
     CURRENT.with(|c| c.borrow().as_ref().map(f))
 }
 
+/// Runs a `Client.run` function here, as a task of key `run-<id>` would see it (so
+/// `get_worker` and `get_client` work in it), and says how it went.
+pub(crate) fn run_function(worker: &Arc<WorkerContext>, id: u64, spec: &[u8]) -> dask_protocol::pb::RunResult {
+    use prost::Message;
+    let spec = match dask_protocol::pb::TaskSpec::decode(spec) {
+        Ok(s) => s,
+        Err(e) => {
+            let e = dask_protocol::task::ExecErrorKind::BadArguments(format!("malformed function spec: {e}"));
+            return dask_protocol::task::run_result(&worker.address, "", Err(e));
+        }
+    };
+    let scope = TaskScope { worker: worker.clone(), key: format!("run-{id}"), slots: Arc::new(|_| false) };
+    let r = with_scope(scope, || dask_protocol::task::execute(&spec, &|_| None));
+    dask_protocol::task::run_result(&worker.address, &spec.function, r)
+}
+
 const NOT_IN_TASK: &str = "not inside a task: get_worker, secede and rejoin work only in a task run by a worker";
 
 /// The worker running the current task, and the task's key.

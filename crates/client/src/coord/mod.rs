@@ -111,7 +111,7 @@ fn future_item<T>(future: &Future<T>) -> pb::Item {
 }
 
 /// What a request that should answer `what` said instead.
-fn unexpected(what: &str, kind: Answer) -> Error {
+pub(crate) fn unexpected(what: &str, kind: Answer) -> Error {
     let said = match kind {
         Answer::TimedOut => "timed out".to_string(),
         Answer::Said(k) => format!("{k:?}"),

@@ -166,12 +166,15 @@ impl EventLoop {
                     match input {
                         ClientInput::Event(e) => self.on_event(e),
                         ClientInput::Coord(req, limit) => self.on_coord(req, limit),
+                        ClientInput::Run { client, id, req } => self.on_run(client, id, req),
                         ClientInput::BadCoord { client, id, why } => {
                             self.coord_out.push(coord::Out::Reply { client, id, reply: coord::Reply::Error(why) })
                         }
                     }
                 }
             }
+            LoopMsg::SchedulerRunDone { client, id, result } => self.on_scheduler_run_done(client, id, result),
+            LoopMsg::RunDone { worker, done } => self.on_run_done(worker, done),
             LoopMsg::CoordTimeout { client, id } => {
                 let mut out = std::mem::take(&mut self.coord_out);
                 self.coord.timeout(client, id, &mut out);
@@ -357,6 +360,7 @@ impl EventLoop {
         if let Some(m) = self.worker_meta.remove(&worker) {
             tracing::info!(worker = %m.address, name = %m.name, %reason, expected, "worker removed");
             self.exit_reasons.remove(&*m.address);
+            self.runs_worker_gone(worker, &m.address);
         }
         self.handle(Event::WorkerLost { worker, reason, expected });
         self.workers.remove(&worker);
@@ -603,7 +607,7 @@ impl EventLoop {
         }
     }
 
-    fn info(&self) -> pb::SchedulerInfo {
+    pub(super) fn info(&self) -> pb::SchedulerInfo {
         let now = Instant::now();
         let workers = self
             .core

@@ -18,9 +18,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 mod event_loop;
+mod run;
 mod service;
 mod wire;
 
+pub use run::get_scheduler;
 use service::Service;
 use wire::*;
 
@@ -113,6 +115,17 @@ enum LoopMsg {
     Events(Vec<Event>),
     /// What a client sent, in order.
     Client(Vec<ClientInput>),
+    /// A function run in the scheduler (`run_on_scheduler`) returned.
+    SchedulerRunDone {
+        client: ClientId,
+        id: u64,
+        result: pb::RunResult,
+    },
+    /// A worker's answer to a run.
+    RunDone {
+        worker: WorkerId,
+        done: pb::RunDone,
+    },
     /// The wait of a coordination request may be over.
     CoordTimeout {
         client: ClientId,
@@ -228,6 +241,7 @@ pub async fn run(
             commands: Vec::new(),
             coord: coord::Coordination::new(),
             coord_out: Vec::new(),
+            runs: HashMap::new(),
             waiters: Vec::new(),
             id,
             address: address.clone(),
@@ -322,6 +336,8 @@ struct EventLoop {
     coord: coord::Coordination,
     /// What `coord` said, to send with the next flush.
     coord_out: Vec<coord::Out>,
+    /// `Client.run` requests waiting for workers, by run id.
+    runs: HashMap<u64, run::PendingRun>,
     waiters: Vec<(usize, oneshot::Sender<pb::SchedulerInfo>)>,
     id: String,
     address: Address,

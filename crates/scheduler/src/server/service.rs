@@ -72,7 +72,15 @@ impl pb::scheduler_server::Scheduler for Service {
                     Ok(Some(batch)) => {
                         release.count(batch.events.len());
                         release.if_due();
-                        let events: Vec<Event> = batch.events.into_iter().filter_map(|e| worker_event(id, e)).collect();
+                        let mut events: Vec<Event> = Vec::new();
+                        for e in batch.events {
+                            match e.kind {
+                                Some(pb::worker_event::Kind::RunDone(done)) => {
+                                    let _ = tx.send(LoopMsg::RunDone { worker: id, done });
+                                }
+                                _ => events.extend(worker_event(id, e)),
+                            }
+                        }
                         if !events.is_empty() && tx.send(LoopMsg::Events(events)).is_err() {
                             return;
                         }

@@ -137,6 +137,7 @@ pub(super) fn worker_event(worker: WorkerId, e: pb::WorkerEvent) -> Option<Event
             reason: if r.reason.is_empty() { "its lifetime is over".into() } else { r.reason },
         },
         Kind::StealResponse(s) => Event::StealResponse { worker, key: Arc::from(s.key), id: s.id, stolen: s.stolen },
+        Kind::RunDone(_) => return None, // to the shell: see the worker stream
         Kind::Seceded(l) => Event::TasksSeceded { worker, keys: l.keys.into_iter().map(Arc::from).collect() },
         Kind::Released(_) | Kind::Register(_) => return None,
     })
@@ -147,6 +148,12 @@ pub(super) enum ClientInput {
     Event(Event),
     /// A request, and how long it may wait if it waits for a while.
     Coord(coord::Request, Option<Duration>),
+    /// `Client.run` / `run_on_scheduler`.
+    Run {
+        client: ClientId,
+        id: u64,
+        req: pb::RunRequest,
+    },
     /// A request that cannot be understood: answered with why.
     BadCoord {
         client: ClientId,
@@ -194,6 +201,7 @@ fn coord_request(client: ClientId, r: pb::CoordRequest) -> ClientInput {
     };
     let item = |i: Option<pb::Item>| i.map(item_from_pb).ok_or("a put without an item");
     let op = match op {
+        P::Run(req) => return ClientInput::Run { client, id: r.id, req },
         P::Acquire(a) => Op::Acquire { lease: a.lease, max_leases: a.max_leases },
         P::Release(lease) => Op::Release { lease },
         P::Leases(_) => Op::Leases,

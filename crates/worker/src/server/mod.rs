@@ -257,7 +257,7 @@ pub async fn start(
     let run = async move {
         let context =
             WorkerContext::new(address.to_string(), name.clone(), config.scheduler.to_string(), config.nthreads);
-        let executor = Executor::new(config.nthreads, store.clone(), context);
+        let executor = Executor::new(config.nthreads, store.clone(), context.clone());
         let results = executor.results();
         let mut lp = Loop {
             state: WorkerState::new(config.nthreads).with_resources(&config.resources),
@@ -275,6 +275,7 @@ pub async fn start(
             instructions: Vec::new(),
             simulate: config.simulate,
             shutdown: shutdown.clone(),
+            context,
         };
         let timers = Timers {
             heartbeat,
@@ -387,6 +388,8 @@ struct Loop {
     simulate: bool,
     /// Ends fetches in flight when the worker stops.
     shutdown: CancellationToken,
+    /// What tasks (and `Client.run` functions) see of this worker.
+    context: Arc<WorkerContext>,
 }
 
 /// msgpack's nil: the value of `()`, stored for simulated tasks.
@@ -592,6 +595,20 @@ impl Loop {
                     // executor's queue yet: "not removed", and it runs here.
                     let removed = !self.simulate && self.executor.unqueue(&key);
                     self.state.handle(Event::Unqueued { key, id, removed }, &mut self.instructions);
+                }
+            }
+            pb::scheduler_command::Kind::Run(r) => {
+                // On a thread of its own, beside the task pool; the answer goes straight out.
+                let (out, context) = (self.out_tx.clone(), self.context.clone());
+                let spawned = std::thread::Builder::new().name("dask-run".into()).spawn(move || {
+                    let result = crate::context::run_function(&context, r.id, &r.spec);
+                    let done = pb::RunDone { id: r.id, result: Some(result) };
+                    let _ = out.send(pb::WorkerToScheduler {
+                        events: vec![pb::WorkerEvent { kind: Some(pb::worker_event::Kind::RunDone(done)) }],
+                    });
+                });
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "could not start a thread for Client.run");
                 }
             }
             pb::scheduler_command::Kind::StartedAck(a) => {

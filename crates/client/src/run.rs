@@ -1,0 +1,122 @@
+//! `Client::run` and `Client::run_on_scheduler` (dask's `run`, `run_on_scheduler`): a registered
+//! function, as tasks are, run now on every (chosen) worker beside its task pool, or in the
+//! scheduler. In a worker, `dask::get_worker()` and `dask::get_client()` work inside it; in the
+//! scheduler, `dask::get_scheduler()` gives a read-only snapshot.
+use std::collections::HashMap;
+
+use dask_protocol::codec::Value;
+use dask_protocol::pb::{self, coord_reply::Kind, coord_request::Op};
+use dask_protocol::task::Task;
+use prost::Message;
+
+use crate::args::IntoArgs;
+use crate::coord::{Answer, Wait, unexpected};
+use crate::error::TaskFailure;
+use crate::{Client, Error, Result};
+
+/// What `run` does with a worker whose function failed (dask's `on_error`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnError {
+    /// The call fails with the first error (dask's default).
+    #[default]
+    Raise,
+    /// The worker's entry holds its error.
+    Return,
+    /// The worker is left out.
+    Ignore,
+}
+
+/// Options of [`Client::run_with`].
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Addresses or names; empty: every worker.
+    pub workers: Vec<String>,
+    /// `false`: return once the workers were asked (an empty map), not when they are done.
+    pub wait: bool,
+    pub on_error: OnError,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions { workers: Vec::new(), wait: true, on_error: OnError::Raise }
+    }
+}
+
+fn spec_of<T: Task, A: IntoArgs<T::Args>>(args: A) -> Result<bytes::Bytes> {
+    let mut deps = Vec::new();
+    let arg = args.into_args(&mut deps)?;
+    if !deps.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "run takes values, not futures ({} given): gather them first",
+            deps.len()
+        )));
+    }
+    Ok(pb::TaskSpec { function: T::NAME.to_string(), args: Some(arg) }.encode_to_vec().into())
+}
+
+fn decode<T: serde::de::DeserializeOwned + 'static>(r: pb::RunResult) -> Result<T> {
+    if r.ok {
+        let codec = dask_protocol::codec::codec_name(&r.codec)?;
+        Ok(Value { codec, data: r.value }.decode()?)
+    } else {
+        let e = r.error.unwrap_or_default();
+        Err(Error::Task(TaskFailure::from(e)))
+    }
+}
+
+impl Client {
+    async fn run_request(&self, req: pb::RunRequest) -> Result<Vec<pb::RunResult>> {
+        match self.coord("", Wait::No, Op::Run(req)).await? {
+            Answer::Said(Kind::Run(r)) => Ok(r.results),
+            other => Err(unexpected("run", other)),
+        }
+    }
+
+    /// Runs `f(args...)` on every worker now (beside their tasks) and returns each worker's
+    /// result by address; the first failure fails the call.
+    pub fn run<T: Task, A: IntoArgs<T::Args>>(&self, f: T, args: A) -> Result<HashMap<String, T::Output>> {
+        self.run_with(f, args, RunOptions::default())?.into_iter().map(|(w, r)| Ok((w, r?))).collect()
+    }
+
+    /// [`run`](Self::run) on chosen workers, without waiting, or keeping each worker's error
+    /// ([`OnError`]).
+    pub fn run_with<T: Task, A: IntoArgs<T::Args>>(
+        &self,
+        _f: T,
+        args: A,
+        opts: RunOptions,
+    ) -> Result<HashMap<String, Result<T::Output>>> {
+        let req = pb::RunRequest {
+            spec: spec_of::<T, A>(args)?,
+            workers: opts.workers,
+            wait: opts.wait,
+            on_scheduler: false,
+        };
+        let results = self.inner.block_on(self.run_request(req))?;
+        let mut out = HashMap::new();
+        for r in results {
+            let worker = r.worker.clone();
+            match (decode::<T::Output>(r), opts.on_error) {
+                (Ok(v), _) => {
+                    out.insert(worker, Ok(v));
+                }
+                (Err(e), OnError::Raise) => return Err(e),
+                (Err(e), OnError::Return) => {
+                    out.insert(worker, Err(e));
+                }
+                (Err(_), OnError::Ignore) => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs `f(args...)` in the scheduler, on a thread of its own (the scheduler's program must
+    /// know `f`: a LocalCluster runs this program's functions; a stock `dask-scheduler` its
+    /// built-ins). `dask::get_scheduler()` inside gives a snapshot of the scheduler.
+    pub fn run_on_scheduler<T: Task, A: IntoArgs<T::Args>>(&self, _f: T, args: A) -> Result<T::Output> {
+        let req = pb::RunRequest { spec: spec_of::<T, A>(args)?, workers: Vec::new(), wait: true, on_scheduler: true };
+        let mut results = self.inner.block_on(self.run_request(req))?;
+        let r = results.pop().ok_or_else(|| Error::Refused("the scheduler gave no result".into()))?;
+        decode(r)
+    }
+}

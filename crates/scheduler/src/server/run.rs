@@ -1,0 +1,148 @@
+//! `Client.run` and `Client.run_on_scheduler`: a registered function (as tasks are) run now on
+//! every chosen worker, outside their task pools, or in the scheduler on a thread of its own
+//! (never in the event loop, and never in the core: it sees a read-only snapshot,
+//! [`get_scheduler`]). Answers go back on the client's stream as coordination answers do.
+use std::cell::RefCell;
+
+use dask_protocol::task::{execute, run_result};
+use prost::Message;
+
+use super::*;
+
+/// A run waiting for its workers.
+pub(super) struct PendingRun {
+    client: ClientId,
+    id: u64,
+    waiting: HashSet<WorkerId>,
+    results: Vec<pb::RunResult>,
+}
+
+thread_local! {
+    static SNAPSHOT: RefCell<Option<pb::SchedulerInfo>> = const { RefCell::new(None) };
+}
+
+/// In a function run by `run_on_scheduler`: the scheduler as it was when the function was
+/// asked for (its workers, tasks, address). `None` elsewhere.
+pub fn get_scheduler() -> Option<pb::SchedulerInfo> {
+    SNAPSHOT.with(|s| s.borrow().clone())
+}
+
+fn failed(worker: &str, kind: &str, message: String) -> pb::RunResult {
+    pb::RunResult {
+        worker: worker.to_string(),
+        ok: false,
+        error: Some(pb::TaskError { message, kind: kind.into(), worker: worker.to_string(), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+impl EventLoop {
+    fn run_reply(&self, client: ClientId, id: u64, kind: pb::coord_reply::Kind) {
+        if let Some(tx) = self.clients.get(&client) {
+            let reply = pb::CoordReply { id, kind: Some(kind) };
+            let _ = tx.send(Ok(pb::SchedulerToClient { replies: vec![reply], ..Default::default() }));
+        }
+    }
+
+    pub(super) fn on_run(&mut self, client: ClientId, id: u64, req: pb::RunRequest) {
+        use pb::coord_reply::Kind;
+        let spec = match pb::TaskSpec::decode(&req.spec[..]) {
+            Ok(s) => s,
+            Err(e) => return self.run_reply(client, id, Kind::Error(format!("a malformed function to run: {e}"))),
+        };
+        if req.on_scheduler {
+            let info = self.info();
+            let tx = self.self_tx.clone();
+            tokio::task::spawn_blocking(move || {
+                SNAPSHOT.with(|s| *s.borrow_mut() = Some(info));
+                let r = execute(&spec, &|_| None);
+                SNAPSHOT.with(|s| s.borrow_mut().take());
+                let result = run_result("", &spec.function, r);
+                let _ = tx.send(LoopMsg::SchedulerRunDone { client, id, result });
+            });
+            return;
+        }
+        let mut targets: Vec<WorkerId> = Vec::new();
+        if req.workers.is_empty() {
+            targets.extend(self.worker_meta.keys().copied());
+        } else {
+            for w in &req.workers {
+                let w = normalize_worker(w.clone());
+                match self.worker_meta.iter().find(|(_, m)| *m.address == *w || *m.name == *w) {
+                    Some((id, _)) => targets.push(*id),
+                    None => {
+                        return self.run_reply(
+                            client,
+                            id,
+                            Kind::Error(format!("no worker named or at {w:?} is connected: see scheduler_info()")),
+                        );
+                    }
+                }
+            }
+        }
+        targets.sort();
+        targets.dedup();
+        let run = self.next_op;
+        self.next_op += 1;
+        for w in &targets {
+            if let Some(tx) = self.workers.get(w) {
+                let _ = tx.send(Ok(pb::SchedulerToWorker {
+                    commands: vec![pb::SchedulerCommand {
+                        kind: Some(pb::scheduler_command::Kind::Run(pb::RunFunction {
+                            id: run,
+                            spec: req.spec.clone(),
+                        })),
+                    }],
+                }));
+            }
+        }
+        if !req.wait || targets.is_empty() {
+            // Not waited for: whatever the workers answer is dropped.
+            return self.run_reply(client, id, Kind::Run(pb::RunResults::default()));
+        }
+        let waiting = targets.into_iter().collect();
+        self.runs.insert(run, PendingRun { client, id, waiting, results: Vec::new() });
+    }
+
+    /// A worker's answer to a run.
+    pub(super) fn on_run_done(&mut self, worker: WorkerId, done: pb::RunDone) {
+        let Some(p) = self.runs.get_mut(&done.id) else { return };
+        if !p.waiting.remove(&worker) {
+            return;
+        }
+        let address = self.worker_meta.get(&worker).map(|m| m.address.to_string()).unwrap_or_default();
+        let mut result = done.result.unwrap_or_else(|| failed(&address, "error", "the worker gave no result".into()));
+        result.worker = address;
+        p.results.push(result);
+        self.finish_run(done.id);
+    }
+
+    /// A worker that went answers every run it was in with the reason.
+    pub(super) fn runs_worker_gone(&mut self, worker: WorkerId, address: &str) {
+        let ids: Vec<u64> = self.runs.iter().filter(|(_, p)| p.waiting.contains(&worker)).map(|(id, _)| *id).collect();
+        for id in ids {
+            let p = self.runs.get_mut(&id).expect("listed");
+            p.waiting.remove(&worker);
+            p.results.push(failed(
+                address,
+                "worker-died",
+                format!("worker {address} left before the function returned"),
+            ));
+            self.finish_run(id);
+        }
+    }
+
+    fn finish_run(&mut self, run: u64) {
+        if self.runs.get(&run).is_some_and(|p| p.waiting.is_empty()) {
+            let p = self.runs.remove(&run).expect("present");
+            let mut results = p.results;
+            results.sort_by(|a, b| a.worker.cmp(&b.worker));
+            self.run_reply(p.client, p.id, pb::coord_reply::Kind::Run(pb::RunResults { results }));
+        }
+    }
+
+    /// The answer of a function run in the scheduler.
+    pub(super) fn on_scheduler_run_done(&mut self, client: ClientId, id: u64, result: pb::RunResult) {
+        self.run_reply(client, id, pb::coord_reply::Kind::Run(pb::RunResults { results: vec![result] }));
+    }
+}
