@@ -33,6 +33,10 @@ pub use dask_worker::worker_main;
 /// waiting on subtasks (dask's `get_worker`, `get_client`, `worker_client`, `secede`, `rejoin`).
 /// In a function run by `Client::run_on_scheduler`: a snapshot of the scheduler.
 pub use dask_scheduler::server::get_scheduler;
+
+/// dask's `raise Reschedule()`: in a task, ends it at once; the scheduler runs it again, placed
+/// anew.
+pub use dask_protocol::task::reschedule;
 pub use dask_worker::context::{TaskWorker, WorkerClient, get_client, get_worker, rejoin, secede, worker_client};
 
 /// Built-in task functions of the stock `dask-worker` (`inc`, `add`, `sum`, `slowinc`, ...).

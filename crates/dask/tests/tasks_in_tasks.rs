@@ -103,3 +103,25 @@ fn the_default_client_is_the_last_connected() {
     assert_eq!(current.scheduler_address(), client.scheduler_address());
     assert_eq!(dask::get_client().unwrap().scheduler_address(), client.scheduler_address());
 }
+
+static RESCHEDULED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Asks to run elsewhere the first time.
+#[dask::task]
+fn picky(x: i64) -> i64 {
+    if RESCHEDULED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+        dask::reschedule();
+    }
+    x * 3
+}
+
+#[test]
+fn a_task_that_asks_to_be_rescheduled_runs_again() {
+    let (_cluster, client) = cluster(2, 1);
+    let f = client.submit(picky, (5,)).unwrap();
+    assert_eq!(f.result_timeout(Duration::from_secs(30)).unwrap(), 15);
+    assert_eq!(RESCHEDULED.load(std::sync::atomic::Ordering::SeqCst), 2, "ran twice, no error in between");
+    let story = client.story(f.key()).unwrap();
+    let processing = story.iter().filter(|l| l.to == "processing").count();
+    assert_eq!(processing, 2, "placed twice: {story:?}");
+}

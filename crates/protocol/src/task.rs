@@ -127,6 +127,19 @@ pub enum ExecErrorKind {
     BadArguments(String),
     /// A dependency's value was not available to the executor.
     MissingDependency(String),
+    /// The task asked to run elsewhere (`dask::reschedule()`, dask's `raise Reschedule()`).
+    Reschedule,
+}
+
+/// What `dask::reschedule()` unwinds with; `execute` turns it into [`ExecErrorKind::Reschedule`].
+#[derive(Debug)]
+pub struct RescheduleRequest;
+
+/// dask's `raise Reschedule()`: ends the running task at once; the scheduler runs it again,
+/// wherever it places it then. Call it only from inside a task.
+pub fn reschedule() -> ! {
+    // `resume_unwind` skips the panic hook: nothing is printed for it.
+    std::panic::resume_unwind(Box::new(RescheduleRequest))
 }
 
 impl ExecErrorKind {
@@ -138,6 +151,7 @@ impl ExecErrorKind {
             ExecErrorKind::UnknownFunction(_) => "unknown-function",
             ExecErrorKind::BadArguments(_) => "bad-arguments",
             ExecErrorKind::MissingDependency(_) => "missing-dependency",
+            ExecErrorKind::Reschedule => RESCHEDULE,
         }
     }
 
@@ -152,6 +166,7 @@ impl ExecErrorKind {
             ExecErrorKind::MissingDependency(k) => {
                 format!("dependency {k:?} is not in memory here")
             }
+            ExecErrorKind::Reschedule => "the task asked to be rescheduled".into(),
         }
     }
 }
@@ -197,9 +212,13 @@ pub fn execute(spec: &pb::TaskSpec, deps: &dyn Fn(&str) -> Option<Value>) -> Res
     let de = ArgDeserializer { arg: root, deps: &lookup };
     match catch_unwind(AssertUnwindSafe(|| (reg.run)(de))) {
         Ok(r) => r,
+        Err(payload) if payload.is::<RescheduleRequest>() => Err(ExecErrorKind::Reschedule),
         Err(payload) => Err(ExecErrorKind::Panic(panic_message(&*payload))),
     }
 }
+
+/// The `kind` of a task that asked to be rescheduled.
+pub const RESCHEDULE: &str = "reschedule";
 
 /// The outcome of running `spec` here or on a worker, as the wire carries it.
 pub fn run_result(worker: &str, function: &str, r: Result<Value, ExecErrorKind>) -> pb::RunResult {

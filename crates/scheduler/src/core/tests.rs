@@ -1992,3 +1992,17 @@ fn retry_runs_the_failed_chain_again() {
     // A key that did not fail is left alone.
     assert!(h.handle(Event::Retry { client: C1, keys: vec![k("c")] }).is_empty());
 }
+
+#[test]
+fn a_task_that_asks_to_be_rescheduled_is_placed_again_not_failed() {
+    let mut h = Harness::new();
+    h.join(1, 1);
+    h.submit(C1, vec![task("x", &[])], &["x"]);
+    let mut e = error("asked");
+    e.kind = dask_protocol::task::RESCHEDULE.into();
+    let out = h.fail(1, "x", e);
+    assert_eq!(computes(&out), vec![(1, s("x"))]);
+    assert!(reports(&out).is_empty(), "the client hears nothing: {out:?}");
+    let out = h.finish(1, "x", 1);
+    assert_eq!(reports(&out), vec![(C1, s("x"), memory(1, &[1]))]);
+}

@@ -346,6 +346,13 @@ impl SchedulerCore {
         if !matches!(self.task(t).state, TaskState::Processing { worker: w } if w == worker) {
             return;
         }
+        if error.kind == dask_protocol::task::RESCHEDULE {
+            // dask's Reschedule: not a failure; it is placed again (anywhere), counting nothing.
+            self.set_state(t, TaskState::Released, cx);
+            self.compute(t, cx);
+            self.fill(worker, cx);
+            return;
+        }
         self.record_duration(t, duration, worker);
         if self.task(t).retries > 0 {
             self.task_mut(t).retries -= 1;
