@@ -86,9 +86,15 @@ impl DataStore for DataService {
             .collect()
     }
 
+    /// A key held already keeps its value: a put never replaces a stored value (a computed
+    /// result, or an earlier scatter of the same key), so a put cannot forge what tasks read.
     fn put(&self, values: Vec<(String, Value)>) -> Result<(), String> {
         let mut keys = Vec::with_capacity(values.len());
         for (k, v) in values {
+            if self.store.contains(&k) {
+                tracing::debug!(key = %k, "a put of a key held already is ignored");
+                continue;
+            }
             let key: Arc<str> = Arc::from(k);
             let n = v.data.len() as u64;
             super::put_value(&self.store, key.clone(), v);
@@ -98,6 +104,10 @@ impl DataStore for DataService {
     }
 
     fn put_file(&self, key: String, codec: &'static str, file: PathBuf, len: u64) -> Result<(), String> {
+        if self.store.contains(&key) {
+            let _ = std::fs::remove_file(&file);
+            return Ok(());
+        }
         let key: Arc<str> = Arc::from(key);
         self.store
             .insert_spilled(key.clone(), codec, &file, len)
@@ -171,6 +181,22 @@ mod tests {
         let got = pool.get_data(&addr, vec!["big".into(), "small".into()]).await.unwrap();
         assert_eq!(got[0].1.as_ref().unwrap().data, bytes::Bytes::from(data));
         assert_eq!(&got[1].1.as_ref().unwrap().data[..], b"tiny");
+        store.close();
+    }
+
+    #[tokio::test]
+    async fn a_put_never_replaces_a_value_held() {
+        let (addr, store) = serve(0, None, "forge").await;
+        let pool = DataPool::default();
+        let real = Value { codec: "bytes", data: bytes::Bytes::from_static(b"computed") };
+        pool.put_data(&addr, vec![("x".into(), real)]).await.unwrap();
+        let forged = Value { codec: "bytes", data: bytes::Bytes::from_static(b"forged!!") };
+        pool.put_data(&addr, vec![("x".into(), forged), ("y".into(), Value::raw(bytes::Bytes::from_static(b"new")))])
+            .await
+            .unwrap();
+        let got = pool.get_data(&addr, vec!["x".into(), "y".into()]).await.unwrap();
+        assert_eq!(&got[0].1.as_ref().unwrap().data[..], b"computed", "the first value stays");
+        assert_eq!(&got[1].1.as_ref().unwrap().data[..], b"new", "new keys are taken");
         store.close();
     }
 }
