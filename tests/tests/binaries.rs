@@ -200,3 +200,26 @@ fn idle_sockets_cannot_starve_the_scheduler() {
     sched.terminate();
     assert_eq!(sched.wait_exit(LONG).and_then(|s| s.code()), Some(0), "{}", sched.log());
 }
+
+#[test]
+fn a_spec_cluster_runs_workers_from_a_command_line() {
+    let custom = env!("CARGO_BIN_EXE_custom-worker").to_string();
+    let command = vec![custom, "{scheduler}".into(), "--name".into(), "{name}".into(), "--no-nanny".into()];
+    let mut workers = std::collections::BTreeMap::new();
+    workers.insert(
+        "cmd".to_string(),
+        dask::WorkerSpec {
+            launch: dask::Launch::Command(command),
+            group: vec!["-0".into(), "-1".into()],
+            ..Default::default()
+        },
+    );
+    let cluster = dask::SpecCluster::new(workers, None).unwrap();
+    let client = Client::connect(&cluster.scheduler_address()).unwrap();
+    let mut names: Vec<String> = client.scheduler_info().unwrap().workers.into_iter().map(|w| w.name).collect();
+    names.sort();
+    assert_eq!(names, vec!["cmd-0", "cmd-1"]);
+    // They are the user's binary: its own function runs.
+    assert_eq!(client.submit(triple, (5,)).unwrap().result_timeout(LONG).unwrap(), 15);
+    cluster.close();
+}

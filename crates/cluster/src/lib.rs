@@ -6,9 +6,11 @@
 mod adaptive;
 mod local;
 mod pool;
+mod spec;
 
 pub use adaptive::AdaptOptions;
 pub use local::{LocalCluster, LocalClusterBuilder, init};
+pub use spec::{Launch, SpecCluster, WorkerSpec};
 
 fn start_default() -> dask_client::Result<dask_client::StartedCluster> {
     let cluster = LocalCluster::builder().build()?;

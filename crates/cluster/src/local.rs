@@ -20,15 +20,20 @@ use crate::pool::Pool;
 /// Builder of a [`LocalCluster`] (dask's keyword arguments).
 #[derive(Clone, Debug)]
 pub struct LocalClusterBuilder {
-    n_workers: Option<usize>,
-    threads_per_worker: Option<usize>,
-    processes: bool,
-    worker_program: Option<std::path::PathBuf>,
-    memory_limit: u64,
+    pub(crate) n_workers: Option<usize>,
+    pub(crate) threads_per_worker: Option<usize>,
+    pub(crate) processes: bool,
+    pub(crate) worker_program: Option<std::path::PathBuf>,
+    pub(crate) memory_limit: u64,
     scheduler_port: u16,
     simulate: bool,
     local_directory: Option<std::path::PathBuf>,
-    resources: Vec<(String, f64)>,
+    pub(crate) resources: Vec<(String, f64)>,
+    /// A command line that starts a worker (SpecCluster): `{scheduler}` and `{name}` are
+    /// replaced; run under a nanny like any worker process.
+    pub(crate) command: Option<Vec<String>>,
+    /// Names of workers `scale` starts: `<prefix>-<n>`.
+    pub(crate) prefix: &'static str,
 }
 
 impl LocalClusterBuilder {
@@ -140,7 +145,8 @@ impl LocalClusterBuilder {
             let (sched, run) =
                 scheduler::run(listener, config, shutdown.clone()).await.map_err(|e| Error::Cluster(e.to_string()))?;
             tokio::spawn(run);
-            let pool = Arc::new(Pool::new(self.clone(), settings.clone(), sched.clone(), shutdown.clone()));
+            let pool =
+                Arc::new(Pool::new(self.clone(), self.prefix, settings.clone(), sched.clone(), shutdown.clone()));
             cluster.scheduler = Some(sched);
             cluster.pool = Some(pool.clone());
             pool.start(n_workers).await.map_err(|e| match e {
@@ -161,12 +167,13 @@ pub(crate) async fn spawn_nanny(
     b: &LocalClusterBuilder,
     settings: &Config,
     address: &Address,
-    i: usize,
+    name: String,
     shutdown: &CancellationToken,
 ) -> Result<(NannyHandle, tokio::task::JoinHandle<()>)> {
     let threads = b.threads();
-    let name = format!("local-{i}");
-    let launcher: Box<dyn Launcher> = if b.processes {
+    let launcher: Box<dyn Launcher> = if let Some(argv) = &b.command {
+        Box::new(command_launcher(argv, address, &name)?)
+    } else if b.processes {
         Box::new(process_launcher(b, address, &name, threads)?)
     } else {
         let mut config = WorkerConfig::new(address.clone());
@@ -264,6 +271,19 @@ fn process_launcher(b: &LocalClusterBuilder, address: &Address, name: &str, thre
             }
             ProcessLauncher { program, args: Vec::new(), env, stdout: false }
         }
+    })
+}
+
+/// A worker started by a command line of the user's, `{scheduler}` and `{name}` filled in.
+fn command_launcher(argv: &[String], address: &Address, name: &str) -> Result<ProcessLauncher> {
+    let fill = |a: &String| a.replace("{scheduler}", &address.to_string()).replace("{name}", name);
+    let (program, args) =
+        argv.split_first().ok_or_else(|| Error::InvalidArgument("a worker command line needs a program".into()))?;
+    Ok(ProcessLauncher {
+        program: fill(program).into(),
+        args: args.iter().map(|a| fill(a).into()).collect(),
+        env: Vec::new(),
+        stdout: false,
     })
 }
 
@@ -430,6 +450,8 @@ impl LocalCluster {
             simulate: false,
             local_directory: None,
             resources: Vec::new(),
+            command: None,
+            prefix: "local",
         }
     }
 
@@ -472,7 +494,7 @@ impl LocalCluster {
         self.pool.as_ref().map_or(0, |p| p.len())
     }
 
-    fn parts(&self) -> Result<(&tokio::runtime::Runtime, &Arc<Pool>)> {
+    pub(crate) fn parts(&self) -> Result<(&tokio::runtime::Runtime, &Arc<Pool>)> {
         match (&self.runtime, &self.pool) {
             (Some(rt), Some(p)) => Ok((rt, p)),
             _ => Err(Error::Cluster("the cluster is closed".into())),

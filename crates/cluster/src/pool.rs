@@ -14,7 +14,10 @@ use dask_client::{Error, Result};
 use crate::local::{LocalClusterBuilder, WORKER_START_TIMEOUT, spawn_nanny};
 
 pub(crate) struct Pool {
+    /// How workers started by `scale` and `adapt` are made.
     builder: LocalClusterBuilder,
+    /// Their names: `<prefix>-<n>`.
+    prefix: String,
     settings: Config,
     pub(crate) sched: SchedulerHandle,
     shutdown: CancellationToken,
@@ -31,11 +34,12 @@ struct State {
 impl Pool {
     pub(crate) fn new(
         builder: LocalClusterBuilder,
+        prefix: &str,
         settings: Config,
         sched: SchedulerHandle,
         shutdown: CancellationToken,
     ) -> Pool {
-        Pool { builder, settings, sched, shutdown, state: Mutex::new(State::default()) }
+        Pool { builder, prefix: prefix.to_string(), settings, sched, shutdown, state: Mutex::new(State::default()) }
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -70,12 +74,25 @@ impl Pool {
             s.next_index - k
         };
         for i in first..first + k {
-            let (handle, run) =
-                spawn_nanny(&self.builder, &self.settings, &self.sched.address, i, &self.shutdown).await?;
-            let mut s = self.state.lock();
-            s.nannies.push(handle);
-            s.runs.push(run);
+            self.add(&self.builder, format!("{}-{i}", self.prefix)).await?;
         }
+        self.wait_all().await
+    }
+
+    /// Starts one worker of its own kind and name (a SpecCluster's entry).
+    pub(crate) async fn add(&self, spec: &LocalClusterBuilder, name: String) -> Result<()> {
+        if self.names().contains(&name) {
+            return Err(Error::InvalidArgument(format!("a worker named {name:?} is running already")));
+        }
+        let (handle, run) = spawn_nanny(spec, &self.settings, &self.sched.address, name, &self.shutdown).await?;
+        let mut s = self.state.lock();
+        s.nannies.push(handle);
+        s.runs.push(run);
+        Ok(())
+    }
+
+    /// Waits until every worker of the pool has registered.
+    pub(crate) async fn wait_all(&self) -> Result<()> {
         let n = self.len();
         match tokio::time::timeout(WORKER_START_TIMEOUT, self.sched.wait_for_workers(n)).await {
             Ok(Some(_)) => Ok(()),
