@@ -7,6 +7,7 @@
 //! * [`wait`], [`as_completed`]: waiting on many futures.
 //!
 //! See `docs/client.md`.
+mod actor;
 mod args;
 mod client;
 mod coord;
@@ -20,9 +21,11 @@ mod replies;
 mod run;
 mod wait;
 
+pub use actor::ActorHandle;
 pub use args::{IntoArg, IntoArgs, OneArg};
 pub use client::{CONNECT_TIMEOUT, Client, ClusterStarter, RESTART_TIMEOUT, StartedCluster};
 pub use coord::{Datasets, Event, Lock, LockGuard, Pub, Queue, Semaphore, Shared, Sub, Variable};
+pub use dask_protocol::actor::Actor;
 pub use error::{Error, Result, TaskFailure};
 pub use future::{Future, FutureStatus};
 pub use gather::{Errors, Gatherable};

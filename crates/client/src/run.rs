@@ -54,7 +54,7 @@ fn spec_of<T: Task, A: IntoArgs<T::Args>>(args: A) -> Result<bytes::Bytes> {
     Ok(pb::TaskSpec { function: T::NAME.to_string(), args: Some(arg) }.encode_to_vec().into())
 }
 
-fn decode<T: serde::de::DeserializeOwned + 'static>(r: pb::RunResult) -> Result<T> {
+pub(crate) fn decode<T: serde::de::DeserializeOwned + 'static>(r: pb::RunResult) -> Result<T> {
     if r.ok {
         let codec = dask_protocol::codec::codec_name(&r.codec)?;
         Ok(Value { codec, data: r.value }.decode()?)
@@ -65,7 +65,7 @@ fn decode<T: serde::de::DeserializeOwned + 'static>(r: pb::RunResult) -> Result<
 }
 
 impl Client {
-    async fn run_request(&self, req: pb::RunRequest) -> Result<Vec<pb::RunResult>> {
+    pub(crate) async fn run_request(&self, req: pb::RunRequest) -> Result<Vec<pb::RunResult>> {
         match self.coord("", Wait::No, Op::Run(req)).await? {
             Answer::Said(Kind::Run(r)) => Ok(r.results),
             other => Err(unexpected("run", other)),
@@ -90,7 +90,7 @@ impl Client {
             spec: spec_of::<T, A>(args)?,
             workers: opts.workers,
             wait: opts.wait,
-            on_scheduler: false,
+            ..Default::default()
         };
         let results = self.inner.block_on(self.run_request(req))?;
         let mut out = HashMap::new();
@@ -114,7 +114,7 @@ impl Client {
     /// know `f`: a LocalCluster runs this program's functions; a stock `dask-scheduler` its
     /// built-ins). `dask::get_scheduler()` inside gives a snapshot of the scheduler.
     pub fn run_on_scheduler<T: Task, A: IntoArgs<T::Args>>(&self, _f: T, args: A) -> Result<T::Output> {
-        let req = pb::RunRequest { spec: spec_of::<T, A>(args)?, workers: Vec::new(), wait: true, on_scheduler: true };
+        let req = pb::RunRequest { spec: spec_of::<T, A>(args)?, wait: true, on_scheduler: true, ..Default::default() };
         let mut results = self.inner.block_on(self.run_request(req))?;
         let r = results.pop().ok_or_else(|| Error::Refused("the scheduler gave no result".into()))?;
         decode(r)

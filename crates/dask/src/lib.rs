@@ -37,6 +37,9 @@ pub use dask_scheduler::server::get_scheduler;
 /// dask's `raise Reschedule()`: in a task, ends it at once; the scheduler runs it again, placed
 /// anew.
 pub use dask_protocol::task::reschedule;
+
+/// Registers an actor type (`impl dask::Actor`) so workers of this program can host it.
+pub use dask_protocol::register_actor;
 pub use dask_worker::context::{TaskWorker, WorkerClient, get_client, get_worker, rejoin, secede, worker_client};
 
 /// Built-in task functions of the stock `dask-worker` (`inc`, `add`, `sum`, `slowinc`, ...).

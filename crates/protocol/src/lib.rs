@@ -11,6 +11,7 @@
 //! * [`addr`]: `tcp://host:port` addresses, parsed with errors a user can act on.
 //! * [`tokenize`]: the stable hash behind `pure` keys (`inc-<32 hex digits>`).
 
+pub mod actor;
 pub mod addr;
 pub mod cli;
 pub mod codec;

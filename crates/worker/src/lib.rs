@@ -10,6 +10,7 @@
 //!   binary (with their own `#[dask::task]` functions) is one line: `dask::worker_main()`.
 //!
 //! See `docs/worker.md`.
+mod actors;
 pub mod builtins;
 pub mod cli;
 pub mod context;

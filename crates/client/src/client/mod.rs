@@ -73,7 +73,7 @@ pub(crate) struct ClientInner {
     cluster: Mutex<Option<Box<dyn std::any::Any + Send>>>,
     counter: AtomicU64,
     /// Where the next scattered value goes (round-robin across calls, as dask's).
-    scatter_next: std::sync::atomic::AtomicUsize,
+    pub(crate) scatter_next: std::sync::atomic::AtomicUsize,
     random: std::collections::hash_map::RandomState,
 }
 
@@ -238,7 +238,7 @@ impl ClientInner {
         Ok(values)
     }
 
-    fn unique_key(&self, prefix: &str) -> String {
+    pub(crate) fn unique_key(&self, prefix: &str) -> String {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let a = self.random.hash_one((n, std::process::id()));
         let b = self.random.hash_one((a, n, "dask"));

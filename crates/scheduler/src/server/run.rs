@@ -46,11 +46,14 @@ impl EventLoop {
 
     pub(super) fn on_run(&mut self, client: ClientId, id: u64, req: pb::RunRequest) {
         use pb::coord_reply::Kind;
-        let spec = match pb::TaskSpec::decode(&req.spec[..]) {
-            Ok(s) => s,
-            Err(e) => return self.run_reply(client, id, Kind::Error(format!("a malformed function to run: {e}"))),
-        };
+        if req.actor.is_some() && (req.on_scheduler || req.workers.len() != 1) {
+            return self.run_reply(client, id, Kind::Error("an actor lives on one worker: name it".into()));
+        }
         if req.on_scheduler {
+            let spec = match pb::TaskSpec::decode(&req.spec[..]) {
+                Ok(s) => s,
+                Err(e) => return self.run_reply(client, id, Kind::Error(format!("a malformed function to run: {e}"))),
+            };
             let info = self.info();
             let tx = self.self_tx.clone();
             tokio::task::spawn_blocking(move || {
@@ -70,6 +73,13 @@ impl EventLoop {
                 let w = normalize_worker(w.clone());
                 match self.worker_meta.iter().find(|(_, m)| *m.address == *w || *m.name == *w) {
                     Some((id, _)) => targets.push(*id),
+                    None if req.actor.is_some() => {
+                        return self.run_reply(
+                            client,
+                            id,
+                            Kind::Error(format!("the actor's worker {w} is gone, and the actor with it")),
+                        );
+                    }
                     None => {
                         return self.run_reply(
                             client,
@@ -91,6 +101,7 @@ impl EventLoop {
                         kind: Some(pb::scheduler_command::Kind::Run(pb::RunFunction {
                             id: run,
                             spec: req.spec.clone(),
+                            actor: req.actor.clone(),
                         })),
                     }],
                 }));

@@ -276,6 +276,7 @@ pub async fn start(
             simulate: config.simulate,
             shutdown: shutdown.clone(),
             context,
+            actors: Default::default(),
         };
         let timers = Timers {
             heartbeat,
@@ -390,6 +391,8 @@ struct Loop {
     shutdown: CancellationToken,
     /// What tasks (and `Client.run` functions) see of this worker.
     context: Arc<WorkerContext>,
+    /// The actors it hosts.
+    actors: crate::actors::Actors,
 }
 
 /// msgpack's nil: the value of `()`, stored for simulated tasks.
@@ -596,6 +599,9 @@ impl Loop {
                     let removed = !self.simulate && self.executor.unqueue(&key);
                     self.state.handle(Event::Unqueued { key, id, removed }, &mut self.instructions);
                 }
+            }
+            pb::scheduler_command::Kind::Run(pb::RunFunction { id, actor: Some(op), .. }) => {
+                self.actors.handle(id, op, &self.context.address, &self.out_tx);
             }
             pb::scheduler_command::Kind::Run(r) => {
                 // On a thread of its own, beside the task pool; the answer goes straight out.
