@@ -51,24 +51,31 @@ impl Replies {
         self.waiting.lock().clear();
     }
 
-    /// Adds a local subscriber; `true` if it is the topic's first (the scheduler must be told).
-    pub(crate) fn subscribe(&self, topic: &str, id: u64, tx: mpsc::UnboundedSender<pb::Item>) -> bool {
+    /// Adds a local subscriber; if it is the topic's first, `tell` tells the scheduler, under
+    /// the same lock as [`unsubscribe`](Self::unsubscribe)'s, so a subscribe and an unsubscribe
+    /// of one topic reach the scheduler in the order they happened here.
+    pub(crate) fn subscribe<R>(
+        &self,
+        topic: &str,
+        id: u64,
+        tx: mpsc::UnboundedSender<pb::Item>,
+        tell: impl FnOnce() -> R,
+    ) -> Option<R> {
         let mut topics = self.topics.lock();
         let subs = topics.entry(topic.to_string()).or_default();
         subs.push((id, tx));
-        subs.len() == 1
+        (subs.len() == 1).then(tell)
     }
 
-    /// Removes a local subscriber; `true` if it was the topic's last.
-    pub(crate) fn unsubscribe(&self, topic: &str, id: u64) -> bool {
+    /// Removes a local subscriber; if it was the topic's last, `tell` tells the scheduler.
+    pub(crate) fn unsubscribe(&self, topic: &str, id: u64, tell: impl FnOnce()) {
         let mut topics = self.topics.lock();
-        let Some(subs) = topics.get_mut(topic) else { return false };
+        let Some(subs) = topics.get_mut(topic) else { return };
         subs.retain(|(i, _)| *i != id);
         if subs.is_empty() {
             topics.remove(topic);
-            return true;
+            tell();
         }
-        false
     }
 
     /// Topics with local subscribers (to subscribe again after a reconnection).

@@ -104,7 +104,7 @@ pub(crate) async fn run(pool: Arc<Pool>, options: AdaptOptions, stop: Cancellati
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(options.interval) => {}
         }
-        let Some(rec) = pool.sched.adaptive_target(options.target_duration).await else { return };
+        let Some(rec) = pool.sched.adaptive_target(options.target_duration, lo, hi).await else { return };
         let n = pool.len();
         let target = (rec.target as usize).clamp(lo, hi);
         if target > n {

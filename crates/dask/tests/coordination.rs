@@ -204,3 +204,30 @@ fn metadata_merges_nested_paths() {
     assert!(matches!(b.get_metadata::<String>(&["x", "w", "z"]), Err(Error::InvalidArgument(_))));
     assert!(matches!(a.set_metadata(&[], &1), Err(Error::InvalidArgument(_))));
 }
+
+#[test]
+fn a_future_handed_over_in_one_client_survives_its_producer_dropping_it() {
+    let (_cluster, a, _b) = cluster();
+    for i in 0..20i64 {
+        let q: Queue<i64> = Queue::new(&a, "handover");
+        let consumer = {
+            let q: Queue<i64> = Queue::new(&a, "handover");
+            std::thread::spawn(move || q.get().unwrap().result().unwrap())
+        };
+        std::thread::sleep(Duration::from_millis(5));
+        // The producer shares the consumer's client and lets go of its future at once.
+        let f = a.submit(inc, (i,)).unwrap();
+        q.put_future(&f).unwrap();
+        drop(f);
+        assert_eq!(consumer.join().unwrap(), i + 1);
+    }
+}
+
+#[test]
+fn a_client_hears_its_own_topic() {
+    let (_cluster, a, _b) = cluster();
+    let p: Pub<i64> = Pub::new(&a, "nums");
+    let s: Sub<i64> = Sub::new(&a, "nums").unwrap();
+    p.put(&3).unwrap();
+    assert_eq!(s.get_timeout(Duration::from_secs(10)).unwrap(), 3);
+}

@@ -162,3 +162,14 @@ fn every_wait_can_be_bounded() {
     assert!(!g.set_options("nope", &retried).unwrap());
     assert_eq!(client.get::<i64>(&g, "a").unwrap(), 2);
 }
+
+#[test]
+fn scatter_under_a_key_in_memory_is_refused() {
+    let (_cluster, client) = cluster(1, 1);
+    let m: HashMap<String, i64> = [("a".to_string(), 1)].into();
+    let first = client.scatter_map(m).unwrap();
+    let again: HashMap<String, i64> = [("a".to_string(), 2)].into();
+    let e = client.scatter_map(again).unwrap_err();
+    assert!(matches!(&e, Error::InvalidArgument(m) if m.contains("holds a value already")), "{e}");
+    assert_eq!(first["a"].result().unwrap(), 1);
+}

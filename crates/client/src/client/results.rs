@@ -79,6 +79,17 @@ impl Client {
             if let Some(k) = keys.iter().find(|k| k.is_empty()) {
                 return Err(Error::InvalidArgument(format!("a scatter key must not be empty ({k:?})")));
             }
+            // A worker never replaces a value it holds: scattering another value under a key
+            // in memory would silently keep the old one.
+            let req = pb::KeysRequest { keys: keys.clone() };
+            let held = self.inner.link.rpc().who_has(req).await?.into_inner();
+            if let Some(e) = held.entries.iter().find(|e| !e.workers.is_empty()) {
+                return Err(Error::InvalidArgument(format!(
+                    "key {:?} holds a value already, and scatter does not replace values: release it first, or \
+                     scatter under another key",
+                    e.key
+                )));
+            }
         }
         let mut info = self.scheduler_info_async().await?;
         if info.workers.is_empty() && opts.workers.is_empty() {

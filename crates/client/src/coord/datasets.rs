@@ -46,11 +46,11 @@ impl Client {
     }
 
     pub async fn get_dataset_async<T: DeserializeOwned + 'static>(&self, name: &str) -> Result<Vec<Future<T>>> {
-        match self.dataset_op(name, Op::DatasetGet(pb::Empty {}), "get_dataset").await? {
-            Kind::Items(list) => {
-                Ok(self.items_to_shared::<T>(list.items)?.into_iter().filter_map(Shared::into_future).collect())
+        match self.coord(name, Wait::No, Op::DatasetGet(pb::Empty {})).await? {
+            Answer::Items(items, id) => {
+                Ok(self.items_to_shared::<T>(items, id)?.into_iter().filter_map(Shared::into_future).collect())
             }
-            k => Err(unexpected("get_dataset", Answer::Said(k))),
+            other => Err(unexpected("get_dataset", other)),
         }
     }
 

@@ -54,6 +54,8 @@ impl Wait {
 /// An answer: what the scheduler said, or that the wait ran out.
 pub(crate) enum Answer {
     Said(Kind),
+    /// Items, and the id of the request they answer (acknowledged once their futures exist).
+    Items(Vec<pb::Item>, u64),
     TimedOut,
 }
 
@@ -78,14 +80,17 @@ impl Client {
         match reply.kind {
             Some(Kind::Error(e)) => Err(Error::Refused(e)),
             Some(Kind::TimedOut(_)) => Ok(Answer::TimedOut),
+            Some(Kind::Items(list)) => Ok(Answer::Items(list.items, id)),
             Some(kind) => Ok(Answer::Said(kind)),
             None => Err(Error::Refused(format!("the scheduler gave an empty answer about {name:?}"))),
         }
     }
 
-    /// Turns received items into values or futures (futures this client now holds).
-    fn items_to_shared<T: DeserializeOwned + 'static>(&self, items: Vec<pb::Item>) -> Result<Vec<Shared<T>>> {
-        items
+    /// Turns received items (the answer to request `id`) into values or futures (futures this
+    /// client now holds), then tells the scheduler it holds them: it kept them alive meanwhile.
+    fn items_to_shared<T: DeserializeOwned + 'static>(&self, items: Vec<pb::Item>, id: u64) -> Result<Vec<Shared<T>>> {
+        let any_key = items.iter().any(|i| !i.key.is_empty());
+        let shared: Vec<Shared<T>> = items
             .into_iter()
             .map(|i| {
                 if i.key.is_empty() {
@@ -95,7 +100,20 @@ impl Client {
                     Ok(Shared::Future(self.future_of(&i.key)))
                 }
             })
-            .collect()
+            .collect::<Result<_>>()?;
+        if any_key {
+            // After the futures' wants, on the same stream; no answer awaited.
+            let replies = &self.inner.link.replies;
+            let (ack, _) = replies.expect();
+            replies.forget(ack);
+            self.inner.send(pb::client_op::Kind::Coord(pb::CoordRequest {
+                id: ack,
+                name: String::new(),
+                timeout_s: 0.0,
+                op: Some(Op::Ack(id)),
+            }));
+        }
+        Ok(shared)
     }
 }
 
@@ -114,6 +132,7 @@ fn future_item<T>(future: &Future<T>) -> pb::Item {
 pub(crate) fn unexpected(what: &str, kind: Answer) -> Error {
     let said = match kind {
         Answer::TimedOut => "timed out".to_string(),
+        Answer::Items(items, _) => format!("{} items", items.len()),
         Answer::Said(k) => format!("{k:?}"),
     };
     Error::Refused(format!("the scheduler answered a {what} request with {said}"))

@@ -77,10 +77,17 @@ impl<T: DeserializeOwned + 'static> Sub<T> {
         let (tx, rx) = mpsc::unbounded_channel();
         let id = NEXT_SUB.fetch_add(1, Ordering::Relaxed);
         let sub = Sub { client: client.clone(), topic, id, rx: tokio::sync::Mutex::new(rx), _t: PhantomData };
-        if client.inner.link.replies.subscribe(&sub.topic, id, tx) {
-            match client.coord(&sub.topic, Wait::No, Op::Subscribe(pb::Empty {})).await? {
-                Answer::Said(Kind::Done(_)) => {}
-                other => return Err(unexpected("subscribe", other)),
+        client.check_open()?;
+        let replies = &client.inner.link.replies;
+        let answer = replies.subscribe(&sub.topic, id, tx, || {
+            let (rid, rx) = replies.expect();
+            client.inner.send(coord_op(rid, &sub.topic, Op::Subscribe(pb::Empty {})));
+            rx
+        });
+        if let Some(rx) = answer {
+            let reply = rx.await.map_err(|_| Error::SchedulerLost("no answer to a subscribe".into()))?;
+            if let Some(Kind::Error(e)) = reply.kind {
+                return Err(Error::Refused(e));
             }
         }
         Ok(sub)
@@ -110,18 +117,19 @@ impl<T: DeserializeOwned + 'static> Sub<T> {
     }
 }
 
+/// A coordination request, as sent on the client stream.
+fn coord_op(id: u64, name: &str, op: Op) -> pb::client_op::Kind {
+    pb::client_op::Kind::Coord(pb::CoordRequest { id, name: name.to_string(), timeout_s: 0.0, op: Some(op) })
+}
+
 impl<T> Drop for Sub<T> {
     fn drop(&mut self) {
-        if self.client.inner.link.replies.unsubscribe(&self.topic, self.id) {
+        let replies = &self.client.inner.link.replies;
+        replies.unsubscribe(&self.topic, self.id, || {
             // The last one here: the scheduler stops sending (no answer awaited).
-            let (id, _) = self.client.inner.link.replies.expect();
-            self.client.inner.link.replies.forget(id);
-            self.client.inner.send(pb::client_op::Kind::Coord(pb::CoordRequest {
-                id,
-                name: self.topic.clone(),
-                timeout_s: 0.0,
-                op: Some(Op::Unsubscribe(pb::Empty {})),
-            }));
-        }
+            let (id, _) = replies.expect();
+            replies.forget(id);
+            self.client.inner.send(coord_op(id, &self.topic, Op::Unsubscribe(pb::Empty {})));
+        });
     }
 }

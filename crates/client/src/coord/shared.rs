@@ -115,10 +115,10 @@ impl<T: Serialize + DeserializeOwned + 'static> Queue<T> {
     }
 
     async fn take(&self, count: u32, batch: bool, timeout: Option<Duration>) -> Result<Vec<Shared<T>>> {
-        let op = Op::QueueGet(pb::QueueGet { count, batch });
+        let op = Op::QueueGet(pb::QueueGet { count, batch, maxsize: self.maxsize });
         let wait = if batch && count == 0 { Wait::No } else { Wait::from_timeout(timeout) };
         match self.client.coord(&self.name, wait, op).await? {
-            Answer::Said(Kind::Items(list)) => self.client.items_to_shared(list.items),
+            Answer::Items(items, id) => self.client.items_to_shared(items, id),
             Answer::TimedOut => Err(Error::Timeout {
                 what: format!("an item of queue {:?}", self.name),
                 after: timeout.unwrap_or_default(),
@@ -222,8 +222,8 @@ impl<T: Serialize + DeserializeOwned + 'static> Variable<T> {
 
     pub async fn get_async(&self, timeout: Option<Duration>) -> Result<Shared<T>> {
         match self.client.coord(&self.name, Wait::from_timeout(timeout), Op::VariableGet(pb::Empty {})).await? {
-            Answer::Said(Kind::Items(list)) => {
-                Ok(self.client.items_to_shared(list.items)?.pop().expect("a variable holds one item"))
+            Answer::Items(items, id) => {
+                Ok(self.client.items_to_shared(items, id)?.pop().expect("a variable holds one item"))
             }
             Answer::TimedOut => Err(Error::Timeout {
                 what: format!("variable {:?} to be set", self.name),

@@ -79,9 +79,11 @@ pub enum Op {
         maxsize: u32,
     },
     /// `count` items (waiting for them); with `batch` and `count` 0, every item there now.
+    /// `maxsize` bounds a queue this makes.
     QueueGet {
         count: u32,
         batch: bool,
+        maxsize: u32,
     },
     QueueSize,
     VariableSet(Item),
@@ -108,6 +110,8 @@ pub enum Op {
     MetaGet {
         path: Vec<String>,
     },
+    /// The client made its futures of the keys in the answer to its request `id`.
+    Ack(u64),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -146,6 +150,10 @@ pub enum Out {
         key: Key,
     },
 }
+
+/// Keys in a metadata path, at most: the tree is freed and printed recursively, so a path of a
+/// hundred thousand keys would overflow the scheduler's stack.
+pub const MAX_META_DEPTH: usize = 64;
 
 /// A request waiting, by (client, id): where to find it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -198,8 +206,11 @@ pub struct Coordination {
     topics: BTreeMap<String, BTreeSet<ClientId>>,
     datasets: BTreeMap<String, Vec<Item>>,
     metadata: serde_json::Map<String, serde_json::Value>,
-    /// How many places here hold each key (queue items, parked puts, variables, datasets).
+    /// How many places here hold each key (queue items, parked puts, variables, datasets,
+    /// gifts).
     held: FxHashMap<Key, u32>,
+    /// Keys given in an answer and not yet acknowledged, by (client, request id).
+    gifts: FxHashMap<(ClientId, u64), Vec<Key>>,
     parked: FxHashMap<(ClientId, u64), Parked>,
 }
 
@@ -276,8 +287,17 @@ impl Coordination {
                     self.serve_queue(&name, out);
                 }
             }
-            Op::QueueGet { count, batch } => {
-                let q = self.queues.entry(name.clone()).or_default();
+            Op::QueueGet { count, batch, maxsize } => {
+                let q = self.queues.entry(name.clone()).or_insert_with(|| Queue { maxsize, ..Default::default() });
+                if q.maxsize > 0 && count > q.maxsize {
+                    let max = q.maxsize;
+                    return reply(
+                        out,
+                        Reply::Error(format!(
+                            "a get of {count} items from queue {name:?}, which holds at most {max}, would never be served"
+                        )),
+                    );
+                }
                 if batch && count == 0 {
                     let items: Vec<Item> = q.items.drain(..).collect();
                     self.take(client, id, items, out);
@@ -367,14 +387,16 @@ impl Coordination {
                 let set = self.events.get(&name).is_some_and(|e| e.set);
                 reply(out, Reply::Flag(set));
             }
+            Op::Ack(answered) => {
+                self.acknowledged(client, answered, out);
+                reply(out, Reply::Done);
+            }
+            Op::Publish(Item::Future(_)) => {
+                reply(out, Reply::Error("a topic carries values, not futures: put the future in a Queue".into()))
+            }
             Op::Publish(item) => {
-                // Futures are not kept alive by a topic: a subscriber that wants one holds it
-                // (it is given the key with the message).
                 let subscribers = self.topics.get(&name).cloned().unwrap_or_default();
                 for c in subscribers {
-                    if let Some(k) = item.key() {
-                        out.push(Out::Give { client: c, key: k.clone() });
-                    }
                     out.push(Out::Deliver { client: c, topic: name.clone(), item: item.clone() });
                 }
                 reply(out, Reply::Done);
@@ -431,6 +453,10 @@ impl Coordination {
                 }
                 None => reply(out, Reply::Error(self.no_dataset(&name))),
             },
+            Op::MetaSet { path, .. } | Op::MetaGet { path } if path.len() > MAX_META_DEPTH => reply(
+                out,
+                Reply::Error(format!("a metadata path of {} keys is too deep (at most {MAX_META_DEPTH})", path.len())),
+            ),
             Op::MetaSet { path, value } => {
                 let r = self.set_metadata(&path, value);
                 reply(out, r);
@@ -442,23 +468,40 @@ impl Coordination {
         }
     }
 
+    /// Whether request `id` of `client` is waiting.
+    pub fn is_waiting(&self, client: ClientId, id: u64) -> bool {
+        self.parked.contains_key(&(client, id))
+    }
+
     /// The wait of request `id` of `client` ran out: if it still waits, it is answered so.
     pub fn timeout(&mut self, client: ClientId, id: u64, out: &mut Vec<Out>) {
         let Some(parked) = self.parked.remove(&(client, id)) else {
             return; // answered already
         };
+        let (reply, serve) = self.withdraw(client, id, parked, out);
+        if let Some(q) = serve {
+            // The next getter may be served now that this one is out of the way.
+            self.serve_queue(&q, out);
+        }
+        out.push(Out::Reply { client, id, reply });
+    }
+
+    /// Takes a waiting request out of where it waits; returns how a timeout answers it, and the
+    /// queue whose next getter may be served now.
+    fn withdraw(&mut self, client: ClientId, id: u64, parked: Parked, out: &mut Vec<Out>) -> (Reply, Option<String>) {
         let mine = |c: ClientId, i: u64| c == client && i == id;
-        let reply = match parked {
+        match parked {
             Parked::Semaphore(name) => {
                 let s = self.semaphores.get_mut(&name).expect("parked on it");
                 s.waiting.retain(|&(c, i, _)| !mine(c, i));
-                Reply::Flag(false)
+                if s.leases.is_empty() && s.waiting.is_empty() {
+                    self.semaphores.remove(&name);
+                }
+                (Reply::Flag(false), None)
             }
             Parked::QueueGet(name) => {
                 self.queues.get_mut(&name).expect("parked on it").getters.retain(|&(c, i, _)| !mine(c, i));
-                // The next getter may be served now that this one is out of the way.
-                self.serve_queue(&name, out);
-                Reply::TimedOut
+                (Reply::TimedOut, Some(name))
             }
             Parked::QueuePut(name) => {
                 let q = self.queues.get_mut(&name).expect("parked on it");
@@ -467,7 +510,7 @@ impl Coordination {
                 if let Some(k) = item.key() {
                     self.unhold(k.clone(), out);
                 }
-                Reply::TimedOut
+                (Reply::TimedOut, None)
             }
             Parked::Variable(name) => {
                 let v = self.variables.get_mut(&name).expect("parked on it");
@@ -475,30 +518,27 @@ impl Coordination {
                 if v.value.is_none() && v.waiting.is_empty() {
                     self.variables.remove(&name);
                 }
-                Reply::TimedOut
+                (Reply::TimedOut, None)
             }
             Parked::Event(name) => {
                 self.events.get_mut(&name).expect("parked on it").waiting.retain(|&(c, i)| !mine(c, i));
-                Reply::Flag(false)
+                (Reply::Flag(false), None)
             }
-        };
-        out.push(Out::Reply { client, id, reply });
+        }
     }
 
     /// `client` is gone: its leases are released, its waits end (unanswered), its
-    /// subscriptions end. What it put in queues, variables and datasets stays.
+    /// subscriptions end. What it put in queues, variables and datasets stays. Its waits are all
+    /// taken out before anyone is served, so none of them is served on its way out.
     pub fn client_gone(&mut self, client: ClientId, out: &mut Vec<Out>) {
         let mut waits: Vec<u64> = self.parked.keys().filter(|(c, _)| *c == client).map(|(_, i)| *i).collect();
         waits.sort_unstable();
-        let mut discard = Vec::new();
+        let mut queues: BTreeSet<String> = BTreeSet::new();
         for id in waits {
-            self.timeout(client, id, &mut discard);
+            let parked = self.parked.remove(&(client, id)).expect("listed");
+            let (_, serve) = self.withdraw(client, id, parked, out);
+            queues.extend(serve);
         }
-        // Only the key holds of what was dropped matter; nobody is left to answer.
-        out.extend(discard.into_iter().filter(|o| match o {
-            Out::Reply { client: c, .. } | Out::Give { client: c, .. } => *c != client,
-            _ => true,
-        }));
         let mut freed: Vec<String> = Vec::new();
         for (name, s) in &mut self.semaphores {
             let before = s.leases.len();
@@ -510,6 +550,14 @@ impl Coordination {
         freed.sort();
         for name in freed {
             self.grant(&name, out);
+        }
+        for q in queues {
+            self.serve_queue(&q, out);
+        }
+        let mut gifts: Vec<u64> = self.gifts.keys().filter(|(c, _)| *c == client).map(|(_, i)| *i).collect();
+        gifts.sort_unstable();
+        for id in gifts {
+            self.acknowledged(client, id, out);
         }
         self.topics.retain(|_, subs| {
             subs.remove(&client);
@@ -542,6 +590,7 @@ impl Coordination {
         });
         self.datasets.retain(|_, items| items.iter().all(|i| i.key().is_none()));
         self.held.clear();
+        self.gifts.clear();
         for name in &names {
             self.serve_queue(name, out);
         }
@@ -601,13 +650,27 @@ impl Coordination {
         }
     }
 
-    /// Answers with `items` (read from a variable or a dataset, or taken from a queue): the
-    /// client wants their keys first, so a hold that ends after this never leaves them unwanted.
+    /// Answers with `items` (read from a variable or a dataset, or taken from a queue). The
+    /// client wants their keys from now on, and they are also held here as a gift until the
+    /// client acknowledges the answer ([`Op::Ack`]), once it has made its futures: a future of
+    /// the same key it drops meanwhile cannot release them.
     fn give(&mut self, client: ClientId, id: u64, items: Vec<Item>, out: &mut Vec<Out>) {
-        for k in items.iter().filter_map(Item::key) {
+        let keys: Vec<Key> = items.iter().filter_map(Item::key).cloned().collect();
+        for k in &keys {
             out.push(Out::Give { client, key: k.clone() });
+            self.hold(k.clone(), out);
+        }
+        if !keys.is_empty() {
+            self.gifts.insert((client, id), keys);
         }
         out.push(Out::Reply { client, id, reply: Reply::Items(items) });
+    }
+
+    /// The client made its futures of an answer's keys: the gift's holds end.
+    fn acknowledged(&mut self, client: ClientId, id: u64, out: &mut Vec<Out>) {
+        for k in self.gifts.remove(&(client, id)).unwrap_or_default() {
+            self.unhold(k, out);
+        }
     }
 
     fn hold(&mut self, key: Key, out: &mut Vec<Out>) {
@@ -709,6 +772,9 @@ impl Coordination {
         }
         for items in self.datasets.values() {
             items.iter().for_each(|i| count(i.key()));
+        }
+        for keys in self.gifts.values() {
+            keys.iter().for_each(|k| count(Some(k)));
         }
         for (k, n) in &self.held {
             assert_eq!(holds.get(k).copied().unwrap_or(0), *n, "key {k}: held count");

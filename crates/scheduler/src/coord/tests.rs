@@ -105,10 +105,11 @@ fn a_semaphore_gives_max_leases_and_a_gone_waiter_is_skipped() {
 #[test]
 fn a_queue_serves_getters_in_order_and_holds_futures() {
     let mut h = H::default();
-    let (g, out) = h.send(B, "q", Wait::Forever, Op::QueueGet { count: 1, batch: false });
+    let (g, out) = h.send(B, "q", Wait::Forever, Op::QueueGet { count: 1, batch: false, maxsize: 0 });
     assert!(out.is_empty(), "an empty queue makes a get wait");
     let (p, out) = h.send(A, "q", Wait::Forever, Op::QueuePut { item: fut("x"), maxsize: 0 });
-    // Held, then given to B (who wants it before the hold ends), then let go.
+    // Held, then given to B (who wants it from then on, and holds it as a gift until it
+    // acknowledges), then let go by the queue.
     assert_eq!(
         out,
         vec![
@@ -116,18 +117,19 @@ fn a_queue_serves_getters_in_order_and_holds_futures() {
             reply(A, p, Reply::Done),
             Out::Give { client: B, key: key("x") },
             reply(B, g, Reply::Items(vec![fut("x")])),
-            Out::Unhold(key("x")),
         ]
     );
+    let (a, out) = h.send(B, "", Wait::No, Op::Ack(g));
+    assert_eq!(out, vec![Out::Unhold(key("x")), reply(B, a, Reply::Done)], "the gift ends with the ack");
     h.send(A, "q", Wait::Forever, Op::QueuePut { item: data("1"), maxsize: 0 });
     h.send(A, "q", Wait::Forever, Op::QueuePut { item: data("2"), maxsize: 0 });
     let (r, out) = h.send(A, "q", Wait::No, Op::QueueSize);
     assert_eq!(out, vec![reply(A, r, Reply::Count(2))]);
-    let (r, out) = h.send(B, "q", Wait::No, Op::QueueGet { count: 0, batch: true });
+    let (r, out) = h.send(B, "q", Wait::No, Op::QueueGet { count: 0, batch: true, maxsize: 0 });
     assert_eq!(out, vec![reply(B, r, Reply::Items(vec![data("1"), data("2")]))]);
-    let (r, out) = h.send(B, "q", Wait::No, Op::QueueGet { count: 0, batch: true });
+    let (r, out) = h.send(B, "q", Wait::No, Op::QueueGet { count: 0, batch: true, maxsize: 0 });
     assert_eq!(out, vec![reply(B, r, Reply::Items(vec![]))], "a batch get of nothing does not wait");
-    let (r, out) = h.send(B, "q", Wait::No, Op::QueueGet { count: 1, batch: false });
+    let (r, out) = h.send(B, "q", Wait::No, Op::QueueGet { count: 1, batch: false, maxsize: 0 });
     assert_eq!(out, vec![reply(B, r, Reply::TimedOut)]);
 }
 
@@ -139,7 +141,7 @@ fn a_bounded_queue_makes_puts_wait_for_room() {
     assert_eq!(out, vec![Out::Hold(key("y"))], "held while it waits");
     let (r, out) = h.send(B, "q", Wait::No, Op::QueuePut { item: data("3"), maxsize: 1 });
     assert!(matches!(&out[..], [Out::Reply { id, reply: Reply::Error(e), .. }] if *id == r && e.contains("full")));
-    let (g, out) = h.send(B, "q", Wait::Forever, Op::QueueGet { count: 1, batch: false });
+    let (g, out) = h.send(B, "q", Wait::Forever, Op::QueueGet { count: 1, batch: false, maxsize: 0 });
     assert_eq!(out, vec![reply(B, g, Reply::Items(vec![data("1")])), reply(A, p, Reply::Done)]);
     // A second waiting put that times out lets its future go.
     let (p2, _) = h.send(A, "q", Wait::Limited, Op::QueuePut { item: fut("z"), maxsize: 1 });
@@ -149,8 +151,8 @@ fn a_bounded_queue_makes_puts_wait_for_room() {
 #[test]
 fn a_getter_of_several_items_waits_for_all_and_blocks_those_behind() {
     let mut h = H::default();
-    let (g1, _) = h.send(A, "q", Wait::Forever, Op::QueueGet { count: 2, batch: true });
-    let (g2, _) = h.send(B, "q", Wait::Limited, Op::QueueGet { count: 1, batch: false });
+    let (g1, _) = h.send(A, "q", Wait::Forever, Op::QueueGet { count: 2, batch: true, maxsize: 0 });
+    let (g2, _) = h.send(B, "q", Wait::Limited, Op::QueueGet { count: 1, batch: false, maxsize: 0 });
     let (_, out) = h.send(C, "q", Wait::No, Op::QueuePut { item: data("1"), maxsize: 0 });
     assert_eq!(out.len(), 1, "one item: nobody served yet");
     // The first getter times out: the item goes to the one behind it.
@@ -174,7 +176,9 @@ fn a_variable_holds_its_future_until_replaced_or_deleted() {
         ]
     );
     let (s, out) = h.send(A, "v", Wait::No, Op::VariableSet(fut("y")));
-    assert_eq!(out, vec![Out::Hold(key("y")), reply(A, s, Reply::Done), Out::Unhold(key("x"))]);
+    assert_eq!(out, vec![Out::Hold(key("y")), reply(A, s, Reply::Done)], "x is B's gift still");
+    let (a, out) = h.send(B, "", Wait::No, Op::Ack(g));
+    assert_eq!(out, vec![Out::Unhold(key("x")), reply(B, a, Reply::Done)]);
     let (s, out) = h.send(A, "v", Wait::No, Op::VariableSet(fut("y")));
     assert_eq!(out, vec![reply(A, s, Reply::Done)], "the same key again: still one hold");
     let (d, out) = h.send(A, "v", Wait::No, Op::VariableDelete);
@@ -240,7 +244,8 @@ fn datasets_are_named_refused_twice_and_hold_their_keys() {
         matches!(&out[..], [Out::Reply { id, reply: Reply::Error(e), .. }] if *id == r && e.contains("no dataset named \"nope\""))
     );
     let (r, out) = h.send(B, "d", Wait::No, Op::DatasetUnpublish);
-    assert_eq!(out, vec![Out::Unhold(key("x")), reply(B, r, Reply::Done)]);
+    assert_eq!(out, vec![reply(B, r, Reply::Done)], "B's gift holds x still");
+    assert_eq!(h.gone(B), vec![Out::Unhold(key("x"))], "a client that goes ends its gifts");
     h.gone(A);
 }
 
@@ -319,7 +324,7 @@ proptest::proptest! {
                 0 | 1 => Op::Acquire { lease: k as u64, max_leases: 2 },
                 2 => Op::Release { lease: k as u64 },
                 3 | 4 => Op::QueuePut { item, maxsize: 2 },
-                5 | 6 => Op::QueueGet { count: k as u32, batch: w == 0 },
+                5 | 6 => Op::QueueGet { count: k as u32, batch: w == 0, maxsize: 2 },
                 7 => Op::VariableSet(item),
                 8 => Op::VariableGet,
                 9 => Op::VariableDelete,
@@ -345,6 +350,7 @@ proptest::proptest! {
                     h.gone(client);
                     continue;
                 }
+                21 => Op::Ack(sent.get(k as usize * 5 % sent.len().max(1)).map_or(0, |s| s.1)),
                 20 => {
                     let mut out = Vec::new();
                     h.c.restarted(&mut out);
@@ -362,4 +368,49 @@ proptest::proptest! {
             }
         }
     }
+}
+
+#[test]
+fn a_client_that_goes_is_not_served_on_its_way_out() {
+    let mut h = H::default();
+    h.send(B, "q", Wait::No, Op::QueuePut { item: fut("x"), maxsize: 0 });
+    // A waits for two items, then for one; one is there.
+    h.send(A, "q", Wait::Forever, Op::QueueGet { count: 2, batch: true, maxsize: 0 });
+    h.send(A, "q", Wait::Forever, Op::QueueGet { count: 1, batch: false, maxsize: 0 });
+    let out = h.gone(A);
+    assert!(out.is_empty(), "the item stays held in the queue: {out:?}");
+    let (r, out) = h.send(B, "q", Wait::No, Op::QueueSize);
+    assert_eq!(out, vec![reply(B, r, Reply::Count(1))]);
+}
+
+#[test]
+fn a_get_larger_than_a_bounded_queue_is_refused() {
+    let mut h = H::default();
+    h.send(A, "q", Wait::No, Op::QueuePut { item: data("1"), maxsize: 2 });
+    let (r, out) = h.send(B, "q", Wait::Forever, Op::QueueGet { count: 3, batch: true, maxsize: 0 });
+    assert!(
+        matches!(&out[..], [Out::Reply { id, reply: Reply::Error(e), .. }] if *id == r && e.contains("never be served"))
+    );
+    // A queue made by a get takes its bound.
+    h.send(B, "r", Wait::Limited, Op::QueueGet { count: 1, batch: false, maxsize: 1 });
+    h.send(A, "r", Wait::No, Op::QueuePut { item: data("1"), maxsize: 0 });
+    h.send(A, "r", Wait::No, Op::QueuePut { item: data("2"), maxsize: 0 });
+    let (r, out) = h.send(A, "r", Wait::No, Op::QueuePut { item: data("3"), maxsize: 0 });
+    assert!(matches!(&out[..], [Out::Reply { id, reply: Reply::Error(e), .. }] if *id == r && e.contains("full")));
+}
+
+#[test]
+fn a_metadata_path_too_deep_is_refused() {
+    let mut h = H::default();
+    let path: Vec<String> = (0..100_000).map(|i| i.to_string()).collect();
+    let (r, out) = h.send(A, "", Wait::No, Op::MetaSet { path, value: serde_json::json!(1) });
+    assert!(matches!(&out[..], [Out::Reply { id, reply: Reply::Error(e), .. }] if *id == r && e.contains("too deep")));
+}
+
+#[test]
+fn a_topic_carries_values_not_futures() {
+    let mut h = H::default();
+    h.send(A, "t", Wait::No, Op::Subscribe);
+    let (p, out) = h.send(B, "t", Wait::No, Op::Publish(fut("x")));
+    assert!(matches!(&out[..], [Out::Reply { id, reply: Reply::Error(e), .. }] if *id == p && e.contains("Queue")));
 }

@@ -26,6 +26,12 @@ impl SchedulerCore {
     /// workers when over 60% of their memory limit holds values. Fewer: the idle workers that
     /// can go (their values fit in the others' memory).
     pub fn adaptive_target(&self, target_duration: Duration) -> AdaptiveTarget {
+        self.adaptive_target_within(target_duration, 0, usize::MAX)
+    }
+
+    /// [`adaptive_target`](Self::adaptive_target) kept within `minimum..=maximum` workers (an
+    /// `Adaptive`'s bounds): above the maximum, idle workers are named to go too.
+    pub fn adaptive_target_within(&self, target_duration: Duration, minimum: usize, maximum: usize) -> AdaptiveTarget {
         let open: Vec<WorkerId> = self.workers.iter().filter(|(_, w)| w.open()).map(|(id, _)| *id).collect();
         let n = open.len();
         let target_ns = target_duration.as_nanos().max(1) as f64;
@@ -57,7 +63,7 @@ impl SchedulerCore {
         let limit: u64 = open.iter().map(|id| self.workers[id].spec.memory_limit).sum();
         let used: u64 = open.iter().map(|id| self.workers[id].nbytes).sum();
         let memory = if limit > 0 && used as f64 > MEMORY_HIGH * limit as f64 { 2 * n } else { 0 };
-        let target = cpu.max(memory);
+        let target = cpu.max(memory).clamp(minimum, maximum.max(minimum));
         if target >= n {
             return AdaptiveTarget { target, to_close: Vec::new() };
         }
@@ -75,17 +81,21 @@ impl SchedulerCore {
             .collect();
         idle.sort();
         let mut closing: Vec<WorkerId> = Vec::new();
-        for (nbytes, id) in idle.into_iter().take(n) {
-            // Room left on the workers that stay (no limit: room enough).
-            let staying = open.iter().filter(|w| **w != id && !closing.contains(w));
+        for (nbytes, id) in idle {
+            if closing.len() == n {
+                break;
+            }
+            // Its values need a worker that stays, with room for them (no limit: room enough).
+            let staying: Vec<&WorkerId> = open.iter().filter(|w| **w != id && !closing.contains(w)).collect();
             let room: Option<u64> = staying
+                .iter()
                 .map(|w| {
-                    let w = &self.workers[w];
+                    let w = &self.workers[*w];
                     (w.spec.memory_limit > 0).then(|| w.spec.memory_limit.saturating_sub(w.nbytes))
                 })
                 .sum();
-            if open.len() - closing.len() <= 1 || room.is_some_and(|r| r < nbytes) {
-                break;
+            if nbytes > 0 && (staying.is_empty() || room.is_some_and(|r| r < nbytes)) {
+                continue;
             }
             closing.push(id);
         }

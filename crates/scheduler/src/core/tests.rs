@@ -1963,8 +1963,18 @@ fn adaptive_target_asks_for_workers_by_queued_work_and_frees_idle_ones() {
         h.finish_in(w, k, 10 * (n as u64 + 1), Duration::from_secs(1));
     }
     let t = h.core.adaptive_target(five);
-    assert_eq!(t.target, 1, "{t:?}");
+    assert_eq!(t.target, 1, "the last one keeps the values: {t:?}");
     assert_eq!(t.to_close.len(), 3);
+    // Bounds: at least 2 (two of the idle ones go).
+    assert_eq!(h.core.adaptive_target_within(five, 2, 10).to_close.len(), 2);
+    let mut e = Harness::new();
+    for i in 1..=3 {
+        e.join(i, 1);
+    }
+    let t = e.core.adaptive_target_within(five, 1, 1);
+    assert_eq!((t.target, t.to_close.len()), (1, 2), "kept at one: {t:?}");
+    let t = e.core.adaptive_target(five);
+    assert_eq!((t.target, t.to_close.len()), (0, 3), "idle and empty: all may go");
     // Few tasks do not ask for more workers than tasks, however long they are.
     let out = h.submit(C1, vec![task("slow-long", &[])], &["slow-long"]);
     let w = computes(&out)[0].0;

@@ -110,15 +110,21 @@ impl EventLoop {
 
     /// A coordination request; a wait with a time limit gets a timer.
     fn on_coord(&mut self, req: coord::Request, limit: Option<Duration>) {
-        if let Some(limit) = limit {
-            let (tx, client, id) = (self.self_tx.clone(), req.client, req.id);
+        let (client, id) = (req.client, req.id);
+        // A request that reuses the id of one still waiting is refused, and must not time it out.
+        let was_waiting = self.coord.is_waiting(client, id);
+        let mut out = std::mem::take(&mut self.coord_out);
+        self.coord.handle(req, &mut out);
+        if let Some(limit) = limit
+            && !was_waiting
+            && self.coord.is_waiting(client, id)
+        {
+            let tx = self.self_tx.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(limit).await;
                 let _ = tx.send(LoopMsg::CoordTimeout { client, id });
             });
         }
-        let mut out = std::mem::take(&mut self.coord_out);
-        self.coord.handle(req, &mut out);
         self.coord_out = out;
         self.apply_coord();
     }
@@ -580,8 +586,8 @@ impl EventLoop {
                     .collect();
                 let _ = reply.send(pb::NbytesReply { keys });
             }
-            Query::AdaptiveTarget(d, reply) => {
-                let t = self.core.adaptive_target(d);
+            Query::AdaptiveTarget(d, lo, hi, reply) => {
+                let t = self.core.adaptive_target_within(d, lo, hi);
                 let _ = reply.send(pb::AdaptiveReply {
                     target: t.target as u32,
                     to_close: t.to_close.iter().map(|n| n.to_string()).collect(),

@@ -94,10 +94,15 @@ impl SchedulerHandle {
     }
 
     /// Waits until `n` workers are connected; `None` if the scheduler stopped first.
-    /// dask's `adaptive_target(target_duration)`.
-    pub async fn adaptive_target(&self, target_duration: Duration) -> Option<pb::AdaptiveReply> {
+    /// dask's `adaptive_target(target_duration)`, within `minimum..=maximum` workers.
+    pub async fn adaptive_target(
+        &self,
+        target_duration: Duration,
+        minimum: usize,
+        maximum: usize,
+    ) -> Option<pb::AdaptiveReply> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(LoopMsg::Query(Query::AdaptiveTarget(target_duration, tx))).ok()?;
+        self.tx.send(LoopMsg::Query(Query::AdaptiveTarget(target_duration, minimum, maximum, tx))).ok()?;
         rx.await.ok()
     }
 
@@ -188,7 +193,8 @@ enum Query {
     HasWhat(oneshot::Sender<pb::HasWhatReply>),
     Info(oneshot::Sender<pb::SchedulerInfo>),
     WaitForWorkers(usize, oneshot::Sender<pb::SchedulerInfo>),
-    AdaptiveTarget(Duration, oneshot::Sender<pb::AdaptiveReply>),
+    /// Target duration, minimum and maximum workers.
+    AdaptiveTarget(Duration, usize, usize, oneshot::Sender<pb::AdaptiveReply>),
     Story(Vec<String>, oneshot::Sender<pb::StoryReply>),
     Processing(oneshot::Sender<pb::HasWhatReply>),
     Nbytes(oneshot::Sender<pb::NbytesReply>),

@@ -227,14 +227,16 @@ impl pb::scheduler_server::Scheduler for Service {
         &self,
         request: Request<pb::AdaptiveRequest>,
     ) -> Result<Response<pb::AdaptiveReply>, Status> {
-        let s = request.into_inner().target_duration_s;
+        let r = request.into_inner();
+        let s = r.target_duration_s;
+        let hi = if r.maximum == 0 { usize::MAX } else { r.maximum as usize };
         let d = match s {
             0.0 => Duration::from_secs(5),
             s => Duration::try_from_secs_f64(s)
                 .map_err(|_| Status::invalid_argument(format!("target_duration {s} s is not a duration")))?,
         };
         let (tx, rx) = oneshot::channel();
-        self.tx.send(LoopMsg::Query(Query::AdaptiveTarget(d, tx))).map_err(|_| closed())?;
+        self.tx.send(LoopMsg::Query(Query::AdaptiveTarget(d, r.minimum as usize, hi, tx))).map_err(|_| closed())?;
         Ok(Response::new(rx.await.map_err(|_| closed())?))
     }
 

@@ -209,7 +209,7 @@ fn coord_request(client: ClientId, r: pb::CoordRequest) -> ClientInput {
             Ok(item) => Op::QueuePut { item, maxsize: p.maxsize },
             Err(why) => return bad(why.into()),
         },
-        P::QueueGet(g) => Op::QueueGet { count: g.count, batch: g.batch },
+        P::QueueGet(g) => Op::QueueGet { count: g.count, batch: g.batch, maxsize: g.maxsize },
         P::QueueSize(_) => Op::QueueSize,
         P::VariableSet(i) => Op::VariableSet(item_from_pb(i)),
         P::VariableGet(_) => Op::VariableGet,
@@ -232,6 +232,7 @@ fn coord_request(client: ClientId, r: pb::CoordRequest) -> ClientInput {
             Err(e) => return bad(format!("metadata value is not JSON: {e}")),
         },
         P::MetaGet(m) => Op::MetaGet { path: m.path },
+        P::Ack(answered) => Op::Ack(answered),
     };
     ClientInput::Coord(coord::Request { client, id: r.id, name: r.name, wait, op }, limit)
 }

@@ -605,16 +605,22 @@ impl Loop {
             }
             pb::scheduler_command::Kind::Run(r) => {
                 // On a thread of its own, beside the task pool; the answer goes straight out.
-                let (out, context) = (self.out_tx.clone(), self.context.clone());
-                let spawned = std::thread::Builder::new().name("dask-run".into()).spawn(move || {
-                    let result = crate::context::run_function(&context, r.id, &r.spec);
-                    let done = pb::RunDone { id: r.id, result: Some(result) };
+                let (out, context, id) = (self.out_tx.clone(), self.context.clone(), r.id);
+                let send = move |out: &mpsc::UnboundedSender<pb::WorkerToScheduler>, result| {
+                    let done = pb::RunDone { id, result: Some(result) };
                     let _ = out.send(pb::WorkerToScheduler {
                         events: vec![pb::WorkerEvent { kind: Some(pb::worker_event::Kind::RunDone(done)) }],
                     });
+                };
+                let (to, spec) = (out.clone(), r.spec.clone());
+                let spawned = std::thread::Builder::new().name("dask-run".into()).spawn(move || {
+                    send(&to, crate::context::run_function(&context, id, &spec));
                 });
                 if let Err(e) = spawned {
-                    tracing::warn!(error = %e, "could not start a thread for Client.run");
+                    // Answered anyway: the caller must not wait for a run that never started.
+                    let why =
+                        dask_protocol::task::ExecErrorKind::Error(format!("could not start a thread to run it: {e}"));
+                    send(&out, dask_protocol::task::run_result(&self.context.address, "", Err(why)));
                 }
             }
             pb::scheduler_command::Kind::StartedAck(a) => {
