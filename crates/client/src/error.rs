@@ -12,6 +12,8 @@ pub struct TaskFailure {
     pub function: String,
     pub key: String,
     pub worker: String,
+    /// Where it panicked: the worker thread's backtrace (empty unless it panicked).
+    pub traceback: String,
 }
 
 impl fmt::Display for TaskFailure {
@@ -24,7 +26,14 @@ impl fmt::Display for TaskFailure {
 
 impl From<dask_protocol::pb::TaskError> for TaskFailure {
     fn from(e: dask_protocol::pb::TaskError) -> Self {
-        TaskFailure { message: e.message, kind: e.kind, function: e.function, key: e.key, worker: e.worker }
+        TaskFailure {
+            message: e.message,
+            kind: e.kind,
+            function: e.function,
+            key: e.key,
+            worker: e.worker,
+            traceback: e.traceback,
+        }
     }
 }
 

@@ -110,6 +110,12 @@ impl<T> Future<T> {
         }
     }
 
+    /// Where the task panicked: the worker thread's backtrace, once the task failed by a
+    /// panic (dask's `Future.traceback`); `None` if it did not fail, or failed otherwise.
+    pub fn traceback(&self) -> Option<String> {
+        self.exception().map(|e| e.traceback).filter(|t| !t.is_empty())
+    }
+
     /// [`exception`](Self::exception), waiting at most `timeout` ([`Error::Timeout`] then).
     pub fn exception_timeout(&self, timeout: Duration) -> Result<Option<TaskFailure>> {
         match keys::blocking(|| self.inner.state.wait(Some(Instant::now() + timeout)))? {

@@ -61,3 +61,24 @@ fn story_processing_and_nbytes_tell_where_things_are() {
     assert!(by_prefix.contains_key("inc"), "{by_prefix:?}");
     assert_eq!(client.ncores().unwrap().values().sum::<u32>(), 1);
 }
+
+#[dask::task]
+fn deep_panic(x: i64) -> i64 {
+    if x > 0 {
+        panic!("the bottom of deep_panic was reached");
+    }
+    x
+}
+
+#[test]
+fn a_panicking_task_gives_its_worker_side_traceback() {
+    let (_cluster, client) = cluster(1, 1);
+    let f = client.submit(deep_panic, (1,)).unwrap();
+    assert!(f.result().is_err());
+    let tb = f.traceback().expect("a panic has a traceback");
+    assert!(tb.contains("deep_panic"), "the task's frame is in it:\n{tb}");
+    // A task that failed by returning Err, or did not fail, has none.
+    let ok = client.submit(deep_panic, (0,)).unwrap();
+    ok.result().unwrap();
+    assert!(ok.traceback().is_none());
+}

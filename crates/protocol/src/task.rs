@@ -210,11 +210,43 @@ pub fn execute(spec: &pb::TaskSpec, deps: &dyn Fn(&str) -> Option<Value>) -> Res
     let empty = pb::Arg { kind: Some(Kind::List(pb::ArgList { items: Vec::new() })) };
     let root = spec.args.as_ref().unwrap_or(&empty);
     let de = ArgDeserializer { arg: root, deps: &lookup };
-    match catch_unwind(AssertUnwindSafe(|| (reg.run)(de))) {
+    capture_panics();
+    IN_TASK.with(|t| t.set(true));
+    let r = catch_unwind(AssertUnwindSafe(|| (reg.run)(de)));
+    IN_TASK.with(|t| t.set(false));
+    match r {
         Ok(r) => r,
         Err(payload) if payload.is::<RescheduleRequest>() => Err(ExecErrorKind::Reschedule),
         Err(payload) => Err(ExecErrorKind::Panic(panic_message(&*payload))),
     }
+}
+
+thread_local! {
+    /// Set while a task function runs on this thread.
+    static IN_TASK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The backtrace of the last panic of a task on this thread.
+    static LAST_BACKTRACE: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Installs (once) a panic hook that keeps the backtrace of a task's panic for its error
+/// (`Future::traceback`), then runs the hook that was there.
+fn capture_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if IN_TASK.with(|t| t.get()) {
+                let bt = std::backtrace::Backtrace::force_capture().to_string();
+                LAST_BACKTRACE.with(|b| *b.borrow_mut() = Some(bt));
+            }
+            previous(info);
+        }));
+    });
+}
+
+/// The backtrace of the last task panic on this thread, taken.
+pub fn take_panic_backtrace() -> String {
+    LAST_BACKTRACE.with(|b| b.borrow_mut().take()).unwrap_or_default()
 }
 
 /// The `kind` of a task that asked to be rescheduled.
@@ -239,6 +271,10 @@ pub fn run_result(worker: &str, function: &str, r: Result<Value, ExecErrorKind>)
                 function: function.to_string(),
                 key: String::new(),
                 worker: worker.to_string(),
+                traceback: match e {
+                    ExecErrorKind::Panic(_) => take_panic_backtrace(),
+                    _ => String::new(),
+                },
             }),
             ..Default::default()
         },

@@ -394,6 +394,10 @@ fn run_one(key: &Key, spec: &Bytes, store: &Store, worker: &str) -> (ExecOutcome
             function,
             key: key.to_string(),
             worker: worker.to_string(),
+            traceback: match e {
+                dask_protocol::task::ExecErrorKind::Panic(_) => dask_protocol::task::take_panic_backtrace(),
+                _ => String::new(),
+            },
         }),
     };
     (outcome, duration)

@@ -18,6 +18,8 @@ pub struct TaskError {
     pub key: String,
     /// The worker the failing task ran on (empty if it never ran).
     pub worker: String,
+    /// The backtrace of a panic, as the worker caught it.
+    pub traceback: String,
 }
 
 impl TaskError {
@@ -29,6 +31,7 @@ impl TaskError {
             function: String::new(),
             key: key.to_string(),
             worker: worker.to_string(),
+            traceback: String::new(),
         })
     }
 }

@@ -56,6 +56,7 @@ fn error(msg: &str) -> TaskError {
         function: "f".into(),
         key: String::new(),
         worker: String::new(),
+        traceback: String::new(),
     }
 }
 

@@ -38,6 +38,7 @@ pub(super) fn report_to_pb(key: Key, report: Report) -> pb::KeyReport {
             function: e.function.clone(),
             key: e.key.clone(),
             worker: e.worker.clone(),
+            traceback: e.traceback.clone(),
         }),
         Report::Cancelled(None) => {
             Kind::Cancelled(pb::KeyCancelled { reason: "cancelled".into(), by_scheduler: false })
@@ -102,6 +103,7 @@ pub(super) fn worker_event(worker: WorkerId, e: pb::WorkerEvent) -> Option<Event
                     function: e.function,
                     key: e.key,
                     worker: e.worker,
+                    traceback: e.traceback,
                 },
                 duration: Duration::from_micros(f.duration_us),
             }
