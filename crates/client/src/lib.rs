@@ -23,7 +23,7 @@ mod wait;
 
 pub use actor::ActorHandle;
 pub use args::{IntoArg, IntoArgs, OneArg};
-pub use client::{CONNECT_TIMEOUT, Client, ClusterStarter, RESTART_TIMEOUT, StartedCluster};
+pub use client::{CONNECT_TIMEOUT, Client, ClusterStarter, RESTART_TIMEOUT, StartedCluster, Versions};
 pub use coord::{Datasets, Event, Lock, LockGuard, Pub, Queue, Semaphore, Shared, Sub, Variable};
 pub use dask_protocol::actor::Actor;
 pub use error::{Error, Result, TaskFailure};

@@ -82,3 +82,12 @@ fn a_panicking_task_gives_its_worker_side_traceback() {
     ok.result().unwrap();
     assert!(ok.traceback().is_none());
 }
+
+#[test]
+fn get_versions_names_every_part_and_checks_them() {
+    let (_cluster, client) = cluster(2, 1);
+    let v = client.get_versions(true).unwrap();
+    assert_eq!(v.scheduler, v.client);
+    assert_eq!(v.workers.len(), 2);
+    assert!(v.workers.values().all(|w| *w == v.client));
+}

@@ -3,6 +3,15 @@
 
 use super::*;
 
+/// What [`Client::get_versions`] reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Versions {
+    pub client: String,
+    pub scheduler: String,
+    /// By worker address.
+    pub workers: HashMap<String, String>,
+}
+
 impl Client {
     pub fn scheduler_info(&self) -> Result<pb::SchedulerInfo> {
         self.inner.block_on(self.scheduler_info_async())
@@ -40,6 +49,33 @@ impl Client {
     /// Threads of each worker.
     pub fn nthreads(&self) -> Result<HashMap<String, u32>> {
         Ok(self.scheduler_info()?.workers.into_iter().map(|w| (w.address, w.nthreads)).collect())
+    }
+
+    /// The dask-rs versions of this client, the scheduler and each worker (dask's
+    /// `get_versions`); with `check`, an error if any differs from the client's.
+    pub fn get_versions(&self, check: bool) -> Result<Versions> {
+        let info = self.scheduler_info()?;
+        let v = Versions {
+            client: env!("CARGO_PKG_VERSION").to_string(),
+            scheduler: info.version,
+            workers: info.workers.into_iter().map(|w| (w.address, w.version)).collect(),
+        };
+        if check {
+            let mut odd: Vec<String> =
+                v.workers.iter().filter(|(_, x)| **x != v.client).map(|(w, x)| format!("{w}: {x}")).collect();
+            if v.scheduler != v.client {
+                odd.insert(0, format!("scheduler: {}", v.scheduler));
+            }
+            if !odd.is_empty() {
+                odd.sort();
+                return Err(Error::InvalidArgument(format!(
+                    "mismatched versions: the client is dask-rs {} but {}; run one version across the cluster",
+                    v.client,
+                    odd.join(", ")
+                )));
+            }
+        }
+        Ok(v)
     }
 
     /// dask's `ncores`: [`nthreads`](Self::nthreads).

@@ -187,7 +187,7 @@ impl EventLoop {
                 self.coord_out = out;
                 self.apply_coord();
             }
-            LoopMsg::WorkerConnected { spec, nanny, tx, reply } => {
+            LoopMsg::WorkerConnected { spec, nanny, version, tx, reply } => {
                 let id = WorkerId(self.next_worker);
                 self.next_worker += 1;
                 let _ = reply.send(id);
@@ -229,7 +229,7 @@ impl EventLoop {
                             pid,
                         }))));
                 }
-                self.worker_meta.insert(id, WorkerMeta { address, name, nanny });
+                self.worker_meta.insert(id, WorkerMeta { address, name, nanny, version });
                 self.answer_waiters();
                 self.check_restarts();
             }
@@ -644,11 +644,13 @@ impl EventLoop {
                 status: self.core.worker_status(id).unwrap_or("running").to_string(),
                 resources: resources_to_pb(&spec.resources),
                 resources_used: resources_to_pb(&self.core.worker_resources_used(id)),
+                version: self.worker_meta.get(&id).map(|m| m.version.clone()).unwrap_or_default(),
                 ..worker_memory_info(self.core.worker_memory(id).unwrap_or_default())
             })
             .collect();
         let (unrunnable, unrunnable_count) = self.core.unrunnable(100);
         pb::SchedulerInfo {
+            version: env!("CARGO_PKG_VERSION").to_string(),
             id: self.id.clone(),
             address: self.address.to_string(),
             workers,

@@ -140,6 +140,7 @@ enum LoopMsg {
         spec: WorkerSpec,
         /// Its nanny's address, if it has one.
         nanny: Option<String>,
+        version: String,
         tx: WorkerTx,
         reply: oneshot::Sender<WorkerId>,
     },
@@ -291,6 +292,7 @@ struct WorkerMeta {
     address: Arc<str>,
     name: Arc<str>,
     nanny: Option<String>,
+    version: String,
 }
 
 /// A connected nanny.

@@ -59,10 +59,13 @@ impl pb::scheduler_server::Scheduler for Service {
             resources: reg.resources.into_iter().map(|r| (Arc::from(r.name), r.amount)).collect(),
         };
         let nanny = (!reg.nanny.is_empty()).then_some(reg.nanny);
+        let version = reg.version;
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (reply_tx, reply_rx) = oneshot::channel();
         let (address, name) = (spec.address.clone(), spec.name.clone());
-        self.tx.send(LoopMsg::WorkerConnected { spec, nanny, tx: out_tx, reply: reply_tx }).map_err(|_| closed())?;
+        self.tx
+            .send(LoopMsg::WorkerConnected { spec, nanny, version, tx: out_tx, reply: reply_tx })
+            .map_err(|_| closed())?;
         let id = reply_rx.await.map_err(|_| closed())?;
         let tx = self.tx.clone();
         tokio::spawn(async move {

@@ -225,6 +225,7 @@ pub async fn start(
         pid: std::process::id(),
         host: config.host.clone(),
         nanny: config.nanny.clone().unwrap_or_default(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
         resources: config
             .resources
             .iter()
