@@ -40,7 +40,7 @@ impl From<dask_protocol::pb::TaskError> for TaskFailure {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{0}")]
-    Task(TaskFailure),
+    Task(Box<TaskFailure>),
     #[error(
         "failed to connect to the scheduler at {address} within {timeout:?}: {why}; is dask-scheduler running there?"
     )]

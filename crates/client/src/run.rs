@@ -60,7 +60,7 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned + 'static>(r: pb::RunResult)
         Ok(Value { codec, data: r.value }.decode()?)
     } else {
         let e = r.error.unwrap_or_default();
-        Err(Error::Task(TaskFailure::from(e)))
+        Err(Error::Task(Box::new(TaskFailure::from(e))))
     }
 }
 

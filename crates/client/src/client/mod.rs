@@ -319,7 +319,7 @@ pub(crate) fn status_to_result(key: &str, status: Status) -> Result<Located> {
     match status {
         Status::Finished { value: Some(v), .. } => Ok(Located::Here(v)),
         Status::Finished { workers, value: None } => Ok(Located::On(workers)),
-        Status::Error(e) => Err(Error::Task((*e).clone())),
+        Status::Error(e) => Err(Error::Task(Box::new((*e).clone()))),
         Status::Cancelled(why) => Err(Error::Cancelled { key: key.to_string(), reason: why.to_string() }),
         Status::Lost(why) => Err(Error::Lost { key: key.to_string(), why }),
         Status::Disconnected(why) => Err(Error::SchedulerLost(why)),
