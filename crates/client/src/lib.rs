@@ -23,7 +23,9 @@ mod wait;
 
 pub use actor::ActorHandle;
 pub use args::{IntoArg, IntoArgs, OneArg};
-pub use client::{CONNECT_TIMEOUT, Client, ClusterStarter, RESTART_TIMEOUT, StartedCluster, Versions};
+pub use client::{
+    CONNECT_TIMEOUT, Client, ClusterStarter, RESTART_TIMEOUT, StartedCluster, TaskStreamRecorder, Versions,
+};
 pub use coord::{Datasets, Event, Lock, LockGuard, Pub, Queue, Semaphore, Shared, Sub, Variable};
 pub use dask_protocol::actor::Actor;
 pub use error::{Error, Result, TaskFailure};
@@ -35,4 +37,4 @@ pub use run::{OnError, RunOptions};
 pub use wait::{AsCompleted, ReturnWhen, WaitResult, as_completed, wait};
 
 /// Scheduler and worker descriptions returned by `scheduler_info`.
-pub use dask_protocol::pb::{SchedulerInfo, StoryLine, WorkerInfo};
+pub use dask_protocol::pb::{SchedulerInfo, StoryLine, TaskRecord, WorkerInfo};

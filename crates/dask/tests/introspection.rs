@@ -91,3 +91,23 @@ fn get_versions_names_every_part_and_checks_them() {
     assert_eq!(v.workers.len(), 2);
     assert!(v.workers.values().all(|w| *w == v.client));
 }
+
+#[test]
+fn the_task_stream_tells_when_and_where_each_task_ran() {
+    let (cluster, client) = cluster(2, 2);
+    let ts = client.task_stream();
+    let fs = client.map_args(slowinc, (0..8i64).map(|i| (i, 20u64))).unwrap();
+    client.gather(&fs).unwrap();
+    let records = ts.records().unwrap();
+    let keys: std::collections::HashSet<&str> = records.iter().map(|r| r.key.as_str()).collect();
+    assert!(fs.iter().all(|f| keys.contains(f.key())), "every task is in the stream");
+    let workers = cluster.worker_addresses();
+    for r in records.iter().filter(|r| r.key.starts_with("slowinc")) {
+        assert!(workers.contains(&r.worker), "{r:?}");
+        assert!(r.thread < 2 && r.status == "OK");
+        assert!(r.stop_s - r.start_s >= 0.019, "it ran 20 ms: {r:?}");
+    }
+    assert_eq!(client.get_task_stream(None, None, Some(3)).unwrap().len(), 3);
+    let before = std::time::SystemTime::now() - Duration::from_secs(3600);
+    assert!(client.get_task_stream(None, Some(before), None).unwrap().is_empty());
+}

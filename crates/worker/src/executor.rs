@@ -27,7 +27,16 @@ use crate::state::{ExecOutcome, Key};
 use crate::store::Store;
 
 /// One finished (or skipped) task.
-pub type ExecResult = (Key, ExecOutcome, Duration);
+pub type ExecResult = (Key, ExecOutcome, Duration, Timing);
+
+/// When and where a task ran: for the task stream.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Timing {
+    /// Seconds since the Unix epoch.
+    pub start_s: f64,
+    /// The executor thread's number.
+    pub thread: u32,
+}
 
 struct Job {
     priority: i32,
@@ -233,7 +242,7 @@ impl Executor {
         q.jobs.retain(|j| j.key != *key);
         if q.jobs.len() < before {
             drop(q);
-            self.results.push((key.clone(), ExecOutcome::Skipped, Duration::ZERO));
+            self.results.push((key.clone(), ExecOutcome::Skipped, Duration::ZERO, Timing::default()));
         }
     }
 
@@ -267,11 +276,11 @@ fn spawn_thread(shared: &Arc<Shared>, i: usize) -> JoinHandle<()> {
     let shared = shared.clone();
     std::thread::Builder::new()
         .name(format!("dask-exec-{i}"))
-        .spawn(move || thread_main(&shared))
+        .spawn(move || thread_main(&shared, i as u32))
         .expect("spawn executor thread")
 }
 
-fn thread_main(shared: &Arc<Shared>) {
+fn thread_main(shared: &Arc<Shared>, thread: u32) {
     loop {
         let job = {
             let mut q = shared.queue.lock();
@@ -311,9 +320,11 @@ fn thread_main(shared: &Arc<Shared>) {
                 )
             },
         };
+        let start_s =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
         let (outcome, duration) =
             with_scope(scope, || run_one(&job.key, &job.spec, &shared.store, &shared.context.address));
-        results.push((job.key, outcome, duration));
+        results.push((job.key, outcome, duration, Timing { start_s, thread }));
         let mut q = shared.queue.lock();
         if holds.load(std::sync::atomic::Ordering::SeqCst) {
             q.free_slots += 1;

@@ -6,7 +6,7 @@
 //! Messages to the scheduler go through one writer task that sends whatever has accumulated as
 //! one batch: no RPC per task.
 mod operations;
-pub use operations::Versions;
+pub use operations::{TaskStreamRecorder, Versions};
 mod results;
 mod submit;
 

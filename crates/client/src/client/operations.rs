@@ -3,6 +3,20 @@
 
 use super::*;
 
+/// The task stream from the moment [`Client::task_stream`] was called.
+#[derive(Debug)]
+pub struct TaskStreamRecorder {
+    client: Client,
+    began: std::time::SystemTime,
+}
+
+impl TaskStreamRecorder {
+    /// The tasks that ended since it began.
+    pub fn records(&self) -> Result<Vec<pb::TaskRecord>> {
+        self.client.get_task_stream(Some(self.began), None, None)
+    }
+}
+
 /// What [`Client::get_versions`] reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Versions {
@@ -76,6 +90,28 @@ impl Client {
             }
         }
         Ok(v)
+    }
+
+    /// Tasks run lately: key, worker, thread, start and stop, status (dask's
+    /// `get_task_stream`), those that ended within `start..stop`, the last `count` of them.
+    /// The scheduler keeps the last 100,000.
+    pub fn get_task_stream(
+        &self,
+        start: Option<std::time::SystemTime>,
+        stop: Option<std::time::SystemTime>,
+        count: Option<usize>,
+    ) -> Result<Vec<pb::TaskRecord>> {
+        let secs = |t: Option<std::time::SystemTime>| {
+            t.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0.0, |d| d.as_secs_f64())
+        };
+        let req = pb::TaskStreamRequest { start_s: secs(start), stop_s: secs(stop), count: count.unwrap_or(0) as u32 };
+        self.inner.block_on(async { Ok(self.inner.link.rpc().task_stream(req).await?.into_inner().records) })
+    }
+
+    /// Records the task stream of a block of code (dask's `with get_task_stream() as ts`):
+    /// `let ts = client.task_stream(); ...; let records = ts.records()?;`.
+    pub fn task_stream(&self) -> TaskStreamRecorder {
+        TaskStreamRecorder { client: self.clone(), began: std::time::SystemTime::now() }
     }
 
     /// dask's `ncores`: [`nthreads`](Self::nthreads).

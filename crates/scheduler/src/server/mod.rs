@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 mod event_loop;
 mod run;
 mod service;
+mod task_stream;
 mod wire;
 
 pub use run::get_scheduler;
@@ -221,7 +222,7 @@ pub async fn run(
         write_scheduler_file(path, &id, &address)?;
     }
     let started = SystemTime::now();
-    let service = Service { tx: tx.clone() };
+    let service = Service { tx: tx.clone(), stream: Default::default() };
     let svc = SchedulerServer::new(service)
         .max_decoding_message_size(dask_protocol::MAX_MESSAGE)
         .max_encoding_message_size(dask_protocol::MAX_MESSAGE);

@@ -6,6 +6,7 @@ use super::*;
 #[derive(Clone)]
 pub(super) struct Service {
     pub(super) tx: mpsc::UnboundedSender<LoopMsg>,
+    pub(super) stream: Arc<super::task_stream::TaskStream>,
 }
 
 pub(super) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -67,7 +68,7 @@ impl pb::scheduler_server::Scheduler for Service {
             .send(LoopMsg::WorkerConnected { spec, nanny, version, tx: out_tx, reply: reply_tx })
             .map_err(|_| closed())?;
         let id = reply_rx.await.map_err(|_| closed())?;
-        let tx = self.tx.clone();
+        let (tx, stream) = (self.tx.clone(), self.stream.clone());
         tokio::spawn(async move {
             let mut release = Release::default();
             let reason = loop {
@@ -75,6 +76,7 @@ impl pb::scheduler_server::Scheduler for Service {
                     Ok(Some(batch)) => {
                         release.count(batch.events.len());
                         release.if_due();
+                        stream.record(&address, &batch.events);
                         let mut events: Vec<Event> = Vec::new();
                         for e in batch.events {
                             match e.kind {
@@ -253,6 +255,13 @@ impl pb::scheduler_server::Scheduler for Service {
         let (tx, rx) = oneshot::channel();
         self.tx.send(LoopMsg::Query(Query::Processing(tx))).map_err(|_| closed())?;
         Ok(Response::new(rx.await.map_err(|_| closed())?))
+    }
+
+    async fn task_stream(
+        &self,
+        request: Request<pb::TaskStreamRequest>,
+    ) -> Result<Response<pb::TaskStreamReply>, Status> {
+        Ok(Response::new(pb::TaskStreamReply { records: self.stream.query(&request.into_inner()) }))
     }
 
     async fn nbytes(&self, _: Request<pb::Empty>) -> Result<Response<pb::NbytesReply>, Status> {

@@ -278,6 +278,7 @@ pub async fn start(
             shutdown: shutdown.clone(),
             context,
             actors: Default::default(),
+            timing: Default::default(),
         };
         let timers = Timers {
             heartbeat,
@@ -394,6 +395,8 @@ struct Loop {
     context: Arc<WorkerContext>,
     /// The actors it hosts.
     actors: crate::actors::Actors,
+    /// When and on which thread tasks just done ran, until their report goes out.
+    timing: rustc_hash::FxHashMap<Key, crate::executor::Timing>,
 }
 
 /// msgpack's nil: the value of `()`, stored for simulated tasks.
@@ -436,7 +439,8 @@ impl Loop {
                 },
                 _ = results.wake.notified() => {
                     let batch = results.take();
-                    for (key, outcome, duration) in batch.done {
+                    for (key, outcome, duration, timing) in batch.done {
+                        self.timing.insert(key.clone(), timing);
                         self.state.handle(Event::ExecDone { key, outcome, duration }, &mut self.instructions);
                     }
                     if !batch.seceded.is_empty() {
@@ -636,6 +640,8 @@ impl Loop {
             let mut simulated = Vec::new();
             self.apply_once(&mut simulated);
             if simulated.is_empty() {
+                // Tasks whose end sent nothing (cancelled) leave no timing behind.
+                self.timing.clear();
                 return;
             }
             for ev in simulated {
@@ -669,6 +675,20 @@ impl Loop {
                 }
                 Instruction::Drop(key) => self.store.remove(&key),
                 Instruction::Send(mut kind) => {
+                    // When and where it ran, for the task stream.
+                    match &mut kind {
+                        pb::worker_event::Kind::Finished(f) => {
+                            if let Some(t) = self.timing.remove(f.key.as_str()) {
+                                (f.start_s, f.thread) = (t.start_s, t.thread);
+                            }
+                        }
+                        pb::worker_event::Kind::Failed(f) => {
+                            if let Some(t) = self.timing.remove(f.key.as_str()) {
+                                (f.start_s, f.thread) = (t.start_s, t.thread);
+                            }
+                        }
+                        _ => {}
+                    }
                     if let pb::worker_event::Kind::Finished(f) = &mut kind
                         && f.has_value
                     {

@@ -539,6 +539,7 @@ impl WorkerState {
                     key: key.to_string(),
                     error: Some(error),
                     duration_us: duration.as_micros() as u64,
+                    ..Default::default()
                 })));
             }
         }
