@@ -223,3 +223,26 @@ fn a_spec_cluster_runs_workers_from_a_command_line() {
     assert_eq!(client.submit(triple, (5,)).unwrap().result_timeout(LONG).unwrap(), 15);
     cluster.close();
 }
+
+#[test]
+fn scheduler_and_worker_logs_are_kept_and_read_from_the_client() {
+    let dir = TempDir::new("logs");
+    let (_sched, address) = start_scheduler(&dir, &[]);
+    let _w =
+        worker(&dir, &binary("dask-worker"), &[&address, "--nthreads", "1", "--name", "logged", "--no-nanny"], "w.log");
+    let client = Client::connect(&address).unwrap();
+    client.wait_for_workers(1, Some(LONG)).unwrap();
+    let lines = client.get_scheduler_logs(100).unwrap();
+    assert!(
+        lines.iter().any(|(_, text)| text.contains("logged")),
+        "the scheduler logged the worker joining: {lines:?}"
+    );
+    let by_worker = client.get_worker_logs(100, &[] as &[&str]).unwrap();
+    assert_eq!(by_worker.len(), 1);
+    let worker_lines = by_worker.values().next().unwrap();
+    assert!(
+        worker_lines.iter().any(|(level, text)| level == "INFO" && text.contains("registered")),
+        "{worker_lines:?}"
+    );
+    assert!(client.get_scheduler_logs(2).unwrap().len() <= 2);
+}

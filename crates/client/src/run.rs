@@ -120,3 +120,27 @@ impl Client {
         decode(r)
     }
 }
+
+impl Client {
+    /// The scheduler's last `n` log lines, `(level, text)`, oldest first (dask's
+    /// `get_scheduler_logs`). The binaries keep their last 10,000; a program running an
+    /// in-process cluster keeps them if its subscriber has `dask_protocol::logs::layer()`.
+    pub fn get_scheduler_logs(&self, n: usize) -> Result<Vec<(String, String)>> {
+        self.run_on_scheduler(dask_protocol::logs::recent_logs, (n as u64, "dask_scheduler".to_string()))
+    }
+
+    /// The last `n` log lines of each worker (all, or those named), by address (dask's
+    /// `get_worker_logs`).
+    pub fn get_worker_logs<S: AsRef<str>>(
+        &self,
+        n: usize,
+        workers: &[S],
+    ) -> Result<HashMap<String, Vec<(String, String)>>> {
+        let opts =
+            RunOptions { workers: workers.iter().map(|w| w.as_ref().to_string()).collect(), ..Default::default() };
+        self.run_with(dask_protocol::logs::recent_logs, (n as u64, "dask_worker".to_string()), opts)?
+            .into_iter()
+            .map(|(w, r)| Ok((w, r?)))
+            .collect()
+    }
+}

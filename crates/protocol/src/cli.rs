@@ -8,7 +8,11 @@ pub fn init_logging(level: &str) -> Result<(), String> {
         .map_err(|e| format!("bad --log-level {level:?}: {e} (use error, warn, info, debug or trace)"))?;
     // Colours only on a terminal: a log file (systemd, a nanny's child) gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let fmt = tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr);
+    // The recent lines are kept too, for Client.get_scheduler_logs / get_worker_logs.
+    let _ = tracing_subscriber::registry().with(filter).with(fmt).with(crate::logs::layer()).try_init();
     Ok(())
 }
 
