@@ -246,3 +246,16 @@ fn scheduler_and_worker_logs_are_kept_and_read_from_the_client() {
     );
     assert!(client.get_scheduler_logs(2).unwrap().len() <= 2);
 }
+
+#[test]
+fn client_shutdown_closes_the_scheduler_and_its_workers() {
+    let dir = TempDir::new("shutdown");
+    let (mut sched, address) = start_scheduler(&dir, &[]);
+    let mut w = worker(&dir, &binary("dask-worker"), &[&address, "--nthreads", "1", "--no-nanny"], "w.log");
+    let client = Client::connect(&address).unwrap();
+    client.wait_for_workers(1, Some(LONG)).unwrap();
+    client.shutdown().unwrap();
+    assert_eq!(sched.wait_exit(LONG).and_then(|s| s.code()), Some(0), "{}", sched.log());
+    assert!(w.wait_exit(LONG).is_some(), "the worker closed too: {}", w.log());
+    assert!(matches!(client.submit(inc, (1,)), Err(_)), "the client is closed");
+}

@@ -105,3 +105,11 @@ impl<K: Ord + Clone, G: Gatherable> Gatherable for BTreeMap<K, G> {
         Ok(Some(m))
     }
 }
+
+/// dask's `futures_of`: the futures in a (nested) collection of futures, in order, with their
+/// result type erased (for `wait`, `as_completed`, `cancel`).
+pub fn futures_of<G: Gatherable + ?Sized>(collection: &G) -> Vec<Future<()>> {
+    let mut refs = Vec::new();
+    collection.collect(&mut refs);
+    refs.into_iter().map(Future::from_ref).collect()
+}

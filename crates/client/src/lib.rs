@@ -30,7 +30,7 @@ pub use coord::{Datasets, Event, Lock, LockGuard, Pub, Queue, Semaphore, Shared,
 pub use dask_protocol::actor::Actor;
 pub use error::{Error, Result, TaskFailure};
 pub use future::{Future, FutureStatus};
-pub use gather::{Errors, Gatherable};
+pub use gather::{Errors, Gatherable, futures_of};
 pub use graph::{Graph, KeyTree, Nested, Ref};
 pub use options::{FIFO_TIMEOUT, ScatterOptions, SubmitOptions};
 pub use run::{OnError, RunOptions};

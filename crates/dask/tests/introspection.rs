@@ -111,3 +111,16 @@ fn the_task_stream_tells_when_and_where_each_task_ran() {
     let before = std::time::SystemTime::now() - Duration::from_secs(3600);
     assert!(client.get_task_stream(None, Some(before), None).unwrap().is_empty());
 }
+
+#[test]
+fn futures_of_finds_the_futures_in_a_nested_collection() {
+    let (_cluster, client) = cluster(1, 1);
+    let a = client.map(inc, 0..3).unwrap();
+    let b = vec![client.submit(inc, (10,)).unwrap()];
+    let nested: std::collections::BTreeMap<&str, Vec<dask::Future<i64>>> = [("a", a.clone()), ("b", b.clone())].into();
+    let found = dask::futures_of(&nested);
+    let keys: Vec<&str> = found.iter().map(|f| f.key()).collect();
+    let expected: Vec<&str> = a.iter().chain(&b).map(|f| f.key()).collect();
+    assert_eq!(keys, expected);
+    dask::wait(&found, None, dask::ReturnWhen::AllCompleted).unwrap();
+}

@@ -114,6 +114,15 @@ impl Client {
         TaskStreamRecorder { client: self.clone(), began: std::time::SystemTime::now() }
     }
 
+    /// Closes the cluster (dask's `Client.shutdown`): the scheduler, and with it every worker
+    /// and nanny; a local cluster this client started closes too. Then this client closes.
+    pub fn shutdown(&self) -> Result<()> {
+        self.check_open()?;
+        let asked = self.inner.block_on(async { Ok(self.inner.link.rpc().shutdown(pb::Empty {}).await?) });
+        self.close();
+        asked.map(drop)
+    }
+
     /// dask's `ncores`: [`nthreads`](Self::nthreads).
     pub fn ncores(&self) -> Result<HashMap<String, u32>> {
         self.nthreads()

@@ -222,7 +222,7 @@ pub async fn run(
         write_scheduler_file(path, &id, &address)?;
     }
     let started = SystemTime::now();
-    let service = Service { tx: tx.clone(), stream: Default::default() };
+    let service = Service { tx: tx.clone(), stream: Default::default(), shutdown: shutdown.clone() };
     let svc = SchedulerServer::new(service)
         .max_decoding_message_size(dask_protocol::MAX_MESSAGE)
         .max_encoding_message_size(dask_protocol::MAX_MESSAGE);

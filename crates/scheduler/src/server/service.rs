@@ -7,6 +7,8 @@ use super::*;
 pub(super) struct Service {
     pub(super) tx: mpsc::UnboundedSender<LoopMsg>,
     pub(super) stream: Arc<super::task_stream::TaskStream>,
+    /// Cancelled by `Shutdown`: the scheduler closes, telling its workers and nannies to.
+    pub(super) shutdown: CancellationToken,
 }
 
 pub(super) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -262,6 +264,18 @@ impl pb::scheduler_server::Scheduler for Service {
         request: Request<pb::TaskStreamRequest>,
     ) -> Result<Response<pb::TaskStreamReply>, Status> {
         Ok(Response::new(pb::TaskStreamReply { records: self.stream.query(&request.into_inner()) }))
+    }
+
+    async fn shutdown(&self, request: Request<pb::Empty>) -> Result<Response<pb::Empty>, Status> {
+        let peer = request.remote_addr().map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        tracing::warn!(%peer, "a client asked the scheduler to shut down (Client.shutdown)");
+        // Answered first; the loop then tells every worker and nanny to close.
+        let token = self.shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            token.cancel();
+        });
+        Ok(Response::new(pb::Empty {}))
     }
 
     async fn nbytes(&self, _: Request<pb::Empty>) -> Result<Response<pb::NbytesReply>, Status> {
