@@ -231,3 +231,24 @@ fn a_client_hears_its_own_topic() {
     p.put(&3).unwrap();
     assert_eq!(s.get_timeout(Duration::from_secs(10)).unwrap(), 3);
 }
+
+#[test]
+fn an_async_acquire_given_up_leaves_no_lease_behind() {
+    let (_cluster, a, b) = cluster();
+    let held = Lock::new(&b, "given-up");
+    assert!(held.acquire().unwrap());
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let waiter = Lock::new(&a, "given-up");
+    // The caller gives up (its own timeout drops the call) while the scheduler still waits.
+    let gave_up =
+        rt.block_on(async { tokio::time::timeout(Duration::from_millis(50), waiter.acquire_async(None)).await });
+    assert!(gave_up.is_err());
+    // When b releases, the lease granted to the abandoned call is handed back at once.
+    held.release().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while held.locked().unwrap() {
+        assert!(Instant::now() < deadline, "the abandoned acquire kept the lock");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(Lock::new(&b, "given-up").try_acquire().unwrap());
+}

@@ -726,7 +726,16 @@ async fn reader(mut inbound: tonic::Streaming<pb::SchedulerToClient>, s: Session
                         s.table.apply(r);
                     }
                     for r in batch.replies {
-                        s.link.replies.answer(r);
+                        for mut undo in s.link.replies.answer(r) {
+                            // Keys this client holds futures of stay wanted.
+                            if let pb::client_op::Kind::Release(l) = &mut undo {
+                                l.keys.retain(|k| s.table.get(k).is_none());
+                                if l.keys.is_empty() {
+                                    continue;
+                                }
+                            }
+                            let _ = s.link.ops.lock().send(pb::ClientOp { kind: Some(undo) });
+                        }
                     }
                     for m in batch.messages {
                         s.link.replies.deliver(m);

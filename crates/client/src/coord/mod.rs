@@ -65,7 +65,11 @@ impl Client {
     pub(crate) async fn coord(&self, name: &str, wait: Wait, op: Op) -> Result<Answer> {
         self.check_open()?;
         let link = self.inner.link.clone();
-        let (id, rx) = link.replies.expect();
+        let orphan = match &op {
+            Op::Acquire(a) => crate::replies::Orphan::Lease { name: name.to_string(), lease: a.lease },
+            _ => crate::replies::Orphan::Nothing,
+        };
+        let (id, rx) = link.replies.expect_or(orphan);
         self.inner.send(pb::client_op::Kind::Coord(pb::CoordRequest {
             id,
             name: name.to_string(),
