@@ -165,6 +165,18 @@ enum Parked {
     Event(String),
 }
 
+impl Parked {
+    fn name(&self) -> &str {
+        match self {
+            Parked::Semaphore(n)
+            | Parked::QueueGet(n)
+            | Parked::QueuePut(n)
+            | Parked::Variable(n)
+            | Parked::Event(n) => n,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Semaphore {
     max_leases: u32,
@@ -221,6 +233,28 @@ impl Coordination {
 
     /// Handles one request; replies (now or later) and key holds go to `out`.
     pub fn handle(&mut self, req: Request, out: &mut Vec<Out>) {
+        let name = req.name.clone();
+        self.handle_inner(req, out);
+        self.tidy(&name);
+    }
+
+    /// Forgets an unbounded queue or an event of that name that holds nothing and has no one
+    /// waiting: a client naming many of them does not grow the scheduler's memory (a later use
+    /// makes it again, alike). A bounded queue keeps its bound, so it stays.
+    fn tidy(&mut self, name: &str) {
+        if self
+            .queues
+            .get(name)
+            .is_some_and(|q| q.maxsize == 0 && q.items.is_empty() && q.getters.is_empty() && q.putters.is_empty())
+        {
+            self.queues.remove(name);
+        }
+        if self.events.get(name).is_some_and(|e| !e.set && e.waiting.is_empty()) {
+            self.events.remove(name);
+        }
+    }
+
+    fn handle_inner(&mut self, req: Request, out: &mut Vec<Out>) {
         let Request { client, id, name, wait, op } = req;
         let reply = |out: &mut Vec<Out>, reply| out.push(Out::Reply { client, id, reply });
         if self.parked.contains_key(&(client, id)) {
@@ -478,11 +512,13 @@ impl Coordination {
         let Some(parked) = self.parked.remove(&(client, id)) else {
             return; // answered already
         };
+        let name = parked.name().to_string();
         let (reply, serve) = self.withdraw(client, id, parked, out);
         if let Some(q) = serve {
             // The next getter may be served now that this one is out of the way.
             self.serve_queue(&q, out);
         }
+        self.tidy(&name);
         out.push(Out::Reply { client, id, reply });
     }
 
@@ -534,8 +570,10 @@ impl Coordination {
         let mut waits: Vec<u64> = self.parked.keys().filter(|(c, _)| *c == client).map(|(_, i)| *i).collect();
         waits.sort_unstable();
         let mut queues: BTreeSet<String> = BTreeSet::new();
+        let mut touched: BTreeSet<String> = BTreeSet::new();
         for id in waits {
             let parked = self.parked.remove(&(client, id)).expect("listed");
+            touched.insert(parked.name().to_string());
             let (_, serve) = self.withdraw(client, id, parked, out);
             queues.extend(serve);
         }
@@ -553,6 +591,9 @@ impl Coordination {
         }
         for q in queues {
             self.serve_queue(&q, out);
+        }
+        for name in touched {
+            self.tidy(&name);
         }
         let mut gifts: Vec<u64> = self.gifts.keys().filter(|(c, _)| *c == client).map(|(_, i)| *i).collect();
         gifts.sort_unstable();
@@ -593,6 +634,7 @@ impl Coordination {
         self.gifts.clear();
         for name in &names {
             self.serve_queue(name, out);
+            self.tidy(name);
         }
     }
 
@@ -799,5 +841,12 @@ impl Coordination {
         }
         assert_eq!(parked, self.parked, "parked requests");
         assert!(self.topics.values().all(|s| !s.is_empty()), "a topic without subscribers is kept");
+        for (name, q) in &self.queues {
+            let empty = q.items.is_empty() && q.getters.is_empty() && q.putters.is_empty();
+            assert!(q.maxsize > 0 || !empty, "queue {name}: unbounded, empty and kept");
+        }
+        for (name, e) in &self.events {
+            assert!(e.set || !e.waiting.is_empty(), "event {name}: clear, unwaited and kept");
+        }
     }
 }

@@ -414,3 +414,19 @@ fn a_topic_carries_values_not_futures() {
     let (p, out) = h.send(B, "t", Wait::No, Op::Publish(fut("x")));
     assert!(matches!(&out[..], [Out::Reply { id, reply: Reply::Error(e), .. }] if *id == p && e.contains("Queue")));
 }
+
+#[test]
+fn empty_unbounded_queues_and_clear_events_are_forgotten() {
+    let mut h = H::default();
+    for i in 0..100 {
+        let name = format!("q{i}");
+        h.send(A, &name, Wait::No, Op::QueuePut { item: data("1"), maxsize: 0 });
+        h.send(A, &name, Wait::No, Op::QueueGet { count: 1, batch: false, maxsize: 0 });
+        h.send(A, &name, Wait::No, Op::EventWait);
+    }
+    assert!(h.c.queues.is_empty() && h.c.events.is_empty(), "nothing kept for names no longer used");
+    // A set event and a bounded queue keep their state.
+    h.send(A, "e", Wait::No, Op::EventSet);
+    h.send(A, "b", Wait::Limited, Op::QueueGet { count: 0, batch: true, maxsize: 3 });
+    assert_eq!((h.c.events.len(), h.c.queues.len()), (1, 1));
+}
