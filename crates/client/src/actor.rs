@@ -41,20 +41,10 @@ struct Held {
 impl Drop for Held {
     fn drop(&mut self) {
         // The actor goes too (no answer awaited).
-        let (id, _) = self.client.inner.link.replies.expect();
-        self.client.inner.link.replies.forget(id);
         let op = pb::ActorOp { key: self.key.clone(), op: Some(pb::actor_op::Op::Release(pb::Empty {})) };
-        self.client.inner.send(pb::client_op::Kind::Coord(pb::CoordRequest {
-            id,
-            name: String::new(),
-            timeout_s: 0.0,
-            op: Some(Op::Run(pb::RunRequest {
-                workers: vec![self.worker.clone()],
-                wait: true,
-                actor: Some(op),
-                ..Default::default()
-            })),
-        }));
+        let run =
+            pb::RunRequest { workers: vec![self.worker.clone()], wait: true, actor: Some(op), ..Default::default() };
+        self.client.inner.send(self.client.inner.link.replies.request(String::new(), Op::Run(run)));
     }
 }
 

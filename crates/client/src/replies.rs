@@ -43,11 +43,6 @@ impl Replies {
         (id, rx)
     }
 
-    /// The request will not be answered (it was never sent).
-    pub(crate) fn forget(&self, id: u64) {
-        self.waiting.lock().remove(&id);
-    }
-
     /// Hands an answer to its caller; one whose caller gave up (its call was dropped, e.g. by
     /// a timeout around an `_async` call) comes back with what to undo, so nothing it granted
     /// stays held: a lease, or keys given.
@@ -72,8 +67,8 @@ impl Replies {
         undo
     }
 
-    /// A request whose answer no one waits for.
-    fn request(&self, name: String, op: pb::coord_request::Op) -> pb::client_op::Kind {
+    /// A request whose answer no one waits for (its id is never expected).
+    pub(crate) fn request(&self, name: String, op: pb::coord_request::Op) -> pb::client_op::Kind {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         pb::client_op::Kind::Coord(pb::CoordRequest { id, name, timeout_s: 0.0, op: Some(op) })
     }

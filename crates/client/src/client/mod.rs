@@ -796,16 +796,8 @@ async fn reader(mut inbound: tonic::Streaming<pb::SchedulerToClient>, s: Session
                 *s.disconnected.lock() = None;
                 // Subscriptions live on: the new session subscribes again.
                 for topic in s.link.replies.topics() {
-                    let (id, _) = s.link.replies.expect();
-                    s.link.replies.forget(id);
-                    let _ = s.link.ops.lock().send(pb::ClientOp {
-                        kind: Some(pb::client_op::Kind::Coord(pb::CoordRequest {
-                            id,
-                            name: topic,
-                            timeout_s: 0.0,
-                            op: Some(pb::coord_request::Op::Subscribe(pb::Empty {})),
-                        })),
-                    });
+                    let subscribe = s.link.replies.request(topic, pb::coord_request::Op::Subscribe(pb::Empty {}));
+                    let _ = s.link.ops.lock().send(pb::ClientOp { kind: Some(subscribe) });
                 }
                 tracing::warn!(scheduler = %s.address, restarted, "reconnected to the scheduler; every future held was lost");
                 inbound = new_inbound;

@@ -107,15 +107,7 @@ impl Client {
             .collect::<Result<_>>()?;
         if any_key {
             // After the futures' wants, on the same stream; no answer awaited.
-            let replies = &self.inner.link.replies;
-            let (ack, _) = replies.expect();
-            replies.forget(ack);
-            self.inner.send(pb::client_op::Kind::Coord(pb::CoordRequest {
-                id: ack,
-                name: String::new(),
-                timeout_s: 0.0,
-                op: Some(Op::Ack(id)),
-            }));
+            self.inner.send(self.inner.link.replies.request(String::new(), Op::Ack(id)));
         }
         Ok(shared)
     }
@@ -142,9 +134,7 @@ pub(crate) fn unexpected(what: &str, kind: Answer) -> Error {
     Error::Refused(format!("the scheduler answered a {what} request with {said}"))
 }
 
-/// A name for an unnamed primitive (dask uses a uuid).
-fn fresh_name(kind: &str) -> String {
-    use std::hash::BuildHasher;
-    let r = std::collections::hash_map::RandomState::new();
-    format!("{kind}-{:016x}{:016x}", r.hash_one(1u8), r.hash_one(std::process::id()))
+/// A name for an unnamed primitive (dask uses a uuid): a fresh key of this client.
+fn fresh_name(client: &Client, kind: &str) -> String {
+    client.inner.unique_key(kind)
 }

@@ -77,7 +77,7 @@ impl Lock {
 
     /// A lock with a fresh name (dask's `Lock()`), to share through [`name`](Self::name).
     pub fn unnamed(client: &Client) -> Lock {
-        Lock::new(client, fresh_name("lock"))
+        Lock::new(client, fresh_name(client, "lock"))
     }
 
     pub fn name(&self) -> &str {

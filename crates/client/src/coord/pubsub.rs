@@ -81,7 +81,12 @@ impl<T: DeserializeOwned + 'static> Sub<T> {
         let replies = &client.inner.link.replies;
         let answer = replies.subscribe(&sub.topic, id, tx, || {
             let (rid, rx) = replies.expect();
-            client.inner.send(coord_op(rid, &sub.topic, Op::Subscribe(pb::Empty {})));
+            client.inner.send(pb::client_op::Kind::Coord(pb::CoordRequest {
+                id: rid,
+                name: sub.topic.clone(),
+                timeout_s: 0.0,
+                op: Some(Op::Subscribe(pb::Empty {})),
+            }));
             rx
         });
         if let Some(rx) = answer {
@@ -117,19 +122,12 @@ impl<T: DeserializeOwned + 'static> Sub<T> {
     }
 }
 
-/// A coordination request, as sent on the client stream.
-fn coord_op(id: u64, name: &str, op: Op) -> pb::client_op::Kind {
-    pb::client_op::Kind::Coord(pb::CoordRequest { id, name: name.to_string(), timeout_s: 0.0, op: Some(op) })
-}
-
 impl<T> Drop for Sub<T> {
     fn drop(&mut self) {
         let replies = &self.client.inner.link.replies;
         replies.unsubscribe(&self.topic, self.id, || {
             // The last one here: the scheduler stops sending (no answer awaited).
-            let (id, _) = replies.expect();
-            replies.forget(id);
-            self.client.inner.send(coord_op(id, &self.topic, Op::Unsubscribe(pb::Empty {})));
+            self.client.inner.send(replies.request(self.topic.clone(), Op::Unsubscribe(pb::Empty {})));
         });
     }
 }

@@ -73,7 +73,7 @@ impl<T: Serialize + DeserializeOwned + 'static> Queue<T> {
 
     /// A queue with a fresh name (dask's `Queue()`).
     pub fn unnamed(client: &Client) -> Queue<T> {
-        Queue::new(client, fresh_name("queue"))
+        Queue::new(client, fresh_name(client, "queue"))
     }
 
     pub fn name(&self) -> &str {
