@@ -90,6 +90,8 @@ pub fn binary(name: &str) -> PathBuf {
     BUILT.get_or_init(|| {
         let mut cmd = Command::new(env!("CARGO"));
         cmd.args(["build", "-p", "dask-scheduler", "-p", "dask-worker", "--bins"]);
+        // The plugin library the upload_file tests send (a cdylib: `--lib`).
+        cmd.args(["-p", "dask-test-plugin", "--lib"]);
         cmd.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
         if bin_dir().ends_with("release") {
             cmd.arg("--release");
@@ -97,6 +99,15 @@ pub fn binary(name: &str) -> PathBuf {
         let status = cmd.status().expect("run cargo build");
         assert!(status.success(), "cargo build of the server binaries failed");
     });
+    let path = bin_dir().join(name);
+    assert!(path.exists(), "{} is missing", path.display());
+    path
+}
+
+/// The plugin library of `tests/plugin-lib`, built (with the binaries) on first use.
+pub fn plugin_library() -> PathBuf {
+    let _ = binary("dask-worker");
+    let name = format!("{}dask_test_plugin{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX);
     let path = bin_dir().join(name);
     assert!(path.exists(), "{} is missing", path.display());
     path

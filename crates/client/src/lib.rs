@@ -17,6 +17,7 @@ mod gather;
 mod graph;
 mod keys;
 mod options;
+mod plugins;
 mod replies;
 mod run;
 mod wait;
@@ -33,6 +34,7 @@ pub use future::{Future, FutureStatus};
 pub use gather::{Errors, Gatherable, futures_of};
 pub use graph::{Graph, KeyTree, Nested, Ref};
 pub use options::{FIFO_TIMEOUT, ScatterOptions, SubmitOptions};
+pub use plugins::PluginOptions;
 pub use run::{OnError, RunOptions};
 pub use wait::{AsCompleted, ReturnWhen, WaitResult, as_completed, wait};
 

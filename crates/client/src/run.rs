@@ -42,7 +42,7 @@ impl Default for RunOptions {
     }
 }
 
-fn spec_of<T: Task, A: IntoArgs<T::Args>>(args: A) -> Result<bytes::Bytes> {
+pub(crate) fn spec_of<T: Task, A: IntoArgs<T::Args>>(args: A) -> Result<bytes::Bytes> {
     let mut deps = Vec::new();
     let arg = args.into_args(&mut deps)?;
     if !deps.is_empty() {

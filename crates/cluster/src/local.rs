@@ -34,6 +34,8 @@ pub struct LocalClusterBuilder {
     pub(crate) command: Option<Vec<String>>,
     /// Names of workers `scale` starts: `<prefix>-<n>`.
     pub(crate) prefix: &'static str,
+    /// Scheduler plugins started with the scheduler.
+    preload: Vec<String>,
 }
 
 impl LocalClusterBuilder {
@@ -94,6 +96,14 @@ impl LocalClusterBuilder {
         self
     }
 
+    /// Starts the scheduler plugin type `name` (registered in this program with
+    /// `dask::register_scheduler_plugin!`) with the scheduler, from its `Default` (the
+    /// scheduler's `--preload`).
+    pub fn preload(mut self, name: impl Into<String>) -> Self {
+        self.preload.push(name.into());
+        self
+    }
+
     /// Scheduler port (default 0: any free port, so several clusters can run at once).
     pub fn scheduler_port(mut self, port: u16) -> Self {
         self.scheduler_port = port;
@@ -140,7 +150,7 @@ impl LocalClusterBuilder {
             let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.scheduler_port))
                 .await
                 .map_err(|e| Error::Cluster(format!("failed to listen on 127.0.0.1:{}: {e}", self.scheduler_port)))?;
-            let mut config = SchedulerConfig::default();
+            let mut config = SchedulerConfig { preload: self.preload.clone(), ..Default::default() };
             config.apply_config(&settings).map_err(Error::InvalidArgument)?;
             let (sched, run) =
                 scheduler::run(listener, config, shutdown.clone()).await.map_err(|e| Error::Cluster(e.to_string()))?;
@@ -452,6 +462,7 @@ impl LocalCluster {
             resources: Vec::new(),
             command: None,
             prefix: "local",
+            preload: Vec::new(),
         }
     }
 

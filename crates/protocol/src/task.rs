@@ -160,7 +160,8 @@ impl ExecErrorKind {
             ExecErrorKind::Error(m) | ExecErrorKind::Panic(m) => m.clone(),
             ExecErrorKind::UnknownFunction(f) => format!(
                 "no task function named {f:?} is registered in this worker; build the worker from \
-                 the crate that defines it (its main calls dask::worker_main()) or register it with #[dask::task]"
+                 the crate that defines it (its main calls dask::worker_main()), or upload a plugin \
+                 library that defines it (Client::upload_file)"
             ),
             ExecErrorKind::BadArguments(m) => format!("wrong argument types: {m}"),
             ExecErrorKind::MissingDependency(k) => {
@@ -190,6 +191,38 @@ pub fn registry() -> &'static HashMap<&'static str, &'static Registration> {
     })
 }
 
+/// A task function that lives outside this program's registry (in a loaded plugin library):
+/// it gets the spec and the values of the keys it references.
+pub trait ExternalTask: Send + Sync {
+    fn call(&self, spec: &pb::TaskSpec, deps: &HashMap<String, Value>) -> Result<Value, ExecErrorKind>;
+}
+
+type External = std::sync::RwLock<HashMap<String, std::sync::Arc<dyn ExternalTask>>>;
+
+fn externals() -> &'static External {
+    static EXTERNAL: OnceLock<External> = OnceLock::new();
+    EXTERNAL.get_or_init(Default::default)
+}
+
+/// Adds (or replaces) functions run by `f` under these names; a name this program registers
+/// itself keeps running its own function. Returns the names that were already registered here.
+pub fn register_external(names: &[String], f: std::sync::Arc<dyn ExternalTask>) -> Vec<String> {
+    let mut map = externals().write().unwrap_or_else(|e| e.into_inner());
+    let mut shadowed = Vec::new();
+    for n in names {
+        if registry().contains_key(n.as_str()) {
+            shadowed.push(n.clone());
+        } else {
+            map.insert(n.clone(), f.clone());
+        }
+    }
+    shadowed
+}
+
+fn external(name: &str) -> Option<std::sync::Arc<dyn ExternalTask>> {
+    externals().read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
+}
+
 /// Names of every registered function, sorted (for error messages and `--help`).
 pub fn registered_names() -> Vec<&'static str> {
     let mut v: Vec<_> = registry().keys().copied().collect();
@@ -200,13 +233,19 @@ pub fn registered_names() -> Vec<&'static str> {
 /// Runs `spec` on the calling thread. `deps` gives the value of each referenced key.
 /// A panic in the function is caught and returned as [`ExecErrorKind::Panic`].
 pub fn execute(spec: &pb::TaskSpec, deps: &dyn Fn(&str) -> Option<Value>) -> Result<Value, ExecErrorKind> {
-    let reg =
-        registry().get(spec.function.as_str()).ok_or_else(|| ExecErrorKind::UnknownFunction(spec.function.clone()))?;
+    let found = registry().get(spec.function.as_str());
+    let outside = match found {
+        Some(_) => None,
+        None => Some(external(&spec.function).ok_or_else(|| ExecErrorKind::UnknownFunction(spec.function.clone()))?),
+    };
     // Resolve every referenced key up front so a missing one is reported as such.
     let mut lookup = DepValues(HashMap::new());
     if let Some(args) = &spec.args {
         collect_refs(args, deps, &mut lookup)?;
     }
+    let Some(reg) = found else {
+        return outside.expect("set when not found").call(spec, &lookup.0);
+    };
     let empty = pb::Arg { kind: Some(Kind::List(pb::ArgList { items: Vec::new() })) };
     let root = spec.args.as_ref().unwrap_or(&empty);
     let de = ArgDeserializer { arg: root, deps: &lookup };
@@ -242,6 +281,12 @@ fn capture_panics() {
             previous(info);
         }));
     });
+}
+
+/// Sets the backtrace of a task's panic that happened elsewhere (in a plugin library), for
+/// [`take_panic_backtrace`].
+pub fn set_panic_backtrace(bt: String) {
+    LAST_BACKTRACE.with(|b| *b.borrow_mut() = Some(bt));
 }
 
 /// The backtrace of the last task panic on this thread, taken.

@@ -40,6 +40,11 @@ pub struct Args {
     /// 10000, lowered to what the open-files limit allows).
     #[arg(long)]
     max_connections: Option<usize>,
+    /// Start this scheduler plugin with the scheduler (repeatable): the name of a plugin type
+    /// built into this scheduler binary with dask::register_scheduler_plugin! (dask's
+    /// --preload takes a Python module; here code ships in the binary).
+    #[arg(long)]
+    preload: Vec<String>,
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -57,7 +62,11 @@ pub fn scheduler_main_from(args: impl IntoIterator<Item = OsString>) -> ExitCode
 
 /// The scheduler's settings: flags over configuration (files, `DASK_*`) over defaults.
 fn scheduler_config(args: &Args, settings: &Config) -> Result<SchedulerConfig, String> {
-    let mut config = SchedulerConfig { scheduler_file: args.scheduler_file.clone(), ..Default::default() };
+    let mut config = SchedulerConfig {
+        scheduler_file: args.scheduler_file.clone(),
+        preload: args.preload.clone(),
+        ..Default::default()
+    };
     config.apply_config(settings)?;
     if let Some(t) = &args.worker_ttl {
         let ttl = parse_duration(t).map_err(|why| format!("--worker-ttl {t:?} {why}"))?;

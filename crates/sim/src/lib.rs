@@ -341,6 +341,7 @@ impl<'a> Sim<'a> {
                 Command::AcquireReplicas { .. }
                 | Command::Retired { .. }
                 | Command::Notice { .. }
+                | Command::Feed(_)
                 | Command::CopiesDone { .. } => {}
             }
         }

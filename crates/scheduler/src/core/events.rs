@@ -349,6 +349,37 @@ pub enum Command {
         level: NoticeLevel,
         message: String,
     },
+    /// For scheduler plugins, only while [`SchedulerCore::set_feed`](super::SchedulerCore::set_feed) is on.
+    Feed(Feed),
+}
+
+/// What scheduler plugins are told (dask's `SchedulerPlugin` hooks), in the order it happened.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Feed {
+    /// A client sent these new tasks.
+    UpdateGraph {
+        client: ClientId,
+        keys: Vec<Key>,
+    },
+    /// A task went from one state to another (`"forgotten"`: it is gone).
+    Transition {
+        key: Key,
+        from: &'static str,
+        to: &'static str,
+    },
+    AddWorker {
+        worker: Arc<str>,
+    },
+    RemoveWorker {
+        worker: Arc<str>,
+        reason: String,
+    },
+    AddClient {
+        client: ClientId,
+    },
+    RemoveClient {
+        client: ClientId,
+    },
 }
 
 /// How loud a [`Command::Notice`] is.

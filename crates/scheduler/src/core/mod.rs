@@ -68,7 +68,7 @@ use smallvec::SmallVec;
 use thin_vec::ThinVec;
 
 pub use adaptive::AdaptiveTarget;
-pub use events::{Command, DepLocation, Event, InlineValue, NewTask, NoticeLevel, Report, TaskError, WorkerSpec};
+pub use events::{Command, DepLocation, Event, Feed, InlineValue, NewTask, NoticeLevel, Report, TaskError, WorkerSpec};
 pub use placement::key_prefix;
 pub use queue::ReadyQueue;
 pub use steal::StealStats;
@@ -406,6 +406,8 @@ pub struct SchedulerCore {
     steals: FxHashMap<TaskId, steal::Steal>,
     next_steal: u64,
     stats: StealStats,
+    /// Emit [`Command::Feed`] (a scheduler plugin listens).
+    feed: bool,
 }
 
 /// What the handling of one event carries along: its cause and time, the commands it emits,
@@ -467,6 +469,7 @@ impl SchedulerCore {
             copy_waiters: FxHashMap::default(),
             next_steal: 0,
             stats: StealStats::default(),
+            feed: false,
         }
     }
 
@@ -603,6 +606,9 @@ impl SchedulerCore {
         match event {
             Event::ClientConnected { client } => {
                 self.clients.entry(client).or_default();
+                if self.feed && !client.is_holder() {
+                    cx.out.push(Command::Feed(Feed::AddClient { client }));
+                }
             }
             Event::ClientDisconnected { client } => {
                 if let Some(c) = self.clients.remove(&client) {
@@ -610,8 +616,15 @@ impl SchedulerCore {
                         self.unwant(t, client, cx);
                     }
                 }
+                if self.feed && !client.is_holder() {
+                    cx.out.push(Command::Feed(Feed::RemoveClient { client }));
+                }
             }
             Event::UpdateGraph { client, tasks, wants, fifo_timeout } => {
+                if self.feed {
+                    let keys = tasks.iter().map(|t| t.key.clone()).collect();
+                    cx.out.push(Command::Feed(Feed::UpdateGraph { client, keys }));
+                }
                 self.update_graph(client, tasks, wants, fifo_timeout, cx)
             }
             Event::Want { client, keys } => {

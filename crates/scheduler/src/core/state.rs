@@ -277,6 +277,10 @@ impl SchedulerCore {
         if self.config.log_len > 0 {
             self.push_log(log_key(&task.key), task.state.name(), "forgotten", cx);
         }
+        if self.feed {
+            let (key, from) = (task.key.clone(), task.state.name());
+            cx.out.push(Command::Feed(super::Feed::Transition { key, from, to: "forgotten" }));
+        }
         self.keys.remove(&task.key);
         self.free_ids.push(t.0);
         self.positions.remove(&t);

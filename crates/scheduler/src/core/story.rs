@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Cx, Key, SchedulerCore, TaskId};
+use super::{Command, Cx, Feed, Key, SchedulerCore, TaskId};
 
 /// One line of a task's story.
 #[derive(Clone, Debug)]
@@ -54,11 +54,20 @@ impl SchedulerCore {
 }
 
 impl SchedulerCore {
-    pub(super) fn log_transition(&mut self, t: TaskId, from: &'static str, to: &'static str, cx: &Cx<'_>) {
+    pub(super) fn log_transition(&mut self, t: TaskId, from: &'static str, to: &'static str, cx: &mut Cx<'_>) {
+        if self.feed {
+            let key = self.task(t).key.clone();
+            cx.out.push(Command::Feed(Feed::Transition { key, from, to }));
+        }
         if self.config.log_len == 0 {
             return;
         }
         self.push_log(log_key(&self.task(t).key), from, to, cx);
+    }
+
+    /// Tells scheduler plugins everything from now on ([`Command::Feed`]), or stops.
+    pub fn set_feed(&mut self, on: bool) {
+        self.feed = on;
     }
 
     /// Callers check that the log is on first, so that no key is hashed for nothing.

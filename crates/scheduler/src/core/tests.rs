@@ -1308,6 +1308,9 @@ fn sim_client(c: usize) -> ClientId {
 /// finish, fail, are told to Free it, or die.
 struct Sim {
     h: Harness,
+    /// Each task's state as the plugin feed told it: every transition must start where the
+    /// last one ended, and end where the core has the task.
+    fed: HashMap<Key, &'static str>,
     rng: Rng,
     keys: Vec<Key>,
     index: HashMap<Key, usize>,
@@ -1346,8 +1349,11 @@ impl Sim {
         };
         let keys: Vec<Key> = (0..sc.dag.len()).map(sim_key).collect();
         let index = keys.iter().cloned().enumerate().map(|(i, k)| (k, i)).collect();
+        let mut h = Harness::with_config(config);
+        h.core.set_feed(true);
         let mut sim = Sim {
-            h: Harness::with_config(config),
+            h,
+            fed: HashMap::new(),
             rng: Rng(sc.seed),
             keys,
             index,
@@ -1490,8 +1496,21 @@ impl Sim {
                     }
                     self.steal_answers.push((worker, key, id, stolen));
                 }
-                Command::Notice { .. } | Command::Retired { .. } | Command::CopiesDone { .. } => {}
+                Command::Feed(Feed::Transition { key, from, to }) => {
+                    let was = self.fed.get(&key).copied().unwrap_or("released");
+                    assert_eq!(was, from, "the feed moved {key} from {from}, but it was {was}");
+                    if to == "forgotten" {
+                        self.fed.remove(&key);
+                    } else {
+                        self.fed.insert(key, to);
+                    }
+                }
+                Command::Feed(_) | Command::Notice { .. } | Command::Retired { .. } | Command::CopiesDone { .. } => {}
             }
+        }
+        for (key, fed) in &self.fed {
+            let state = self.h.core.task_state(key).map(|s| s.name());
+            assert_eq!(state, Some(*fed), "the feed left {key} {fed}");
         }
     }
 

@@ -43,6 +43,9 @@ impl SchedulerCore {
         }
         self.by_address.insert(spec.address.clone(), worker);
         self.by_name.insert(spec.name.clone(), worker);
+        if self.feed {
+            cx.out.push(Command::Feed(super::Feed::AddWorker { worker: spec.address.clone() }));
+        }
         self.workers.insert(
             worker,
             Worker {
@@ -105,6 +108,14 @@ impl SchedulerCore {
             w.used.iter_mut().for_each(|u| *u = 0.0);
         }
         self.by_occupancy = self.workers.iter().filter(|(_, w)| w.open()).map(|(id, _)| (0, *id)).collect();
+        if self.feed {
+            let mut gone: Vec<(Key, &'static str)> =
+                self.keys.values().map(|t| (self.task(*t).key.clone(), self.task(*t).state.name())).collect();
+            gone.sort();
+            for (key, from) in gone {
+                cx.out.push(Command::Feed(super::Feed::Transition { key, from, to: "forgotten" }));
+            }
+        }
         self.tasks = slab::Slab::default();
         self.free_ids.clear();
         self.keys.clear();
@@ -191,6 +202,9 @@ impl SchedulerCore {
         let addr = w.spec.address.clone();
         if was_open {
             self.by_occupancy.remove(&key);
+        }
+        if self.feed {
+            cx.out.push(Command::Feed(super::Feed::RemoveWorker { worker: addr.clone(), reason: reason.to_string() }));
         }
         // Values only it held are lost (their processing dependents go back to waiting).
         let mut held: Vec<TaskId> = w.has_what.drain().collect();

@@ -39,6 +39,7 @@ impl EventLoop {
                 reason: "scheduler closing".into(),
             }))));
         }
+        self.scheduler_plugins.close();
         // Clients need not try to reconnect.
         for tx in self.clients.values() {
             let _ = tx.send(Ok(pb::SchedulerToClient { closing: "scheduler closing".into(), ..Default::default() }));
@@ -217,6 +218,7 @@ impl EventLoop {
                         kind: Some(pb::scheduler_command::Kind::Registered(pb::Registered {
                             worker_id: id.0,
                             heartbeat_interval_s: 1.0,
+                            plugins: self.worker_plugins.clone(),
                         })),
                     }],
                 }));
@@ -282,6 +284,7 @@ impl EventLoop {
                 self.handle(Event::ClientConnected { client: id });
             }
             LoopMsg::Query(q) => self.query(q),
+            LoopMsg::SchedulerPluginFailed(name) => self.scheduler_plugin_failed(name),
         }
     }
 
@@ -727,6 +730,7 @@ impl EventLoop {
                         });
                     }
                 }
+                Command::Feed(f) => self.scheduler_plugins.push_feed(f),
                 Command::Notice { level, message } => match level {
                     core::NoticeLevel::Info => tracing::info!("{message}"),
                     core::NoticeLevel::Warn => tracing::warn!("{message}"),
@@ -746,6 +750,7 @@ impl EventLoop {
                 let _ = tx.send(Ok(pb::SchedulerToWorker { commands }));
             }
         }
+        self.scheduler_plugins.flush_feed();
         let mut to_clients: HashMap<ClientId, pb::SchedulerToClient> = to_clients
             .into_iter()
             .map(|(c, reports)| (c, pb::SchedulerToClient { reports, ..Default::default() }))

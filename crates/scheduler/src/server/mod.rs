@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 mod event_loop;
+mod plugins;
 mod run;
 mod service;
 mod task_stream;
@@ -40,6 +41,9 @@ pub struct SchedulerConfig {
     pub scheduler_file: Option<std::path::PathBuf>,
     /// Connections accepted at once, and the handshake deadline.
     pub limits: dask_protocol::serve::Limits,
+    /// Scheduler plugin types to start with the scheduler, from their `Default` (dask's
+    /// `--preload`; here a registered plugin type's name).
+    pub preload: Vec<String>,
 }
 
 impl SchedulerConfig {
@@ -187,6 +191,8 @@ enum LoopMsg {
         tx: mpsc::UnboundedSender<Result<pb::SchedulerToClient, Status>>,
         reply: oneshot::Sender<ClientId>,
     },
+    /// A scheduler plugin's start failed: it is off the loop's list.
+    SchedulerPluginFailed(String),
     Query(Query),
 }
 
@@ -228,6 +234,17 @@ pub async fn run(
         .max_encoding_message_size(dask_protocol::MAX_MESSAGE);
     let handle = SchedulerHandle { address: address.clone(), shutdown: shutdown.clone(), tx: tx.clone() };
     let core_config = config.core.clone();
+    for name in &config.preload {
+        if !dask_protocol::plugin::scheduler_plugin_types().contains_key(name.as_str()) {
+            let mut known: Vec<&str> = dask_protocol::plugin::scheduler_plugin_types().keys().copied().collect();
+            known.sort_unstable();
+            return Err(std::io::Error::other(format!(
+                "--preload {name}: no scheduler plugin type of that name is built into this scheduler (it has \
+                 {known:?}); build a scheduler binary from the crate that registers it"
+            )));
+        }
+    }
+    let preload = config.preload.clone();
     let fut = async move {
         let lp = EventLoop {
             core: SchedulerCore::new(core_config, Instant::now()),
@@ -250,12 +267,16 @@ pub async fn run(
             coord: coord::Coordination::new(),
             coord_out: Vec::new(),
             runs: HashMap::new(),
+            worker_plugins: Vec::new(),
+            scheduler_plugins: Default::default(),
             waiters: Vec::new(),
             id,
             address: address.clone(),
             started,
             release: Release::default(),
         };
+        let mut lp = lp;
+        lp.preload(&preload);
         let loop_task = tokio::spawn(lp.run(rx, shutdown.clone()));
         let incoming = dask_protocol::serve::incoming(listener, config.limits, "scheduler");
         let server = dask_protocol::serve::server()
@@ -347,6 +368,9 @@ struct EventLoop {
     coord_out: Vec<coord::Out>,
     /// `Client.run` requests waiting for workers, by run id.
     runs: HashMap<u64, run::PendingRun>,
+    /// Worker plugins, in the order registered: given to every worker that joins.
+    worker_plugins: Vec<pb::PluginSpec>,
+    scheduler_plugins: plugins::SchedulerPlugins,
     waiters: Vec<(usize, oneshot::Sender<pb::SchedulerInfo>)>,
     id: String,
     address: Address,

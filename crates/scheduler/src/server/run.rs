@@ -49,6 +49,41 @@ impl EventLoop {
         if req.actor.is_some() && (req.on_scheduler || req.workers.len() != 1) {
             return self.run_reply(client, id, Kind::Error("an actor lives on one worker: name it".into()));
         }
+        if req.on_scheduler
+            && let Some(pb::PluginOp { op: Some(op) }) = req.plugin
+        {
+            return self.on_scheduler_plugin(client, id, op);
+        }
+        if let Some(pb::PluginOp { op: Some(op) }) = &req.plugin {
+            match op {
+                pb::plugin_op::Op::Add(spec) => {
+                    let at = self.worker_plugins.iter().position(|p| p.name == spec.name);
+                    match at {
+                        // dask: an idempotent registration of a known name changes nothing.
+                        Some(_) if spec.idempotent => {
+                            return self.run_reply(client, id, Kind::Run(pb::RunResults::default()));
+                        }
+                        Some(i) => self.worker_plugins[i] = spec.clone(),
+                        None => self.worker_plugins.push(spec.clone()),
+                    }
+                    tracing::info!(plugin = %spec.name, kind = %spec.kind, "worker plugin registered");
+                }
+                pb::plugin_op::Op::Remove(name) => {
+                    let Some(i) = self.worker_plugins.iter().position(|p| p.name == *name) else {
+                        let known: Vec<&str> = self.worker_plugins.iter().map(|p| p.name.as_str()).collect();
+                        return self.run_reply(
+                            client,
+                            id,
+                            Kind::Error(format!(
+                                "no worker plugin named {name:?} is registered (registered: {known:?})"
+                            )),
+                        );
+                    };
+                    self.worker_plugins.remove(i);
+                    tracing::info!(plugin = %name, "worker plugin removed");
+                }
+            }
+        }
         if req.on_scheduler {
             let spec = match pb::TaskSpec::decode(&req.spec[..]) {
                 Ok(s) => s,
@@ -102,6 +137,7 @@ impl EventLoop {
                             id: run,
                             spec: req.spec.clone(),
                             actor: req.actor.clone(),
+                            plugin: req.plugin.clone(),
                         })),
                     }],
                 }));

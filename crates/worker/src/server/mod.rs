@@ -245,9 +245,9 @@ pub async fn start(
         })?
         .into_inner();
     let first = inbound.message().await.map_err(|s| WorkerError::SchedulerLost(s.message().to_string()))?;
-    let heartbeat = match first.and_then(|b| b.commands.into_iter().next()).and_then(|c| c.kind) {
+    let (heartbeat, plugin_specs) = match first.and_then(|b| b.commands.into_iter().next()).and_then(|c| c.kind) {
         Some(pb::scheduler_command::Kind::Registered(r)) => {
-            Duration::from_secs_f64(r.heartbeat_interval_s.max(0.05)).min(config.heartbeat)
+            (Duration::from_secs_f64(r.heartbeat_interval_s.max(0.05)).min(config.heartbeat), r.plugins)
         }
         Some(pb::scheduler_command::Kind::Close(c)) => return Err(WorkerError::Refused(c.reason)),
         _ => return Err(WorkerError::SchedulerLost("the scheduler did not answer the registration".into())),
@@ -258,6 +258,13 @@ pub async fn start(
     let run = async move {
         let context =
             WorkerContext::new(address.to_string(), name.clone(), config.scheduler.to_string(), config.nthreads);
+        let plugins =
+            crate::plugins::Plugins::new(scratch.join(format!("files-{}-{}", std::process::id(), address.port)));
+        // The cluster's plugins are set up before the first task runs (dask's order).
+        if !plugin_specs.is_empty() {
+            let (p, c) = (plugins.clone(), context.clone());
+            let _ = tokio::task::spawn_blocking(move || p.install_all(&c, plugin_specs)).await;
+        }
         let executor = Executor::new(config.nthreads, store.clone(), context.clone());
         let results = executor.results();
         let mut lp = Loop {
@@ -278,6 +285,7 @@ pub async fn start(
             shutdown: shutdown.clone(),
             context,
             actors: Default::default(),
+            plugins: plugins.clone(),
             timing: Default::default(),
         };
         let timers = Timers {
@@ -288,6 +296,8 @@ pub async fn start(
         let result = lp.run(&mut inbound, events_rx, &results, timers, shutdown.clone()).await;
         shutdown.cancel();
         lp.executor.shutdown();
+        let context = lp.context.clone();
+        let _ = tokio::task::spawn_blocking(move || plugins.teardown_all(&context)).await;
         // No put is served after this; then the files go.
         let _ = server.await;
         store.close();
@@ -395,6 +405,7 @@ struct Loop {
     context: Arc<WorkerContext>,
     /// The actors it hosts.
     actors: crate::actors::Actors,
+    plugins: Arc<crate::plugins::Plugins>,
     /// When and on which thread tasks just done ran, until their report goes out.
     timing: rustc_hash::FxHashMap<Key, crate::executor::Timing>,
 }
@@ -427,6 +438,7 @@ impl Loop {
                 _ = shutdown.cancelled() => return Ok(Closed::by_owner()),
                 msg = inbound.message() => match msg {
                     Ok(Some(batch)) => {
+                        self.sync_trace();
                         for cmd in batch.commands {
                             if let Some(closed) = self.on_command(cmd) {
                                 tracing::info!(reason = %closed.reason, restart = closed.restart, "scheduler asked this worker to close");
@@ -438,6 +450,7 @@ impl Loop {
                     Err(s) => return Err(WorkerError::SchedulerLost(s.message().to_string())),
                 },
                 _ = results.wake.notified() => {
+                    self.sync_trace();
                     let batch = results.take();
                     for (key, outcome, duration, timing) in batch.done {
                         self.timing.insert(key.clone(), timing);
@@ -459,6 +472,7 @@ impl Loop {
                     }
                 }
                 Some(ev) = events.recv() => {
+                    self.sync_trace();
                     self.state.handle(ev, &mut self.instructions);
                     // Take whatever else is ready: one batch out per wake-up.
                     for _ in 0..4096 {
@@ -495,6 +509,12 @@ impl Loop {
                 }
             }
         }
+    }
+
+    /// Transitions are reported only while a plugin listens (read on each wake-up: a plugin
+    /// installed on the plugin thread is seen by the next event).
+    fn sync_trace(&mut self) {
+        self.state.set_trace(self.plugins.active());
     }
 
     fn heartbeat(&mut self) {
@@ -608,6 +628,13 @@ impl Loop {
             pb::scheduler_command::Kind::Run(pb::RunFunction { id, actor: Some(op), .. }) => {
                 self.actors.handle(id, op, &self.context.address, &self.out_tx);
             }
+            pb::scheduler_command::Kind::Run(pb::RunFunction {
+                id,
+                plugin: Some(pb::PluginOp { op: Some(op) }),
+                ..
+            }) => {
+                self.plugins.submit(id, op, self.context.clone(), self.out_tx.clone());
+            }
             pb::scheduler_command::Kind::Run(r) => {
                 // On a thread of its own, beside the task pool; the answer goes straight out.
                 let (out, context, id) = (self.out_tx.clone(), self.context.clone(), r.id);
@@ -674,6 +701,7 @@ impl Loop {
                     simulated.push(Event::Unqueued { key, id, removed });
                 }
                 Instruction::Drop(key) => self.store.remove(&key),
+                Instruction::Transition { key, start, finish } => self.plugins.transition(&key, start, finish),
                 Instruction::Send(mut kind) => {
                     // When and where it ran, for the task stream.
                     match &mut kind {

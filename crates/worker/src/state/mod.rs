@@ -124,6 +124,13 @@ pub enum Instruction {
     },
     /// Remove the value from the store.
     Drop(Key),
+    /// `key` went from `start` to `finish` (dask's worker states), for worker plugins; only
+    /// while [`WorkerState::set_trace`] is on.
+    Transition {
+        key: Key,
+        start: &'static str,
+        finish: &'static str,
+    },
     Send(pb::worker_event::Kind),
 }
 
@@ -201,6 +208,8 @@ pub struct WorkerState {
     available: Vec<(Key, f64)>,
     /// All of them (for `validate`).
     total: Vec<(Key, f64)>,
+    /// Report transitions ([`Instruction::Transition`]).
+    trace: bool,
 }
 
 impl WorkerState {
@@ -216,6 +225,7 @@ impl WorkerState {
             deferred: Vec::new(),
             available: Vec::new(),
             total: Vec::new(),
+            trace: false,
         }
     }
 
@@ -252,6 +262,11 @@ impl WorkerState {
     /// Whether `key` is handed to the executor (and not cancelled).
     pub fn is_running(&self, key: &str) -> bool {
         self.compute.get(key).is_some_and(|t| t.state == ComputeState::Dispatched)
+    }
+
+    /// Report transitions from now on (`true`) or not.
+    pub fn set_trace(&mut self, on: bool) {
+        self.trace = on;
     }
 
     pub fn n_compute(&self) -> usize {
@@ -292,7 +307,7 @@ impl WorkerState {
                             start_flight(&dep, d, &mut to_fetch);
                         }
                     }
-                    group_fetches(to_fetch, out);
+                    group_fetches(self.trace, to_fetch, out);
                 }
             }
             Event::Acquire(keys) => self.on_acquire(keys, out),
@@ -300,6 +315,7 @@ impl WorkerState {
             Event::Unqueued { key, id, removed } => {
                 let stolen = removed && self.compute.get(&key).is_some_and(|t| t.state == ComputeState::Dispatched);
                 if removed && let Some(task) = self.compute.remove(&key) {
+                    note(self.trace, &key, compute_state_name(&task.state), "released", out);
                     // Off the queue: no ExecDone will come for it.
                     self.dispatched -= 1;
                     self.hold(&task.resources, 1.0);
@@ -309,6 +325,7 @@ impl WorkerState {
             }
             Event::Put { keys } => {
                 for (key, nbytes) in keys {
+                    let from = if self.data.contains_key(&key) { None } else { Some("released") };
                     let d = self.data.entry(key.clone()).or_insert_with(|| DataKey {
                         state: DataState::Fetch { who_has: Vec::new() },
                         dependents: FxHashSet::default(),
@@ -317,7 +334,7 @@ impl WorkerState {
                     });
                     d.own = true;
                     // Possibly a value we were fetching: its waiting tasks count it as arrived.
-                    self.arrived(&key, nbytes, out);
+                    self.arrived(&key, nbytes, from, out);
                 }
             }
         }
@@ -330,6 +347,7 @@ impl WorkerState {
             // its result after all (dask's "resumed").
             if task.state == ComputeState::Cancelled {
                 task.state = ComputeState::Dispatched;
+                note(self.trace, &req.key, "cancelled", "executing", out);
             }
             task.inline |= req.inline;
             task.announce |= req.announce;
@@ -351,6 +369,9 @@ impl WorkerState {
         let mut to_fetch: Vec<(Arc<str>, Key)> = Vec::new();
         let mut deps = Vec::with_capacity(req.deps.len());
         for (dep, who_has) in req.deps {
+            if self.trace && !self.data.contains_key(&dep) {
+                note(true, &dep, "released", "fetch", out);
+            }
             let d = self.data.entry(dep.clone()).or_insert_with(|| DataKey {
                 state: DataState::Fetch { who_has: Vec::new() },
                 dependents: FxHashSet::default(),
@@ -376,6 +397,7 @@ impl WorkerState {
         let order = self.next_order;
         self.next_order += 1;
         let state = if missing == 0 { ComputeState::Ready } else { ComputeState::Waiting { missing } };
+        note(self.trace, &req.key, "released", compute_state_name(&state), out);
         if state == ComputeState::Ready {
             self.ready.push((req.priority, Reverse(order), req.key.clone()));
         }
@@ -404,7 +426,7 @@ impl WorkerState {
         for dep in unreachable {
             self.dependency_missing(&dep, Vec::new(), out);
         }
-        group_fetches(to_fetch, out);
+        group_fetches(self.trace, to_fetch, out);
     }
 
     fn on_acquire(&mut self, keys: Vec<(Key, Vec<Arc<str>>)>, out: &mut Vec<Instruction>) {
@@ -444,7 +466,7 @@ impl WorkerState {
         for key in nowhere {
             self.dependency_missing(&key, Vec::new(), out);
         }
-        group_fetches(to_fetch, out);
+        group_fetches(self.trace, to_fetch, out);
     }
 
     /// Gives `key` up if it has not started: waiting or ready here, it goes at once; handed to
@@ -454,6 +476,7 @@ impl WorkerState {
         match self.compute.get(&key).map(|t| &t.state) {
             Some(ComputeState::Waiting { .. } | ComputeState::Ready) => {
                 let task = self.compute.remove(&key).expect("present");
+                note(self.trace, &key, compute_state_name(&task.state), "released", out);
                 // A stale entry stays in `ready` and is skipped when popped.
                 self.release_deps(&key, &task.deps, out);
                 answer_steal(key, id, true, out);
@@ -468,11 +491,13 @@ impl WorkerState {
             match task.state {
                 ComputeState::Dispatched => {
                     task.state = ComputeState::Cancelled;
+                    note(self.trace, &key, "executing", "cancelled", out);
                     out.push(Instruction::Cancel(key.clone()));
                 }
                 ComputeState::Cancelled => {}
                 ComputeState::Waiting { .. } | ComputeState::Ready => {
                     let task = self.compute.remove(&key).expect("present");
+                    note(self.trace, &key, compute_state_name(&task.state), "released", out);
                     self.release_deps(&key, &task.deps, out);
                     // Stale entries in `ready` are skipped when popped.
                 }
@@ -498,6 +523,7 @@ impl WorkerState {
         {
             // Skipped on a cancel, then resumed: run it after all.
             task.state = ComputeState::Ready;
+            note(self.trace, &key, "executing", "ready", out);
             self.ready.push((task.priority, Reverse(task.order), key));
             return;
         }
@@ -506,6 +532,16 @@ impl WorkerState {
         };
         self.release_deps(&key, &task.deps, out);
         let cancelled = task.state == ComputeState::Cancelled;
+        if self.trace {
+            let finish = match &outcome {
+                _ if cancelled => "released",
+                ExecOutcome::Ok { .. } => "memory",
+                ExecOutcome::Err(e) if e.kind == dask_protocol::task::RESCHEDULE => "rescheduled",
+                ExecOutcome::Err(_) => "error",
+                ExecOutcome::Skipped => "released",
+            };
+            note(true, &key, compute_state_name(&task.state), finish, out);
+        }
         match outcome {
             ExecOutcome::Ok { nbytes, type_name } => {
                 if cancelled {
@@ -548,7 +584,7 @@ impl WorkerState {
     fn on_fetch_done(&mut self, from: Arc<str>, got: Vec<(Key, u64)>, missing: Vec<Key>, out: &mut Vec<Instruction>) {
         for (key, nbytes) in got {
             if self.data.contains_key(&key) {
-                self.arrived(&key, nbytes, out);
+                self.arrived(&key, nbytes, None, out);
             } else {
                 out.push(Instruction::Drop(key));
             }
@@ -560,6 +596,7 @@ impl WorkerState {
             };
             match &mut d.state {
                 DataState::Flight { from: f, rest, tried } if *f == from => {
+                    note(self.trace, &key, "flight", "fetch", out);
                     tried.push(from.clone());
                     if let Some(next) = (!rest.is_empty()).then(|| rest.remove(0)) {
                         *f = next.clone();
@@ -572,15 +609,17 @@ impl WorkerState {
                 _ => {}
             }
         }
-        group_fetches(retry, out);
+        group_fetches(self.trace, retry, out);
     }
 
     /// The value of `key` is in the store now (fetched or put).
-    fn arrived(&mut self, key: &Key, nbytes: u64, out: &mut Vec<Instruction>) {
+    /// `from` names the state it came from when the entry is new (a put).
+    fn arrived(&mut self, key: &Key, nbytes: u64, from: Option<&'static str>, out: &mut Vec<Instruction>) {
         let Some(d) = self.data.get_mut(key) else { return };
         if matches!(d.state, DataState::Memory { .. }) {
             return;
         }
+        note(self.trace, key, from.unwrap_or(data_state_name(&d.state)), "memory", out);
         d.state = DataState::Memory { nbytes };
         if d.replica {
             // Kept for safekeeping: the scheduler counts it now.
@@ -600,6 +639,7 @@ impl WorkerState {
             {
                 *missing -= 1;
                 if *missing == 0 {
+                    note(self.trace, &t, "waiting", "ready", out);
                     task.state = ComputeState::Ready;
                     self.ready.push((task.priority, Reverse(task.order), t.clone()));
                 }
@@ -624,6 +664,7 @@ impl WorkerState {
         let dependents = d.dependents.clone();
         for t in dependents {
             if let Some(task) = self.compute.remove(&t) {
+                note(self.trace, &t, compute_state_name(&task.state), "released", out);
                 out.push(Instruction::Send(pb::worker_event::Kind::Missing(pb::MissingData {
                     key: t.to_string(),
                     dependency: dep.to_string(),
@@ -647,9 +688,12 @@ impl WorkerState {
     }
 
     fn drop_data(&mut self, key: &Key, out: &mut Vec<Instruction>) {
-        if let Some(d) = self.data.remove(key)
-            && matches!(d.state, DataState::Memory { .. } | DataState::Flight { .. })
-        {
+        let Some(d) = self.data.remove(key) else { return };
+        // A key computed here is reported once, as a task.
+        if !self.compute.contains_key(key) {
+            note(self.trace, key, data_state_name(&d.state), "released", out);
+        }
+        if matches!(d.state, DataState::Memory { .. } | DataState::Flight { .. }) {
             out.push(Instruction::Drop(key.clone()));
         }
     }
@@ -676,6 +720,7 @@ impl WorkerState {
                 self.hold(&needs, -1.0);
             }
             let task = self.compute.get_mut(&key).expect("present");
+            note(self.trace, &key, "ready", "executing", out);
             task.state = ComputeState::Dispatched;
             self.dispatched += 1;
             out.push(Instruction::Execute {
@@ -763,8 +808,35 @@ fn start_flight(dep: &Key, d: &mut DataKey, to_fetch: &mut Vec<(Arc<str>, Key)>)
     }
 }
 
+/// Reports a transition when `trace` is on.
+fn note(trace: bool, key: &Key, start: &'static str, finish: &'static str, out: &mut Vec<Instruction>) {
+    if trace {
+        out.push(Instruction::Transition { key: key.clone(), start, finish });
+    }
+}
+
+fn compute_state_name(s: &ComputeState) -> &'static str {
+    match s {
+        ComputeState::Waiting { .. } => "waiting",
+        ComputeState::Ready => "ready",
+        ComputeState::Dispatched => "executing",
+        ComputeState::Cancelled => "cancelled",
+    }
+}
+
+fn data_state_name(s: &DataState) -> &'static str {
+    match s {
+        DataState::Fetch { .. } => "fetch",
+        DataState::Flight { .. } => "flight",
+        DataState::Memory { .. } => "memory",
+    }
+}
+
 /// One `Fetch` per peer, with every key wanted from it.
-fn group_fetches(mut wanted: Vec<(Arc<str>, Key)>, out: &mut Vec<Instruction>) {
+fn group_fetches(trace: bool, mut wanted: Vec<(Arc<str>, Key)>, out: &mut Vec<Instruction>) {
+    for (_, key) in &wanted {
+        note(trace, key, "fetch", "flight", out);
+    }
     wanted.sort_by(|a, b| a.0.cmp(&b.0));
     let mut i = 0;
     while i < wanted.len() {

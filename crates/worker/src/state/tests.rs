@@ -347,3 +347,39 @@ fn a_task_freed_while_it_runs_holds_its_resources_until_it_ends() {
     let out = step(&mut s, ok("g1"));
     assert!(out.iter().any(|i| matches!(i, Instruction::Execute { key, .. } if &**key == "g2")), "{out:?}");
 }
+
+/// The transitions of `out`, as "key start->finish".
+fn transitions(out: &[Instruction]) -> Vec<String> {
+    out.iter()
+        .filter_map(|i| match i {
+            Instruction::Transition { key, start, finish } => Some(format!("{key} {start}->{finish}")),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn transitions_are_reported_only_when_traced_and_follow_each_keys_life() {
+    let mut s = WorkerState::new(1);
+    assert!(transitions(&step(&mut s, compute("x", &[]))).is_empty(), "off by default");
+    step(&mut s, ok("x"));
+    s.set_trace(true);
+    let out = step(&mut s, compute("c", &[("a", &["tcp://p:1"])]));
+    assert_eq!(transitions(&out), ["a released->fetch", "c released->waiting", "a fetch->flight"]);
+    let out =
+        step(&mut s, Event::FetchDone { from: Arc::from("tcp://p:1"), got: vec![(key("a"), 1)], missing: vec![] });
+    assert_eq!(transitions(&out), ["a flight->memory", "c waiting->ready", "c ready->executing"]);
+    let out = step(&mut s, ok("c"));
+    assert_eq!(transitions(&out), ["a memory->released", "c executing->memory"]);
+    let out = step(&mut s, Event::Free(key("c")));
+    assert_eq!(transitions(&out), ["c memory->released"]);
+    // A cancelled run ends released; a put arrives from nowhere.
+    step(&mut s, compute("d", &[]));
+    let out = step(&mut s, Event::Free(key("d")));
+    assert_eq!(transitions(&out), ["d executing->cancelled"]);
+    assert_eq!(transitions(&step(&mut s, ok("d"))), ["d cancelled->released"]);
+    let out = step(&mut s, Event::Put { keys: vec![(key("p"), 3)] });
+    assert_eq!(transitions(&out), ["p released->memory"]);
+    s.set_trace(false);
+    assert!(transitions(&step(&mut s, Event::Free(key("p")))).is_empty());
+}
