@@ -79,3 +79,15 @@ fn a_plugin_type_unknown_to_the_worker_binary_is_refused_clearly() {
     let err = client.unregister_worker_plugin("only-in-tests").unwrap_err().to_string();
     assert!(err.contains("no worker plugin named"), "{err}");
 }
+
+#[test]
+fn a_scheduler_preload_it_does_not_have_stops_it_with_the_reason() {
+    let dir = TempDir::new("preload");
+    let mut s = Proc::start(
+        &binary("dask-scheduler"),
+        &["--host", "127.0.0.1", "--port", "0", "--preload", "no-such-plugin"],
+        dir.path("s.log"),
+    );
+    assert_eq!(s.wait_exit(LONG).and_then(|s| s.code()), Some(1), "{}", s.log());
+    assert!(s.log().contains("--preload no-such-plugin: no scheduler plugin type named"), "{}", s.log());
+}

@@ -18,6 +18,7 @@ mod graph;
 mod keys;
 mod options;
 mod plugins;
+mod replay;
 mod replies;
 mod run;
 mod wait;
@@ -25,7 +26,8 @@ mod wait;
 pub use actor::ActorHandle;
 pub use args::{IntoArg, IntoArgs, OneArg};
 pub use client::{
-    CONNECT_TIMEOUT, Client, ClusterStarter, RESTART_TIMEOUT, StartedCluster, TaskStreamRecorder, Versions,
+    CONNECT_TIMEOUT, Client, ClusterStarter, PrefixProfile, RESTART_TIMEOUT, StartedCluster, TaskStreamRecorder,
+    Versions, profile_of,
 };
 pub use coord::{Datasets, Event, Lock, LockGuard, Pub, Queue, Semaphore, Shared, Sub, Variable};
 pub use dask_protocol::actor::Actor;
@@ -35,7 +37,8 @@ pub use gather::{Errors, Gatherable, futures_of};
 pub use graph::{Graph, KeyTree, Nested, Ref};
 pub use options::{FIFO_TIMEOUT, ScatterOptions, SubmitOptions};
 pub use plugins::PluginOptions;
-pub use run::{OnError, RunOptions};
+pub use replay::FailedTask;
+pub use run::{OnError, RunOptions, RunningTask};
 pub use wait::{AsCompleted, ReturnWhen, WaitResult, as_completed, wait};
 
 /// Scheduler and worker descriptions returned by `scheduler_info`.

@@ -144,3 +144,51 @@ impl Client {
             .collect()
     }
 }
+
+/// A task running on a worker now (`Client::call_stack`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunningTask {
+    pub key: String,
+    /// The worker's executor thread.
+    pub thread: u32,
+    pub started: std::time::SystemTime,
+    /// How long it has run, by the worker's clock.
+    pub running_for: std::time::Duration,
+}
+
+/// The stock workers' `dask-call-stack` function, named for `run` (it runs on workers only).
+struct CallStack;
+
+impl Task for CallStack {
+    const NAME: &'static str = "dask-call-stack";
+    type Args = (Vec<String>,);
+    type Output = Vec<(String, u32, f64, f64)>;
+    fn run(_: Self::Args) -> std::result::Result<Self::Output, String> {
+        Err("call_stack runs on workers".into())
+    }
+}
+
+impl Client {
+    /// What runs where, and for how long (dask's `call_stack`): each worker's running tasks,
+    /// of `keys` only if any are given. (dask returns each task's Python stack; a Rust thread's
+    /// stack cannot be read from outside it, so this says which task runs on which thread.)
+    pub fn call_stack<S: AsRef<str>>(&self, keys: &[S]) -> Result<HashMap<String, Vec<RunningTask>>> {
+        let keys: Vec<String> = keys.iter().map(|k| k.as_ref().to_string()).collect();
+        let all = self.run(CallStack, (keys,))?;
+        Ok(all
+            .into_iter()
+            .map(|(w, tasks)| {
+                let tasks = tasks
+                    .into_iter()
+                    .map(|(key, thread, start_s, ran_s)| RunningTask {
+                        key,
+                        thread,
+                        started: std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(start_s.max(0.0)),
+                        running_for: std::time::Duration::from_secs_f64(ran_s.max(0.0)),
+                    })
+                    .collect();
+                (w, tasks)
+            })
+            .collect())
+    }
+}

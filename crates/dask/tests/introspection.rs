@@ -90,6 +90,13 @@ fn get_versions_names_every_part_and_checks_them() {
     assert_eq!(v.scheduler, v.client);
     assert_eq!(v.workers.len(), 2);
     assert!(v.workers.values().all(|w| *w == v.client));
+    // A part on another version is named, scheduler first.
+    let mut odd = v.clone();
+    odd.scheduler = "0.0.9".into();
+    odd.workers.insert("tcp://10.0.0.9:1234".into(), "9.9.9".into());
+    let err = odd.check().unwrap_err().to_string();
+    assert!(err.contains("scheduler: 0.0.9, tcp://10.0.0.9:1234: 9.9.9"), "{err}");
+    assert!(err.contains(&format!("the client is dask-rs {}", v.client)), "{err}");
 }
 
 #[test]
@@ -110,6 +117,70 @@ fn the_task_stream_tells_when_and_where_each_task_ran() {
     assert_eq!(client.get_task_stream(None, None, Some(3)).unwrap().len(), 3);
     let before = std::time::SystemTime::now() - Duration::from_secs(3600);
     assert!(client.get_task_stream(None, Some(before), None).unwrap().is_empty());
+}
+
+#[test]
+fn the_task_stream_shows_the_inputs_a_task_fetched() {
+    let (cluster, client) = cluster(2, 1);
+    let w = cluster.worker_addresses();
+    let on = |a: &str| dask::SubmitOptions { workers: vec![a.to_string()], ..Default::default() };
+    let x = client.submit_with(inc, (1,), on(&w[0])).unwrap();
+    let y = client.submit_with(inc, (&x,), on(&w[1])).unwrap();
+    assert_eq!(y.result().unwrap(), 3);
+    let records = client.get_task_stream(None, None, None).unwrap();
+    let r = records.iter().find(|r| r.key == y.key()).expect("y ran");
+    assert_eq!(r.worker, w[1]);
+    assert_eq!(r.transfers.len(), 1, "{r:?}");
+    let t = &r.transfers[0];
+    assert_eq!((t.key.as_str(), t.source.as_str()), (x.key(), w[0].as_str()));
+    assert!(t.start_s <= t.stop_s && t.stop_s <= r.start_s && t.nbytes > 0, "{t:?} before {r:?}");
+    let rx = records.iter().find(|r| r.key == x.key()).expect("x ran");
+    assert!(rx.transfers.is_empty());
+}
+
+#[test]
+fn call_stack_says_what_runs_where_and_for_how_long() {
+    let (cluster, client) = cluster(2, 1);
+    let slow = client.map_args(slowinc, [(1i64, 1500u64), (2, 1500)]).unwrap();
+    let start = std::time::Instant::now();
+    let running = loop {
+        let now = client.call_stack::<&str>(&[]).unwrap();
+        if now.values().map(Vec::len).sum::<usize>() == 2 {
+            break now;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "the two tasks never ran at once: {now:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut workers: Vec<&String> = running.keys().collect();
+    workers.sort();
+    let mut expected = cluster.worker_addresses();
+    expected.sort();
+    assert_eq!(workers, expected.iter().collect::<Vec<_>>(), "one on each worker");
+    for tasks in running.values() {
+        assert_eq!(tasks.len(), 1);
+        assert!(slow.iter().any(|f| f.key() == tasks[0].key) && tasks[0].thread == 0, "{tasks:?}");
+        assert!(tasks[0].started <= std::time::SystemTime::now());
+    }
+    // Only the keys asked about.
+    let one = client.call_stack(&[slow[0].key()]).unwrap();
+    assert_eq!(one.values().flatten().map(|t| t.key.as_str()).collect::<Vec<_>>(), [slow[0].key()]);
+    client.gather(&slow).unwrap();
+    assert!(client.call_stack::<&str>(&[]).unwrap().values().all(Vec::is_empty), "nothing runs now");
+}
+
+#[test]
+fn profile_sums_the_time_of_each_task_prefix() {
+    let (_cluster, client) = cluster(1, 2);
+    let began = std::time::SystemTime::now();
+    let fast = client.map(inc, 0..20i64).unwrap();
+    let slow = client.map_args(slowinc, (0..4i64).map(|i| (i, 30u64))).unwrap();
+    client.gather(&fast).unwrap();
+    client.gather(&slow).unwrap();
+    let profile = client.profile(Some(began), None).unwrap();
+    let of = |p: &str| profile.iter().find(|x| x.prefix == p).cloned().unwrap_or_else(|| panic!("{p}: {profile:?}"));
+    assert_eq!((of("inc").count, of("slowinc").count, of("slowinc").errors), (20, 4, 0));
+    assert!(of("slowinc").compute >= Duration::from_millis(120) && of("slowinc").longest >= Duration::from_millis(30));
+    assert_eq!(profile[0].prefix, "slowinc", "the costliest first: {profile:?}");
 }
 
 #[test]

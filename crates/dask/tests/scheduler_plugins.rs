@@ -152,7 +152,7 @@ fn preloaded_plugins_start_with_the_scheduler_and_close_with_it() {
     assert!(has("preloaded", "close"));
 
     let err = LocalCluster::builder().n_workers(1).preload("no-such-plugin").build().unwrap_err().to_string();
-    assert!(err.contains("no scheduler plugin type of that name") && err.contains("watcher"), "{err}");
+    assert!(err.contains("no scheduler plugin type named \"no-such-plugin\"") && err.contains("watcher"), "{err}");
 }
 
 #[test]
@@ -167,4 +167,13 @@ fn a_plugin_that_fails_to_start_is_refused_and_not_installed() {
     client.register_scheduler_plugin(watcher("first")).unwrap();
     client.register_scheduler_plugin_with(watcher("second"), PluginOptions { name: None, idempotent: true }).unwrap();
     assert!(events("second").is_empty());
+    // A replacement that fails to start leaves the one there running (dask's order).
+    let refusing = Watcher { tag: "refuses-too".into(), refuse: true, ..Default::default() };
+    assert!(client.register_scheduler_plugin(refusing).is_err());
+    let f = client.submit(inc, (7,)).unwrap();
+    f.result().unwrap();
+    let key = f.key().to_string();
+    wait_until("the first plugin still told", || has("first", &format!("{key} processing->memory")));
+    client.unregister_scheduler_plugin("watcher").unwrap();
+    assert!(has("first", "close"));
 }

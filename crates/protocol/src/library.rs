@@ -5,7 +5,7 @@
 //! # The boundary
 //! A loaded library is a second copy of this crate with its own statics: its own task registry,
 //! its own thread-locals, possibly its own allocator and a different compiler. So nothing Rust-
-//! shaped crosses: the library exports one symbol, [`SYMBOL`], a pointer to a `#[repr(C)]`
+//! shaped crosses: the library exports one symbol ([`SYMBOL_PREFIX`] and its crate name), a pointer to a `#[repr(C)]`
 //! [`Vtable`] of plain C functions and integers, and every call passes bytes in (borrowed for
 //! the call) and gets bytes back in a [`Buf`] the library allocated and the caller hands back to
 //! the library's own `free`. Requests and answers are protobuf messages (`LibraryCall`,
@@ -24,8 +24,10 @@ use crate::codec::{Value, codec_name};
 use crate::pb;
 use crate::task::{ExecErrorKind, execute, registered_names, take_panic_backtrace};
 
-/// The exported symbol: a `&'static Vtable`.
-pub const SYMBOL: &[u8] = b"DASK_PLUGIN_LIBRARY_V1\0";
+/// The exported symbol is this followed by the library's crate name (`_my_tasks` for
+/// `libmy_tasks.so`): a `&'static Vtable`. Named per crate so that a program linking several
+/// plugin crates as rlibs (for their typed handles) has no two symbols of one name.
+pub const SYMBOL_PREFIX: &str = "DASK_PLUGIN_LIBRARY_V1_";
 /// The layout of [`Vtable`] and [`Buf`] and the meaning of their calls. Changes with them.
 pub const ABI: u32 = 1;
 /// The version of the wire both sides must share: this crate's.
@@ -100,10 +102,19 @@ unsafe extern "C" fn free_ffi(buf: Buf) {
 
 fn failure(e: ExecErrorKind, function: &str) -> pb::LibraryResult {
     let traceback = if matches!(e, ExecErrorKind::Panic(_)) { take_panic_backtrace() } else { String::new() };
+    // The message as the worker rebuilds its error from (not the formatted one).
+    let message = match &e {
+        ExecErrorKind::Error(m)
+        | ExecErrorKind::Panic(m)
+        | ExecErrorKind::BadArguments(m)
+        | ExecErrorKind::UnknownFunction(m)
+        | ExecErrorKind::MissingDependency(m) => m.clone(),
+        ExecErrorKind::Reschedule => String::new(),
+    };
     pb::LibraryResult {
         ok: false,
         error: Some(pb::TaskError {
-            message: e.message(),
+            message,
             kind: e.kind().to_string(),
             function: function.to_string(),
             traceback,
@@ -143,7 +154,7 @@ fn call(input: &[u8]) -> pb::LibraryResult {
 macro_rules! plugin_library {
     () => {
         #[allow(unsafe_code)]
-        #[unsafe(no_mangle)]
+        #[unsafe(export_name = concat!("DASK_PLUGIN_LIBRARY_V1_", env!("CARGO_CRATE_NAME")))]
         #[doc(hidden)]
         pub static DASK_PLUGIN_LIBRARY_V1: &$crate::library::Vtable = &$crate::library::VTABLE;
     };

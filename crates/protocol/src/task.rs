@@ -238,26 +238,44 @@ pub fn execute(spec: &pb::TaskSpec, deps: &dyn Fn(&str) -> Option<Value>) -> Res
         Some(_) => None,
         None => Some(external(&spec.function).ok_or_else(|| ExecErrorKind::UnknownFunction(spec.function.clone()))?),
     };
-    // Resolve every referenced key up front so a missing one is reported as such.
-    let mut lookup = DepValues(HashMap::new());
-    if let Some(args) = &spec.args {
-        collect_refs(args, deps, &mut lookup)?;
-    }
+    let lookup = dep_values(spec, deps)?;
     let Some(reg) = found else {
         return outside.expect("set when not found").call(spec, &lookup.0);
     };
-    let empty = pb::Arg { kind: Some(Kind::List(pb::ArgList { items: Vec::new() })) };
-    let root = spec.args.as_ref().unwrap_or(&empty);
-    let de = ArgDeserializer { arg: root, deps: &lookup };
     capture_panics();
     IN_TASK.with(|t| t.set(true));
-    let r = catch_unwind(AssertUnwindSafe(|| (reg.run)(de)));
+    let r = catch_unwind(AssertUnwindSafe(|| run_registered(reg, spec, &lookup)));
     IN_TASK.with(|t| t.set(false));
     match r {
         Ok(r) => r,
         Err(payload) if payload.is::<RescheduleRequest>() => Err(ExecErrorKind::Reschedule),
         Err(payload) => Err(ExecErrorKind::Panic(panic_message(&*payload))),
     }
+}
+
+/// Runs `spec` on the calling thread as [`execute`] does, but a panic in the function is not
+/// caught: it unwinds into the caller, where a debugger or `RUST_BACKTRACE` shows it (dask's
+/// `recreate_error_locally`). Only this program's own functions run here.
+pub fn execute_uncaught(spec: &pb::TaskSpec, deps: &dyn Fn(&str) -> Option<Value>) -> Result<Value, ExecErrorKind> {
+    let reg =
+        registry().get(spec.function.as_str()).ok_or_else(|| ExecErrorKind::UnknownFunction(spec.function.clone()))?;
+    let lookup = dep_values(spec, deps)?;
+    run_registered(reg, spec, &lookup)
+}
+
+/// Every referenced key's value, up front, so a missing one is reported as such.
+fn dep_values(spec: &pb::TaskSpec, deps: &dyn Fn(&str) -> Option<Value>) -> Result<DepValues, ExecErrorKind> {
+    let mut lookup = DepValues(HashMap::new());
+    if let Some(args) = &spec.args {
+        collect_refs(args, deps, &mut lookup)?;
+    }
+    Ok(lookup)
+}
+
+fn run_registered(reg: &Registration, spec: &pb::TaskSpec, lookup: &DepValues) -> Result<Value, ExecErrorKind> {
+    let empty = pb::Arg { kind: Some(Kind::List(pb::ArgList { items: Vec::new() })) };
+    let root = spec.args.as_ref().unwrap_or(&empty);
+    (reg.run)(ArgDeserializer { arg: root, deps: lookup })
 }
 
 thread_local! {

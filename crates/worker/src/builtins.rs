@@ -66,3 +66,20 @@ pub fn panic_task(message: String) -> i64 {
 pub fn crash(code: i32) -> i64 {
     std::process::exit(code)
 }
+
+/// What runs on this worker now (of `keys`; all if empty): `(key, executor thread, seconds since
+/// the Unix epoch it started, seconds it has run)`. `Client::call_stack` runs it on workers.
+#[task(crate = dask_protocol, name = "dask-call-stack")]
+pub fn call_stack(keys: Vec<String>) -> Result<Vec<(String, u32, f64, f64)>, String> {
+    let worker = crate::context::current_worker().ok_or("call_stack runs on a worker, through Client::run")?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    let mut out: Vec<(String, u32, f64, f64)> = worker
+        .running
+        .lock()
+        .iter()
+        .filter(|(_, (k, _))| keys.is_empty() || keys.iter().any(|w| **w == **k))
+        .map(|(t, (k, start))| (k.to_string(), *t, *start, (now - start).max(0.0)))
+        .collect();
+    out.sort_by_key(|t| t.1);
+    Ok(out)
+}

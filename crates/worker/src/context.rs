@@ -23,11 +23,21 @@ pub struct WorkerContext {
     pub scheduler: String,
     pub nthreads: usize,
     client: OnceLock<Client>,
+    /// What each executor thread runs now, and since when (seconds since the Unix epoch):
+    /// `Client::call_stack`.
+    pub(crate) running: parking_lot::Mutex<rustc_hash::FxHashMap<u32, (Arc<str>, f64)>>,
 }
 
 impl WorkerContext {
     pub fn new(address: String, name: String, scheduler: String, nthreads: usize) -> Arc<WorkerContext> {
-        Arc::new(WorkerContext { address, name, scheduler, nthreads, client: OnceLock::new() })
+        Arc::new(WorkerContext {
+            address,
+            name,
+            scheduler,
+            nthreads,
+            client: OnceLock::new(),
+            running: Default::default(),
+        })
     }
 
     /// The worker's client, connected on first use.
@@ -72,6 +82,11 @@ pub(crate) fn with_scope<R>(scope: TaskScope, f: impl FnOnce() -> R) -> R {
     CURRENT.with(|c| *c.borrow_mut() = Some(scope));
     let _reset = Reset;
     f()
+}
+
+/// The worker of the task (or `Client.run` function) on this thread.
+pub(crate) fn current_worker() -> Option<Arc<WorkerContext>> {
+    with_current(|s| s.worker.clone())
 }
 
 fn with_current<R>(f: impl FnOnce(&TaskScope) -> R) -> Option<R> {

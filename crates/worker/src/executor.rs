@@ -322,8 +322,10 @@ fn thread_main(shared: &Arc<Shared>, thread: u32) {
         };
         let start_s =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        shared.context.running.lock().insert(thread, (job.key.clone(), start_s));
         let (outcome, duration) =
             with_scope(scope, || run_one(&job.key, &job.spec, &shared.store, &shared.context.address));
+        shared.context.running.lock().remove(&thread);
         results.push((job.key, outcome, duration, Timing { start_s, thread }));
         let mut q = shared.queue.lock();
         if holds.load(std::sync::atomic::Ordering::SeqCst) {

@@ -23,7 +23,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use dask_protocol::codec::{Value, codec_name};
-use dask_protocol::library::{ABI, Buf, SYMBOL, VERSION, Vtable};
+use dask_protocol::library::{ABI, Buf, SYMBOL_PREFIX, VERSION, Vtable};
 use dask_protocol::pb;
 use dask_protocol::task::{ExecErrorKind, ExternalTask, register_external, set_panic_backtrace};
 use prost::Message;
@@ -37,7 +37,11 @@ struct Loaded {
 impl Loaded {
     /// Copies a `Buf` the library returned and gives it back to the library.
     fn take(&self, buf: Buf) -> Vec<u8> {
-        let v = if buf.ptr.is_null() || buf.len == 0 {
+        if buf.ptr.is_null() {
+            // Nothing was allocated (a library that does not follow the contract).
+            return Vec::new();
+        }
+        let v = if buf.len == 0 {
             Vec::new()
         } else {
             // SAFETY: the library returned `len` initialised bytes at `ptr`, valid until freed.
@@ -74,6 +78,9 @@ impl ExternalTask for Loaded {
                 ExecErrorKind::Panic(e.message)
             }
             "bad-arguments" => ExecErrorKind::BadArguments(e.message),
+            "unknown-function" => ExecErrorKind::UnknownFunction(e.message),
+            "missing-dependency" => ExecErrorKind::MissingDependency(e.message),
+            dask_protocol::task::RESCHEDULE => ExecErrorKind::Reschedule,
             _ => ExecErrorKind::Error(e.message),
         })
     }
@@ -93,22 +100,32 @@ pub fn compatible(theirs: &str, ours: &str) -> bool {
     }
 }
 
-/// Loads the plugin library at `path` and adds its functions to this process's tasks; returns
-/// their names. Loading the same file twice is harmless.
-pub fn load(path: &Path) -> Result<Vec<String>, String> {
+/// The crate a library file is named after (`libmy_tasks.so`, `my_tasks.dll` → `my_tasks`).
+pub fn crate_name(file_name: &str) -> String {
+    let stem = file_name.strip_suffix(std::env::consts::DLL_SUFFIX).unwrap_or(file_name);
+    let stem = stem.rsplit_once('.').map_or(stem, |(s, _)| s);
+    let stem = stem.strip_prefix(std::env::consts::DLL_PREFIX).unwrap_or(stem);
+    stem.replace('-', "_")
+}
+
+/// Loads the plugin library at `path`, built from crate `krate`, and adds its functions to
+/// this process's tasks; returns their names. Loading the same file twice is harmless.
+pub fn load(path: &Path, krate: &str) -> Result<Vec<String>, String> {
     let file = path.display().to_string();
+    let symbol = format!("{SYMBOL_PREFIX}{krate}");
     // SAFETY: see the module: loading runs the library's initialisers, which we trust as
     // dask trusts uploaded code.
     let lib = unsafe { libloading::Library::new(path) }
         .map_err(|e| format!("could not load {file} as a plugin library: {}", dask_protocol::error_chain(&e)))?;
     // SAFETY: the symbol's name fixes its type (`&'static Vtable`); read as a pointer to it.
-    let table: &'static Vtable = match unsafe { lib.get::<*const &'static Vtable>(SYMBOL) } {
+    let table: &'static Vtable = match unsafe { lib.get::<*const &'static Vtable>(symbol.as_bytes()) } {
         Ok(sym) => unsafe { **sym },
         Err(_) => {
             return Err(format!(
-                "{file} is not a dask plugin library: it exports no {}; build it as a cdylib that \
-                 calls dask::plugin_library!()",
-                String::from_utf8_lossy(&SYMBOL[..SYMBOL.len() - 1])
+                "{file} is not a dask plugin library of crate {krate:?}: it exports no {symbol}; build \
+                 it as a cdylib that calls dask::plugin_library!(), and keep the file name cargo gives \
+                 it (lib<crate>{})",
+                std::env::consts::DLL_SUFFIX
             ));
         }
     };
@@ -147,6 +164,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_library_is_named_after_its_crate() {
+        assert_eq!(crate_name("libmy_tasks.so"), "my_tasks");
+        assert_eq!(crate_name("libmy-tasks.so"), "my_tasks");
+        assert_eq!(crate_name("tasks.so"), "tasks");
+    }
+
+    #[test]
     fn versions_are_compatible_within_a_minor_before_one_and_a_major_after() {
         assert!(compatible("0.1.0", "0.1.7"));
         assert!(!compatible("0.2.0", "0.1.0"));
@@ -161,7 +185,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("not-a-library.so");
         std::fs::write(&path, b"this is text").unwrap();
-        let err = load(&path).unwrap_err();
+        let err = load(&path, "not_a_library").unwrap_err();
         assert!(err.contains("could not load") && err.contains("not-a-library.so"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

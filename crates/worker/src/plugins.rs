@@ -29,7 +29,8 @@ pub(crate) struct Plugins {
     active: AtomicBool,
     /// Where uploaded files go (removed when the worker closes).
     files: PathBuf,
-    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    /// The plugin thread, started on the first operation after registration.
+    jobs: Mutex<Option<(mpsc::Sender<Job>, std::thread::JoinHandle<()>)>>,
 }
 
 /// A plugin operation for the plugin thread, answered as the run `id` (0: nobody waits).
@@ -76,7 +77,7 @@ impl Plugins {
         let mut jobs = self.jobs.lock();
         let job = Job { id, op, context, out };
         let job = match jobs.as_ref() {
-            Some(tx) => match tx.send(job) {
+            Some((tx, _)) => match tx.send(job) {
                 Ok(()) => return,
                 Err(mpsc::SendError(job)) => job,
             },
@@ -90,9 +91,9 @@ impl Plugins {
             }
         });
         match spawned {
-            Ok(_) => {
+            Ok(thread) => {
                 let _ = tx.send(job);
-                *jobs = Some(tx);
+                *jobs = Some((tx, thread));
             }
             Err(e) => {
                 let why = ExecErrorKind::Error(format!("could not start the plugin thread: {e}"));
@@ -140,8 +141,21 @@ impl Plugins {
         }
     }
 
-    /// Tears every plugin down (the worker is closing), newest first.
+    /// Tears every plugin down (the worker is closing), newest first, after the operations
+    /// under way (a setup still running is waited for, up to 10 s, so that it is torn down too).
     pub(crate) fn teardown_all(&self, context: &Arc<WorkerContext>) {
+        if let Some((tx, thread)) = self.jobs.lock().take() {
+            drop(tx);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !thread.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            } else {
+                tracing::warn!("a worker plugin operation is still running after 10 s; closing without it");
+            }
+        }
         let all = std::mem::take(&mut *self.installed.write());
         self.active.store(false, Ordering::Relaxed);
         for (name, p) in all.into_iter().rev() {
@@ -246,7 +260,7 @@ fn is_library(name: &str) -> bool {
 impl PluginObject for Upload {
     fn setup(&mut self) -> Result<(), String> {
         let name = &self.file.filename;
-        if name.is_empty() || name.contains(['/', '\\']) || name == "." || name == ".." {
+        if name.is_empty() || name.contains(['/', '\\', ':']) || name == "." || name == ".." {
             return Err(format!("{name:?} is not a file name: upload_file sends one file, named without directories"));
         }
         std::fs::create_dir_all(&self.dir).map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
@@ -263,7 +277,7 @@ impl PluginObject for Upload {
         let (stem, ext) = name.rsplit_once('.').unwrap_or((name, ""));
         let unique = self.dir.join(format!("{stem}-{:016x}.{ext}", h.finish()));
         write_file(&unique, &self.file.data)?;
-        crate::library::load(&unique).map(drop)
+        crate::library::load(&unique, &crate::library::crate_name(name)).map(drop)
     }
     fn teardown(&self) -> Result<(), String> {
         Ok(())

@@ -6,7 +6,7 @@
 //! Messages to the scheduler go through one writer task that sends whatever has accumulated as
 //! one batch: no RPC per task.
 mod operations;
-pub use operations::{TaskStreamRecorder, Versions};
+pub use operations::{PrefixProfile, TaskStreamRecorder, Versions, profile_of};
 mod results;
 mod submit;
 

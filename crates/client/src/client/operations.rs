@@ -17,6 +17,62 @@ impl TaskStreamRecorder {
     }
 }
 
+impl Versions {
+    /// `Err` naming every part whose version is not the client's (`get_versions(check=True)`).
+    pub fn check(&self) -> Result<()> {
+        let mut odd: Vec<String> =
+            self.workers.iter().filter(|(_, x)| **x != self.client).map(|(w, x)| format!("{w}: {x}")).collect();
+        odd.sort();
+        if self.scheduler != self.client {
+            odd.insert(0, format!("scheduler: {}", self.scheduler));
+        }
+        if odd.is_empty() {
+            return Ok(());
+        }
+        Err(Error::InvalidArgument(format!(
+            "mismatched versions: the client is dask-rs {} but {}; run one version across the cluster",
+            self.client,
+            odd.join(", ")
+        )))
+    }
+}
+
+/// The time of one task prefix ([`Client::profile`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PrefixProfile {
+    pub prefix: String,
+    pub count: usize,
+    pub errors: usize,
+    /// Time its tasks ran, in all, and the longest one.
+    pub compute: Duration,
+    pub longest: Duration,
+    /// Time fetching inputs from other workers before they ran, in all.
+    pub transfer: Duration,
+    pub transfer_bytes: u64,
+}
+
+/// Task stream records summed by task prefix, the costliest (compute + transfer) first.
+pub fn profile_of(records: &[pb::TaskRecord]) -> Vec<PrefixProfile> {
+    let mut by: HashMap<&str, PrefixProfile> = HashMap::new();
+    let secs = |s: f64| Duration::from_secs_f64(s.max(0.0));
+    for r in records {
+        let prefix = dask_protocol::tokenize::key_prefix(&r.key);
+        let p = by.entry(prefix).or_insert_with(|| PrefixProfile { prefix: prefix.to_string(), ..Default::default() });
+        p.count += 1;
+        p.errors += usize::from(r.status != "OK");
+        let ran = secs(r.stop_s - r.start_s);
+        p.compute += ran;
+        p.longest = p.longest.max(ran);
+        for t in &r.transfers {
+            p.transfer += secs(t.stop_s - t.start_s);
+            p.transfer_bytes += t.nbytes;
+        }
+    }
+    let mut out: Vec<PrefixProfile> = by.into_values().collect();
+    out.sort_by(|a, b| (b.compute + b.transfer).cmp(&(a.compute + a.transfer)).then_with(|| a.prefix.cmp(&b.prefix)));
+    out
+}
+
 /// What [`Client::get_versions`] reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Versions {
@@ -75,19 +131,7 @@ impl Client {
             workers: info.workers.into_iter().map(|w| (w.address, w.version)).collect(),
         };
         if check {
-            let mut odd: Vec<String> =
-                v.workers.iter().filter(|(_, x)| **x != v.client).map(|(w, x)| format!("{w}: {x}")).collect();
-            if v.scheduler != v.client {
-                odd.insert(0, format!("scheduler: {}", v.scheduler));
-            }
-            if !odd.is_empty() {
-                odd.sort();
-                return Err(Error::InvalidArgument(format!(
-                    "mismatched versions: the client is dask-rs {} but {}; run one version across the cluster",
-                    v.client,
-                    odd.join(", ")
-                )));
-            }
+            v.check()?;
         }
         Ok(v)
     }
@@ -106,6 +150,19 @@ impl Client {
         };
         let req = pb::TaskStreamRequest { start_s: secs(start), stop_s: secs(stop), count: count.unwrap_or(0) as u32 };
         self.inner.block_on(async { Ok(self.inner.link.rpc().task_stream(req).await?.into_inner().records) })
+    }
+
+    /// Where the cluster's time went, by task prefix (dask's `profile`), over the tasks that
+    /// ended within `start..stop`: how many ran and failed, compute time (total and longest),
+    /// time fetching their inputs, and bytes fetched; the costliest first. (dask samples the
+    /// Python stacks of worker threads; here the unit is the task: Rust threads' stacks cannot
+    /// be sampled from outside them.)
+    pub fn profile(
+        &self,
+        start: Option<std::time::SystemTime>,
+        stop: Option<std::time::SystemTime>,
+    ) -> Result<Vec<PrefixProfile>> {
+        Ok(profile_of(&self.get_task_stream(start, stop, None)?))
     }
 
     /// Records the task stream of a block of code (dask's `with get_task_stream() as ts`):

@@ -477,6 +477,13 @@ impl SchedulerCore {
         self.keys.len()
     }
 
+    /// The spec, dependencies and state of `key`, if the scheduler has it.
+    pub fn task_spec(&self, key: &str) -> Option<(&[u8], Vec<Key>, &'static str)> {
+        let task = self.task(*self.keys.get(key)?);
+        let deps = task.dependencies.iter().map(|d| self.task(*d).key.clone()).collect();
+        Some((&task.spec, deps, task.state.name()))
+    }
+
     pub fn task_state(&self, key: &str) -> Option<&TaskState> {
         self.keys.get(key).map(|&id| &self.task(id).state)
     }

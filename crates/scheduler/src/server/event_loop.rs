@@ -284,7 +284,7 @@ impl EventLoop {
                 self.handle(Event::ClientConnected { client: id });
             }
             LoopMsg::Query(q) => self.query(q),
-            LoopMsg::SchedulerPluginFailed(name) => self.scheduler_plugin_failed(name),
+            LoopMsg::SchedulerPluginFailed(name, add, replacing) => self.scheduler_plugin_failed(name, add, replacing),
         }
     }
 
@@ -552,6 +552,21 @@ impl EventLoop {
             }
             Query::Info(reply) => {
                 let _ = reply.send(self.info());
+            }
+            Query::TaskSpecs(keys, reply) => {
+                let tasks = keys
+                    .iter()
+                    .filter_map(|k| {
+                        let (spec, deps, state) = self.core.task_spec(k)?;
+                        Some(pb::TaskSpecEntry {
+                            key: k.clone(),
+                            spec: bytes::Bytes::copy_from_slice(spec),
+                            dependencies: deps.iter().map(|d| d.to_string()).collect(),
+                            state: state.to_string(),
+                        })
+                    })
+                    .collect();
+                let _ = reply.send(pb::TaskSpecsReply { tasks });
             }
             Query::Story(keys, reply) => {
                 let now = Instant::now();

@@ -191,8 +191,8 @@ enum LoopMsg {
         tx: mpsc::UnboundedSender<Result<pb::SchedulerToClient, Status>>,
         reply: oneshot::Sender<ClientId>,
     },
-    /// A scheduler plugin's start failed: it is off the loop's list.
-    SchedulerPluginFailed(String),
+    /// A scheduler plugin's start failed (its name, its add, whether it was to replace one).
+    SchedulerPluginFailed(String, u64, bool),
     Query(Query),
 }
 
@@ -204,6 +204,7 @@ enum Query {
     /// Target duration, minimum and maximum workers.
     AdaptiveTarget(Duration, usize, usize, oneshot::Sender<pb::AdaptiveReply>),
     Story(Vec<String>, oneshot::Sender<pb::StoryReply>),
+    TaskSpecs(Vec<String>, oneshot::Sender<pb::TaskSpecsReply>),
     Processing(oneshot::Sender<pb::HasWhatReply>),
     Nbytes(oneshot::Sender<pb::NbytesReply>),
 }
@@ -234,17 +235,7 @@ pub async fn run(
         .max_encoding_message_size(dask_protocol::MAX_MESSAGE);
     let handle = SchedulerHandle { address: address.clone(), shutdown: shutdown.clone(), tx: tx.clone() };
     let core_config = config.core.clone();
-    for name in &config.preload {
-        if !dask_protocol::plugin::scheduler_plugin_types().contains_key(name.as_str()) {
-            let mut known: Vec<&str> = dask_protocol::plugin::scheduler_plugin_types().keys().copied().collect();
-            known.sort_unstable();
-            return Err(std::io::Error::other(format!(
-                "--preload {name}: no scheduler plugin type of that name is built into this scheduler (it has \
-                 {known:?}); build a scheduler binary from the crate that registers it"
-            )));
-        }
-    }
-    let preload = config.preload.clone();
+    let preload = plugins::preload(&config.preload, &address.to_string()).map_err(std::io::Error::other)?;
     let fut = async move {
         let lp = EventLoop {
             core: SchedulerCore::new(core_config, Instant::now()),
@@ -276,7 +267,7 @@ pub async fn run(
             release: Release::default(),
         };
         let mut lp = lp;
-        lp.preload(&preload);
+        lp.install_preloaded(preload);
         let loop_task = tokio::spawn(lp.run(rx, shutdown.clone()));
         let incoming = dask_protocol::serve::incoming(listener, config.limits, "scheduler");
         let server = dask_protocol::serve::server()

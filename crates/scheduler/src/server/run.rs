@@ -9,6 +9,10 @@ use prost::Message;
 
 use super::*;
 
+/// Bytes of worker plugins the scheduler keeps, at most: a joining worker gets them all with its
+/// registration, in one message.
+const MAX_WORKER_PLUGINS: usize = dask_protocol::MAX_MESSAGE / 2;
+
 /// A run waiting for its workers.
 pub(super) struct PendingRun {
     client: ClientId,
@@ -58,6 +62,24 @@ impl EventLoop {
             match op {
                 pb::plugin_op::Op::Add(spec) => {
                     let at = self.worker_plugins.iter().position(|p| p.name == spec.name);
+                    // Every worker that joins gets them all in one message.
+                    let kept: usize = self
+                        .worker_plugins
+                        .iter()
+                        .filter(|p| p.name != spec.name)
+                        .map(|p| p.state.len() + p.name.len() + p.kind.len())
+                        .sum();
+                    let total = kept + spec.state.len() + spec.name.len() + spec.kind.len();
+                    if total > MAX_WORKER_PLUGINS && !(at.is_some() && spec.idempotent) {
+                        return self.run_reply(
+                            client,
+                            id,
+                            Kind::Error(format!(
+                                "the worker plugins would take {total} bytes, and at most {MAX_WORKER_PLUGINS} go to a \
+                                 joining worker: unregister some, or upload a smaller (release-built, stripped) library"
+                            )),
+                        );
+                    }
                     match at {
                         // dask: an idempotent registration of a known name changes nothing.
                         Some(_) if spec.idempotent => {

@@ -253,6 +253,12 @@ impl pb::scheduler_server::Scheduler for Service {
         Ok(Response::new(rx.await.map_err(|_| closed())?))
     }
 
+    async fn task_specs(&self, request: Request<pb::KeysRequest>) -> Result<Response<pb::TaskSpecsReply>, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(LoopMsg::Query(Query::TaskSpecs(request.into_inner().keys, tx))).map_err(|_| closed())?;
+        Ok(Response::new(rx.await.map_err(|_| closed())?))
+    }
+
     async fn processing(&self, _: Request<pb::Empty>) -> Result<Response<pb::HasWhatReply>, Status> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(LoopMsg::Query(Query::Processing(tx))).map_err(|_| closed())?;

@@ -20,9 +20,13 @@ impl TaskStream {
         use pb::worker_event::Kind;
         let mut new = Vec::new();
         for e in events {
-            let (key, start_s, duration_us, thread, status) = match &e.kind {
-                Some(Kind::Finished(f)) if f.start_s > 0.0 => (&f.key, f.start_s, f.duration_us, f.thread, "OK"),
-                Some(Kind::Failed(f)) if f.start_s > 0.0 => (&f.key, f.start_s, f.duration_us, f.thread, "error"),
+            let (key, start_s, duration_us, thread, status, transfers) = match &e.kind {
+                Some(Kind::Finished(f)) if f.start_s > 0.0 => {
+                    (&f.key, f.start_s, f.duration_us, f.thread, "OK", &f.transfers)
+                }
+                Some(Kind::Failed(f)) if f.start_s > 0.0 => {
+                    (&f.key, f.start_s, f.duration_us, f.thread, "error", &f.transfers)
+                }
                 _ => continue,
             };
             new.push(pb::TaskRecord {
@@ -32,6 +36,7 @@ impl TaskStream {
                 start_s,
                 stop_s: start_s + duration_us as f64 / 1e6,
                 status: status.into(),
+                transfers: transfers.clone(),
             });
         }
         if new.is_empty() {

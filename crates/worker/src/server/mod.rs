@@ -787,7 +787,9 @@ async fn fetch(
     store: Arc<Store>,
     events: mpsc::UnboundedSender<Event>,
 ) {
+    let start_s = epoch_secs();
     let result = peers.get_data(&from, keys.iter().map(|k| k.to_string()).collect()).await;
+    let stop_s = epoch_secs();
     let (mut got, mut missing) = (Vec::new(), Vec::new());
     match result {
         Ok(values) => {
@@ -809,5 +811,9 @@ async fn fetch(
             missing = keys;
         }
     }
-    let _ = events.send(Event::FetchDone { from, got, missing });
+    let _ = events.send(Event::FetchDone { from, got, missing, span: (start_s, stop_s) });
+}
+
+fn epoch_secs() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }

@@ -72,6 +72,9 @@ pub enum Event {
         from: Arc<str>,
         got: Vec<(Key, u64)>,
         missing: Vec<Key>,
+        /// When the fetch began and ended (seconds since the Unix epoch): the transfer parts
+        /// of the task stream.
+        span: (f64, f64),
     },
     /// A client put these values into the store (scatter).
     Put {
@@ -157,6 +160,8 @@ struct ComputeTask {
     announce: bool,
     /// Held from dispatch until the executor gives it back (its run ended or was skipped).
     resources: Vec<(Key, f64)>,
+    /// Inputs fetched from peers for it, reported with its end (the task stream).
+    transfers: Vec<pb::Transfer>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -278,7 +283,7 @@ impl WorkerState {
             Event::Compute(req) => self.on_compute(req, out),
             Event::Free(key) => self.on_free(key, out),
             Event::ExecDone { key, outcome, duration } => self.on_exec_done(key, outcome, duration, out),
-            Event::FetchDone { from, got, missing } => self.on_fetch_done(from, got, missing, out),
+            Event::FetchDone { from, got, missing, span } => self.on_fetch_done(from, got, missing, span, out),
             Event::Started(keys) => {
                 // Those that finished (or were cancelled) meanwhile need no report.
                 let mut ack = false;
@@ -334,7 +339,7 @@ impl WorkerState {
                     });
                     d.own = true;
                     // Possibly a value we were fetching: its waiting tasks count it as arrived.
-                    self.arrived(&key, nbytes, from, out);
+                    self.arrived(&key, nbytes, from, None, out);
                 }
             }
         }
@@ -412,6 +417,7 @@ impl WorkerState {
                 inline: req.inline,
                 announce: req.announce,
                 resources: req.resources,
+                transfers: Vec::new(),
             },
         );
         // A dependency nobody can give us.
@@ -563,6 +569,7 @@ impl WorkerState {
                     type_name,
                     // The shell attaches the value from the store.
                     has_value: task.inline && nbytes <= INLINE_MAX,
+                    transfers: task.transfers,
                     ..Default::default()
                 })));
             }
@@ -575,16 +582,24 @@ impl WorkerState {
                     key: key.to_string(),
                     error: Some(error),
                     duration_us: duration.as_micros() as u64,
+                    transfers: task.transfers,
                     ..Default::default()
                 })));
             }
         }
     }
 
-    fn on_fetch_done(&mut self, from: Arc<str>, got: Vec<(Key, u64)>, missing: Vec<Key>, out: &mut Vec<Instruction>) {
+    fn on_fetch_done(
+        &mut self,
+        from: Arc<str>,
+        got: Vec<(Key, u64)>,
+        missing: Vec<Key>,
+        span: (f64, f64),
+        out: &mut Vec<Instruction>,
+    ) {
         for (key, nbytes) in got {
             if self.data.contains_key(&key) {
-                self.arrived(&key, nbytes, None, out);
+                self.arrived(&key, nbytes, None, Some((&from, span)), out);
             } else {
                 out.push(Instruction::Drop(key));
             }
@@ -613,8 +628,16 @@ impl WorkerState {
     }
 
     /// The value of `key` is in the store now (fetched or put).
-    /// `from` names the state it came from when the entry is new (a put).
-    fn arrived(&mut self, key: &Key, nbytes: u64, from: Option<&'static str>, out: &mut Vec<Instruction>) {
+    /// `from` names the state it came from when the entry is new (a put); `fetched`: the peer
+    /// it came from, and when.
+    fn arrived(
+        &mut self,
+        key: &Key,
+        nbytes: u64,
+        from: Option<&'static str>,
+        fetched: Option<(&Arc<str>, (f64, f64))>,
+        out: &mut Vec<Instruction>,
+    ) {
         let Some(d) = self.data.get_mut(key) else { return };
         if matches!(d.state, DataState::Memory { .. }) {
             return;
@@ -638,6 +661,15 @@ impl WorkerState {
                 && let ComputeState::Waiting { missing } = &mut task.state
             {
                 *missing -= 1;
+                if let Some((source, (start_s, stop_s))) = fetched {
+                    task.transfers.push(pb::Transfer {
+                        key: key.to_string(),
+                        source: source.to_string(),
+                        start_s,
+                        stop_s,
+                        nbytes,
+                    });
+                }
                 if *missing == 0 {
                     note(self.trace, &t, "waiting", "ready", out);
                     task.state = ComputeState::Ready;

@@ -56,7 +56,12 @@ fn fetches_dependencies_then_runs_then_drops_copies() {
     assert_eq!(out, vec![Instruction::Fetch { from: Arc::from("tcp://p:1"), keys: vec![key("a"), key("b")] }]);
     let out = step(
         &mut s,
-        Event::FetchDone { from: Arc::from("tcp://p:1"), got: vec![(key("a"), 1), (key("b"), 1)], missing: vec![] },
+        Event::FetchDone {
+            from: Arc::from("tcp://p:1"),
+            got: vec![(key("a"), 1), (key("b"), 1)],
+            missing: vec![],
+            span: (0.0, 0.0),
+        },
     );
     assert!(matches!(&out[..], [Instruction::Execute { key, .. }] if &**key == "c"));
     let out = step(&mut s, ok("c"));
@@ -71,9 +76,15 @@ fn fetches_dependencies_then_runs_then_drops_copies() {
 fn missing_dependency_tries_next_peer_then_tells_scheduler() {
     let mut s = WorkerState::new(1);
     step(&mut s, compute("c", &[("a", &["tcp://p:1", "tcp://q:2"])]));
-    let out = step(&mut s, Event::FetchDone { from: Arc::from("tcp://p:1"), got: vec![], missing: vec![key("a")] });
+    let out = step(
+        &mut s,
+        Event::FetchDone { from: Arc::from("tcp://p:1"), got: vec![], missing: vec![key("a")], span: (0.0, 0.0) },
+    );
     assert_eq!(out, vec![Instruction::Fetch { from: Arc::from("tcp://q:2"), keys: vec![key("a")] }]);
-    let out = step(&mut s, Event::FetchDone { from: Arc::from("tcp://q:2"), got: vec![], missing: vec![key("a")] });
+    let out = step(
+        &mut s,
+        Event::FetchDone { from: Arc::from("tcp://q:2"), got: vec![], missing: vec![key("a")], span: (0.0, 0.0) },
+    );
     assert!(
         matches!(&out[0], Instruction::Send(pb::worker_event::Kind::Missing(m)) if m.key == "c" && m.dependency == "a")
     );
@@ -144,8 +155,10 @@ fn a_value_put_while_being_fetched_counts_as_arrived() {
     let out = step(&mut s, Event::Put { keys: vec![(key("x"), 4)] });
     assert!(matches!(&out[..], [Instruction::Execute { key, .. }] if &**key == "c"), "{out:?}");
     // The fetch ending later changes nothing.
-    let out =
-        step(&mut s, Event::FetchDone { from: Arc::from("tcp://p:1"), got: vec![(key("x"), 4)], missing: vec![] });
+    let out = step(
+        &mut s,
+        Event::FetchDone { from: Arc::from("tcp://p:1"), got: vec![(key("x"), 4)], missing: vec![], span: (0.0, 0.0) },
+    );
     assert!(out.is_empty(), "{out:?}");
 }
 
@@ -153,8 +166,14 @@ fn a_value_put_while_being_fetched_counts_as_arrived() {
 fn missing_data_names_every_holder_tried() {
     let mut s = WorkerState::new(1);
     step(&mut s, compute("c", &[("a", &["tcp://p:1", "tcp://q:2"])]));
-    step(&mut s, Event::FetchDone { from: Arc::from("tcp://p:1"), got: vec![], missing: vec![key("a")] });
-    let out = step(&mut s, Event::FetchDone { from: Arc::from("tcp://q:2"), got: vec![], missing: vec![key("a")] });
+    step(
+        &mut s,
+        Event::FetchDone { from: Arc::from("tcp://p:1"), got: vec![], missing: vec![key("a")], span: (0.0, 0.0) },
+    );
+    let out = step(
+        &mut s,
+        Event::FetchDone { from: Arc::from("tcp://q:2"), got: vec![], missing: vec![key("a")], span: (0.0, 0.0) },
+    );
     assert!(
         matches!(&out[0], Instruction::Send(pb::worker_event::Kind::Missing(m)) if m.workers == ["tcp://p:1", "tcp://q:2"]),
         "{out:?}"
@@ -210,7 +229,15 @@ fn copies_asked_for_are_fetched_kept_and_reported() {
     let mut out = Vec::new();
     // One value is here already (fetched for a task), one must be fetched, one is nowhere.
     w.handle(compute("t", &[("here", &["tcp://a:1"])]), &mut out);
-    w.handle(Event::FetchDone { from: Arc::from("tcp://a:1"), got: vec![(key("here"), 3)], missing: vec![] }, &mut out);
+    w.handle(
+        Event::FetchDone {
+            from: Arc::from("tcp://a:1"),
+            got: vec![(key("here"), 3)],
+            missing: vec![],
+            span: (0.0, 0.0),
+        },
+        &mut out,
+    );
     out.clear();
     w.handle(
         Event::Acquire(vec![
@@ -236,7 +263,15 @@ fn copies_asked_for_are_fetched_kept_and_reported() {
     );
     assert!(out.iter().any(|i| matches!(i, Instruction::Fetch { from, .. } if &**from == "tcp://b:1")));
     out.clear();
-    w.handle(Event::FetchDone { from: Arc::from("tcp://b:1"), got: vec![(key("far"), 7)], missing: vec![] }, &mut out);
+    w.handle(
+        Event::FetchDone {
+            from: Arc::from("tcp://b:1"),
+            got: vec![(key("far"), 7)],
+            missing: vec![],
+            span: (0.0, 0.0),
+        },
+        &mut out,
+    );
     w.validate();
     assert!(
         matches!(&out[..], [Instruction::Send(pb::worker_event::Kind::ReplicasAdded(r))] if r.keys[0].key == "far" && r.keys[0].nbytes == 7),
@@ -266,8 +301,10 @@ fn a_task_waiting_for_its_inputs_is_given_up_at_once() {
     assert_eq!(steal_answer(&out), Some(("c".into(), 7, true)));
     assert_eq!(s.n_compute(), 0);
     // The input arriving later is not kept for nothing.
-    let out =
-        step(&mut s, Event::FetchDone { from: Arc::from("tcp://p:1"), got: vec![(key("a"), 1)], missing: vec![] });
+    let out = step(
+        &mut s,
+        Event::FetchDone { from: Arc::from("tcp://p:1"), got: vec![(key("a"), 1)], missing: vec![], span: (0.0, 0.0) },
+    );
     assert_eq!(out, vec![Instruction::Drop(key("a"))]);
 }
 
@@ -366,8 +403,10 @@ fn transitions_are_reported_only_when_traced_and_follow_each_keys_life() {
     s.set_trace(true);
     let out = step(&mut s, compute("c", &[("a", &["tcp://p:1"])]));
     assert_eq!(transitions(&out), ["a released->fetch", "c released->waiting", "a fetch->flight"]);
-    let out =
-        step(&mut s, Event::FetchDone { from: Arc::from("tcp://p:1"), got: vec![(key("a"), 1)], missing: vec![] });
+    let out = step(
+        &mut s,
+        Event::FetchDone { from: Arc::from("tcp://p:1"), got: vec![(key("a"), 1)], missing: vec![], span: (0.0, 0.0) },
+    );
     assert_eq!(transitions(&out), ["a flight->memory", "c waiting->ready", "c ready->executing"]);
     let out = step(&mut s, ok("c"));
     assert_eq!(transitions(&out), ["a memory->released", "c executing->memory"]);
@@ -382,4 +421,35 @@ fn transitions_are_reported_only_when_traced_and_follow_each_keys_life() {
     assert_eq!(transitions(&out), ["p released->memory"]);
     s.set_trace(false);
     assert!(transitions(&step(&mut s, Event::Free(key("p")))).is_empty());
+}
+
+#[test]
+fn fetched_inputs_are_reported_with_the_task_as_transfers() {
+    let mut s = WorkerState::new(1);
+    step(&mut s, compute("c", &[("a", &["tcp://p:1"]), ("b", &["tcp://q:2"])]));
+    step(
+        &mut s,
+        Event::FetchDone { from: Arc::from("tcp://p:1"), got: vec![(key("a"), 10)], missing: vec![], span: (1.0, 2.0) },
+    );
+    step(
+        &mut s,
+        Event::FetchDone { from: Arc::from("tcp://q:2"), got: vec![(key("b"), 20)], missing: vec![], span: (1.5, 3.0) },
+    );
+    let out = step(&mut s, ok("c"));
+    let Some(Instruction::Send(pb::worker_event::Kind::Finished(f))) =
+        out.iter().find(|i| matches!(i, Instruction::Send(_)))
+    else {
+        panic!("{out:?}")
+    };
+    let got: Vec<(&str, &str, f64, f64, u64)> =
+        f.transfers.iter().map(|t| (t.key.as_str(), t.source.as_str(), t.start_s, t.stop_s, t.nbytes)).collect();
+    assert_eq!(got, [("a", "tcp://p:1", 1.0, 2.0, 10), ("b", "tcp://q:2", 1.5, 3.0, 20)]);
+    // A task whose input was put here (not fetched) reports none.
+    step(&mut s, Event::Put { keys: vec![(key("p"), 5)] });
+    step(&mut s, compute("d", &[("p", &[])]));
+    let out = step(&mut s, ok("d"));
+    assert!(
+        matches!(&out[..], [.., Instruction::Send(pb::worker_event::Kind::Finished(f))] if f.key == "d" && f.transfers.is_empty()),
+        "{out:?}"
+    );
 }
