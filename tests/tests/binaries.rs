@@ -245,6 +245,16 @@ fn scheduler_and_worker_logs_are_kept_and_read_from_the_client() {
         "{worker_lines:?}"
     );
     assert!(client.get_scheduler_logs(2).unwrap().len() <= 2);
+    // That worker has no nanny: no nanny logs for it.
+    assert!(client.get_nanny_logs(100, &[] as &[&str]).unwrap().is_empty());
+
+    // A worker under its nanny (the default): the nanny's lines, keyed by the worker.
+    let _n = worker(&dir, &binary("dask-worker"), &[&address, "--nthreads", "1", "--name", "nannied"], "n.log");
+    client.wait_for_workers(2, Some(LONG)).unwrap();
+    let nanny_logs = client.get_nanny_logs(100, &["nannied"]).unwrap();
+    assert_eq!(nanny_logs.len(), 1, "{nanny_logs:?}");
+    let lines = nanny_logs.values().next().unwrap();
+    assert!(lines.iter().any(|(_, text)| text.contains("started a worker")), "{lines:?}");
 }
 
 #[test]

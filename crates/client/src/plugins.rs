@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use dask_protocol::pb::{self, plugin_op::Op};
-use dask_protocol::plugin::{CALLBACK, SchedulerPlugin, UPLOAD_FILE, UploadedFile, WorkerPlugin};
+use dask_protocol::plugin::{CALLBACK, NannyPlugin, SchedulerPlugin, UPLOAD_FILE, UploadedFile, WorkerPlugin};
 use dask_protocol::task::Task;
 
 use crate::args::IntoArgs;
@@ -21,17 +21,26 @@ pub struct PluginOptions {
     pub idempotent: bool,
 }
 
+/// Where a plugin goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Workers,
+    Scheduler,
+    Nannies,
+}
+
 impl Client {
     /// Sends a plugin operation to every worker through the scheduler; fails with the first
     /// worker's error (as dask raises it).
     fn plugin_op(&self, op: Op) -> Result<()> {
-        self.plugin_op_at(op, false)
+        self.plugin_op_at(op, Target::Workers)
     }
 
-    fn plugin_op_at(&self, op: Op, on_scheduler: bool) -> Result<()> {
+    fn plugin_op_at(&self, op: Op, target: Target) -> Result<()> {
         let req = pb::RunRequest {
             wait: true,
-            on_scheduler,
+            on_scheduler: target == Target::Scheduler,
+            nanny: target == Target::Nannies,
             plugin: Some(pb::PluginOp { op: Some(op) }),
             ..Default::default()
         };
@@ -84,12 +93,39 @@ impl Client {
             return Err(Error::InvalidArgument("a plugin needs a name".into()));
         }
         let spec = pb::PluginSpec { name, kind: P::NAME.to_string(), state: state.into(), idempotent: opts.idempotent };
-        self.plugin_op_at(Op::Add(spec), true)
+        self.plugin_op_at(Op::Add(spec), Target::Scheduler)
     }
 
     /// Closes and removes the scheduler plugin `name`; an unknown name is an error.
     pub fn unregister_scheduler_plugin(&self, name: &str) -> Result<()> {
-        self.plugin_op_at(Op::Remove(name.to_string()), true)
+        self.plugin_op_at(Op::Remove(name.to_string()), Target::Scheduler)
+    }
+
+    /// Installs `plugin` on every nanny, and on every nanny that connects later (dask's
+    /// `register_plugin` of a `NannyPlugin`); with `RESTART`, each nanny restarts its worker
+    /// once the plugin is set up. The nannies' program must have its type
+    /// (`dask::register_nanny_plugin!`). Fails with the first nanny's error.
+    pub fn register_nanny_plugin<P: NannyPlugin>(&self, plugin: P) -> Result<()> {
+        self.register_nanny_plugin_with(plugin, PluginOptions::default())
+    }
+
+    /// [`register_nanny_plugin`](Self::register_nanny_plugin) under another name, or
+    /// idempotently.
+    pub fn register_nanny_plugin_with<P: NannyPlugin>(&self, plugin: P, opts: PluginOptions) -> Result<()> {
+        let state = dask_protocol::codec::to_msgpack(&plugin)
+            .map_err(|e| Error::InvalidArgument(format!("the plugin cannot be encoded: {e}")))?;
+        let name = opts.name.unwrap_or_else(|| P::NAME.to_string());
+        if name.is_empty() {
+            return Err(Error::InvalidArgument("a plugin needs a name".into()));
+        }
+        let spec = pb::PluginSpec { name, kind: P::NAME.to_string(), state: state.into(), idempotent: opts.idempotent };
+        self.plugin_op_at(Op::Add(spec), Target::Nannies)
+    }
+
+    /// Tears the nanny plugin `name` down on every nanny and forgets it; an unknown name is an
+    /// error.
+    pub fn unregister_nanny_plugin(&self, name: &str) -> Result<()> {
+        self.plugin_op_at(Op::Remove(name.to_string()), Target::Nannies)
     }
 
     /// Tears the plugin `name` down on every worker and forgets it (dask's

@@ -145,6 +145,47 @@ impl Client {
     }
 }
 
+impl Client {
+    /// The last `n` log lines of the nanny of each worker (all, or those named), by worker
+    /// address (dask's `get_worker_logs(nanny=True)`); workers without a nanny are left out.
+    pub fn get_nanny_logs<S: AsRef<str>>(
+        &self,
+        n: usize,
+        workers: &[S],
+    ) -> Result<HashMap<String, Vec<(String, String)>>> {
+        let info = self.scheduler_info()?;
+        let chosen = |w: &pb::WorkerInfo| {
+            workers.is_empty() || workers.iter().any(|x| x.as_ref() == w.address || x.as_ref() == w.name)
+        };
+        let nannies: Vec<(String, String)> = info
+            .workers
+            .iter()
+            .filter(|w| !w.nanny.is_empty() && chosen(w))
+            .map(|w| (w.address.clone(), w.nanny.clone()))
+            .collect();
+        self.inner.block_on(async move {
+            let mut out = HashMap::new();
+            for (worker, nanny) in nannies {
+                let addr = dask_protocol::addr::Address::parse(&nanny, None)
+                    .map_err(|e| Error::Refused(format!("the scheduler names nanny {nanny:?}: {e}")))?;
+                let endpoint = dask_protocol::serve::endpoint(&addr, crate::CONNECT_TIMEOUT)
+                    .map_err(|e| Error::Refused(format!("nanny {nanny}: {e}")))?;
+                let channel = endpoint
+                    .connect()
+                    .await
+                    .map_err(|e| Error::Refused(format!("nanny {nanny}: {}", dask_protocol::error_chain(&e))))?;
+                let reply = pb::nanny_client::NannyClient::new(channel)
+                    .logs(pb::LogsRequest { n: n as u64 })
+                    .await
+                    .map_err(|s| Error::Refused(format!("nanny {nanny}: {}", s.message())))?;
+                let lines = reply.into_inner().lines.into_iter().map(|l| (l.level, l.text)).collect();
+                out.insert(worker, lines);
+            }
+            Ok(out)
+        })
+    }
+}
+
 /// A task running on a worker now (`Client::call_stack`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct RunningTask {

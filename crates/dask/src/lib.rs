@@ -38,12 +38,12 @@ pub use dask_scheduler::server::get_scheduler;
 /// anew.
 pub use dask_protocol::task::reschedule;
 
-/// Worker and scheduler plugins (dask's `WorkerPlugin`, `SchedulerPlugin`), registered in the
+/// Worker, scheduler and nanny plugins (dask's `WorkerPlugin`, `SchedulerPlugin`, `NannyPlugin`), registered in the
 /// program that runs them, and `plugin_library!()` for a library `Client::upload_file` sends.
-pub use dask_protocol::plugin::{SchedulerPlugin, WorkerPlugin};
+pub use dask_protocol::plugin::{NannyPlugin, SchedulerPlugin, WorkerPlugin};
 /// Registers an actor type (`impl dask::Actor`) so workers of this program can host it.
 pub use dask_protocol::register_actor;
-pub use dask_protocol::{plugin_library, register_scheduler_plugin, register_worker_plugin};
+pub use dask_protocol::{plugin_library, register_nanny_plugin, register_scheduler_plugin, register_worker_plugin};
 pub use dask_worker::context::{TaskWorker, WorkerClient, get_client, get_worker, rejoin, secede, worker_client};
 
 /// Built-in task functions of the stock `dask-worker` (`inc`, `add`, `sum`, `slowinc`, ...).

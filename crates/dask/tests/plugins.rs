@@ -178,3 +178,66 @@ fn worker_callbacks_run_on_every_worker_now_and_later() {
     let err = client.register_worker_callbacks(refuse_setup, ("x".to_string(),)).unwrap_err();
     assert!(err.to_string().contains("this worker will not do"), "{err}");
 }
+
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct NannyRecorder {
+    tag: String,
+}
+
+impl dask::NannyPlugin for NannyRecorder {
+    const NAME: &'static str = "nanny-recorder";
+
+    fn setup(&mut self) -> Result<(), String> {
+        log(&self.tag, "setup".into());
+        Ok(())
+    }
+
+    fn teardown(&self) -> Result<(), String> {
+        log(&self.tag, "teardown".into());
+        Ok(())
+    }
+}
+
+dask::register_nanny_plugin!(NannyRecorder);
+
+/// A nanny plugin that wants the worker restarted under it (dask's `restart = True`).
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct Restarter {
+    tag: String,
+}
+
+impl dask::NannyPlugin for Restarter {
+    const NAME: &'static str = "restarter";
+    const RESTART: bool = true;
+
+    fn setup(&mut self) -> Result<(), String> {
+        log(&self.tag, "setup".into());
+        Ok(())
+    }
+}
+
+dask::register_nanny_plugin!(Restarter);
+
+#[test]
+fn nanny_plugins_reach_every_nanny_now_and_later_and_can_restart_the_workers() {
+    let (mut cluster, client) = cluster(2);
+    client.register_nanny_plugin(NannyRecorder { tag: "nanny".into() }).unwrap();
+    assert_eq!(count("nanny", "setup"), 2, "one per nanny");
+    cluster.scale(3).unwrap();
+    client.wait_for_workers(3, Some(LONG)).unwrap();
+    wait_until("the new nanny's setup", || count("nanny", "setup") == 3);
+    client.unregister_nanny_plugin("nanny-recorder").unwrap();
+    assert_eq!(count("nanny", "teardown"), 3);
+    let err = client.unregister_nanny_plugin("nanny-recorder").unwrap_err();
+    assert!(err.to_string().contains("no nanny plugin named"), "{err}");
+
+    // RESTART: each worker is restarted once its nanny has the plugin.
+    let before: std::collections::HashSet<String> = cluster.worker_addresses().into_iter().collect();
+    client.register_nanny_plugin(Restarter { tag: "restart".into() }).unwrap();
+    assert_eq!(count("restart", "setup"), 3);
+    wait_until("the workers restarted", || {
+        let now = client.scheduler_info().map(|i| i.workers).unwrap_or_default();
+        now.len() == 3 && now.iter().all(|w| !before.contains(&w.address))
+    });
+    assert_eq!(client.submit(inc, (1,)).unwrap().result().unwrap(), 2);
+}

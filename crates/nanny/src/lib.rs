@@ -14,6 +14,7 @@
 //! process); `dask-nanny` is the same program with one nanny. See `docs/nanny.md`.
 pub mod launcher;
 pub mod nanny;
+mod plugins;
 pub mod supervisor;
 
 pub use launcher::{Child, Launcher, ProcessLauncher};

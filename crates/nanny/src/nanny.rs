@@ -159,7 +159,7 @@ impl NannyHandle {
 
 /// What reaches the loop from the scheduler or the nanny's service.
 #[derive(Debug)]
-enum Request_ {
+pub(crate) enum Request_ {
     Restart(String),
     Close(String),
     /// Close, having failed (exit 1).
@@ -218,8 +218,11 @@ pub async fn start(
         let register =
             pb::NannyRegister { address: address.to_string(), name: config.name.clone(), pid: std::process::id() };
         let link_stop = CancellationToken::new();
-        let link = tokio::spawn(link(config.clone(), register, outgoing, to_loop, link_stop.clone()));
+        let plugins =
+            Arc::new(crate::plugins::NannyPlugins::start(address.to_string(), to_scheduler.clone(), to_loop.clone()));
+        let link = tokio::spawn(link(config.clone(), register, outgoing, to_loop, plugins.clone(), link_stop.clone()));
         let result = supervise(&config, &address, launcher, from_outside, to_scheduler, &shared, &shutdown).await;
+        let _ = tokio::task::spawn_blocking(move || plugins.close()).await;
         // Let the last report (why the worker ended) reach the scheduler, briefly.
         tokio::time::sleep(Duration::from_millis(50)).await;
         link_stop.cancel();
@@ -405,6 +408,7 @@ async fn link(
     register: pb::NannyRegister,
     mut outgoing: mpsc::UnboundedReceiver<pb::NannyEvent>,
     to_loop: mpsc::UnboundedSender<Request_>,
+    plugins: Arc<crate::plugins::NannyPlugins>,
     stop: CancellationToken,
 ) {
     let started = Instant::now();
@@ -492,6 +496,10 @@ async fn link(
                                 Some(pb::nanny_command::Kind::WorkerRegistered(w)) => {
                                     Request_::WorkerRegistered { address: w.address, pid: w.pid }
                                 }
+                                Some(pb::nanny_command::Kind::Plugin(p)) => {
+                                    plugins.submit(p);
+                                    continue;
+                                }
                                 _ => continue,
                             };
                             let _ = to_loop.send(req);
@@ -538,6 +546,15 @@ impl pb::nanny_server::Nanny for Service {
         let reason = non_empty(request.into_inner().reason, "restart asked on the nanny's port");
         self.to_loop.send(Request_::Restart(reason)).map_err(|_| gone())?;
         Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn logs(&self, request: Request<pb::LogsRequest>) -> Result<Response<pb::LogLines>, Status> {
+        let n = request.into_inner().n;
+        let lines = dask_protocol::logs::recent_logs::call(n, "dask_nanny".to_string())
+            .into_iter()
+            .map(|(level, text)| pb::LogLine { level, text })
+            .collect();
+        Ok(Response::new(pb::LogLines { lines }))
     }
 
     async fn close(&self, request: Request<pb::NannyRequest>) -> Result<Response<pb::Empty>, Status> {

@@ -227,3 +227,79 @@ macro_rules! register_scheduler_plugin {
         }
     };
 }
+
+/// Code a nanny runs (dask's `NannyPlugin`): `setup` when it is registered or the nanny
+/// connects, `teardown` when it is removed or the nanny closes; with `RESTART`, the nanny
+/// restarts its worker once the plugin is set up (so the worker starts under it). Registered
+/// with `dask::register_nanny_plugin!(Type)` in the nanny's program (`dask-nanny`, `dask-worker`
+/// with its nanny, or the program running a `LocalCluster`).
+pub trait NannyPlugin: Serialize + DeserializeOwned + Send + Sync + 'static {
+    const NAME: &'static str;
+    /// dask's `restart = True`: restart the worker after setup.
+    const RESTART: bool = false;
+    fn setup(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+    fn teardown(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// A nanny plugin as a nanny holds it.
+pub trait NannyPluginObject: Send + Sync {
+    fn setup(&mut self) -> Result<(), String>;
+    fn teardown(&self) -> Result<(), String>;
+    fn restart(&self) -> bool;
+}
+
+impl<P: NannyPlugin> NannyPluginObject for P {
+    fn setup(&mut self) -> Result<(), String> {
+        NannyPlugin::setup(self)
+    }
+    fn teardown(&self) -> Result<(), String> {
+        NannyPlugin::teardown(self)
+    }
+    fn restart(&self) -> bool {
+        P::RESTART
+    }
+}
+
+/// Makes a nanny plugin from its msgpack-encoded state.
+pub type MakeNannyPlugin = fn(&[u8]) -> Result<Box<dyn NannyPluginObject>, String>;
+
+/// How a registered nanny plugin type is made from its msgpack-encoded state.
+pub struct NannyPluginRegistration {
+    pub name: &'static str,
+    pub create: MakeNannyPlugin,
+}
+
+inventory::collect!(NannyPluginRegistration);
+
+impl NannyPluginRegistration {
+    pub const fn of<P: NannyPlugin>() -> NannyPluginRegistration {
+        NannyPluginRegistration {
+            name: P::NAME,
+            create: |state| {
+                let p: P = codec::decode(codec::MSGPACK, state)
+                    .map_err(|e| format!("nanny plugin {} cannot be made from that state: {e}", P::NAME))?;
+                Ok(Box::new(p))
+            },
+        }
+    }
+}
+
+/// The nanny plugin types linked into this program, by name.
+pub fn nanny_plugin_types() -> &'static HashMap<&'static str, &'static NannyPluginRegistration> {
+    static TYPES: OnceLock<HashMap<&'static str, &'static NannyPluginRegistration>> = OnceLock::new();
+    TYPES.get_or_init(|| inventory::iter::<NannyPluginRegistration>.into_iter().map(|r| (r.name, r)).collect())
+}
+
+/// Registers a nanny plugin type (see [`NannyPlugin`]) in this program.
+#[macro_export]
+macro_rules! register_nanny_plugin {
+    ($t:ty) => {
+        $crate::__private::inventory::submit! {
+            $crate::plugin::NannyPluginRegistration::of::<$t>()
+        }
+    };
+}

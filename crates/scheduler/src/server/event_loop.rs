@@ -244,8 +244,14 @@ impl EventLoop {
             LoopMsg::NannyConnected { register, tx, reply } => {
                 let id = self.next_nanny;
                 self.next_nanny += 1;
-                // A nanny that reconnects replaces its old entry.
-                self.nannies.retain(|_, n| n.address != register.address);
+                // A nanny that reconnects replaces its old entry (which answers what it was asked).
+                let old: Vec<u32> =
+                    self.nannies.iter().filter(|(_, n)| n.address == register.address).map(|(i, _)| *i).collect();
+                for o in old {
+                    if let Some(n) = self.nannies.remove(&o) {
+                        self.nanny_runs_gone(o, &n.address);
+                    }
+                }
                 let _ = tx.send(Ok(nanny_command(pb::nanny_command::Kind::Registered(pb::Empty {}))));
                 // Its worker may have registered before it did (it reconnected after we restarted).
                 for m in self.worker_meta.values() {
@@ -255,6 +261,13 @@ impl EventLoop {
                         ))));
                     }
                 }
+                for spec in &self.nanny_plugins {
+                    let cmd = pb::nanny_command::Kind::Plugin(pb::PluginCommand {
+                        id: 0,
+                        op: Some(pb::PluginOp { op: Some(pb::plugin_op::Op::Add(spec.clone())) }),
+                    });
+                    let _ = tx.send(Ok(nanny_command(cmd)));
+                }
                 tracing::info!(nanny = %register.address, name = %register.name, "nanny connected");
                 self.nannies
                     .insert(id, NannyEntry { address: register.address, name: register.name, tx, last_exit: None });
@@ -262,14 +275,17 @@ impl EventLoop {
             }
             LoopMsg::NannyEvents { nanny, events } => {
                 for e in events {
-                    if let Some(pb::nanny_event::Kind::Exited(x)) = e.kind {
-                        self.nanny_says_worker_exited(nanny, x);
+                    match e.kind {
+                        Some(pb::nanny_event::Kind::Exited(x)) => self.nanny_says_worker_exited(nanny, x),
+                        Some(pb::nanny_event::Kind::PluginDone(d)) => self.on_nanny_plugin_done(nanny, d),
+                        _ => {}
                     }
                 }
             }
             LoopMsg::NannyGone(nanny) => {
                 if let Some(n) = self.nannies.remove(&nanny) {
                     tracing::info!(nanny = %n.address, name = %n.name, "nanny disconnected");
+                    self.nanny_runs_gone(nanny, &n.address);
                 }
             }
             LoopMsg::Restart { timeout, reason, reply } => self.restart(timeout, reason, reply),

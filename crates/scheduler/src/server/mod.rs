@@ -259,6 +259,8 @@ pub async fn run(
             coord_out: Vec::new(),
             runs: HashMap::new(),
             worker_plugins: Vec::new(),
+            nanny_plugins: Vec::new(),
+            nanny_runs: HashMap::new(),
             scheduler_plugins: Default::default(),
             waiters: Vec::new(),
             id,
@@ -361,6 +363,9 @@ struct EventLoop {
     runs: HashMap<u64, run::PendingRun>,
     /// Worker plugins, in the order registered: given to every worker that joins.
     worker_plugins: Vec<pb::PluginSpec>,
+    /// Nanny plugins, in the order registered: given to every nanny that connects.
+    nanny_plugins: Vec<pb::PluginSpec>,
+    nanny_runs: HashMap<u64, run::PendingNannyRun>,
     scheduler_plugins: plugins::SchedulerPlugins,
     waiters: Vec<(usize, oneshot::Sender<pb::SchedulerInfo>)>,
     id: String,

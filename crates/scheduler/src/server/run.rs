@@ -13,6 +13,14 @@ use super::*;
 /// registration, in one message.
 const MAX_WORKER_PLUGINS: usize = dask_protocol::MAX_MESSAGE / 2;
 
+/// A nanny plugin operation waiting for the nannies.
+pub(super) struct PendingNannyRun {
+    client: ClientId,
+    id: u64,
+    waiting: HashSet<u32>,
+    results: Vec<pb::RunResult>,
+}
+
 /// A run waiting for its workers.
 pub(super) struct PendingRun {
     client: ClientId,
@@ -57,6 +65,11 @@ impl EventLoop {
             && let Some(pb::PluginOp { op: Some(op) }) = req.plugin
         {
             return self.on_scheduler_plugin(client, id, op);
+        }
+        if req.nanny
+            && let Some(pb::PluginOp { op: Some(op) }) = req.plugin
+        {
+            return self.on_nanny_plugin(client, id, op);
         }
         if let Some(pb::PluginOp { op: Some(op) }) = &req.plugin {
             match op {
@@ -204,6 +217,79 @@ impl EventLoop {
     fn finish_run(&mut self, run: u64) {
         if self.runs.get(&run).is_some_and(|p| p.waiting.is_empty()) {
             let p = self.runs.remove(&run).expect("present");
+            let mut results = p.results;
+            results.sort_by(|a, b| a.worker.cmp(&b.worker));
+            self.run_reply(p.client, p.id, pb::coord_reply::Kind::Run(pb::RunResults { results }));
+        }
+    }
+
+    /// A client's nanny plugin registration or removal: kept for nannies that connect later,
+    /// sent to every nanny now, answered when each has (a nanny that goes answers for itself).
+    fn on_nanny_plugin(&mut self, client: ClientId, id: u64, op: pb::plugin_op::Op) {
+        use pb::coord_reply::Kind;
+        match &op {
+            pb::plugin_op::Op::Add(spec) => match self.nanny_plugins.iter().position(|p| p.name == spec.name) {
+                Some(_) if spec.idempotent => return self.run_reply(client, id, Kind::Run(pb::RunResults::default())),
+                Some(i) => self.nanny_plugins[i] = spec.clone(),
+                None => self.nanny_plugins.push(spec.clone()),
+            },
+            pb::plugin_op::Op::Remove(name) => match self.nanny_plugins.iter().position(|p| p.name == *name) {
+                Some(i) => {
+                    self.nanny_plugins.remove(i);
+                }
+                None => {
+                    return self.run_reply(
+                        client,
+                        id,
+                        Kind::Error(format!("no nanny plugin named {name:?} is registered")),
+                    );
+                }
+            },
+        }
+        let run = self.next_op;
+        self.next_op += 1;
+        let cmd =
+            pb::nanny_command::Kind::Plugin(pb::PluginCommand { id: run, op: Some(pb::PluginOp { op: Some(op) }) });
+        let mut waiting = HashSet::new();
+        for (nid, n) in &self.nannies {
+            if n.tx.send(Ok(super::nanny_command(cmd.clone()))).is_ok() {
+                waiting.insert(*nid);
+            }
+        }
+        if waiting.is_empty() {
+            return self.run_reply(client, id, Kind::Run(pb::RunResults::default()));
+        }
+        self.nanny_runs.insert(run, PendingNannyRun { client, id, waiting, results: Vec::new() });
+    }
+
+    /// A nanny's answer to a plugin command.
+    pub(super) fn on_nanny_plugin_done(&mut self, nanny: u32, done: pb::RunDone) {
+        let Some(p) = self.nanny_runs.get_mut(&done.id) else { return };
+        if !p.waiting.remove(&nanny) {
+            return;
+        }
+        let address = self.nannies.get(&nanny).map(|n| n.address.clone()).unwrap_or_default();
+        let mut result = done.result.unwrap_or_else(|| failed(&address, "error", "the nanny gave no result".into()));
+        result.worker = address;
+        p.results.push(result);
+        self.finish_nanny_run(done.id);
+    }
+
+    /// A nanny that went answers for itself.
+    pub(super) fn nanny_runs_gone(&mut self, nanny: u32, address: &str) {
+        let ids: Vec<u64> =
+            self.nanny_runs.iter().filter(|(_, p)| p.waiting.contains(&nanny)).map(|(id, _)| *id).collect();
+        for id in ids {
+            let p = self.nanny_runs.get_mut(&id).expect("listed");
+            p.waiting.remove(&nanny);
+            p.results.push(failed(address, "nanny-died", format!("nanny {address} left before it answered")));
+            self.finish_nanny_run(id);
+        }
+    }
+
+    fn finish_nanny_run(&mut self, run: u64) {
+        if self.nanny_runs.get(&run).is_some_and(|p| p.waiting.is_empty()) {
+            let p = self.nanny_runs.remove(&run).expect("present");
             let mut results = p.results;
             results.sort_by(|a, b| a.worker.cmp(&b.worker));
             self.run_reply(p.client, p.id, pb::coord_reply::Kind::Run(pb::RunResults { results }));

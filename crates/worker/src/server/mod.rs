@@ -286,6 +286,7 @@ pub async fn start(
             context,
             actors: Default::default(),
             plugins: plugins.clone(),
+            run_threads: Default::default(),
             timing: Default::default(),
         };
         let timers = Timers {
@@ -406,9 +407,14 @@ struct Loop {
     /// The actors it hosts.
     actors: crate::actors::Actors,
     plugins: Arc<crate::plugins::Plugins>,
+    /// `Client.run` functions running now, each on a thread.
+    run_threads: Arc<std::sync::atomic::AtomicUsize>,
     /// When and on which thread tasks just done ran, until their report goes out.
     timing: rustc_hash::FxHashMap<Key, crate::executor::Timing>,
 }
+
+/// `Client.run` functions running at once on one worker, at most.
+const MAX_RUN_THREADS: usize = 256;
 
 /// msgpack's nil: the value of `()`, stored for simulated tasks.
 static NIL: bytes::Bytes = bytes::Bytes::from_static(&[0xc0]);
@@ -644,11 +650,26 @@ impl Loop {
                         events: vec![pb::WorkerEvent { kind: Some(pb::worker_event::Kind::RunDone(done)) }],
                     });
                 };
+                // Each on a thread of its own, but not without bound: a client firing runs
+                // without waiting must not make the worker start thousands of threads.
+                let running = self.run_threads.clone();
+                if running.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= MAX_RUN_THREADS {
+                    running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    let why = dask_protocol::task::ExecErrorKind::Error(format!(
+                        "{MAX_RUN_THREADS} Client.run functions run on this worker already: wait for them \
+                         (run with wait=true) before asking for more"
+                    ));
+                    send(&out, dask_protocol::task::run_result(&self.context.address, "", Err(why)));
+                    return None;
+                }
                 let (to, spec) = (out.clone(), r.spec.clone());
+                let done = running.clone();
                 let spawned = std::thread::Builder::new().name("dask-run".into()).spawn(move || {
                     send(&to, crate::context::run_function(&context, id, &spec));
+                    done.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                 });
                 if let Err(e) = spawned {
+                    running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                     // Answered anyway: the caller must not wait for a run that never started.
                     let why =
                         dask_protocol::task::ExecErrorKind::Error(format!("could not start a thread to run it: {e}"));
