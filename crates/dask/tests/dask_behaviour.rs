@@ -173,3 +173,22 @@ fn scatter_under_a_key_in_memory_is_refused() {
     assert!(matches!(&e, Error::InvalidArgument(m) if m.contains("holds a value already")), "{e}");
     assert_eq!(first["a"].result().unwrap(), 1);
 }
+
+#[test]
+fn a_worker_takes_puts_only_for_keys_the_scheduler_announced() {
+    let cluster = LocalCluster::builder().n_workers(1).threads_per_worker(1).build().expect("cluster");
+    let client = Client::connect(&cluster.scheduler_address()).expect("connect");
+    let x = client.scatter_one(41i64).unwrap();
+    let worker = cluster.worker_addresses()[0].clone();
+    // A stranger on the data port: no ticket, no put, and the scattered value stays.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let pool = dask_protocol::data::DataPool::default();
+    let forged = dask_protocol::codec::Value::from_owned(1000i64).unwrap();
+    let err = rt
+        .block_on(pool.put_data(&worker, vec![(x.key().to_string(), forged.clone())], Vec::new(), 0))
+        .unwrap_err();
+    assert!(err.to_string().contains("did not announce"), "{err}");
+    let err = rt.block_on(pool.put_data(&worker, vec![("new-key".into(), forged)], vec![vec![0; 32]], u64::MAX));
+    assert!(err.is_err(), "a made-up ticket is refused");
+    assert_eq!(client.submit(dask::builtins::add, (&x, 1)).unwrap().result().unwrap(), 42);
+}

@@ -141,6 +141,7 @@ fn headers(values: &[Received]) -> pb::ValueList {
                     codec: v.codec.to_string(),
                     len: v.len() as u64,
                     missing: false,
+                    ..Default::default()
                 },
                 None => pb::ValueHeader { key: key.clone(), missing: true, ..Default::default() },
             })
@@ -469,10 +470,22 @@ impl DataPool {
         }
     }
 
-    /// Puts `values` on the worker at `address`.
-    pub async fn put_data(&self, address: &str, values: Vec<(String, Value)>) -> Result<pb::PutReply, DataError> {
+    /// Puts `values` on the worker at `address`, each with its ticket from the scheduler
+    /// (`dask_protocol::ticket`), good until `expires_s`.
+    pub async fn put_data(
+        &self,
+        address: &str,
+        values: Vec<(String, Value)>,
+        tickets: Vec<Vec<u8>>,
+        expires_s: u64,
+    ) -> Result<pb::PutReply, DataError> {
         let values: Vec<Received> = values.into_iter().map(|(k, v)| (k, Some(v))).collect();
-        let request = pb::DataMessage { kind: Some(Kind::Put(headers(&values))) };
+        let mut list = headers(&values);
+        for (h, t) in list.values.iter_mut().zip(tickets) {
+            h.ticket = t.into();
+            h.expires_s = expires_s;
+        }
+        let request = pb::DataMessage { kind: Some(Kind::Put(list)) };
         let (conn, reply) = self.exchange(address, &request, &values).await?;
         match reply.kind {
             Some(Kind::PutReply(r)) => {
@@ -659,7 +672,7 @@ mod tests {
         for i in 0..3000 {
             values.push((format!("s{i}"), Value::encode(&i).unwrap()));
         }
-        let reply = pool.put_data(&addr, values.clone()).await.unwrap();
+        let reply = pool.put_data(&addr, values.clone(), Vec::new(), 0).await.unwrap();
         assert_eq!(reply.keys as usize, values.len());
         assert_eq!(store.0.lock().unwrap().len(), values.len());
         let mut keys: Vec<String> = values.iter().map(|(k, _)| k.clone()).collect();
@@ -672,7 +685,8 @@ mod tests {
         assert_eq!(got.last().unwrap(), &("gone".to_string(), None));
         assert_eq!(pool.idle.lock().unwrap()[&addr].len(), 1, "one connection, reused");
         // Refusals come back as errors with the worker's reason; the connection stays usable.
-        let e = pool.put_data(&addr, vec![("refused".into(), Value::raw(Bytes::new()))]).await.unwrap_err();
+        let e =
+            pool.put_data(&addr, vec![("refused".into(), Value::raw(Bytes::new()))], Vec::new(), 0).await.unwrap_err();
         assert!(e.to_string().contains("no room for refused"), "{e}");
         assert_eq!(pool.get_data(&addr, vec!["a".into()]).await.unwrap().len(), 1);
     }
@@ -682,7 +696,13 @@ mod tests {
         // More than any allocation can be: the receiver says so instead of aborting.
         let huge = u64::MAX / 2;
         let list = move || pb::ValueList {
-            values: vec![pb::ValueHeader { key: "huge".into(), codec: "bytes".into(), len: huge, missing: false }],
+            values: vec![pb::ValueHeader {
+                key: "huge".into(),
+                codec: "bytes".into(),
+                len: huge,
+                missing: false,
+                ..Default::default()
+            }],
         };
         // A put of it: the worker replies why and hangs up, and goes on serving others.
         let (addr, store) = server().await;
@@ -763,7 +783,13 @@ mod tests {
         // An unknown codec.
         let mut c = connect(&addr).await.unwrap();
         let list = pb::ValueList {
-            values: vec![pb::ValueHeader { key: "k".into(), codec: "pickle".into(), len: 3 << 20, missing: false }],
+            values: vec![pb::ValueHeader {
+                key: "k".into(),
+                codec: "pickle".into(),
+                len: 3 << 20,
+                missing: false,
+                ..Default::default()
+            }],
         };
         let big = [("k".to_string(), Some(Value::raw(Bytes::from(vec![1u8; 3 << 20]))))];
         let reply = send_and_read(&mut c, &pb::DataMessage { kind: Some(Kind::Put(list)) }, &big).await.unwrap();

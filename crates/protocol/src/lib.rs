@@ -23,6 +23,7 @@ pub mod plugin;
 pub mod serve;
 pub mod sys;
 pub mod task;
+pub mod ticket;
 pub mod tokenize;
 
 /// Generated tonic/prost code (package `dask.v1`).

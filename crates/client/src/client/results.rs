@@ -124,7 +124,7 @@ impl Client {
         };
         let mut given_keys = opts.keys.clone().map(Vec::into_iter);
         let type_name = short_type_name::<T>();
-        let mut per_worker: HashMap<String, Vec<(String, Value)>> = HashMap::new();
+        let mut encoded: Vec<Value> = Vec::with_capacity(values.len());
         let mut placed: Vec<pb::ScatteredKey> = Vec::with_capacity(values.len());
         for (i, v) in values.into_iter().enumerate() {
             let value = Value::from_owned(v)?;
@@ -134,13 +134,28 @@ impl Client {
                 None => self.inner.unique_key(&type_name),
             };
             let holders: Vec<String> = (0..copies).map(|c| targets[(first + i + c) % targets.len()].clone()).collect();
-            for w in &holders {
-                per_worker.entry(w.clone()).or_default().push((key.clone(), value.clone()));
-            }
             placed.push(pb::ScatteredKey { key, workers: holders, nbytes: value.data.len() as u64 });
+            encoded.push(value);
         }
-        let puts = per_worker.into_iter().map(|(worker, vals)| async move {
-            self.inner.peers.put_data(&worker, vals).await.map_err(|e| Error::Fetch {
+        // The scheduler announces each key to its workers first: they take puts only with its
+        // ticket (one per key and worker, in the plan's order).
+        let plan = pb::ScatterPlan { keys: placed.clone() };
+        let granted = self.inner.link.rpc().scatter_tickets(plan).await?.into_inner();
+        let expires_s = granted.expires_s;
+        let mut tickets = granted.tickets.into_iter();
+        // By worker: the values to put there, and their tickets.
+        type Puts = (Vec<(String, Value)>, Vec<Vec<u8>>);
+        let mut per_worker: HashMap<String, Puts> = HashMap::new();
+        for (p, value) in placed.iter().zip(encoded) {
+            for w in &p.workers {
+                let ticket = tickets.next().map(|t| t.to_vec()).unwrap_or_default();
+                let entry = per_worker.entry(w.clone()).or_default();
+                entry.0.push((p.key.clone(), value.clone()));
+                entry.1.push(ticket);
+            }
+        }
+        let puts = per_worker.into_iter().map(|(worker, (vals, tickets))| async move {
+            self.inner.peers.put_data(&worker, vals, tickets, expires_s).await.map_err(|e| Error::Fetch {
                 key: String::new(),
                 workers: vec![worker.clone()],
                 why: format!("failed to put data: {e}"),

@@ -219,6 +219,7 @@ impl EventLoop {
                             worker_id: id.0,
                             heartbeat_interval_s: 1.0,
                             plugins: self.worker_plugins.clone(),
+                            put_secret: self.put_secret.to_vec().into(),
                         })),
                     }],
                 }));

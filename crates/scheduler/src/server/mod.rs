@@ -229,7 +229,8 @@ pub async fn run(
         write_scheduler_file(path, &id, &address)?;
     }
     let started = SystemTime::now();
-    let service = Service { tx: tx.clone(), stream: Default::default(), shutdown: shutdown.clone() };
+    let put_secret = dask_protocol::ticket::new_secret();
+    let service = Service { tx: tx.clone(), stream: Default::default(), shutdown: shutdown.clone(), put_secret };
     let svc = SchedulerServer::new(service)
         .max_decoding_message_size(dask_protocol::MAX_MESSAGE)
         .max_encoding_message_size(dask_protocol::MAX_MESSAGE);
@@ -259,6 +260,7 @@ pub async fn run(
             coord_out: Vec::new(),
             runs: HashMap::new(),
             worker_plugins: Vec::new(),
+            put_secret,
             nanny_plugins: Vec::new(),
             nanny_runs: HashMap::new(),
             scheduler_plugins: Default::default(),
@@ -363,6 +365,8 @@ struct EventLoop {
     runs: HashMap<u64, run::PendingRun>,
     /// Worker plugins, in the order registered: given to every worker that joins.
     worker_plugins: Vec<pb::PluginSpec>,
+    /// Given to each worker: put tickets are checked with it.
+    put_secret: dask_protocol::ticket::Secret,
     /// Nanny plugins, in the order registered: given to every nanny that connects.
     nanny_plugins: Vec<pb::PluginSpec>,
     nanny_runs: HashMap<u64, run::PendingNannyRun>,

@@ -9,6 +9,8 @@ pub(super) struct Service {
     pub(super) stream: Arc<super::task_stream::TaskStream>,
     /// Cancelled by `Shutdown`: the scheduler closes, telling its workers and nannies to.
     pub(super) shutdown: CancellationToken,
+    /// What put tickets are made with (`dask_protocol::ticket`).
+    pub(super) put_secret: dask_protocol::ticket::Secret,
 }
 
 pub(super) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -251,6 +253,22 @@ impl pb::scheduler_server::Scheduler for Service {
         let (tx, rx) = oneshot::channel();
         self.tx.send(LoopMsg::Query(Query::Story(request.into_inner().keys, tx))).map_err(|_| closed())?;
         Ok(Response::new(rx.await.map_err(|_| closed())?))
+    }
+
+    async fn scatter_tickets(
+        &self,
+        request: Request<pb::ScatterPlan>,
+    ) -> Result<Response<pb::ScatterTicketsReply>, Status> {
+        use dask_protocol::ticket;
+        let plan = request.into_inner();
+        let expires_s = ticket::now_s() + ticket::TICKET_TTL.as_secs();
+        let tickets = plan
+            .keys
+            .iter()
+            .flat_map(|k| k.workers.iter().map(move |w| (k, w)))
+            .map(|(k, w)| ticket::ticket(&self.put_secret, &k.key, &normalize_worker(w.clone()), expires_s).into())
+            .collect();
+        Ok(Response::new(pb::ScatterTicketsReply { tickets, expires_s }))
     }
 
     async fn task_specs(&self, request: Request<pb::KeysRequest>) -> Result<Response<pb::TaskSpecsReply>, Status> {

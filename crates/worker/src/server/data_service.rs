@@ -18,6 +18,33 @@ pub struct DataService {
     pub memory_limit: u64,
     /// `distributed.worker.max-value-size`, if set.
     pub max_value_size: Option<u64>,
+    /// This worker's address, as tickets name it.
+    pub address: String,
+    /// The scheduler's secret that put tickets are made with (set on registering): a put
+    /// without a good ticket is refused (`dask_protocol::ticket`).
+    pub put_secret: parking_lot::RwLock<Option<dask_protocol::ticket::Secret>>,
+}
+
+impl DataService {
+    /// Every announced value needs the scheduler's ticket for its key on this worker.
+    fn check_tickets(&self, headers: &[pb::ValueHeader]) -> Result<(), String> {
+        use dask_protocol::ticket;
+        let Some(secret) = *self.put_secret.read() else {
+            return Err("this worker is not registered with a scheduler yet, and takes no puts".into());
+        };
+        let now = ticket::now_s();
+        match headers
+            .iter()
+            .find(|h| !h.missing && !ticket::check(&secret, &h.key, &self.address, h.expires_s, &h.ticket, now))
+        {
+            None => Ok(()),
+            Some(h) => Err(format!(
+                "put of {:?} refused: the scheduler did not announce that key to this worker, or its ticket \
+                 expired (values are put with Client::scatter, which asks the scheduler first)",
+                h.key
+            )),
+        }
+    }
 }
 
 impl DataStore for DataService {
@@ -34,6 +61,7 @@ impl DataStore for DataService {
     /// take: a value over `max-value-size`, or more in all than the memory limit plus the room
     /// left for spilled values. A value larger than the memory limit goes straight to disk.
     fn admit(&self, headers: &[pb::ValueHeader]) -> Result<Vec<Admit>, String> {
+        self.check_tickets(headers)?;
         let present = || headers.iter().filter(|h| !h.missing);
         if let Some(max) = self.max_value_size
             && let Some(h) = present().find(|h| h.len > max)
@@ -128,6 +156,19 @@ mod tests {
     use dask_protocol::data::{self, DataPool};
     use dask_protocol::pb::data_message::Kind;
 
+    const SECRET: dask_protocol::ticket::Secret = [7; 32];
+
+    /// Puts with the tickets the scheduler would give.
+    async fn put_with_tickets(
+        pool: &DataPool,
+        addr: &str,
+        values: Vec<(String, Value)>,
+    ) -> Result<pb::PutReply, dask_protocol::data::DataError> {
+        let expires = dask_protocol::ticket::now_s() + 60;
+        let tickets = values.iter().map(|(k, _)| dask_protocol::ticket::ticket(&SECRET, k, addr, expires)).collect();
+        pool.put_data(addr, values, tickets, expires).await
+    }
+
     async fn serve(memory_limit: u64, max_value_size: Option<u64>, tag: &str) -> (String, Arc<Store>) {
         let dir = std::env::temp_dir().join(format!("dask-rs-admit-{tag}-{}", std::process::id()));
         let store = Store::new(Some(crate::store::SpillConfig {
@@ -139,9 +180,16 @@ mod tests {
         .unwrap();
         let (events, _rx) = mpsc::unbounded_channel();
         std::mem::forget(_rx);
-        let service = Arc::new(DataService { store: store.clone(), events, memory_limit, max_value_size });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = format!("tcp://{}", listener.local_addr().unwrap());
+        let service = Arc::new(DataService {
+            store: store.clone(),
+            events,
+            memory_limit,
+            max_value_size,
+            address: addr.clone(),
+            put_secret: parking_lot::RwLock::new(Some(SECRET)),
+        });
         tokio::spawn(data::serve(listener, service, Default::default()));
         (addr, store)
     }
@@ -151,7 +199,15 @@ mod tests {
         let (addr, store) = serve(1_000_000, None, "refuse").await;
         // A header announcing a terabyte: refused with the reason, nothing reserved.
         let mut c = data::connect(&addr).await.unwrap();
-        let header = pb::ValueHeader { key: "tb".into(), codec: "bytes".into(), len: 1 << 40, missing: false };
+        let expires = dask_protocol::ticket::now_s() + 60;
+        let header = pb::ValueHeader {
+            key: "tb".into(),
+            codec: "bytes".into(),
+            len: 1 << 40,
+            ticket: dask_protocol::ticket::ticket(&SECRET, "tb", &addr, expires).into(),
+            expires_s: expires,
+            ..Default::default()
+        };
         let put = pb::DataMessage { kind: Some(Kind::Put(pb::ValueList { values: vec![header] })) };
         data::write_message(&mut c, &put).await.unwrap();
         let reply = data::read_message(&mut c, false).await.unwrap().unwrap();
@@ -163,7 +219,7 @@ mod tests {
         // A real sender gets the reason too (it listens while it writes).
         let big = Value { codec: "bytes", data: bytes::Bytes::from(vec![0u8; 3 << 20]) };
         let (small_addr, _s) = serve(1_000_000, Some(1 << 20), "max").await;
-        let e = DataPool::default().put_data(&small_addr, vec![("big".into(), big)]).await.unwrap_err();
+        let e = put_with_tickets(&DataPool::default(), &small_addr, vec![("big".into(), big)]).await.unwrap_err();
         assert!(e.to_string().contains("max-value-size"), "{e}");
         store.close();
     }
@@ -175,7 +231,7 @@ mod tests {
         let v = Value { codec: "bytes", data: bytes::Bytes::from(data.clone()) };
         let pool = DataPool::default();
         let small = Value { codec: "bytes", data: bytes::Bytes::from_static(b"tiny") };
-        pool.put_data(&addr, vec![("small".into(), small), ("big".into(), v)]).await.unwrap();
+        put_with_tickets(&pool, &addr, vec![("small".into(), small), ("big".into(), v)]).await.unwrap();
         assert_eq!(store.stored_bytes("big"), Some(300_000), "on disk as it came");
         assert_eq!(store.stats().managed, 4);
         let got = pool.get_data(&addr, vec!["big".into(), "small".into()]).await.unwrap();
@@ -189,14 +245,37 @@ mod tests {
         let (addr, store) = serve(0, None, "forge").await;
         let pool = DataPool::default();
         let real = Value { codec: "bytes", data: bytes::Bytes::from_static(b"computed") };
-        pool.put_data(&addr, vec![("x".into(), real)]).await.unwrap();
+        put_with_tickets(&pool, &addr, vec![("x".into(), real)]).await.unwrap();
         let forged = Value { codec: "bytes", data: bytes::Bytes::from_static(b"forged!!") };
-        pool.put_data(&addr, vec![("x".into(), forged), ("y".into(), Value::raw(bytes::Bytes::from_static(b"new")))])
+        put_with_tickets(&pool, &addr, vec![("x".into(), forged), ("y".into(), Value::raw(bytes::Bytes::from_static(b"new")))])
             .await
             .unwrap();
         let got = pool.get_data(&addr, vec!["x".into(), "y".into()]).await.unwrap();
         assert_eq!(&got[0].1.as_ref().unwrap().data[..], b"computed", "the first value stays");
         assert_eq!(&got[1].1.as_ref().unwrap().data[..], b"new", "new keys are taken");
+        store.close();
+    }
+
+    #[tokio::test]
+    async fn a_put_without_the_schedulers_ticket_is_refused() {
+        let (addr, store) = serve(0, None, "ticket").await;
+        let pool = DataPool::default();
+        let v = || vec![("k".to_string(), Value::raw(bytes::Bytes::from_static(b"v")))];
+        let e = pool.put_data(&addr, v(), Vec::new(), 0).await.unwrap_err();
+        assert!(e.to_string().contains("did not announce that key to this worker"), "{e}");
+        // A ticket for another worker, another key, or past its time.
+        let later = dask_protocol::ticket::now_s() + 60;
+        let elsewhere = dask_protocol::ticket::ticket(&SECRET, "k", "tcp://127.0.0.1:1", later);
+        assert!(pool.put_data(&addr, v(), vec![elsewhere], later).await.is_err());
+        let other_key = dask_protocol::ticket::ticket(&SECRET, "j", &addr, later);
+        assert!(pool.put_data(&addr, v(), vec![other_key], later).await.is_err());
+        let past = dask_protocol::ticket::now_s() - 1;
+        let expired = dask_protocol::ticket::ticket(&SECRET, "k", &addr, past);
+        assert!(pool.put_data(&addr, v(), vec![expired], past).await.is_err());
+        assert!(store.is_empty(), "nothing refused was kept");
+        // The scheduler's ticket opens the door.
+        put_with_tickets(&pool, &addr, v()).await.unwrap();
+        assert!(!store.is_empty());
         store.close();
     }
 }

@@ -203,8 +203,10 @@ pub async fn start(
         events: events_tx.clone(),
         memory_limit: config.memory_limit,
         max_value_size: config.max_value_size,
+        address: address.to_string(),
+        put_secret: Default::default(),
     });
-    let server = tokio::spawn(data::serve(listener, service, shutdown.clone()));
+    let server = tokio::spawn(data::serve(listener, service.clone(), shutdown.clone()));
 
     // Register with the scheduler.
     let channel = tokio::select! {
@@ -247,6 +249,12 @@ pub async fn start(
     let first = inbound.message().await.map_err(|s| WorkerError::SchedulerLost(s.message().to_string()))?;
     let (heartbeat, plugin_specs) = match first.and_then(|b| b.commands.into_iter().next()).and_then(|c| c.kind) {
         Some(pb::scheduler_command::Kind::Registered(r)) => {
+            let secret: dask_protocol::ticket::Secret = r.put_secret[..].try_into().map_err(|_| {
+                WorkerError::Refused(
+                    "the scheduler gave no put secret: it is of another dask-rs version; run one version".into(),
+                )
+            })?;
+            *service.put_secret.write() = Some(secret);
             (Duration::from_secs_f64(r.heartbeat_interval_s.max(0.05)).min(config.heartbeat), r.plugins)
         }
         Some(pb::scheduler_command::Kind::Close(c)) => return Err(WorkerError::Refused(c.reason)),
