@@ -93,46 +93,192 @@ impl AdaptOptions {
     }
 }
 
+/// What to do now (dask's `Adaptive.recommendations`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Recommendation {
+    Same,
+    /// Run this many workers.
+    Up(usize),
+    /// Retire these workers.
+    Down(Vec<String>),
+}
+
+/// dask's `Adaptive` decision: up at once to the scheduler's target; down only by workers the
+/// scheduler named as idle `wait_count` times in a row (a lull between two bursts retires
+/// nobody).
+#[derive(Clone, Debug)]
+pub struct Recommender {
+    recommended: HashMap<String, u32>,
+    wait_count: u32,
+}
+
+impl Recommender {
+    pub fn new(wait_count: u32) -> Recommender {
+        Recommender { recommended: HashMap::new(), wait_count: wait_count.max(1) }
+    }
+
+    /// `running` workers now; the scheduler wants `target` and could spare `to_close`.
+    pub fn recommend(&mut self, running: usize, target: usize, to_close: &[String]) -> Recommendation {
+        if target > running {
+            self.recommended.clear();
+            return Recommendation::Up(target);
+        }
+        if target == running {
+            self.recommended.clear();
+            return Recommendation::Same;
+        }
+        self.recommended.retain(|name, _| to_close.contains(name));
+        for name in to_close {
+            *self.recommended.entry(name.clone()).or_insert(0) += 1;
+        }
+        let mut ready: Vec<String> =
+            self.recommended.iter().filter(|(_, c)| **c >= self.wait_count).map(|(n, _)| n.clone()).collect();
+        ready.sort();
+        ready.truncate(running - target);
+        for name in &ready {
+            self.recommended.remove(name);
+        }
+        if ready.is_empty() { Recommendation::Same } else { Recommendation::Down(ready) }
+    }
+}
+
 /// Looks every `interval` until `stop`.
 pub(crate) async fn run(pool: Arc<Pool>, options: AdaptOptions, stop: CancellationToken) {
     let (threads, memory) = pool.worker_size();
     let (lo, hi) = options.bounds(threads, memory);
-    // Times in a row each worker was recommended for retirement.
-    let mut recommended: HashMap<String, u32> = HashMap::new();
+    let mut rec = Recommender::new(options.wait_count);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(options.interval) => {}
         }
-        let Some(rec) = pool.sched.adaptive_target(options.target_duration, lo, hi).await else { return };
+        let Some(t) = pool.sched.adaptive_target(options.target_duration, lo, hi).await else { return };
         let n = pool.len();
-        let target = (rec.target as usize).clamp(lo, hi);
-        if target > n {
-            recommended.clear();
-            tracing::info!(from = n, to = target, "adaptive: scaling up");
-            if let Err(e) = pool.start(target - n).await {
-                tracing::warn!(error = %e, "adaptive: scaling up failed");
-            }
-        } else if target < n {
-            recommended.retain(|name, _| rec.to_close.contains(name));
-            for name in &rec.to_close {
-                *recommended.entry(name.clone()).or_insert(0) += 1;
-            }
-            let mut ready: Vec<String> =
-                recommended.iter().filter(|(_, c)| **c >= options.wait_count).map(|(n, _)| n.clone()).collect();
-            ready.sort();
-            ready.truncate(n - target);
-            if !ready.is_empty() {
-                tracing::info!(from = n, workers = ?ready, "adaptive: retiring idle workers");
-                for name in &ready {
-                    recommended.remove(name);
+        match rec.recommend(n, (t.target as usize).clamp(lo, hi), &t.to_close) {
+            Recommendation::Same => {}
+            Recommendation::Up(target) => {
+                tracing::info!(from = n, to = target, "adaptive: scaling up");
+                if let Err(e) = pool.start(target - n).await {
+                    tracing::warn!(error = %e, "adaptive: scaling up failed");
                 }
+            }
+            Recommendation::Down(ready) => {
+                tracing::info!(from = n, workers = ?ready, "adaptive: retiring idle workers");
                 if let Err(e) = pool.retire(&ready).await {
                     tracing::warn!(error = %e, "adaptive: retiring failed");
                 }
             }
-        } else {
-            recommended.clear();
         }
+    }
+}
+
+/// A cluster manager of one's own that [`Adaptive`] can resize (dask's `Cluster` with
+/// `scale_up` and `scale_down`): e.g. one that starts workers through a batch system.
+pub trait ScalableCluster: Send + Sync + 'static {
+    /// Workers it runs now.
+    fn workers(&self) -> usize;
+    /// Threads and memory limit (0: none) of each worker it starts, for the core and memory
+    /// bounds of [`AdaptOptions`].
+    fn worker_size(&self) -> (usize, u64) {
+        (1, 0)
+    }
+    /// Run `n` workers in all.
+    fn scale_up(&self, n: usize) -> Result<()>;
+    /// Retire these workers (names or addresses, as the scheduler gave them).
+    fn scale_down(&self, workers: &[String]) -> Result<()>;
+}
+
+/// dask's `Adaptive` for any [`ScalableCluster`]: every `interval` it asks the scheduler for
+/// its target ([`Client::adaptive_target`](dask_client::Client::adaptive_target)) and scales
+/// the cluster up, or down by the idle workers the scheduler names (see [`Recommender`]).
+/// Stops when dropped.
+#[derive(Debug)]
+pub struct Adaptive {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Adaptive {
+    pub fn start(
+        client: dask_client::Client,
+        cluster: Arc<dyn ScalableCluster>,
+        options: AdaptOptions,
+    ) -> Result<Adaptive> {
+        options.check()?;
+        let (threads, memory) = cluster.worker_size();
+        let (lo, hi) = options.bounds(threads, memory);
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("dask-adaptive".into())
+            .spawn(move || {
+                let mut rec = Recommender::new(options.wait_count);
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(options.interval) {
+                    let (target, to_close) = match client.adaptive_target(options.target_duration, lo, hi) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "adaptive: the scheduler gave no target");
+                            continue;
+                        }
+                    };
+                    let n = cluster.workers();
+                    let r = match rec.recommend(n, target.clamp(lo, hi), &to_close) {
+                        Recommendation::Same => Ok(()),
+                        Recommendation::Up(target) => cluster.scale_up(target),
+                        Recommendation::Down(workers) => cluster.scale_down(&workers),
+                    };
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e, "adaptive: scaling failed");
+                    }
+                }
+            })
+            .map_err(|e| Error::Cluster(format!("could not start the adaptive thread: {e}")))?;
+        Ok(Adaptive { stop: Some(stop), thread: Some(thread) })
+    }
+
+    /// Stops adapting (the cluster stays as it is).
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Adaptive {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn up_at_once_down_only_after_wait_count_looks() {
+        let mut r = Recommender::new(3);
+        assert_eq!(r.recommend(1, 4, &[]), Recommendation::Up(4));
+        assert_eq!(r.recommend(4, 4, &[]), Recommendation::Same);
+        let idle = names(&["a", "b", "c"]);
+        assert_eq!(r.recommend(4, 2, &idle), Recommendation::Same);
+        assert_eq!(r.recommend(4, 2, &idle), Recommendation::Same);
+        // Third time in a row: two go (no more than the target asks), in name order.
+        assert_eq!(r.recommend(4, 2, &idle), Recommendation::Down(names(&["a", "b"])));
+        // A worker no longer named idle starts counting again.
+        let mut r = Recommender::new(2);
+        assert_eq!(r.recommend(3, 1, &names(&["a", "b"])), Recommendation::Same);
+        assert_eq!(r.recommend(3, 1, &names(&["b"])), Recommendation::Down(names(&["b"])));
+        assert_eq!(r.recommend(2, 1, &names(&["a"])), Recommendation::Same, "a's count began again");
+        // Work coming back clears every count.
+        assert_eq!(r.recommend(2, 3, &[]), Recommendation::Up(3));
+        assert_eq!(r.recommend(3, 1, &names(&["a"])), Recommendation::Same);
     }
 }

@@ -8,7 +8,7 @@ mod local;
 mod pool;
 mod spec;
 
-pub use adaptive::AdaptOptions;
+pub use adaptive::{AdaptOptions, Adaptive, Recommendation, Recommender, ScalableCluster};
 pub use local::{LocalCluster, LocalClusterBuilder, init};
 pub use spec::{Launch, SpecCluster, WorkerSpec};
 

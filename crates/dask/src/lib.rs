@@ -25,7 +25,10 @@
 /// `serde_bytes::ByteBuf` are stored raw too, but are copied when read.
 pub use bytes::Bytes;
 pub use dask_client::*;
-pub use dask_cluster::{AdaptOptions, Launch, LocalCluster, LocalClusterBuilder, SpecCluster, WorkerSpec, init};
+pub use dask_cluster::{
+    AdaptOptions, Adaptive, Launch, LocalCluster, LocalClusterBuilder, Recommendation, Recommender, ScalableCluster,
+    SpecCluster, WorkerSpec, init,
+};
 pub use dask_macros::task;
 pub use dask_worker::worker_main;
 

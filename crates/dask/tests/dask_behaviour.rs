@@ -184,9 +184,8 @@ fn a_worker_takes_puts_only_for_keys_the_scheduler_announced() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let pool = dask_protocol::data::DataPool::default();
     let forged = dask_protocol::codec::Value::from_owned(1000i64).unwrap();
-    let err = rt
-        .block_on(pool.put_data(&worker, vec![(x.key().to_string(), forged.clone())], Vec::new(), 0))
-        .unwrap_err();
+    let err =
+        rt.block_on(pool.put_data(&worker, vec![(x.key().to_string(), forged.clone())], Vec::new(), 0)).unwrap_err();
     assert!(err.to_string().contains("did not announce"), "{err}");
     let err = rt.block_on(pool.put_data(&worker, vec![("new-key".into(), forged)], vec![vec![0; 32]], u64::MAX));
     assert!(err.is_err(), "a made-up ticket is refused");

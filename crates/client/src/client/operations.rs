@@ -152,6 +152,27 @@ impl Client {
         self.inner.block_on(async { Ok(self.inner.link.rpc().task_stream(req).await?.into_inner().records) })
     }
 
+    /// dask's `Scheduler.adaptive_target` and `workers_to_close`: how many workers the work in
+    /// hand needs to finish in about `target_duration` (kept within `minimum..=maximum`; 0:
+    /// no bound), and, when fewer are wanted, the names of the idle workers that could go
+    /// (their values fit on the others). What `Adaptive` acts on.
+    pub fn adaptive_target(
+        &self,
+        target_duration: Duration,
+        minimum: usize,
+        maximum: usize,
+    ) -> Result<(usize, Vec<String>)> {
+        let req = pb::AdaptiveRequest {
+            target_duration_s: target_duration.as_secs_f64(),
+            minimum: minimum as u32,
+            maximum: maximum.min(u32::MAX as usize) as u32,
+        };
+        self.inner.block_on(async {
+            let r = self.inner.link.rpc().adaptive_target(req).await?.into_inner();
+            Ok((r.target as usize, r.to_close))
+        })
+    }
+
     /// Where the cluster's time went, by task prefix (dask's `profile`), over the tasks that
     /// ended within `start..stop`: how many ran and failed, compute time (total and longest),
     /// time fetching their inputs, and bytes fetched; the costliest first. (dask samples the

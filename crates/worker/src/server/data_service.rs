@@ -247,9 +247,13 @@ mod tests {
         let real = Value { codec: "bytes", data: bytes::Bytes::from_static(b"computed") };
         put_with_tickets(&pool, &addr, vec![("x".into(), real)]).await.unwrap();
         let forged = Value { codec: "bytes", data: bytes::Bytes::from_static(b"forged!!") };
-        put_with_tickets(&pool, &addr, vec![("x".into(), forged), ("y".into(), Value::raw(bytes::Bytes::from_static(b"new")))])
-            .await
-            .unwrap();
+        put_with_tickets(
+            &pool,
+            &addr,
+            vec![("x".into(), forged), ("y".into(), Value::raw(bytes::Bytes::from_static(b"new")))],
+        )
+        .await
+        .unwrap();
         let got = pool.get_data(&addr, vec!["x".into(), "y".into()]).await.unwrap();
         assert_eq!(&got[0].1.as_ref().unwrap().data[..], b"computed", "the first value stays");
         assert_eq!(&got[1].1.as_ref().unwrap().data[..], b"new", "new keys are taken");
