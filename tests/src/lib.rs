@@ -113,6 +113,18 @@ pub fn plugin_library() -> PathBuf {
     path
 }
 
+/// `(status, body)` of `GET path` on `host:port` (HTTP/1.1, one connection).
+pub fn http_get(host: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(host).expect("connect to the HTTP port");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
 /// A temporary directory removed on drop.
 pub struct TempDir(pub PathBuf);
 
@@ -200,6 +212,10 @@ pub fn wait_for_scheduler_file(path: &Path, timeout: Duration) -> String {
 pub fn start_scheduler(dir: &TempDir, extra: &[&str]) -> (Proc, String) {
     let file = dir.path("scheduler.json");
     let mut args = vec!["--host", "127.0.0.1", "--port", "0", "--scheduler-file", file.to_str().unwrap()];
+    if !extra.iter().any(|a| a.contains("dashboard")) {
+        // Its HTTP side on a port the system picks (the default is dask's :8787).
+        args.extend(["--dashboard-address", ":0"]);
+    }
     args.extend_from_slice(extra);
     let p = Proc::start(&binary("dask-scheduler"), &args, dir.path("scheduler.log"));
     let address = wait_for_scheduler_file(&file, Duration::from_secs(30));

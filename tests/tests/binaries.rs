@@ -114,8 +114,11 @@ fn bad_input_to_the_clis_gets_clear_errors() {
     // A port already in use.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port().to_string();
-    let mut s =
-        Proc::start(&binary("dask-scheduler"), &["--host", "127.0.0.1", "--port", &port], dir.path("taken.log"));
+    let mut s = Proc::start(
+        &binary("dask-scheduler"),
+        &["--host", "127.0.0.1", "--port", &port, "--no-dashboard"],
+        dir.path("taken.log"),
+    );
     assert_eq!(s.wait_exit(LONG).and_then(|s| s.code()), Some(1));
     assert!(s.log().contains("failed to listen"), "{}", s.log());
 }
@@ -268,4 +271,95 @@ fn client_shutdown_closes_the_scheduler_and_its_workers() {
     assert_eq!(sched.wait_exit(LONG).and_then(|s| s.code()), Some(0), "{}", sched.log());
     assert!(w.wait_exit(LONG).is_some(), "the worker closed too: {}", w.log());
     assert!(client.submit(inc, (1,)).is_err(), "the client is closed");
+}
+
+#[test]
+fn scheduler_and_worker_serve_health_and_metrics_over_http() {
+    let dir = TempDir::new("http");
+    let (_sched, address) = start_scheduler(&dir, &[]);
+    // The scheduler file says where the dashboard is, as dask's does.
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path("scheduler.json")).unwrap()).unwrap();
+    let port = file["services"]["dashboard"].as_u64().expect("services.dashboard in the scheduler file");
+    let base = format!("127.0.0.1:{port}");
+    assert_eq!(dask_system_tests::http_get(&base, "/health").1, "ok");
+
+    let w = worker(
+        &dir,
+        &binary("dask-worker"),
+        &[&address, "--nthreads", "2", "--no-nanny", "--dashboard-address", "127.0.0.1:0"],
+        "w.log",
+    );
+    let client = Client::connect(&address).unwrap();
+    client.wait_for_workers(1, Some(LONG)).unwrap();
+    client.submit(inc, (1,)).unwrap().result_timeout(LONG).unwrap();
+    let log = w.log();
+    let wport: u16 = log
+        .split("dashboard=Some(")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("the worker logs its dashboard port: {log}"));
+    let wbase = format!("127.0.0.1:{wport}");
+    assert_eq!(dask_system_tests::http_get(&wbase, "/health"), (200, "ok".to_string()));
+    let start = std::time::Instant::now();
+    loop {
+        // Published with the next heartbeat.
+        let (status, page) = dask_system_tests::http_get(&wbase, "/metrics");
+        assert_eq!(status, 200);
+        if page.contains("dask_worker_threads 2") {
+            assert!(page.contains("dask_worker_memory_bytes{type=\"managed\"}"), "{page}");
+            break;
+        }
+        assert!(start.elapsed() < LONG, "{page}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, page) = dask_system_tests::http_get(&base, "/metrics");
+    assert!(page.contains("dask_scheduler_workers{state=\"idle\"} 1"), "{page}");
+}
+
+#[test]
+fn a_worker_waits_for_its_scheduler_file_to_appear() {
+    let dir = TempDir::new("sched-file-wait");
+    let file = dir.path("later.json");
+    // The worker first, as batch job scripts start them.
+    let _w = worker(
+        &dir,
+        &binary("dask-worker"),
+        &["--scheduler-file", file.to_str().unwrap(), "--nthreads", "1", "--no-nanny"],
+        "w.log",
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let _s = Proc::start(
+        &binary("dask-scheduler"),
+        &[
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--dashboard-address",
+            ":0",
+            "--scheduler-file",
+            file.to_str().unwrap(),
+        ],
+        dir.path("s.log"),
+    );
+    let address = dask_system_tests::wait_for_scheduler_file(&file, LONG);
+    let client = Client::connect(&address).unwrap();
+    client.wait_for_workers(1, Some(LONG)).unwrap();
+    assert_eq!(client.submit(inc, (1,)).unwrap().result_timeout(LONG).unwrap(), 2);
+
+    // dask's values: --nworkers 0 is an error, a death timeout in words gives up in time.
+    let mut p = worker(&dir, &binary("dask-worker"), &["tcp://127.0.0.1:1", "--nworkers", "0"], "zero.log");
+    assert_eq!(p.wait_exit(LONG).and_then(|s| s.code()), Some(1));
+    assert!(p.log().contains("--nworkers 0 starts no worker"), "{}", p.log());
+    let missing = dir.path("never.json");
+    let mut p = worker(
+        &dir,
+        &binary("dask-worker"),
+        &["--scheduler-file", missing.to_str().unwrap(), "--death-timeout", "300ms"],
+        "never.log",
+    );
+    assert_eq!(p.wait_exit(LONG).and_then(|s| s.code()), Some(1));
+    assert!(p.log().contains("did not appear within the death timeout"), "{}", p.log());
 }

@@ -334,7 +334,7 @@ fn a_worker_past_its_lifetime_retires_and_its_nanny_starts_a_fresh_one() {
 fn a_scheduler_restarted_at_the_same_address_gets_its_workers_and_clients_back() {
     let dir = TempDir::new("sched-restart");
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
-    let sched_args = ["--host", "127.0.0.1", "--port", port.as_str()];
+    let sched_args = ["--host", "127.0.0.1", "--port", port.as_str(), "--dashboard-address", ":0"];
     let mut sched = Proc::start(&dask_system_tests::binary("dask-scheduler"), &sched_args, dir.path("s1.log"));
     let address = format!("tcp://127.0.0.1:{port}");
     let _w = nanny_workers(&dir, &address, 2, &[], &[]);

@@ -85,7 +85,7 @@ fn a_scheduler_preload_it_does_not_have_stops_it_with_the_reason() {
     let dir = TempDir::new("preload");
     let mut s = Proc::start(
         &binary("dask-scheduler"),
-        &["--host", "127.0.0.1", "--port", "0", "--preload", "no-such-plugin"],
+        &["--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--preload", "no-such-plugin"],
         dir.path("s.log"),
     );
     assert_eq!(s.wait_exit(LONG).and_then(|s| s.code()), Some(1), "{}", s.log());

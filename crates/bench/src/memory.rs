@@ -47,8 +47,10 @@ pub fn scheduler_bytes_per_task(n: usize) -> (f64, f64) {
             .unwrap()
     };
     let f = file.to_str().unwrap();
-    let mut sched =
-        spawn("scheduler", &["--host", "127.0.0.1", "--port", "0", "--scheduler-file", f, "--log-level", "warn"]);
+    let mut sched = spawn(
+        "scheduler",
+        &["--host", "127.0.0.1", "--port", "0", "--scheduler-file", f, "--log-level", "warn", "--no-dashboard"],
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     while !file.exists() {
         assert!(Instant::now() < deadline, "the scheduler did not start");

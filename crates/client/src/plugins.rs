@@ -21,6 +21,18 @@ pub struct PluginOptions {
     pub idempotent: bool,
 }
 
+/// A plugin of registered type `kind`, as the scheduler keeps it: its state, under its name
+/// (default: the type's).
+fn spec<P: serde::Serialize>(plugin: &P, kind: &str, opts: PluginOptions) -> Result<pb::PluginSpec> {
+    let state = dask_protocol::codec::to_msgpack(plugin)
+        .map_err(|e| Error::InvalidArgument(format!("the plugin cannot be encoded: {e}")))?;
+    let name = opts.name.unwrap_or_else(|| kind.to_string());
+    if name.is_empty() {
+        return Err(Error::InvalidArgument("a plugin needs a name".into()));
+    }
+    Ok(pb::PluginSpec { name, kind: kind.to_string(), state: state.into(), idempotent: opts.idempotent })
+}
+
 /// Where a plugin goes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Target {
@@ -61,18 +73,7 @@ impl Client {
 
     /// [`register_plugin`](Self::register_plugin) under another name, or idempotently.
     pub fn register_plugin_with<P: WorkerPlugin>(&self, plugin: P, opts: PluginOptions) -> Result<()> {
-        let state = dask_protocol::codec::to_msgpack(&plugin)
-            .map_err(|e| Error::InvalidArgument(format!("the plugin cannot be encoded: {e}")))?;
-        let name = opts.name.unwrap_or_else(|| P::NAME.to_string());
-        if name.is_empty() {
-            return Err(Error::InvalidArgument("a plugin needs a name".into()));
-        }
-        self.plugin_op(Op::Add(pb::PluginSpec {
-            name,
-            kind: P::NAME.to_string(),
-            state: state.into(),
-            idempotent: opts.idempotent,
-        }))
+        self.plugin_op(Op::Add(spec(&plugin, P::NAME, opts)?))
     }
 
     /// Starts `plugin` in the scheduler (dask's `register_plugin` of a `SchedulerPlugin`): the
@@ -86,14 +87,7 @@ impl Client {
     /// [`register_scheduler_plugin`](Self::register_scheduler_plugin) under another name, or
     /// idempotently.
     pub fn register_scheduler_plugin_with<P: SchedulerPlugin>(&self, plugin: P, opts: PluginOptions) -> Result<()> {
-        let state = dask_protocol::codec::to_msgpack(&plugin)
-            .map_err(|e| Error::InvalidArgument(format!("the plugin cannot be encoded: {e}")))?;
-        let name = opts.name.unwrap_or_else(|| P::NAME.to_string());
-        if name.is_empty() {
-            return Err(Error::InvalidArgument("a plugin needs a name".into()));
-        }
-        let spec = pb::PluginSpec { name, kind: P::NAME.to_string(), state: state.into(), idempotent: opts.idempotent };
-        self.plugin_op_at(Op::Add(spec), Target::Scheduler)
+        self.plugin_op_at(Op::Add(spec(&plugin, P::NAME, opts)?), Target::Scheduler)
     }
 
     /// Closes and removes the scheduler plugin `name`; an unknown name is an error.
@@ -112,14 +106,7 @@ impl Client {
     /// [`register_nanny_plugin`](Self::register_nanny_plugin) under another name, or
     /// idempotently.
     pub fn register_nanny_plugin_with<P: NannyPlugin>(&self, plugin: P, opts: PluginOptions) -> Result<()> {
-        let state = dask_protocol::codec::to_msgpack(&plugin)
-            .map_err(|e| Error::InvalidArgument(format!("the plugin cannot be encoded: {e}")))?;
-        let name = opts.name.unwrap_or_else(|| P::NAME.to_string());
-        if name.is_empty() {
-            return Err(Error::InvalidArgument("a plugin needs a name".into()));
-        }
-        let spec = pb::PluginSpec { name, kind: P::NAME.to_string(), state: state.into(), idempotent: opts.idempotent };
-        self.plugin_op_at(Op::Add(spec), Target::Nannies)
+        self.plugin_op_at(Op::Add(spec(&plugin, P::NAME, opts)?), Target::Nannies)
     }
 
     /// Tears the nanny plugin `name` down on every nanny and forgets it; an unknown name is an

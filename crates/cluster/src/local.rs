@@ -36,6 +36,8 @@ pub struct LocalClusterBuilder {
     pub(crate) prefix: &'static str,
     /// Scheduler plugins started with the scheduler.
     preload: Vec<String>,
+    /// Where the scheduler serves HTTP.
+    dashboard: Option<String>,
 }
 
 impl LocalClusterBuilder {
@@ -104,6 +106,15 @@ impl LocalClusterBuilder {
         self
     }
 
+    /// Where the scheduler serves HTTP (`/health`, `/metrics`, `/info`, `/api/v1`): dask's
+    /// `dashboard_address`, e.g. `":8787"` (on 127.0.0.1; a port in use falls back to a free
+    /// one). Default `None`: nowhere (dask's default is `:8787`; a cluster inside a program
+    /// opens no fixed port unless asked, see docs/choices.md).
+    pub fn dashboard_address(mut self, address: Option<&str>) -> Self {
+        self.dashboard = address.map(str::to_string);
+        self
+    }
+
     /// Scheduler port (default 0: any free port, so several clusters can run at once).
     pub fn scheduler_port(mut self, port: u16) -> Self {
         self.scheduler_port = port;
@@ -150,7 +161,13 @@ impl LocalClusterBuilder {
             let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.scheduler_port))
                 .await
                 .map_err(|e| Error::Cluster(format!("failed to listen on 127.0.0.1:{}: {e}", self.scheduler_port)))?;
-            let mut config = SchedulerConfig { preload: self.preload.clone(), ..Default::default() };
+            let dashboard = match &self.dashboard {
+                Some(spec) => Some(
+                    dask_protocol::http::parse_dashboard_address(spec, "127.0.0.1").map_err(Error::InvalidArgument)?,
+                ),
+                None => None,
+            };
+            let mut config = SchedulerConfig { preload: self.preload.clone(), dashboard, ..Default::default() };
             config.apply_config(&settings).map_err(Error::InvalidArgument)?;
             let (sched, run) =
                 scheduler::run(listener, config, shutdown.clone()).await.map_err(|e| Error::Cluster(e.to_string()))?;
@@ -463,6 +480,7 @@ impl LocalCluster {
             command: None,
             prefix: "local",
             preload: Vec::new(),
+            dashboard: None,
         }
     }
 
@@ -473,6 +491,12 @@ impl LocalCluster {
     /// `tcp://127.0.0.1:PORT`.
     pub fn scheduler_address(&self) -> String {
         self.scheduler.as_ref().map(|s| s.address.to_string()).unwrap_or_default()
+    }
+
+    /// Where the scheduler serves HTTP (`http://host:port`: `/health`, `/metrics`,
+    /// `/info/*.json`, `/api/v1`), if it does.
+    pub fn http_address(&self) -> Option<String> {
+        self.scheduler.as_ref()?.dashboard.as_ref().map(|a| format!("http://{}:{}", a.host, a.port))
     }
 
     pub fn address(&self) -> &Address {

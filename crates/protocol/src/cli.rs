@@ -1,11 +1,15 @@
 //! What the command lines (`dask-scheduler`, `dask-worker`) share.
 use tokio_util::sync::CancellationToken;
 
-/// Sends logs to stderr through `tracing`, filtered by `--log-level` (a level or a filter such
-/// as `info,dask_scheduler=debug`).
+/// Sends logs to stderr through `tracing`, filtered by `$RUST_LOG` when it is set, else by
+/// `--log-level` (a level or a filter such as `info,dask_scheduler=debug`).
 pub fn init_logging(level: &str) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .map_err(|e| format!("bad --log-level {level:?}: {e} (use error, warn, info, debug or trace)"))?;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.trim().is_empty() => tracing_subscriber::EnvFilter::try_new(&spec)
+            .map_err(|e| format!("bad RUST_LOG {spec:?}: {e} (use error, warn, info, debug or trace)"))?,
+        _ => tracing_subscriber::EnvFilter::try_new(level)
+            .map_err(|e| format!("bad --log-level {level:?}: {e} (use error, warn, info, debug or trace)"))?,
+    };
     // Colours only on a terminal: a log file (systemd, a nanny's child) gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     use tracing_subscriber::layer::SubscriberExt;

@@ -17,6 +17,7 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod data;
+pub mod http;
 pub mod library;
 pub mod logs;
 pub mod plugin;

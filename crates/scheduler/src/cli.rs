@@ -22,11 +22,15 @@ pub struct Args {
     /// Write the scheduler's address to this JSON file, for workers and clients.
     #[arg(long)]
     scheduler_file: Option<std::path::PathBuf>,
-    /// Accepted for compatibility; the dashboard is not implemented yet.
+    /// Where to serve HTTP: /health, /metrics (Prometheus), /info/*.json and /api/v1
+    /// (:PORT, PORT or HOST:PORT; a port in use falls back to a free one).
     #[arg(long, default_value = ":8787")]
     dashboard_address: String,
-    /// Accepted for compatibility; the dashboard is not implemented yet.
-    #[arg(long)]
+    /// Serve HTTP (the default).
+    #[arg(long, overrides_with = "no_dashboard")]
+    dashboard: bool,
+    /// Serve no HTTP.
+    #[arg(long, overrides_with = "dashboard")]
     no_dashboard: bool,
     /// Silence after which a worker is removed, e.g. 300s or "5 minutes" (default: config
     /// distributed.scheduler.worker-ttl, 5 minutes).
@@ -62,9 +66,15 @@ pub fn scheduler_main_from(args: impl IntoIterator<Item = OsString>) -> ExitCode
 
 /// The scheduler's settings: flags over configuration (files, `DASK_*`) over defaults.
 fn scheduler_config(args: &Args, settings: &Config) -> Result<SchedulerConfig, String> {
+    let dashboard = if args.no_dashboard {
+        None
+    } else {
+        Some(dask_protocol::http::parse_dashboard_address(&args.dashboard_address, &args.host)?)
+    };
     let mut config = SchedulerConfig {
         scheduler_file: args.scheduler_file.clone(),
         preload: args.preload.clone(),
+        dashboard,
         ..Default::default()
     };
     config.apply_config(settings)?;

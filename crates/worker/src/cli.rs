@@ -6,7 +6,7 @@ use clap::Parser;
 use dask_protocol::addr::Address;
 use tokio_util::sync::CancellationToken;
 
-use crate::memory::{parse_memory_limit, system_memory};
+use crate::memory::{memory_limit_for, system_memory};
 use crate::server::{self, WorkerConfig};
 
 #[derive(Parser, Debug)]
@@ -17,12 +17,13 @@ pub struct Args {
     /// Read the scheduler's address from this JSON file (written by dask-scheduler --scheduler-file).
     #[arg(long)]
     pub scheduler_file: Option<String>,
-    /// Threads per worker process (default: all cores divided among --nworkers).
+    /// Threads per worker process (default, or 0: the cores divided among --nworkers).
     #[arg(long)]
     pub nthreads: Option<usize>,
-    /// Number of workers to start.
-    #[arg(long, default_value_t = 1)]
-    pub nworkers: usize,
+    /// Number of workers to start: N, -1 (one per core) or auto (dask's split of the cores
+    /// into workers and threads).
+    #[arg(long, default_value = "1", allow_hyphen_values = true)]
+    pub nworkers: String,
     /// A unique name for this worker (with --nworkers > 1, suffixed -0, -1, ...).
     #[arg(long)]
     pub name: Option<String>,
@@ -54,17 +55,25 @@ pub struct Args {
     /// Directory for the worker's files.
     #[arg(long)]
     pub local_directory: Option<String>,
-    /// Seconds to wait for the scheduler before giving up (default: keep trying).
+    /// How long to wait for the scheduler before giving up, e.g. 60, 10s, "1 minute" (default:
+    /// keep trying).
     #[arg(long)]
-    pub death_timeout: Option<f64>,
+    pub death_timeout: Option<String>,
     /// Host to bind the worker's data service to and advertise.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
     /// Port of the worker's data service (default: any free port).
     #[arg(long, default_value_t = 0)]
     pub worker_port: u16,
-    /// Ignored: the dashboard is not implemented yet.
-    #[arg(long)]
+    /// Where each worker serves /health and /metrics (:PORT, PORT or HOST:PORT; :0 picks a
+    /// free port; a port in use falls back to a free one).
+    #[arg(long, default_value = ":0")]
+    pub dashboard_address: String,
+    /// Serve /health and /metrics (the default).
+    #[arg(long, overrides_with = "no_dashboard")]
+    pub dashboard: bool,
+    /// Serve no HTTP.
+    #[arg(long, overrides_with = "dashboard")]
     pub no_dashboard: bool,
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, default_value = "info")]
@@ -87,11 +96,25 @@ pub fn parse_resources(s: &str) -> Result<Vec<(String, f64)>, String> {
 }
 
 /// Finds the scheduler: the argument, then `--scheduler-file`, then `$DASK_SCHEDULER_ADDRESS`.
-pub fn scheduler_address(arg: Option<&str>, file: Option<&str>) -> Result<Address, String> {
+/// A scheduler file that is not there yet is waited for (up to `wait`, if given), as dask's
+/// workers do: batch job scripts start workers before their scheduler.
+pub fn scheduler_address(arg: Option<&str>, file: Option<&str>, wait: Option<Duration>) -> Result<Address, String> {
     if let Some(a) = arg {
         return Address::parse(a, Some(dask_protocol::DEFAULT_SCHEDULER_PORT)).map_err(|e| e.to_string());
     }
     if let Some(f) = file {
+        let started = std::time::Instant::now();
+        let mut said = false;
+        while !std::path::Path::new(f).exists() {
+            if wait.is_some_and(|w| started.elapsed() >= w) {
+                return Err(format!("the scheduler file {f} did not appear within the death timeout ({wait:?})"));
+            }
+            if !said {
+                tracing::info!(file = %f, "waiting for the scheduler file to appear");
+                said = true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let text = std::fs::read_to_string(f).map_err(|e| format!("failed to read scheduler file {f}: {e}"))?;
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| format!("failed to parse scheduler file {f}: {e}"))?;
@@ -136,27 +159,34 @@ const RESTART: u8 = dask_nanny::EXIT_RESTART as u8;
 
 fn run_cli(args: Args, sub: &[&str], nanny_only: bool) -> Result<ExitCode, String> {
     dask_protocol::cli::init_logging(&args.log_level)?;
-    let scheduler = scheduler_address(args.scheduler.as_deref(), args.scheduler_file.as_deref())?;
+    let death_timeout = match &args.death_timeout {
+        Some(d) => {
+            Some(dask_protocol::config::parse_duration(d).map_err(|why| format!("--death-timeout {d:?} {why}"))?)
+        }
+        None => None,
+    };
+    let scheduler = scheduler_address(args.scheduler.as_deref(), args.scheduler_file.as_deref(), death_timeout)?;
     let settings = dask_protocol::config::Config::load().map_err(|e| e.to_string())?;
     // A worker started by a nanny knows it from the environment.
     let my_nanny = std::env::var(dask_nanny::NANNY_ENV).ok().filter(|a| !a.is_empty());
     if nanny_only && args.no_nanny && my_nanny.is_none() {
         return Err("dask-nanny always runs its worker under a nanny; use dask-worker --no-nanny for none".into());
     }
-    let nworkers = args.nworkers.max(1);
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let (nworkers, auto_threads) = workers_and_threads(&args.nworkers, cores)?;
     let nthreads = match args.nthreads {
-        Some(0) => return Err("--nthreads must be at least 1".into()),
+        Some(0) | None => auto_threads,
         Some(n) => n,
-        None => (cores / nworkers).max(1),
     };
-    let memory_limit =
-        parse_memory_limit(&args.memory_limit, system_memory(), nworkers as u64).map_err(|e| e.to_string())?;
+    let (memory_limit, capped) =
+        memory_limit_for(&args.memory_limit, system_memory(), nthreads, cores).map_err(|e| e.to_string())?;
+    if let Some(why) = capped {
+        tracing::warn!("{why}");
+    }
     let resources = match &args.resources {
         Some(r) => parse_resources(r).map_err(|why| format!("--resources {r:?}: {why}"))?,
         None => Vec::new(),
     };
-    let death_timeout = seconds("--death-timeout", args.death_timeout)?;
     let lifetime = Lifetime::from_args(&args, &settings)?;
     let rt = dask_protocol::cli::runtime()?;
     if my_nanny.is_none() && !args.no_nanny {
@@ -190,6 +220,11 @@ fn run_cli(args: Args, sub: &[&str], nanny_only: bool) -> Result<ExitCode, Strin
             config.memory_limit = memory_limit;
             config.host = args.host.clone();
             config.port = if args.worker_port != 0 { args.worker_port + i as u16 } else { 0 };
+            config.dashboard = if args.no_dashboard {
+                None
+            } else {
+                Some(dask_protocol::http::parse_dashboard_address(&args.dashboard_address, &args.host)?)
+            };
             if let Some(d) = &args.local_directory {
                 config.local_directory = d.clone();
             }
@@ -238,12 +273,28 @@ fn run_cli(args: Args, sub: &[&str], nanny_only: bool) -> Result<ExitCode, Strin
     })
 }
 
-fn seconds(flag: &str, value: Option<f64>) -> Result<Option<Duration>, String> {
-    match value {
-        Some(s) if !(s.is_finite() && s >= 0.0) => Err(format!("{flag} {s} is not a number of seconds")),
-        Some(s) => Ok(Some(Duration::from_secs_f64(s))),
-        None => Ok(None),
-    }
+/// `--nworkers` as dask reads it: `N` (at least 1), `-1` (one per core) or `auto` (its
+/// `nprocesses_nthreads`: up to 4 cores, one worker each; above, the smallest factor of the
+/// cores at least their square root). Returns the workers and the default threads of each.
+pub fn workers_and_threads(spec: &str, cores: usize) -> Result<(usize, usize), String> {
+    let cores = cores.max(1);
+    let n = match spec.trim() {
+        "auto" => {
+            if cores <= 4 {
+                cores
+            } else {
+                let root = (cores as f64).sqrt();
+                (1..=cores).find(|f| cores.is_multiple_of(*f) && *f as f64 >= root).unwrap_or(cores)
+            }
+        }
+        "-1" => cores,
+        s => match s.parse::<usize>() {
+            Ok(0) => return Err("--nworkers 0 starts no worker: give 1 or more, -1 (one per core) or auto".into()),
+            Ok(n) => n,
+            Err(_) => return Err(format!("--nworkers {s:?} is not a number of workers (give N, -1 or auto)")),
+        },
+    };
+    Ok((n, (cores / n).max(1)))
 }
 
 /// `--lifetime`, `--lifetime-stagger`, `--lifetime-restart` (or `distributed.worker.lifetime.*`).
@@ -330,14 +381,18 @@ async fn run_nannies(
             }
         };
         opt("--name", name.clone());
+        opt("--dashboard-address", (!args.no_dashboard).then(|| args.dashboard_address.clone()));
         opt("--worker-port", (args.worker_port != 0).then(|| (args.worker_port + i as u16).to_string()));
         opt("--local-directory", args.local_directory.clone());
-        opt("--death-timeout", args.death_timeout.map(|s| s.to_string()));
+        opt("--death-timeout", args.death_timeout.clone());
         opt("--resources", args.resources.clone());
         opt("--lifetime", args.lifetime.clone());
         opt("--lifetime-stagger", args.lifetime_stagger.clone());
         if args.lifetime_restart {
             child.push("--lifetime-restart".into());
+        }
+        if args.no_dashboard {
+            child.push("--no-dashboard".into());
         }
         let launcher =
             dask_nanny::ProcessLauncher { program: program.clone(), args: child, env: Vec::new(), stdout: true };
@@ -364,5 +419,36 @@ async fn run_nannies(
     match error {
         Some(e) => Err(e),
         None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nworkers_reads_as_dask_reads_it() {
+        assert_eq!(workers_and_threads("1", 8), Ok((1, 8)));
+        assert_eq!(workers_and_threads("2", 8), Ok((2, 4)));
+        assert_eq!(workers_and_threads("-1", 8), Ok((8, 1)));
+        // dask's nprocesses_nthreads: up to 4 cores one each; 8 -> 4 x 2, 12 -> 4 x 3, 16 -> 4 x 4.
+        assert_eq!(workers_and_threads("auto", 2), Ok((2, 1)));
+        assert_eq!(workers_and_threads("auto", 8), Ok((4, 2)));
+        assert_eq!(workers_and_threads("auto", 12), Ok((4, 3)));
+        assert_eq!(workers_and_threads("auto", 16), Ok((4, 4)));
+        assert!(workers_and_threads("0", 8).unwrap_err().contains("starts no worker"));
+        assert!(workers_and_threads("many", 8).unwrap_err().contains("is not a number of workers"));
+    }
+
+    #[test]
+    fn nthreads_zero_and_death_timeout_spellings_parse() {
+        let args = Args::parse_from(["dask-worker", "tcp://h:1", "--nthreads", "0", "--death-timeout", "1 minute"]);
+        assert_eq!(args.nthreads, Some(0));
+        assert_eq!(
+            dask_protocol::config::parse_duration(args.death_timeout.as_deref().unwrap()),
+            Ok(Duration::from_secs(60))
+        );
+        let args = Args::parse_from(["dask-worker", "--nworkers", "-1"]);
+        assert_eq!(args.nworkers, "-1");
     }
 }

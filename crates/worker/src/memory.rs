@@ -143,13 +143,35 @@ impl MemoryPolicy {
     }
 }
 
-/// Parses a memory limit. `total` is the system's memory, `nworkers` the processes sharing it.
-pub fn parse_memory_limit(input: &str, total: u64, nworkers: u64) -> Result<u64, MemoryLimitError> {
+/// A worker's memory limit as dask reads `--memory-limit` (its `parse_memory_limit`): `auto` is
+/// the system's memory × the worker's threads / the cores (at most all of it); a bare number up
+/// to 1 is a fraction of the system's memory (`1` is all of it, `0` no limit); otherwise bytes
+/// (`4GB`, `4GiB`, `10e9`). A limit above the system's memory is capped at it: the second value
+/// is the warning to log then. `total`: the system's memory.
+pub fn memory_limit_for(
+    input: &str,
+    total: u64,
+    nthreads: usize,
+    cores: usize,
+) -> Result<(u64, Option<String>), MemoryLimitError> {
+    let limit = if input.trim().eq_ignore_ascii_case("auto") {
+        (total as f64 * (nthreads as f64 / cores.max(1) as f64).min(1.0)) as u64
+    } else {
+        parse_memory_limit(input, total)?
+    };
+    if limit > total && total > 0 {
+        let why = format!(
+            "--memory-limit {input} is more than this machine's memory ({total} bytes): using {total} bytes instead"
+        );
+        return Ok((total, Some(why)));
+    }
+    Ok((limit, None))
+}
+
+/// Parses a memory limit in bytes, or as a fraction (up to 1) of `total`, the system's memory.
+pub fn parse_memory_limit(input: &str, total: u64) -> Result<u64, MemoryLimitError> {
     let err = |why: &str| MemoryLimitError { input: input.to_string(), why: why.to_string() };
     let s = input.trim().to_ascii_lowercase();
-    if s == "auto" {
-        return Ok(total / nworkers.max(1));
-    }
     if s.is_empty() {
         return Err(err("it is empty"));
     }
@@ -161,8 +183,8 @@ pub fn parse_memory_limit(input: &str, total: u64, nworkers: u64) -> Result<u64,
     }
     let factor: f64 = match unit.trim() {
         "" => {
-            // A bare number <= 1 (other than 0) is a fraction of system memory.
-            if value > 0.0 && value <= 1.0 && num.contains('.') || value > 0.0 && value < 1.0 {
+            // A bare number up to 1 is a fraction of the system's memory (dask: `1` is all of it).
+            if value <= 1.0 {
                 return Ok((value * total as f64) as u64);
             }
             1.0
@@ -240,17 +262,24 @@ mod tests {
     #[test]
     fn dask_spellings() {
         let total = 16_000_000_000;
-        assert_eq!(parse_memory_limit("4GB", total, 1), Ok(4_000_000_000));
-        assert_eq!(parse_memory_limit("4GiB", total, 1), Ok(4 * 1024 * 1024 * 1024));
-        assert_eq!(parse_memory_limit("500 MB", total, 1), Ok(500_000_000));
-        assert_eq!(parse_memory_limit("10e9", total, 1), Ok(10_000_000_000));
-        assert_eq!(parse_memory_limit("0", total, 1), Ok(0));
-        assert_eq!(parse_memory_limit("0.5", total, 1), Ok(8_000_000_000));
-        assert_eq!(parse_memory_limit("auto", total, 2), Ok(8_000_000_000));
-        assert_eq!(parse_memory_limit("1234", total, 1), Ok(1234));
+        assert_eq!(parse_memory_limit("4GB", total), Ok(4_000_000_000));
+        assert_eq!(parse_memory_limit("4GiB", total), Ok(4 * 1024 * 1024 * 1024));
+        assert_eq!(parse_memory_limit("500 MB", total), Ok(500_000_000));
+        assert_eq!(parse_memory_limit("10e9", total), Ok(10_000_000_000));
+        assert_eq!(parse_memory_limit("0", total), Ok(0));
+        assert_eq!(parse_memory_limit("0.5", total), Ok(8_000_000_000));
+        assert_eq!(parse_memory_limit("1", total), Ok(total), "1 is all of it, as in dask (not one byte)");
+        assert_eq!(parse_memory_limit("1234", total), Ok(1234));
         for bad in ["", "lots", "4XB", "-1GB"] {
-            let e = parse_memory_limit(bad, total, 1).unwrap_err();
+            let e = parse_memory_limit(bad, total).unwrap_err();
             assert!(e.to_string().contains("use bytes"), "{e}");
         }
+        // auto: the system's memory times threads over cores, not divided among workers.
+        assert_eq!(memory_limit_for("auto", total, 2, 8), Ok((4_000_000_000, None)));
+        assert_eq!(memory_limit_for("auto", total, 16, 8), Ok((total, None)));
+        // Above the machine's memory: capped, with a warning.
+        let (limit, warning) = memory_limit_for("64GB", total, 1, 8).unwrap();
+        assert_eq!(limit, total);
+        assert!(warning.unwrap().contains("more than this machine's memory"));
     }
 }

@@ -160,6 +160,9 @@ impl Default for Config {
     }
 }
 
+/// The names of [`TaskState`]s, in the order [`SchedulerCore::prefix_states`] counts them.
+pub const TASK_STATES: [&str; 7] = ["released", "waiting", "queued", "no-worker", "processing", "memory", "erred"];
+
 /// A task's state; each variant carries what only that state has.
 #[derive(Clone, Debug, PartialEq)]
 pub enum TaskState {
@@ -475,6 +478,38 @@ impl SchedulerCore {
 
     pub fn n_tasks(&self) -> usize {
         self.keys.len()
+    }
+
+    /// Tasks by key prefix and state (in [`TASK_STATES`] order), for metrics and the
+    /// dashboard's progress: one pass over the tasks.
+    pub fn prefix_states(&self) -> Vec<(Arc<str>, [u64; TASK_STATES.len()])> {
+        let mut counts = vec![[0u64; TASK_STATES.len()]; self.prefixes.len()];
+        for t in self.tasks.iter().flatten() {
+            let i = match t.state {
+                TaskState::Released => 0,
+                TaskState::Waiting { .. } => 1,
+                TaskState::Queued => 2,
+                TaskState::NoWorker => 3,
+                TaskState::Processing { .. } => 4,
+                TaskState::Memory { .. } => 5,
+                TaskState::Erred { .. } => 6,
+            };
+            counts[t.prefix as usize][i] += 1;
+        }
+        let mut out: Vec<(Arc<str>, [u64; TASK_STATES.len()])> = self
+            .prefix_ids
+            .iter()
+            .map(|(name, id)| (name.clone(), counts[*id as usize]))
+            .filter(|(_, c)| c.iter().any(|n| *n > 0))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// No task is on its way to memory: none queued, without a worker or processing (dask's
+    /// idle check). A waiting task waits on one of those, so none is waiting either.
+    pub fn is_idle(&self) -> bool {
+        self.queue.is_empty() && self.no_worker.is_empty() && self.workers.iter().all(|(_, w)| w.processing.is_empty())
     }
 
     /// The spec, dependencies and state of `key`, if the scheduler has it.

@@ -7,12 +7,14 @@ impl EventLoop {
     pub(super) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<LoopMsg>, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut woke;
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
                 msg = rx.recv() => {
                     let Some(msg) = msg else { break };
+                    woke = Instant::now();
                     self.on_msg(msg);
                     // Drain what else is waiting: one batch per peer per wake-up.
                     for _ in 0..1024 {
@@ -23,9 +25,13 @@ impl EventLoop {
                     }
                 }
                 _ = tick.tick() => {
+                    woke = Instant::now();
                     self.handle(Event::Tick);
                     self.check_restarts();
                     self.release.if_due();
+                    self.note_idle();
+                    self.loop_stats.ticks += 1;
+                    self.loop_stats.tick_max = self.loop_stats.tick_max.max(woke.elapsed());
                 }
             }
             // Once per batch: retirement walks the retiring workers' values.
@@ -33,6 +39,8 @@ impl EventLoop {
                 self.handle(Event::RetireProgress);
             }
             self.flush();
+            self.loop_stats.wakeups += 1;
+            self.loop_stats.busy += woke.elapsed();
         }
         for n in self.nannies.values() {
             let _ = n.tx.send(Ok(nanny_command(pb::nanny_command::Kind::Close(pb::CloseNanny {
@@ -584,6 +592,9 @@ impl EventLoop {
                     })
                     .collect();
                 let _ = reply.send(pb::TaskSpecsReply { tasks });
+            }
+            Query::Snapshot(reply) => {
+                let _ = reply.send(self.snapshot());
             }
             Query::Story(keys, reply) => {
                 let now = Instant::now();

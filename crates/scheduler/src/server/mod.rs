@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 mod event_loop;
+mod http;
 mod plugins;
 mod run;
 mod service;
@@ -44,6 +45,9 @@ pub struct SchedulerConfig {
     /// Scheduler plugin types to start with the scheduler, from their `Default` (dask's
     /// `--preload`; here a registered plugin type's name).
     pub preload: Vec<String>,
+    /// Where to serve HTTP (`/health`, `/metrics`, ...): host and port (a port in use falls
+    /// back to a free one); `None`: nowhere (`--no-dashboard`).
+    pub dashboard: Option<(String, u16)>,
 }
 
 impl SchedulerConfig {
@@ -73,6 +77,8 @@ impl SchedulerConfig {
 #[derive(Clone, Debug)]
 pub struct SchedulerHandle {
     pub address: Address,
+    /// Where it serves HTTP, if it does.
+    pub dashboard: Option<Address>,
     shutdown: CancellationToken,
     tx: mpsc::UnboundedSender<LoopMsg>,
 }
@@ -205,6 +211,8 @@ enum Query {
     AdaptiveTarget(Duration, usize, usize, oneshot::Sender<pb::AdaptiveReply>),
     Story(Vec<String>, oneshot::Sender<pb::StoryReply>),
     TaskSpecs(Vec<String>, oneshot::Sender<pb::TaskSpecsReply>),
+    /// What the HTTP side shows.
+    Snapshot(oneshot::Sender<Arc<http::Snapshot>>),
     Processing(oneshot::Sender<pb::HasWhatReply>),
     Nbytes(oneshot::Sender<pb::NbytesReply>),
 }
@@ -225,16 +233,38 @@ pub async fn run(
     };
     let (tx, rx) = mpsc::unbounded_channel();
     let id = format!("Scheduler-{:x}", SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos());
+    let dashboard = match &config.dashboard {
+        Some((host, port)) => Some(dask_protocol::http::bind(host, *port, "the scheduler").await?),
+        None => None,
+    };
+    let dashboard_address = match &dashboard {
+        Some(l) => {
+            let a = l.local_addr()?;
+            let host = if a.ip().is_unspecified() { address.host.clone() } else { a.ip().to_string() };
+            Some(Address { host, port: a.port() })
+        }
+        None => None,
+    };
     if let Some(path) = &config.scheduler_file {
-        write_scheduler_file(path, &id, &address)?;
+        write_scheduler_file(path, &id, &address, dashboard_address.as_ref().map(|a| a.port))?;
     }
     let started = SystemTime::now();
     let put_secret = dask_protocol::ticket::new_secret();
-    let service = Service { tx: tx.clone(), stream: Default::default(), shutdown: shutdown.clone(), put_secret };
+    let stream: Arc<task_stream::TaskStream> = Default::default();
+    let service = Service { tx: tx.clone(), stream: stream.clone(), shutdown: shutdown.clone(), put_secret };
     let svc = SchedulerServer::new(service)
         .max_decoding_message_size(dask_protocol::MAX_MESSAGE)
         .max_encoding_message_size(dask_protocol::MAX_MESSAGE);
-    let handle = SchedulerHandle { address: address.clone(), shutdown: shutdown.clone(), tx: tx.clone() };
+    let handle = SchedulerHandle {
+        address: address.clone(),
+        dashboard: dashboard_address.clone(),
+        shutdown: shutdown.clone(),
+        tx: tx.clone(),
+    };
+    if let (Some(listener), Some(at)) = (dashboard, &dashboard_address) {
+        tracing::info!(http = %format!("http://{}:{}", at.host, at.port), "serving /health, /metrics, /info and /api/v1 at");
+        tokio::spawn(dask_protocol::http::serve(listener, http::router(handle.clone(), stream), shutdown.clone()));
+    }
     let core_config = config.core.clone();
     let preload = plugins::preload(&config.preload, &address.to_string()).map_err(std::io::Error::other)?;
     let fut = async move {
@@ -258,11 +288,14 @@ pub async fn run(
             commands: Vec::new(),
             coord: coord::Coordination::new(),
             coord_out: Vec::new(),
-            runs: HashMap::new(),
+            runs: Default::default(),
             worker_plugins: Vec::new(),
+            last_snapshot: None,
+            idle_since: None,
+            loop_stats: Default::default(),
             put_secret,
             nanny_plugins: Vec::new(),
-            nanny_runs: HashMap::new(),
+            nanny_runs: Default::default(),
             scheduler_plugins: Default::default(),
             waiters: Vec::new(),
             id,
@@ -290,12 +323,21 @@ pub async fn run(
 }
 
 /// dask's scheduler file: JSON with at least `address`.
-pub fn write_scheduler_file(path: &std::path::Path, id: &str, address: &Address) -> std::io::Result<()> {
+pub fn write_scheduler_file(
+    path: &std::path::Path,
+    id: &str,
+    address: &Address,
+    dashboard: Option<u16>,
+) -> std::io::Result<()> {
+    let services = match dashboard {
+        Some(port) => serde_json::json!({ "dashboard": port }),
+        None => serde_json::json!({}),
+    };
     let json = serde_json::json!({
         "type": "Scheduler",
         "id": id,
         "address": address.to_string(),
-        "services": {},
+        "services": services,
         "started": SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64(),
         "workers": {},
     });
@@ -362,14 +404,18 @@ struct EventLoop {
     /// What `coord` said, to send with the next flush.
     coord_out: Vec<coord::Out>,
     /// `Client.run` requests waiting for workers, by run id.
-    runs: HashMap<u64, run::PendingRun>,
+    runs: run::Runs<WorkerId>,
     /// Worker plugins, in the order registered: given to every worker that joins.
     worker_plugins: Vec<pb::PluginSpec>,
+    /// The HTTP side's last snapshot, and when it was made.
+    last_snapshot: Option<(Instant, Arc<http::Snapshot>)>,
+    idle_since: Option<SystemTime>,
+    loop_stats: http::LoopStats,
     /// Given to each worker: put tickets are checked with it.
     put_secret: dask_protocol::ticket::Secret,
     /// Nanny plugins, in the order registered: given to every nanny that connects.
     nanny_plugins: Vec<pb::PluginSpec>,
-    nanny_runs: HashMap<u64, run::PendingNannyRun>,
+    nanny_runs: run::Runs<u32>,
     scheduler_plugins: plugins::SchedulerPlugins,
     waiters: Vec<(usize, oneshot::Sender<pb::SchedulerInfo>)>,
     id: String,

@@ -13,20 +13,64 @@ use super::*;
 /// registration, in one message.
 const MAX_WORKER_PLUGINS: usize = dask_protocol::MAX_MESSAGE / 2;
 
-/// A nanny plugin operation waiting for the nannies.
-pub(super) struct PendingNannyRun {
+/// Operations waiting for answers from several peers (workers, `W = WorkerId`; or nannies),
+/// by operation number.
+pub(super) struct Runs<W>(HashMap<u64, PendingRun<W>>);
+
+impl<W> Default for Runs<W> {
+    fn default() -> Self {
+        Runs(HashMap::new())
+    }
+}
+
+struct PendingRun<W> {
     client: ClientId,
     id: u64,
-    waiting: HashSet<u32>,
+    waiting: HashSet<W>,
     results: Vec<pb::RunResult>,
 }
 
-/// A run waiting for its workers.
-pub(super) struct PendingRun {
+/// An operation every peer answered: the client's request `id`, with each peer's result.
+pub(super) struct Answered {
     client: ClientId,
     id: u64,
-    waiting: HashSet<WorkerId>,
     results: Vec<pb::RunResult>,
+}
+
+impl<W: std::hash::Hash + Eq + Copy> Runs<W> {
+    fn wait(&mut self, run: u64, client: ClientId, id: u64, waiting: HashSet<W>) {
+        self.0.insert(run, PendingRun { client, id, waiting, results: Vec::new() });
+    }
+
+    /// `who`'s result for `run` (none awaited: `None`); the operation if it was the last.
+    fn answer(&mut self, run: u64, who: W, result: pb::RunResult) -> Option<Answered> {
+        let p = self.0.get_mut(&run)?;
+        if !p.waiting.remove(&who) {
+            return None;
+        }
+        p.results.push(result);
+        self.finished(run)
+    }
+
+    /// `who` went: every operation awaiting it takes `result()` for it; those now complete.
+    fn gone(&mut self, who: W, result: impl Fn() -> pb::RunResult) -> Vec<Answered> {
+        let runs: Vec<u64> = self.0.iter().filter(|(_, p)| p.waiting.contains(&who)).map(|(r, _)| *r).collect();
+        runs.into_iter().filter_map(|r| self.answer(r, who, result())).collect()
+    }
+
+    fn awaits(&self, run: u64) -> bool {
+        self.0.contains_key(&run)
+    }
+
+    fn finished(&mut self, run: u64) -> Option<Answered> {
+        if !self.0.get(&run)?.waiting.is_empty() {
+            return None;
+        }
+        let p = self.0.remove(&run)?;
+        let mut results = p.results;
+        results.sort_by(|a, b| a.worker.cmp(&b.worker));
+        Some(Answered { client: p.client, id: p.id, results })
+    }
 }
 
 thread_local! {
@@ -183,44 +227,32 @@ impl EventLoop {
             return self.run_reply(client, id, Kind::Run(pb::RunResults::default()));
         }
         let waiting = targets.into_iter().collect();
-        self.runs.insert(run, PendingRun { client, id, waiting, results: Vec::new() });
+        self.runs.wait(run, client, id, waiting);
     }
 
     /// A worker's answer to a run.
     pub(super) fn on_run_done(&mut self, worker: WorkerId, done: pb::RunDone) {
-        let Some(p) = self.runs.get_mut(&done.id) else { return };
-        if !p.waiting.remove(&worker) {
+        if !self.runs.awaits(done.id) {
             return;
         }
         let address = self.worker_meta.get(&worker).map(|m| m.address.to_string()).unwrap_or_default();
         let mut result = done.result.unwrap_or_else(|| failed(&address, "error", "the worker gave no result".into()));
         result.worker = address;
-        p.results.push(result);
-        self.finish_run(done.id);
+        if let Some(a) = self.runs.answer(done.id, worker, result) {
+            self.answered(a);
+        }
     }
 
     /// A worker that went answers every run it was in with the reason.
     pub(super) fn runs_worker_gone(&mut self, worker: WorkerId, address: &str) {
-        let ids: Vec<u64> = self.runs.iter().filter(|(_, p)| p.waiting.contains(&worker)).map(|(id, _)| *id).collect();
-        for id in ids {
-            let p = self.runs.get_mut(&id).expect("listed");
-            p.waiting.remove(&worker);
-            p.results.push(failed(
-                address,
-                "worker-died",
-                format!("worker {address} left before the function returned"),
-            ));
-            self.finish_run(id);
+        let why = format!("worker {address} left before the function returned");
+        for a in self.runs.gone(worker, || failed(address, "worker-died", why.clone())) {
+            self.answered(a);
         }
     }
 
-    fn finish_run(&mut self, run: u64) {
-        if self.runs.get(&run).is_some_and(|p| p.waiting.is_empty()) {
-            let p = self.runs.remove(&run).expect("present");
-            let mut results = p.results;
-            results.sort_by(|a, b| a.worker.cmp(&b.worker));
-            self.run_reply(p.client, p.id, pb::coord_reply::Kind::Run(pb::RunResults { results }));
-        }
+    fn answered(&self, a: Answered) {
+        self.run_reply(a.client, a.id, pb::coord_reply::Kind::Run(pb::RunResults { results: a.results }));
     }
 
     /// A client's nanny plugin registration or removal: kept for nannies that connect later,
@@ -259,40 +291,27 @@ impl EventLoop {
         if waiting.is_empty() {
             return self.run_reply(client, id, Kind::Run(pb::RunResults::default()));
         }
-        self.nanny_runs.insert(run, PendingNannyRun { client, id, waiting, results: Vec::new() });
+        self.nanny_runs.wait(run, client, id, waiting);
     }
 
     /// A nanny's answer to a plugin command.
     pub(super) fn on_nanny_plugin_done(&mut self, nanny: u32, done: pb::RunDone) {
-        let Some(p) = self.nanny_runs.get_mut(&done.id) else { return };
-        if !p.waiting.remove(&nanny) {
+        if !self.nanny_runs.awaits(done.id) {
             return;
         }
         let address = self.nannies.get(&nanny).map(|n| n.address.clone()).unwrap_or_default();
         let mut result = done.result.unwrap_or_else(|| failed(&address, "error", "the nanny gave no result".into()));
         result.worker = address;
-        p.results.push(result);
-        self.finish_nanny_run(done.id);
+        if let Some(a) = self.nanny_runs.answer(done.id, nanny, result) {
+            self.answered(a);
+        }
     }
 
     /// A nanny that went answers for itself.
     pub(super) fn nanny_runs_gone(&mut self, nanny: u32, address: &str) {
-        let ids: Vec<u64> =
-            self.nanny_runs.iter().filter(|(_, p)| p.waiting.contains(&nanny)).map(|(id, _)| *id).collect();
-        for id in ids {
-            let p = self.nanny_runs.get_mut(&id).expect("listed");
-            p.waiting.remove(&nanny);
-            p.results.push(failed(address, "nanny-died", format!("nanny {address} left before it answered")));
-            self.finish_nanny_run(id);
-        }
-    }
-
-    fn finish_nanny_run(&mut self, run: u64) {
-        if self.nanny_runs.get(&run).is_some_and(|p| p.waiting.is_empty()) {
-            let p = self.nanny_runs.remove(&run).expect("present");
-            let mut results = p.results;
-            results.sort_by(|a, b| a.worker.cmp(&b.worker));
-            self.run_reply(p.client, p.id, pb::coord_reply::Kind::Run(pb::RunResults { results }));
+        let why = format!("nanny {address} left before it answered");
+        for a in self.nanny_runs.gone(nanny, || failed(address, "nanny-died", why.clone())) {
+            self.answered(a);
         }
     }
 

@@ -1,7 +1,7 @@
 //! The task stream (dask's `TaskStreamPlugin`): the last runs of tasks, when and on which
 //! worker thread, as the workers reported them. Kept beside the event loop (the worker streams
 //! add to it, one lock per batch; queries read it), so it costs the loop nothing.
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use dask_protocol::pb;
 use parking_lot::Mutex;
@@ -12,6 +12,15 @@ const KEEP: usize = 100_000;
 #[derive(Default)]
 pub(super) struct TaskStream {
     records: Mutex<VecDeque<pb::TaskRecord>>,
+    /// Compute and transfer time of every run since the start, by task prefix (metrics).
+    totals: Mutex<HashMap<String, PrefixTotals>>,
+}
+
+/// Time spent on one task prefix since the scheduler started.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct PrefixTotals {
+    pub(super) compute_s: f64,
+    pub(super) transfer_s: f64,
 }
 
 impl TaskStream {
@@ -42,10 +51,29 @@ impl TaskStream {
         if new.is_empty() {
             return;
         }
+        {
+            let mut totals = self.totals.lock();
+            for t in &new {
+                let prefix = dask_protocol::tokenize::key_prefix(&t.key);
+                let entry = match totals.get_mut(prefix) {
+                    Some(e) => e,
+                    None => totals.entry(prefix.to_string()).or_default(),
+                };
+                entry.compute_s += (t.stop_s - t.start_s).max(0.0);
+                entry.transfer_s += t.transfers.iter().map(|x| (x.stop_s - x.start_s).max(0.0)).sum::<f64>();
+            }
+        }
         let mut r = self.records.lock();
         r.extend(new);
         let over = r.len().saturating_sub(KEEP);
         r.drain(..over);
+    }
+
+    /// Compute and transfer seconds by task prefix, sorted by prefix.
+    pub(super) fn prefix_totals(&self) -> Vec<(String, PrefixTotals)> {
+        let mut v: Vec<(String, PrefixTotals)> = self.totals.lock().iter().map(|(k, t)| (k.clone(), *t)).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
     }
 
     /// Records that ended within `start..stop` (0: no bound), the last `count` of them (0: all).

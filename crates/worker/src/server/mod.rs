@@ -22,6 +22,7 @@ use crate::state::{ComputeRequest, Event, ExecOutcome, Instruction, Key, WorkerS
 use crate::store::{SpillConfig, Store};
 
 mod data_service;
+mod http;
 
 /// How to run one worker.
 #[derive(Clone, Debug)]
@@ -64,6 +65,9 @@ pub struct WorkerConfig {
     /// Abstract resources (`--resources "GPU=2 MEM=10e9"`): tasks that need them run only
     /// where they are free.
     pub resources: Vec<(String, f64)>,
+    /// Where to serve `/health` and `/metrics` (host, port; port 0: any, a port in use falls
+    /// back to a free one); `None`: nowhere (`--no-dashboard`).
+    pub dashboard: Option<(String, u16)>,
 }
 
 impl WorkerConfig {
@@ -88,6 +92,7 @@ impl WorkerConfig {
             lifetime_restart: false,
             simulate: false,
             resources: Vec::new(),
+            dashboard: None,
         }
     }
 
@@ -164,6 +169,8 @@ impl Closed {
 pub struct WorkerHandle {
     pub address: Address,
     pub name: String,
+    /// The port of its HTTP side (`/health`, `/metrics`), if it serves one.
+    pub dashboard: Option<u16>,
     shutdown: CancellationToken,
 }
 
@@ -207,6 +214,23 @@ pub async fn start(
         put_secret: Default::default(),
     });
     let server = tokio::spawn(data::serve(listener, service.clone(), shutdown.clone()));
+    let published: http::Shared = Default::default();
+    {
+        let mut p = published.lock();
+        p.nthreads = config.nthreads;
+        p.memory_limit = config.memory_limit;
+    }
+    let dashboard = match &config.dashboard {
+        Some((host, port)) => {
+            let l = dask_protocol::http::bind(host, *port, "the worker")
+                .await
+                .map_err(|source| WorkerError::Bind { addr: format!("{host}:{port}"), source })?;
+            let at = l.local_addr().map_err(|source| WorkerError::Bind { addr: format!("{host}:{port}"), source })?;
+            tokio::spawn(dask_protocol::http::serve(l, http::router(published.clone()), shutdown.clone()));
+            Some(at.port())
+        }
+        None => None,
+    };
 
     // Register with the scheduler.
     let channel = tokio::select! {
@@ -260,9 +284,9 @@ pub async fn start(
         Some(pb::scheduler_command::Kind::Close(c)) => return Err(WorkerError::Refused(c.reason)),
         _ => return Err(WorkerError::SchedulerLost("the scheduler did not answer the registration".into())),
     };
-    tracing::info!(address = %address, name = %name, nthreads = config.nthreads, scheduler = %config.scheduler, "worker registered");
+    tracing::info!(address = %address, name = %name, nthreads = config.nthreads, scheduler = %config.scheduler, dashboard = ?dashboard, "worker registered");
 
-    let handle = WorkerHandle { address: address.clone(), name: name.clone(), shutdown: shutdown.clone() };
+    let handle = WorkerHandle { address: address.clone(), name: name.clone(), dashboard, shutdown: shutdown.clone() };
     let run = async move {
         let context =
             WorkerContext::new(address.to_string(), name.clone(), config.scheduler.to_string(), config.nthreads);
@@ -294,6 +318,7 @@ pub async fn start(
             context,
             actors: Default::default(),
             plugins: plugins.clone(),
+            published,
             run_threads: Default::default(),
             timing: Default::default(),
         };
@@ -415,6 +440,8 @@ struct Loop {
     /// The actors it hosts.
     actors: crate::actors::Actors,
     plugins: Arc<crate::plugins::Plugins>,
+    /// What the HTTP side shows, published with each heartbeat.
+    published: http::Shared,
     /// `Client.run` functions running now, each on a thread.
     run_threads: Arc<std::sync::atomic::AtomicUsize>,
     /// When and on which thread tasks just done ran, until their report goes out.
@@ -533,18 +560,18 @@ impl Loop {
 
     fn heartbeat(&mut self) {
         let stats = self.store.stats();
-        self.outgoing.push(pb::WorkerEvent {
-            kind: Some(pb::worker_event::Kind::Heartbeat(pb::Heartbeat {
-                memory: self.rss,
-                executing: self.state.executing() as u32,
-                in_memory: self.state.in_memory() as u32,
-                managed: stats.managed,
-                spilled: stats.spilled,
-                spilled_count: stats.spilled_count,
-                paused: self.policy.paused(),
-                spilled_total: stats.spilled_total,
-            })),
-        });
+        let hb = pb::Heartbeat {
+            memory: self.rss,
+            executing: self.state.executing() as u32,
+            in_memory: self.state.in_memory() as u32,
+            managed: stats.managed,
+            spilled: stats.spilled,
+            spilled_count: stats.spilled_count,
+            paused: self.policy.paused(),
+            spilled_total: stats.spilled_total,
+        };
+        self.published.lock().heartbeat = hb;
+        self.outgoing.push(pb::WorkerEvent { kind: Some(pb::worker_event::Kind::Heartbeat(hb)) });
     }
 
     /// One memory sample: pause or resume, and spill if the process is over `spill`.

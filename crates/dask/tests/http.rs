@@ -1,0 +1,115 @@
+//! The scheduler's HTTP side (tier 2): `/health`, Prometheus `/metrics`, the `/info` JSON
+//! pages and dask's `/api/v1` routes, read over a plain socket as a probe or a scraper would.
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use dask::builtins::{inc, slowinc};
+use dask::{Client, LocalCluster};
+
+/// `(status, body)` of one HTTP/1.1 request.
+fn request(base: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    let host = base.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(host).expect("connect to the HTTP port");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+fn get(base: &str, path: &str) -> (u16, String) {
+    request(base, "GET", path, "")
+}
+
+/// The value of one sample in a Prometheus text page.
+fn sample(page: &str, line_start: &str) -> f64 {
+    page.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {line_start} in:\n{page}"))
+}
+
+#[test]
+fn health_metrics_info_and_api_answer_as_dask_does() {
+    let cluster = LocalCluster::builder()
+        .n_workers(2)
+        .threads_per_worker(1)
+        .dashboard_address(Some("127.0.0.1:0"))
+        .build()
+        .unwrap();
+    let client = Client::connect(&cluster.scheduler_address()).unwrap();
+    let base = cluster.http_address().expect("the scheduler serves HTTP");
+    assert_eq!(get(&base, "/health"), (200, "ok".to_string()));
+
+    let held = client.map(inc, 0..10i64).unwrap();
+    client.gather(&held).unwrap();
+    let running = client.submit(slowinc, (1, 2000u64)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, page) = get(&base, "/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(sample(&page, "dask_scheduler_clients "), 1.0);
+    assert_eq!(sample(&page, "dask_scheduler_tasks{state=\"memory\"}"), 10.0);
+    assert_eq!(sample(&page, "dask_scheduler_tasks{state=\"processing\"}"), 1.0);
+    assert_eq!(sample(&page, "dask_scheduler_prefix_state_totals{task_prefix_name=\"inc\",state=\"memory\"}"), 10.0);
+    assert!(sample(&page, "dask_scheduler_tasks_compute_seconds_total{task_prefix_name=\"inc\"}") >= 0.0);
+    let workers: f64 = ["idle", "partially_saturated", "saturated", "paused_or_retiring"]
+        .iter()
+        .map(|s| sample(&page, &format!("dask_scheduler_workers{{state=\"{s}\"}}")))
+        .sum();
+    assert_eq!(workers, 2.0);
+    assert!(page.contains("# TYPE dask_scheduler_tick_count_total counter"), "{page}");
+
+    let (_, tasks) = get(&base, "/info/tasks.json");
+    let tasks: serde_json::Value = serde_json::from_str(&tasks).unwrap();
+    assert_eq!(tasks["prefixes"]["inc"]["memory"], 10);
+    let (_, workers) = get(&base, "/info/workers.json");
+    let workers: serde_json::Value = serde_json::from_str(&workers).unwrap();
+    assert_eq!(workers["workers"].as_array().unwrap().len(), 2);
+    let (_, versions) = get(&base, "/info/versions.json");
+    assert!(versions.contains(env!("CARGO_PKG_VERSION")), "{versions}");
+
+    // dask's operator API.
+    assert_eq!(get(&base, "/api/v1").1, "API V1");
+    let (_, w) = get(&base, "/api/v1/get_workers");
+    let w: serde_json::Value = serde_json::from_str(&w).unwrap();
+    assert_eq!(w["num_workers"], 2);
+    let (_, idle) = get(&base, "/api/v1/check_idle");
+    assert!(idle.contains("idle_since"), "{idle}");
+    let (_, target) = get(&base, "/api/v1/adaptive_target");
+    assert!(target.contains("desired_workers"), "{target}");
+    running.result().unwrap();
+
+    // Retire one worker by address; its held values move to the other first.
+    let victim = cluster.worker_addresses()[0].clone();
+    let (status, body) = request(&base, "POST", "/api/v1/retire_workers", &format!("{{\"workers\": [\"{victim}\"]}}"));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&victim), "{body}");
+    assert_eq!(client.gather(&held).unwrap(), (1..=10).collect::<Vec<i64>>());
+    // Bad requests say what is wrong.
+    let (status, body) = request(&base, "POST", "/api/v1/retire_workers", "not json");
+    assert_eq!(status, 400);
+    assert!(body.contains("not JSON"), "{body}");
+    assert_eq!(get(&base, "/no/such/page").0, 404);
+}
+
+#[test]
+fn a_dashboard_port_in_use_falls_back_to_a_free_one_and_none_means_none() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let cluster =
+        LocalCluster::builder().n_workers(1).dashboard_address(Some(&format!("127.0.0.1:{port}"))).build().unwrap();
+    let base = cluster.http_address().unwrap();
+    assert!(!base.ends_with(&format!(":{port}")), "{base}");
+    assert_eq!(get(&base, "/health").0, 200);
+    let off = LocalCluster::builder().n_workers(1).dashboard_address(None).build().unwrap();
+    assert!(off.http_address().is_none());
+}

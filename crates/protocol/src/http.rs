@@ -1,0 +1,127 @@
+//! Plain HTTP beside the gRPC port (dask's "dashboard" port, `--dashboard-address`): health,
+//! Prometheus metrics and JSON pages. Handlers read snapshots their component publishes; they
+//! never wait on an event loop.
+use std::fmt::Write;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Where `--dashboard-address` says to listen: `:8787` (the component's host, that port),
+/// `8787`, `host:port`, or `[v6]:port`.
+pub fn parse_dashboard_address(spec: &str, default_host: &str) -> Result<(String, u16), String> {
+    let spec = spec.trim();
+    let spec = spec.strip_prefix("http://").unwrap_or(spec);
+    let bad = || {
+        format!("--dashboard-address {spec:?}: expected :PORT, PORT or HOST:PORT (e.g. :8787; port 0 picks a free one)")
+    };
+    let (host, port) = match spec.rsplit_once(':') {
+        Some((h, p)) => (h.trim_start_matches('[').trim_end_matches(']'), p),
+        None => ("", spec),
+    };
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let host = if host.is_empty() { default_host } else { host };
+    Ok((host.to_string(), port))
+}
+
+/// Binds the dashboard's port; one that is taken falls back to a free port with a warning, as
+/// dask does (a second cluster on a host must still start).
+pub async fn bind(host: &str, port: u16, what: &str) -> std::io::Result<TcpListener> {
+    match TcpListener::bind((host, port)).await {
+        Ok(l) => Ok(l),
+        Err(e) if port != 0 && e.kind() == std::io::ErrorKind::AddrInUse => {
+            let l = TcpListener::bind((host, 0)).await?;
+            let got = l.local_addr().map(|a| a.port()).unwrap_or(0);
+            tracing::warn!(
+                "port {port} is already in use (another cluster on this host?); {what} serves HTTP on port {got} instead"
+            );
+            Ok(l)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, router: axum::Router, shutdown: CancellationToken) {
+    let r = axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "the HTTP server stopped");
+    }
+}
+
+/// Prometheus' text exposition format (version 0.0.4), written family by family.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    out: String,
+}
+
+/// The content type of [`Metrics::finish`]'s text.
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+impl Metrics {
+    /// Starts a family: its `# HELP` and `# TYPE` lines (`kind`: gauge or counter).
+    pub fn family(&mut self, name: &str, kind: &str, help: &str) -> &mut Self {
+        let _ = writeln!(self.out, "# HELP {name} {}", help.replace('\\', "\\\\").replace('\n', "\\n"));
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+        self
+    }
+
+    /// One sample of the current family.
+    pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) -> &mut Self {
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                let v = v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+                let _ = write!(self.out, "{k}=\"{v}\"");
+            }
+            self.out.push('}');
+        }
+        if value.is_finite() && value == value.trunc() && value.abs() < 1e15 {
+            let _ = writeln!(self.out, " {}", value as i64);
+        } else {
+            let _ = writeln!(self.out, " {value}");
+        }
+        self
+    }
+
+    /// A family of one unlabelled sample.
+    pub fn single(&mut self, name: &str, kind: &str, help: &str, value: f64) -> &mut Self {
+        self.family(name, kind, help).sample(name, &[], value)
+    }
+
+    pub fn finish(self) -> String {
+        self.out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dashboard_addresses_read_as_dask_reads_them() {
+        assert_eq!(parse_dashboard_address(":8787", "0.0.0.0").unwrap(), ("0.0.0.0".into(), 8787));
+        assert_eq!(parse_dashboard_address("8788", "10.0.0.1").unwrap(), ("10.0.0.1".into(), 8788));
+        assert_eq!(parse_dashboard_address("127.0.0.1:0", "x").unwrap(), ("127.0.0.1".into(), 0));
+        assert_eq!(parse_dashboard_address("[::1]:9000", "x").unwrap(), ("::1".into(), 9000));
+        assert!(parse_dashboard_address("nonsense", "x").unwrap_err().contains("expected :PORT"));
+    }
+
+    #[test]
+    fn metrics_are_written_in_prometheus_text_format() {
+        let mut m = Metrics::default();
+        m.single("dask_scheduler_clients", "gauge", "Number of clients connected", 2.0);
+        m.family("dask_scheduler_tasks", "gauge", "Tasks by state")
+            .sample("dask_scheduler_tasks", &[("state", "memory")], 5.0)
+            .sample("dask_scheduler_tasks", &[("state", "a\"b")], 0.5);
+        assert_eq!(
+            m.finish(),
+            "# HELP dask_scheduler_clients Number of clients connected\n# TYPE dask_scheduler_clients gauge\n\
+             dask_scheduler_clients 2\n# HELP dask_scheduler_tasks Tasks by state\n# TYPE dask_scheduler_tasks gauge\n\
+             dask_scheduler_tasks{state=\"memory\"} 5\ndask_scheduler_tasks{state=\"a\\\"b\"} 0.5\n"
+        );
+    }
+}

@@ -1,0 +1,327 @@
+//! The scheduler's HTTP side (`--dashboard-address`, default `:8787`): `/health`, `/metrics`
+//! (Prometheus, dask's metric names where dask has them), `/info/*.json`, and the `/api/v1`
+//! routes dask's Kubernetes operator calls. Out of the core: handlers ask the event loop for a
+//! [`Snapshot`] (built at most every 250 ms however many ask) or for an operation (retire), as
+//! gRPC calls do; nothing here holds the loop.
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use dask_protocol::http::{METRICS_CONTENT_TYPE, Metrics};
+use dask_protocol::pb;
+use serde_json::{Value as JsonValue, json};
+
+use super::task_stream::TaskStream;
+use super::{EventLoop, LoopMsg, Query, SchedulerHandle};
+use crate::core::TASK_STATES;
+
+/// What the HTTP side reads: the scheduler as the event loop last described it.
+#[derive(Debug, Default)]
+pub(super) struct Snapshot {
+    pub(super) info: pb::SchedulerInfo,
+    pub(super) clients: usize,
+    /// Tasks by key prefix and state ([`TASK_STATES`] order).
+    pub(super) prefix_states: Vec<(Arc<str>, [u64; TASK_STATES.len()])>,
+    pub(super) desired_workers: usize,
+    /// Since when nothing has been on its way to memory (seconds since the epoch).
+    pub(super) idle_since: Option<f64>,
+    pub(super) loop_stats: LoopStats,
+}
+
+/// The event loop's own load.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct LoopStats {
+    /// Wake-ups handled, and the time spent handling them.
+    pub(super) wakeups: u64,
+    pub(super) busy: Duration,
+    /// Periodic ticks, and the longest since the last snapshot.
+    pub(super) ticks: u64,
+    pub(super) tick_max: Duration,
+}
+
+impl EventLoop {
+    /// The snapshot for the HTTP side, rebuilt when the last is older than 250 ms.
+    pub(super) fn snapshot(&mut self) -> Arc<Snapshot> {
+        if let Some((at, s)) = &self.last_snapshot
+            && at.elapsed() < Duration::from_millis(250)
+        {
+            return s.clone();
+        }
+        let desired = self.core.adaptive_target_within(Duration::from_secs(5), 0, usize::MAX).target;
+        let s = Arc::new(Snapshot {
+            info: self.info(),
+            clients: self.clients.len(),
+            prefix_states: self.core.prefix_states(),
+            desired_workers: desired,
+            idle_since: self.idle_since.map(|t| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()),
+            loop_stats: self.loop_stats,
+        });
+        self.loop_stats.tick_max = Duration::ZERO;
+        self.last_snapshot = Some((Instant::now(), s.clone()));
+        s
+    }
+
+    /// On each tick: when the scheduler went idle (dask's `check_idle`).
+    pub(super) fn note_idle(&mut self) {
+        if self.core.is_idle() {
+            self.idle_since.get_or_insert_with(SystemTime::now);
+        } else {
+            self.idle_since = None;
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Http {
+    handle: SchedulerHandle,
+    stream: Arc<TaskStream>,
+}
+
+/// The routes, over a running scheduler.
+pub(super) fn router(handle: SchedulerHandle, stream: Arc<TaskStream>) -> Router {
+    Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .route("/info/workers.json", get(workers))
+        .route("/info/tasks.json", get(tasks))
+        .route("/info/versions.json", get(versions))
+        .route("/api/v1", get(|| async { "API V1" }))
+        .route("/api/v1/get_workers", get(get_workers))
+        .route("/api/v1/adaptive_target", get(adaptive_target))
+        .route("/api/v1/check_idle", get(check_idle))
+        .route("/api/v1/retire_workers", post(retire_workers))
+        .with_state(Http { handle, stream })
+}
+
+impl Http {
+    async fn snapshot(&self) -> Result<Arc<Snapshot>, Response> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let gone = || (StatusCode::SERVICE_UNAVAILABLE, "the scheduler is closing").into_response();
+        self.handle.tx.send(LoopMsg::Query(Query::Snapshot(tx))).map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
+    }
+}
+
+async fn metrics(State(h): State<Http>) -> Response {
+    let s = match h.snapshot().await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let mut m = Metrics::default();
+    m.single("dask_scheduler_clients", "gauge", "Number of clients connected", s.clients as f64);
+    m.single(
+        "dask_scheduler_desired_workers",
+        "gauge",
+        "Number of workers scheduler needs for task graph",
+        s.desired_workers as f64,
+    );
+    let workers = &s.info.workers;
+    let paused = workers.iter().filter(|w| w.status != "running").count();
+    let idle = workers.iter().filter(|w| w.status == "running" && w.processing == 0).count();
+    let saturated = workers.iter().filter(|w| w.status == "running" && w.processing >= w.nthreads.max(1)).count();
+    let partial = workers.len() - paused - idle - saturated;
+    m.family("dask_scheduler_workers", "gauge", "Number of workers known by scheduler");
+    for (state, n) in
+        [("idle", idle), ("partially_saturated", partial), ("saturated", saturated), ("paused_or_retiring", paused)]
+    {
+        m.sample("dask_scheduler_workers", &[("state", state)], n as f64);
+    }
+    m.family("dask_scheduler_tasks", "gauge", "Number of tasks known by scheduler");
+    for (i, state) in TASK_STATES.iter().enumerate() {
+        let n: u64 = s.prefix_states.iter().map(|(_, c)| c[i]).sum();
+        m.sample("dask_scheduler_tasks", &[("state", state)], n as f64);
+    }
+    m.family(
+        "dask_scheduler_prefix_state_totals",
+        "gauge",
+        "Tasks of each task prefix in each state now (dask counts them cumulatively)",
+    );
+    for (prefix, counts) in &s.prefix_states {
+        for (i, state) in TASK_STATES.iter().enumerate() {
+            if counts[i] > 0 {
+                m.sample(
+                    "dask_scheduler_prefix_state_totals",
+                    &[("task_prefix_name", prefix), ("state", state)],
+                    counts[i] as f64,
+                );
+            }
+        }
+    }
+    let totals = h.stream.prefix_totals();
+    m.family(
+        "dask_scheduler_tasks_compute_seconds_total",
+        "counter",
+        "Total amount of compute time spent in each prefix",
+    );
+    for (prefix, t) in &totals {
+        m.sample("dask_scheduler_tasks_compute_seconds_total", &[("task_prefix_name", prefix)], t.compute_s);
+    }
+    m.family(
+        "dask_scheduler_tasks_transfer_seconds_total",
+        "counter",
+        "Total amount of transfer time spent in each prefix",
+    );
+    for (prefix, t) in &totals {
+        m.sample("dask_scheduler_tasks_transfer_seconds_total", &[("task_prefix_name", prefix)], t.transfer_s);
+    }
+    m.family("dask_scheduler_worker_memory_bytes", "gauge", "Memory of the workers, in all, by kind (dask-rs)");
+    for (kind, f) in [
+        ("managed", (|w: &pb::WorkerInfo| w.memory_managed) as fn(&pb::WorkerInfo) -> u64),
+        ("unmanaged", |w| w.memory_unmanaged),
+        ("spilled", |w| w.memory_spilled),
+    ] {
+        m.sample("dask_scheduler_worker_memory_bytes", &[("type", kind)], workers.iter().map(f).sum::<u64>() as f64);
+    }
+    let st = s.loop_stats;
+    m.single(
+        "dask_scheduler_tick_count_total",
+        "counter",
+        "Total number of ticks observed since the server started",
+        st.ticks as f64,
+    );
+    m.single(
+        "dask_scheduler_tick_duration_maximum_seconds",
+        "gauge",
+        "Maximum tick duration observed since Prometheus last scraped metrics",
+        st.tick_max.as_secs_f64(),
+    );
+    m.single(
+        "dask_scheduler_event_loop_wakeups_total",
+        "counter",
+        "Times the event loop woke to handle messages (dask-rs)",
+        st.wakeups as f64,
+    );
+    m.single(
+        "dask_scheduler_event_loop_busy_seconds_total",
+        "counter",
+        "Time the event loop spent handling messages (dask-rs)",
+        st.busy.as_secs_f64(),
+    );
+    m.single(
+        "dask_scheduler_steals_total",
+        "counter",
+        "Tasks moved by work stealing (dask-rs)",
+        s.info.steals_done as f64,
+    );
+    ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], m.finish()).into_response()
+}
+
+fn worker_json(w: &pb::WorkerInfo) -> JsonValue {
+    json!({
+        "address": w.address,
+        "name": w.name,
+        "nthreads": w.nthreads,
+        "memory_limit": w.memory_limit,
+        "status": w.status,
+        "processing": w.processing,
+        "in_memory": w.in_memory,
+        "memory": {
+            "process": w.memory_process,
+            "managed": w.memory_managed,
+            "unmanaged": w.memory_unmanaged,
+            "spilled": w.memory_spilled,
+        },
+        "nanny": w.nanny,
+        "pid": w.pid,
+        "local_directory": w.local_directory,
+        "version": w.version,
+    })
+}
+
+async fn workers(State(h): State<Http>) -> Response {
+    match h.snapshot().await {
+        Ok(s) => Json(json!({ "workers": s.info.workers.iter().map(worker_json).collect::<Vec<_>>() })).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn tasks(State(h): State<Http>) -> Response {
+    let s = match h.snapshot().await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let by_state = |counts: &[u64; TASK_STATES.len()]| -> serde_json::Map<String, JsonValue> {
+        TASK_STATES.iter().zip(counts).map(|(st, n)| (st.to_string(), json!(n))).collect()
+    };
+    let mut total = [0u64; TASK_STATES.len()];
+    for (_, c) in &s.prefix_states {
+        for (t, n) in total.iter_mut().zip(c) {
+            *t += n;
+        }
+    }
+    let prefixes: serde_json::Map<String, JsonValue> =
+        s.prefix_states.iter().map(|(p, c)| (p.to_string(), JsonValue::Object(by_state(c)))).collect();
+    Json(json!({ "tasks": s.info.tasks, "states": by_state(&total), "prefixes": prefixes })).into_response()
+}
+
+async fn versions(State(h): State<Http>) -> Response {
+    match h.snapshot().await {
+        Ok(s) => {
+            let workers: serde_json::Map<String, JsonValue> =
+                s.info.workers.iter().map(|w| (w.address.clone(), json!(w.version))).collect();
+            Json(json!({ "scheduler": s.info.version, "workers": workers })).into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+async fn get_workers(State(h): State<Http>) -> Response {
+    match h.snapshot().await {
+        Ok(s) => Json(json!({
+            "num_workers": s.info.workers.len(),
+            "workers": s.info.workers.iter().map(|w| json!({"name": w.name, "address": w.address})).collect::<Vec<_>>(),
+        }))
+        .into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn adaptive_target(State(h): State<Http>) -> Response {
+    match h.snapshot().await {
+        Ok(s) => Json(json!({ "desired_workers": s.desired_workers })).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn check_idle(State(h): State<Http>) -> Response {
+    match h.snapshot().await {
+        Ok(s) => Json(json!({ "idle_since": s.idle_since })).into_response(),
+        Err(r) => r,
+    }
+}
+
+/// dask's `POST /api/v1/retire_workers` with `{"workers": [...]}` (names or addresses) or
+/// `{"n": k}` (the scheduler picks k idle ones); answers with the workers retired, by address.
+async fn retire_workers(State(h): State<Http>, body: axum::body::Bytes) -> Response {
+    let bad = |why: String| (StatusCode::BAD_REQUEST, Json(json!({ "Error": why }))).into_response();
+    let params: JsonValue = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => return bad(format!("the body is not JSON ({e}): send {{\"workers\": [...]}} or {{\"n\": N}}")),
+    };
+    let workers: Vec<String> = params
+        .get("workers")
+        .and_then(|w| w.as_array())
+        .map(|a| a.iter().filter_map(|w| w.as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    let n = params.get("n").and_then(|n| n.as_u64()).unwrap_or(0) as usize;
+    if workers.is_empty() && n == 0 {
+        return bad("name the workers to retire ({\"workers\": [...]}) or how many ({\"n\": N})".into());
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if h.handle.tx.send(LoopMsg::Retire { workers, n, close: true, reply: tx }).is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "the scheduler is closing").into_response();
+    }
+    match rx.await {
+        Ok(Ok(retired)) => {
+            let out: serde_json::Map<String, JsonValue> =
+                retired.into_iter().map(|a| (a.clone(), json!({ "address": a }))).collect();
+            Json(JsonValue::Object(out)).into_response()
+        }
+        Ok(Err(status)) => bad(status.message().to_string()),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the scheduler is closing").into_response(),
+    }
+}
