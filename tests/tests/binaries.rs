@@ -165,7 +165,7 @@ fn idle_sockets_cannot_starve_the_scheduler() {
     let dir = TempDir::new("idle-sockets");
     let file = dir.path("scheduler.json");
     let mut cmd = std::process::Command::new(binary("dask-scheduler"));
-    cmd.args(["--host", "127.0.0.1", "--port", "0", "--max-connections", "20", "--scheduler-file"])
+    cmd.args(["--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--max-connections", "20", "--scheduler-file"])
         .arg(&file)
         .env("DASK_DISTRIBUTED__SCHEDULER__HANDSHAKE_TIMEOUT", "1s")
         .stdin(std::process::Stdio::null())
@@ -362,4 +362,89 @@ fn a_worker_waits_for_its_scheduler_file_to_appear() {
     );
     assert_eq!(p.wait_exit(LONG).and_then(|s| s.code()), Some(1));
     assert!(p.log().contains("did not appear within the death timeout"), "{}", p.log());
+}
+
+#[test]
+fn pid_files_idle_timeout_and_port_ranges_as_in_dask() {
+    let dir = TempDir::new("pid-idle");
+    let pid_file = dir.path("scheduler.pid");
+    let file = dir.path("s.json");
+    let mut s = Proc::start(
+        &binary("dask-scheduler"),
+        &[
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-dashboard",
+            "--scheduler-file",
+            file.to_str().unwrap(),
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+            "--idle-timeout",
+            "3s",
+        ],
+        dir.path("s.log"),
+    );
+    let address = dask_system_tests::wait_for_scheduler_file(&file, LONG);
+    let pid: u32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    assert!(dask_system_tests::alive(pid));
+    // A worker on a port of a range (the first free one).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let from = taken.local_addr().unwrap().port();
+    let range = format!("{from}:{}", from.saturating_add(20));
+    let _w = worker(&dir, &binary("dask-worker"), &[&address, "--no-nanny", "--worker-port", &range], "w.log");
+    let client = Client::connect(&address).unwrap();
+    client.wait_for_workers(1, Some(LONG)).unwrap();
+    let port: u16 = client.scheduler_info().unwrap().workers[0].address.rsplit(':').next().unwrap().parse().unwrap();
+    assert!(port > from && port <= from + 20, "{port} in {range}, past the taken {from}");
+    // Idle for 3 s: the scheduler closes by itself, exits 0 and removes its pid file.
+    assert_eq!(s.wait_exit(LONG).and_then(|s| s.code()), Some(0), "{}", s.log());
+    assert!(s.log().contains("idle"), "{}", s.log());
+    assert!(!pid_file.exists());
+}
+
+#[test]
+fn workers_advertise_an_address_others_can_reach() {
+    let dir = TempDir::new("advertise");
+    let (_sched, address) = start_scheduler(&dir, &[]);
+    let w = binary("dask-worker");
+    // Listening everywhere, it advertises the address that routes to the scheduler, never
+    // 0.0.0.0; --interface names the interface; --host takes dask's URI form.
+    let _a = worker(&dir, &w, &[&address, "--no-nanny", "--name", "all", "--host", "0.0.0.0"], "a.log");
+    let _b = worker(&dir, &w, &[&address, "--no-nanny", "--name", "lo", "--interface", "lo"], "b.log");
+    let _c = worker(&dir, &w, &[&address, "--no-nanny", "--name", "uri", "--host", "tcp://127.0.0.1"], "c.log");
+    // Behind a port mapping: listen on one address, advertise another (here the same host).
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("tcp://0.0.0.0:{port}");
+    let contact = format!("tcp://127.0.0.1:{port}");
+    let _d = worker(
+        &dir,
+        &w,
+        &[&address, "--no-nanny", "--name", "nat", "--listen-address", &listen, "--contact-address", &contact],
+        "d.log",
+    );
+    let client = Client::connect(&address).unwrap();
+    client.wait_for_workers(4, Some(LONG)).unwrap();
+    let info = client.scheduler_info().unwrap();
+    for wi in &info.workers {
+        assert!(wi.address.starts_with("tcp://127.0.0.1:"), "{} advertises {}", wi.name, wi.address);
+    }
+    let nat = info.workers.iter().find(|wi| wi.name == "nat").unwrap();
+    assert_eq!(nat.address, contact);
+    // Every one of them is reachable by the others: a chain of tasks, each on the next worker,
+    // each fetching its input from the one before at its advertised address.
+    let on = |name: &str| dask::SubmitOptions {
+        workers: vec![name.into()],
+        allow_other_workers: false,
+        ..Default::default()
+    };
+    let mut f = client.submit_with(inc, (0,), on("all")).unwrap();
+    for name in ["lo", "uri", "nat", "all"] {
+        f = client.submit_with(inc, (&f,), on(name)).unwrap();
+    }
+    assert_eq!(f.result_timeout(LONG).unwrap(), 5);
+    let mut bad = worker(&dir, &w, &[&address, "--protocol", "udp"], "bad.log");
+    assert_eq!(bad.wait_exit(LONG).and_then(|s| s.code()), Some(1));
+    assert!(bad.log().contains("only tcp is supported"), "{}", bad.log());
 }

@@ -91,3 +91,28 @@ fn a_scheduler_preload_it_does_not_have_stops_it_with_the_reason() {
     assert_eq!(s.wait_exit(LONG).and_then(|s| s.code()), Some(1), "{}", s.log());
     assert!(s.log().contains("--preload no-such-plugin: no scheduler plugin type named"), "{}", s.log());
 }
+
+#[test]
+fn a_worker_preloads_a_plugin_library_before_it_joins() {
+    let dir = TempDir::new("preload-lib");
+    let (_sched, address) = start_scheduler(&dir, &[]);
+    let lib = plugin_library();
+    let _w = Proc::start(
+        &binary("dask-worker"),
+        &[&address, "--nthreads", "1", "--preload", lib.to_str().unwrap()],
+        dir.path("w.log"),
+    );
+    let client = Client::connect(&address).unwrap();
+    client.wait_for_workers(1, Some(LONG)).unwrap();
+    assert_eq!(client.submit(quadruple, (6,)).unwrap().result_timeout(LONG).unwrap(), 24);
+    // A library that is not one stops the worker with the reason.
+    let junk = dir.path("libjunk.so");
+    std::fs::write(&junk, b"junk").unwrap();
+    let mut bad = Proc::start(
+        &binary("dask-worker"),
+        &[&address, "--no-nanny", "--preload", junk.to_str().unwrap()],
+        dir.path("bad.log"),
+    );
+    assert_eq!(bad.wait_exit(LONG).and_then(|s| s.code()), Some(1), "{}", bad.log());
+    assert!(bad.log().contains("--preload") && bad.log().contains("could not load"), "{}", bad.log());
+}

@@ -38,6 +38,7 @@ pub struct LocalClusterBuilder {
     preload: Vec<String>,
     /// Where the scheduler serves HTTP.
     dashboard: Option<String>,
+    http_api: bool,
 }
 
 impl LocalClusterBuilder {
@@ -115,6 +116,14 @@ impl LocalClusterBuilder {
         self
     }
 
+    /// Serve dask's `/api/v1` routes on the HTTP side too (as dask's
+    /// `distributed.scheduler.http.routes` listing `distributed.http.scheduler.api`, which is
+    /// read from the configuration as well).
+    pub fn http_api(mut self, on: bool) -> Self {
+        self.http_api = on;
+        self
+    }
+
     /// Scheduler port (default 0: any free port, so several clusters can run at once).
     pub fn scheduler_port(mut self, port: u16) -> Self {
         self.scheduler_port = port;
@@ -169,6 +178,7 @@ impl LocalClusterBuilder {
             };
             let mut config = SchedulerConfig { preload: self.preload.clone(), dashboard, ..Default::default() };
             config.apply_config(&settings).map_err(Error::InvalidArgument)?;
+            config.http_api |= self.http_api;
             let (sched, run) =
                 scheduler::run(listener, config, shutdown.clone()).await.map_err(|e| Error::Cluster(e.to_string()))?;
             tokio::spawn(run);
@@ -481,6 +491,7 @@ impl LocalCluster {
             prefix: "local",
             preload: Vec::new(),
             dashboard: None,
+            http_api: false,
         }
     }
 

@@ -29,6 +29,32 @@ fn get(base: &str, path: &str) -> (u16, String) {
     request(base, "GET", path, "")
 }
 
+/// Checks a page is Prometheus text: every family typed before its samples, every sample
+/// `name{labels} number`.
+fn check_exposition(page: &str) {
+    let mut typed = std::collections::HashSet::new();
+    for line in page.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut it = rest.split(' ');
+            let name = it.next().unwrap();
+            assert!(matches!(it.next(), Some("gauge" | "counter")), "{line}");
+            typed.insert(name.to_string());
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line}"));
+        assert!(value.parse::<f64>().is_ok(), "not a number: {line}");
+        let name = series.split('{').next().unwrap();
+        assert!(typed.contains(name), "sample before its # TYPE: {line}");
+        assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "{line}");
+        if let Some(labels) = series.strip_prefix(name) {
+            assert!(labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')), "{line}");
+        }
+    }
+}
+
 /// The value of one sample in a Prometheus text page.
 fn sample(page: &str, line_start: &str) -> f64 {
     page.lines()
@@ -44,6 +70,7 @@ fn health_metrics_info_and_api_answer_as_dask_does() {
         .n_workers(2)
         .threads_per_worker(1)
         .dashboard_address(Some("127.0.0.1:0"))
+        .http_api(true)
         .build()
         .unwrap();
     let client = Client::connect(&cluster.scheduler_address()).unwrap();
@@ -56,10 +83,11 @@ fn health_metrics_info_and_api_answer_as_dask_does() {
     std::thread::sleep(Duration::from_millis(300));
     let (status, page) = get(&base, "/metrics");
     assert_eq!(status, 200);
+    check_exposition(&page);
     assert_eq!(sample(&page, "dask_scheduler_clients "), 1.0);
     assert_eq!(sample(&page, "dask_scheduler_tasks{state=\"memory\"}"), 10.0);
     assert_eq!(sample(&page, "dask_scheduler_tasks{state=\"processing\"}"), 1.0);
-    assert_eq!(sample(&page, "dask_scheduler_prefix_state_totals{task_prefix_name=\"inc\",state=\"memory\"}"), 10.0);
+    assert_eq!(sample(&page, "dask_scheduler_prefix_tasks{task_prefix_name=\"inc\",state=\"memory\"}"), 10.0);
     assert!(sample(&page, "dask_scheduler_tasks_compute_seconds_total{task_prefix_name=\"inc\"}") >= 0.0);
     let workers: f64 = ["idle", "partially_saturated", "saturated", "paused_or_retiring"]
         .iter()
@@ -82,17 +110,35 @@ fn health_metrics_info_and_api_answer_as_dask_does() {
     let (_, w) = get(&base, "/api/v1/get_workers");
     let w: serde_json::Value = serde_json::from_str(&w).unwrap();
     assert_eq!(w["num_workers"], 2);
+    // Busy: not idle. The shapes are those dask's Kubernetes operator reads.
     let (_, idle) = get(&base, "/api/v1/check_idle");
-    assert!(idle.contains("idle_since"), "{idle}");
+    let idle: serde_json::Value = serde_json::from_str(&idle).unwrap();
+    assert!(idle["idle_since"].is_null(), "{idle}");
     let (_, target) = get(&base, "/api/v1/adaptive_target");
-    assert!(target.contains("desired_workers"), "{target}");
+    let target: serde_json::Value = serde_json::from_str(&target).unwrap();
+    assert!(target["workers"].as_u64().is_some_and(|n| n >= 1), "{target}");
     running.result().unwrap();
+    // Idle: since when, once a tick has seen it.
+    let start = std::time::Instant::now();
+    loop {
+        let (_, idle) = get(&base, "/api/v1/check_idle");
+        let idle: serde_json::Value = serde_json::from_str(&idle).unwrap();
+        if let Some(t) = idle["idle_since"].as_f64() {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+            assert!(t <= now && t > now - 60.0, "{idle}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "never idle: {idle}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // Retire one worker by address; its held values move to the other first.
     let victim = cluster.worker_addresses()[0].clone();
     let (status, body) = request(&base, "POST", "/api/v1/retire_workers", &format!("{{\"workers\": [\"{victim}\"]}}"));
     assert_eq!(status, 200, "{body}");
-    assert!(body.contains(&victim), "{body}");
+    let retired: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(retired[&victim]["address"], victim.as_str(), "{body}");
+    assert!(retired[&victim]["name"].as_str().is_some_and(|n| !n.is_empty()), "{body}");
     assert_eq!(client.gather(&held).unwrap(), (1..=10).collect::<Vec<i64>>());
     // Bad requests say what is wrong.
     let (status, body) = request(&base, "POST", "/api/v1/retire_workers", "not json");
@@ -110,6 +156,8 @@ fn a_dashboard_port_in_use_falls_back_to_a_free_one_and_none_means_none() {
     let base = cluster.http_address().unwrap();
     assert!(!base.ends_with(&format!(":{port}")), "{base}");
     assert_eq!(get(&base, "/health").0, 200);
+    // dask's /api/v1 routes are opt-in.
+    assert_eq!(get(&base, "/api/v1/get_workers").0, 404);
     let off = LocalCluster::builder().n_workers(1).dashboard_address(None).build().unwrap();
     assert!(off.http_address().is_none());
 }

@@ -105,3 +105,81 @@ mod tests {
         }
     }
 }
+
+/// The local IP the system would send from to reach `host:port` (no packet is sent: a UDP
+/// socket is connected, which only picks the route). `None` if there is no route.
+pub fn route_ip_to(host: &str, port: u16) -> Option<std::net::IpAddr> {
+    use std::net::{ToSocketAddrs, UdpSocket};
+    let target = (host, port.max(1)).to_socket_addrs().ok()?.next()?;
+    let bind = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let s = UdpSocket::bind(bind).ok()?;
+    s.connect(target).ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_unspecified()).then_some(ip)
+}
+
+/// This host's address for others to reach it by (dask's `get_ip`): the source of its default
+/// route, else loopback.
+pub fn external_ip() -> std::net::IpAddr {
+    route_ip_to("8.8.8.8", 80).unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
+}
+
+/// The IPv4 address of network interface `name` (dask's `--interface`, e.g. `eth0`, `ib0`).
+#[cfg(unix)]
+pub fn interface_ip(name: &str) -> Result<std::net::IpAddr, String> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| format!("cannot list network interfaces: {e}"))?;
+    let mut names = std::collections::BTreeSet::new();
+    for a in addrs {
+        names.insert(a.interface_name.clone());
+        if a.interface_name == name
+            && let Some(ip) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()).map(|s| s.ip())
+        {
+            return Ok(std::net::IpAddr::V4(ip));
+        }
+    }
+    if names.contains(name) {
+        Err(format!("network interface {name:?} has no IPv4 address"))
+    } else {
+        Err(format!("no network interface named {name:?} (there are {names:?})"))
+    }
+}
+
+#[cfg(not(unix))]
+pub fn interface_ip(name: &str) -> Result<std::net::IpAddr, String> {
+    Err(format!("--interface {name}: not supported on this platform; give --host"))
+}
+
+/// A host given as `HOST` or in URI form (`tcp://HOST`, `tcp://HOST:PORT`): the host part.
+pub fn host_of(spec: &str) -> Result<String, String> {
+    let s = spec.trim();
+    let rest = match s.split_once("://") {
+        Some(("tcp", rest)) => rest,
+        Some((scheme, _)) => return Err(format!("{spec:?}: the {scheme}:// protocol is not supported (use tcp)")),
+        None => s,
+    };
+    let rest = rest.trim_end_matches('/');
+    let host = match rest.strip_prefix('[') {
+        Some(v6) => v6.split_once(']').map(|(h, _)| h).unwrap_or(v6),
+        None => rest.rsplit_once(':').filter(|(_, p)| p.parse::<u16>().is_ok()).map_or(rest, |(h, _)| h),
+    };
+    Ok(host.to_string())
+}
+
+#[cfg(test)]
+mod route_tests {
+    use super::*;
+
+    #[test]
+    fn hosts_in_uri_form_and_routes_to_loopback() {
+        assert_eq!(host_of("tcp://127.0.0.1").unwrap(), "127.0.0.1");
+        assert_eq!(host_of("tcp://10.0.0.1:9000").unwrap(), "10.0.0.1");
+        assert_eq!(host_of("0.0.0.0").unwrap(), "0.0.0.0");
+        assert_eq!(host_of("[::1]:80").unwrap(), "::1");
+        assert!(host_of("udp://x").unwrap_err().contains("not supported"));
+        assert_eq!(route_ip_to("127.0.0.1", 8786), Some("127.0.0.1".parse().unwrap()));
+        #[cfg(unix)]
+        assert_eq!(interface_ip("lo").unwrap().to_string(), "127.0.0.1");
+        #[cfg(unix)]
+        assert!(interface_ip("no-such-if0").unwrap_err().contains("no network interface"));
+    }
+}

@@ -1,14 +1,20 @@
 //! What the command lines (`dask-scheduler`, `dask-worker`) share.
 use tokio_util::sync::CancellationToken;
 
-/// Sends logs to stderr through `tracing`, filtered by `$RUST_LOG` when it is set, else by
-/// `--log-level` (a level or a filter such as `info,dask_scheduler=debug`).
+/// Sends logs to stderr through `tracing`, filtered by `--log-level` when given (a level or a
+/// filter such as `info,dask_scheduler=debug`), else by `$RUST_LOG` when set, else `info`.
 pub fn init_logging(level: &str) -> Result<(), String> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(spec) if !spec.trim().is_empty() => tracing_subscriber::EnvFilter::try_new(&spec)
-            .map_err(|e| format!("bad RUST_LOG {spec:?}: {e} (use error, warn, info, debug or trace)"))?,
-        _ => tracing_subscriber::EnvFilter::try_new(level)
+    init_logging_from(Some(level))
+}
+
+/// [`init_logging`] with `--log-level` possibly not given.
+pub fn init_logging_from(level: Option<&str>) -> Result<(), String> {
+    let filter = match (level, std::env::var("RUST_LOG")) {
+        (Some(level), _) => tracing_subscriber::EnvFilter::try_new(level)
             .map_err(|e| format!("bad --log-level {level:?}: {e} (use error, warn, info, debug or trace)"))?,
+        (None, Ok(spec)) if !spec.trim().is_empty() => tracing_subscriber::EnvFilter::try_new(&spec)
+            .map_err(|e| format!("bad RUST_LOG {spec:?}: {e} (use error, warn, info, debug or trace)"))?,
+        _ => tracing_subscriber::EnvFilter::new("info"),
     };
     // Colours only on a terminal: a log file (systemd, a nanny's child) gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -59,5 +65,23 @@ pub fn cancel_on_signals(shutdown: &CancellationToken) {
                 signal.cancel();
             }
         });
+    }
+}
+
+/// A file holding this process's id (`--pid-file`), removed when dropped.
+#[derive(Debug)]
+pub struct PidFile(std::path::PathBuf);
+
+impl PidFile {
+    pub fn write(path: &str) -> Result<PidFile, String> {
+        std::fs::write(path, format!("{}\n", std::process::id()))
+            .map_err(|e| format!("--pid-file {path}: cannot write it: {e}"))?;
+        Ok(PidFile(path.into()))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }

@@ -8,7 +8,12 @@ use sysinfo::{DiskRefreshKind, Disks, Pid, ProcessRefreshKind, ProcessesToUpdate
 pub fn system_memory() -> u64 {
     let mut sys = System::new();
     sys.refresh_memory();
-    sys.total_memory()
+    let total = sys.total_memory();
+    // In a container the cgroup's limit is what there is (dask takes the smaller too).
+    match sys.cgroup_limits() {
+        Some(c) if c.total_memory > 0 && c.total_memory < total => c.total_memory,
+        _ => total,
+    }
 }
 
 /// Returns memory that mimalloc (the allocator of our binaries) holds freed but mapped, as it

@@ -13,9 +13,13 @@ use dask_protocol::config::{Config, parse_duration};
 #[derive(Parser, Debug)]
 #[command(name = "dask-scheduler", version, about = "Start a dask-rs scheduler")]
 pub struct Args {
-    /// Host to listen on (default: all interfaces, like dask).
+    /// Host (or tcp://HOST) to listen on (default: all interfaces, like dask; the address
+    /// advertised is then the host's own, that others reach it by).
     #[arg(long, default_value = "0.0.0.0")]
     host: String,
+    /// Listen on this network interface's address (e.g. eth0, ib0) instead of --host.
+    #[arg(long)]
+    interface: Option<String>,
     /// Port to listen on (0: any free port).
     #[arg(long, default_value_t = dask_protocol::DEFAULT_SCHEDULER_PORT)]
     port: u16,
@@ -49,9 +53,17 @@ pub struct Args {
     /// --preload takes a Python module; here code ships in the binary).
     #[arg(long)]
     preload: Vec<String>,
-    /// Log level: error, warn, info, debug, trace.
-    #[arg(long, default_value = "info")]
-    log_level: String,
+    /// Close the scheduler once no task has been on its way for this long, e.g. 1h (dask's
+    /// --idle-timeout).
+    #[arg(long)]
+    idle_timeout: Option<String>,
+    /// Write the process id to this file (removed at exit).
+    #[arg(long)]
+    pid_file: Option<String>,
+    /// Log level: error, warn, info, debug, trace, or a filter (default: $RUST_LOG if set,
+    /// else info).
+    #[arg(long)]
+    log_level: Option<String>,
 }
 
 /// Runs `dask-scheduler` with the process's arguments.
@@ -71,10 +83,15 @@ fn scheduler_config(args: &Args, settings: &Config) -> Result<SchedulerConfig, S
     } else {
         Some(dask_protocol::http::parse_dashboard_address(&args.dashboard_address, &args.host)?)
     };
+    let idle_timeout = match &args.idle_timeout {
+        Some(t) => Some(parse_duration(t).map_err(|why| format!("--idle-timeout {t:?} {why}"))?),
+        None => None,
+    };
     let mut config = SchedulerConfig {
         scheduler_file: args.scheduler_file.clone(),
         preload: args.preload.clone(),
         dashboard,
+        idle_timeout,
         ..Default::default()
     };
     config.apply_config(settings)?;
@@ -111,10 +128,15 @@ fn scheduler_config(args: &Args, settings: &Config) -> Result<SchedulerConfig, S
     Ok(config)
 }
 
-fn run(args: Args) -> Result<(), String> {
-    dask_protocol::cli::init_logging(&args.log_level)?;
+fn run(mut args: Args) -> Result<(), String> {
+    args.host = match &args.interface {
+        Some(i) => dask_protocol::addr::interface_ip(i).map_err(|e| format!("--interface {i}: {e}"))?.to_string(),
+        None => dask_protocol::addr::host_of(&args.host).map_err(|e| format!("--host {e}"))?,
+    };
+    dask_protocol::cli::init_logging_from(args.log_level.as_deref())?;
     let settings = Config::load().map_err(|e| e.to_string())?;
     let config = scheduler_config(&args, &settings)?;
+    let _pid_file = args.pid_file.as_deref().map(dask_protocol::cli::PidFile::write).transpose()?;
     let rt = dask_protocol::cli::runtime()?;
     rt.block_on(async move {
         let bind = format!("{}:{}", args.host, args.port);

@@ -59,12 +59,34 @@ pub struct Args {
     /// keep trying).
     #[arg(long)]
     pub death_timeout: Option<String>,
-    /// Host to bind the worker's data service to and advertise.
-    #[arg(long, default_value = "127.0.0.1")]
-    pub host: String,
-    /// Port of the worker's data service (default: any free port).
-    #[arg(long, default_value_t = 0)]
-    pub worker_port: u16,
+    /// Host (or tcp://HOST) to listen on and advertise; 0.0.0.0 listens everywhere and
+    /// advertises the address that routes to the scheduler (default: that address).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Listen on this network interface's address (e.g. eth0, ib0) instead of --host.
+    #[arg(long)]
+    pub interface: Option<String>,
+    /// Where to listen, tcp://HOST:PORT (with --contact-address, behind address translation).
+    #[arg(long)]
+    pub listen_address: Option<String>,
+    /// The address to advertise to the scheduler and peers, tcp://HOST:PORT, when it is not
+    /// the one listened on.
+    #[arg(long)]
+    pub contact_address: Option<String>,
+    /// The protocol: tcp (the only one yet; tls comes with TLS support).
+    #[arg(long, default_value = "tcp")]
+    pub protocol: String,
+    /// Port of the worker's data service: PORT, or a range FROM:TO whose first free port is
+    /// taken (default 0: any free port; with --nworkers, PORT counts up, a range is shared).
+    #[arg(long, default_value = "0")]
+    pub worker_port: String,
+    /// Load this plugin library (a cdylib built with dask::plugin_library!()) before
+    /// connecting, so its task functions run here (repeatable; dask's --preload).
+    #[arg(long)]
+    pub preload: Vec<String>,
+    /// Write the process id to this file (removed at exit).
+    #[arg(long)]
+    pub pid_file: Option<String>,
     /// Where each worker serves /health and /metrics (:PORT, PORT or HOST:PORT; :0 picks a
     /// free port; a port in use falls back to a free one).
     #[arg(long, default_value = ":0")]
@@ -75,9 +97,10 @@ pub struct Args {
     /// Serve no HTTP.
     #[arg(long, overrides_with = "dashboard")]
     pub no_dashboard: bool,
-    /// Log level: error, warn, info, debug, trace.
-    #[arg(long, default_value = "info")]
-    pub log_level: String,
+    /// Log level: error, warn, info, debug, trace, or a filter (default: $RUST_LOG if set,
+    /// else info).
+    #[arg(long)]
+    pub log_level: Option<String>,
 }
 
 /// Parses `GPU=2 MEM=10e9`.
@@ -157,8 +180,8 @@ pub fn worker_main_as(args: impl IntoIterator<Item = std::ffi::OsString>, sub: &
 /// Exit code of a worker that asks its nanny for a fresh worker.
 const RESTART: u8 = dask_nanny::EXIT_RESTART as u8;
 
-fn run_cli(args: Args, sub: &[&str], nanny_only: bool) -> Result<ExitCode, String> {
-    dask_protocol::cli::init_logging(&args.log_level)?;
+fn run_cli(mut args: Args, sub: &[&str], nanny_only: bool) -> Result<ExitCode, String> {
+    dask_protocol::cli::init_logging_from(args.log_level.as_deref())?;
     let death_timeout = match &args.death_timeout {
         Some(d) => {
             Some(dask_protocol::config::parse_duration(d).map_err(|why| format!("--death-timeout {d:?} {why}"))?)
@@ -166,6 +189,13 @@ fn run_cli(args: Args, sub: &[&str], nanny_only: bool) -> Result<ExitCode, Strin
         None => None,
     };
     let scheduler = scheduler_address(args.scheduler.as_deref(), args.scheduler_file.as_deref(), death_timeout)?;
+    // Where to listen and what to advertise, settled once: the nanny's children get it as is.
+    let place = placement(&args, &scheduler)?;
+    args.host = Some(place.host);
+    if let Some(p) = place.port {
+        args.worker_port = p.to_string();
+    }
+    let contact = place.contact;
     let settings = dask_protocol::config::Config::load().map_err(|e| e.to_string())?;
     // A worker started by a nanny knows it from the environment.
     let my_nanny = std::env::var(dask_nanny::NANNY_ENV).ok().filter(|a| !a.is_empty());
@@ -188,6 +218,17 @@ fn run_cli(args: Args, sub: &[&str], nanny_only: bool) -> Result<ExitCode, Strin
         None => Vec::new(),
     };
     let lifetime = Lifetime::from_args(&args, &settings)?;
+    let ports = port_range(&args.worker_port)?;
+    // Plugin libraries load in the worker process (not in its nanny).
+    if args.no_nanny || my_nanny.is_some() {
+        for lib in &args.preload {
+            let path = std::path::Path::new(lib);
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            crate::library::load(path, &crate::library::crate_name(name))
+                .map_err(|why| format!("--preload {lib}: {why}"))?;
+        }
+    }
+    let _pid_file = args.pid_file.as_deref().map(dask_protocol::cli::PidFile::write).transpose()?;
     let rt = dask_protocol::cli::runtime()?;
     if my_nanny.is_none() && !args.no_nanny {
         return rt.block_on(run_nannies(
@@ -218,12 +259,20 @@ fn run_cli(args: Args, sub: &[&str], nanny_only: bool) -> Result<ExitCode, Strin
                 (None, _) => None,
             };
             config.memory_limit = memory_limit;
-            config.host = args.host.clone();
-            config.port = if args.worker_port != 0 { args.worker_port + i as u16 } else { 0 };
+            config.host = args.host.clone().unwrap_or_default();
+            config.contact = contact.clone();
+            (config.port, config.port_to) = match ports {
+                (0, None) => (0, None),
+                (p, None) => (p + i as u16, None),
+                range => range,
+            };
             config.dashboard = if args.no_dashboard {
                 None
             } else {
-                Some(dask_protocol::http::parse_dashboard_address(&args.dashboard_address, &args.host)?)
+                Some(dask_protocol::http::parse_dashboard_address(
+                    &args.dashboard_address,
+                    args.host.as_deref().unwrap_or_default(),
+                )?)
             };
             if let Some(d) = &args.local_directory {
                 config.local_directory = d.clone();
@@ -273,6 +322,59 @@ fn run_cli(args: Args, sub: &[&str], nanny_only: bool) -> Result<ExitCode, Strin
     })
 }
 
+/// Where a worker listens and what it advertises.
+struct Placement {
+    host: String,
+    /// From `--listen-address`: the port, over `--worker-port`.
+    port: Option<u16>,
+    contact: Option<Address>,
+}
+
+/// dask's `--host` (also `tcp://HOST`), `--interface`, `--listen-address`, `--contact-address`
+/// and `--protocol`. Without any, the worker listens on (and advertises) the address that
+/// routes to the scheduler.
+fn placement(args: &Args, scheduler: &Address) -> Result<Placement, String> {
+    if args.protocol != "tcp" {
+        return Err(format!("--protocol {}: only tcp is supported (TLS is not there yet)", args.protocol));
+    }
+    let contact = match &args.contact_address {
+        Some(c) => Some(Address::parse(c, None).map_err(|e| format!("--contact-address: {e}"))?),
+        None => None,
+    };
+    if let Some(l) = &args.listen_address {
+        if args.host.is_some() || args.interface.is_some() {
+            return Err("give --listen-address, or --host/--interface, not both".into());
+        }
+        let a = Address::parse(l, None).map_err(|e| format!("--listen-address: {e}"))?;
+        return Ok(Placement { host: a.host, port: Some(a.port), contact });
+    }
+    let host = match (&args.interface, &args.host) {
+        (Some(_), Some(_)) => return Err("give --host or --interface, not both".into()),
+        (Some(i), None) => {
+            dask_protocol::addr::interface_ip(i).map_err(|e| format!("--interface {i}: {e}"))?.to_string()
+        }
+        (None, Some(h)) => dask_protocol::addr::host_of(h).map_err(|e| format!("--host {e}"))?,
+        (None, None) => dask_protocol::addr::route_ip_to(&scheduler.host, scheduler.port)
+            .map_or_else(|| "127.0.0.1".to_string(), |ip| ip.to_string()),
+    };
+    Ok(Placement { host, port: None, contact })
+}
+
+/// `--worker-port`: `PORT` or `FROM:TO`.
+fn port_range(spec: &str) -> Result<(u16, Option<u16>), String> {
+    let bad = || format!("--worker-port {spec:?}: give a port (18810) or a range (18810:18820)");
+    match spec.split_once(':') {
+        Some((a, b)) => {
+            let (a, b): (u16, u16) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+            if a == 0 || b < a {
+                return Err(bad());
+            }
+            Ok((a, Some(b)))
+        }
+        None => Ok((spec.trim().parse().map_err(|_| bad())?, None)),
+    }
+}
+
 /// `--nworkers` as dask reads it: `N` (at least 1), `-1` (one per core) or `auto` (its
 /// `nprocesses_nthreads`: up to 4 cores, one worker each; above, the smallest factor of the
 /// cores at least their square root). Returns the workers and the default threads of each.
@@ -287,7 +389,11 @@ pub fn workers_and_threads(spec: &str, cores: usize) -> Result<(usize, usize), S
                 (1..=cores).find(|f| cores.is_multiple_of(*f) && *f as f64 >= root).unwrap_or(cores)
             }
         }
-        "-1" => cores,
+        s if s.starts_with('-') => match s.parse::<i64>() {
+            // dask: -1 is one per core, -2 one fewer, ...
+            Ok(n) if cores as i64 + 1 + n >= 1 => (cores as i64 + 1 + n) as usize,
+            _ => return Err(format!("--nworkers {s}: leaves no worker on {cores} cores")),
+        },
         s => match s.parse::<usize>() {
             Ok(0) => return Err("--nworkers 0 starts no worker: give 1 or more, -1 (one per core) or auto".into()),
             Ok(n) => n,
@@ -351,6 +457,7 @@ async fn run_nannies(
     sub: &[&str],
 ) -> Result<ExitCode, String> {
     let program = std::env::current_exe().map_err(|e| format!("failed to find this program to start workers: {e}"))?;
+    let ports = port_range(&args.worker_port)?;
     let shutdown = CancellationToken::new();
     dask_protocol::cli::cancel_on_signals(&shutdown);
     let mut runs = Vec::new();
@@ -369,9 +476,7 @@ async fn run_nannies(
             "--memory-limit".into(),
             memory_limit.to_string(),
             "--host".into(),
-            args.host.clone(),
-            "--log-level".into(),
-            args.log_level.clone(),
+            args.host.clone().unwrap_or_default(),
         ];
         child.extend(flags.into_iter().map(Into::into));
         let mut opt = |flag: &str, v: Option<String>| {
@@ -382,7 +487,19 @@ async fn run_nannies(
         };
         opt("--name", name.clone());
         opt("--dashboard-address", (!args.no_dashboard).then(|| args.dashboard_address.clone()));
-        opt("--worker-port", (args.worker_port != 0).then(|| (args.worker_port + i as u16).to_string()));
+        opt(
+            "--worker-port",
+            match ports {
+                (0, None) => None,
+                (p, None) => Some((p + i as u16).to_string()),
+                (a, Some(b)) => Some(format!("{a}:{b}")),
+            },
+        );
+        for lib in &args.preload {
+            opt("--preload", Some(lib.clone()));
+        }
+        opt("--contact-address", args.contact_address.clone());
+        opt("--log-level", args.log_level.clone());
         opt("--local-directory", args.local_directory.clone());
         opt("--death-timeout", args.death_timeout.clone());
         opt("--resources", args.resources.clone());
@@ -399,7 +516,7 @@ async fn run_nannies(
         let mut config =
             dask_nanny::NannyConfig::new(scheduler.clone(), name.clone().unwrap_or_else(|| format!("nanny-{i}")));
         config.apply_config(settings)?;
-        config.host = args.host.clone();
+        config.host = args.host.clone().unwrap_or_default();
         config.port = if args.nanny_port != 0 { args.nanny_port + i as u16 } else { 0 };
         config.memory_limit = memory_limit;
         config.death_timeout = death_timeout;
@@ -431,6 +548,8 @@ mod tests {
         assert_eq!(workers_and_threads("1", 8), Ok((1, 8)));
         assert_eq!(workers_and_threads("2", 8), Ok((2, 4)));
         assert_eq!(workers_and_threads("-1", 8), Ok((8, 1)));
+        assert_eq!(workers_and_threads("-2", 8), Ok((7, 1)));
+        assert!(workers_and_threads("-9", 8).is_err());
         // dask's nprocesses_nthreads: up to 4 cores one each; 8 -> 4 x 2, 12 -> 4 x 3, 16 -> 4 x 4.
         assert_eq!(workers_and_threads("auto", 2), Ok((2, 1)));
         assert_eq!(workers_and_threads("auto", 8), Ok((4, 2)));

@@ -52,8 +52,10 @@ pub struct ClusterStarter(pub fn() -> Result<StartedCluster>);
 pub type StartedCluster = (String, Box<dyn std::any::Any + Send>);
 inventory::collect!(ClusterStarter);
 
-/// How many times a value whose holders failed to give it is asked for again.
-const FETCH_ROUNDS: usize = 4;
+/// How many times a value whose holders failed to give it is asked for again: the scheduler
+/// may take a moment to notice that its holder died (it waits up to 0.5 s for the nanny to say
+/// why), so the rounds back off, 50 ms doubling (3 s in all).
+const FETCH_ROUNDS: usize = 7;
 
 pub(crate) struct ClientInner {
     address: Address,
@@ -228,7 +230,8 @@ impl ClientInner {
                     why: format!("no holder could give it after {FETCH_ROUNDS} attempts"),
                 });
             }
-            // Ask the scheduler where these are now.
+            // Ask the scheduler where these are now, once it has had time to notice.
+            tokio::time::sleep(Duration::from_millis(50 << round)).await;
             for k in &failed {
                 let (version, state) = versions[k];
                 state.reset_if(version);

@@ -80,23 +80,29 @@ impl SchedulerCore {
             .map(|(id, w)| (w.nbytes, *id))
             .collect();
         idle.sort();
+        // Room of the open workers, kept up to date as some are picked (linear, not cubic, in
+        // workers: the HTTP side asks for the target often).
+        let room_of = |id: &WorkerId| {
+            let w = &self.workers[id];
+            (w.spec.memory_limit > 0).then(|| w.spec.memory_limit.saturating_sub(w.nbytes))
+        };
+        let mut room: u64 = open.iter().filter_map(room_of).sum();
+        let mut unbounded = open.iter().filter(|id| room_of(id).is_none()).count();
         let mut closing: Vec<WorkerId> = Vec::new();
         for (nbytes, id) in idle {
             if closing.len() == n {
                 break;
             }
             // Its values need a worker that stays, with room for them (no limit: room enough).
-            let staying: Vec<&WorkerId> = open.iter().filter(|w| **w != id && !closing.contains(w)).collect();
-            let room: Option<u64> = staying
-                .iter()
-                .map(|w| {
-                    let w = &self.workers[*w];
-                    (w.spec.memory_limit > 0).then(|| w.spec.memory_limit.saturating_sub(w.nbytes))
-                })
-                .sum();
-            if nbytes > 0 && (staying.is_empty() || room.is_some_and(|r| r < nbytes)) {
+            let mine = room_of(&id);
+            let staying = open.len() - closing.len() - 1;
+            let staying_unbounded = unbounded - usize::from(mine.is_none());
+            let staying_room = room - mine.unwrap_or(0);
+            if nbytes > 0 && (staying == 0 || (staying_unbounded == 0 && staying_room < nbytes)) {
                 continue;
             }
+            room = staying_room;
+            unbounded = staying_unbounded;
             closing.push(id);
         }
         closing.iter().map(|id| self.workers[id].spec.name.clone()).collect()

@@ -541,6 +541,12 @@ impl SchedulerCore {
         })
     }
 
+    /// Each worker with how many values it holds (not which: no key is cloned), its tasks
+    /// processing and its bytes in memory.
+    pub fn worker_counts(&self) -> impl Iterator<Item = (WorkerId, &WorkerSpec, usize, usize, u64)> + '_ {
+        self.workers.iter().map(|(id, w)| (*id, &w.spec, w.has_what.len(), w.processing.len(), w.nbytes))
+    }
+
     /// The keys each worker is running (or about to), by address (dask's `processing`).
     pub fn processing(&self) -> Vec<(Arc<str>, Vec<Key>)> {
         self.workers

@@ -26,12 +26,23 @@ impl EventLoop {
                 }
                 _ = tick.tick() => {
                     woke = Instant::now();
+                    // A late tick shows how long the loop was held up.
+                    if let Some(prev) = self.last_tick_at.replace(woke) {
+                        self.loop_stats.tick_max = self.loop_stats.tick_max.max(woke - prev);
+                    }
+                    self.last_tick.store(super::http::now_s().to_bits(), std::sync::atomic::Ordering::Relaxed);
                     self.handle(Event::Tick);
                     self.check_restarts();
                     self.release.if_due();
                     self.note_idle();
+                    if let (Some(limit), Some(since)) = (self.idle_timeout, self.idle_since)
+                        && since.elapsed().unwrap_or_default() >= limit
+                    {
+                        tracing::info!("scheduler closing after being idle for {limit:?} (--idle-timeout)");
+                        shutdown.cancel();
+                        break;
+                    }
                     self.loop_stats.ticks += 1;
-                    self.loop_stats.tick_max = self.loop_stats.tick_max.max(woke.elapsed());
                 }
             }
             // Once per batch: retirement walks the retiring workers' values.
@@ -168,6 +179,10 @@ impl EventLoop {
     }
 
     fn on_msg(&mut self, msg: LoopMsg) {
+        if matches!(msg, LoopMsg::Client(_)) {
+            // Clients asking for work: the scheduler is not idle (dask's check_idle).
+            self.activity += 1;
+        }
         match msg {
             LoopMsg::Events(events) => {
                 self.release.count(events.len());
@@ -663,15 +678,15 @@ impl EventLoop {
         let now = Instant::now();
         let workers = self
             .core
-            .workers()
-            .map(|(id, spec, keys, processing, nbytes)| pb::WorkerInfo {
+            .worker_counts()
+            .map(|(id, spec, n_keys, processing, nbytes)| pb::WorkerInfo {
                 address: spec.address.to_string(),
                 name: spec.name.to_string(),
                 nthreads: spec.nthreads,
                 memory_limit: spec.memory_limit,
                 id: id.0,
                 processing: processing as u32,
-                in_memory: keys.len() as u32,
+                in_memory: n_keys as u32,
                 memory: nbytes,
                 pid: spec.pid,
                 local_directory: String::new(),

@@ -38,9 +38,23 @@ pub(super) struct LoopStats {
     /// Wake-ups handled, and the time spent handling them.
     pub(super) wakeups: u64,
     pub(super) busy: Duration,
-    /// Periodic ticks, and the longest since the last snapshot.
+    /// Periodic (1 s) ticks, and the longest gap between two since the last snapshot: over a
+    /// second by as much as the loop was held up.
     pub(super) ticks: u64,
     pub(super) tick_max: Duration,
+}
+
+/// When the event loop last ticked (seconds since the epoch, as the bits of an f64): `/health`
+/// says the scheduler is stuck when it has not ticked for [`STUCK_AFTER`].
+pub(super) type LastTick = Arc<std::sync::atomic::AtomicU64>;
+
+const STUCK_AFTER: Duration = Duration::from_secs(30);
+
+/// How long `POST /api/v1/retire_workers` waits for the retirement to finish.
+const RETIRE_TIMEOUT: Duration = Duration::from_secs(300);
+
+pub(super) fn now_s() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()
 }
 
 impl EventLoop {
@@ -57,7 +71,11 @@ impl EventLoop {
             clients: self.clients.len(),
             prefix_states: self.core.prefix_states(),
             desired_workers: desired,
-            idle_since: self.idle_since.map(|t| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()),
+            // As of now, not of the last tick: work since then means not idle.
+            idle_since: (self.core.is_idle() && self.activity == self.activity_seen)
+                .then_some(self.idle_since)
+                .flatten()
+                .map(|t| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()),
             loop_stats: self.loop_stats,
         });
         self.loop_stats.tick_max = Duration::ZERO;
@@ -65,9 +83,12 @@ impl EventLoop {
         s
     }
 
-    /// On each tick: when the scheduler went idle (dask's `check_idle`).
+    /// On each tick: when the scheduler went idle (dask's `check_idle`). Work that came and
+    /// went between two ticks (`activity` moved) starts the idle time again.
     pub(super) fn note_idle(&mut self) {
-        if self.core.is_idle() {
+        let moved = self.activity != self.activity_seen;
+        self.activity_seen = self.activity;
+        if self.core.is_idle() && !moved {
             self.idle_since.get_or_insert_with(SystemTime::now);
         } else {
             self.idle_since = None;
@@ -79,30 +100,60 @@ impl EventLoop {
 struct Http {
     handle: SchedulerHandle,
     stream: Arc<TaskStream>,
+    last_tick: LastTick,
+    /// The last snapshot: requests within 250 ms of it share it, and one request at a time asks
+    /// the loop for a new one (a flood of clients is one message to the loop, not a flood).
+    cache: Arc<tokio::sync::Mutex<Cached>>,
 }
 
-/// The routes, over a running scheduler.
-pub(super) fn router(handle: SchedulerHandle, stream: Arc<TaskStream>) -> Router {
-    Router::new()
-        .route("/health", get(|| async { "ok" }))
+/// The last snapshot and when it came.
+type Cached = Option<(Instant, Arc<Snapshot>)>;
+
+/// The routes, over a running scheduler; `api`: dask's `/api/v1` routes too (opt-in, as in
+/// dask: `distributed.scheduler.http.routes` lists `distributed.http.scheduler.api`).
+pub(super) fn router(handle: SchedulerHandle, stream: Arc<TaskStream>, last_tick: LastTick, api: bool) -> Router {
+    let mut r = Router::new()
+        .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/info/workers.json", get(workers))
         .route("/info/tasks.json", get(tasks))
-        .route("/info/versions.json", get(versions))
-        .route("/api/v1", get(|| async { "API V1" }))
-        .route("/api/v1/get_workers", get(get_workers))
-        .route("/api/v1/adaptive_target", get(adaptive_target))
-        .route("/api/v1/check_idle", get(check_idle))
-        .route("/api/v1/retire_workers", post(retire_workers))
-        .with_state(Http { handle, stream })
+        .route("/info/versions.json", get(versions));
+    if api {
+        r = r
+            .route("/api/v1", get(|| async { "API V1" }))
+            .route("/api/v1/get_workers", get(get_workers))
+            .route("/api/v1/adaptive_target", get(adaptive_target))
+            .route("/api/v1/check_idle", get(check_idle))
+            .route("/api/v1/retire_workers", post(retire_workers));
+    }
+    r.with_state(Http { handle, stream, last_tick, cache: Default::default() })
+}
+
+/// `ok` while the event loop ticks; 503 once it has not for 30 s (a wedged scheduler fails its
+/// liveness probe).
+async fn health(State(h): State<Http>) -> Response {
+    let last = f64::from_bits(h.last_tick.load(std::sync::atomic::Ordering::Relaxed));
+    if last > 0.0 && now_s() - last > STUCK_AFTER.as_secs_f64() {
+        let why = format!("the scheduler's event loop has not ticked for {:.0} s", now_s() - last);
+        return (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
+    }
+    "ok".into_response()
 }
 
 impl Http {
     async fn snapshot(&self) -> Result<Arc<Snapshot>, Response> {
+        let mut cache = self.cache.lock().await;
+        if let Some((at, s)) = cache.as_ref()
+            && at.elapsed() < Duration::from_millis(250)
+        {
+            return Ok(s.clone());
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let gone = || (StatusCode::SERVICE_UNAVAILABLE, "the scheduler is closing").into_response();
         self.handle.tx.send(LoopMsg::Query(Query::Snapshot(tx))).map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())
+        let s = rx.await.map_err(|_| gone())?;
+        *cache = Some((Instant::now(), s.clone()));
+        Ok(s)
     }
 }
 
@@ -135,16 +186,12 @@ async fn metrics(State(h): State<Http>) -> Response {
         let n: u64 = s.prefix_states.iter().map(|(_, c)| c[i]).sum();
         m.sample("dask_scheduler_tasks", &[("state", state)], n as f64);
     }
-    m.family(
-        "dask_scheduler_prefix_state_totals",
-        "gauge",
-        "Tasks of each task prefix in each state now (dask counts them cumulatively)",
-    );
+    m.family("dask_scheduler_prefix_tasks", "gauge", "Tasks of each task prefix in each state now (dask-rs)");
     for (prefix, counts) in &s.prefix_states {
         for (i, state) in TASK_STATES.iter().enumerate() {
             if counts[i] > 0 {
                 m.sample(
-                    "dask_scheduler_prefix_state_totals",
+                    "dask_scheduler_prefix_tasks",
                     &[("task_prefix_name", prefix), ("state", state)],
                     counts[i] as f64,
                 );
@@ -186,7 +233,7 @@ async fn metrics(State(h): State<Http>) -> Response {
     m.single(
         "dask_scheduler_tick_duration_maximum_seconds",
         "gauge",
-        "Maximum tick duration observed since Prometheus last scraped metrics",
+        "Longest gap between two ticks (due every second) lately: past 1 s by as much as the loop was held up",
         st.tick_max.as_secs_f64(),
     );
     m.single(
@@ -282,7 +329,7 @@ async fn get_workers(State(h): State<Http>) -> Response {
 
 async fn adaptive_target(State(h): State<Http>) -> Response {
     match h.snapshot().await {
-        Ok(s) => Json(json!({ "desired_workers": s.desired_workers })).into_response(),
+        Ok(s) => Json(json!({ "workers": s.desired_workers })).into_response(),
         Err(r) => r,
     }
 }
@@ -295,7 +342,8 @@ async fn check_idle(State(h): State<Http>) -> Response {
 }
 
 /// dask's `POST /api/v1/retire_workers` with `{"workers": [...]}` (names or addresses) or
-/// `{"n": k}` (the scheduler picks k idle ones); answers with the workers retired, by address.
+/// `{"n": k}` (the scheduler picks k idle ones); answers with the workers retired, by address,
+/// each with its `name` (the Kubernetes operator deletes pods by name).
 async fn retire_workers(State(h): State<Http>, body: axum::body::Bytes) -> Response {
     let bad = |why: String| (StatusCode::BAD_REQUEST, Json(json!({ "Error": why }))).into_response();
     let params: JsonValue = match serde_json::from_slice(&body) {
@@ -311,17 +359,30 @@ async fn retire_workers(State(h): State<Http>, body: axum::body::Bytes) -> Respo
     if workers.is_empty() && n == 0 {
         return bad("name the workers to retire ({\"workers\": [...]}) or how many ({\"n\": N})".into());
     }
+    let names: std::collections::HashMap<String, String> = match h.snapshot().await {
+        Ok(s) => s.info.workers.iter().map(|w| (w.address.clone(), w.name.clone())).collect(),
+        Err(r) => return r,
+    };
     let (tx, rx) = tokio::sync::oneshot::channel();
     if h.handle.tx.send(LoopMsg::Retire { workers, n, close: true, reply: tx }).is_err() {
         return (StatusCode::SERVICE_UNAVAILABLE, "the scheduler is closing").into_response();
     }
-    match rx.await {
-        Ok(Ok(retired)) => {
-            let out: serde_json::Map<String, JsonValue> =
-                retired.into_iter().map(|a| (a.clone(), json!({ "address": a }))).collect();
+    // Retirement waits for the values to move; a request does not wait forever.
+    match tokio::time::timeout(RETIRE_TIMEOUT, rx).await {
+        Ok(Ok(Ok(retired))) => {
+            let out: serde_json::Map<String, JsonValue> = retired
+                .into_iter()
+                .map(|a| {
+                    let name = names.get(&a).cloned().unwrap_or_else(|| a.clone());
+                    (a.clone(), json!({ "address": a, "name": name }))
+                })
+                .collect();
             Json(JsonValue::Object(out)).into_response()
         }
-        Ok(Err(status)) => bad(status.message().to_string()),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the scheduler is closing").into_response(),
+        Ok(Ok(Err(status))) => bad(status.message().to_string()),
+        Ok(Err(_)) => (StatusCode::SERVICE_UNAVAILABLE, "the scheduler is closing").into_response(),
+        Err(_) => {
+            (StatusCode::GATEWAY_TIMEOUT, format!("retiring took over {RETIRE_TIMEOUT:?}; it goes on")).into_response()
+        }
     }
 }

@@ -48,6 +48,12 @@ pub struct SchedulerConfig {
     /// Where to serve HTTP (`/health`, `/metrics`, ...): host and port (a port in use falls
     /// back to a free one); `None`: nowhere (`--no-dashboard`).
     pub dashboard: Option<(String, u16)>,
+    /// Close once nothing has been on its way to memory for this long (dask's
+    /// `--idle-timeout`).
+    pub idle_timeout: Option<Duration>,
+    /// Serve dask's `/api/v1` routes (retire workers, adaptive target...) too: opt-in, as in
+    /// dask (`distributed.scheduler.http.routes` with `distributed.http.scheduler.api`).
+    pub http_api: bool,
 }
 
 impl SchedulerConfig {
@@ -68,6 +74,16 @@ impl SchedulerConfig {
         }
         if let Some(bw) = settings.bytes("distributed.scheduler.bandwidth").map_err(bad)? {
             self.core.bandwidth = bw.max(1);
+        }
+        // dask's list of HTTP route modules: its `/api/v1` module is opt-in there too.
+        const API: &str = "distributed.http.scheduler.api";
+        use dask_protocol::config::Value;
+        match settings.get("distributed.scheduler.http.routes") {
+            Some(Value::List(routes)) => {
+                self.http_api = routes.iter().any(|r| matches!(r, Value::Str(s) if s.trim() == API));
+            }
+            Some(Value::Str(s)) => self.http_api = s.contains(API),
+            _ => {}
         }
         Ok(())
     }
@@ -225,9 +241,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> std::io::Result<(SchedulerHandle, impl std::future::Future<Output = ()>)> {
     let local = listener.local_addr()?;
-    // Listening on all interfaces: advertise loopback, which always reaches us here.
+    // Listening on all interfaces: advertise the host's address for others (dask's `get_ip`:
+    // the source of the default route; loopback when there is none).
     let address = if local.ip().is_unspecified() {
-        Address { host: "127.0.0.1".into(), port: local.port() }
+        Address { host: dask_protocol::addr::external_ip().to_string(), port: local.port() }
     } else {
         Address::from(local)
     };
@@ -261,9 +278,14 @@ pub async fn run(
         shutdown: shutdown.clone(),
         tx: tx.clone(),
     };
+    let last_tick: http::LastTick = Default::default();
     if let (Some(listener), Some(at)) = (dashboard, &dashboard_address) {
         tracing::info!(http = %format!("http://{}:{}", at.host, at.port), "serving /health, /metrics, /info and /api/v1 at");
-        tokio::spawn(dask_protocol::http::serve(listener, http::router(handle.clone(), stream), shutdown.clone()));
+        tokio::spawn(dask_protocol::http::serve(
+            listener,
+            http::router(handle.clone(), stream, last_tick.clone(), config.http_api),
+            shutdown.clone(),
+        ));
     }
     let core_config = config.core.clone();
     let preload = plugins::preload(&config.preload, &address.to_string()).map_err(std::io::Error::other)?;
@@ -292,6 +314,11 @@ pub async fn run(
             worker_plugins: Vec::new(),
             last_snapshot: None,
             idle_since: None,
+            idle_timeout: config.idle_timeout,
+            activity: 0,
+            activity_seen: 0,
+            last_tick: last_tick.clone(),
+            last_tick_at: None,
             loop_stats: Default::default(),
             put_secret,
             nanny_plugins: Vec::new(),
@@ -410,6 +437,13 @@ struct EventLoop {
     /// The HTTP side's last snapshot, and when it was made.
     last_snapshot: Option<(Instant, Arc<http::Snapshot>)>,
     idle_since: Option<SystemTime>,
+    idle_timeout: Option<Duration>,
+    /// Client messages so far, and as of the last tick (work between ticks is not idle).
+    activity: u64,
+    activity_seen: u64,
+    /// When the loop last ticked, for `/health`.
+    last_tick: http::LastTick,
+    last_tick_at: Option<Instant>,
     loop_stats: http::LoopStats,
     /// Given to each worker: put tickets are checked with it.
     put_secret: dask_protocol::ticket::Secret,

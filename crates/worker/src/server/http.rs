@@ -15,6 +15,8 @@ use parking_lot::Mutex;
 /// What the loop last published.
 #[derive(Debug, Default)]
 pub(crate) struct Published {
+    /// When the loop last published (with its heartbeat); `None` until it registered.
+    pub(crate) at: Option<std::time::Instant>,
     pub(crate) heartbeat: pb::Heartbeat,
     pub(crate) nthreads: usize,
     pub(crate) memory_limit: u64,
@@ -23,7 +25,22 @@ pub(crate) struct Published {
 pub(crate) type Shared = Arc<Mutex<Published>>;
 
 pub(crate) fn router(shared: Shared) -> Router {
-    Router::new().route("/health", get(|| async { "ok" })).route("/metrics", get(metrics)).with_state(shared)
+    Router::new().route("/health", get(health)).route("/metrics", get(metrics)).with_state(shared)
+}
+
+/// `ok` once the worker is registered and while its loop heartbeats; 503 before, or when its
+/// loop has not for 30 s (readiness and liveness probes).
+async fn health(State(shared): State<Shared>) -> axum::response::Response {
+    use axum::http::StatusCode;
+    let at = shared.lock().at;
+    match at {
+        None => (StatusCode::SERVICE_UNAVAILABLE, "not registered with the scheduler yet").into_response(),
+        Some(at) if at.elapsed() > std::time::Duration::from_secs(30) => {
+            let why = format!("the worker's loop has not heartbeated for {:.0} s", at.elapsed().as_secs_f64());
+            (StatusCode::SERVICE_UNAVAILABLE, why).into_response()
+        }
+        Some(_) => "ok".into_response(),
+    }
 }
 
 async fn metrics(State(shared): State<Shared>) -> impl IntoResponse {
@@ -42,12 +59,8 @@ async fn metrics(State(shared): State<Shared>) -> impl IntoResponse {
     m.sample("dask_worker_memory_bytes", &[("type", "spilled")], hb.spilled as f64);
     m.single("dask_worker_memory_limit_bytes", "gauge", "The worker's memory limit (0: none) (dask-rs)", limit as f64);
     m.single("dask_worker_spilled_keys", "gauge", "Values on disk now (dask-rs)", hb.spilled_count as f64);
-    m.single(
-        "dask_worker_spill_bytes_total",
-        "counter",
-        "Bytes spilled to disk since the worker started",
-        hb.spilled_total as f64,
-    );
+    m.family("dask_worker_spill_bytes_total", "counter", "Total size of spilled/unspilled data");
+    m.sample("dask_worker_spill_bytes_total", &[("activity", "disk_write")], hb.spilled_total as f64);
     m.single(
         "dask_worker_paused",
         "gauge",

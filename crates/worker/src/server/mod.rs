@@ -68,6 +68,13 @@ pub struct WorkerConfig {
     /// Where to serve `/health` and `/metrics` (host, port; port 0: any, a port in use falls
     /// back to a free one); `None`: nowhere (`--no-dashboard`).
     pub dashboard: Option<(String, u16)>,
+    /// With `port`, a range of ports (`--worker-port 18810:18820`): the first free one is taken.
+    pub port_to: Option<u16>,
+    /// The address others reach this worker by, when not where it listens (dask's
+    /// `--contact-address`: behind address translation, a container's port mapping). `None`:
+    /// the listening address; listening on all interfaces, the address that routes to the
+    /// scheduler.
+    pub contact: Option<Address>,
 }
 
 impl WorkerConfig {
@@ -93,6 +100,8 @@ impl WorkerConfig {
             simulate: false,
             resources: Vec::new(),
             dashboard: None,
+            port_to: None,
+            contact: None,
         }
     }
 
@@ -186,10 +195,18 @@ pub async fn start(
     config: WorkerConfig,
     shutdown: CancellationToken,
 ) -> Result<(WorkerHandle, impl std::future::Future<Output = Result<Closed, WorkerError>>), WorkerError> {
-    let bind = format!("{}:{}", config.host, config.port);
-    let listener = TcpListener::bind(&bind).await.map_err(|source| WorkerError::Bind { addr: bind.clone(), source })?;
+    let (listener, bind) = bind_in_range(&config.host, config.port, config.port_to).await?;
     let local = listener.local_addr().map_err(|source| WorkerError::Bind { addr: bind, source })?;
-    let address = Address { host: config.host.clone(), port: local.port() };
+    let address = match &config.contact {
+        Some(c) => c.clone(),
+        None if local.ip().is_unspecified() => {
+            // Listening everywhere: advertise the address that routes to the scheduler (dask).
+            let ip = dask_protocol::addr::route_ip_to(&config.scheduler.host, config.scheduler.port)
+                .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+            Address { host: ip.to_string(), port: local.port() }
+        }
+        None => Address { host: config.host.clone(), port: local.port() },
+    };
     let name = config.name.clone().unwrap_or_else(|| address.to_string());
     let policy = MemoryPolicy::new(config.memory_limit, config.thresholds);
     let scratch = Path::new(&config.local_directory).join("dask-scratch-space");
@@ -284,7 +301,16 @@ pub async fn start(
         Some(pb::scheduler_command::Kind::Close(c)) => return Err(WorkerError::Refused(c.reason)),
         _ => return Err(WorkerError::SchedulerLost("the scheduler did not answer the registration".into())),
     };
-    tracing::info!(address = %address, name = %name, nthreads = config.nthreads, scheduler = %config.scheduler, dashboard = ?dashboard, "worker registered");
+    tracing::info!(
+        address = %address,
+        name = %name,
+        scheduler = %config.scheduler,
+        threads = config.nthreads,
+        memory_limit = %if config.memory_limit == 0 { "none".to_string() } else { format!("{:.2} GiB", config.memory_limit as f64 / (1u64 << 30) as f64) },
+        local_directory = %scratch.display(),
+        dashboard = ?dashboard,
+        "worker registered"
+    );
 
     let handle = WorkerHandle { address: address.clone(), name: name.clone(), dashboard, shutdown: shutdown.clone() };
     let run = async move {
@@ -338,6 +364,22 @@ pub async fn start(
         result
     };
     Ok((handle, run))
+}
+
+/// Binds `host:port`, or the first free port of `port..=port_to`.
+async fn bind_in_range(host: &str, port: u16, port_to: Option<u16>) -> Result<(TcpListener, String), WorkerError> {
+    let last = port_to.unwrap_or(port).max(port);
+    let mut error = None;
+    for p in port..=last {
+        let bind = format!("{host}:{p}");
+        match TcpListener::bind(&bind).await {
+            Ok(l) => return Ok((l, bind)),
+            Err(e) => error = Some((bind, e)),
+        }
+    }
+    let (bind, source) = error.expect("the range has a port");
+    let addr = if last > port { format!("{host}:{port}-{last} (no port of the range is free)") } else { bind };
+    Err(WorkerError::Bind { addr, source })
 }
 
 async fn connect_scheduler(config: &WorkerConfig) -> Result<Channel, WorkerError> {
@@ -570,7 +612,11 @@ impl Loop {
             paused: self.policy.paused(),
             spilled_total: stats.spilled_total,
         };
-        self.published.lock().heartbeat = hb;
+        {
+            let mut p = self.published.lock();
+            p.heartbeat = hb;
+            p.at = Some(Instant::now());
+        }
         self.outgoing.push(pb::WorkerEvent { kind: Some(pb::worker_event::Kind::Heartbeat(hb)) });
     }
 
