@@ -77,6 +77,35 @@ impl Default for Config {
     }
 }
 
+fn scalar_yaml(v: &Value) -> String {
+    match v {
+        Value::Null => "null".into(),
+        Value::Bool(b) => b.to_string(),
+        Value::Int(i) => i.to_string(),
+        Value::Float(x) => x.to_string(),
+        Value::Str(s) if s.is_empty() || s.contains([':', '#', '\'', '"', '[', ']', '{', '}']) || s.trim() != s => {
+            format!("{s:?}")
+        }
+        Value::Str(s) => s.clone(),
+        Value::List(l) => format!("[{}]", l.iter().map(scalar_yaml).collect::<Vec<_>>().join(", ")),
+        Value::Map(m) if m.is_empty() => "{}".into(),
+        Value::Map(_) => "{...}".into(),
+    }
+}
+
+fn write_yaml(m: &BTreeMap<String, Value>, depth: usize, out: &mut String) {
+    for (k, v) in m {
+        let pad = "  ".repeat(depth);
+        match v {
+            Value::Map(inner) if !inner.is_empty() => {
+                out.push_str(&format!("{pad}{k}:\n"));
+                write_yaml(inner, depth + 1, out);
+            }
+            v => out.push_str(&format!("{pad}{k}: {}\n", scalar_yaml(v))),
+        }
+    }
+}
+
 /// dask's canonical form of a key: lower case, `-` for `_`.
 pub fn canonical(key: &str) -> String {
     key.trim().to_ascii_lowercase().replace('_', "-")
@@ -149,6 +178,25 @@ impl Config {
             }
         }
         Some(cur)
+    }
+
+    /// The whole tree as YAML (`dask config list`).
+    pub fn to_yaml(&self) -> String {
+        let mut out = String::new();
+        write_yaml(&self.root, 0, &mut out);
+        out
+    }
+
+    /// `key`'s value as YAML (`dask config get KEY`): a scalar on one line, a section as a tree.
+    pub fn get_yaml(&self, key: &str) -> Option<String> {
+        Some(match self.get(key)? {
+            Value::Map(m) => {
+                let mut out = String::new();
+                write_yaml(m, 0, &mut out);
+                out
+            }
+            v => format!("{}\n", scalar_yaml(v)),
+        })
     }
 
     fn bad(&self, key: &str, why: &str) -> ConfigError {

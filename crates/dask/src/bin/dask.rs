@@ -28,12 +28,14 @@ fn main() -> ExitCode {
             args[0] = "dask nanny".into();
             dask_worker::cli::worker_main_as(args, &["nanny"], true)
         }
+        Some("config") => config(&args[2..]),
         Some("--version" | "-V") => {
             println!("dask {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
         other => {
             let usage = "usage: dask scheduler [OPTIONS] | dask worker [SCHEDULER] [OPTIONS] | dask nanny [SCHEDULER] [OPTIONS]\n\
+                         | dask config get KEY | dask config list\n\
                          (the same as dask-scheduler, dask-worker and dask-nanny; add --help for their options)";
             if matches!(other, Some("--help" | "-h" | "help")) {
                 println!("{usage}");
@@ -42,6 +44,39 @@ fn main() -> ExitCode {
                 eprintln!("dask: unknown command {:?}\n{usage}", other.unwrap_or(""));
                 ExitCode::FAILURE
             }
+        }
+    }
+}
+
+/// `dask config get KEY` and `dask config list`: the configuration as this machine's programs
+/// read it (defaults, YAML files, `DASK_*` variables), in dask's key names.
+fn config(args: &[OsString]) -> ExitCode {
+    let args: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+    let loaded = match dask_protocol::config::Config::load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("dask config: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["get", key] => match loaded.get_yaml(key) {
+            Some(v) => {
+                print!("{v}");
+                ExitCode::SUCCESS
+            }
+            None => {
+                eprintln!("Section not found: {key}");
+                ExitCode::FAILURE
+            }
+        },
+        ["list"] => {
+            print!("{}", loaded.to_yaml());
+            ExitCode::SUCCESS
+        }
+        _ => {
+            eprintln!("usage: dask config get KEY | dask config list");
+            ExitCode::FAILURE
         }
     }
 }
