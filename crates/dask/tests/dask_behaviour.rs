@@ -191,3 +191,14 @@ fn a_worker_takes_puts_only_for_keys_the_scheduler_announced() {
     assert!(err.is_err(), "a made-up ticket is refused");
     assert_eq!(client.submit(dask::builtins::add, (&x, 1)).unwrap().result().unwrap(), 42);
 }
+
+#[test]
+fn no_built_in_function_can_take_a_worker_down() {
+    // The stock workers' functions: none exits the process (a fault test brings its own).
+    let (_cluster, client) = cluster(1, 1);
+    let crash = client.submit(dask::builtins::panic_task, ("boom".to_string(),)).unwrap();
+    assert!(crash.result().is_err());
+    assert_eq!(client.submit(inc, (1,)).unwrap().result().unwrap(), 2, "the worker is still there");
+    let names = dask_protocol::task::registered_names();
+    assert!(!names.contains(&"crash"), "{names:?}");
+}

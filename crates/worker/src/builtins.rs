@@ -61,12 +61,6 @@ pub fn panic_task(message: String) -> i64 {
     panic!("{message}")
 }
 
-/// Exits the worker process at once, as a crash would (for fault-tolerance tests).
-#[task(crate = dask_protocol)]
-pub fn crash(code: i32) -> i64 {
-    std::process::exit(code)
-}
-
 /// What runs on this worker now (of `keys`; all if empty): `(key, executor thread, seconds since
 /// the Unix epoch it started, seconds it has run)`. `Client::call_stack` runs it on workers.
 #[task(crate = dask_protocol, name = "dask-call-stack")]
