@@ -57,20 +57,23 @@ pub enum ConfigError {
     },
     #[error("failed to parse config file {path}: {why}; fix the YAML or move the file away")]
     Parse { path: PathBuf, why: String },
-    #[error("config {key} = {value} {why}")]
-    Bad { key: String, value: String, why: String },
+    #[error("config {key} = {value} (from {source_of}) {why}")]
+    Bad { key: String, value: String, why: String, source_of: String },
 }
 
 /// The merged configuration tree.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     root: BTreeMap<String, Value>,
+    /// Where each key set by a file or a variable came from (canonical dotted key → the file's
+    /// path or `$VARIABLE`), for errors.
+    sources: BTreeMap<String, String>,
 }
 
 impl Default for Config {
     /// The defaults alone.
     fn default() -> Self {
-        let mut c = Config { root: BTreeMap::new() };
+        let mut c = Config { root: BTreeMap::new(), sources: BTreeMap::new() };
         let defaults = parse_yaml(DEFAULTS, Path::new("defaults.yaml")).expect("the built-in defaults parse");
         c.merge(defaults);
         c
@@ -135,7 +138,13 @@ impl Config {
                         continue;
                     }
                 };
-                c.merge(parse_yaml(&text, &file)?);
+                let parsed = parse_yaml(&text, &file)?;
+                let mut keys = Vec::new();
+                leaves("", &parsed, &mut keys);
+                for k in keys {
+                    c.sources.insert(k, file.display().to_string());
+                }
+                c.merge(parsed);
             }
         }
         let mut vars: Vec<(String, String)> = env.into_iter().filter(|(k, _)| k.starts_with("DASK_")).collect();
@@ -143,6 +152,8 @@ impl Config {
         for (k, v) in vars {
             let Some(path) = env_key(&k) else { continue };
             c.set(&path, scalar(&v));
+            let dotted: Vec<String> = path.split('.').map(canonical).collect();
+            c.sources.insert(dotted.join("."), format!("${k}"));
         }
         Ok(c)
     }
@@ -201,7 +212,9 @@ impl Config {
 
     fn bad(&self, key: &str, why: &str) -> ConfigError {
         let value = self.get(key).map_or("(unset)".to_string(), |v| v.to_string());
-        ConfigError::Bad { key: key.to_string(), value, why: why.to_string() }
+        let dotted: Vec<String> = key.split('.').map(canonical).collect();
+        let source_of = self.sources.get(&dotted.join(".")).cloned().unwrap_or_else(|| "the defaults".into());
+        ConfigError::Bad { key: key.to_string(), value, why: why.to_string(), source_of }
     }
 
     /// A number; `None` when unset, null or `false` (dask's way of turning a threshold off).
@@ -380,6 +393,17 @@ fn convert(y: Yaml) -> Value {
     }
 }
 
+/// The dotted keys of the leaves of `m`.
+fn leaves(prefix: &str, m: &BTreeMap<String, Value>, out: &mut Vec<String>) {
+    for (k, v) in m {
+        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        match v {
+            Value::Map(inner) if !inner.is_empty() => leaves(&key, inner, out),
+            _ => out.push(key),
+        }
+    }
+}
+
 fn merge_maps(into: &mut BTreeMap<String, Value>, from: BTreeMap<String, Value>) {
     for (k, v) in from {
         match (into.get_mut(&k), v) {
@@ -516,6 +540,20 @@ mod tests {
         let c = Config::from_sources(&[], env(&[("DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL", "soon")])).unwrap();
         let e = c.duration("distributed.scheduler.worker-ttl").unwrap_err().to_string();
         assert!(e.contains("worker-ttl") && e.contains("duration"), "{e}");
+        assert!(e.contains("(from $DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL)"), "the variable is named: {e}");
+
+        // A bad value in a file names the file.
+        let dir = std::env::temp_dir().join(format!("dask-rs-config-bad-value-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("site.yaml"), "distributed:\n  worker:\n    memory:\n      pause: lots\n").unwrap();
+        let c = Config::from_sources(std::slice::from_ref(&dir), env(&[])).unwrap();
+        let e = c.fraction("distributed.worker.memory.pause").unwrap_err().to_string();
+        assert!(e.contains("site.yaml") && e.contains("distributed.worker.memory.pause"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        // A default is said to be one.
+        let mut c = Config::default();
+        c.set("distributed.worker.memory.spill", Value::Str("x".into()));
+        assert!(c.fraction("distributed.worker.memory.spill").unwrap_err().to_string().contains("(from the defaults)"));
     }
 
     #[test]
