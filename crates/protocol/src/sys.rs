@@ -4,6 +4,12 @@ use std::path::Path;
 
 use sysinfo::{DiskRefreshKind, Disks, Pid, ProcessRefreshKind, ProcessesToUpdate, System};
 
+/// Now, in seconds since the Unix epoch (0 before it): the time the task stream, metrics and
+/// worker reports carry.
+pub fn epoch_secs() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
 /// Total system memory in bytes.
 pub fn system_memory() -> u64 {
     let mut sys = System::new();

@@ -66,7 +66,7 @@ pub fn panic_task(message: String) -> i64 {
 #[task(crate = dask_protocol, name = "dask-call-stack")]
 pub fn call_stack(keys: Vec<String>) -> Result<Vec<(String, u32, f64, f64)>, String> {
     let worker = crate::context::current_worker().ok_or("call_stack runs on a worker, through Client::run")?;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    let now = dask_protocol::sys::epoch_secs();
     let mut out: Vec<(String, u32, f64, f64)> = worker
         .running
         .lock()

@@ -320,8 +320,7 @@ fn thread_main(shared: &Arc<Shared>, thread: u32) {
                 )
             },
         };
-        let start_s =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        let start_s = dask_protocol::sys::epoch_secs();
         shared.context.running.lock().insert(thread, (job.key.clone(), start_s));
         let (outcome, duration) =
             with_scope(scope, || run_one(&job.key, &job.spec, &shared.store, &shared.context.address));

@@ -30,7 +30,7 @@ impl EventLoop {
                     if let Some(prev) = self.last_tick_at.replace(woke) {
                         self.loop_stats.tick_max = self.loop_stats.tick_max.max(woke - prev);
                     }
-                    self.last_tick.store(super::http::now_s().to_bits(), std::sync::atomic::Ordering::Relaxed);
+                    self.last_tick.store(dask_protocol::sys::epoch_secs().to_bits(), std::sync::atomic::Ordering::Relaxed);
                     self.handle(Event::Tick);
                     self.check_restarts();
                     self.release.if_due();

@@ -53,10 +53,6 @@ const STUCK_AFTER: Duration = Duration::from_secs(30);
 /// How long `POST /api/v1/retire_workers` waits for the retirement to finish.
 const RETIRE_TIMEOUT: Duration = Duration::from_secs(300);
 
-pub(super) fn now_s() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()
-}
-
 impl EventLoop {
     /// The snapshot for the HTTP side, rebuilt when the last is older than 250 ms.
     pub(super) fn snapshot(&mut self) -> Arc<Snapshot> {
@@ -133,8 +129,9 @@ pub(super) fn router(handle: SchedulerHandle, stream: Arc<TaskStream>, last_tick
 /// liveness probe).
 async fn health(State(h): State<Http>) -> Response {
     let last = f64::from_bits(h.last_tick.load(std::sync::atomic::Ordering::Relaxed));
-    if last > 0.0 && now_s() - last > STUCK_AFTER.as_secs_f64() {
-        let why = format!("the scheduler's event loop has not ticked for {:.0} s", now_s() - last);
+    if last > 0.0 && dask_protocol::sys::epoch_secs() - last > STUCK_AFTER.as_secs_f64() {
+        let why =
+            format!("the scheduler's event loop has not ticked for {:.0} s", dask_protocol::sys::epoch_secs() - last);
         return (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
     }
     "ok".into_response()
