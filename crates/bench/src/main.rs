@@ -20,6 +20,7 @@ use dask::{Bytes, Client, Graph, LocalCluster, Ref, ScatterOptions, SubmitOption
 use dask_protocol::data::READ_PIECE;
 
 mod core_bench;
+mod dashboard;
 mod faults;
 mod memory;
 mod sched;
@@ -61,8 +62,8 @@ fn consume(b: Bytes) -> u64 {
 #[command(name = "dask-bench", about = "dask-rs benchmarks (see docs/benchmarks.md)")]
 struct Args {
     /// Workloads: all, throughput, latency, tree, shuffle, data, memory, startup, big, zero,
-    /// core, rsds, tcp, sim, skew, late_join, restart, kill, spill, monitor; and chaos (long;
-    /// not part of all).
+    /// core, rsds, tcp, sim, skew, late_join, restart, kill, spill, monitor, dashboard; and
+    /// chaos (long; not part of all).
     #[arg(default_value = "all")]
     workloads: Vec<String>,
     /// Runs of each workload (each with a fresh cluster).
@@ -371,6 +372,20 @@ fn main() -> ExitCode {
             record("memory monitor: throughput with it over without".into(), on / off);
         }
     }
+    if want("dashboard") {
+        let n = if q { 10_000 } else { 1_000_000 };
+        for run in 0..runs {
+            let p = dashboard::pair(n, run % 2 == 1);
+            let name = |what: &str| format!("dashboard: map+gather {n}, {what}");
+            record(name("no page open (tasks/s)"), p.without.0);
+            record(name("a page listening (tasks/s)"), p.with.0);
+            record(name("throughput with a page over without"), p.with.0 / p.without.0);
+            record(name("scheduler+client CPU, no page (s)"), p.without.1);
+            record(name("scheduler+client CPU, a page listening (s)"), p.with.1);
+            record(name("updates the page got"), p.received.0 as f64);
+            record(name("bytes the page got (KB)"), p.received.1 as f64 / 1e3);
+        }
+    }
     if args.workloads.iter().any(|w| w == "chaos") {
         let (n, window) = if q { (5_000, Duration::from_secs(5)) } else { (100_000, Duration::from_secs(60)) };
         for _ in 0..runs {
@@ -447,7 +462,7 @@ fn with_cluster(simulate: bool, f: impl FnOnce(&Client)) {
 }
 
 /// Waits until the scheduler holds no task (released futures are forgotten).
-fn settle(client: &Client) {
+pub(crate) fn settle(client: &Client) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while client.scheduler_info().map(|i| i.tasks > 0).unwrap_or(false) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));

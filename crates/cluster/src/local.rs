@@ -224,6 +224,7 @@ pub(crate) async fn spawn_nanny(
         if let Some(d) = &b.local_directory {
             config.local_directory = d.display().to_string();
         }
+        config.dashboard = b.dashboard.is_some().then(worker_dashboard);
         Box::new(InProcess { config })
     };
     let mut nanny = NannyConfig::new(address.clone(), name);
@@ -251,6 +252,12 @@ const ENV_MEMORY: &str = "DASK_RS_LOCAL_WORKER_MEMORY_LIMIT";
 const ENV_SIMULATE: &str = "DASK_RS_LOCAL_WORKER_SIMULATE";
 const ENV_LOCAL_DIR: &str = "DASK_RS_LOCAL_WORKER_DIRECTORY";
 const ENV_RESOURCES: &str = "DASK_RS_LOCAL_WORKER_RESOURCES";
+const ENV_DASHBOARD: &str = "DASK_RS_LOCAL_WORKER_DASHBOARD";
+
+/// Where a local worker serves its HTTP side when the cluster serves one: a free port.
+fn worker_dashboard() -> (String, u16) {
+    ("127.0.0.1".to_string(), 0)
+}
 
 /// Worker processes: this program started again (it becomes a worker in `init`), or the
 /// `worker_program` with `dask-worker`'s flags.
@@ -284,6 +291,10 @@ fn process_launcher(b: &LocalClusterBuilder, address: &Address, name: &str, thre
                         .into_iter()
                         .flatten(),
                 )
+                .chain(match b.dashboard {
+                    Some(_) => vec!["--dashboard-address".into(), "127.0.0.1:0".into()],
+                    None => vec!["--no-dashboard".into()],
+                })
                 .collect(),
             env: Vec::new(),
             stdout: false,
@@ -297,6 +308,9 @@ fn process_launcher(b: &LocalClusterBuilder, address: &Address, name: &str, thre
                 (ENV_NTHREADS.to_string(), threads.to_string()),
                 (ENV_MEMORY.to_string(), b.memory_limit.to_string()),
             ];
+            if b.dashboard.is_some() {
+                env.push((ENV_DASHBOARD.to_string(), "1".to_string()));
+            }
             if b.simulate {
                 env.push((ENV_SIMULATE.to_string(), "1".to_string()));
             }
@@ -437,6 +451,7 @@ fn run_local_worker(address: &str) -> Result<ExitStatus> {
     if let Ok(d) = std::env::var(ENV_LOCAL_DIR) {
         config.local_directory = d;
     }
+    config.dashboard = std::env::var_os(ENV_DASHBOARD).is_some().then(worker_dashboard);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

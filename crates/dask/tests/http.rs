@@ -88,6 +88,11 @@ fn health_metrics_info_and_api_answer_as_dask_does() {
     assert_eq!(sample(&page, "dask_scheduler_tasks{state=\"memory\"}"), 10.0);
     assert_eq!(sample(&page, "dask_scheduler_tasks{state=\"processing\"}"), 1.0);
     assert_eq!(sample(&page, "dask_scheduler_prefix_tasks{task_prefix_name=\"inc\",state=\"memory\"}"), 10.0);
+    // dask's cumulative count: each of the 10 inc tasks went processing, then memory, once.
+    let entered = "dask_scheduler_prefix_state_totals{task_prefix_name=\"inc\",state=";
+    assert_eq!(sample(&page, &format!("{entered}\"memory\"}}")), 10.0);
+    assert_eq!(sample(&page, &format!("{entered}\"processing\"}}")), 10.0);
+    assert!(page.contains("# TYPE dask_scheduler_prefix_state_totals counter"));
     assert!(sample(&page, "dask_scheduler_tasks_compute_seconds_total{task_prefix_name=\"inc\"}") >= 0.0);
     let workers: f64 = ["idle", "partially_saturated", "saturated", "paused_or_retiring"]
         .iter()

@@ -82,6 +82,21 @@ pub fn free_disk_space(path: &Path) -> Option<u64> {
         .map(|d| d.available_space())
 }
 
+/// CPU time this process has used so far, user and system.
+#[cfg(unix)]
+pub fn process_cpu() -> std::time::Duration {
+    use nix::sys::resource::{UsageWho, getrusage};
+    match getrusage(UsageWho::RUSAGE_SELF) {
+        Ok(u) => {
+            let secs = |t: nix::sys::time::TimeVal| {
+                std::time::Duration::new(t.tv_sec().max(0) as u64, (t.tv_usec().max(0) as u32) * 1000)
+            };
+            secs(u.user_time()) + secs(u.system_time())
+        }
+        Err(_) => std::time::Duration::ZERO,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -176,6 +176,19 @@ pub enum TaskState {
 }
 
 impl TaskState {
+    /// Its place in [`TASK_STATES`].
+    pub fn index(&self) -> usize {
+        match self {
+            TaskState::Released => 0,
+            TaskState::Waiting { .. } => 1,
+            TaskState::Queued => 2,
+            TaskState::NoWorker => 3,
+            TaskState::Processing { .. } => 4,
+            TaskState::Memory { .. } => 5,
+            TaskState::Erred { .. } => 6,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             TaskState::Released => "released",
@@ -353,6 +366,18 @@ struct Client {
 struct Prefix {
     /// Exponential moving average in nanoseconds; `None` until one finished.
     avg_ns: Option<f64>,
+    /// How many times its tasks entered each state ([`TASK_STATES`] order), since the start
+    /// (dask's `TaskPrefix.state_counts`).
+    entered: [u64; TASK_STATES.len()],
+}
+
+/// One task prefix's tasks by state now, and its transitions into each state since the start
+/// (both in [`TASK_STATES`] order).
+#[derive(Clone, Debug)]
+pub struct PrefixCounts {
+    pub name: Arc<str>,
+    pub now: [u64; TASK_STATES.len()],
+    pub entered: [u64; TASK_STATES.len()],
 }
 
 /// A task with more dependents than this keeps an index of where each sits in its list:
@@ -482,27 +507,21 @@ impl SchedulerCore {
 
     /// Tasks by key prefix and state (in [`TASK_STATES`] order), for metrics and the
     /// dashboard's progress: one pass over the tasks.
-    pub fn prefix_states(&self) -> Vec<(Arc<str>, [u64; TASK_STATES.len()])> {
-        let mut counts = vec![[0u64; TASK_STATES.len()]; self.prefixes.len()];
+    pub fn prefix_states(&self) -> Vec<PrefixCounts> {
+        let mut now = vec![[0u64; TASK_STATES.len()]; self.prefixes.len()];
         for t in self.tasks.iter().flatten() {
-            let i = match t.state {
-                TaskState::Released => 0,
-                TaskState::Waiting { .. } => 1,
-                TaskState::Queued => 2,
-                TaskState::NoWorker => 3,
-                TaskState::Processing { .. } => 4,
-                TaskState::Memory { .. } => 5,
-                TaskState::Erred { .. } => 6,
-            };
-            counts[t.prefix as usize][i] += 1;
+            now[t.prefix as usize][t.state.index()] += 1;
         }
-        let mut out: Vec<(Arc<str>, [u64; TASK_STATES.len()])> = self
+        let mut out: Vec<PrefixCounts> = self
             .prefix_ids
             .iter()
-            .map(|(name, id)| (name.clone(), counts[*id as usize]))
-            .filter(|(_, c)| c.iter().any(|n| *n > 0))
+            .map(|(name, id)| PrefixCounts {
+                name: name.clone(),
+                now: now[*id as usize],
+                entered: self.prefixes[*id as usize].entered,
+            })
             .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }
 

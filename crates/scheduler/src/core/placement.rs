@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use smallvec::SmallVec;
 
-use super::{Cx, Prefix, SchedulerCore, Task, TaskId, TaskState, Worker, WorkerId, occupancy};
+use super::{Cx, Prefix, SchedulerCore, TASK_STATES, Task, TaskId, TaskState, Worker, WorkerId, occupancy};
 
 impl SchedulerCore {
     /// Places a task whose dependencies are all in memory: on a worker with a free slot,
@@ -207,7 +207,7 @@ impl SchedulerCore {
         }
         let name: Arc<str> = Arc::from(name);
         let id = self.prefixes.len() as u32;
-        self.prefixes.push(Prefix { avg_ns: None });
+        self.prefixes.push(Prefix { avg_ns: None, entered: [0; TASK_STATES.len()] });
         self.prefix_ids.insert(name, id);
         id
     }

@@ -160,6 +160,8 @@ impl SchedulerCore {
             }
             _ => {}
         }
+        let prefix = self.task(t).prefix as usize;
+        self.prefixes[prefix].entered[new.index()] += 1;
         self.task_mut(t).state = new;
     }
 

@@ -283,6 +283,37 @@ fn chain_releases_intermediates_then_forgets_everything() {
 }
 
 #[test]
+fn prefix_counts_give_tasks_by_state_now_and_transitions_since_the_start() {
+    let mut h = Harness::new();
+    h.join(1, 2);
+    h.submit(C1, vec![task("inc-1", &[]), task("inc-2", &[]), task("sum-1", &["inc-1", "inc-2"])], &["sum-1"]);
+    let counts = |h: &Harness, prefix: &str| {
+        let p = h.core.prefix_states().into_iter().find(|p| &*p.name == prefix).expect("a known prefix");
+        (p.now, p.entered)
+    };
+    let (processing, memory, waiting, released) = (4, 5, 1, 0);
+    let (now, entered) = counts(&h, "inc");
+    assert_eq!(now[processing], 2);
+    assert_eq!(entered[processing], 2);
+    assert_eq!(counts(&h, "sum").0[waiting], 1);
+
+    h.finish(1, "inc-1", 8);
+    h.finish(1, "inc-2", 8);
+    h.finish(1, "sum-1", 8);
+    let (now, entered) = counts(&h, "inc");
+    assert_eq!(now[released], 2, "inputs no longer needed are released");
+    assert_eq!((entered[processing], entered[memory], entered[released]), (2, 2, 2));
+    assert_eq!(counts(&h, "sum").0[memory], 1);
+
+    // Forgotten tasks leave the counts of now; the totals stay.
+    h.handle(Event::ReleaseKeys { client: C1, keys: vec![k("sum-1")] });
+    let (now, entered) = counts(&h, "inc");
+    assert_eq!(now, [0; 7]);
+    assert_eq!(entered[memory], 2);
+    assert_eq!(counts(&h, "sum").1[memory], 1);
+}
+
+#[test]
 fn same_key_submitted_twice_runs_once() {
     let mut h = Harness::new();
     h.join(1, 4);

@@ -211,7 +211,7 @@ impl EventLoop {
                 self.coord_out = out;
                 self.apply_coord();
             }
-            LoopMsg::WorkerConnected { spec, nanny, version, tx, reply } => {
+            LoopMsg::WorkerConnected { spec, nanny, version, dashboard, tx, reply } => {
                 let id = WorkerId(self.next_worker);
                 self.next_worker += 1;
                 let _ = reply.send(id);
@@ -255,7 +255,7 @@ impl EventLoop {
                             pid,
                         }))));
                 }
-                self.worker_meta.insert(id, WorkerMeta { address, name, nanny, version });
+                self.worker_meta.insert(id, WorkerMeta { address, name, nanny, version, dashboard });
                 self.answer_waiters();
                 self.check_restarts();
             }
@@ -706,6 +706,7 @@ impl EventLoop {
                 resources: resources_to_pb(&spec.resources),
                 resources_used: resources_to_pb(&self.core.worker_resources_used(id)),
                 version: self.worker_meta.get(&id).map(|m| m.version.clone()).unwrap_or_default(),
+                dashboard: self.worker_meta.get(&id).and_then(|m| m.dashboard.clone()).unwrap_or_default(),
                 ..worker_memory_info(self.core.worker_memory(id).unwrap_or_default())
             })
             .collect();

@@ -1,8 +1,8 @@
-//! The scheduler's HTTP side (`--dashboard-address`, default `:8787`): `/health`, `/metrics`
-//! (Prometheus, dask's metric names where dask has them), `/info/*.json`, and the `/api/v1`
-//! routes dask's Kubernetes operator calls. Out of the core: handlers ask the event loop for a
-//! [`Snapshot`] (built at most every 250 ms however many ask) or for an operation (retire), as
-//! gRPC calls do; nothing here holds the loop.
+//! The scheduler's HTTP side (`--dashboard-address`, default `:8787`): the live dashboard
+//! (`/status`, in `dashboard.rs`), `/health`, `/metrics` (Prometheus, dask's metric names where
+//! dask has them), `/info/*.json`, and the `/api/v1` routes dask's Kubernetes operator calls.
+//! Out of the core: handlers ask the event loop for a [`Snapshot`] (built at most every 250 ms
+//! however many ask) or for an operation (retire), as gRPC calls do; nothing here holds the loop.
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -17,15 +17,15 @@ use serde_json::{Value as JsonValue, json};
 
 use super::task_stream::TaskStream;
 use super::{EventLoop, LoopMsg, Query, SchedulerHandle};
-use crate::core::TASK_STATES;
+use crate::core::{PrefixCounts, TASK_STATES};
 
 /// What the HTTP side reads: the scheduler as the event loop last described it.
 #[derive(Debug, Default)]
 pub(super) struct Snapshot {
     pub(super) info: pb::SchedulerInfo,
     pub(super) clients: usize,
-    /// Tasks by key prefix and state ([`TASK_STATES`] order).
-    pub(super) prefix_states: Vec<(Arc<str>, [u64; TASK_STATES.len()])>,
+    /// Tasks by key prefix and state ([`TASK_STATES`] order), now and since the start.
+    pub(super) prefix_states: Vec<PrefixCounts>,
     pub(super) desired_workers: usize,
     /// Since when nothing has been on its way to memory (seconds since the epoch).
     pub(super) idle_since: Option<f64>,
@@ -54,13 +54,8 @@ const STUCK_AFTER: Duration = Duration::from_secs(30);
 const RETIRE_TIMEOUT: Duration = Duration::from_secs(300);
 
 impl EventLoop {
-    /// The snapshot for the HTTP side, rebuilt when the last is older than 250 ms.
+    /// The snapshot for the HTTP side (which asks for one at a time, at most every 250 ms).
     pub(super) fn snapshot(&mut self) -> Arc<Snapshot> {
-        if let Some((at, s)) = &self.last_snapshot
-            && at.elapsed() < Duration::from_millis(250)
-        {
-            return s.clone();
-        }
         let desired = self.core.adaptive_target_within(Duration::from_secs(5), 0, usize::MAX).target;
         let s = Arc::new(Snapshot {
             info: self.info(),
@@ -75,7 +70,6 @@ impl EventLoop {
             loop_stats: self.loop_stats,
         });
         self.loop_stats.tick_max = Duration::ZERO;
-        self.last_snapshot = Some((Instant::now(), s.clone()));
         s
     }
 
@@ -93,10 +87,12 @@ impl EventLoop {
 }
 
 #[derive(Clone)]
-struct Http {
+pub(super) struct Http {
     handle: SchedulerHandle,
-    stream: Arc<TaskStream>,
+    pub(super) stream: Arc<TaskStream>,
     last_tick: LastTick,
+    /// The live dashboard's updates.
+    pub(super) feed: Arc<super::dashboard::Feed>,
     /// The last snapshot: requests within 250 ms of it share it, and one request at a time asks
     /// the loop for a new one (a flood of clients is one message to the loop, not a flood).
     cache: Arc<tokio::sync::Mutex<Cached>>,
@@ -113,7 +109,8 @@ pub(super) fn router(handle: SchedulerHandle, stream: Arc<TaskStream>, last_tick
         .route("/metrics", get(metrics))
         .route("/info/workers.json", get(workers))
         .route("/info/tasks.json", get(tasks))
-        .route("/info/versions.json", get(versions));
+        .route("/info/versions.json", get(versions))
+        .merge(super::dashboard::routes());
     if api {
         r = r
             .route("/api/v1", get(|| async { "API V1" }))
@@ -122,7 +119,7 @@ pub(super) fn router(handle: SchedulerHandle, stream: Arc<TaskStream>, last_tick
             .route("/api/v1/check_idle", get(check_idle))
             .route("/api/v1/retire_workers", post(retire_workers));
     }
-    r.with_state(Http { handle, stream, last_tick, cache: Default::default() })
+    r.with_state(Http { handle, stream, last_tick, feed: Default::default(), cache: Default::default() })
 }
 
 /// `ok` while the event loop ticks; 503 once it has not for 30 s (a wedged scheduler fails its
@@ -138,7 +135,9 @@ async fn health(State(h): State<Http>) -> Response {
 }
 
 impl Http {
-    async fn snapshot(&self) -> Result<Arc<Snapshot>, Response> {
+    /// The scheduler as the event loop last described it: requests within 250 ms share one
+    /// snapshot, and one request at a time asks the loop for a new one.
+    pub(super) async fn snapshot(&self) -> Result<Arc<Snapshot>, Response> {
         let mut cache = self.cache.lock().await;
         if let Some((at, s)) = cache.as_ref()
             && at.elapsed() < Duration::from_millis(250)
@@ -180,17 +179,29 @@ async fn metrics(State(h): State<Http>) -> Response {
     }
     m.family("dask_scheduler_tasks", "gauge", "Number of tasks known by scheduler");
     for (i, state) in TASK_STATES.iter().enumerate() {
-        let n: u64 = s.prefix_states.iter().map(|(_, c)| c[i]).sum();
+        let n: u64 = s.prefix_states.iter().map(|p| p.now[i]).sum();
         m.sample("dask_scheduler_tasks", &[("state", state)], n as f64);
     }
     m.family("dask_scheduler_prefix_tasks", "gauge", "Tasks of each task prefix in each state now (dask-rs)");
-    for (prefix, counts) in &s.prefix_states {
+    for p in &s.prefix_states {
         for (i, state) in TASK_STATES.iter().enumerate() {
-            if counts[i] > 0 {
+            if p.now[i] > 0 {
                 m.sample(
                     "dask_scheduler_prefix_tasks",
-                    &[("task_prefix_name", prefix), ("state", state)],
-                    counts[i] as f64,
+                    &[("task_prefix_name", &p.name), ("state", state)],
+                    p.now[i] as f64,
+                );
+            }
+        }
+    }
+    m.family("dask_scheduler_prefix_state_totals", "counter", "Accumulated count of task prefix in each state");
+    for p in &s.prefix_states {
+        for (i, state) in TASK_STATES.iter().enumerate() {
+            if p.entered[i] > 0 {
+                m.sample(
+                    "dask_scheduler_prefix_state_totals",
+                    &[("task_prefix_name", &p.name), ("state", state)],
+                    p.entered[i] as f64,
                 );
             }
         }
@@ -292,13 +303,17 @@ async fn tasks(State(h): State<Http>) -> Response {
         TASK_STATES.iter().zip(counts).map(|(st, n)| (st.to_string(), json!(n))).collect()
     };
     let mut total = [0u64; TASK_STATES.len()];
-    for (_, c) in &s.prefix_states {
-        for (t, n) in total.iter_mut().zip(c) {
+    for p in &s.prefix_states {
+        for (t, n) in total.iter_mut().zip(&p.now) {
             *t += n;
         }
     }
-    let prefixes: serde_json::Map<String, JsonValue> =
-        s.prefix_states.iter().map(|(p, c)| (p.to_string(), JsonValue::Object(by_state(c)))).collect();
+    let prefixes: serde_json::Map<String, JsonValue> = s
+        .prefix_states
+        .iter()
+        .filter(|p| p.now.iter().any(|n| *n > 0))
+        .map(|p| (p.name.to_string(), JsonValue::Object(by_state(&p.now))))
+        .collect();
     Json(json!({ "tasks": s.info.tasks, "states": by_state(&total), "prefixes": prefixes })).into_response()
 }
 

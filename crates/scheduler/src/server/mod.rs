@@ -17,6 +17,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+mod dashboard;
 mod event_loop;
 mod http;
 mod plugins;
@@ -168,6 +169,8 @@ enum LoopMsg {
         /// Its nanny's address, if it has one.
         nanny: Option<String>,
         version: String,
+        /// Its HTTP side's address, if it serves one.
+        dashboard: Option<String>,
         tx: WorkerTx,
         reply: oneshot::Sender<WorkerId>,
     },
@@ -280,7 +283,7 @@ pub async fn run(
     };
     let last_tick: http::LastTick = Default::default();
     if let (Some(listener), Some(at)) = (dashboard, &dashboard_address) {
-        tracing::info!(http = %format!("http://{}:{}", at.host, at.port), "serving /health, /metrics, /info and /api/v1 at");
+        tracing::info!(dashboard = %format!("http://{}:{}/status", at.host, at.port), "dashboard at");
         tokio::spawn(dask_protocol::http::serve(
             listener,
             http::router(handle.clone(), stream, last_tick.clone(), config.http_api),
@@ -312,7 +315,6 @@ pub async fn run(
             coord_out: Vec::new(),
             runs: Default::default(),
             worker_plugins: Vec::new(),
-            last_snapshot: None,
             idle_since: None,
             idle_timeout: config.idle_timeout,
             activity: 0,
@@ -379,6 +381,7 @@ struct WorkerMeta {
     name: Arc<str>,
     nanny: Option<String>,
     version: String,
+    dashboard: Option<String>,
 }
 
 /// A connected nanny.
@@ -435,7 +438,6 @@ struct EventLoop {
     /// Worker plugins, in the order registered: given to every worker that joins.
     worker_plugins: Vec<pb::PluginSpec>,
     /// The HTTP side's last snapshot, and when it was made.
-    last_snapshot: Option<(Instant, Arc<http::Snapshot>)>,
     idle_since: Option<SystemTime>,
     idle_timeout: Option<Duration>,
     /// Client messages so far, and as of the last tick (work between ticks is not idle).

@@ -65,11 +65,16 @@ impl pb::scheduler_server::Scheduler for Service {
         };
         let nanny = (!reg.nanny.is_empty()).then_some(reg.nanny);
         let version = reg.version;
+        // Its HTTP side, on the host it advertises.
+        let dashboard = (reg.dashboard_port != 0).then(|| match address.host.contains(':') {
+            true => format!("http://[{}]:{}/", address.host, reg.dashboard_port),
+            false => format!("http://{}:{}/", address.host, reg.dashboard_port),
+        });
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (reply_tx, reply_rx) = oneshot::channel();
         let (address, name) = (spec.address.clone(), spec.name.clone());
         self.tx
-            .send(LoopMsg::WorkerConnected { spec, nanny, version, tx: out_tx, reply: reply_tx })
+            .send(LoopMsg::WorkerConnected { spec, nanny, version, dashboard, tx: out_tx, reply: reply_tx })
             .map_err(|_| closed())?;
         let id = reply_rx.await.map_err(|_| closed())?;
         let (tx, stream) = (self.tx.clone(), self.stream.clone());

@@ -11,9 +11,16 @@ const KEEP: usize = 100_000;
 
 #[derive(Default)]
 pub(super) struct TaskStream {
-    records: Mutex<VecDeque<pb::TaskRecord>>,
+    records: Mutex<Records>,
     /// Compute and transfer time of every run since the start, by task prefix (metrics).
     totals: Mutex<HashMap<String, PrefixTotals>>,
+}
+
+/// The records kept, and how many were ever added (the dashboard's cursor).
+#[derive(Default)]
+struct Records {
+    kept: VecDeque<pb::TaskRecord>,
+    added: u64,
 }
 
 /// Time spent on one task prefix since the scheduler started.
@@ -64,9 +71,27 @@ impl TaskStream {
             }
         }
         let mut r = self.records.lock();
-        r.extend(new);
-        let over = r.len().saturating_sub(KEEP);
-        r.drain(..over);
+        r.added += new.len() as u64;
+        r.kept.extend(new);
+        let over = r.kept.len().saturating_sub(KEEP);
+        r.kept.drain(..over);
+    }
+
+    /// How many records were ever added.
+    pub(super) fn added(&self) -> u64 {
+        self.records.lock().added
+    }
+
+    /// The records added since `cursor` (a count of records ever added), at most `max` of them
+    /// spread evenly over those (every k-th: a busy cluster's stream is sampled, not cut off),
+    /// and the cursor to ask from next. Also says how many were added in all since `cursor`.
+    pub(super) fn since(&self, cursor: u64, max: usize) -> (Vec<pb::TaskRecord>, u64, u64) {
+        let r = self.records.lock();
+        let new = (r.added.saturating_sub(cursor) as usize).min(r.kept.len());
+        let step = new.div_ceil(max.max(1)).max(1);
+        let from = r.kept.len() - new;
+        let out = r.kept.range(from..).step_by(step).cloned().collect();
+        (out, r.added, r.added.saturating_sub(cursor))
     }
 
     /// Compute and transfer seconds by task prefix, sorted by prefix.
@@ -80,6 +105,7 @@ impl TaskStream {
     pub(super) fn query(&self, q: &pb::TaskStreamRequest) -> Vec<pb::TaskRecord> {
         let r = self.records.lock();
         let mut out: Vec<pb::TaskRecord> = r
+            .kept
             .iter()
             .filter(|t| (q.start_s <= 0.0 || t.stop_s >= q.start_s) && (q.stop_s <= 0.0 || t.stop_s <= q.stop_s))
             .cloned()

@@ -271,6 +271,7 @@ pub async fn start(
         host: config.host.clone(),
         nanny: config.nanny.clone().unwrap_or_default(),
         version: env!("CARGO_PKG_VERSION").to_string(),
+        dashboard_port: dashboard.map_or(0, u32::from),
         resources: config
             .resources
             .iter()
