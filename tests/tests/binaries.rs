@@ -446,5 +446,5 @@ fn workers_advertise_an_address_others_can_reach() {
     assert_eq!(f.result_timeout(LONG).unwrap(), 5);
     let mut bad = worker(&dir, &w, &[&address, "--protocol", "udp"], "bad.log");
     assert_eq!(bad.wait_exit(LONG).and_then(|s| s.code()), Some(1));
-    assert!(bad.log().contains("only tcp is supported"), "{}", bad.log());
+    assert!(bad.log().contains("tcp and tls are supported"), "{}", bad.log());
 }

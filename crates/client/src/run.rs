@@ -163,6 +163,7 @@ impl Client {
             .filter(|w| !w.nanny.is_empty() && chosen(w))
             .map(|w| (w.address.clone(), w.nanny.clone()))
             .collect();
+        let security = self.inner.security.clone();
         self.inner.block_on(async move {
             let mut out = HashMap::new();
             for (worker, nanny) in nannies {
@@ -170,8 +171,7 @@ impl Client {
                     .map_err(|e| Error::Refused(format!("the scheduler names nanny {nanny:?}: {e}")))?;
                 let endpoint = dask_protocol::serve::endpoint(&addr, crate::CONNECT_TIMEOUT)
                     .map_err(|e| Error::Refused(format!("nanny {nanny}: {e}")))?;
-                let channel = endpoint
-                    .connect()
+                let channel = dask_protocol::serve::connect(&endpoint, &addr, security.as_ref())
                     .await
                     .map_err(|e| Error::Refused(format!("nanny {nanny}: {}", dask_protocol::error_chain(&e))))?;
                 let reply = pb::nanny_client::NannyClient::new(channel)

@@ -8,6 +8,7 @@ use std::time::Duration;
 use dask_nanny::{Child, ExitStatus, Launcher, NannyConfig, NannyHandle, ProcessLauncher, Signal};
 use dask_protocol::addr::Address;
 use dask_protocol::config::Config;
+use dask_protocol::tls::Security;
 use dask_scheduler::server::{self as scheduler, SchedulerConfig, SchedulerHandle};
 use dask_worker::server::{self as worker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
@@ -39,9 +40,22 @@ pub struct LocalClusterBuilder {
     /// Where the scheduler serves HTTP.
     dashboard: Option<String>,
     http_api: bool,
+    /// TLS credentials for every process of the cluster, and where worker processes read them.
+    security: Option<Security>,
+    tls_files: Option<(dask_protocol::tls::Files, Option<std::path::PathBuf>)>,
 }
 
 impl LocalClusterBuilder {
+    /// TLS with mutual authentication on every connection of the cluster (dask's
+    /// `LocalCluster(security=...)`): the scheduler and workers are at `tls://` addresses, and
+    /// only holders of a certificate the credentials' CA signed get in. `Security::temporary()`
+    /// makes throw-away credentials (dask's `security=True`); clients connect with
+    /// `Client::connect_with_security(&cluster.scheduler_address(), cluster.security().cloned().unwrap())`.
+    pub fn security(mut self, security: Security) -> Self {
+        self.security = Some(security);
+        self
+    }
+
     /// Number of workers (default: one per core).
     pub fn n_workers(mut self, n: usize) -> Self {
         self.n_workers = Some(n);
@@ -143,7 +157,7 @@ impl LocalClusterBuilder {
 
     /// Every worker runs under a nanny (in this process), so `Client::restart` works and a
     /// worker that dies is replaced.
-    pub fn build(self) -> Result<LocalCluster> {
+    pub fn build(mut self) -> Result<LocalCluster> {
         // A worker process started by a LocalCluster whose program did not call `init()`.
         crate::init();
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
@@ -157,6 +171,19 @@ impl LocalClusterBuilder {
             )));
         }
         let settings = Config::load().map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        // Worker processes read the credentials from files (written for temporary ones, readable
+        // by this user only, removed with the cluster).
+        if let (Some(s), true) = (&self.security, self.processes) {
+            let dir = std::env::temp_dir().join(format!(
+                "dask-rs-tls-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos()
+            ));
+            let files =
+                s.files(&dir).map_err(|e| Error::Cluster(format!("failed to write the TLS credentials: {e}")))?;
+            let ours = files.ca.starts_with(&dir).then_some(dir);
+            self.tls_files = Some((files, ours));
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("dask-local-cluster")
@@ -164,8 +191,15 @@ impl LocalClusterBuilder {
             .build()
             .map_err(|e| Error::Cluster(format!("failed to start a runtime: {e}")))?;
         let shutdown = CancellationToken::new();
-        let mut cluster =
-            LocalCluster { runtime: None, scheduler: None, pool: None, shutdown: shutdown.clone(), adaptive: None };
+        let mut cluster = LocalCluster {
+            runtime: None,
+            scheduler: None,
+            pool: None,
+            shutdown: shutdown.clone(),
+            adaptive: None,
+            security: self.security.clone(),
+            tls_dir: self.tls_files.as_ref().and_then(|(_, d)| d.clone()),
+        };
         let result = runtime.block_on(async {
             let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.scheduler_port))
                 .await
@@ -176,7 +210,12 @@ impl LocalClusterBuilder {
                 ),
                 None => None,
             };
-            let mut config = SchedulerConfig { preload: self.preload.clone(), dashboard, ..Default::default() };
+            let mut config = SchedulerConfig {
+                preload: self.preload.clone(),
+                dashboard,
+                security: self.security.clone(),
+                ..Default::default()
+            };
             config.apply_config(&settings).map_err(Error::InvalidArgument)?;
             config.http_api |= self.http_api;
             let (sched, run) =
@@ -225,12 +264,14 @@ pub(crate) async fn spawn_nanny(
             config.local_directory = d.display().to_string();
         }
         config.dashboard = b.dashboard.is_some().then(worker_dashboard);
+        config.security = b.security.clone();
         Box::new(InProcess { config })
     };
     let mut nanny = NannyConfig::new(address.clone(), name);
     nanny.apply_config(settings).map_err(Error::InvalidArgument)?;
     nanny.memory_limit = b.memory_limit;
     nanny.death_timeout = Some(Duration::from_secs(10));
+    nanny.security = b.security.clone();
     let (handle, run) =
         dask_nanny::start(nanny, launcher, shutdown.child_token()).await.map_err(|e| Error::Cluster(e.to_string()))?;
     let run = tokio::spawn(async move {
@@ -253,6 +294,8 @@ const ENV_SIMULATE: &str = "DASK_RS_LOCAL_WORKER_SIMULATE";
 const ENV_LOCAL_DIR: &str = "DASK_RS_LOCAL_WORKER_DIRECTORY";
 const ENV_RESOURCES: &str = "DASK_RS_LOCAL_WORKER_RESOURCES";
 const ENV_DASHBOARD: &str = "DASK_RS_LOCAL_WORKER_DASHBOARD";
+/// The TLS credentials' files: CA, certificate and key, one per line.
+const ENV_TLS: &str = "DASK_RS_LOCAL_WORKER_TLS";
 
 /// Where a local worker serves its HTTP side when the cluster serves one: a free port.
 fn worker_dashboard() -> (String, u16) {
@@ -295,6 +338,16 @@ fn process_launcher(b: &LocalClusterBuilder, address: &Address, name: &str, thre
                     Some(_) => vec!["--dashboard-address".into(), "127.0.0.1:0".into()],
                     None => vec!["--no-dashboard".into()],
                 })
+                .chain(b.tls_files.iter().flat_map(|(f, _)| {
+                    [
+                        "--tls-ca-file".into(),
+                        f.ca.clone().into_os_string(),
+                        "--tls-cert".into(),
+                        f.cert.clone().into_os_string(),
+                        "--tls-key".into(),
+                        f.key.clone().into_os_string(),
+                    ]
+                }))
                 .collect(),
             env: Vec::new(),
             stdout: false,
@@ -310,6 +363,12 @@ fn process_launcher(b: &LocalClusterBuilder, address: &Address, name: &str, thre
             ];
             if b.dashboard.is_some() {
                 env.push((ENV_DASHBOARD.to_string(), "1".to_string()));
+            }
+            if let Some((f, _)) = &b.tls_files {
+                env.push((
+                    ENV_TLS.to_string(),
+                    format!("{}\n{}\n{}", f.ca.display(), f.cert.display(), f.key.display()),
+                ));
             }
             if b.simulate {
                 env.push((ENV_SIMULATE.to_string(), "1".to_string()));
@@ -452,6 +511,16 @@ fn run_local_worker(address: &str) -> Result<ExitStatus> {
         config.local_directory = d;
     }
     config.dashboard = std::env::var_os(ENV_DASHBOARD).is_some().then(worker_dashboard);
+    if let Ok(files) = std::env::var(ENV_TLS) {
+        let f: Vec<&str> = files.lines().collect();
+        let [ca, cert, key] = f[..] else {
+            return Err(Error::InvalidArgument(format!("{ENV_TLS} must name three files, one per line")));
+        };
+        config.security = Some(
+            Security::from_files(ca.as_ref(), cert.as_ref(), Some(key.as_ref()))
+                .map_err(|e| Error::InvalidArgument(e.to_string()))?,
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -482,6 +551,9 @@ pub struct LocalCluster {
     shutdown: CancellationToken,
     /// Stops the running `adapt`, if any.
     adaptive: Option<CancellationToken>,
+    security: Option<Security>,
+    /// A directory of credentials written for worker processes, removed with the cluster.
+    tls_dir: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for LocalCluster {
@@ -507,6 +579,8 @@ impl LocalCluster {
             preload: Vec::new(),
             dashboard: None,
             http_api: false,
+            security: None,
+            tls_files: None,
         }
     }
 
@@ -527,6 +601,11 @@ impl LocalCluster {
 
     pub fn address(&self) -> &Address {
         &self.sched().address
+    }
+
+    /// The cluster's TLS credentials, if it was built with some (for its clients).
+    pub fn security(&self) -> Option<&Security> {
+        self.security.as_ref()
     }
 
     /// Addresses of the workers now connected, in the order of their names (`local-0`,
@@ -601,6 +680,10 @@ impl LocalCluster {
 
     fn stop(&mut self, wait: bool) {
         self.shutdown.cancel();
+        if let Some(d) = self.tls_dir.take() {
+            // Worker processes read them at start; none starts after this.
+            let _ = std::fs::remove_dir_all(d);
+        }
         if let Some(rt) = self.runtime.take() {
             if wait {
                 // The nannies stop their workers (SIGTERM to processes) and end.

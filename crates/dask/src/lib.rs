@@ -46,6 +46,8 @@ pub use dask_protocol::task::reschedule;
 pub use dask_protocol::plugin::{NannyPlugin, SchedulerPlugin, WorkerPlugin};
 /// Registers an actor type (`impl dask::Actor`) so workers of this program can host it.
 pub use dask_protocol::register_actor;
+/// TLS credentials for a cluster (dask's `Security`): `Security::temporary()` or `Security::from_files`.
+pub use dask_protocol::tls::Security;
 pub use dask_protocol::{plugin_library, register_nanny_plugin, register_scheduler_plugin, register_worker_plugin};
 pub use dask_worker::context::{TaskWorker, WorkerClient, get_client, get_worker, rejoin, secede, worker_client};
 

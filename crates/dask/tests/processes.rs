@@ -35,6 +35,10 @@ fn main() {
             resources_and_scale();
             Ok(())
         }),
+        libtest_mimic::Trial::test("worker_processes_of_a_tls_cluster_read_the_credentials_from_files", || {
+            tls_worker_processes();
+            Ok(())
+        }),
     ];
     libtest_mimic::run(&args, tests).exit();
 }
@@ -97,4 +101,44 @@ fn worker_processes() {
     client.close();
     cluster.close();
     println!("processes: ok");
+}
+
+/// Worker processes of a cluster with temporary credentials read them from files written for
+/// them (readable by this user only), and those files go with the cluster.
+fn tls_worker_processes() {
+    let security = dask::Security::temporary().unwrap();
+    let cluster = LocalCluster::builder()
+        .n_workers(2)
+        .threads_per_worker(1)
+        .processes(true)
+        .security(security.clone())
+        .build()
+        .unwrap();
+    let client = Client::connect_with_security(&cluster.scheduler_address(), security).unwrap();
+    let workers = cluster.worker_addresses();
+    assert_eq!(workers.len(), 2);
+    assert!(workers.iter().all(|w| w.starts_with("tls://")), "{workers:?}");
+    let on = |w: &str| SubmitOptions { workers: vec![w.to_string()], ..Default::default() };
+    let xs: Vec<_> =
+        (0..10i64).map(|i| client.submit_with(slow_square, (i,), on(&workers[i as usize % 2])).unwrap()).collect();
+    // Half the inputs cross from one worker process to the other, over TLS.
+    let t = client.submit_with(total, (xs.clone(),), on(&workers[0])).unwrap();
+    assert_eq!(t.result().unwrap(), (0..10i64).map(|i| i * i).sum::<i64>());
+    let pids: std::collections::HashSet<u32> =
+        client.gather(&client.map(whoami, 0..4i64).unwrap()).unwrap().into_iter().map(|(_, p)| p).collect();
+    assert!(!pids.contains(&std::process::id()), "the tasks ran in the worker processes");
+    let dir = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(Result::ok)
+        .find(|e| e.file_name().to_string_lossy().starts_with(&format!("dask-rs-tls-{}-", std::process::id())))
+        .expect("the credentials' directory");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("key.pem")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "the key is the owner's only: {mode:o}");
+    }
+    drop(client);
+    cluster.close();
+    assert!(!dir.path().exists(), "the credentials go with the cluster");
 }

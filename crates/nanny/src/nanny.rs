@@ -75,6 +75,8 @@ pub struct NannyConfig {
     pub policy: Policy,
     /// Give up when the scheduler was never reached for this long (`None`: keep trying).
     pub death_timeout: Option<Duration>,
+    /// TLS credentials for its own service and for reaching a `tls://` scheduler.
+    pub security: Option<dask_protocol::tls::Security>,
 }
 
 impl NannyConfig {
@@ -89,6 +91,7 @@ impl NannyConfig {
             monitor_interval: Duration::from_millis(100),
             policy: Policy::default(),
             death_timeout: None,
+            security: None,
         }
     }
 
@@ -193,7 +196,7 @@ pub async fn start(
     let listener =
         tokio::net::TcpListener::bind(&bind).await.map_err(|source| NannyError::Bind { addr: bind.clone(), source })?;
     let local = listener.local_addr().map_err(|source| NannyError::Bind { addr: bind, source })?;
-    let address = Address { host: config.host.clone(), port: local.port() };
+    let address = Address { host: config.host.clone(), port: local.port(), tls: config.security.is_some() };
     let (to_loop, from_outside) = mpsc::unbounded_channel();
     let shared = Arc::new(Mutex::new(Shared::default()));
     let service = Service {
@@ -203,7 +206,7 @@ pub async fn start(
         name: config.name.clone(),
     };
     let server = dask_protocol::serve::server().add_service(NannyServer::new(service)).serve_with_incoming_shutdown(
-        dask_protocol::serve::incoming(listener, Default::default(), "nanny"),
+        dask_protocol::serve::incoming(listener, Default::default(), "nanny", config.security.clone()),
         shutdown.clone().cancelled_owned(),
     );
     let handle = NannyHandle {
@@ -419,7 +422,9 @@ async fn link(
         let attempt = async {
             let endpoint = dask_protocol::serve::endpoint(&config.scheduler, Duration::from_secs(5))
                 .map_err(|e| dask_protocol::error_chain(&e))?;
-            let channel = endpoint.connect().await.map_err(|e| dask_protocol::error_chain(&e))?;
+            let channel = dask_protocol::serve::connect(&endpoint, &config.scheduler, config.security.as_ref())
+                .await
+                .map_err(|e| dask_protocol::error_chain(&e))?;
             let mut client = SchedulerClient::new(channel);
             let (tx, rx) = mpsc::unbounded_channel();
             let hello = pb::NannyEvent { kind: Some(pb::nanny_event::Kind::Register(register.clone())) };

@@ -2,15 +2,19 @@
 //! port. gRPC needs `http://host:port`; [`Address::endpoint`] gives it.
 use std::fmt;
 
-/// A parsed `tcp://host:port` address.
+/// A parsed `tcp://host:port` or `tls://host:port` address.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Address {
     pub host: String,
     pub port: u16,
+    /// `tls://`: connections to it are TLS with mutual authentication (see [`crate::tls`]).
+    pub tls: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("failed to parse address {input:?}: {why}; expected tcp://HOST:PORT, e.g. tcp://127.0.0.1:8786")]
+#[error(
+    "failed to parse address {input:?}: {why}; expected tcp://HOST:PORT or tls://HOST:PORT, e.g. tcp://127.0.0.1:8786"
+)]
 pub struct AddressError {
     pub input: String,
     pub why: &'static str,
@@ -22,13 +26,11 @@ impl Address {
     pub fn parse(input: &str, default_port: Option<u16>) -> Result<Address, AddressError> {
         let err = |why| AddressError { input: input.to_string(), why };
         let s = input.trim();
-        let rest = match s.split_once("://") {
-            Some(("tcp", rest)) => rest,
-            Some(("tls", _)) => {
-                return Err(err("tls:// is not supported yet"));
-            }
-            Some(_) => return Err(err("unknown scheme (only tcp:// is supported)")),
-            None => s,
+        let (tls, rest) = match s.split_once("://") {
+            Some(("tcp", rest)) => (false, rest),
+            Some(("tls", rest)) => (true, rest),
+            Some(_) => return Err(err("unknown scheme (tcp:// and tls:// are supported)")),
+            None => (false, s),
         };
         let rest = rest.trim_end_matches('/');
         if rest.is_empty() {
@@ -53,7 +55,13 @@ impl Address {
             None => default_port.ok_or_else(|| err("no port given"))?,
         };
         let host = if host.is_empty() { "127.0.0.1".to_string() } else { host };
-        Ok(Address { host, port })
+        Ok(Address { host, port, tls })
+    }
+
+    /// The same address with TLS on or off.
+    pub fn with_tls(mut self, tls: bool) -> Address {
+        self.tls = tls;
+        self
     }
 
     /// `http://host:port`, what tonic's `Endpoint` takes.
@@ -68,17 +76,18 @@ impl Address {
 
 impl fmt::Display for Address {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "tls" } else { "tcp" };
         if self.host.contains(':') {
-            write!(f, "tcp://[{}]:{}", self.host, self.port)
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
         } else {
-            write!(f, "tcp://{}:{}", self.host, self.port)
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
         }
     }
 }
 
 impl From<std::net::SocketAddr> for Address {
     fn from(a: std::net::SocketAddr) -> Self {
-        Address { host: a.ip().to_string(), port: a.port() }
+        Address { host: a.ip().to_string(), port: a.port(), tls: false }
     }
 }
 
@@ -95,6 +104,10 @@ mod tests {
         assert_eq!(Address::parse("localhost:1", None).unwrap().host, "localhost");
         assert_eq!(Address::parse("tcp://host", Some(8786)).unwrap().port, 8786);
         assert_eq!(Address::parse("[::1]:5", None).unwrap().endpoint(), "http://[::1]:5");
+        let t = Address::parse("tls://10.0.0.1:8786", None).unwrap();
+        assert!(t.tls && !a.tls);
+        assert_eq!(t.to_string(), "tls://10.0.0.1:8786");
+        assert_eq!(Address::parse("tls://[::1]:5", None).unwrap().to_string(), "tls://[::1]:5");
     }
 
     #[test]
@@ -153,8 +166,10 @@ pub fn interface_ip(name: &str) -> Result<std::net::IpAddr, String> {
 pub fn host_of(spec: &str) -> Result<String, String> {
     let s = spec.trim();
     let rest = match s.split_once("://") {
-        Some(("tcp", rest)) => rest,
-        Some((scheme, _)) => return Err(format!("{spec:?}: the {scheme}:// protocol is not supported (use tcp)")),
+        Some(("tcp" | "tls", rest)) => rest,
+        Some((scheme, _)) => {
+            return Err(format!("{spec:?}: the {scheme}:// protocol is not supported (use tcp or tls)"));
+        }
         None => s,
     };
     let rest = rest.trim_end_matches('/');

@@ -19,6 +19,8 @@ use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::tls::{Security, Stream};
+
 use crate::codec::{Value, codec_name};
 use crate::pb::{self, data_message::Kind};
 
@@ -318,10 +320,14 @@ pub trait DataStore: Send + Sync {
 const DISCARD_AT_MOST: u64 = 64 << 20;
 
 /// Accepts data connections on `listener` and serves each from `store`, until `shutdown`.
+///
+/// With `security`, connections are TLS with mutual authentication: a peer without a
+/// certificate signed by the cluster's CA is refused in the handshake and reads nothing.
 pub async fn serve<D: DataStore + 'static>(
     listener: tokio::net::TcpListener,
     store: std::sync::Arc<D>,
     shutdown: tokio_util::sync::CancellationToken,
+    security: Option<Security>,
 ) {
     loop {
         let conn = tokio::select! {
@@ -336,13 +342,17 @@ pub async fn serve<D: DataStore + 'static>(
                 }
             },
         };
-        let (store, shutdown) = (store.clone(), shutdown.clone());
+        let (store, shutdown, security) = (store.clone(), shutdown.clone(), security.clone());
         tokio::spawn(async move {
             let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
             if conn.set_nodelay(true).is_err() {
                 return;
             }
             keepalive(&conn);
+            let conn = match &security {
+                Some(s) => s.accept(conn),
+                None => Stream::Plain(conn),
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => {}
                 r = serve_connection(conn, &*store) => if let Err(e) = r {
@@ -443,7 +453,9 @@ where
 /// client's gathers and scatters.
 #[derive(Default)]
 pub struct DataPool {
-    idle: Mutex<HashMap<String, Vec<TcpStream>>>,
+    idle: Mutex<HashMap<String, Vec<Stream>>>,
+    /// Credentials for `tls://` peers.
+    security: Option<Security>,
 }
 
 impl std::fmt::Debug for DataPool {
@@ -453,6 +465,11 @@ impl std::fmt::Debug for DataPool {
 }
 
 impl DataPool {
+    /// A pool that reaches `tls://` peers with these credentials.
+    pub fn with_security(security: Option<Security>) -> DataPool {
+        DataPool { idle: Default::default(), security }
+    }
+
     /// Fetches `keys` from the worker at `address`: one entry per key, in the order asked, with
     /// `None` for keys it lacks. Keys a peer sends unasked are dropped (a peer cannot plant
     /// values), and keys it leaves out count as lacking.
@@ -508,7 +525,7 @@ impl DataPool {
         address: &str,
         request: &pb::DataMessage,
         values: &[Received],
-    ) -> Result<(TcpStream, pb::DataMessage), DataError> {
+    ) -> Result<(Stream, pb::DataMessage), DataError> {
         let pooled = self.idle.lock().expect("pool lock").get_mut(address).and_then(Vec::pop);
         if let Some(mut conn) = pooled {
             match send_and_read(&mut conn, request, values).await {
@@ -519,14 +536,14 @@ impl DataPool {
                 Err(e) => return Err(e),
             }
         }
-        let mut conn = connect(address).await?;
+        let mut conn = connect(address, self.security.as_ref()).await?;
         match send_and_read(&mut conn, request, values).await? {
             Some(reply) => Ok((conn, reply)),
             None => Err(DataError::Io(std::io::ErrorKind::UnexpectedEof.into())),
         }
     }
 
-    fn give_back(&self, address: &str, conn: TcpStream) {
+    fn give_back(&self, address: &str, conn: Stream) {
         let mut idle = self.idle.lock().expect("pool lock");
         let conns = idle.entry(address.to_string()).or_default();
         if conns.len() < POOL_PER_PEER {
@@ -567,11 +584,29 @@ fn unexpected(kind: Option<Kind>) -> DataError {
 /// are still being written: a peer that refuses a put says why at once and hangs up, and that
 /// reason (not a broken pipe) is what the caller gets.
 async fn send_and_read(
-    conn: &mut TcpStream,
+    conn: &mut Stream,
     request: &pb::DataMessage,
     values: &[Received],
 ) -> Result<Option<pb::DataMessage>, DataError> {
-    let (mut rd, mut wr) = conn.split();
+    match conn {
+        // Plain TCP splits for free; TLS through tokio's split (one state for both halves).
+        Stream::Plain(tcp) => {
+            let (rd, wr) = tcp.split();
+            send_and_read_on(rd, wr, request, values).await
+        }
+        tls => {
+            let (rd, wr) = tokio::io::split(tls);
+            send_and_read_on(rd, wr, request, values).await
+        }
+    }
+}
+
+async fn send_and_read_on<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    mut rd: R,
+    mut wr: W,
+    request: &pb::DataMessage,
+    values: &[Received],
+) -> Result<Option<pb::DataMessage>, DataError> {
     let write = write_with_values(&mut wr, request, values);
     let reply = read_message(&mut rd, true);
     tokio::pin!(write, reply);
@@ -600,16 +635,29 @@ async fn send_and_read(
     }
 }
 
-/// Opens a data connection to `address` (`tcp://host:port` or `host:port`).
-pub async fn connect(address: &str) -> Result<TcpStream, DataError> {
+/// Opens a data connection to `address` (`tcp://host:port`, `host:port`, or `tls://host:port`
+/// with `security`'s credentials).
+pub async fn connect(address: &str, security: Option<&Security>) -> Result<Stream, DataError> {
     let addr = crate::addr::Address::parse(address, None).map_err(|e| DataError::Address(e.to_string()))?;
     let target = format!("{}:{}", addr.host, addr.port);
-    let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&target))
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&target))
         .await
         .map_err(|_| DataError::Timeout(CONNECT_TIMEOUT))??;
-    conn.set_nodelay(true)?;
-    keepalive(&conn);
+    tcp.set_nodelay(true)?;
+    keepalive(&tcp);
+    let mut conn = match (addr.tls, security) {
+        (false, _) => Stream::Plain(tcp),
+        (true, Some(s)) => tokio::time::timeout(CONNECT_TIMEOUT, s.connect(tcp, &addr.host))
+            .await
+            .map_err(|_| DataError::Timeout(CONNECT_TIMEOUT))??,
+        (true, None) => {
+            return Err(DataError::Address(format!(
+                "{address} is a tls:// address and no TLS credentials were given (--tls-ca-file, --tls-cert, --tls-key)"
+            )));
+        }
+    };
     conn.write_all(MAGIC).await?;
+    conn.flush().await?;
     Ok(conn)
 }
 
@@ -654,7 +702,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = format!("tcp://{}", listener.local_addr().unwrap());
         let store = std::sync::Arc::new(MapStore::default());
-        tokio::spawn(serve(listener, store.clone(), Default::default()));
+        tokio::spawn(serve(listener, store.clone(), Default::default(), None));
         (addr, store)
     }
 
@@ -706,7 +754,7 @@ mod tests {
         };
         // A put of it: the worker replies why and hangs up, and goes on serving others.
         let (addr, store) = server().await;
-        let mut c = connect(&addr).await.unwrap();
+        let mut c = connect(&addr, None).await.unwrap();
         write_message(&mut c, &pb::DataMessage { kind: Some(Kind::Put(list())) }).await.unwrap();
         let reply = read_message(&mut c, false).await.unwrap().unwrap();
         assert!(
@@ -751,8 +799,8 @@ mod tests {
     #[tokio::test]
     async fn data_connections_probe_a_silent_peer() {
         let (addr, _) = server().await;
-        let conn = connect(&addr).await.unwrap();
-        let s = socket2::SockRef::from(&conn);
+        let conn = connect(&addr, None).await.unwrap();
+        let s = socket2::SockRef::from(conn.tcp().expect("a TCP connection"));
         assert!(s.keepalive().unwrap());
         assert_eq!(s.tcp_keepalive_time().unwrap(), KEEPALIVE.0);
         assert_eq!(s.tcp_keepalive_interval().unwrap(), KEEPALIVE.1);
@@ -775,13 +823,13 @@ mod tests {
         let mut rest = Vec::new();
         assert_eq!(c.read_to_end(&mut rest).await.unwrap(), 0, "the worker hangs up");
         // A reply where a request belongs gets an error message.
-        let mut c = connect(&addr).await.unwrap();
+        let mut c = connect(&addr, None).await.unwrap();
         let msg = pb::DataMessage { kind: Some(Kind::PutReply(pb::PutReply::default())) };
         write_message(&mut c, &msg).await.unwrap();
         let reply = read_message(&mut c, false).await.unwrap().unwrap();
         assert!(matches!(reply.kind, Some(Kind::Error(ref e)) if e.contains("expected a get or put")), "{reply:?}");
         // An unknown codec.
-        let mut c = connect(&addr).await.unwrap();
+        let mut c = connect(&addr, None).await.unwrap();
         let list = pb::ValueList {
             values: vec![pb::ValueHeader {
                 key: "k".into(),

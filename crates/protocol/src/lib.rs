@@ -25,6 +25,7 @@ pub mod serve;
 pub mod sys;
 pub mod task;
 pub mod ticket;
+pub mod tls;
 pub mod tokenize;
 
 /// Generated tonic/prost code (package `dask.v1`).

@@ -97,57 +97,73 @@ impl Throttle {
 /// doubles up to a second: retrying at once spun a core while 20,000 idle sockets held every
 /// descriptor. Connections past `limits.max_connections` are closed at once, and so is one that
 /// sends nothing for `limits.handshake_timeout`.
+///
+/// With `security`, each connection is TLS with mutual authentication: a peer without a
+/// certificate signed by the cluster's CA is refused in the handshake (and logged).
 pub fn incoming(
     listener: tokio::net::TcpListener,
     limits: Limits,
     what: &'static str,
+    security: Option<crate::tls::Security>,
 ) -> impl tokio_stream::Stream<Item = std::io::Result<Conn>> + Send + 'static {
     let live = Arc::new(AtomicUsize::new(0));
     let state = (listener, live, Throttle::new(), Throttle::new());
-    futures_util::stream::unfold(state, move |(listener, live, mut errors, mut refused)| async move {
-        let mut pause = Duration::from_millis(10);
-        loop {
-            match listener.accept().await {
-                Ok((conn, peer)) => {
-                    pause = Duration::from_millis(10);
-                    if live.load(Ordering::Relaxed) >= limits.max_connections {
-                        if let Some(held) = refused.due() {
-                            tracing::warn!(
-                                %peer,
-                                open = limits.max_connections,
-                                refused_since_last_line = held,
-                                "{what}: too many connections; closing new ones (raise \
-                                 distributed.scheduler.max-connections or --max-connections)"
+    futures_util::stream::unfold(state, move |(listener, live, mut errors, mut refused)| {
+        let security = security.clone();
+        async move {
+            let mut pause = Duration::from_millis(10);
+            loop {
+                match listener.accept().await {
+                    Ok((conn, peer)) => {
+                        pause = Duration::from_millis(10);
+                        if live.load(Ordering::Relaxed) >= limits.max_connections {
+                            if let Some(held) = refused.due() {
+                                tracing::warn!(
+                                    %peer,
+                                    open = limits.max_connections,
+                                    refused_since_last_line = held,
+                                    "{what}: too many connections; closing new ones (raise \
+                                     distributed.scheduler.max-connections or --max-connections)"
+                                );
+                            }
+                            drop(conn);
+                            continue;
+                        }
+                        if let Err(e) = conn.set_nodelay(true) {
+                            tracing::debug!(%peer, error = %e, "{what}: a connection failed at once");
+                            continue;
+                        }
+                        live.fetch_add(1, Ordering::Relaxed);
+                        let info = tonic::transport::server::TcpConnectInfo {
+                            local_addr: conn.local_addr().ok(),
+                            remote_addr: Some(peer),
+                        };
+                        let inner = match &security {
+                            Some(s) => s.accept(conn),
+                            None => crate::tls::Stream::Plain(conn),
+                        };
+                        let conn = Conn {
+                            inner,
+                            info,
+                            _open: Open(live.clone()),
+                            handshake: Some(Box::pin(tokio::time::sleep(limits.handshake_timeout))),
+                            seen: 0,
+                        };
+                        return Some((Ok(conn), (listener, live, errors, refused)));
+                    }
+                    Err(e) => {
+                        if let Some(held) = errors.due() {
+                            tracing::error!(
+                                error = %e,
+                                open = live.load(Ordering::Relaxed),
+                                failures_since_last_line = held,
+                                "{what}: accepting a connection failed; pausing {pause:?} (out of file \
+                                 descriptors? raise `ulimit -n` or lower max-connections)"
                             );
                         }
-                        drop(conn);
-                        continue;
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(1));
                     }
-                    if let Err(e) = conn.set_nodelay(true) {
-                        tracing::debug!(%peer, error = %e, "{what}: a connection failed at once");
-                        continue;
-                    }
-                    live.fetch_add(1, Ordering::Relaxed);
-                    let conn = Conn {
-                        inner: conn,
-                        _open: Open(live.clone()),
-                        handshake: Some(Box::pin(tokio::time::sleep(limits.handshake_timeout))),
-                        seen: 0,
-                    };
-                    return Some((Ok(conn), (listener, live, errors, refused)));
-                }
-                Err(e) => {
-                    if let Some(held) = errors.due() {
-                        tracing::error!(
-                            error = %e,
-                            open = live.load(Ordering::Relaxed),
-                            failures_since_last_line = held,
-                            "{what}: accepting a connection failed; pausing {pause:?} (out of file \
-                             descriptors? raise `ulimit -n` or lower max-connections)"
-                        );
-                    }
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(1));
                 }
             }
         }
@@ -166,7 +182,8 @@ impl Drop for Open {
 /// An accepted connection: counted while open, and closed if it sends no HTTP/2 preface in
 /// time.
 pub struct Conn {
-    inner: tokio::net::TcpStream,
+    inner: crate::tls::Stream,
+    info: tonic::transport::server::TcpConnectInfo,
     _open: Open,
     /// Until the preface has arrived.
     handshake: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -222,7 +239,7 @@ impl AsyncWrite for Conn {
 impl tonic::transport::server::Connected for Conn {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
+        self.info.clone()
     }
 }
 
@@ -242,6 +259,41 @@ pub fn server() -> tonic::transport::Server {
         .max_frame_size(Some(FRAME_SIZE))
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+}
+
+/// A channel to `address`'s gRPC service: TLS with these credentials for a `tls://` address
+/// (an error without them), plain TCP for `tcp://`.
+pub async fn connect(
+    endpoint: &tonic::transport::Endpoint,
+    address: &crate::addr::Address,
+    security: Option<&crate::tls::Security>,
+) -> Result<tonic::transport::Channel, ConnectError> {
+    if !address.tls {
+        return Ok(endpoint.connect().await?);
+    }
+    let security = security.ok_or_else(|| ConnectError::NoCredentials(address.to_string()))?.clone();
+    let (host, port) = (address.host.clone(), address.port);
+    let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+        let (security, host) = (security.clone(), host.clone());
+        async move {
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            let tls = security.connect(tcp, &host).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    Ok(endpoint.connect_with_connector(connector).await?)
+}
+
+/// Why a channel could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(
+        "{0} is a tls:// address and no TLS credentials were given: pass --tls-ca-file, --tls-cert and --tls-key (or a Security), or set distributed.comm.tls.*"
+    )]
+    NoCredentials(String),
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
 }
 
 /// A client endpoint with this project's transport settings: no Nagle delay, large windows,

@@ -47,6 +47,11 @@ function pct(x) {
 }
 
 function apply(u) {
+  // A first message (also after a reconnection) carries the recent past: start over.
+  if (u.hello) {
+    view.tasks = [];
+    view.transfers = [];
+  }
   view.now = u.now;
   const s = u.stream;
   for (const t of s.tasks) {

@@ -60,6 +60,17 @@ pub struct Args {
     /// Write the process id to this file (removed at exit).
     #[arg(long)]
     pid_file: Option<String>,
+    /// The cluster's CA certificate (PEM): the scheduler is then at a tls:// address and every
+    /// connection is TLS with mutual authentication. Default: distributed.comm.tls.ca-file.
+    #[arg(long)]
+    tls_ca_file: Option<std::path::PathBuf>,
+    /// The scheduler's certificate (PEM), signed by the CA; may hold the key too. Default:
+    /// distributed.comm.tls.scheduler.cert.
+    #[arg(long)]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The scheduler's private key (PEM). Default: distributed.comm.tls.scheduler.key.
+    #[arg(long)]
+    tls_key: Option<std::path::PathBuf>,
     /// Log level: error, warn, info, debug, trace, or a filter (default: $RUST_LOG if set,
     /// else info).
     #[arg(long)]
@@ -87,11 +98,19 @@ fn scheduler_config(args: &Args, settings: &Config) -> Result<SchedulerConfig, S
         Some(t) => Some(parse_duration(t).map_err(|why| format!("--idle-timeout {t:?} {why}"))?),
         None => None,
     };
+    let security = dask_protocol::tls::Security::from_flags_or_config(
+        args.tls_ca_file.as_deref(),
+        args.tls_cert.as_deref(),
+        args.tls_key.as_deref(),
+        settings,
+        dask_protocol::tls::Role::Scheduler,
+    )?;
     let mut config = SchedulerConfig {
         scheduler_file: args.scheduler_file.clone(),
         preload: args.preload.clone(),
         dashboard,
         idle_timeout,
+        security,
         ..Default::default()
     };
     config.apply_config(settings)?;
@@ -129,6 +148,7 @@ fn scheduler_config(args: &Args, settings: &Config) -> Result<SchedulerConfig, S
 }
 
 fn run(mut args: Args) -> Result<(), String> {
+    let wants_tls = args.host.starts_with("tls://");
     args.host = match &args.interface {
         Some(i) => dask_protocol::addr::interface_ip(i).map_err(|e| format!("--interface {i}: {e}"))?.to_string(),
         None => dask_protocol::addr::host_of(&args.host).map_err(|e| format!("--host {e}"))?,
@@ -136,6 +156,11 @@ fn run(mut args: Args) -> Result<(), String> {
     dask_protocol::cli::init_logging_from(args.log_level.as_deref())?;
     let settings = Config::load().map_err(|e| e.to_string())?;
     let config = scheduler_config(&args, &settings)?;
+    if wants_tls && config.security.is_none() {
+        return Err("--host tls://: TLS needs credentials: pass --tls-ca-file, --tls-cert and --tls-key (or set \
+                    distributed.comm.tls.ca-file and distributed.comm.tls.scheduler.cert/.key)"
+            .into());
+    }
     let _pid_file = args.pid_file.as_deref().map(dask_protocol::cli::PidFile::write).transpose()?;
     let rt = dask_protocol::cli::runtime()?;
     rt.block_on(async move {
@@ -148,7 +173,7 @@ fn run(mut args: Args) -> Result<(), String> {
             server::run(listener, config, shutdown.clone()).await.map_err(|e| format!("failed to start: {e}"))?;
         // With --host 0.0.0.0, tell people the loopback address they can use.
         let shown = if args.host == "0.0.0.0" {
-            format!("tcp://127.0.0.1:{}", handle.address.port)
+            format!("{}://127.0.0.1:{}", if handle.address.tls { "tls" } else { "tcp" }, handle.address.port)
         } else {
             handle.address.to_string()
         };

@@ -73,9 +73,21 @@ pub struct Args {
     /// the one listened on.
     #[arg(long)]
     pub contact_address: Option<String>,
-    /// The protocol: tcp (the only one yet; tls comes with TLS support).
+    /// The protocol: tcp, or tls (needs --tls-ca-file, --tls-cert, --tls-key; given those, the
+    /// worker is at a tls:// address anyway).
     #[arg(long, default_value = "tcp")]
     pub protocol: String,
+    /// The cluster's CA certificate (PEM): TLS with mutual authentication on every connection.
+    /// Default: distributed.comm.tls.ca-file.
+    #[arg(long)]
+    pub tls_ca_file: Option<std::path::PathBuf>,
+    /// This worker's certificate (PEM), signed by the CA; may hold the key too. Default:
+    /// distributed.comm.tls.worker.cert.
+    #[arg(long)]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// This worker's private key (PEM). Default: distributed.comm.tls.worker.key.
+    #[arg(long)]
+    pub tls_key: Option<std::path::PathBuf>,
     /// Port of the worker's data service: PORT, or a range FROM:TO whose first free port is
     /// taken (default 0: any free port; with --nworkers, PORT counts up, a range is shared).
     #[arg(long, default_value = "0")]
@@ -197,6 +209,19 @@ fn run_cli(mut args: Args, sub: &[&str], nanny_only: bool) -> Result<ExitCode, S
     }
     let contact = place.contact;
     let settings = dask_protocol::config::Config::load().map_err(|e| e.to_string())?;
+    let security = dask_protocol::tls::Security::from_flags_or_config(
+        args.tls_ca_file.as_deref(),
+        args.tls_cert.as_deref(),
+        args.tls_key.as_deref(),
+        &settings,
+        dask_protocol::tls::Role::Worker,
+    )?;
+    if security.is_none() && (scheduler.tls || args.protocol == "tls") {
+        return Err(format!(
+            "{}: TLS needs credentials: pass --tls-ca-file, --tls-cert and --tls-key (or set distributed.comm.tls.*)",
+            if scheduler.tls { scheduler.to_string() } else { "--protocol tls".to_string() }
+        ));
+    }
     // A worker started by a nanny knows it from the environment.
     let my_nanny = std::env::var(dask_nanny::NANNY_ENV).ok().filter(|a| !a.is_empty());
     if nanny_only && args.no_nanny && my_nanny.is_none() {
@@ -239,6 +264,7 @@ fn run_cli(mut args: Args, sub: &[&str], nanny_only: bool) -> Result<ExitCode, S
             memory_limit,
             death_timeout,
             &settings,
+            security,
             sub,
         ));
     }
@@ -261,6 +287,7 @@ fn run_cli(mut args: Args, sub: &[&str], nanny_only: bool) -> Result<ExitCode, S
             config.memory_limit = memory_limit;
             config.host = args.host.clone().unwrap_or_default();
             config.contact = contact.clone();
+            config.security = security.clone();
             (config.port, config.port_to) = match ports {
                 (0, None) => (0, None),
                 (p, None) => (p + i as u16, None),
@@ -334,8 +361,8 @@ struct Placement {
 /// and `--protocol`. Without any, the worker listens on (and advertises) the address that
 /// routes to the scheduler.
 fn placement(args: &Args, scheduler: &Address) -> Result<Placement, String> {
-    if args.protocol != "tcp" {
-        return Err(format!("--protocol {}: only tcp is supported (TLS is not there yet)", args.protocol));
+    if !matches!(args.protocol.as_str(), "tcp" | "tls") {
+        return Err(format!("--protocol {}: tcp and tls are supported", args.protocol));
     }
     let contact = match &args.contact_address {
         Some(c) => Some(Address::parse(c, None).map_err(|e| format!("--contact-address: {e}"))?),
@@ -454,6 +481,7 @@ async fn run_nannies(
     memory_limit: u64,
     death_timeout: Option<Duration>,
     settings: &dask_protocol::config::Config,
+    security: Option<dask_protocol::tls::Security>,
     sub: &[&str],
 ) -> Result<ExitCode, String> {
     let program = std::env::current_exe().map_err(|e| format!("failed to find this program to start workers: {e}"))?;
@@ -511,6 +539,14 @@ async fn run_nannies(
         if args.no_dashboard {
             child.push("--no-dashboard".into());
         }
+        for (flag, path) in
+            [("--tls-ca-file", &args.tls_ca_file), ("--tls-cert", &args.tls_cert), ("--tls-key", &args.tls_key)]
+        {
+            if let Some(p) = path {
+                child.push(flag.into());
+                child.push(p.into());
+            }
+        }
         let launcher =
             dask_nanny::ProcessLauncher { program: program.clone(), args: child, env: Vec::new(), stdout: true };
         let mut config =
@@ -520,6 +556,7 @@ async fn run_nannies(
         config.port = if args.nanny_port != 0 { args.nanny_port + i as u16 } else { 0 };
         config.memory_limit = memory_limit;
         config.death_timeout = death_timeout;
+        config.security = security.clone();
         let (handle, run) =
             dask_nanny::start(config, Box::new(launcher), shutdown.child_token()).await.map_err(|e| e.to_string())?;
         eprintln!("dask-worker: nanny at {} starting a worker for {scheduler}", handle.address);

@@ -21,6 +21,7 @@ use dask_protocol::addr::Address;
 use dask_protocol::codec::Value;
 use dask_protocol::pb::{self, scheduler_client::SchedulerClient};
 use dask_protocol::task::Task;
+use dask_protocol::tls::Security;
 use dask_protocol::{MAX_MESSAGE, data};
 use futures_util::future::join_all;
 use parking_lot::Mutex;
@@ -66,6 +67,8 @@ pub(crate) struct ClientInner {
     /// The connection to the scheduler: replaced when the client reconnects.
     pub(crate) link: Arc<Link>,
     peers: data::DataPool,
+    /// TLS credentials, for the scheduler, workers and nannies at `tls://` addresses.
+    pub(crate) security: Option<Security>,
     disconnected: Arc<Mutex<Option<String>>>,
     closed: AtomicBool,
     /// Tells the writer to send what is queued and end the stream.
@@ -408,7 +411,26 @@ impl Client {
     /// Connects without becoming the default client (dask's `set_as_default=False`; a worker's
     /// own client is made so).
     pub fn connect_quietly(address: &str, timeout: Duration) -> Result<Client> {
+        Client::connect_secure(address, timeout, None)
+    }
+
+    /// Connects with these TLS credentials (dask's `Client(address, security=...)`), for a
+    /// scheduler at a `tls://` address, e.g. a `LocalCluster` built with `.security(...)`.
+    pub fn connect_with_security(address: &str, security: Security) -> Result<Client> {
+        let client = Client::connect_secure(address, CONNECT_TIMEOUT, Some(security))?;
+        client.set_as_default();
+        Ok(client)
+    }
+
+    /// Connects without becoming the default client; without `security`, credentials come from
+    /// dask's configuration (`distributed.comm.tls.ca-file`, `distributed.comm.tls.client.cert`
+    /// and `.key`), if it names any.
+    pub fn connect_secure(address: &str, timeout: Duration, security: Option<Security>) -> Result<Client> {
         let addr = Address::parse(address, Some(dask_protocol::DEFAULT_SCHEDULER_PORT))?;
+        let security = match security {
+            Some(s) => Some(s),
+            None => configured_security()?,
+        };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("dask-client-io")
@@ -416,7 +438,7 @@ impl Client {
             .build()
             .map_err(|e| Error::InvalidArgument(format!("failed to start the client's runtime: {e}")))?;
         let handle = rt.handle().clone();
-        let client = handle.block_on(connect_inner(addr, timeout, handle.clone()))?;
+        let client = handle.block_on(connect_inner(addr, timeout, handle.clone(), security))?;
         *client.inner.runtime.lock() = Some(rt);
         Ok(client)
     }
@@ -429,7 +451,8 @@ impl Client {
     /// Connects from async code, on the current tokio runtime (multi-thread flavour).
     pub async fn connect_async(address: &str) -> Result<Client> {
         let addr = Address::parse(address, Some(dask_protocol::DEFAULT_SCHEDULER_PORT))?;
-        let client = connect_inner(addr, CONNECT_TIMEOUT, tokio::runtime::Handle::current()).await?;
+        let client =
+            connect_inner(addr, CONNECT_TIMEOUT, tokio::runtime::Handle::current(), configured_security()?).await?;
         client.set_as_default();
         Ok(client)
     }
@@ -557,7 +580,7 @@ type Opened = (
 /// Connects and opens the client stream, retrying (with backoff) until `timeout`: a scheduler
 /// that is starting, restarting or turning connections away for a moment is waited for, as dask
 /// waits for `distributed.comm.timeouts.connect`.
-async fn open_stream(addr: &Address, timeout: Duration) -> Result<Opened> {
+async fn open_stream(addr: &Address, timeout: Duration, security: Option<&Security>) -> Result<Opened> {
     let started = Instant::now();
     let connect_err = |why: String| Error::Connect { address: addr.to_string(), timeout, why };
     let endpoint = dask_protocol::serve::endpoint(addr, timeout).map_err(|e| connect_err(e.to_string()))?;
@@ -565,7 +588,11 @@ async fn open_stream(addr: &Address, timeout: Duration) -> Result<Opened> {
     loop {
         let left = timeout.saturating_sub(started.elapsed());
         let attempt = async {
-            let channel = endpoint.connect().await.map_err(|e| (dask_protocol::error_chain(&e), false))?;
+            let channel = dask_protocol::serve::connect(&endpoint, addr, security).await.map_err(|e| {
+                // Missing credentials do not come with time: give up at once.
+                let fatal = matches!(e, dask_protocol::serve::ConnectError::NoCredentials(_));
+                (dask_protocol::error_chain(&e), fatal)
+            })?;
             let mut scheduler = SchedulerClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE);
@@ -591,6 +618,7 @@ async fn open_stream(addr: &Address, timeout: Duration) -> Result<Opened> {
         };
         let why = match tokio::time::timeout(left, attempt).await {
             Ok(Ok(opened)) => return Ok(opened),
+            Ok(Err((why, true))) if why.contains("no TLS credentials") => return Err(connect_err(why)),
             Ok(Err((why, true))) => {
                 return Err(connect_err(format!(
                     "the server there is not a dask scheduler ({why}); check the address and port (the \
@@ -617,8 +645,20 @@ fn not_a_scheduler(s: &tonic::Status) -> bool {
         || s.message().contains("invalid content-type")
 }
 
-async fn connect_inner(addr: Address, timeout: Duration, handle: tokio::runtime::Handle) -> Result<Client> {
-    let (scheduler, stream_tx, inbound, client_id) = open_stream(&addr, timeout).await?;
+/// The client's credentials from dask's configuration, if it names any.
+fn configured_security() -> Result<Option<Security>> {
+    let settings = dask_protocol::config::Config::load().map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    Security::from_flags_or_config(None, None, None, &settings, dask_protocol::tls::Role::Client)
+        .map_err(Error::InvalidArgument)
+}
+
+async fn connect_inner(
+    addr: Address,
+    timeout: Duration,
+    handle: tokio::runtime::Handle,
+    security: Option<Security>,
+) -> Result<Client> {
+    let (scheduler, stream_tx, inbound, client_id) = open_stream(&addr, timeout, security.as_ref()).await?;
     let scheduler_id = scheduler.clone().info(pb::Empty {}).await.map(|r| r.into_inner().id).unwrap_or_default();
     let (ops_tx, ops_rx) = mpsc::unbounded_channel();
     let link = Arc::new(Link {
@@ -635,6 +675,7 @@ async fn connect_inner(addr: Address, timeout: Duration, handle: tokio::runtime:
     handle.spawn(writer(ops_rx, stream_tx, shutdown.clone()));
     let session = Session {
         address: addr.clone(),
+        security: security.clone(),
         table: table.clone(),
         link: link.clone(),
         disconnected: disconnected.clone(),
@@ -648,7 +689,8 @@ async fn connect_inner(addr: Address, timeout: Duration, handle: tokio::runtime:
         handle,
         table,
         link,
-        peers: data::DataPool::default(),
+        peers: data::DataPool::with_security(security.clone()),
+        security,
         disconnected,
         closed: AtomicBool::new(false),
         shutdown,
@@ -706,6 +748,7 @@ async fn writer(
 /// What the reader shares with the client.
 struct Session {
     address: Address,
+    security: Option<Security>,
     table: Arc<KeyTable>,
     link: Arc<Link>,
     disconnected: Arc<Mutex<Option<String>>>,
@@ -765,7 +808,7 @@ async fn reader(mut inbound: tonic::Streaming<pb::SchedulerToClient>, s: Session
             Some(format!("the connection to the scheduler was lost ({why}); the client is reconnecting"));
         s.link.replies.fail_all();
         let reopened = tokio::select! {
-            r = open_stream(&s.address, CONNECT_TIMEOUT) => r,
+            r = open_stream(&s.address, CONNECT_TIMEOUT, s.security.as_ref()) => r,
             _ = s.shutdown.cancelled() => {
                 s.finished.cancel();
                 lost_for_good(&s, why);

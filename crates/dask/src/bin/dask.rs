@@ -29,13 +29,14 @@ fn main() -> ExitCode {
             dask_worker::cli::worker_main_as(args, &["nanny"], true)
         }
         Some("config") => config(&args[2..]),
+        Some("security") => security(&args[2..]),
         Some("--version" | "-V") => {
             println!("dask {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
         other => {
             let usage = "usage: dask scheduler [OPTIONS] | dask worker [SCHEDULER] [OPTIONS] | dask nanny [SCHEDULER] [OPTIONS]\n\
-                         | dask config get KEY | dask config list\n\
+                         | dask config get KEY | dask config list | dask security temporary DIR\n\
                          (the same as dask-scheduler, dask-worker and dask-nanny; add --help for their options)";
             if matches!(other, Some("--help" | "-h" | "help")) {
                 println!("{usage}");
@@ -76,6 +77,35 @@ fn config(args: &[OsString]) -> ExitCode {
         }
         _ => {
             eprintln!("usage: dask config get KEY | dask config list");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `dask security temporary DIR`: throw-away TLS credentials for one cluster (dask's
+/// `Security.temporary()`), written as `DIR/ca.pem`, `DIR/cert.pem` and `DIR/key.pem` (the key
+/// readable by its owner only), for `--tls-ca-file`, `--tls-cert` and `--tls-key`.
+fn security(args: &[OsString]) -> ExitCode {
+    let usage = "usage: dask security temporary DIR (writes ca.pem, cert.pem and key.pem there)";
+    let [cmd, dir] = args else {
+        eprintln!("{usage}");
+        return ExitCode::FAILURE;
+    };
+    if cmd != "temporary" {
+        eprintln!("dask security: unknown command {cmd:?}\n{usage}");
+        return ExitCode::FAILURE;
+    }
+    let dir = std::path::Path::new(dir);
+    let written = dask_protocol::tls::Security::temporary()
+        .map_err(|e| e.to_string())
+        .and_then(|s| s.files(dir).map_err(|e| format!("failed to write to {}: {e}", dir.display())));
+    match written {
+        Ok(f) => {
+            println!("--tls-ca-file {} --tls-cert {} --tls-key {}", f.ca.display(), f.cert.display(), f.key.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("dask security: {e}");
             ExitCode::FAILURE
         }
     }

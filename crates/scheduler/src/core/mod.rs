@@ -366,8 +366,10 @@ struct Client {
 struct Prefix {
     /// Exponential moving average in nanoseconds; `None` until one finished.
     avg_ns: Option<f64>,
-    /// How many times its tasks entered each state ([`TASK_STATES`] order), since the start
-    /// (dask's `TaskPrefix.state_counts`).
+    /// Its tasks in each state now ([`TASK_STATES`] order).
+    now: [u64; TASK_STATES.len()],
+    /// How many times its tasks entered each state, since the start (dask's
+    /// `TaskPrefix.state_counts`).
     entered: [u64; TASK_STATES.len()],
 }
 
@@ -505,20 +507,15 @@ impl SchedulerCore {
         self.keys.len()
     }
 
-    /// Tasks by key prefix and state (in [`TASK_STATES`] order), for metrics and the
-    /// dashboard's progress: one pass over the tasks.
+    /// Tasks by key prefix and state (in [`TASK_STATES`] order), now and since the start, for
+    /// metrics and the dashboard's progress: O(prefixes), from counters kept as states change.
     pub fn prefix_states(&self) -> Vec<PrefixCounts> {
-        let mut now = vec![[0u64; TASK_STATES.len()]; self.prefixes.len()];
-        for t in self.tasks.iter().flatten() {
-            now[t.prefix as usize][t.state.index()] += 1;
-        }
         let mut out: Vec<PrefixCounts> = self
             .prefix_ids
             .iter()
-            .map(|(name, id)| PrefixCounts {
-                name: name.clone(),
-                now: now[*id as usize],
-                entered: self.prefixes[*id as usize].entered,
+            .map(|(name, id)| {
+                let p = &self.prefixes[*id as usize];
+                PrefixCounts { name: name.clone(), now: p.now, entered: p.entered }
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));

@@ -207,7 +207,7 @@ impl SchedulerCore {
         }
         let name: Arc<str> = Arc::from(name);
         let id = self.prefixes.len() as u32;
-        self.prefixes.push(Prefix { avg_ns: None, entered: [0; TASK_STATES.len()] });
+        self.prefixes.push(Prefix { avg_ns: None, now: [0; TASK_STATES.len()], entered: [0; TASK_STATES.len()] });
         self.prefix_ids.insert(name, id);
         id
     }

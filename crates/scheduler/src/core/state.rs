@@ -10,8 +10,8 @@ use super::{
 };
 
 impl SchedulerCore {
-    /// The one place task states change (except the two direct writes for tasks whose worker
-    /// is already gone). Keeps every counter and index in step, and emits the commands.
+    /// The one place task states change. Keeps every counter and index in step, and emits the
+    /// commands.
     pub(super) fn transition(&mut self, t: TaskId, new: TaskState, cx: &mut Cx<'_>) {
         let old = std::mem::replace(&mut self.task_mut(t).state, TaskState::Released);
         let (from, to) = (old.name(), new.name());
@@ -161,7 +161,14 @@ impl SchedulerCore {
             _ => {}
         }
         let prefix = self.task(t).prefix as usize;
-        self.prefixes[prefix].entered[new.index()] += 1;
+        let p = &mut self.prefixes[prefix];
+        let (from, to) = (old.index(), new.index());
+        p.now[from] -= 1;
+        p.now[to] += 1;
+        // A move between workers (a steal) is no new state, as in dask.
+        if from != to {
+            p.entered[to] += 1;
+        }
         self.task_mut(t).state = new;
     }
 
@@ -275,6 +282,7 @@ impl SchedulerCore {
 
     pub(super) fn forget(&mut self, t: TaskId, cx: &mut Cx<'_>) {
         let task = self.tasks.slot_mut(t.0).take().expect("forget a live task");
+        self.prefixes[task.prefix as usize].now[task.state.index()] -= 1;
         debug_assert!(!task.state.is_active() && !matches!(task.state, TaskState::Memory { .. }));
         if self.config.log_len > 0 {
             self.push_log(log_key(&task.key), task.state.name(), "forgotten", cx);
@@ -334,6 +342,7 @@ impl SchedulerCore {
 
     pub(super) fn insert(&mut self, task: Task) -> TaskId {
         let key = task.key.clone();
+        self.prefixes[task.prefix as usize].now[task.state.index()] += 1;
         let id = match self.free_ids.pop() {
             Some(i) => {
                 *self.tasks.slot_mut(i) = Some(task);

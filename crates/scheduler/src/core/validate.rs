@@ -8,9 +8,11 @@ impl SchedulerCore {
     /// Checks every invariant; panics with a description of the first one broken.
     pub fn validate(&self) {
         let mut n = 0;
+        let mut by_prefix = vec![[0u64; super::TASK_STATES.len()]; self.prefixes.len()];
         for (i, slot) in self.tasks.iter().enumerate() {
             let Some(task) = slot else { continue };
             n += 1;
+            by_prefix[task.prefix as usize][task.state.index()] += 1;
             let t = TaskId(i as u32);
             let key = &task.key;
             assert_eq!(self.keys.get(key), Some(&t), "{key}: key index");
@@ -97,6 +99,9 @@ impl SchedulerCore {
             }
         }
         assert_eq!(n, self.keys.len(), "key index size");
+        for (p, counted) in self.prefixes.iter().zip(&by_prefix) {
+            assert_eq!(&p.now, counted, "a task prefix's counts by state");
+        }
         assert_eq!(
             self.queue.len(),
             self.tasks.iter().flatten().filter(|t| matches!(t.state, TaskState::Queued)).count(),

@@ -117,6 +117,9 @@ impl SchedulerCore {
             }
         }
         self.tasks = slab::Slab::default();
+        for p in &mut self.prefixes {
+            p.now = [0; super::TASK_STATES.len()];
+        }
         self.free_ids.clear();
         self.keys.clear();
         self.queue = ReadyQueue::default();

@@ -3,9 +3,10 @@
 //!
 //! Cost is bounded by design, whatever the cluster does and however many pages are open:
 //! - one publisher, running only while a page listens, builds one update every [`INTERVAL`]
-//!   and every page gets the same bytes;
+//!   and every page gets the same bytes (a page's first message, the recent past, is its own);
 //! - an update asks the event loop for the snapshot the other HTTP routes share (one message,
-//!   O(workers + prefixes) on the loop) and reads the task stream beside the loop;
+//!   O(workers + prefixes) on the loop: the core keeps its counts by prefix as states change)
+//!   and reads the task stream beside the loop;
 //! - an update carries at most [`MAX_TASKS`] task-stream records, sampled evenly from those
 //!   that ended since the last (a page says "1 in k shown");
 //! - a page that falls behind skips updates (a bounded broadcast), it never makes one queue.
@@ -40,15 +41,24 @@ const PAGE: &str = include_str!("../../assets/dashboard.html");
 const SCRIPT: &str = include_str!("../../assets/dashboard.js");
 const STYLE: &str = include_str!("../../assets/dashboard.css");
 
-/// The updates pages listen to, and whether the publisher runs.
+/// The updates pages listen to, and where the publisher is in the task stream.
 pub(super) struct Feed {
     tx: broadcast::Sender<Arc<str>>,
-    running: Mutex<bool>,
+    publisher: Mutex<Publisher>,
+}
+
+/// Whether the publisher runs, and the task-stream position its last update went up to: a
+/// page that subscribes gets the records before it in its first message and the rest in the
+/// updates, none twice and none missed. Both change together under the lock, and an update
+/// is sent under it.
+struct Publisher {
+    running: bool,
+    cursor: u64,
 }
 
 impl Default for Feed {
     fn default() -> Self {
-        Feed { tx: broadcast::channel(BACKLOG).0, running: Mutex::new(false) }
+        Feed { tx: broadcast::channel(BACKLOG).0, publisher: Mutex::new(Publisher { running: false, cursor: 0 }) }
     }
 }
 
@@ -65,16 +75,17 @@ pub(super) fn routes() -> Router<Http> {
         .route("/status/events", get(events))
 }
 
-/// A page's event stream: first the recent past, then the publisher's updates.
+/// A page's event stream: first the cluster now and the recent past (marked `hello`: a page
+/// that reconnects starts over), then the publisher's updates; it ends when the scheduler
+/// closes.
 async fn events(axum::extract::State(h): axum::extract::State<Http>) -> Response {
     let snapshot = match h.snapshot().await {
         Ok(s) => s,
         Err(r) => return r,
     };
-    let added = h.stream.added();
-    let (records, _, _) = h.stream.since(added.saturating_sub(HISTORY), HISTORY as usize);
-    let hello: Arc<str> = update(&snapshot, &records, records.len() as u64, None).into();
-    let rx = subscribe(&h);
+    let (rx, cursor) = subscribe(&h);
+    let (records, _, _) = h.stream.since(cursor.saturating_sub(HISTORY), HISTORY as usize, cursor);
+    let hello: Arc<str> = update(&snapshot, &records, records.len() as u64, None, true).into();
     let stream = futures_util::stream::unfold((Some(hello), rx), |(first, mut rx)| async move {
         if let Some(first) = first {
             return Some((first, (None, rx)));
@@ -87,7 +98,8 @@ async fn events(axum::extract::State(h): axum::extract::State<Http>) -> Response
             }
         }
     });
-    sse(stream).into_response()
+    use futures_util::StreamExt as _;
+    sse(stream.take_until(h.handle.shutdown.clone().cancelled_owned())).into_response()
 }
 
 fn sse(
@@ -97,51 +109,55 @@ fn sse(
     Sse::new(updates.map(|u| Ok(Event::default().data(&*u)))).keep_alive(KeepAlive::default())
 }
 
-/// Listens to the updates, starting the publisher if none runs.
-fn subscribe(h: &Http) -> broadcast::Receiver<Arc<str>> {
-    let mut running = h.feed.running.lock();
+/// Listens to the updates, starting the publisher if none runs; returns the task-stream
+/// position the next update starts from.
+fn subscribe(h: &Http) -> (broadcast::Receiver<Arc<str>>, u64) {
+    let mut p = h.feed.publisher.lock();
     let rx = h.feed.tx.subscribe();
-    if !*running {
-        *running = true;
+    if !p.running {
+        p.running = true;
+        p.cursor = h.stream.added();
         tokio::spawn(publish(h.clone()));
     }
-    rx
+    (rx, p.cursor)
 }
 
 /// Builds and sends an update every [`INTERVAL`] while a page listens; stops when none does
 /// or the scheduler closes.
 async fn publish(h: Http) {
-    let mut cursor = h.stream.added();
-    let mut last = Load::now(LoopStats::default());
-    let mut first = true;
+    let mut last: Option<Load> = None;
     let mut tick = tokio::time::interval(INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
     loop {
         tick.tick().await;
-        {
-            let mut running = h.feed.running.lock();
-            if h.feed.tx.receiver_count() == 0 {
-                *running = false;
+        if h.feed.tx.receiver_count() == 0 || h.handle.shutdown.is_cancelled() {
+            let mut p = h.feed.publisher.lock();
+            // Checked again under the lock: a page may have just subscribed.
+            if h.feed.tx.receiver_count() == 0 || h.handle.shutdown.is_cancelled() {
+                p.running = false;
                 return;
             }
         }
         let Ok(snapshot) = h.snapshot().await else {
-            *h.feed.running.lock() = false;
+            h.feed.publisher.lock().running = false;
             return;
         };
-        let (records, next, added) = h.stream.since(cursor, MAX_TASKS);
-        cursor = next;
-        let load = Load::now(snapshot.loop_stats);
-        let rates = (!first).then(|| load.rates_since(&last));
-        (last, first) = (load, false);
-        let _ = h.feed.tx.send(update(&snapshot, &records, added, rates).into());
+        let load = Load::now(&snapshot.loop_stats);
+        let rates = last.as_ref().map(|l| load.rates_since(l));
+        last = Some(load);
+        let mut p = h.feed.publisher.lock();
+        let (records, next, added) = h.stream.since(p.cursor, MAX_TASKS, u64::MAX);
+        p.cursor = next;
+        let _ = h.feed.tx.send(update(&snapshot, &records, added, rates, false).into());
     }
 }
 
 /// The scheduler's load at an instant: its event loop's counters and the process's CPU time.
 struct Load {
     at: Instant,
-    stats: LoopStats,
+    busy: Duration,
+    wakeups: u64,
     cpu: Duration,
 }
 
@@ -153,23 +169,23 @@ struct Rates {
 }
 
 impl Load {
-    fn now(stats: LoopStats) -> Self {
-        Load { at: Instant::now(), stats, cpu: dask_protocol::sys::process_cpu() }
+    fn now(stats: &LoopStats) -> Self {
+        Load { at: Instant::now(), busy: stats.busy, wakeups: stats.wakeups, cpu: dask_protocol::sys::process_cpu() }
     }
 
     fn rates_since(&self, before: &Load) -> Rates {
         let dt = self.at.duration_since(before.at).as_secs_f64().max(1e-3);
         Rates {
-            busy: self.stats.busy.saturating_sub(before.stats.busy).as_secs_f64() / dt,
+            busy: self.busy.saturating_sub(before.busy).as_secs_f64() / dt,
             cpu: self.cpu.saturating_sub(before.cpu).as_secs_f64() / dt,
-            wakeups: self.stats.wakeups.saturating_sub(before.stats.wakeups) as f64 / dt,
+            wakeups: self.wakeups.saturating_sub(before.wakeups) as f64 / dt,
         }
     }
 }
 
 /// One update's JSON: the scheduler, its workers, tasks by prefix and state, and the task
 /// stream's new records (`added` ended since the last update; `records` is a sample of them).
-fn update(s: &Snapshot, records: &[pb::TaskRecord], added: u64, rates: Option<Rates>) -> String {
+fn update(s: &Snapshot, records: &[pb::TaskRecord], added: u64, rates: Option<Rates>, hello: bool) -> String {
     let info = &s.info;
     let workers: Vec<JsonValue> = info
         .workers
@@ -207,7 +223,7 @@ fn update(s: &Snapshot, records: &[pb::TaskRecord], added: u64, rates: Option<Ra
     let mut out = String::with_capacity(512 + records.len() * 64);
     let _ = write!(
         out,
-        r#"{{"now":{},"scheduler":{},"workers":{},"prefixes":{},"stream":"#,
+        r#"{{"hello":{hello},"now":{},"scheduler":{},"workers":{},"prefixes":{},"stream":"#,
         dask_protocol::sys::epoch_secs(),
         scheduler,
         JsonValue::Array(workers),
@@ -226,7 +242,8 @@ fn stream_json(out: &mut String, records: &[pb::TaskRecord], added: u64) {
     let mut prefixes = Interned::default();
     let mut tasks = String::new();
     let mut transfers = String::new();
-    for r in records {
+    // A worker's clock could report anything; JSON has no infinities.
+    for r in records.iter().filter(|r| r.start_s.is_finite() && r.stop_s.is_finite()) {
         let w = workers.id(&r.worker);
         let p = prefixes.id(dask_protocol::tokenize::key_prefix(&r.key));
         let sep = if tasks.is_empty() { "" } else { "," };
@@ -239,7 +256,7 @@ fn stream_json(out: &mut String, records: &[pb::TaskRecord], added: u64) {
             u8::from(r.status != "OK"),
             JsonValue::from(r.key.as_str())
         );
-        for t in &r.transfers {
+        for t in r.transfers.iter().filter(|t| t.start_s.is_finite() && t.stop_s.is_finite()) {
             let sep = if transfers.is_empty() { "" } else { "," };
             let _ = write!(transfers, "{sep}[{w},{},{:.4},{:.4}]", r.thread, t.start_s, t.stop_s);
         }

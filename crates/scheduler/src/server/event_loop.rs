@@ -28,7 +28,7 @@ impl EventLoop {
                     woke = Instant::now();
                     // A late tick shows how long the loop was held up.
                     if let Some(prev) = self.last_tick_at.replace(woke) {
-                        self.loop_stats.tick_max = self.loop_stats.tick_max.max(woke - prev);
+                        self.loop_stats.note_tick_gap(woke - prev);
                     }
                     self.last_tick.store(dask_protocol::sys::epoch_secs().to_bits(), std::sync::atomic::Ordering::Relaxed);
                     self.handle(Event::Tick);

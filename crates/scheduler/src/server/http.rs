@@ -33,15 +33,31 @@ pub(super) struct Snapshot {
 }
 
 /// The event loop's own load.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(super) struct LoopStats {
     /// Wake-ups handled, and the time spent handling them.
     pub(super) wakeups: u64,
     pub(super) busy: Duration,
-    /// Periodic (1 s) ticks, and the longest gap between two since the last snapshot: over a
-    /// second by as much as the loop was held up.
+    /// Periodic (1 s) ticks, and the longest gap between two over the last [`TICK_WINDOW`]
+    /// ticks: over a second by as much as the loop was held up.
     pub(super) ticks: u64,
     pub(super) tick_max: Duration,
+    /// The last gaps between ticks, newest last.
+    gaps: std::collections::VecDeque<Duration>,
+}
+
+/// Ticks (one a second) whose gaps `tick_max` covers: a scrape every 15 or 30 s sees every
+/// stall, however often the dashboard reads it.
+const TICK_WINDOW: usize = 60;
+
+impl LoopStats {
+    pub(super) fn note_tick_gap(&mut self, gap: Duration) {
+        if self.gaps.len() == TICK_WINDOW {
+            self.gaps.pop_front();
+        }
+        self.gaps.push_back(gap);
+        self.tick_max = self.gaps.iter().copied().max().unwrap_or_default();
+    }
 }
 
 /// When the event loop last ticked (seconds since the epoch, as the bits of an f64): `/health`
@@ -55,9 +71,9 @@ const RETIRE_TIMEOUT: Duration = Duration::from_secs(300);
 
 impl EventLoop {
     /// The snapshot for the HTTP side (which asks for one at a time, at most every 250 ms).
-    pub(super) fn snapshot(&mut self) -> Arc<Snapshot> {
+    pub(super) fn snapshot(&self) -> Arc<Snapshot> {
         let desired = self.core.adaptive_target_within(Duration::from_secs(5), 0, usize::MAX).target;
-        let s = Arc::new(Snapshot {
+        Arc::new(Snapshot {
             info: self.info(),
             clients: self.clients.len(),
             prefix_states: self.core.prefix_states(),
@@ -67,10 +83,8 @@ impl EventLoop {
                 .then_some(self.idle_since)
                 .flatten()
                 .map(|t| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()),
-            loop_stats: self.loop_stats,
-        });
-        self.loop_stats.tick_max = Duration::ZERO;
-        s
+            loop_stats: self.loop_stats.clone(),
+        })
     }
 
     /// On each tick: when the scheduler went idle (dask's `check_idle`). Work that came and
@@ -88,7 +102,7 @@ impl EventLoop {
 
 #[derive(Clone)]
 pub(super) struct Http {
-    handle: SchedulerHandle,
+    pub(super) handle: SchedulerHandle,
     pub(super) stream: Arc<TaskStream>,
     last_tick: LastTick,
     /// The live dashboard's updates.
@@ -231,7 +245,7 @@ async fn metrics(State(h): State<Http>) -> Response {
     ] {
         m.sample("dask_scheduler_worker_memory_bytes", &[("type", kind)], workers.iter().map(f).sum::<u64>() as f64);
     }
-    let st = s.loop_stats;
+    let st = &s.loop_stats;
     m.single(
         "dask_scheduler_tick_count_total",
         "counter",

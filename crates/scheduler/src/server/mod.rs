@@ -55,6 +55,9 @@ pub struct SchedulerConfig {
     /// Serve dask's `/api/v1` routes (retire workers, adaptive target...) too: opt-in, as in
     /// dask (`distributed.scheduler.http.routes` with `distributed.http.scheduler.api`).
     pub http_api: bool,
+    /// TLS credentials: with them the scheduler is at a `tls://` address and accepts only
+    /// peers whose certificates the cluster's CA signed.
+    pub security: Option<dask_protocol::tls::Security>,
 }
 
 impl SchedulerConfig {
@@ -247,10 +250,11 @@ pub async fn run(
     // Listening on all interfaces: advertise the host's address for others (dask's `get_ip`:
     // the source of the default route; loopback when there is none).
     let address = if local.ip().is_unspecified() {
-        Address { host: dask_protocol::addr::external_ip().to_string(), port: local.port() }
+        Address { host: dask_protocol::addr::external_ip().to_string(), port: local.port(), tls: false }
     } else {
         Address::from(local)
-    };
+    }
+    .with_tls(config.security.is_some());
     let (tx, rx) = mpsc::unbounded_channel();
     let id = format!("Scheduler-{:x}", SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos());
     let dashboard = match &config.dashboard {
@@ -261,7 +265,7 @@ pub async fn run(
         Some(l) => {
             let a = l.local_addr()?;
             let host = if a.ip().is_unspecified() { address.host.clone() } else { a.ip().to_string() };
-            Some(Address { host, port: a.port() })
+            Some(Address { host, port: a.port(), tls: false })
         }
         None => None,
     };
@@ -335,7 +339,7 @@ pub async fn run(
         let mut lp = lp;
         lp.install_preloaded(preload);
         let loop_task = tokio::spawn(lp.run(rx, shutdown.clone()));
-        let incoming = dask_protocol::serve::incoming(listener, config.limits, "scheduler");
+        let incoming = dask_protocol::serve::incoming(listener, config.limits, "scheduler", config.security.clone());
         let server = dask_protocol::serve::server()
             .add_service(svc)
             .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());

@@ -82,16 +82,19 @@ impl TaskStream {
         self.records.lock().added
     }
 
-    /// The records added since `cursor` (a count of records ever added), at most `max` of them
-    /// spread evenly over those (every k-th: a busy cluster's stream is sampled, not cut off),
-    /// and the cursor to ask from next. Also says how many were added in all since `cursor`.
-    pub(super) fn since(&self, cursor: u64, max: usize) -> (Vec<pb::TaskRecord>, u64, u64) {
+    /// The records added from position `cursor` up to `until` (positions count the records
+    /// ever added), at most `max` of them spread evenly over those (every k-th: a busy
+    /// cluster's stream is sampled, not cut off); the position to ask from next; and how many
+    /// were added in that span.
+    pub(super) fn since(&self, cursor: u64, max: usize, until: u64) -> (Vec<pb::TaskRecord>, u64, u64) {
         let r = self.records.lock();
-        let new = (r.added.saturating_sub(cursor) as usize).min(r.kept.len());
-        let step = new.div_ceil(max.max(1)).max(1);
-        let from = r.kept.len() - new;
-        let out = r.kept.range(from..).step_by(step).cloned().collect();
-        (out, r.added, r.added.saturating_sub(cursor))
+        let end = until.min(r.added);
+        let first_kept = r.added - r.kept.len() as u64;
+        let from = cursor.max(first_kept).min(end);
+        let span = (from - first_kept) as usize..(end - first_kept) as usize;
+        let step = span.len().div_ceil(max.max(1)).max(1);
+        let out = r.kept.range(span).step_by(step).cloned().collect();
+        (out, end, end.saturating_sub(cursor))
     }
 
     /// Compute and transfer seconds by task prefix, sorted by prefix.

@@ -190,7 +190,7 @@ mod tests {
             address: addr.clone(),
             put_secret: parking_lot::RwLock::new(Some(SECRET)),
         });
-        tokio::spawn(data::serve(listener, service, Default::default()));
+        tokio::spawn(data::serve(listener, service, Default::default(), None));
         (addr, store)
     }
 
@@ -198,7 +198,7 @@ mod tests {
     async fn a_put_the_worker_cannot_hold_is_refused_before_a_byte_is_read() {
         let (addr, store) = serve(1_000_000, None, "refuse").await;
         // A header announcing a terabyte: refused with the reason, nothing reserved.
-        let mut c = data::connect(&addr).await.unwrap();
+        let mut c = data::connect(&addr, None).await.unwrap();
         let expires = dask_protocol::ticket::now_s() + 60;
         let header = pb::ValueHeader {
             key: "tb".into(),

@@ -33,8 +33,16 @@ pub(super) async fn connect_scheduler(config: &WorkerConfig) -> Result<Channel, 
     })?;
     let mut delay = Duration::from_millis(50);
     loop {
-        match endpoint.connect().await {
+        match dask_protocol::serve::connect(&endpoint, &config.scheduler, config.security.as_ref()).await {
             Ok(ch) => return Ok(ch),
+            // Missing credentials do not come with time.
+            Err(e @ dask_protocol::serve::ConnectError::NoCredentials(_)) => {
+                return Err(WorkerError::SchedulerUnreachable {
+                    addr: config.scheduler.to_string(),
+                    waited: started.elapsed(),
+                    why: e.to_string(),
+                });
+            }
             Err(e) => {
                 let waited = started.elapsed();
                 if config.death_timeout.is_some_and(|t| waited >= t) {

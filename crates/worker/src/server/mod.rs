@@ -77,6 +77,9 @@ pub struct WorkerConfig {
     /// the listening address; listening on all interfaces, the address that routes to the
     /// scheduler.
     pub contact: Option<Address>,
+    /// TLS credentials: the worker is then at a `tls://` address, reaches a `tls://` scheduler
+    /// and peers with them, and accepts only peers the cluster's CA signed.
+    pub security: Option<dask_protocol::tls::Security>,
 }
 
 impl WorkerConfig {
@@ -104,6 +107,7 @@ impl WorkerConfig {
             dashboard: None,
             port_to: None,
             contact: None,
+            security: None,
         }
     }
 
@@ -205,10 +209,11 @@ pub async fn start(
             // Listening everywhere: advertise the address that routes to the scheduler (dask).
             let ip = dask_protocol::addr::route_ip_to(&config.scheduler.host, config.scheduler.port)
                 .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
-            Address { host: ip.to_string(), port: local.port() }
+            Address { host: ip.to_string(), port: local.port(), tls: false }
         }
-        None => Address { host: config.host.clone(), port: local.port() },
-    };
+        None => Address { host: config.host.clone(), port: local.port(), tls: false },
+    }
+    .with_tls(config.security.is_some());
     let name = config.name.clone().unwrap_or_else(|| address.to_string());
     let policy = MemoryPolicy::new(config.memory_limit, config.thresholds);
     let scratch = Path::new(&config.local_directory).join("dask-scratch-space");
@@ -232,7 +237,7 @@ pub async fn start(
         address: address.to_string(),
         put_secret: Default::default(),
     });
-    let server = tokio::spawn(data::serve(listener, service.clone(), shutdown.clone()));
+    let server = tokio::spawn(data::serve(listener, service.clone(), shutdown.clone(), config.security.clone()));
     let published: http::Shared = Default::default();
     {
         let mut p = published.lock();
@@ -339,7 +344,7 @@ pub async fn start(
             executor,
             events_tx,
             out_tx,
-            peers: Arc::new(data::DataPool::default()),
+            peers: Arc::new(data::DataPool::with_security(config.security.clone())),
             outgoing: Vec::new(),
             instructions: Vec::new(),
             simulate: config.simulate,

@@ -1,0 +1,482 @@
+//! TLS with mutual authentication (dask's `Security` and `tls://` addresses), with rustls.
+//!
+//! A cluster has one certificate authority. Every process (scheduler, workers, nannies,
+//! clients) presents a certificate the CA signed, and accepts only peers that do, on every
+//! connection: the gRPC streams and the data connections between workers and clients. As in
+//! dask, host names are not checked (a cluster's certificates seldom name every host): the CA's
+//! signature is the credential.
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Credentials for a cluster's connections: its CA, and this process's certificate and key.
+#[derive(Clone)]
+pub struct Security {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pem: Pem,
+    client: Arc<rustls::ClientConfig>,
+    server: Arc<rustls::ServerConfig>,
+    /// Where the credentials are on disk, if they came from (or were written to) files.
+    files: Option<Files>,
+}
+
+/// The PEM text of a set of credentials.
+#[derive(Clone)]
+struct Pem {
+    ca: Vec<u8>,
+    cert: Vec<u8>,
+    key: Vec<u8>,
+}
+
+/// The paths of `--tls-ca-file`, `--tls-cert` and `--tls-key`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Files {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Security").field("files", &self.inner.files).finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("failed to read {what} {path}: {source}")]
+    Read { what: &'static str, path: PathBuf, source: io::Error },
+    #[error("{what} holds no {kind} in PEM form (-----BEGIN {kind}-----)")]
+    NoPem { what: String, kind: &'static str },
+    #[error("the TLS credentials are not usable: {0}")]
+    Invalid(String),
+    #[error("failed to make temporary credentials: {0}")]
+    Generate(String),
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl Security {
+    /// From `--tls-ca-file`, `--tls-cert` and `--tls-key` (dask's flags). `key` may be left
+    /// out when the certificate file holds the key too, as dask allows.
+    pub fn from_files(ca: &Path, cert: &Path, key: Option<&Path>) -> Result<Security, TlsError> {
+        let read = |what, path: &Path| {
+            std::fs::read(path).map_err(|source| TlsError::Read { what, path: path.to_path_buf(), source })
+        };
+        let key_path = key.unwrap_or(cert);
+        let pem =
+            Pem { ca: read("--tls-ca-file", ca)?, cert: read("--tls-cert", cert)?, key: read("--tls-key", key_path)? };
+        let files = Files { ca: ca.to_path_buf(), cert: cert.to_path_buf(), key: key_path.to_path_buf() };
+        Security::build(pem, Some(files))
+    }
+
+    /// Throw-away credentials for one cluster (dask's `Security.temporary()`): a new CA, and one
+    /// certificate it signed that every process of the cluster presents.
+    pub fn temporary() -> Result<Security, TlsError> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+        let g = |e: rcgen::Error| TlsError::Generate(e.to_string());
+        let ca_key = KeyPair::generate().map_err(g)?;
+        let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(g)?;
+        ca.distinguished_name.push(DnType::CommonName, "dask-rs temporary CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).map_err(g)?;
+        let key = KeyPair::generate().map_err(g)?;
+        let mut leaf = CertificateParams::new(vec!["localhost".to_string(), "dask".to_string()]).map_err(g)?;
+        leaf.distinguished_name.push(DnType::CommonName, "dask-rs");
+        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = leaf.signed_by(&key, &Issuer::new(ca, &ca_key)).map_err(g)?;
+        let pem = Pem {
+            ca: ca_cert.pem().into_bytes(),
+            cert: cert.pem().into_bytes(),
+            key: key.serialize_pem().into_bytes(),
+        };
+        Security::build(pem, None)
+    }
+
+    fn build(pem: Pem, files: Option<Files>) -> Result<Security, TlsError> {
+        let what = |f: &Option<Files>, which: fn(&Files) -> &PathBuf, flag: &str| {
+            f.as_ref().map_or_else(|| flag.to_string(), |f| format!("{flag} {}", which(f).display()))
+        };
+        let roots = {
+            let mut roots = rustls::RootCertStore::empty();
+            let cas: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_slice_iter(&pem.ca).filter_map(Result::ok).collect();
+            if cas.is_empty() {
+                return Err(TlsError::NoPem { what: what(&files, |f| &f.ca, "--tls-ca-file"), kind: "CERTIFICATE" });
+            }
+            for ca in cas {
+                roots.add(ca).map_err(|e| TlsError::Invalid(format!("the CA certificate: {e}")))?;
+            }
+            Arc::new(roots)
+        };
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(&pem.cert).filter_map(Result::ok).collect();
+        if chain.is_empty() {
+            return Err(TlsError::NoPem { what: what(&files, |f| &f.cert, "--tls-cert"), kind: "CERTIFICATE" });
+        }
+        let key = PrivateKeyDer::from_pem_slice(&pem.key)
+            .map_err(|_| TlsError::NoPem { what: what(&files, |f| &f.key, "--tls-key"), kind: "PRIVATE KEY" })?;
+
+        let client_verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            .build()
+            .map_err(|e| TlsError::Invalid(e.to_string()))?;
+        let server = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Invalid(e.to_string()))?
+            .with_client_cert_verifier(client_verifier)
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(|e| TlsError::Invalid(format!("the certificate and key do not go together: {e}")))?;
+        let server_verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
+            .build()
+            .map_err(|e| TlsError::Invalid(e.to_string()))?;
+        let client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Invalid(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(SignedByCa(server_verifier)))
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| TlsError::Invalid(format!("the certificate and key do not go together: {e}")))?;
+        Ok(Security { inner: Arc::new(Inner { pem, client: Arc::new(client), server: Arc::new(server), files }) })
+    }
+
+    /// The files these credentials are in, writing them to `dir` first if they came from
+    /// memory (worker processes of a cluster with temporary credentials read them there; the
+    /// key is readable by its owner only).
+    pub fn files(&self, dir: &Path) -> io::Result<Files> {
+        if let Some(f) = &self.inner.files {
+            return Ok(f.clone());
+        }
+        std::fs::create_dir_all(dir)?;
+        let f = Files { ca: dir.join("ca.pem"), cert: dir.join("cert.pem"), key: dir.join("key.pem") };
+        std::fs::write(&f.ca, &self.inner.pem.ca)?;
+        std::fs::write(&f.cert, &self.inner.pem.cert)?;
+        write_private(&f.key, &self.inner.pem.key)?;
+        Ok(f)
+    }
+
+    /// Accepts a TLS connection: the handshake happens as the connection is first read or
+    /// written, so a slow peer holds up no other.
+    pub fn accept(&self, tcp: TcpStream) -> Stream {
+        Stream::Accepting(Box::new(tokio_rustls::TlsAcceptor::from(self.inner.server.clone()).accept(tcp)))
+    }
+
+    /// Opens a TLS connection over `tcp` to `host` and completes the handshake.
+    pub async fn connect(&self, tcp: TcpStream, host: &str) -> io::Result<Stream> {
+        let name = ServerName::try_from(host.to_string())
+            .unwrap_or_else(|_| ServerName::try_from("dask".to_string()).expect("a valid name"));
+        let s = tokio_rustls::TlsConnector::from(self.inner.client.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| explain(e, host))?;
+        Ok(Stream::Client(Box::new(s)))
+    }
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    f.write_all(bytes)
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    std::fs::write(path, bytes)
+}
+
+/// A handshake error, said so that the person reading it knows which side is wrong.
+fn explain(e: io::Error, peer: &str) -> io::Error {
+    let text = e.to_string();
+    let why = if text.contains("UnknownIssuer") || text.contains("BadSignature") {
+        format!("{peer}'s certificate is not signed by this cluster's CA (--tls-ca-file)")
+    } else if text.contains("CertificateRequired") || text.contains("peer sent no certificates") {
+        format!("{peer} wants a certificate signed by its CA, and none was given")
+    } else if text.contains("corrupt message") || text.contains("InvalidContentType") {
+        format!("{peer} does not speak TLS (a tcp:// address?)")
+    } else {
+        format!("the TLS handshake with {peer} failed")
+    };
+    io::Error::new(e.kind(), format!("{why}: {text}"))
+}
+
+/// Checks that a server's certificate chains to the cluster's CA, and not the host name it
+/// names (dask does not check it either): a name mismatch on a chain the CA signed passes.
+#[derive(Debug)]
+struct SignedByCa(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for SignedByCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
+        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+            // The chain is checked before the name: a name error means the chain is good.
+            Err(rustls::Error::InvalidCertificate(NotValidForName | NotValidForNameContext { .. })) => {
+                Ok(rustls::client::danger::ServerCertVerified::assertion())
+            }
+            r => r,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// A connection, plain or TLS.
+pub enum Stream {
+    Plain(TcpStream),
+    /// A server side still in its handshake.
+    Accepting(Box<tokio_rustls::Accept<TcpStream>>),
+    Server(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Client(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    pub fn tcp(&self) -> Option<&TcpStream> {
+        match self {
+            Stream::Plain(s) => Some(s),
+            Stream::Accepting(_) => None,
+            Stream::Server(s) => Some(s.get_ref().0),
+            Stream::Client(s) => Some(s.get_ref().0),
+        }
+    }
+
+    /// Finishes a server-side handshake, if one is under way. A refused peer is logged here,
+    /// once, with the reason.
+    fn poll_accepted(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Stream::Accepting(a) = self {
+            match Pin::new(&mut **a).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(s)) => *self = Stream::Server(Box::new(s)),
+                Poll::Ready(Err(e)) => {
+                    let e = explain(e, "a peer");
+                    tracing::warn!(error = %e, "refused a connection");
+                    return Poll::Ready(Err(e));
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+use std::future::Future as _;
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_accepted(cx))?;
+        match this {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Server(s) => Pin::new(&mut **s).poll_read(cx, buf),
+            Stream::Client(s) => Pin::new(&mut **s).poll_read(cx, buf),
+            Stream::Accepting(_) => unreachable!("accepted above"),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_accepted(cx))?;
+        match this {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Server(s) => Pin::new(&mut **s).poll_write(cx, buf),
+            Stream::Client(s) => Pin::new(&mut **s).poll_write(cx, buf),
+            Stream::Accepting(_) => unreachable!("accepted above"),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_accepted(cx))?;
+        match this {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Server(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+            Stream::Client(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+            Stream::Accepting(_) => unreachable!("accepted above"),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Server(s) => s.is_write_vectored(),
+            Stream::Client(s) => s.is_write_vectored(),
+            Stream::Accepting(_) => true,
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_accepted(cx))?;
+        match this {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Server(s) => Pin::new(&mut **s).poll_flush(cx),
+            Stream::Client(s) => Pin::new(&mut **s).poll_flush(cx),
+            Stream::Accepting(_) => unreachable!("accepted above"),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match this {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Server(s) => Pin::new(&mut **s).poll_shutdown(cx),
+            Stream::Client(s) => Pin::new(&mut **s).poll_shutdown(cx),
+            Stream::Accepting(_) => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+/// Which of dask's `distributed.comm.tls` sections a process reads its certificate from.
+#[derive(Clone, Copy, Debug)]
+pub enum Role {
+    Scheduler,
+    Worker,
+    Client,
+}
+
+impl Security {
+    /// Credentials from flags (`--tls-ca-file`, `--tls-cert`, `--tls-key`), else from dask's
+    /// configuration (`distributed.comm.tls.ca-file`, `distributed.comm.tls.ROLE.cert` and
+    /// `.key`); `None` when neither names any. Naming some but not the CA and a certificate is
+    /// an error that says what is missing.
+    pub fn from_flags_or_config(
+        ca: Option<&Path>,
+        cert: Option<&Path>,
+        key: Option<&Path>,
+        settings: &crate::config::Config,
+        role: Role,
+    ) -> Result<Option<Security>, String> {
+        let section = match role {
+            Role::Scheduler => "scheduler",
+            Role::Worker => "worker",
+            Role::Client => "client",
+        };
+        let from_config = |k: &str| settings.string(k).filter(|s| !s.is_empty()).map(PathBuf::from);
+        let ca = ca.map(Path::to_path_buf).or_else(|| from_config("distributed.comm.tls.ca-file"));
+        let cert = cert.map(Path::to_path_buf).or_else(|| from_config(&format!("distributed.comm.tls.{section}.cert")));
+        let key = key.map(Path::to_path_buf).or_else(|| from_config(&format!("distributed.comm.tls.{section}.key")));
+        match (ca, cert) {
+            (None, None) if key.is_none() => Ok(None),
+            (Some(ca), Some(cert)) => {
+                Security::from_files(&ca, &cert, key.as_deref()).map(Some).map_err(|e| e.to_string())
+            }
+            (None, _) => Err(format!(
+                "TLS needs the cluster's CA: pass --tls-ca-file (or set distributed.comm.tls.ca-file) \
+                 with --tls-cert and --tls-key (distributed.comm.tls.{section}.cert and .key)"
+            )),
+            (Some(_), None) => Err(format!(
+                "TLS needs this {section}'s certificate: pass --tls-cert and --tls-key (or set \
+                 distributed.comm.tls.{section}.cert and .key) with --tls-ca-file"
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn peers_with_the_clusters_certificates_talk_and_strangers_are_refused() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let ours = Security::temporary().unwrap();
+        let theirs = Security::temporary().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = listener.local_addr().unwrap();
+        let server = ours.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let mut s = server.accept(tcp);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 5];
+                    if s.read_exact(&mut buf).await.is_ok() {
+                        let _ = s.write_all(&buf).await;
+                        let _ = s.flush().await;
+                    }
+                });
+            }
+        });
+        // Ours: an echo over TLS.
+        let tcp = TcpStream::connect(at).await.unwrap();
+        let mut s = ours.connect(tcp, "127.0.0.1").await.unwrap();
+        s.write_all(b"hello").await.unwrap();
+        s.flush().await.unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"hello");
+
+        // A stranger's CA did not sign our server's certificate: the stranger says so.
+        let tcp = TcpStream::connect(at).await.unwrap();
+        let e = theirs.connect(tcp, "127.0.0.1").await.err().expect("refused");
+        assert!(e.to_string().contains("not signed by this cluster's CA"), "{e}");
+
+        // Without TLS, nothing comes back.
+        let mut plain = TcpStream::connect(at).await.unwrap();
+        plain.write_all(b"hello").await.unwrap();
+        let mut back = Vec::new();
+        let _ = plain.read_to_end(&mut back).await;
+        assert!(!back.windows(5).any(|w| w == b"hello"), "a plain peer gets at most a TLS alert: {back:?}");
+    }
+
+    #[test]
+    fn files_are_checked_and_missing_parts_named() {
+        let dir = std::env::temp_dir().join(format!("dask-rs-tls-{}", std::process::id()));
+        let f = Security::temporary().unwrap().files(&dir).unwrap();
+        let settings = crate::config::Config::default();
+        let s = Security::from_flags_or_config(Some(&f.ca), Some(&f.cert), Some(&f.key), &settings, Role::Worker);
+        assert!(s.unwrap().is_some());
+        let e = Security::from_flags_or_config(None, Some(&f.cert), Some(&f.key), &settings, Role::Worker).unwrap_err();
+        assert!(e.contains("--tls-ca-file"), "{e}");
+        let e = Security::from_flags_or_config(Some(&f.ca), None, None, &settings, Role::Worker).unwrap_err();
+        assert!(e.contains("--tls-cert"), "{e}");
+        // A key where the certificate should be.
+        let e = Security::from_files(&f.ca, &f.key, Some(&f.key)).unwrap_err().to_string();
+        assert!(e.contains("--tls-cert") && e.contains("CERTIFICATE"), "{e}");
+        assert!(Security::from_flags_or_config(None, None, None, &settings, Role::Client).unwrap().is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
