@@ -55,6 +55,12 @@ fn binaries_with_tls_flags_form_a_cluster_that_refuses_strangers() {
     assert_eq!(bare.wait_exit(LONG).and_then(|s| s.code()), Some(1));
     assert!(bare.log().contains("--tls-ca-file"), "{}", bare.log());
 
+    // A worker given the tcp:// form of the TLS scheduler's address: told to use tls://.
+    let plain = address.replacen("tls://", "tcp://", 1);
+    let mut wrong = Proc::start(&w, &[&plain, "--no-nanny"], dir.path("wrong.log"));
+    assert_eq!(wrong.wait_exit(LONG).and_then(|s| s.code()), Some(1));
+    assert!(wrong.log().contains("speaks TLS: use its tls:// address"), "{}", wrong.log());
+
     // A worker with another CA's certificate: refused, and its log says why.
     let theirs_flags = flags(&theirs.ca, &theirs.cert, &theirs.key);
     let mut args = vec![address.as_str(), "--no-nanny", "--death-timeout", "3s"];

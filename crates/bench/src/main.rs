@@ -25,6 +25,7 @@ mod faults;
 mod memory;
 mod sched;
 mod sim;
+mod tls;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -62,8 +63,8 @@ fn consume(b: Bytes) -> u64 {
 #[command(name = "dask-bench", about = "dask-rs benchmarks (see docs/benchmarks.md)")]
 struct Args {
     /// Workloads: all, throughput, latency, tree, shuffle, data, memory, startup, big, zero,
-    /// core, rsds, tcp, sim, skew, late_join, restart, kill, spill, monitor, dashboard; and
-    /// chaos (long; not part of all).
+    /// core, rsds, tcp, sim, skew, late_join, restart, kill, spill, monitor, dashboard, tls;
+    /// and chaos (long; not part of all).
     #[arg(default_value = "all")]
     workloads: Vec<String>,
     /// Runs of each workload (each with a fresh cluster).
@@ -384,6 +385,26 @@ fn main() -> ExitCode {
             record(name("scheduler+client CPU, a page listening (s)"), p.with.1);
             record(name("updates the page got"), p.received.0 as f64);
             record(name("bytes the page got (KB)"), p.received.1 as f64 / 1e3);
+        }
+    }
+    if want("tls") {
+        let (n, bytes) = if q { (10_000, 10_000_000) } else { (100_000, 1_000_000_000) };
+        let mb = bytes / 1_000_000;
+        for run in 0..runs {
+            let order = if run % 2 == 0 { [false, true] } else { [true, false] };
+            let mut by = [None, None];
+            for tls in order {
+                by[usize::from(tls)] = Some(tls::run(n, bytes, tls));
+            }
+            let [Some(plain), Some(secure)] = by else { unreachable!("both ran") };
+            for (what, f) in [("tcp", &plain), ("tls", &secure)] {
+                record(format!("tls: map+gather {n}, {what} (tasks/s)"), f.tasks_per_s);
+                record(format!("tls: scatter {mb} MB, {what} (MB/s)"), f.scatter_mb_s);
+                record(format!("tls: gather {mb} MB, {what} (MB/s)"), f.gather_mb_s);
+                record(format!("tls: worker->worker {mb} MB, {what} (MB/s)"), f.worker_to_worker_mb_s);
+            }
+            record(format!("tls: map+gather {n}, tls over tcp"), secure.tasks_per_s / plain.tasks_per_s);
+            record(format!("tls: gather {mb} MB, tls over tcp"), secure.gather_mb_s / plain.gather_mb_s);
         }
     }
     if args.workloads.iter().any(|w| w == "chaos") {

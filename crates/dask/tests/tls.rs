@@ -6,6 +6,13 @@ use std::time::Duration;
 use dask::builtins::inc;
 use dask::{Bytes, Client, LocalCluster, ScatterOptions, Security, SubmitOptions};
 
+/// A task that submits more work through its worker's own client.
+#[dask::task]
+fn inc_through_the_workers_client(x: i64) -> i64 {
+    let client = dask::get_client().expect("the worker's client");
+    client.submit(inc, (x,)).unwrap().result().unwrap()
+}
+
 fn secure_cluster() -> (LocalCluster, Security) {
     let security = Security::temporary().expect("temporary credentials");
     let cluster = LocalCluster::builder()
@@ -41,6 +48,10 @@ fn a_tls_cluster_computes_moves_data_and_refuses_strangers() {
     let back: Bytes = f.result().unwrap();
     assert_eq!(back, value);
 
+    // A task's own client (get_client) connects with the worker's credentials.
+    let via = client.submit(inc_through_the_workers_client, (10i64,)).unwrap();
+    assert_eq!(via.result().unwrap(), 11);
+
     // No credentials: refused at once, saying what is missing.
     let t = std::time::Instant::now();
     let e = Client::connect_quietly(&address, Duration::from_secs(10)).unwrap_err().to_string();
@@ -50,8 +61,25 @@ fn a_tls_cluster_computes_moves_data_and_refuses_strangers() {
     // Another CA's certificate: the client sees the scheduler is not one of its cluster, and
     // the scheduler refuses it.
     let stranger = Security::temporary().unwrap();
-    let e = Client::connect_secure(&address, Duration::from_secs(2), Some(stranger.clone())).unwrap_err().to_string();
+    let t = std::time::Instant::now();
+    let e = Client::connect_secure(&address, Duration::from_secs(20), Some(stranger.clone())).unwrap_err().to_string();
     assert!(e.contains("not signed by this cluster's CA"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(10), "a refused certificate is not retried");
+
+    // Our CA, but a certificate it did not sign: the scheduler refuses it, and says so.
+    let dir = std::env::temp_dir().join(format!("dask-rs-tls-mixed-{}", std::process::id()));
+    let (ours, theirs) = (security.files(&dir.join("ours")).unwrap(), stranger.files(&dir.join("theirs")).unwrap());
+    let mixed = Security::from_files(&ours.ca, &theirs.cert, Some(&theirs.key)).unwrap();
+    let e = Client::connect_secure(&address, Duration::from_secs(20), Some(mixed)).unwrap_err().to_string();
+    assert!(e.contains("does not accept this process's certificate"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    // A tcp:// address for a TLS scheduler: told at once to use tls://.
+    let t = std::time::Instant::now();
+    let plain_address = address.replacen("tls://", "tcp://", 1);
+    let e = Client::connect_quietly(&plain_address, Duration::from_secs(20)).unwrap_err().to_string();
+    assert!(e.contains("speaks TLS: use its tls:// address"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(10), "no retrying against a TLS server");
 
     // Plain TCP to a worker's data port: no key can be read or written.
     let plain = workers[0].replacen("tls://", "tcp://", 1);

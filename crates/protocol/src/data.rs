@@ -127,9 +127,11 @@ async fn write<W: AsyncWrite + Unpin>(w: &mut W, data: &[u8]) -> Result<(), Data
     Ok(())
 }
 
-/// Writes one header.
+/// Writes one header, and sends it (TLS may hold written bytes until flushed; on plain TCP the
+/// flush costs nothing).
 pub async fn write_message<W: AsyncWrite + Unpin>(w: &mut W, msg: &pb::DataMessage) -> Result<(), DataError> {
-    write(w, &frame(msg)).await
+    write(w, &frame(msg)).await?;
+    idle(w.flush(), Some(IDLE)).await
 }
 
 /// The header describing `values`.
@@ -350,7 +352,7 @@ pub async fn serve<D: DataStore + 'static>(
             }
             keepalive(&conn);
             let conn = match &security {
-                Some(s) => s.accept(conn),
+                Some(s) => s.accept(conn, "data"),
                 None => Stream::Plain(conn),
             };
             tokio::select! {

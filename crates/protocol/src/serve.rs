@@ -139,7 +139,7 @@ pub fn incoming(
                             remote_addr: Some(peer),
                         };
                         let inner = match &security {
-                            Some(s) => s.accept(conn),
+                            Some(s) => s.accept(conn, what),
                             None => crate::tls::Stream::Plain(conn),
                         };
                         let conn = Conn {
@@ -269,7 +269,18 @@ pub async fn connect(
     security: Option<&crate::tls::Security>,
 ) -> Result<tonic::transport::Channel, ConnectError> {
     if !address.tls {
-        return Ok(endpoint.connect().await?);
+        if security.is_some() {
+            tracing::debug!(%address, "a tcp:// address: connecting without TLS although credentials were given");
+        }
+        return match endpoint.connect().await {
+            Ok(c) => Ok(c),
+            // A server that answers in TLS will not start answering in HTTP/2.
+            Err(e) if speaks_tls(&address.host, address.port).await => {
+                tracing::debug!(error = %crate::error_chain(&e), "the server speaks TLS");
+                Err(ConnectError::SpeaksTls(address.to_string()))
+            }
+            Err(e) => Err(e.into()),
+        };
     }
     let security = security.ok_or_else(|| ConnectError::NoCredentials(address.to_string()))?.clone();
     let (host, port) = (address.host.clone(), address.port);
@@ -282,7 +293,29 @@ pub async fn connect(
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
         }
     });
-    Ok(endpoint.connect_with_connector(connector).await?)
+    endpoint.connect_with_connector(connector).await.map_err(|e| {
+        let text = crate::error_chain(&e);
+        if crate::tls::is_refusal(&text) {
+            ConnectError::Refused(crate::tls::explain(&text, &address.to_string(), crate::tls::Side::Client))
+        } else {
+            e.into()
+        }
+    })
+}
+
+/// Whether the server at `host:port` answers the HTTP/2 preface with a TLS alert (a TLS
+/// server given a `tcp://` address); asked only once something failed over a plain connection.
+pub async fn speaks_tls(host: &str, port: u16) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let probe = async {
+        let mut s = tokio::net::TcpStream::connect((host, port)).await.ok()?;
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.ok()?;
+        let mut first = [0u8; 1];
+        s.read_exact(&mut first).await.ok()?;
+        // A TLS record of type alert (21) or handshake (22); HTTP/2 starts with a frame length.
+        Some(matches!(first[0], 0x15 | 0x16))
+    };
+    tokio::time::timeout(Duration::from_secs(1), probe).await.ok().flatten().unwrap_or(false)
 }
 
 /// Why a channel could not be opened.
@@ -292,8 +325,19 @@ pub enum ConnectError {
         "{0} is a tls:// address and no TLS credentials were given: pass --tls-ca-file, --tls-cert and --tls-key (or a Security), or set distributed.comm.tls.*"
     )]
     NoCredentials(String),
+    #[error("the server at {0} speaks TLS: use its tls:// address, with the cluster's credentials")]
+    SpeaksTls(String),
+    #[error("{0}")]
+    Refused(String),
     #[error(transparent)]
     Transport(#[from] tonic::transport::Error),
+}
+
+impl ConnectError {
+    /// Whether trying again cannot help: credentials missing or refused, or the wrong scheme.
+    pub fn is_fatal(&self) -> bool {
+        !matches!(self, ConnectError::Transport(_))
+    }
 }
 
 /// A client endpoint with this project's transport settings: no Nagle delay, large windows,

@@ -138,14 +138,16 @@ impl Security {
             .with_client_cert_verifier(client_verifier)
             .with_single_cert(chain.clone(), key.clone_key())
             .map_err(|e| TlsError::Invalid(format!("the certificate and key do not go together: {e}")))?;
-        let server_verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
+        let server_verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(roots.clone(), provider())
             .build()
             .map_err(|e| TlsError::Invalid(e.to_string()))?;
+        let signed_by_ca =
+            SignedByCa { roots, algorithms: provider().signature_verification_algorithms, signatures: server_verifier };
         let client = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Invalid(e.to_string()))?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(SignedByCa(server_verifier)))
+            .with_custom_certificate_verifier(Arc::new(signed_by_ca))
             .with_client_auth_cert(chain, key)
             .map_err(|e| TlsError::Invalid(format!("the certificate and key do not go together: {e}")))?;
         Ok(Security { inner: Arc::new(Inner { pem, client: Arc::new(client), server: Arc::new(server), files }) })
@@ -158,7 +160,7 @@ impl Security {
         if let Some(f) = &self.inner.files {
             return Ok(f.clone());
         }
-        std::fs::create_dir_all(dir)?;
+        create_private_dir(dir)?;
         let f = Files { ca: dir.join("ca.pem"), cert: dir.join("cert.pem"), key: dir.join("key.pem") };
         std::fs::write(&f.ca, &self.inner.pem.ca)?;
         std::fs::write(&f.cert, &self.inner.pem.cert)?;
@@ -166,29 +168,71 @@ impl Security {
         Ok(f)
     }
 
-    /// Accepts a TLS connection: the handshake happens as the connection is first read or
-    /// written, so a slow peer holds up no other.
-    pub fn accept(&self, tcp: TcpStream) -> Stream {
-        Stream::Accepting(Box::new(tokio_rustls::TlsAcceptor::from(self.inner.server.clone()).accept(tcp)))
+    /// Accepts a TLS connection for service `what`: the handshake happens as the connection is
+    /// first read or written, so a slow peer holds up no other.
+    pub fn accept(&self, tcp: TcpStream, what: &'static str) -> Stream {
+        let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "a peer".into());
+        let accept = tokio_rustls::TlsAcceptor::from(self.inner.server.clone()).accept(tcp);
+        Stream::Accepting(Box::new(Accepting { accept, peer, what }))
     }
 
     /// Opens a TLS connection over `tcp` to `host` and completes the handshake.
     pub async fn connect(&self, tcp: TcpStream, host: &str) -> io::Result<Stream> {
         let name = ServerName::try_from(host.to_string())
             .unwrap_or_else(|_| ServerName::try_from("dask".to_string()).expect("a valid name"));
-        let s = tokio_rustls::TlsConnector::from(self.inner.client.clone())
+        let mut s = tokio_rustls::TlsConnector::from(self.inner.client.clone())
             .connect(name, tcp)
             .await
-            .map_err(|e| explain(e, host))?;
-        Ok(Stream::Client(Box::new(s)))
+            .map_err(|e| io::Error::new(e.kind(), explain(&e.to_string(), host, Side::Client)))?;
+        let first = accepted(&mut s)
+            .await
+            .map_err(|e| io::Error::new(e.kind(), explain(&e.to_string(), host, Side::Client)))?;
+        Ok(Stream::Client(Box::new(ClientTls { tls: s, first })))
     }
 }
 
+/// Waits until the server has taken this client's certificate. In TLS 1.3 the client's side
+/// of the handshake ends before the server checks it: a refusal would only come as an alert on
+/// the first read, deep inside whatever reads first. The server's session tickets or its first
+/// byte (an HTTP/2 server speaks first), sent only once it has, say it did (one round trip); an
+/// alert says it did not. Returns the byte read, if one was. Gives up waiting after a while (a
+/// server that neither sends tickets nor speaks first) and goes on.
+async fn accepted(s: &mut tokio_rustls::client::TlsStream<TcpStream>) -> io::Result<Option<u8>> {
+    if s.get_ref().1.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
+        return Ok(None);
+    }
+    let wait = std::future::poll_fn(|cx| {
+        let mut byte = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut byte);
+        match Pin::new(&mut *s).poll_read(cx, &mut buf) {
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) if buf.filled().is_empty() => {
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the server closed the connection")))
+            }
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(Some(byte[0]))),
+            Poll::Pending if s.get_ref().1.tls13_tickets_received() > 0 => Poll::Ready(Ok(None)),
+            Poll::Pending => Poll::Pending,
+        }
+    });
+    match tokio::time::timeout(std::time::Duration::from_secs(5), wait).await {
+        Ok(r) => r,
+        Err(_) => Ok(None),
+    }
+}
+
+/// A client's TLS connection, and the server's first byte if [`accepted`] read it.
+pub struct ClientTls {
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+    first: Option<u8>,
+}
+
+/// Writes a private key readable by its owner only, whatever the file's mode was before.
 #[cfg(unix)]
 fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     f.write_all(bytes)
 }
 
@@ -197,43 +241,102 @@ fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
     std::fs::write(path, bytes)
 }
 
-/// A handshake error, said so that the person reading it knows which side is wrong.
-fn explain(e: io::Error, peer: &str) -> io::Error {
-    let text = e.to_string();
-    let why = if text.contains("UnknownIssuer") || text.contains("BadSignature") {
-        format!("{peer}'s certificate is not signed by this cluster's CA (--tls-ca-file)")
-    } else if text.contains("CertificateRequired") || text.contains("peer sent no certificates") {
-        format!("{peer} wants a certificate signed by its CA, and none was given")
-    } else if text.contains("corrupt message") || text.contains("InvalidContentType") {
-        format!("{peer} does not speak TLS (a tcp:// address?)")
-    } else {
-        format!("the TLS handshake with {peer} failed")
-    };
-    io::Error::new(e.kind(), format!("{why}: {text}"))
+/// Creates `dir` (and its parents), readable by its owner only when this creates it.
+fn create_private_dir(dir: &Path) -> io::Result<()> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+    b.create(dir)
 }
 
-/// Checks that a server's certificate chains to the cluster's CA, and not the host name it
-/// names (dask does not check it either): a name mismatch on a chain the CA signed passes.
+/// Which end of a connection an error is told to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The end that connected: `peer` is the server it reached.
+    Client,
+    /// The end that accepted: `peer` is whoever connected.
+    Server,
+}
+
+/// A TLS error's text, said so that the person reading it knows which side is wrong and what
+/// to do. Text that is no TLS refusal comes back as it was.
+pub fn explain(text: &str, peer: &str, side: Side) -> String {
+    let has = |words: &[&str]| words.iter().any(|w| text.contains(w));
+    if has(&EXPLAINED) {
+        return text.to_string();
+    }
+    let why = match side {
+        Side::Client if has(&["UnknownIssuer", "BadSignature"]) => {
+            format!("{peer}'s certificate is not signed by this cluster's CA (--tls-ca-file)")
+        }
+        Side::Client
+            if has(&["UnknownCA", "BadCertificate", "CertificateRequired", "CertificateExpired", "DecryptError"]) =>
+        {
+            format!(
+                "{peer} does not accept this process's certificate: it is not signed by the CA that {peer} trusts \
+                 (pass the cluster's --tls-cert and --tls-key)"
+            )
+        }
+        Side::Client if has(&["corrupt message", "InvalidContentType"]) => {
+            format!("{peer} does not speak TLS: use its tcp:// address")
+        }
+        Side::Server if has(&["UnknownIssuer", "BadSignature"]) => {
+            format!("{peer}'s certificate is not signed by this cluster's CA")
+        }
+        Side::Server if has(&["peer sent no certificates", "CertificateRequired", "NoCertificatesPresented"]) => {
+            format!("{peer} sent no certificate (it has no credentials for this cluster)")
+        }
+        Side::Server if has(&["corrupt message", "InvalidContentType"]) => {
+            format!("{peer} does not speak TLS (a client or worker given a tcp:// address, or a port probe)")
+        }
+        _ => return text.to_string(),
+    };
+    format!("{why}: {text}")
+}
+
+/// Words of an error [`explain`] has already told.
+const EXPLAINED: [&str; 4] = [
+    "is not signed by this cluster's CA",
+    "does not accept this process's certificate",
+    "does not speak TLS",
+    "sent no certificate",
+];
+
+/// Whether an error is a TLS refusal (a certificate the other side will not take, or one end
+/// not speaking TLS): trying again cannot help.
+pub fn is_refusal(text: &str) -> bool {
+    EXPLAINED.iter().any(|w| text.contains(w)) || explain(text, "", Side::Client) != text
+}
+
+/// Checks that a server's certificate chains to the cluster's CA (and may serve as a
+/// server's), not the host name it names: dask does not check it either.
 #[derive(Debug)]
-struct SignedByCa(Arc<rustls::client::WebPkiServerVerifier>);
+struct SignedByCa {
+    roots: Arc<rustls::RootCertStore>,
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+    /// For the handshake's signatures.
+    signatures: Arc<rustls::client::WebPkiServerVerifier>,
+}
 
 impl rustls::client::danger::ServerCertVerifier for SignedByCa {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
-        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
-            // The chain is checked before the name: a name error means the chain is good.
-            Err(rustls::Error::InvalidCertificate(NotValidForName | NotValidForNameContext { .. })) => {
-                Ok(rustls::client::danger::ServerCertVerified::assertion())
-            }
-            r => r,
-        }
+        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )?;
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -242,7 +345,7 @@ impl rustls::client::danger::ServerCertVerifier for SignedByCa {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        self.signatures.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -251,11 +354,11 @@ impl rustls::client::danger::ServerCertVerifier for SignedByCa {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        self.signatures.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.signatures.supported_verify_schemes()
     }
 }
 
@@ -263,40 +366,73 @@ impl rustls::client::danger::ServerCertVerifier for SignedByCa {
 pub enum Stream {
     Plain(TcpStream),
     /// A server side still in its handshake.
-    Accepting(Box<tokio_rustls::Accept<TcpStream>>),
+    Accepting(Box<Accepting>),
     Server(Box<tokio_rustls::server::TlsStream<TcpStream>>),
-    Client(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Client(Box<ClientTls>),
+    /// A server side whose handshake failed: every use is an error.
+    Refused,
+}
+
+/// A handshake under way, and who it is with, for the log if it fails.
+pub struct Accepting {
+    accept: tokio_rustls::Accept<TcpStream>,
+    peer: String,
+    what: &'static str,
 }
 
 impl Stream {
     pub fn tcp(&self) -> Option<&TcpStream> {
         match self {
             Stream::Plain(s) => Some(s),
-            Stream::Accepting(_) => None,
+            Stream::Accepting(_) | Stream::Refused => None,
             Stream::Server(s) => Some(s.get_ref().0),
-            Stream::Client(s) => Some(s.get_ref().0),
+            Stream::Client(s) => Some(s.tls.get_ref().0),
         }
     }
 
     /// Finishes a server-side handshake, if one is under way. A refused peer is logged here,
     /// once, with the reason.
     fn poll_accepted(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if let Stream::Accepting(a) = self {
-            match Pin::new(&mut **a).poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok(s)) => *self = Stream::Server(Box::new(s)),
-                Poll::Ready(Err(e)) => {
-                    let e = explain(e, "a peer");
-                    tracing::warn!(error = %e, "refused a connection");
-                    return Poll::Ready(Err(e));
+        match self {
+            Stream::Accepting(a) => match Pin::new(&mut a.accept).poll(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Ok(s)) => {
+                    *self = Stream::Server(Box::new(s));
+                    Poll::Ready(Ok(()))
                 }
-            }
+                Poll::Ready(Err(e)) => {
+                    let why = explain(&e.to_string(), &a.peer, Side::Server);
+                    log_refusal(a.what, &why);
+                    *self = Stream::Refused;
+                    Poll::Ready(Err(io::Error::new(e.kind(), why)))
+                }
+            },
+            Stream::Refused => Poll::Ready(Err(refused())),
+            _ => Poll::Ready(Ok(())),
         }
-        Poll::Ready(Ok(()))
     }
 }
 
 use std::future::Future as _;
+
+fn refused() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "the TLS handshake failed")
+}
+
+/// Logs a refused connection: at most one line every 5 s (a port scan is not a flood of
+/// warnings), with how many were refused since the last.
+fn log_refusal(what: &str, why: &str) {
+    static LAST: std::sync::Mutex<(Option<std::time::Instant>, u64)> = std::sync::Mutex::new((None, 0));
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    let now = std::time::Instant::now();
+    if last.0.is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(5)) {
+        last.1 += 1;
+        return;
+    }
+    let held = std::mem::take(&mut last.1);
+    last.0 = Some(now);
+    tracing::warn!(service = what, refused_since_last_line = held, "{what}: refused a connection: {why}");
+}
 
 impl AsyncRead for Stream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
@@ -305,8 +441,17 @@ impl AsyncRead for Stream {
         match this {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Server(s) => Pin::new(&mut **s).poll_read(cx, buf),
-            Stream::Client(s) => Pin::new(&mut **s).poll_read(cx, buf),
-            Stream::Accepting(_) => unreachable!("accepted above"),
+            Stream::Client(s) => match s.first.take() {
+                Some(b) if buf.remaining() > 0 => {
+                    buf.put_slice(&[b]);
+                    Poll::Ready(Ok(()))
+                }
+                first => {
+                    s.first = first;
+                    Pin::new(&mut s.tls).poll_read(cx, buf)
+                }
+            },
+            Stream::Accepting(_) | Stream::Refused => unreachable!("accepted above"),
         }
     }
 }
@@ -318,8 +463,8 @@ impl AsyncWrite for Stream {
         match this {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Server(s) => Pin::new(&mut **s).poll_write(cx, buf),
-            Stream::Client(s) => Pin::new(&mut **s).poll_write(cx, buf),
-            Stream::Accepting(_) => unreachable!("accepted above"),
+            Stream::Client(s) => Pin::new(&mut s.tls).poll_write(cx, buf),
+            Stream::Accepting(_) | Stream::Refused => unreachable!("accepted above"),
         }
     }
 
@@ -333,8 +478,8 @@ impl AsyncWrite for Stream {
         match this {
             Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::Server(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
-            Stream::Client(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
-            Stream::Accepting(_) => unreachable!("accepted above"),
+            Stream::Client(s) => Pin::new(&mut s.tls).poll_write_vectored(cx, bufs),
+            Stream::Accepting(_) | Stream::Refused => unreachable!("accepted above"),
         }
     }
 
@@ -342,8 +487,8 @@ impl AsyncWrite for Stream {
         match self {
             Stream::Plain(s) => s.is_write_vectored(),
             Stream::Server(s) => s.is_write_vectored(),
-            Stream::Client(s) => s.is_write_vectored(),
-            Stream::Accepting(_) => true,
+            Stream::Client(s) => s.tls.is_write_vectored(),
+            Stream::Accepting(_) | Stream::Refused => true,
         }
     }
 
@@ -353,8 +498,8 @@ impl AsyncWrite for Stream {
         match this {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Server(s) => Pin::new(&mut **s).poll_flush(cx),
-            Stream::Client(s) => Pin::new(&mut **s).poll_flush(cx),
-            Stream::Accepting(_) => unreachable!("accepted above"),
+            Stream::Client(s) => Pin::new(&mut s.tls).poll_flush(cx),
+            Stream::Accepting(_) | Stream::Refused => unreachable!("accepted above"),
         }
     }
 
@@ -363,8 +508,8 @@ impl AsyncWrite for Stream {
         match this {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Server(s) => Pin::new(&mut **s).poll_shutdown(cx),
-            Stream::Client(s) => Pin::new(&mut **s).poll_shutdown(cx),
-            Stream::Accepting(_) => Poll::Ready(Ok(())),
+            Stream::Client(s) => Pin::new(&mut s.tls).poll_shutdown(cx),
+            Stream::Accepting(_) | Stream::Refused => Poll::Ready(Ok(())),
         }
     }
 }
@@ -430,7 +575,7 @@ mod tests {
         tokio::spawn(async move {
             loop {
                 let (tcp, _) = listener.accept().await.unwrap();
-                let mut s = server.accept(tcp);
+                let mut s = server.accept(tcp, "test");
                 tokio::spawn(async move {
                     let mut buf = [0u8; 5];
                     if s.read_exact(&mut buf).await.is_ok() {

@@ -23,19 +23,28 @@ pub struct WorkerContext {
     pub scheduler: String,
     pub nthreads: usize,
     client: OnceLock<Client>,
+    /// The worker's TLS credentials, for its client too.
+    security: Option<dask_protocol::tls::Security>,
     /// What each executor thread runs now, and since when (seconds since the Unix epoch):
     /// `Client::call_stack`.
     pub(crate) running: parking_lot::Mutex<rustc_hash::FxHashMap<u32, (Arc<str>, f64)>>,
 }
 
 impl WorkerContext {
-    pub fn new(address: String, name: String, scheduler: String, nthreads: usize) -> Arc<WorkerContext> {
+    pub fn new(
+        address: String,
+        name: String,
+        scheduler: String,
+        nthreads: usize,
+        security: Option<dask_protocol::tls::Security>,
+    ) -> Arc<WorkerContext> {
         Arc::new(WorkerContext {
             address,
             name,
             scheduler,
             nthreads,
             client: OnceLock::new(),
+            security,
             running: Default::default(),
         })
     }
@@ -45,7 +54,7 @@ impl WorkerContext {
         if let Some(c) = self.client.get() {
             return Ok(c.clone());
         }
-        let c = Client::connect_quietly(&self.scheduler, dask_client::CONNECT_TIMEOUT)?;
+        let c = Client::connect_secure(&self.scheduler, dask_client::CONNECT_TIMEOUT, self.security.clone())?;
         // Two tasks racing: one connection wins, the other is closed.
         Ok(self.client.get_or_init(|| c).clone())
     }

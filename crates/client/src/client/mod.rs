@@ -422,14 +422,15 @@ impl Client {
         Ok(client)
     }
 
-    /// Connects without becoming the default client; without `security`, credentials come from
-    /// dask's configuration (`distributed.comm.tls.ca-file`, `distributed.comm.tls.client.cert`
-    /// and `.key`), if it names any.
+    /// Connects without becoming the default client; without `security`, a `tls://` address's
+    /// credentials come from dask's configuration (`distributed.comm.tls.ca-file`,
+    /// `distributed.comm.tls.client.cert` and `.key`).
     pub fn connect_secure(address: &str, timeout: Duration, security: Option<Security>) -> Result<Client> {
         let addr = Address::parse(address, Some(dask_protocol::DEFAULT_SCHEDULER_PORT))?;
         let security = match security {
             Some(s) => Some(s),
-            None => configured_security()?,
+            None if addr.tls => configured_security()?,
+            None => None,
         };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -451,8 +452,8 @@ impl Client {
     /// Connects from async code, on the current tokio runtime (multi-thread flavour).
     pub async fn connect_async(address: &str) -> Result<Client> {
         let addr = Address::parse(address, Some(dask_protocol::DEFAULT_SCHEDULER_PORT))?;
-        let client =
-            connect_inner(addr, CONNECT_TIMEOUT, tokio::runtime::Handle::current(), configured_security()?).await?;
+        let security = if addr.tls { configured_security()? } else { None };
+        let client = connect_inner(addr, CONNECT_TIMEOUT, tokio::runtime::Handle::current(), security).await?;
         client.set_as_default();
         Ok(client)
     }
@@ -589,9 +590,8 @@ async fn open_stream(addr: &Address, timeout: Duration, security: Option<&Securi
         let left = timeout.saturating_sub(started.elapsed());
         let attempt = async {
             let channel = dask_protocol::serve::connect(&endpoint, addr, security).await.map_err(|e| {
-                // Missing credentials do not come with time: give up at once.
-                let fatal = matches!(e, dask_protocol::serve::ConnectError::NoCredentials(_));
-                (dask_protocol::error_chain(&e), fatal)
+                // Missing or refused credentials do not come right with time: give up at once.
+                (dask_protocol::error_chain(&e), if e.is_fatal() { Fatal::Tls } else { Fatal::No })
             })?;
             let mut scheduler = SchedulerClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE)
@@ -606,26 +606,31 @@ async fn open_stream(addr: &Address, timeout: Duration, security: Option<&Securi
             });
             let inbound = scheduler.client_stream(UnboundedReceiverStream::new(stream_rx)).await.map_err(|s| {
                 let why = format!("{} ({})", s.message(), s.code());
-                (why, not_a_scheduler(&s))
+                (why, if not_a_scheduler(&s) { Fatal::NotAScheduler } else { Fatal::No })
             })?;
             let mut scheduler = scheduler;
             // Something answers: make sure it is a dask scheduler before saying we are connected.
             scheduler.info(pb::Empty {}).await.map_err(|s| {
                 let why = format!("{} ({})", s.message(), s.code());
-                (why, not_a_scheduler(&s))
+                (why, if not_a_scheduler(&s) { Fatal::NotAScheduler } else { Fatal::No })
             })?;
-            Ok::<_, (String, bool)>((scheduler, stream_tx, inbound.into_inner(), client_id))
+            Ok::<_, (String, Fatal)>((scheduler, stream_tx, inbound.into_inner(), client_id))
         };
         let why = match tokio::time::timeout(left, attempt).await {
             Ok(Ok(opened)) => return Ok(opened),
-            Ok(Err((why, true))) if why.contains("no TLS credentials") => return Err(connect_err(why)),
-            Ok(Err((why, true))) => {
+            Ok(Err((why, Fatal::Tls))) => return Err(connect_err(why)),
+            Ok(Err((why, Fatal::NotAScheduler))) => {
                 return Err(connect_err(format!(
                     "the server there is not a dask scheduler ({why}); check the address and port (the \
                      scheduler listens on 8786 by default)"
                 )));
             }
-            Ok(Err((why, false))) => why,
+            // A TLS server given a tcp:// address answers with alerts, never with HTTP/2.
+            Ok(Err((why, Fatal::No))) if !addr.tls && dask_protocol::serve::speaks_tls(&addr.host, addr.port).await => {
+                let tls = dask_protocol::serve::ConnectError::SpeaksTls(addr.to_string());
+                return Err(connect_err(format!("{tls} ({why})")));
+            }
+            Ok(Err((why, Fatal::No))) => why,
             Err(_) => "timed out".to_string(),
         };
         if started.elapsed() + delay >= timeout {
@@ -635,6 +640,16 @@ async fn open_stream(addr: &Address, timeout: Duration, security: Option<&Securi
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_millis(500));
     }
+}
+
+/// Why a connection attempt is not worth repeating.
+enum Fatal {
+    /// It is: the scheduler may be starting or busy.
+    No,
+    /// TLS: credentials missing or refused, or the wrong scheme.
+    Tls,
+    /// Some other server answers there.
+    NotAScheduler,
 }
 
 /// An answer that shows the peer is some other server, not a dask scheduler starting up.

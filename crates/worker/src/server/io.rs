@@ -35,8 +35,8 @@ pub(super) async fn connect_scheduler(config: &WorkerConfig) -> Result<Channel, 
     loop {
         match dask_protocol::serve::connect(&endpoint, &config.scheduler, config.security.as_ref()).await {
             Ok(ch) => return Ok(ch),
-            // Missing credentials do not come with time.
-            Err(e @ dask_protocol::serve::ConnectError::NoCredentials(_)) => {
+            // Missing or refused credentials do not come right with time.
+            Err(e) if e.is_fatal() => {
                 return Err(WorkerError::SchedulerUnreachable {
                     addr: config.scheduler.to_string(),
                     waited: started.elapsed(),

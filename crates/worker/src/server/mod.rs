@@ -286,15 +286,20 @@ pub async fn start(
     let _ = out_tx.send(pb::WorkerToScheduler {
         events: vec![pb::WorkerEvent { kind: Some(pb::worker_event::Kind::Register(register)) }],
     });
-    let mut inbound = client
-        .worker_stream(UnboundedReceiverStream::new(out_rx))
-        .await
-        .map_err(|s| WorkerError::SchedulerUnreachable {
-            addr: config.scheduler.to_string(),
-            waited: Duration::ZERO,
-            why: s.message().to_string(),
-        })?
-        .into_inner();
+    let opened = client.worker_stream(UnboundedReceiverStream::new(out_rx)).await;
+    let mut inbound = match opened {
+        Ok(r) => r.into_inner(),
+        Err(status) => {
+            let s = &config.scheduler;
+            // A TLS scheduler given as tcp:// answers with alerts, never with HTTP/2.
+            let why = if !s.tls && dask_protocol::serve::speaks_tls(&s.host, s.port).await {
+                dask_protocol::serve::ConnectError::SpeaksTls(s.to_string()).to_string()
+            } else {
+                status.message().to_string()
+            };
+            return Err(WorkerError::SchedulerUnreachable { addr: s.to_string(), waited: Duration::ZERO, why });
+        }
+    };
     let first = inbound.message().await.map_err(|s| WorkerError::SchedulerLost(s.message().to_string()))?;
     let (heartbeat, plugin_specs) = match first.and_then(|b| b.commands.into_iter().next()).and_then(|c| c.kind) {
         Some(pb::scheduler_command::Kind::Registered(r)) => {
@@ -322,8 +327,13 @@ pub async fn start(
 
     let handle = WorkerHandle { address: address.clone(), name: name.clone(), dashboard, shutdown: shutdown.clone() };
     let run = async move {
-        let context =
-            WorkerContext::new(address.to_string(), name.clone(), config.scheduler.to_string(), config.nthreads);
+        let context = WorkerContext::new(
+            address.to_string(),
+            name.clone(),
+            config.scheduler.to_string(),
+            config.nthreads,
+            config.security.clone(),
+        );
         let plugins =
             crate::plugins::Plugins::new(scratch.join(format!("files-{}-{}", std::process::id(), address.port)));
         // The cluster's plugins are set up before the first task runs (dask's order).
