@@ -21,6 +21,9 @@ use yaml_rust2::{Yaml, YamlLoader};
 /// dask-rs's defaults, in dask's layout.
 pub const DEFAULTS: &str = include_str!("defaults.yaml");
 
+/// The keys dask.distributed knows, one per line (`SECTION.*`: any key may go under it).
+const DASK_KEYS: &str = include_str!("dask_keys.txt");
+
 /// A configuration value.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
@@ -117,7 +120,58 @@ pub fn canonical(key: &str) -> String {
 impl Config {
     /// The defaults, the files and the environment of this process.
     pub fn load() -> Result<Config, ConfigError> {
-        Config::from_sources(&search_paths(), std::env::vars())
+        let c = Config::from_sources(&search_paths(), std::env::vars())?;
+        c.warn_unknown_keys();
+        Ok(c)
+    }
+
+    /// Keys under `distributed.` set by a file or a variable that neither dask nor dask-rs
+    /// knows (a misspelling, most likely), each with where it was set.
+    pub fn unknown_keys(&self) -> Vec<(String, String)> {
+        let ours = {
+            let mut keys = Vec::new();
+            leaves("", &parse_yaml(DEFAULTS, Path::new("defaults.yaml")).unwrap_or_default(), &mut keys);
+            keys
+        };
+        let known = |key: &str| {
+            let mut k = key;
+            // The key, or a section it is under that dask knows and any key may go under.
+            DASK_KEYS.lines().any(|l| l == key)
+                || ours.iter().any(|o| o == key || o.starts_with(&format!("{key}.")))
+                || loop {
+                    match k.rsplit_once('.') {
+                        Some((parent, _)) => {
+                            if DASK_KEYS.lines().any(|l| l.strip_suffix(".*") == Some(parent)) {
+                                break true;
+                            }
+                            k = parent;
+                        }
+                        None => break false,
+                    }
+                }
+        };
+        self.sources
+            .iter()
+            .filter(|(k, _)| k.starts_with("distributed.") && !known(k))
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect()
+    }
+
+    /// Warns once per process about each of [`Config::unknown_keys`].
+    fn warn_unknown_keys(&self) {
+        static WARNED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+        let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+        for (key, source) in self.unknown_keys() {
+            if !warned.contains(&key) {
+                tracing::warn!(
+                    key = %key,
+                    set_in = %source,
+                    "unknown configuration key {key} (set in {source}): neither dask nor dask-rs reads it; misspelled? \
+                     (`dask config list` shows what is read; docs/configuration.md lists every setting)"
+                );
+                warned.push(key);
+            }
+        }
     }
 
     /// The defaults, then the YAML files in `paths` (directories or files, lowest first), then
@@ -470,6 +524,33 @@ mod tests {
 
     fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
         vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn unknown_distributed_keys_are_named_with_where_they_were_set() {
+        let dir = std::env::temp_dir().join(format!("dask-rs-config-unknown-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A dask file: keys dask knows, keys only dask-rs knows, free-form sections, a typo.
+        std::fs::write(
+            dir.join("dask.yaml"),
+            "distributed:\n  scheduler:\n    work-stealing-interval: 1s\n    max-connections: 100\n  \
+             worker:\n    memory:\n      targt: 0.5\n    resources:\n      GPU: 2\n  \
+             nanny:\n    pre-spawn-environ:\n      OMP_NUM_THREADS: 1\n  comm:\n    tls:\n      ca-file: ca.pem\n\
+             array:\n  chunk-size: 128MiB\n",
+        )
+        .unwrap();
+        let env = env(&[("DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL", "60s"), ("DASK_DISTRIBUTED__SCHEDULR__X", "1")]);
+        let c = Config::from_sources(std::slice::from_ref(&dir), env).unwrap();
+        let unknown = c.unknown_keys();
+        let file = dir.join("dask.yaml").display().to_string();
+        assert_eq!(
+            unknown,
+            vec![
+                ("distributed.schedulr.x".to_string(), "$DASK_DISTRIBUTED__SCHEDULR__X".to_string()),
+                ("distributed.worker.memory.targt".to_string(), file),
+            ]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
