@@ -132,9 +132,26 @@ pub fn route_ip_to(host: &str, port: u16) -> Option<std::net::IpAddr> {
 }
 
 /// This host's address for others to reach it by (dask's `get_ip`): the source of its default
-/// route, else loopback.
+/// route; on a host without one (a private network, a namespace), the first IPv4 address of an
+/// interface that is up and not loopback; else loopback.
 pub fn external_ip() -> std::net::IpAddr {
-    route_ip_to("8.8.8.8", 80).unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
+    route_ip_to("8.8.8.8", 80)
+        .or_else(first_interface_ip)
+        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
+}
+
+#[cfg(unix)]
+fn first_interface_ip() -> Option<std::net::IpAddr> {
+    use nix::net::if_::InterfaceFlags;
+    nix::ifaddrs::getifaddrs()
+        .ok()?
+        .filter(|a| a.flags.contains(InterfaceFlags::IFF_UP) && !a.flags.contains(InterfaceFlags::IFF_LOOPBACK))
+        .find_map(|a| a.address.as_ref().and_then(|s| s.as_sockaddr_in()).map(|s| std::net::IpAddr::V4(s.ip())))
+}
+
+#[cfg(not(unix))]
+fn first_interface_ip() -> Option<std::net::IpAddr> {
+    None
 }
 
 /// The IPv4 address of network interface `name` (dask's `--interface`, e.g. `eth0`, `ib0`).
