@@ -219,14 +219,7 @@ fn main() -> ExitCode {
                     // the first one's memory warm in the receive pools.
                     let value = make_bytes::call(n);
                     for pass in ["first", "again"] {
-                        let to_a = ScatterOptions { workers: vec![a.clone()], hash: false, ..Default::default() };
-                        let t = Instant::now();
-                        let f = client.scatter_with(vec![value.clone()], to_a).unwrap().pop().unwrap();
-                        let scatter = t.elapsed().as_secs_f64();
-                        let t = Instant::now();
-                        let back: Bytes = f.result().unwrap();
-                        let gather = t.elapsed().as_secs_f64();
-                        assert!(back.len() == n && back[n / 2] == value[n / 2]);
+                        let (f, back, scatter, gather) = scatter_and_gather(client, &value, &a);
                         let mb = n as f64 / 1e6;
                         record(format!("scatter {} MB, {pass} (MB/s)", n / 1_000_000), mb / scatter);
                         record(format!("gather {} MB, {pass} (MB/s)", n / 1_000_000), mb / gather);
@@ -483,6 +476,25 @@ fn with_cluster(simulate: bool, f: impl FnOnce(&Client)) {
 }
 
 /// Waits until the scheduler holds no task (released futures are forgotten).
+/// `value` scattered to `worker` straight (dask_bench.py's `scatter(arr, workers=[a],
+/// hash=False)`) and gathered back: its future, the value back, and the seconds each way.
+pub(crate) fn scatter_and_gather(
+    client: &Client,
+    value: &Bytes,
+    worker: &str,
+) -> (dask::Future<Bytes>, Bytes, f64, f64) {
+    let to = ScatterOptions { workers: vec![worker.to_string()], hash: false, ..Default::default() };
+    let t = Instant::now();
+    let f = client.scatter_with(vec![value.clone()], to).unwrap().pop().unwrap();
+    let scatter = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let back: Bytes = f.result().unwrap();
+    let gather = t.elapsed().as_secs_f64();
+    let n = value.len();
+    assert!(back.len() == n && (n == 0 || back[n / 2] == value[n / 2]));
+    (f, back, scatter, gather)
+}
+
 pub(crate) fn settle(client: &Client) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while client.scheduler_info().map(|i| i.tasks > 0).unwrap_or(false) && Instant::now() < deadline {

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use dask::builtins::inc;
-use dask::{Bytes, Client, LocalCluster, ScatterOptions, Security, SubmitOptions};
+use dask::{Client, LocalCluster, Security, SubmitOptions};
 
 /// One cluster's figures: map+gather tasks/s, scatter and gather MB/s, worker->worker MB/s.
 pub struct Figures {
@@ -41,14 +41,7 @@ pub fn run(n: usize, bytes: usize, tls: bool) -> Figures {
 
     let workers = cluster.worker_addresses();
     let value = super::make_bytes::call(bytes);
-    let to_a = ScatterOptions { workers: vec![workers[0].clone()], hash: false, ..Default::default() };
-    let t = Instant::now();
-    let f = client.scatter_with(vec![value.clone()], to_a).unwrap().pop().unwrap();
-    let scatter = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    let back: Bytes = f.result().unwrap();
-    let gather = t.elapsed().as_secs_f64();
-    assert!(back.len() == bytes && back[bytes / 2] == value[bytes / 2]);
+    let (f, back, scatter, gather) = super::scatter_and_gather(&client, &value, &workers[0]);
     // From worker a to worker b: a task on b that takes the scattered value.
     let on_b = SubmitOptions { workers: vec![workers[1].clone()], pure: false, ..Default::default() };
     let t = Instant::now();
