@@ -28,7 +28,16 @@ fn binaries_with_tls_flags_form_a_cluster_that_refuses_strangers() {
         ]
     };
     let ours_flags = flags(&ours.ca, &ours.cert, &ours.key);
-    let (_sched, address) = start_scheduler(&dir, &as_str(&ours_flags));
+
+    // dask's --protocol tls without credentials: told what to pass.
+    let bare_args = ["--protocol", "tls", "--port", "0", "--no-dashboard"];
+    let mut bare = Proc::start(&binary("dask-scheduler"), &bare_args, dir.path("bare-scheduler.log"));
+    assert_eq!(bare.wait_exit(LONG).and_then(|s| s.code()), Some(1));
+    assert!(bare.log().contains("TLS needs credentials: pass --tls-ca-file"), "{}", bare.log());
+
+    let mut with_protocol = as_str(&ours_flags);
+    with_protocol.extend(["--protocol", "tls"]);
+    let (_sched, address) = start_scheduler(&dir, &with_protocol);
     assert!(address.starts_with("tls://127.0.0.1:"), "the scheduler file says tls://: {address}");
 
     // Two workers with the cluster's credentials, one under a nanny.
