@@ -125,6 +125,25 @@ pub fn http_get(host: &str, path: &str) -> (u16, String) {
     (status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
 }
 
+/// `(status, body)` of `GET path` over HTTPS on `host:port`, trusting the CA of `security`.
+pub fn https_get(host: &str, path: &str, security: &dask::Security) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let out = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(host).await.expect("connect to the HTTPS port");
+        let name = host.rsplit_once(':').map_or(host, |(h, _)| h);
+        let mut s = security.connect(tcp, name).await.expect("TLS handshake with the HTTPS port");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        s.write_all(request.as_bytes()).await.unwrap();
+        s.flush().await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut out)).await.unwrap().unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    });
+    let status = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
 /// A temporary directory removed on drop.
 pub struct TempDir(pub PathBuf);
 

@@ -16,6 +16,22 @@ fn ip(args: &[&str]) -> bool {
     Command::new("ip").args(args).output().is_ok_and(|o| o.status.success())
 }
 
+/// The addresses and routes of this host and of each namespace, for a failure to show.
+fn routes(hosts: &Hosts) -> String {
+    let show = |args: &[&str]| {
+        Command::new("ip")
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let mut out = format!("host:\n{}{}", show(&["-br", "addr"]), show(&["route"]));
+    for (ns, _) in &hosts.hosts {
+        out += &format!("{ns}:\n{}{}", show(&["-n", ns, "-br", "addr"]), show(&["-n", ns, "route"]));
+    }
+    out
+}
+
 /// Network namespaces on one bridge, removed when dropped.
 struct Hosts {
     bridge: String,
@@ -135,7 +151,19 @@ fn a_cluster_across_hosts_over_tls_survives_a_host_that_drops_off_the_network() 
     // The client is on this host, reaching them over the bridge.
     let security = Security::from_files(&tls.ca, &tls.cert, Some(&tls.key)).unwrap();
     let client = Client::connect_with_security(&address, security).unwrap();
-    client.wait_for_workers(2, Some(LONG)).unwrap();
+    // What each process said, for a failure to show.
+    let logs = || {
+        ["scheduler", "w1", "w2"]
+            .iter()
+            .map(|n| {
+                format!("--- {n}.log:\n{}", std::fs::read_to_string(dir.path(&format!("{n}.log"))).unwrap_or_default())
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    if let Err(e) = client.wait_for_workers(2, Some(LONG)) {
+        panic!("{e}; the routes here:\n{}\n{}", routes(&hosts), logs());
+    }
     let info = client.scheduler_info().unwrap();
     let at = |name: &str| info.workers.iter().find(|x| x.name == name).unwrap().address.clone();
     assert_eq!(at("w1").rsplit_once(':').unwrap().0, format!("tls://{}", hosts.addr(1)));

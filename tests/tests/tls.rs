@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use dask::builtins::inc;
 use dask::{Client, Security};
-use dask_system_tests::{Proc, TempDir, binary, start_scheduler};
+use dask_system_tests::{Proc, TempDir, binary, https_get, start_scheduler, start_with_env, wait_for_scheduler_file};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -85,4 +85,43 @@ fn binaries_with_tls_flags_form_a_cluster_that_refuses_strangers() {
     let mut half = Proc::start(&w, &[&address, "--tls-cert", &ours_flags[3]], dir.path("half.log"));
     assert_eq!(half.wait_exit(LONG).and_then(|s| s.code()), Some(1));
     assert!(half.log().contains("needs the cluster's CA"), "{}", half.log());
+}
+
+#[test]
+fn the_dashboard_serves_https_given_dasks_dashboard_tls_keys() {
+    let dir = TempDir::new("https");
+    let ours = Security::temporary().unwrap();
+    let files = ours.files(&dir.path("ours")).unwrap();
+    let file = dir.path("scheduler.json");
+    let (cert, key) = (files.cert.display().to_string(), files.key.display().to_string());
+    let env = [
+        ("DASK_DISTRIBUTED__SCHEDULER__DASHBOARD__TLS__CERT", cert.as_str()),
+        ("DASK_DISTRIBUTED__SCHEDULER__DASHBOARD__TLS__KEY", key.as_str()),
+    ];
+    let args = ["--host", "127.0.0.1", "--port", "0", "--dashboard-address", "127.0.0.1:0", "--scheduler-file"];
+    let mut args = args.to_vec();
+    args.push(file.to_str().unwrap());
+    let sched = start_with_env(&binary("dask-scheduler"), &args, &env, dir.path("scheduler.log"));
+    let address = wait_for_scheduler_file(&file, LONG);
+    // The cluster itself is plain TCP: only the HTTP side is encrypted.
+    assert!(address.starts_with("tcp://"), "{address}");
+    let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let port = info["services"]["dashboard"].as_u64().expect("the dashboard's port in the scheduler file");
+    let http = format!("127.0.0.1:{port}");
+
+    assert_eq!(https_get(&http, "/health", &ours), (200, "ok".to_string()));
+    let (status, page) = https_get(&http, "/status", &ours);
+    assert_eq!(status, 200);
+    assert!(page.contains("<html"), "{page}");
+    assert!(sched.log().contains(&format!("https://127.0.0.1:{port}/status")), "{}", sched.log());
+
+    // Plain HTTP gets no page, and the scheduler goes on serving HTTPS.
+    use std::io::{Read, Write};
+    let mut plain = std::net::TcpStream::connect(&http).unwrap();
+    plain.set_read_timeout(Some(LONG)).unwrap();
+    write!(plain, "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut reply = Vec::new();
+    let _ = plain.read_to_end(&mut reply);
+    assert!(!String::from_utf8_lossy(&reply).contains("200 OK"));
+    assert_eq!(https_get(&http, "/health", &ours).0, 200);
 }

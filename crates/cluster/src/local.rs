@@ -596,7 +596,8 @@ impl LocalCluster {
     /// Where the scheduler serves HTTP (`http://host:port`: `/health`, `/metrics`,
     /// `/info/*.json`, `/api/v1`), if it does.
     pub fn http_address(&self) -> Option<String> {
-        self.scheduler.as_ref()?.dashboard.as_ref().map(|a| format!("http://{}:{}", a.host, a.port))
+        let a = self.scheduler.as_ref()?.dashboard.as_ref()?;
+        Some(format!("{}://{}:{}", if a.tls { "https" } else { "http" }, a.host, a.port))
     }
 
     pub fn address(&self) -> &Address {

@@ -40,11 +40,52 @@ pub async fn bind(host: &str, port: u16, what: &str) -> std::io::Result<TcpListe
     }
 }
 
-/// Serves `router` on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, router: axum::Router, shutdown: CancellationToken) {
-    let r = axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+/// Serves `router` on `listener` until `shutdown`: HTTPS with `https`, else plain HTTP.
+pub async fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    shutdown: CancellationToken,
+    https: Option<crate::tls::Https>,
+) {
+    let r = match https {
+        Some(https) => {
+            axum::serve(HttpsListener { tcp: listener, https }, router)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
+        }
+        None => axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await,
+    };
     if let Err(e) = r {
         tracing::warn!(error = %e, "the HTTP server stopped");
+    }
+}
+
+/// A TCP listener whose connections speak HTTPS. Each handshake happens on the connection's
+/// own task, so a slow or foreign peer holds up no other; a refused one is logged (throttled).
+struct HttpsListener {
+    tcp: TcpListener,
+    https: crate::tls::Https,
+}
+
+impl axum::serve::Listener for HttpsListener {
+    type Io = crate::tls::Stream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.tcp.accept().await {
+                Ok((tcp, at)) => return (self.https.accept(tcp, "HTTPS"), at),
+                // Out of file descriptors and the like: wait, as axum's own listener does.
+                Err(e) => {
+                    tracing::warn!(error = %e, "HTTPS: accepting a connection failed");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
     }
 }
 
@@ -108,6 +149,55 @@ mod tests {
         assert_eq!(parse_dashboard_address("127.0.0.1:0", "x").unwrap(), ("127.0.0.1".into(), 0));
         assert_eq!(parse_dashboard_address("[::1]:9000", "x").unwrap(), ("::1".into(), 9000));
         assert!(parse_dashboard_address("nonsense", "x").unwrap_err().contains("expected :PORT"));
+    }
+
+    /// A plain HTTP/1.1 `GET` over `stream`: the status line and the body.
+    async fn get<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut stream: S) -> std::io::Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await?;
+        stream.flush().await?;
+        let mut out = Vec::new();
+        stream.read_to_end(&mut out).await?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    #[tokio::test]
+    async fn https_serves_with_the_certificate_and_refuses_plain_http() {
+        let dir = std::env::temp_dir().join(format!("dask-https-{}", std::process::id()));
+        let sec = crate::tls::Security::temporary().unwrap();
+        let files = sec.files(&dir).unwrap();
+        let https = crate::tls::Https::from_files(&files.cert, Some(&files.key)).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = listener.local_addr().unwrap();
+        let router = axum::Router::new().route("/health", axum::routing::get(|| async { "ok" }));
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, router, shutdown.clone(), Some(https)));
+
+        // A client that trusts the CA gets the page. It offers a certificate the server does
+        // not ask for: browsers and Prometheus have none.
+        let tcp = tokio::net::TcpStream::connect(at).await.unwrap();
+        let reply = get(sec.connect(tcp, "127.0.0.1").await.unwrap()).await.unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert!(reply.ends_with("ok"), "{reply}");
+
+        // Plain HTTP to the HTTPS port gets no HTTP answer; the server carries on.
+        let tcp = tokio::net::TcpStream::connect(at).await.unwrap();
+        let reply = get(tcp).await.unwrap_or_default();
+        assert!(!reply.contains("HTTP/1.1 200"), "{reply}");
+        let tcp = tokio::net::TcpStream::connect(at).await.unwrap();
+        assert!(get(sec.connect(tcp, "127.0.0.1").await.unwrap()).await.unwrap().ends_with("ok"));
+
+        // A key without its certificate is named.
+        let mut settings = crate::config::Config::default();
+        settings.set("distributed.scheduler.dashboard.tls.key", crate::config::Value::Str("k.pem".into()));
+        let err = crate::tls::Https::from_config(&settings).unwrap_err();
+        assert!(err.contains("not .cert"), "{err}");
+        let err = crate::tls::Https::from_files(&dir.join("missing.pem"), None).unwrap_err().to_string();
+        assert!(err.contains("the dashboard's certificate") && err.contains("missing.pem"), "{err}");
+
+        shutdown.cancel();
+        server.await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -275,11 +275,13 @@ pub async fn connect(
         return match endpoint.connect().await {
             Ok(c) => Ok(c),
             // A server that answers in TLS will not start answering in HTTP/2.
-            Err(e) if speaks_tls(&address.host, address.port).await => {
-                tracing::debug!(error = %crate::error_chain(&e), "the server speaks TLS");
-                Err(ConnectError::SpeaksTls(address.to_string()))
-            }
-            Err(e) => Err(e.into()),
+            Err(e) => match tls_behind_tcp(address).await {
+                Some(tls) => {
+                    tracing::debug!(error = %crate::error_chain(&e), "the server speaks TLS");
+                    Err(tls)
+                }
+                None => Err(e.into()),
+            },
         };
     }
     let security = security.ok_or_else(|| ConnectError::NoCredentials(address.to_string()))?.clone();
@@ -303,9 +305,16 @@ pub async fn connect(
     })
 }
 
+/// [`ConnectError::SpeaksTls`] when `address` is a `tcp://` one whose server answers in TLS:
+/// asked once something failed there, to say why (and that retrying will not help).
+pub async fn tls_behind_tcp(address: &crate::addr::Address) -> Option<ConnectError> {
+    (!address.tls && speaks_tls(&address.host, address.port).await)
+        .then(|| ConnectError::SpeaksTls(address.to_string()))
+}
+
 /// Whether the server at `host:port` answers the HTTP/2 preface with a TLS alert (a TLS
-/// server given a `tcp://` address); asked only once something failed over a plain connection.
-pub async fn speaks_tls(host: &str, port: u16) -> bool {
+/// server given a `tcp://` address).
+async fn speaks_tls(host: &str, port: u16) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let probe = async {
         let mut s = tokio::net::TcpStream::connect((host, port)).await.ok()?;

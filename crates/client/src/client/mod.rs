@@ -626,11 +626,10 @@ async fn open_stream(addr: &Address, timeout: Duration, security: Option<&Securi
                 )));
             }
             // A TLS server given a tcp:// address answers with alerts, never with HTTP/2.
-            Ok(Err((why, Fatal::No))) if !addr.tls && dask_protocol::serve::speaks_tls(&addr.host, addr.port).await => {
-                let tls = dask_protocol::serve::ConnectError::SpeaksTls(addr.to_string());
-                return Err(connect_err(format!("{tls} ({why})")));
-            }
-            Ok(Err((why, Fatal::No))) => why,
+            Ok(Err((why, Fatal::No))) => match dask_protocol::serve::tls_behind_tcp(addr).await {
+                Some(tls) => return Err(connect_err(format!("{tls} ({why})"))),
+                None => why,
+            },
             Err(_) => "timed out".to_string(),
         };
         if started.elapsed() + delay >= timeout {

@@ -58,6 +58,9 @@ pub struct SchedulerConfig {
     /// TLS credentials: with them the scheduler is at a `tls://` address and accepts only
     /// peers whose certificates the cluster's CA signed.
     pub security: Option<dask_protocol::tls::Security>,
+    /// Serve HTTP as HTTPS with this certificate (dask's
+    /// `distributed.scheduler.dashboard.tls.cert` and `.key`).
+    pub https: Option<dask_protocol::tls::Https>,
 }
 
 impl SchedulerConfig {
@@ -88,6 +91,9 @@ impl SchedulerConfig {
             }
             Some(Value::Str(s)) => self.http_api = s.contains(API),
             _ => {}
+        }
+        if self.https.is_none() && self.dashboard.is_some() {
+            self.https = dask_protocol::tls::Https::from_config(settings)?;
         }
         Ok(())
     }
@@ -265,7 +271,8 @@ pub async fn run(
         Some(l) => {
             let a = l.local_addr()?;
             let host = if a.ip().is_unspecified() { address.host.clone() } else { a.ip().to_string() };
-            Some(Address { host, port: a.port(), tls: false })
+            // `tls` here: HTTPS.
+            Some(Address { host, port: a.port(), tls: config.https.is_some() })
         }
         None => None,
     };
@@ -287,11 +294,13 @@ pub async fn run(
     };
     let last_tick: http::LastTick = Default::default();
     if let (Some(listener), Some(at)) = (dashboard, &dashboard_address) {
-        tracing::info!(dashboard = %format!("http://{}:{}/status", at.host, at.port), "dashboard at");
+        let scheme = if at.tls { "https" } else { "http" };
+        tracing::info!(dashboard = %format!("{scheme}://{}:{}/status", at.host, at.port), "dashboard at");
         tokio::spawn(dask_protocol::http::serve(
             listener,
             http::router(handle.clone(), stream, last_tick.clone(), config.http_api),
             shutdown.clone(),
+            config.https.clone(),
         ));
     }
     let core_config = config.core.clone();

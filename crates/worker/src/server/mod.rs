@@ -250,7 +250,7 @@ pub async fn start(
                 .await
                 .map_err(|source| WorkerError::Bind { addr: format!("{host}:{port}"), source })?;
             let at = l.local_addr().map_err(|source| WorkerError::Bind { addr: format!("{host}:{port}"), source })?;
-            tokio::spawn(dask_protocol::http::serve(l, http::router(published.clone()), shutdown.clone()));
+            tokio::spawn(dask_protocol::http::serve(l, http::router(published.clone()), shutdown.clone(), None));
             Some(at.port())
         }
         None => None,
@@ -292,10 +292,9 @@ pub async fn start(
         Err(status) => {
             let s = &config.scheduler;
             // A TLS scheduler given as tcp:// answers with alerts, never with HTTP/2.
-            let why = if !s.tls && dask_protocol::serve::speaks_tls(&s.host, s.port).await {
-                dask_protocol::serve::ConnectError::SpeaksTls(s.to_string()).to_string()
-            } else {
-                status.message().to_string()
+            let why = match dask_protocol::serve::tls_behind_tcp(s).await {
+                Some(tls) => tls.to_string(),
+                None => status.message().to_string(),
             };
             return Err(WorkerError::SchedulerUnreachable { addr: s.to_string(), waited: Duration::ZERO, why });
         }
