@@ -35,6 +35,12 @@ fn binaries_with_tls_flags_form_a_cluster_that_refuses_strangers() {
     assert_eq!(bare.wait_exit(LONG).and_then(|s| s.code()), Some(1));
     assert!(bare.log().contains("TLS needs credentials: pass --tls-ca-file"), "{}", bare.log());
 
+    // The same for a worker asked for tls:// in --host.
+    let bare_args = ["tcp://127.0.0.1:1", "--host", "tls://127.0.0.1", "--no-nanny"];
+    let mut bare = Proc::start(&binary("dask-worker"), &bare_args, dir.path("bare-worker.log"));
+    assert_eq!(bare.wait_exit(LONG).and_then(|s| s.code()), Some(1));
+    assert!(bare.log().contains("--host tls://127.0.0.1: TLS needs credentials"), "{}", bare.log());
+
     let mut with_protocol = as_str(&ours_flags);
     with_protocol.extend(["--protocol", "tls"]);
     let (_sched, address) = start_scheduler(&dir, &with_protocol);

@@ -180,6 +180,28 @@ pub fn interface_ip(name: &str) -> Result<std::net::IpAddr, String> {
 }
 
 /// A host given as `HOST` or in URI form (`tcp://HOST`, `tcp://HOST:PORT`): the host part.
+/// What `--protocol` and the scheme of an address flag (`--host tls://H`, `--listen-address
+/// tls://H:P`) ask for: `Ok(Some(the flag that asked))` for TLS, `Ok(None)` for plain TCP. As
+/// in dask, `--protocol` may end in `://`. The two must agree.
+pub fn asks_for_tls(flag: &str, spec: Option<&str>, protocol: Option<&str>) -> Result<Option<String>, String> {
+    let scheme = spec.and_then(|s| s.split_once("://")).map(|(s, _)| s);
+    let protocol = protocol.map(|p| p.trim_end_matches("://"));
+    if let Some(p) = protocol {
+        if !matches!(p, "tcp" | "tls") {
+            return Err(format!("--protocol {p}: tcp and tls are supported"));
+        }
+        if scheme.is_some_and(|s| s != p) {
+            let spec = spec.unwrap_or_default();
+            return Err(format!("--protocol {p} and {flag} {spec} disagree: give the protocol once"));
+        }
+    }
+    Ok(match (scheme, protocol) {
+        (Some("tls"), _) => Some(format!("{flag} {}", spec.unwrap_or_default())),
+        (None, Some("tls")) => Some("--protocol tls".to_string()),
+        _ => None,
+    })
+}
+
 pub fn host_of(spec: &str) -> Result<String, String> {
     let s = spec.trim();
     let rest = match s.split_once("://") {
@@ -200,6 +222,20 @@ pub fn host_of(spec: &str) -> Result<String, String> {
 #[cfg(test)]
 mod route_tests {
     use super::*;
+
+    #[test]
+    fn protocol_and_address_scheme_must_agree() {
+        assert_eq!(asks_for_tls("--host", Some("0.0.0.0"), None), Ok(None));
+        assert_eq!(asks_for_tls("--host", None, Some("tcp")), Ok(None));
+        assert_eq!(asks_for_tls("--host", Some("tls://10.0.0.1"), None), Ok(Some("--host tls://10.0.0.1".into())));
+        assert_eq!(asks_for_tls("--host", Some("10.0.0.1"), Some("tls")), Ok(Some("--protocol tls".into())));
+        assert_eq!(asks_for_tls("--host", None, Some("tls://")), Ok(Some("--protocol tls".into())));
+        assert_eq!(asks_for_tls("--host", Some("tcp://10.0.0.1"), Some("tcp")), Ok(None));
+        let err = asks_for_tls("--listen-address", Some("tcp://0.0.0.0:1"), Some("tls")).unwrap_err();
+        assert!(err.contains("--listen-address tcp://0.0.0.0:1 disagree"), "{err}");
+        let err = asks_for_tls("--host", Some("10.0.0.1"), Some("ucx")).unwrap_err();
+        assert!(err.contains("tcp and tls are supported"), "{err}");
+    }
 
     #[test]
     fn hosts_in_uri_form_and_routes_to_loopback() {

@@ -72,16 +72,9 @@ impl axum::serve::Listener for HttpsListener {
     type Addr = std::net::SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            match self.tcp.accept().await {
-                Ok((tcp, at)) => return (self.https.accept(tcp, "HTTPS"), at),
-                // Out of file descriptors and the like: wait, as axum's own listener does.
-                Err(e) => {
-                    tracing::warn!(error = %e, "HTTPS: accepting a connection failed");
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                }
-            }
-        }
+        // axum's own TCP accept, with its handling of accept errors.
+        let (tcp, at) = axum::serve::Listener::accept(&mut self.tcp).await;
+        (self.https.accept(tcp, "HTTPS"), at)
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
@@ -182,7 +175,8 @@ mod tests {
 
         // Plain HTTP to the HTTPS port gets no HTTP answer; the server carries on.
         let tcp = tokio::net::TcpStream::connect(at).await.unwrap();
-        let reply = get(tcp).await.unwrap_or_default();
+        let plain = tokio::time::timeout(std::time::Duration::from_secs(30), get(tcp));
+        let reply = plain.await.expect("the server closes a plain HTTP connection").unwrap_or_default();
         assert!(!reply.contains("HTTP/1.1 200"), "{reply}");
         let tcp = tokio::net::TcpStream::connect(at).await.unwrap();
         assert!(get(sec.connect(tcp, "127.0.0.1").await.unwrap()).await.unwrap().ends_with("ok"));

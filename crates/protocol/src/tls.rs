@@ -171,9 +171,7 @@ impl Security {
     /// Accepts a TLS connection for service `what`: the handshake happens as the connection is
     /// first read or written, so a slow peer holds up no other.
     pub fn accept(&self, tcp: TcpStream, what: &'static str) -> Stream {
-        let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "a peer".into());
-        let accept = tokio_rustls::TlsAcceptor::from(self.inner.server.clone()).accept(wire(tcp));
-        Stream::Accepting(Box::new(Accepting { accept, peer, what }))
+        Stream::accepting(&self.inner.server, tcp, what)
     }
 
     /// Opens a TLS connection over `tcp` to `host` and completes the handshake.
@@ -289,7 +287,10 @@ pub fn explain(text: &str, peer: &str, side: Side) -> String {
             format!("{peer} sent no certificate (it has no credentials for this cluster)")
         }
         Side::Server if has(&["corrupt message", "InvalidContentType"]) => {
-            format!("{peer} does not speak TLS (a client or worker given a tcp:// address, or a port probe)")
+            format!(
+                "{peer} does not speak TLS (plain HTTP to an HTTPS port, a client or worker given a tcp:// \
+                 address, or a port probe)"
+            )
         }
         _ => return text.to_string(),
     };
@@ -363,22 +364,85 @@ impl rustls::client::danger::ServerCertVerifier for SignedByCa {
     }
 }
 
-/// What TLS runs over: the socket behind a read buffer. rustls reads the socket a few KB at a
-/// time (at most one record, 16 KB); the buffer turns those reads into one system call per
-/// [`READ_BUFFER`] bytes. With the larger write buffer, 1 GB gathers and scatters over TLS
-/// measured 10-15% faster (`dask-bench tls`, docs/benchmarks.md).
-type Wire = tokio::io::BufReader<TcpStream>;
-
-/// Bytes read from the socket at once under TLS: 64 KB, held by every TLS connection, idle or
-/// not (256 KB measured no faster).
+/// Bytes read from the socket at once under TLS, while data flows.
 const READ_BUFFER: usize = 64 * 1024;
 
 /// Bytes rustls may hold encrypted before they are written (its default is 64 KB): a large
-/// write is encrypted and sent in pieces this big.
+/// write is encrypted and sent in pieces this big. Held only while sending.
 const WRITE_BUFFER: usize = 256 * 1024;
 
+/// A TLS handshake not done by then is given up (the peer is logged as refused).
+#[cfg(not(test))]
+const HANDSHAKE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+#[cfg(test)]
+const HANDSHAKE_DEADLINE: std::time::Duration = std::time::Duration::from_millis(300);
+
 fn wire(tcp: TcpStream) -> Wire {
-    tokio::io::BufReader::with_capacity(READ_BUFFER, tcp)
+    Wire { tcp, buf: Vec::new(), at: 0 }
+}
+
+/// What TLS runs over: the socket, read [`READ_BUFFER`] bytes at a time. rustls reads at most
+/// a record (16 KB), often 4 KB, per call; one system call per 64 KB made 1 GB gathers and
+/// scatters over TLS about 8% faster (`dask-bench tls`, docs/benchmarks.md). The buffer is taken when a
+/// read finds it empty and given back when the socket has nothing more, so an idle connection
+/// holds none.
+pub struct Wire {
+    tcp: TcpStream,
+    buf: Vec<u8>,
+    /// Where the unread part of `buf` starts.
+    at: usize,
+}
+
+impl AsyncRead for Wire {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.at == this.buf.len() {
+            if out.remaining() >= READ_BUFFER {
+                return Pin::new(&mut this.tcp).poll_read(cx, out);
+            }
+            this.buf.clear();
+            this.at = 0;
+            this.buf.reserve(READ_BUFFER);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut this.tcp), cx, &mut this.buf) {
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    this.buf = Vec::new();
+                    return Poll::Pending;
+                }
+            }
+        }
+        let n = out.remaining().min(this.buf.len() - this.at);
+        out.put_slice(&this.buf[this.at..this.at + n]);
+        this.at += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Wire {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
 }
 
 /// A connection, plain or TLS.
@@ -397,6 +461,18 @@ pub struct Accepting {
     accept: tokio_rustls::Accept<Wire>,
     peer: String,
     what: &'static str,
+    /// [`HANDSHAKE_DEADLINE`] from the connection's start.
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Stream {
+    /// A server side whose handshake happens on first use, within [`HANDSHAKE_DEADLINE`].
+    fn accepting(server: &Arc<rustls::ServerConfig>, tcp: TcpStream, what: &'static str) -> Stream {
+        let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "a peer".into());
+        let accept = tokio_rustls::TlsAcceptor::from(server.clone()).accept(wire(tcp));
+        let deadline = Box::pin(tokio::time::sleep(HANDSHAKE_DEADLINE));
+        Stream::Accepting(Box::new(Accepting { accept, peer, what, deadline }))
+    }
 }
 
 impl Stream {
@@ -404,8 +480,8 @@ impl Stream {
         match self {
             Stream::Plain(s) => Some(s),
             Stream::Accepting(_) | Stream::Refused => None,
-            Stream::Server(s) => Some(s.get_ref().0.get_ref()),
-            Stream::Client(s) => Some(s.tls.get_ref().0.get_ref()),
+            Stream::Server(s) => Some(&s.get_ref().0.tcp),
+            Stream::Client(s) => Some(&s.tls.get_ref().0.tcp),
         }
     }
 
@@ -414,7 +490,15 @@ impl Stream {
     fn poll_accepted(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
             Stream::Accepting(a) => match Pin::new(&mut a.accept).poll(cx) {
-                Poll::Pending => Poll::Pending,
+                Poll::Pending => {
+                    if a.deadline.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    let why = format!("{} did not finish the TLS handshake within {HANDSHAKE_DEADLINE:?}", a.peer);
+                    log_refusal(a.what, &why);
+                    *self = Stream::Refused;
+                    Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, why)))
+                }
                 Poll::Ready(Ok(mut s)) => {
                     s.get_mut().1.set_buffer_limit(Some(WRITE_BUFFER));
                     *self = Stream::Server(Box::new(s));
@@ -441,17 +525,20 @@ fn refused() -> io::Error {
 
 /// Logs a refused connection: at most one line every 5 s (a port scan is not a flood of
 /// warnings), with how many were refused since the last.
-fn log_refusal(what: &str, why: &str) {
-    static LAST: std::sync::Mutex<(Option<std::time::Instant>, u64)> = std::sync::Mutex::new((None, 0));
+fn log_refusal(what: &'static str, why: &str) {
+    type Last = std::collections::HashMap<&'static str, (std::time::Instant, u64)>;
+    static LAST: std::sync::Mutex<Option<Last>> = std::sync::Mutex::new(None);
     let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
     let now = std::time::Instant::now();
-    if last.0.is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(5)) {
-        last.1 += 1;
+    // Each service on its own: browsers at an HTTPS port hide no refused worker.
+    let (at, held) = last.get_or_insert_with(Last::new).entry(what).or_insert((now, u64::MAX));
+    if *held != u64::MAX && now.duration_since(*at) < std::time::Duration::from_secs(5) {
+        *held += 1;
         return;
     }
-    let held = std::mem::take(&mut last.1);
-    last.0 = Some(now);
-    tracing::warn!(service = what, refused_since_last_line = held, "{what}: refused a connection: {why}");
+    let since = if *held == u64::MAX { 0 } else { *held };
+    (*at, *held) = (now, 0);
+    tracing::warn!(service = what, refused_since_last_line = since, "{what}: refused a connection: {why}");
 }
 
 impl AsyncRead for Stream {
@@ -599,9 +686,7 @@ impl Https {
 
     /// Accepts an HTTPS connection (the handshake happens on first use, as [`Security::accept`]).
     pub fn accept(&self, tcp: TcpStream, what: &'static str) -> Stream {
-        let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "a peer".into());
-        let accept = tokio_rustls::TlsAcceptor::from(self.server.clone()).accept(wire(tcp));
-        Stream::Accepting(Box::new(Accepting { accept, peer, what }))
+        Stream::accepting(&self.server, tcp, what)
     }
 }
 
@@ -654,6 +739,50 @@ impl Security {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_peer_that_never_finishes_its_handshake_is_let_go() {
+        use tokio::io::AsyncReadExt;
+        let ours = Security::temporary().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _silent = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut s = ours.accept(tcp, "test");
+        let err = s.read(&mut [0u8; 1]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(err.to_string().contains("did not finish the TLS handshake within 300ms"), "{err}");
+        assert!(matches!(s, Stream::Refused));
+    }
+
+    #[tokio::test]
+    async fn the_read_buffer_is_held_only_while_bytes_flow() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut far = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let mut near = wire(listener.accept().await.unwrap().0);
+        let sent: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let writer = {
+            let sent = sent.clone();
+            tokio::spawn(async move {
+                far.write_all(&sent).await.unwrap();
+                far
+            })
+        };
+        // Reads the size rustls asks for, a record at most.
+        let mut got = Vec::new();
+        let mut piece = [0u8; 4096];
+        while got.len() < sent.len() {
+            let n = near.read(&mut piece).await.unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&piece[..n]);
+        }
+        assert_eq!(got, sent);
+        let _far = writer.await.unwrap();
+        // Nothing more to read: the buffer goes back.
+        let idle = tokio::time::timeout(std::time::Duration::from_millis(50), near.read(&mut piece)).await;
+        assert!(idle.is_err(), "nothing was sent");
+        assert_eq!(near.buf.capacity(), 0);
+    }
 
     #[tokio::test]
     async fn peers_with_the_clusters_certificates_talk_and_strangers_are_refused() {

@@ -151,22 +151,8 @@ fn scheduler_config(args: &Args, settings: &Config) -> Result<SchedulerConfig, S
     Ok(config)
 }
 
-/// Whether `--host` (`tls://HOST`) or `--protocol` asks for TLS. They must agree.
-fn wants_tls(host: &str, protocol: Option<&str>) -> Result<bool, String> {
-    let scheme = host.split_once("://").map(|(s, _)| s);
-    if let Some(p) = protocol {
-        if !matches!(p, "tcp" | "tls") {
-            return Err(format!("--protocol {p}: tcp and tls are supported"));
-        }
-        if scheme.is_some_and(|s| s != p) {
-            return Err(format!("--protocol {p} and --host {host} disagree: give the scheme once"));
-        }
-    }
-    Ok(scheme.or(protocol) == Some("tls"))
-}
-
 fn run(mut args: Args) -> Result<(), String> {
-    let wants_tls = wants_tls(&args.host, args.protocol.as_deref())?;
+    let tls_asked = dask_protocol::addr::asks_for_tls("--host", Some(&args.host), args.protocol.as_deref())?;
     args.host = match &args.interface {
         Some(i) => dask_protocol::addr::interface_ip(i).map_err(|e| format!("--interface {i}: {e}"))?.to_string(),
         None => dask_protocol::addr::host_of(&args.host).map_err(|e| format!("--host {e}"))?,
@@ -174,10 +160,11 @@ fn run(mut args: Args) -> Result<(), String> {
     dask_protocol::cli::init_logging_from(args.log_level.as_deref())?;
     let settings = Config::load().map_err(|e| e.to_string())?;
     let config = scheduler_config(&args, &settings)?;
-    if wants_tls && config.security.is_none() {
-        return Err("tls://: TLS needs credentials: pass --tls-ca-file, --tls-cert and --tls-key (or set \
-                    distributed.comm.tls.ca-file and distributed.comm.tls.scheduler.cert/.key)"
-            .into());
+    if let (Some(asked), None) = (&tls_asked, &config.security) {
+        return Err(format!(
+            "{asked}: TLS needs credentials: pass --tls-ca-file, --tls-cert and --tls-key (or set \
+             distributed.comm.tls.ca-file and distributed.comm.tls.scheduler.cert/.key)"
+        ));
     }
     let _pid_file = args.pid_file.as_deref().map(dask_protocol::cli::PidFile::write).transpose()?;
     let rt = dask_protocol::cli::runtime()?;
@@ -201,21 +188,4 @@ fn run(mut args: Args) -> Result<(), String> {
         fut.await;
         Ok(())
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::wants_tls;
-
-    #[test]
-    fn protocol_and_host_scheme_must_agree() {
-        assert_eq!(wants_tls("0.0.0.0", None), Ok(false));
-        assert_eq!(wants_tls("tls://10.0.0.1", None), Ok(true));
-        assert_eq!(wants_tls("10.0.0.1", Some("tls")), Ok(true));
-        assert_eq!(wants_tls("tcp://10.0.0.1", Some("tcp")), Ok(false));
-        let err = wants_tls("tcp://10.0.0.1", Some("tls")).unwrap_err();
-        assert!(err.contains("disagree"), "{err}");
-        let err = wants_tls("10.0.0.1", Some("ucx")).unwrap_err();
-        assert!(err.contains("tcp and tls are supported"), "{err}");
-    }
 }

@@ -75,8 +75,8 @@ pub struct Args {
     pub contact_address: Option<String>,
     /// The protocol: tcp, or tls (needs --tls-ca-file, --tls-cert, --tls-key; given those, the
     /// worker is at a tls:// address anyway).
-    #[arg(long, default_value = "tcp")]
-    pub protocol: String,
+    #[arg(long)]
+    pub protocol: Option<String>,
     /// The cluster's CA certificate (PEM): TLS with mutual authentication on every connection.
     /// Default: distributed.comm.tls.ca-file.
     #[arg(long)]
@@ -200,6 +200,10 @@ fn run_cli(mut args: Args, sub: &[&str], nanny_only: bool) -> Result<ExitCode, S
         }
         None => None,
     };
+    let tls_asked = match &args.listen_address {
+        Some(l) => dask_protocol::addr::asks_for_tls("--listen-address", Some(l), args.protocol.as_deref()),
+        None => dask_protocol::addr::asks_for_tls("--host", args.host.as_deref(), args.protocol.as_deref()),
+    }?;
     let scheduler = scheduler_address(args.scheduler.as_deref(), args.scheduler_file.as_deref(), death_timeout)?;
     // Where to listen and what to advertise, settled once: the nanny's children get it as is.
     let place = placement(&args, &scheduler)?;
@@ -216,10 +220,10 @@ fn run_cli(mut args: Args, sub: &[&str], nanny_only: bool) -> Result<ExitCode, S
         &settings,
         dask_protocol::tls::Role::Worker,
     )?;
-    if security.is_none() && (scheduler.tls || args.protocol == "tls") {
+    if security.is_none() && (scheduler.tls || tls_asked.is_some()) {
         return Err(format!(
             "{}: TLS needs credentials: pass --tls-ca-file, --tls-cert and --tls-key (or set distributed.comm.tls.*)",
-            if scheduler.tls { scheduler.to_string() } else { "--protocol tls".to_string() }
+            tls_asked.unwrap_or_else(|| scheduler.to_string())
         ));
     }
     // A worker started by a nanny knows it from the environment.
@@ -361,9 +365,6 @@ struct Placement {
 /// and `--protocol`. Without any, the worker listens on (and advertises) the address that
 /// routes to the scheduler.
 fn placement(args: &Args, scheduler: &Address) -> Result<Placement, String> {
-    if !matches!(args.protocol.as_str(), "tcp" | "tls") {
-        return Err(format!("--protocol {}: tcp and tls are supported", args.protocol));
-    }
     let contact = match &args.contact_address {
         Some(c) => Some(Address::parse(c, None).map_err(|e| format!("--contact-address: {e}"))?),
         None => None,
