@@ -179,10 +179,9 @@ impl Security {
         let name = ServerName::try_from(host.to_string())
             .unwrap_or_else(|_| ServerName::try_from("dask".to_string()).expect("a valid name"));
         let mut s = tokio_rustls::TlsConnector::from(self.inner.client.clone())
-            .connect(name, wire(tcp))
+            .connect(name, tcp)
             .await
             .map_err(|e| io::Error::new(e.kind(), explain(&e.to_string(), host, Side::Client)))?;
-        s.get_mut().1.set_buffer_limit(Some(WRITE_BUFFER));
         let first = accepted(&mut s)
             .await
             .map_err(|e| io::Error::new(e.kind(), explain(&e.to_string(), host, Side::Client)))?;
@@ -196,7 +195,7 @@ impl Security {
 /// byte (an HTTP/2 server speaks first), sent only once it has, say it did (one round trip); an
 /// alert says it did not. Returns the byte read, if one was. Gives up waiting after a while (a
 /// server that neither sends tickets nor speaks first) and goes on.
-async fn accepted(s: &mut tokio_rustls::client::TlsStream<Wire>) -> io::Result<Option<u8>> {
+async fn accepted(s: &mut tokio_rustls::client::TlsStream<TcpStream>) -> io::Result<Option<u8>> {
     if s.get_ref().1.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
         return Ok(None);
     }
@@ -221,7 +220,7 @@ async fn accepted(s: &mut tokio_rustls::client::TlsStream<Wire>) -> io::Result<O
 
 /// A client's TLS connection, and the server's first byte if [`accepted`] read it.
 pub struct ClientTls {
-    tls: tokio_rustls::client::TlsStream<Wire>,
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
     first: Option<u8>,
 }
 
@@ -364,93 +363,18 @@ impl rustls::client::danger::ServerCertVerifier for SignedByCa {
     }
 }
 
-/// Bytes read from the socket at once under TLS, while data flows.
-const READ_BUFFER: usize = 64 * 1024;
-
-/// Bytes rustls may hold encrypted before they are written (its default is 64 KB): a large
-/// write is encrypted and sent in pieces this big. Held only while sending.
-const WRITE_BUFFER: usize = 256 * 1024;
-
 /// A TLS handshake not done by then is given up (the peer is logged as refused).
 #[cfg(not(test))]
 const HANDSHAKE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 #[cfg(test)]
 const HANDSHAKE_DEADLINE: std::time::Duration = std::time::Duration::from_millis(300);
 
-fn wire(tcp: TcpStream) -> Wire {
-    Wire { tcp, buf: Vec::new(), at: 0 }
-}
-
-/// What TLS runs over: the socket, read [`READ_BUFFER`] bytes at a time. rustls reads at most
-/// a record (16 KB), often 4 KB, per call; one system call per 64 KB made 1 GB gathers and
-/// scatters over TLS about 8% faster (`dask-bench tls`, docs/benchmarks.md). The buffer is taken when a
-/// read finds it empty and given back when the socket has nothing more, so an idle connection
-/// holds none.
-pub struct Wire {
-    tcp: TcpStream,
-    buf: Vec<u8>,
-    /// Where the unread part of `buf` starts.
-    at: usize,
-}
-
-impl AsyncRead for Wire {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.at == this.buf.len() {
-            if out.remaining() >= READ_BUFFER {
-                return Pin::new(&mut this.tcp).poll_read(cx, out);
-            }
-            this.buf.clear();
-            this.at = 0;
-            this.buf.reserve(READ_BUFFER);
-            match tokio_util::io::poll_read_buf(Pin::new(&mut this.tcp), cx, &mut this.buf) {
-                Poll::Ready(Ok(_)) => {}
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => {
-                    this.buf = Vec::new();
-                    return Poll::Pending;
-                }
-            }
-        }
-        let n = out.remaining().min(this.buf.len() - this.at);
-        out.put_slice(&this.buf[this.at..this.at + n]);
-        this.at += n;
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for Wire {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
-    }
-}
-
 /// A connection, plain or TLS.
 pub enum Stream {
     Plain(TcpStream),
     /// A server side still in its handshake.
     Accepting(Box<Accepting>),
-    Server(Box<tokio_rustls::server::TlsStream<Wire>>),
+    Server(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     Client(Box<ClientTls>),
     /// A server side whose handshake failed: every use is an error.
     Refused,
@@ -458,7 +382,7 @@ pub enum Stream {
 
 /// A handshake under way, and who it is with, for the log if it fails.
 pub struct Accepting {
-    accept: tokio_rustls::Accept<Wire>,
+    accept: tokio_rustls::Accept<TcpStream>,
     peer: String,
     what: &'static str,
     /// [`HANDSHAKE_DEADLINE`] from the connection's start.
@@ -469,7 +393,7 @@ impl Stream {
     /// A server side whose handshake happens on first use, within [`HANDSHAKE_DEADLINE`].
     fn accepting(server: &Arc<rustls::ServerConfig>, tcp: TcpStream, what: &'static str) -> Stream {
         let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "a peer".into());
-        let accept = tokio_rustls::TlsAcceptor::from(server.clone()).accept(wire(tcp));
+        let accept = tokio_rustls::TlsAcceptor::from(server.clone()).accept(tcp);
         let deadline = Box::pin(tokio::time::sleep(HANDSHAKE_DEADLINE));
         Stream::Accepting(Box::new(Accepting { accept, peer, what, deadline }))
     }
@@ -480,8 +404,8 @@ impl Stream {
         match self {
             Stream::Plain(s) => Some(s),
             Stream::Accepting(_) | Stream::Refused => None,
-            Stream::Server(s) => Some(&s.get_ref().0.tcp),
-            Stream::Client(s) => Some(&s.tls.get_ref().0.tcp),
+            Stream::Server(s) => Some(s.get_ref().0),
+            Stream::Client(s) => Some(s.tls.get_ref().0),
         }
     }
 
@@ -499,8 +423,7 @@ impl Stream {
                     *self = Stream::Refused;
                     Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, why)))
                 }
-                Poll::Ready(Ok(mut s)) => {
-                    s.get_mut().1.set_buffer_limit(Some(WRITE_BUFFER));
+                Poll::Ready(Ok(s)) => {
                     *self = Stream::Server(Box::new(s));
                     Poll::Ready(Ok(()))
                 }
@@ -752,36 +675,6 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert!(err.to_string().contains("did not finish the TLS handshake within 300ms"), "{err}");
         assert!(matches!(s, Stream::Refused));
-    }
-
-    #[tokio::test]
-    async fn the_read_buffer_is_held_only_while_bytes_flow() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut far = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-        let mut near = wire(listener.accept().await.unwrap().0);
-        let sent: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-        let writer = {
-            let sent = sent.clone();
-            tokio::spawn(async move {
-                far.write_all(&sent).await.unwrap();
-                far
-            })
-        };
-        // Reads the size rustls asks for, a record at most.
-        let mut got = Vec::new();
-        let mut piece = [0u8; 4096];
-        while got.len() < sent.len() {
-            let n = near.read(&mut piece).await.unwrap();
-            assert!(n > 0);
-            got.extend_from_slice(&piece[..n]);
-        }
-        assert_eq!(got, sent);
-        let _far = writer.await.unwrap();
-        // Nothing more to read: the buffer goes back.
-        let idle = tokio::time::timeout(std::time::Duration::from_millis(50), near.read(&mut piece)).await;
-        assert!(idle.is_err(), "nothing was sent");
-        assert_eq!(near.buf.capacity(), 0);
     }
 
     #[tokio::test]
