@@ -121,6 +121,23 @@ fn the_dashboard_serves_https_given_dasks_dashboard_tls_keys() {
     assert!(page.contains("<html"), "{page}");
     assert!(sched.log().contains(&format!("https://127.0.0.1:{port}/status")), "{}", sched.log());
 
+    // A worker reads the same keys for its own HTTP port, as dask's do, and the scheduler links
+    // to it with https://.
+    let args = [address.as_str(), "--no-nanny", "--dashboard-address", "127.0.0.1:0"];
+    let _worker = start_with_env(&binary("dask-worker"), &args, &env, dir.path("worker.log"));
+    let client = Client::connect(&address).unwrap();
+    client.wait_for_workers(1, Some(LONG)).unwrap();
+    let link = client.scheduler_info().unwrap().workers[0].dashboard.clone();
+    let worker_http = link.strip_prefix("https://").expect("an https:// link to the worker").trim_end_matches('/');
+    // Its /health says ok once the worker has heard back from the scheduler.
+    let t = std::time::Instant::now();
+    let mut health = https_get(worker_http, "/health", &ours);
+    while health.0 != 200 && t.elapsed() < LONG {
+        std::thread::sleep(Duration::from_millis(100));
+        health = https_get(worker_http, "/health", &ours);
+    }
+    assert_eq!(health, (200, "ok".to_string()));
+
     // Plain HTTP gets no page, and the scheduler goes on serving HTTPS.
     use std::io::{Read, Write};
     let mut plain = std::net::TcpStream::connect(&http).unwrap();

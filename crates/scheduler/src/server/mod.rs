@@ -92,7 +92,7 @@ impl SchedulerConfig {
             Some(Value::Str(s)) => self.http_api = s.contains(API),
             _ => {}
         }
-        if self.https.is_none() && self.dashboard.is_some() {
+        if self.https.is_none() {
             self.https = dask_protocol::tls::Https::from_config(settings)?;
         }
         Ok(())

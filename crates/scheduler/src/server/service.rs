@@ -66,9 +66,10 @@ impl pb::scheduler_server::Scheduler for Service {
         let nanny = (!reg.nanny.is_empty()).then_some(reg.nanny);
         let version = reg.version;
         // Its HTTP side, on the host it advertises.
+        let scheme = if reg.dashboard_https { "https" } else { "http" };
         let dashboard = (reg.dashboard_port != 0).then(|| match address.host.contains(':') {
-            true => format!("http://[{}]:{}/", address.host, reg.dashboard_port),
-            false => format!("http://{}:{}/", address.host, reg.dashboard_port),
+            true => format!("{scheme}://[{}]:{}/", address.host, reg.dashboard_port),
+            false => format!("{scheme}://{}:{}/", address.host, reg.dashboard_port),
         });
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (reply_tx, reply_rx) = oneshot::channel();

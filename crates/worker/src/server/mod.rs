@@ -70,6 +70,9 @@ pub struct WorkerConfig {
     /// Where to serve `/health` and `/metrics` (host, port; port 0: any, a port in use falls
     /// back to a free one); `None`: nowhere (`--no-dashboard`).
     pub dashboard: Option<(String, u16)>,
+    /// Serve that HTTP side as HTTPS with this certificate: dask reads
+    /// `distributed.scheduler.dashboard.tls.cert` and `.key` for every server's HTTP port.
+    pub https: Option<dask_protocol::tls::Https>,
     /// With `port`, a range of ports (`--worker-port 18810:18820`): the first free one is taken.
     pub port_to: Option<u16>,
     /// The address others reach this worker by, when not where it listens (dask's
@@ -105,6 +108,7 @@ impl WorkerConfig {
             simulate: false,
             resources: Vec::new(),
             dashboard: None,
+            https: None,
             port_to: None,
             contact: None,
             security: None,
@@ -130,6 +134,9 @@ impl WorkerConfig {
             }
         };
         self.max_value_size = c.bytes("distributed.worker.max-value-size").map_err(e)?;
+        if self.https.is_none() {
+            self.https = dask_protocol::tls::Https::from_config(c)?;
+        }
         Ok(())
     }
 }
@@ -250,7 +257,8 @@ pub async fn start(
                 .await
                 .map_err(|source| WorkerError::Bind { addr: format!("{host}:{port}"), source })?;
             let at = l.local_addr().map_err(|source| WorkerError::Bind { addr: format!("{host}:{port}"), source })?;
-            tokio::spawn(dask_protocol::http::serve(l, http::router(published.clone()), shutdown.clone(), None));
+            let router = http::router(published.clone());
+            tokio::spawn(dask_protocol::http::serve(l, router, shutdown.clone(), config.https.clone()));
             Some(at.port())
         }
         None => None,
@@ -277,6 +285,7 @@ pub async fn start(
         nanny: config.nanny.clone().unwrap_or_default(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         dashboard_port: dashboard.map_or(0, u32::from),
+        dashboard_https: config.https.is_some(),
         resources: config
             .resources
             .iter()
