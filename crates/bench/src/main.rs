@@ -475,7 +475,6 @@ fn with_cluster(simulate: bool, f: impl FnOnce(&Client)) {
     cluster.close();
 }
 
-/// Waits until the scheduler holds no task (released futures are forgotten).
 /// `value` scattered to `worker` straight (dask_bench.py's `scatter(arr, workers=[a],
 /// hash=False)`) and gathered back: its future, the value back, and the seconds each way.
 pub(crate) fn scatter_and_gather(
@@ -495,6 +494,7 @@ pub(crate) fn scatter_and_gather(
     (f, back, scatter, gather)
 }
 
+/// Waits until the scheduler holds no task (released futures are forgotten).
 pub(crate) fn settle(client: &Client) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while client.scheduler_info().map(|i| i.tasks > 0).unwrap_or(false) && Instant::now() < deadline {

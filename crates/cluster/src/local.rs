@@ -596,8 +596,7 @@ impl LocalCluster {
     /// Where the scheduler serves HTTP (`http://host:port`: `/health`, `/metrics`,
     /// `/info/*.json`, `/api/v1`), if it does.
     pub fn http_address(&self) -> Option<String> {
-        let a = self.scheduler.as_ref()?.dashboard.as_ref()?;
-        Some(format!("{}://{}:{}", if a.tls { "https" } else { "http" }, a.host, a.port))
+        Some(self.scheduler.as_ref()?.dashboard.as_ref()?.web_url())
     }
 
     pub fn address(&self) -> &Address {

@@ -64,12 +64,22 @@ impl Address {
         self
     }
 
-    /// `http://host:port`, what tonic's `Endpoint` takes.
+    /// `http://host:port`, what tonic's `Endpoint` takes (TLS, if any, is its connector's).
     pub fn endpoint(&self) -> String {
+        self.url("http")
+    }
+
+    /// The address of an HTTP port as a browser takes it: `https://host:port` when `tls`
+    /// (HTTPS), else `http://host:port`.
+    pub fn web_url(&self) -> String {
+        self.url(if self.tls { "https" } else { "http" })
+    }
+
+    fn url(&self, scheme: &str) -> String {
         if self.host.contains(':') {
-            format!("http://[{}]:{}", self.host, self.port)
+            format!("{scheme}://[{}]:{}", self.host, self.port)
         } else {
-            format!("http://{}:{}", self.host, self.port)
+            format!("{scheme}://{}:{}", self.host, self.port)
         }
     }
 }
@@ -179,7 +189,6 @@ pub fn interface_ip(name: &str) -> Result<std::net::IpAddr, String> {
     Err(format!("--interface {name}: not supported on this platform; give --host"))
 }
 
-/// A host given as `HOST` or in URI form (`tcp://HOST`, `tcp://HOST:PORT`): the host part.
 /// What `--protocol` and the scheme of an address flag (`--host tls://H`, `--listen-address
 /// tls://H:P`) ask for: `Ok(Some(the flag that asked))` for TLS, `Ok(None)` for plain TCP. As
 /// in dask, `--protocol` may end in `://`. The two must agree.
@@ -202,6 +211,7 @@ pub fn asks_for_tls(flag: &str, spec: Option<&str>, protocol: Option<&str>) -> R
     })
 }
 
+/// A host given as `HOST` or in URI form (`tcp://HOST`, `tcp://HOST:PORT`): the host part.
 pub fn host_of(spec: &str) -> Result<String, String> {
     let s = spec.trim();
     let rest = match s.split_once("://") {

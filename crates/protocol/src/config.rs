@@ -24,6 +24,51 @@ pub const DEFAULTS: &str = include_str!("defaults.yaml");
 /// The keys dask.distributed knows, one per line (`SECTION.*`: any key may go under it).
 const DASK_KEYS: &str = include_str!("dask_keys.txt");
 
+/// The keys dask or dask-rs reads, built once per process.
+struct KnownKeys {
+    /// dask's keys and sections, and ours (from the defaults) with every section above them.
+    exact: std::collections::HashSet<String>,
+    /// dask's sections that take any key (`SECTION.*`).
+    open: std::collections::HashSet<&'static str>,
+}
+
+impl KnownKeys {
+    fn get() -> &'static KnownKeys {
+        static KNOWN: std::sync::OnceLock<KnownKeys> = std::sync::OnceLock::new();
+        KNOWN.get_or_init(|| {
+            let mut ours = Vec::new();
+            leaves("", &parse_yaml(DEFAULTS, Path::new("defaults.yaml")).unwrap_or_default(), &mut ours);
+            let mut exact: std::collections::HashSet<String> =
+                DASK_KEYS.lines().filter(|l| !l.ends_with(".*")).map(str::to_string).collect();
+            for key in ours {
+                let mut k = key.as_str();
+                while let Some((parent, _)) = k.rsplit_once('.') {
+                    exact.insert(parent.to_string());
+                    k = parent;
+                }
+                exact.insert(key);
+            }
+            let open = DASK_KEYS.lines().filter_map(|l| l.strip_suffix(".*")).collect();
+            KnownKeys { exact, open }
+        })
+    }
+
+    /// The key, or a section it is under that takes any key.
+    fn knows(&self, key: &str) -> bool {
+        if self.exact.contains(key) {
+            return true;
+        }
+        let mut k = key;
+        while let Some((parent, _)) = k.rsplit_once('.') {
+            if self.open.contains(parent) {
+                return true;
+            }
+            k = parent;
+        }
+        false
+    }
+}
+
 /// A configuration value.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
@@ -128,31 +173,9 @@ impl Config {
     /// Keys under `distributed.` set by a file or a variable that neither dask nor dask-rs
     /// knows (a misspelling, most likely), each with where it was set.
     pub fn unknown_keys(&self) -> Vec<(String, String)> {
-        let ours = {
-            let mut keys = Vec::new();
-            leaves("", &parse_yaml(DEFAULTS, Path::new("defaults.yaml")).unwrap_or_default(), &mut keys);
-            keys
-        };
-        let known = |key: &str| {
-            let mut k = key;
-            // The key, or a section it is under that dask knows and any key may go under.
-            DASK_KEYS.lines().any(|l| l == key)
-                || ours.iter().any(|o| o == key || o.starts_with(&format!("{key}.")))
-                || loop {
-                    match k.rsplit_once('.') {
-                        Some((parent, _)) => {
-                            if DASK_KEYS.lines().any(|l| l.strip_suffix(".*") == Some(parent)) {
-                                break true;
-                            }
-                            k = parent;
-                        }
-                        None => break false,
-                    }
-                }
-        };
         self.sources
             .iter()
-            .filter(|(k, _)| k.starts_with("distributed.") && !known(k))
+            .filter(|(k, _)| k.starts_with("distributed.") && !KnownKeys::get().knows(k))
             .map(|(k, s)| (k.clone(), s.clone()))
             .collect()
     }

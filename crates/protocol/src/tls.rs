@@ -64,6 +64,28 @@ pub enum TlsError {
     Generate(String),
 }
 
+/// The bytes of a PEM file; `what` names it in the error.
+fn read_pem(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read { what, path: path.to_path_buf(), source })
+}
+
+/// The certificate chain in `cert` and the private key in `key` (PEM); `cert_what` and
+/// `key_what` name them in the error when one holds none.
+fn chain_and_key(
+    cert: &[u8],
+    key: &[u8],
+    cert_what: impl FnOnce() -> String,
+    key_what: impl FnOnce() -> String,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert).filter_map(Result::ok).collect();
+    if chain.is_empty() {
+        return Err(TlsError::NoPem { what: cert_what(), kind: "CERTIFICATE" });
+    }
+    let key =
+        PrivateKeyDer::from_pem_slice(key).map_err(|_| TlsError::NoPem { what: key_what(), kind: "PRIVATE KEY" })?;
+    Ok((chain, key))
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -72,12 +94,12 @@ impl Security {
     /// From `--tls-ca-file`, `--tls-cert` and `--tls-key` (dask's flags). `key` may be left
     /// out when the certificate file holds the key too, as dask allows.
     pub fn from_files(ca: &Path, cert: &Path, key: Option<&Path>) -> Result<Security, TlsError> {
-        let read = |what, path: &Path| {
-            std::fs::read(path).map_err(|source| TlsError::Read { what, path: path.to_path_buf(), source })
-        };
         let key_path = key.unwrap_or(cert);
-        let pem =
-            Pem { ca: read("--tls-ca-file", ca)?, cert: read("--tls-cert", cert)?, key: read("--tls-key", key_path)? };
+        let pem = Pem {
+            ca: read_pem("--tls-ca-file", ca)?,
+            cert: read_pem("--tls-cert", cert)?,
+            key: read_pem("--tls-key", key_path)?,
+        };
         let files = Files { ca: ca.to_path_buf(), cert: cert.to_path_buf(), key: key_path.to_path_buf() };
         Security::build(pem, Some(files))
     }
@@ -121,13 +143,12 @@ impl Security {
             }
             Arc::new(roots)
         };
-        let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(&pem.cert).filter_map(Result::ok).collect();
-        if chain.is_empty() {
-            return Err(TlsError::NoPem { what: what(&files, |f| &f.cert, "--tls-cert"), kind: "CERTIFICATE" });
-        }
-        let key = PrivateKeyDer::from_pem_slice(&pem.key)
-            .map_err(|_| TlsError::NoPem { what: what(&files, |f| &f.key, "--tls-key"), kind: "PRIVATE KEY" })?;
+        let (chain, key) = chain_and_key(
+            &pem.cert,
+            &pem.key,
+            || what(&files, |f| &f.cert, "--tls-cert"),
+            || what(&files, |f| &f.key, "--tls-key"),
+        )?;
 
         let client_verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
             .build()
@@ -449,18 +470,24 @@ fn refused() -> io::Error {
 /// Logs a refused connection: at most one line every 5 s (a port scan is not a flood of
 /// warnings), with how many were refused since the last.
 fn log_refusal(what: &'static str, why: &str) {
-    type Last = std::collections::HashMap<&'static str, (std::time::Instant, u64)>;
-    static LAST: std::sync::Mutex<Option<Last>> = std::sync::Mutex::new(None);
+    // Per service: browsers at an HTTPS port hide no refused worker. (line logged at, refused since)
+    static LAST: std::sync::Mutex<Vec<(&str, std::time::Instant, u64)>> = std::sync::Mutex::new(Vec::new());
     let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
     let now = std::time::Instant::now();
-    // Each service on its own: browsers at an HTTPS port hide no refused worker.
-    let (at, held) = last.get_or_insert_with(Last::new).entry(what).or_insert((now, u64::MAX));
-    if *held != u64::MAX && now.duration_since(*at) < std::time::Duration::from_secs(5) {
-        *held += 1;
-        return;
-    }
-    let since = if *held == u64::MAX { 0 } else { *held };
-    (*at, *held) = (now, 0);
+    let since = match last.iter_mut().find(|(w, ..)| *w == what) {
+        Some((_, at, held)) if now.duration_since(*at) < std::time::Duration::from_secs(5) => {
+            *held += 1;
+            return;
+        }
+        Some((_, at, held)) => {
+            *at = now;
+            std::mem::take(held)
+        }
+        None => {
+            last.push((what, now, 0));
+            0
+        }
+    };
     tracing::warn!(service = what, refused_since_last_line = since, "{what}: refused a connection: {why}");
 }
 
@@ -562,23 +589,13 @@ impl Https {
     /// From a certificate file (PEM, the chain) and its key; `key` may be left out when the
     /// certificate file holds it too.
     pub fn from_files(cert: &Path, key: Option<&Path>) -> Result<Https, TlsError> {
-        let read = |what, path: &Path| {
-            std::fs::read(path).map_err(|source| TlsError::Read { what, path: path.to_path_buf(), source })
-        };
         let key_path = key.unwrap_or(cert);
-        let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(&read("the dashboard's certificate", cert)?)
-                .filter_map(Result::ok)
-                .collect();
-        if chain.is_empty() {
-            return Err(TlsError::NoPem {
-                what: format!("the dashboard's certificate {}", cert.display()),
-                kind: "CERTIFICATE",
-            });
-        }
-        let key = PrivateKeyDer::from_pem_slice(&read("the dashboard's key", key_path)?).map_err(|_| {
-            TlsError::NoPem { what: format!("the dashboard's key {}", key_path.display()), kind: "PRIVATE KEY" }
-        })?;
+        let (chain, key) = chain_and_key(
+            &read_pem("the dashboard's certificate", cert)?,
+            &read_pem("the dashboard's key", key_path)?,
+            || format!("the dashboard's certificate {}", cert.display()),
+            || format!("the dashboard's key {}", key_path.display()),
+        )?;
         let mut server = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Invalid(e.to_string()))?

@@ -271,7 +271,7 @@ pub async fn run(
         Some(l) => {
             let a = l.local_addr()?;
             let host = if a.ip().is_unspecified() { address.host.clone() } else { a.ip().to_string() };
-            // `tls` here: HTTPS.
+            // `tls` here: HTTPS (`Address::web_url`).
             Some(Address { host, port: a.port(), tls: config.https.is_some() })
         }
         None => None,
@@ -294,8 +294,7 @@ pub async fn run(
     };
     let last_tick: http::LastTick = Default::default();
     if let (Some(listener), Some(at)) = (dashboard, &dashboard_address) {
-        let scheme = if at.tls { "https" } else { "http" };
-        tracing::info!(dashboard = %format!("{scheme}://{}:{}/status", at.host, at.port), "dashboard at");
+        tracing::info!(dashboard = %format!("{}/status", at.web_url()), "dashboard at");
         tokio::spawn(dask_protocol::http::serve(
             listener,
             http::router(handle.clone(), stream, last_tick.clone(), config.http_api),

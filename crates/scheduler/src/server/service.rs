@@ -66,10 +66,9 @@ impl pb::scheduler_server::Scheduler for Service {
         let nanny = (!reg.nanny.is_empty()).then_some(reg.nanny);
         let version = reg.version;
         // Its HTTP side, on the host it advertises.
-        let scheme = if reg.dashboard_https { "https" } else { "http" };
-        let dashboard = (reg.dashboard_port != 0).then(|| match address.host.contains(':') {
-            true => format!("{scheme}://[{}]:{}/", address.host, reg.dashboard_port),
-            false => format!("{scheme}://{}:{}/", address.host, reg.dashboard_port),
+        let dashboard = u16::try_from(reg.dashboard_port).ok().filter(|&p| p != 0).map(|port| {
+            let at = Address { host: address.host.clone(), port, tls: reg.dashboard_https };
+            format!("{}/", at.web_url())
         });
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (reply_tx, reply_rx) = oneshot::channel();
